@@ -1,0 +1,1 @@
+"""What a run writes: the results schema and the durable files of a run folder."""

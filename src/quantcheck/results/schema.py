@@ -1,0 +1,283 @@
+"""The documented schema of `results.json` (and the per-item lines of `items.jsonl`).
+
+Every number here is one the tool measured; fields that were not measured are `None` and the
+section is named in `Results.missing`. Fractions are in [0, 1]; accuracy differences are fractions
+too (multiply by 100 for points). Times are seconds, memory is bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+
+Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
+
+
+class Interval(BaseModel):
+    """A two-sided confidence interval and how it was computed."""
+
+    low: float
+    high: float
+    level: float = 0.95
+    method: str
+
+
+class Estimate(BaseModel):
+    """A point estimate with its interval (interval absent when it cannot be computed)."""
+
+    value: float
+    ci: Interval | None = None
+
+
+class Accuracy(BaseModel):
+    """Multiple-choice accuracy of one model with a Wilson interval."""
+
+    n: int
+    correct: int
+    accuracy: float
+    ci: Interval
+
+
+class PairedComparison(BaseModel):
+    """A variant against the reference on the same items (paired, not two independent samples)."""
+
+    n: int
+    reference_accuracy: float
+    variant_accuracy: float
+    difference: float = Field(description="variant minus reference accuracy, as a fraction")
+    difference_ci: Interval
+    right_to_wrong: int = Field(description="items the reference got right and the variant wrong")
+    wrong_to_right: int
+    mcnemar_p: float = Field(description="exact (binomial) McNemar test on the discordant pairs")
+    answer_agreement: float = Field(description="fraction of items where both chose the same answer")
+    min_detectable_difference: float = Field(
+        description="smallest accuracy difference this many items detects at 80 % power, alpha 0.05"
+    )
+
+
+class DivergenceSummary(BaseModel):
+    """KL(reference || variant) over the full vocabulary at the answer position, per item."""
+
+    mean: Estimate
+    median: float
+    p90: float
+    max: float
+
+
+class TokenAgreement(BaseModel):
+    """Raw next-token differences on identical token ids (llama.cpp's two-pass protocol)."""
+
+    n: int
+    jaccard: dict[int, Estimate] = Field(description="top-k Jaccard index, k -> mean with bootstrap CI")
+    top1_agreement: Estimate
+    kl: DivergenceSummary
+
+
+class GenerationSettings(BaseModel):
+    """The explicit decoding settings every model in a run shares (never a model's own defaults)."""
+
+    prompt_style: Literal["chat-template", "plain"]
+    temperature: float
+    greedy: bool
+    max_new_tokens: int
+    seed: int
+    instruction: str
+
+
+class GenerativeQuality(BaseModel):
+    """Free-generation multiple choice: answers parsed from text, unparsable ones counted apart."""
+
+    accuracy: Accuracy
+    unparsable: int
+    words_per_minute: float
+    tokens_per_second: float
+    mean_output_tokens: float
+    mean_output_words: float
+    settings: GenerationSettings
+
+
+class PrecisionInfo(BaseModel):
+    """What the model really holds and computes in: the guard against a silent fp32/offload baseline."""
+
+    parameter_dtypes: dict[str, int] = Field(description="dtype -> number of parameter elements")
+    devices: list[str]
+    compute_dtype: str
+    offloaded: bool
+
+
+class WeightMemory(BaseModel):
+    """Weight bytes counted tensor by tensor, next to what transformers reports."""
+
+    counted_bytes: int
+    footprint_bytes: int | None = Field(description="model.get_memory_footprint(), may be wrong")
+    parameters: int
+    bits_per_parameter: float
+    footprint_agrees: bool
+    note: str | None = None
+
+
+class LatencyPoint(BaseModel):
+    """Forward-pass latency at one batch size, repeated until stable or out of time."""
+
+    batch_size: int
+    seq_len: int
+    status: Literal["ok", "oom", "failed", "skipped"]
+    error: str | None = None
+    iterations: int = 0
+    median_s: float | None = None
+    p10_s: float | None = None
+    p90_s: float | None = None
+    cv: float | None = Field(default=None, description="coefficient of variation of the timed iterations")
+    noisy: bool = False
+    tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+
+
+class GenerationCost(BaseModel):
+    """Fixed-length greedy generation (min_new_tokens == max_new_tokens) on the same prompts for all."""
+
+    prompts: int
+    new_tokens: int
+    prefill_s: float
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    tokens_per_s: float
+    peak_memory_bytes: int | None = None
+
+
+class ModelCost(BaseModel):
+    """Consideration 1 for one model, measured in its own fresh process."""
+
+    memory_method: str
+    threads: int
+    load_time_s: float
+    load_peak_memory_bytes: int | None = None
+    weights: WeightMemory
+    latency: list[LatencyPoint] = []
+    generation: GenerationCost | None = None
+
+
+class CostComparison(BaseModel):
+    """A variant's cost relative to the reference (ratios > 1 mean the variant is larger / slower)."""
+
+    weight_memory_ratio: float
+    memory_saving: float = Field(description="1 - weight_memory_ratio")
+    latency_ratio: dict[int, float] = Field(description="batch size -> variant / reference median latency")
+    decode_speedup: float | None = None
+
+
+class Verdict(BaseModel):
+    """Quantize or not, and why, in plain words."""
+
+    decision: Decision
+    reasons: list[str]
+    summary: str
+
+
+class ModelResult(BaseModel):
+    """Everything measured for one model: the reference or one quantized variant."""
+
+    name: str
+    quant: str | None = None
+    description: str
+    status: Literal["ok", "failed", "partial", "pending"] = "pending"
+    errors: list[str] = []
+    precision: PrecisionInfo | None = None
+    loglik: Accuracy | None = None
+    generative: GenerativeQuality | None = None
+    agreement: TokenAgreement | None = None
+    paired_loglik: PairedComparison | None = None
+    paired_generative: PairedComparison | None = None
+    cost: ModelCost | None = None
+    cost_vs_reference: CostComparison | None = None
+    verdict: Verdict | None = None
+
+
+class RunWarning(BaseModel):
+    """Something a reader must see next to the numbers (noisy timing, precision mismatch, offload)."""
+
+    code: str
+    message: str
+    model: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    source: Literal["builtin", "local", "hub"]
+    path: str
+    revision: str | None = None
+    reference_dtype: str
+    device: str
+    notes: list[str] = []
+
+
+class DatasetInfo(BaseModel):
+    spec: str
+    n_items: int
+    subjects: list[str]
+    source: str
+    content_hash: str
+    prompt_format: str
+    answer_continuations: list[str]
+
+
+class Thresholds(BaseModel):
+    """What a variant must meet to be recommended. Documented defaults; the user can set each."""
+
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="largest acceptable accuracy loss (fraction)")
+    max_mean_kl: float = Field(0.05, ge=0, description="largest acceptable mean KL (nats)")
+    min_top1_agreement: float = Field(0.90, ge=0, le=1)
+    min_memory_saving: float = Field(0.20, ge=0, le=1, description="weight memory the variant must save")
+
+
+class Results(BaseModel):
+    """The whole of `results.json`."""
+
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    created_at: str
+    finished: bool = False
+    environment: dict[str, object] = {}
+    config: dict[str, object] = {}
+    model: ModelInfo | None = None
+    dataset: DatasetInfo | None = None
+    thresholds: Thresholds = Thresholds()
+    models: list[ModelResult] = []
+    warnings: list[RunWarning] = []
+    missing: list[str] = Field(default=[], description="sections not (yet) computed, for partial runs")
+
+
+class LoglikAnswer(BaseModel):
+    """The answer chosen by comparing log-likelihoods of the answer continuations (" A".." D")."""
+
+    pred: str
+    correct: bool
+    choice_logprobs: list[float]
+
+
+class GeneratedAnswer(BaseModel):
+    """One free-generation answer: the text and what was parsed from it (None when unparsable)."""
+
+    text: str
+    pred: str | None
+    correct: bool
+    new_tokens: int
+    seconds: float
+
+
+class ItemRecord(BaseModel):
+    """One line of `items.jsonl`: one item scored by one model."""
+
+    item_id: str
+    model: str
+    answer: str
+    loglik: LoglikAnswer | None = None
+    topk_ids: list[int] = []
+    topk_logprobs: list[float] = []
+    kl: float | None = Field(default=None, description="KL(reference || this model), full vocabulary")
+    jaccard: dict[int, float] | None = None
+    top1_agree: bool | None = None
+    generative: GeneratedAnswer | None = None
