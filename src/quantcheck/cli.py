@@ -1,0 +1,206 @@
+"""The `quantcheck` command: `run`, `quants` and `report`.
+
+Errors the user can fix print one line and exit 2 (130 for Ctrl-C); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantcheck.errors import QuantcheckError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Should I serve the quantized version? Compare an LLM with its quantized variants.")
+console = Console(stderr=True)
+
+
+def _fail(error: QuantcheckError, debug: bool) -> None:
+    if debug:
+        raise error
+    console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(error.exit_code)
+
+
+@app.command()
+def run(
+    model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
+    quant: Annotated[list[str], typer.Option("--quant", "-q", help="variant to compare (repeat); see `quantcheck quants`")] = [],
+    dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")] = "mmlu:virology",
+    limit: Annotated[Optional[int], typer.Option(help="score a seeded random sample of N questions")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="reference precision: float32, bfloat16, float16 (default fp32 on CPU, bf16 on CUDA)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="results folder; the same folder resumes a run")] = None,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(help="items per forward pass in quality scoring")] = 8,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads, the same for every model (default: physical cores)")] = None,
+    skip_quality: Annotated[bool, typer.Option(help="skip log-likelihood and generative scoring")] = False,
+    skip_generation: Annotated[bool, typer.Option(help="skip generative scoring only")] = False,
+    skip_cost: Annotated[bool, typer.Option(help="skip memory/latency/throughput measurement")] = False,
+    chat: Annotated[str, typer.Option(help="generative prompts through the chat template: auto, on, off")] = "auto",
+    temperature: float = 0.1,
+    greedy: Annotated[bool, typer.Option(help="greedy decoding instead of sampling at --temperature")] = False,
+    max_new_tokens: int = 32,
+    gen_batch_size: int = 16,
+    batch_sizes: Annotated[Optional[str], typer.Option(help="latency sweep batch sizes, e.g. 1,2,4,8,16,32")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="latency sweep sequence length")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="most timed iterations per batch size")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds of timing per batch size at most")] = None,
+    max_memory_gb: Annotated[Optional[float], typer.Option(help="memory cap for the cost sweep: above it a batch size counts as OOM")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
+    max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,
+    min_top1: Annotated[float, typer.Option(help="smallest acceptable top-1 agreement, 0-1")] = 0.90,
+    min_memory_saving: Annotated[float, typer.Option(help="weight memory a variant must save, 0-1")] = 0.20,
+    force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")] = False,
+    allow_offload: Annotated[bool, typer.Option(help="allow device_map offload to CPU/disk; cost figures are then marked offloaded")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints, which can run code when loaded")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Compare MODEL with each --quant variant and write results.json, items.jsonl and the report."""
+    from pydantic import ValidationError
+
+    from quantcheck.jobs import GenerationOptions
+    from quantcheck.results.schema import Thresholds
+    from quantcheck.runner import RunOptions, run as run_experiment
+
+    try:
+        if trust_remote_code:
+            console.print("[yellow]warning:[/yellow] --trust-remote-code runs Python code from the model repository")
+        try:
+            thresholds = Thresholds(max_accuracy_drop=max_accuracy_drop / 100, max_mean_kl=max_kl, min_top1_agreement=min_top1, min_memory_saving=min_memory_saving)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            raise QuantcheckError(f"threshold {problem['loc'][0]} is out of range: {problem['msg']}") from None
+        cost_settings = _cost_settings(batch_sizes, seq_len, iterations, time_budget, max_memory_gb)
+        generation = None if skip_quality or skip_generation else GenerationOptions(
+            chat=_choice(chat, ("auto", "on", "off"), "--chat"), temperature=temperature, greedy=greedy,
+            max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
+        options = RunOptions(
+            model=model, quants=quant, dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
+            dtype=dtype, out=out, seed=seed, batch_size=batch_size, threads=threads, loglik=not skip_quality,
+            generation=generation, cost=not skip_cost, cost_settings=cost_settings, thresholds=thresholds, force=force,
+            trust_remote_code=trust_remote_code, allow_offload=allow_offload, allow_pickle=allow_pickle, quiet=quiet,
+        )
+        folder, results = run_experiment(options)
+        _print_summary(results, quiet)
+        _render(folder, quiet)
+    except QuantcheckError as error:
+        _fail(error, debug)
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    if value not in allowed:
+        raise QuantcheckError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _cost_settings(batch_sizes: str | None, seq_len: int | None, iterations: int | None, time_budget: float | None, max_memory_gb: float | None) -> dict[str, object]:
+    settings: dict[str, object] = {}
+    if batch_sizes is not None:
+        try:
+            sizes = [int(part) for part in batch_sizes.split(",") if part.strip()]
+        except ValueError:
+            raise QuantcheckError(f"--batch-sizes must be comma-separated whole numbers, got {batch_sizes!r}") from None
+        if not sizes or min(sizes) <= 0:
+            raise QuantcheckError(f"--batch-sizes must be positive, got {batch_sizes!r}")
+        settings["batch_sizes"] = sorted(set(sizes))
+    for name, value in {"seq_len": seq_len, "max_iterations": iterations, "time_budget_s": time_budget}.items():
+        if value is not None:
+            if value <= 0:
+                raise QuantcheckError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            settings[name] = value
+    if max_memory_gb is not None:
+        if max_memory_gb <= 0:
+            raise QuantcheckError(f"--max-memory-gb must be positive, got {max_memory_gb}")
+        settings["max_memory_bytes"] = int(max_memory_gb * 2**30)
+    return settings
+
+
+def _print_summary(results, quiet: bool) -> None:
+    if quiet:
+        return
+    from quantcheck.report.format import memory_vs_ref, nats, percent, points_ci
+
+    table = Table(title="quantcheck summary", show_lines=False)
+    for column in ("model", "acc (loglik)", "Δ acc", "acc (gen)", "mean KL", "top-1 agree", "weights", "verdict"):
+        table.add_column(column)
+    for result in results.models:
+        paired = result.paired_loglik
+        table.add_row(
+            result.name + ("" if result.status == "ok" else f" [{result.status}]"),
+            percent(result.loglik.accuracy) if result.loglik else "-",
+            points_ci(paired.difference, paired.difference_ci) if paired else "",
+            percent(result.generative.accuracy.accuracy) if result.generative else "-",
+            nats(result.agreement.kl.mean.value) if result.agreement else "",
+            percent(result.agreement.top1_agreement.value) if result.agreement else "",
+            memory_vs_ref(result.cost_vs_reference.weight_memory_ratio, result.cost_vs_reference.memory_saving) if result.cost_vs_reference else "",
+            result.verdict.decision if result.verdict else "",
+        )
+    Console().print(table)
+    for result in results.models[1:]:
+        if result.verdict:
+            Console().print(f"[bold]{result.name}[/bold]: {result.verdict.summary}")
+
+
+def _render(folder: Path, quiet: bool) -> None:
+    from quantcheck.report import render_report
+
+    start = time.perf_counter()
+    files = render_report(folder)
+    if not quiet:
+        Console().print(f"report: {files.html}  ({time.perf_counter() - start:.1f} s)\nmarkdown: {files.markdown}\nresults: {folder / 'results.json'}")
+
+
+@app.command()
+def quants() -> None:
+    """List every quantization method, what it does, and whether it can run here."""
+    import importlib.util
+
+    from quantcheck.models.quant_methods import REGISTRY
+
+    cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    table = Table(title="quantization methods")
+    for column in ("name", "description", "devices", "runs here"):
+        table.add_column(column)
+    for method in REGISTRY.values():
+        missing = method.missing_requirements()
+        devices_here = [device for device in sorted(method.devices) if device == "cpu" or cuda]
+        status = f"no: pip install {method.install}" if missing else ("yes (" + ", ".join(devices_here) + ")" if devices_here else "no: needs CUDA")
+        table.add_row(method.name, method.description, ", ".join(sorted(method.devices)), status)
+    Console().print(table)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a quantcheck results folder")],
+    debug: bool = False,
+) -> None:
+    """Re-render report.html, report.md and metrics.csv from a results folder (no model, no torch)."""
+    try:
+        _render(run_dir, quiet=False)
+    except QuantcheckError as error:
+        _fail(error, debug)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The parent side of the worker protocol: one fresh process per model and job, watched to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from quantcheck.jobs import EVENT_PREFIX, JobSpec
+from quantcheck.progress import ProgressView
+from quantcheck.results.folder import RunFolder
+from quantcheck.results.store import write_json_atomic
+
+
+@dataclass
+class JobOutcome:
+    ok: bool
+    message: str | None = None
+    interrupted: bool = False
+    warnings: list[dict[str, object]] = field(default_factory=list)
+
+
+def worker_environment() -> dict[str, str]:
+    """Workers read only local folders: the hub is switched off so nothing downloads behind the user's back."""
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
+    """Run one job in its own process; its stdout carries events, everything else goes to its log."""
+    spec_path = folder.model_file(spec.model_name, f"{spec.kind}.job.json")
+    write_json_atomic(spec_path, spec)
+    log_path = folder.model_file(spec.model_name, f"{spec.kind}.log")
+    outcome = JobOutcome(ok=False)
+    view.start_job(f"{spec.model_name} ({spec.kind})")
+    with log_path.open("a", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quantcheck.worker", str(spec_path)],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=worker_environment(),
+        )
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if line.startswith(EVENT_PREFIX):
+                    event = json.loads(line[len(EVENT_PREFIX) :])
+                    if event["event"] == "warning":
+                        outcome.warnings.append({"code": event["code"], "message": event["message"], "model": spec.model_name})
+                    view.handle(event)
+                else:
+                    log.write(line)
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            # The worker finishes the write in progress (appends are whole batches) and exits.
+            process.send_signal(signal.SIGINT)
+            process.wait()
+            return JobOutcome(ok=False, interrupted=True, message="interrupted")
+    if returncode == 0:
+        outcome.ok = True
+        return outcome
+    if returncode == 130:
+        return JobOutcome(ok=False, interrupted=True, message="interrupted")
+    error_file = folder.model_file(spec.model_name, f"{spec.kind}.error.json")
+    if error_file.exists():
+        outcome.message = json.loads(error_file.read_text())["message"]
+    else:
+        outcome.message = f"worker exited with code {returncode}; see {log_path}"
+        write_json_atomic(error_file, {"message": outcome.message})
+    return outcome

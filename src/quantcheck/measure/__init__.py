@@ -1,0 +1,1 @@
+"""Consideration 1, cost: weight bytes, peak memory, forward latency and generation throughput."""

@@ -1,0 +1,1 @@
+"""Per-item measurements: parsed answers and next-token differences between two models."""

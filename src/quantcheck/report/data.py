@@ -1,0 +1,192 @@
+"""Reading a run folder for the report, tolerant of partial runs, and writing files atomically.
+
+Only `results.json` is required. `items.jsonl` and `dataset.jsonl` may be absent (a partial run)
+or end with a truncated line (a run that crashed while writing); what cannot be read is recorded
+in :attr:`RunData.problems` so the report can say what is missing instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from quantcheck.errors import ResultsFolderError
+from quantcheck.results.schema import ItemRecord, ModelResult, Results
+
+RESULTS_FILE = "results.json"
+ITEMS_FILE = "items.jsonl"
+DATASET_FILE = "dataset.jsonl"
+REFERENCE = "reference"
+
+# Reported bad lines are capped so a garbage file does not flood the report.
+_MAX_REPORTED_BAD_LINES = 5
+
+
+@dataclass
+class DatasetItem:
+    """One question of `dataset.jsonl` (read leniently: it is not a schema class)."""
+
+    item_id: str
+    subject: str = ""
+    question: str = ""
+    choices: list[str] = field(default_factory=list)
+    answer: str = ""
+
+
+@dataclass
+class RunData:
+    """Everything the report reads from one run folder."""
+
+    run_dir: Path
+    results: Results
+    items: list[ItemRecord] = field(default_factory=list)
+    dataset: dict[str, DatasetItem] = field(default_factory=dict)
+    has_items_file: bool = False
+    has_dataset_file: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> ModelResult | None:
+        return reference_model(self.results)
+
+    @property
+    def variants(self) -> list[ModelResult]:
+        return variant_models(self.results)
+
+
+def reference_model(results: Results) -> ModelResult | None:
+    """The reference: the model named "reference", else the first one without a quantization."""
+    for m in results.models:
+        if m.name == REFERENCE:
+            return m
+    for m in results.models:
+        if m.quant is None:
+            return m
+    return None
+
+
+def variant_models(results: Results) -> list[ModelResult]:
+    ref = reference_model(results)
+    return [m for m in results.models if m is not ref]
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def load_results(run_dir: Path) -> Results:
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        raise ResultsFolderError(f"{run_dir} has no {RESULTS_FILE}: is it a quantcheck run folder?")
+    try:
+        return Results.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "document"
+        raise ResultsFolderError(
+            f"{path} is not a valid quantcheck results file ({exc.error_count()} error(s), "
+            f"first at {where}: {_one_line(first.get('msg', ''))}): is it a quantcheck run folder?"
+        ) from None
+    except OSError as exc:
+        raise ResultsFolderError(f"{path} cannot be read: {_one_line(str(exc))}") from None
+
+
+def _read_jsonl_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        problems.append(f"{path.name} cannot be read: {_one_line(str(exc))}")
+        return []
+    return [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def load_items(path: Path, problems: list[str]) -> list[ItemRecord]:
+    items: list[ItemRecord] = []
+    bad = 0
+    for lineno, line in _read_jsonl_lines(path, problems):
+        try:
+            items.append(ItemRecord.model_validate_json(line))
+        except ValidationError as exc:
+            bad += 1
+            if bad <= _MAX_REPORTED_BAD_LINES:
+                msg = exc.errors()[0].get("msg", "") if exc.errors() else str(exc)
+                problems.append(f"{path.name} line {lineno} is not a valid item record: {_one_line(msg)}")
+    if bad > _MAX_REPORTED_BAD_LINES:
+        problems.append(f"{path.name}: {bad - _MAX_REPORTED_BAD_LINES} more invalid lines not listed")
+    return items
+
+
+def load_dataset(path: Path, problems: list[str]) -> dict[str, DatasetItem]:
+    out: dict[str, DatasetItem] = {}
+    bad = 0
+    for lineno, line in _read_jsonl_lines(path, problems):
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw, dict) or "item_id" not in raw:
+                raise ValueError("not an object with an item_id")
+            choices = raw.get("choices") or []
+            if not isinstance(choices, list):
+                raise ValueError("choices is not a list")
+            item = DatasetItem(
+                item_id=str(raw["item_id"]),
+                subject=str(raw.get("subject") or ""),
+                question=str(raw.get("question") or ""),
+                choices=[str(c) for c in choices],
+                answer=str(raw.get("answer") or ""),
+            )
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            bad += 1
+            if bad <= _MAX_REPORTED_BAD_LINES:
+                problems.append(f"{path.name} line {lineno} cannot be read: {_one_line(str(exc))}")
+            continue
+        out[item.item_id] = item
+    if bad > _MAX_REPORTED_BAD_LINES:
+        problems.append(f"{path.name}: {bad - _MAX_REPORTED_BAD_LINES} more invalid lines not listed")
+    return out
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read a run folder. Raises `ResultsFolderError` only when results.json is missing or invalid."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    data = RunData(run_dir=run_dir, results=results)
+    items_path = run_dir / ITEMS_FILE
+    dataset_path = run_dir / DATASET_FILE
+    if items_path.is_file():
+        data.has_items_file = True
+        data.items = load_items(items_path, data.problems)
+    if dataset_path.is_file():
+        data.has_dataset_file = True
+        data.dataset = load_dataset(dataset_path, data.problems)
+    return data
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> Path:
+    """Write to a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))

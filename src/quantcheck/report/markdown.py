@@ -1,0 +1,134 @@
+"""`report.md`: the verdict, key numbers and figures, ready to paste into a pull request.
+
+Tables come from :mod:`quantcheck.report.table`, so every number reads as in the HTML report.
+Figures are referenced as relative files (``figures/<name>.png``) next to the Markdown file.
+"""
+
+from __future__ import annotations
+
+import re
+
+from quantcheck.report import table
+from quantcheck.report.data import RunData
+from quantcheck.report.plots import FIGURES_DIR, FigureSpec
+from quantcheck.report.sections import environment_rows, missing_notes, run_title, warning_rows
+
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def md_cell(text: object) -> str:
+    """Make untrusted text safe inside a Markdown table cell (no pipes, no newlines, no raw tags)."""
+    s = " ".join(str(text).split())
+    s = s.replace("\\", "\\\\").replace("|", "\\|")
+    return _TAG_START.sub("&lt;", s)
+
+
+def md_text(text: object) -> str:
+    """Untrusted text on its own line: one line, no raw HTML tags."""
+    return _TAG_START.sub("&lt;", " ".join(str(text).split()))
+
+
+def md_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(md_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
+    return lines
+
+
+def parse_md_table(text: str, first_header: str, with_column: str | None = None) -> list[list[str]]:
+    """Rows of the first Markdown table whose first header cell is `first_header` (and which has a
+    column `with_column`, when given). For tests and tools that read report.md back."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = _split_row(line)
+        if cells and cells[0] == first_header and (with_column is None or with_column in cells):
+            rows = []
+            for row_line in lines[i + 2 :]:
+                if not row_line.startswith("|"):
+                    break
+                rows.append(_split_row(row_line))
+            return rows
+    raise ValueError(f"no table with first column {first_header!r}")
+
+
+def _split_row(line: str) -> list[str]:
+    if not line.startswith("|"):
+        return []
+    cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+    return [c.strip().replace("\\|", "|").replace("\\\\", "\\") for c in cells]
+
+
+def render_markdown(
+    data: RunData,
+    figures: dict[str, str],
+    specs: list[FigureSpec],
+    skipped_figures: dict[str, str],
+) -> str:
+    """The whole report.md. `figures` maps figure key -> file name inside figures/."""
+    r = data.results
+    out: list[str] = [f"# {md_text(run_title(r))}", ""]
+    out += [f"**{md_text(table.headline(r))}**", ""]
+    if not r.finished or r.missing:
+        state = "not finished" if not r.finished else "partial"
+        extra = f"; missing: {', '.join(r.missing)}" if r.missing else ""
+        out += [f"> \u26a0\ufe0f This run is {state}{md_text(extra)}. See *What is missing* below.", ""]
+
+    out += ["## Verdict", ""]
+    rows = table.verdict_rows(r)
+    if rows:
+        out += md_table(table.VERDICT_COLUMNS, [row.cells() for row in rows])
+        out.append("")
+        for row in rows:
+            line = f"- **{md_text(row.name)}** \u2014 {row.decision}"
+            if row.summary:
+                line += f": {md_text(row.summary)}"
+            out.append(line)
+            for reason in row.reasons:
+                out.append(f"  - {md_text(reason)}")
+            for err in row.errors:
+                out.append(f"  - error: `{md_text(err).replace('`', chr(39))}`")
+        out.append("")
+    else:
+        out += ["No quantized variant in this run.", ""]
+    out += [f"Thresholds: {table.thresholds_text(r)}.", ""]
+
+    out += ["## Key numbers", "", "### Accuracy and flips (same items, paired)", ""]
+    out += md_table(table.ACCURACY_COLUMNS, table.accuracy_rows(r)) + [""]
+    agreement = table.agreement_rows(r)
+    if agreement:
+        out += ["### Next-token agreement with the reference", ""]
+        out += md_table(table.agreement_columns(), agreement) + [""]
+    out += ["### Cost", ""]
+    out += md_table(table.COST_COLUMNS, table.cost_rows(r)) + [""]
+    gen = table.generation_rows(r)
+    if gen:
+        out += ["### Generation speed", "", "Words per minute depends on answer length; compare it with mean output words.", ""]
+        out += md_table(table.GENERATION_COLUMNS, gen) + [""]
+
+    if figures:
+        out += ["## Figures", ""]
+        for spec in specs:
+            if spec.key in figures:
+                out += [f"![{spec.title}]({FIGURES_DIR}/{figures[spec.key]})", "", f"*{spec.caption}*", ""]
+
+    warnings = warning_rows(r)
+    out += ["## Warnings", ""]
+    if warnings:
+        out += [f"- **{md_text(code)}** ({md_text(model)}): {md_text(msg)}" for code, model, msg in warnings]
+    else:
+        out.append("No warnings.")
+    out.append("")
+
+    notes = missing_notes(data, skipped_figures)
+    if notes:
+        out += ["## What is missing", ""]
+        for note in notes:
+            out.append(f"- {md_text(note.text)}")
+            for d in note.details:
+                out.append(f"  - `{md_text(d).replace('`', chr(39))}`")
+        out.append("")
+
+    out += ["## Environment", ""]
+    out += md_table(["Setting", "Value"], [[k, v] for k, v in environment_rows(data)])
+    out += ["", "_Full report with per-item answers: `report.html` in the run folder; raw numbers: `metrics.csv`._", ""]
+    return "\n".join(out)

@@ -1,0 +1,426 @@
+"""The report's tables as rows of formatted strings, shared by HTML and Markdown, and metrics.csv.
+
+HTML and Markdown build their tables from the same functions here, so a number reads identically
+in both. `metrics.csv` holds the raw (unformatted) numbers, one row per model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+
+from quantcheck.report import format as fmt
+from quantcheck.report.data import reference_model, variant_models
+from quantcheck.results.schema import LatencyPoint, ModelResult, Results
+
+JACCARD_KS = (1, 2, 3, 5, 10, 20)
+
+
+# ---------------------------------------------------------------------------------------- verdicts
+
+VERDICT_COLUMNS = [
+    "Variant",
+    "Decision",
+    "Weight memory vs ref",
+    "\u0394 accuracy (loglik) [95% CI]",
+    "McNemar p",
+    "Mean KL (nats)",
+    "Top-1 agreement",
+    "Jaccard@1 / @20",
+]
+
+
+@dataclass
+class VerdictRow:
+    name: str
+    quant: str
+    description: str
+    status: str
+    decision: str
+    decision_class: str
+    memory: str
+    delta_accuracy: str
+    mcnemar_p: str
+    mean_kl: str
+    top1: str
+    jaccard: str
+    summary: str
+    reasons: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def cells(self) -> list[str]:
+        return [
+            self.name,
+            self.decision,
+            self.memory,
+            self.delta_accuracy,
+            self.mcnemar_p,
+            self.mean_kl,
+            self.top1,
+            self.jaccard,
+        ]
+
+
+def decision_text(m: ModelResult) -> tuple[str, str]:
+    """The decision shown for a model and a CSS class for it."""
+    if m.verdict is not None:
+        cls = {"QUANTIZE": "quantize", "DON'T QUANTIZE": "dont", "INCONCLUSIVE": "inconclusive"}
+        return m.verdict.decision, cls[m.verdict.decision]
+    if m.status == "failed":
+        return "FAILED (no verdict)", "failed"
+    return f"no verdict ({m.status})", "none"
+
+
+def jaccard_value(m: ModelResult, k: int) -> float | None:
+    if m.agreement is None:
+        return None
+    est = m.agreement.jaccard.get(k)
+    return est.value if est is not None else None
+
+
+def verdict_row(m: ModelResult) -> VerdictRow:
+    decision, cls = decision_text(m)
+    cvr = m.cost_vs_reference
+    pl = m.paired_loglik
+    ag = m.agreement
+    return VerdictRow(
+        name=m.name,
+        quant=m.quant or "",
+        description=m.description,
+        status=m.status,
+        decision=decision,
+        decision_class=cls,
+        memory=fmt.memory_vs_ref(cvr.weight_memory_ratio if cvr else None, cvr.memory_saving if cvr else None),
+        delta_accuracy=fmt.points_ci(pl.difference, pl.difference_ci) if pl else fmt.NA,
+        mcnemar_p=fmt.pvalue(pl.mcnemar_p) if pl else fmt.NA,
+        mean_kl=fmt.nats(ag.kl.mean.value) if ag else fmt.NA,
+        top1=fmt.percent(ag.top1_agreement.value) if ag else fmt.NA,
+        jaccard=f"{fmt.fraction(jaccard_value(m, 1))} / {fmt.fraction(jaccard_value(m, 20))}",
+        summary=m.verdict.summary if m.verdict else "",
+        reasons=list(m.verdict.reasons) if m.verdict else [],
+        errors=list(m.errors),
+    )
+
+
+def verdict_rows(results: Results) -> list[VerdictRow]:
+    return [verdict_row(m) for m in variant_models(results)]
+
+
+def thresholds_text(results: Results) -> str:
+    t = results.thresholds
+    return (
+        f"accuracy drop \u2264 {t.max_accuracy_drop * 100:.1f} pts, mean KL \u2264 {fmt.nats(t.max_mean_kl)} nats, "
+        f"top-1 agreement \u2265 {fmt.percent(t.min_top1_agreement)}, "
+        f"weight memory saving \u2265 {fmt.percent(t.min_memory_saving)}"
+    )
+
+
+def headline(results: Results) -> str:
+    """The one-line answer to "to quantize or not", from the per-variant verdicts."""
+    variants = variant_models(results)
+    by_decision: dict[str, list[ModelResult]] = {"QUANTIZE": [], "DON'T QUANTIZE": [], "INCONCLUSIVE": []}
+    for v in variants:
+        if v.verdict is not None:
+            by_decision[v.verdict.decision].append(v)
+    no_verdict = [v for v in variants if v.verdict is None]
+    unfinished = "" if results.finished else " (the run is not finished)"
+
+    if by_decision["QUANTIZE"]:
+        good = sorted(
+            by_decision["QUANTIZE"],
+            key=lambda v: v.cost_vs_reference.memory_saving if v.cost_vs_reference else -1.0,
+            reverse=True,
+        )
+        best = good[0]
+        details = []
+        if best.cost_vs_reference is not None:
+            details.append(f"saves {fmt.percent(best.cost_vs_reference.memory_saving)} of weight memory")
+        if best.paired_loglik is not None:
+            details.append(
+                f"\u0394 accuracy {fmt.points_ci(best.paired_loglik.difference, best.paired_loglik.difference_ci)}"
+            )
+        text = f"To quantize or not: quantize \u2014 serve {best.name}"
+        if details:
+            text += f" ({', '.join(details)})"
+        if len(good) > 1:
+            text += f"; also acceptable: {', '.join(v.name for v in good[1:])}"
+        return text + "." + unfinished
+
+    if by_decision["INCONCLUSIVE"]:
+        names = ", ".join(v.name for v in by_decision["INCONCLUSIVE"])
+        text = (
+            f"To quantize or not: undecided \u2014 the evidence is inconclusive for {names}; "
+            "keep the reference until a larger run settles it"
+        )
+        rejected = ", ".join(v.name for v in by_decision["DON'T QUANTIZE"])
+        if rejected:
+            text += f" ({rejected} rejected)"
+        return text + "." + unfinished
+
+    if by_decision["DON'T QUANTIZE"]:
+        return (
+            "To quantize or not: don't \u2014 no variant meets the thresholds; keep serving the reference."
+            + unfinished
+        )
+
+    if not variants:
+        return "To quantize or not: no verdict \u2014 the run has no quantized variant." + unfinished
+    why = f"missing: {', '.join(results.missing)}" if results.missing else f"{len(no_verdict)} variant(s) without a verdict"
+    state = "partial" if (results.missing or not results.finished) else "incomplete"
+    return f"To quantize or not: no verdict yet \u2014 the run is {state} ({why})."
+
+
+# ------------------------------------------------------------------------------- accuracy & flips
+
+ACCURACY_COLUMNS = [
+    "Model",
+    "Status",
+    "Accuracy (loglik) [95% CI]",
+    "Accuracy (generative) [95% CI]",
+    "Unparsable",
+    "\u0394 loglik [95% CI]",
+    "Right\u2192wrong / wrong\u2192right",
+    "McNemar p",
+    "Same answer as ref",
+    "Detectable \u0394 (80% power)",
+    "\u0394 generative [95% CI]",
+]
+
+
+def accuracy_row(m: ModelResult) -> list[str]:
+    ll, gen, pl, pg = m.loglik, m.generative, m.paired_loglik, m.paired_generative
+    return [
+        m.name,
+        m.status,
+        (fmt.percent_ci(ll.accuracy, ll.ci) + f" (n={ll.n})") if ll else fmt.NA,
+        (fmt.percent_ci(gen.accuracy.accuracy, gen.accuracy.ci) + f" (n={gen.accuracy.n})") if gen else fmt.NA,
+        fmt.integer(gen.unparsable) if gen else fmt.NA,
+        fmt.points_ci(pl.difference, pl.difference_ci) if pl else fmt.NA,
+        f"{pl.right_to_wrong} / {pl.wrong_to_right}" if pl else fmt.NA,
+        fmt.pvalue(pl.mcnemar_p) if pl else fmt.NA,
+        fmt.percent(pl.answer_agreement) if pl else fmt.NA,
+        f"\u00b1{pl.min_detectable_difference * 100:.1f} pts" if pl else fmt.NA,
+        fmt.points_ci(pg.difference, pg.difference_ci) if pg else fmt.NA,
+    ]
+
+
+def accuracy_rows(results: Results) -> list[list[str]]:
+    return [accuracy_row(m) for m in results.models]
+
+
+# ------------------------------------------------------------------------------ token agreement
+
+def agreement_columns() -> list[str]:
+    return [
+        "Variant",
+        "Items",
+        "Top-1 agreement [95% CI]",
+        "Mean KL [95% CI]",
+        "Median / p90 / max KL",
+        *[f"J@{k}" for k in JACCARD_KS],
+    ]
+
+
+def agreement_rows(results: Results) -> list[list[str]]:
+    rows = []
+    for m in variant_models(results):
+        ag = m.agreement
+        if ag is None:
+            rows.append([m.name, fmt.NA, fmt.NA, fmt.NA, fmt.NA, *[fmt.NA for _ in JACCARD_KS]])
+            continue
+        top1 = ag.top1_agreement
+        rows.append(
+            [
+                m.name,
+                fmt.integer(ag.n),
+                fmt.percent_ci(top1.value, top1.ci),
+                fmt.nats_ci(ag.kl.mean.value, ag.kl.mean.ci),
+                f"{fmt.nats(ag.kl.median)} / {fmt.nats(ag.kl.p90)} / {fmt.nats(ag.kl.max)}",
+                *[fmt.fraction(jaccard_value(m, k)) for k in JACCARD_KS],
+            ]
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+COST_COLUMNS = [
+    "Model",
+    "Weights (counted)",
+    "Bits / param",
+    "vs ref",
+    "Peak memory (largest ok batch)",
+    "Forward latency, batch 1",
+    "Decode speed",
+    "Decode speedup",
+    "Time to first token",
+    "Load time",
+    "Threads",
+    "OOM at batch",
+]
+
+
+def _latency_at(points: list[LatencyPoint], batch: int) -> LatencyPoint | None:
+    for p in points:
+        if p.batch_size == batch and p.status == "ok":
+            return p
+    return None
+
+
+def largest_ok_point(points: list[LatencyPoint]) -> LatencyPoint | None:
+    ok = [p for p in points if p.status == "ok"]
+    return max(ok, key=lambda p: p.batch_size) if ok else None
+
+
+def cost_row(m: ModelResult) -> list[str]:
+    c, cvr = m.cost, m.cost_vs_reference
+    if c is None:
+        return [m.name, *[fmt.NA] * (len(COST_COLUMNS) - 1)]
+    top = largest_ok_point(c.latency)
+    bs1 = _latency_at(c.latency, 1)
+    ooms = sorted({p.batch_size for p in c.latency if p.status == "oom"})
+    gen = c.generation
+    footprint = fmt.nbytes(c.weights.counted_bytes)
+    if not c.weights.footprint_agrees:
+        footprint += " (footprint disagrees)"
+    return [
+        m.name,
+        footprint,
+        fmt.bits(c.weights.bits_per_parameter),
+        fmt.memory_vs_ref(cvr.weight_memory_ratio, cvr.memory_saving) if cvr else "reference" if m.quant is None else fmt.NA,
+        f"{fmt.nbytes(top.peak_memory_bytes)} (batch {top.batch_size})" if top else fmt.NA,
+        fmt.seconds(bs1.median_s) + (" (noisy)" if bs1.noisy else "") if bs1 else fmt.NA,
+        fmt.rate(gen.decode_tokens_per_s, "tok/s") if gen else fmt.NA,
+        fmt.ratio(cvr.decode_speedup) if cvr else fmt.NA,
+        fmt.seconds(gen.time_to_first_token_s) if gen else fmt.NA,
+        fmt.seconds(c.load_time_s),
+        str(c.threads),
+        ", ".join(str(b) for b in ooms) if ooms else "none",
+    ]
+
+
+def cost_rows(results: Results) -> list[list[str]]:
+    return [cost_row(m) for m in results.models]
+
+
+# ------------------------------------------------------------------------------------ generation
+
+GENERATION_COLUMNS = ["Model", "Words / minute", "Tokens / s", "Mean output words", "Mean output tokens", "Unparsable"]
+
+
+def generation_rows(results: Results) -> list[list[str]]:
+    rows = []
+    for m in results.models:
+        g = m.generative
+        if g is None:
+            continue
+        rows.append(
+            [
+                m.name,
+                fmt.number(g.words_per_minute),
+                fmt.number(g.tokens_per_second),
+                fmt.number(g.mean_output_words),
+                fmt.number(g.mean_output_tokens),
+                f"{g.unparsable} of {g.accuracy.n}",
+            ]
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------- metrics.csv
+
+CSV_COLUMNS = [
+    "model", "role", "quant", "status", "decision",
+    "loglik_n", "loglik_accuracy", "loglik_ci_low", "loglik_ci_high",
+    "generative_n", "generative_accuracy", "generative_ci_low", "generative_ci_high", "generative_unparsable",
+    "words_per_minute", "generation_tokens_per_s", "mean_output_words", "mean_output_tokens",
+    "delta_loglik", "delta_loglik_ci_low", "delta_loglik_ci_high", "mcnemar_p_loglik",
+    "right_to_wrong", "wrong_to_right", "answer_agreement", "min_detectable_difference",
+    "delta_generative", "delta_generative_ci_low", "delta_generative_ci_high", "mcnemar_p_generative",
+    "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
+    *[f"jaccard_{k}" for k in JACCARD_KS],
+    "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
+    "weight_memory_ratio", "memory_saving", "decode_tokens_per_s", "decode_speedup",
+    "time_to_first_token_s", "load_time_s", "load_peak_memory_bytes",
+    "latency_bs1_median_s", "peak_memory_bytes_max_ok_batch", "max_ok_batch", "oom_batches", "threads",
+    "compute_dtype", "offloaded",
+]  # fmt: skip
+
+
+def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
+    ll, gen, pl, pg, ag = m.loglik, m.generative, m.paired_loglik, m.paired_generative, m.agreement
+    c, cvr = m.cost, m.cost_vs_reference
+    top = largest_ok_point(c.latency) if c else None
+    bs1 = _latency_at(c.latency, 1) if c else None
+    row: dict[str, object] = {
+        "model": m.name,
+        "role": "reference" if m is ref else "variant",
+        "quant": m.quant,
+        "status": m.status,
+        "decision": m.verdict.decision if m.verdict else None,
+        "loglik_n": ll.n if ll else None,
+        "loglik_accuracy": ll.accuracy if ll else None,
+        "loglik_ci_low": ll.ci.low if ll else None,
+        "loglik_ci_high": ll.ci.high if ll else None,
+        "generative_n": gen.accuracy.n if gen else None,
+        "generative_accuracy": gen.accuracy.accuracy if gen else None,
+        "generative_ci_low": gen.accuracy.ci.low if gen else None,
+        "generative_ci_high": gen.accuracy.ci.high if gen else None,
+        "generative_unparsable": gen.unparsable if gen else None,
+        "words_per_minute": gen.words_per_minute if gen else None,
+        "generation_tokens_per_s": gen.tokens_per_second if gen else None,
+        "mean_output_words": gen.mean_output_words if gen else None,
+        "mean_output_tokens": gen.mean_output_tokens if gen else None,
+        "delta_loglik": pl.difference if pl else None,
+        "delta_loglik_ci_low": pl.difference_ci.low if pl else None,
+        "delta_loglik_ci_high": pl.difference_ci.high if pl else None,
+        "mcnemar_p_loglik": pl.mcnemar_p if pl else None,
+        "right_to_wrong": pl.right_to_wrong if pl else None,
+        "wrong_to_right": pl.wrong_to_right if pl else None,
+        "answer_agreement": pl.answer_agreement if pl else None,
+        "min_detectable_difference": pl.min_detectable_difference if pl else None,
+        "delta_generative": pg.difference if pg else None,
+        "delta_generative_ci_low": pg.difference_ci.low if pg else None,
+        "delta_generative_ci_high": pg.difference_ci.high if pg else None,
+        "mcnemar_p_generative": pg.mcnemar_p if pg else None,
+        "top1_agreement": ag.top1_agreement.value if ag else None,
+        "mean_kl": ag.kl.mean.value if ag else None,
+        "mean_kl_ci_low": ag.kl.mean.ci.low if ag and ag.kl.mean.ci else None,
+        "mean_kl_ci_high": ag.kl.mean.ci.high if ag and ag.kl.mean.ci else None,
+        "median_kl": ag.kl.median if ag else None,
+        "p90_kl": ag.kl.p90 if ag else None,
+        "max_kl": ag.kl.max if ag else None,
+        **{f"jaccard_{k}": jaccard_value(m, k) for k in JACCARD_KS},
+        "weight_bytes": c.weights.counted_bytes if c else None,
+        "footprint_bytes": c.weights.footprint_bytes if c else None,
+        "parameters": c.weights.parameters if c else None,
+        "bits_per_parameter": c.weights.bits_per_parameter if c else None,
+        "weight_memory_ratio": cvr.weight_memory_ratio if cvr else None,
+        "memory_saving": cvr.memory_saving if cvr else None,
+        "decode_tokens_per_s": c.generation.decode_tokens_per_s if c and c.generation else None,
+        "decode_speedup": cvr.decode_speedup if cvr else None,
+        "time_to_first_token_s": c.generation.time_to_first_token_s if c and c.generation else None,
+        "load_time_s": c.load_time_s if c else None,
+        "load_peak_memory_bytes": c.load_peak_memory_bytes if c else None,
+        "latency_bs1_median_s": bs1.median_s if bs1 else None,
+        "peak_memory_bytes_max_ok_batch": top.peak_memory_bytes if top else None,
+        "max_ok_batch": top.batch_size if top else None,
+        "oom_batches": " ".join(str(p.batch_size) for p in c.latency if p.status == "oom") if c else None,
+        "threads": c.threads if c else None,
+        "compute_dtype": m.precision.compute_dtype if m.precision else None,
+        "offloaded": m.precision.offloaded if m.precision else None,
+    }
+    return row
+
+
+def metrics_csv(results: Results) -> str:
+    """metrics.csv as text: one row per model, raw numbers (empty cell = not measured)."""
+    ref = reference_model(results)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for m in results.models:
+        row = metrics_row(m, ref)
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()

@@ -1,0 +1,95 @@
+"""Where each file of a run lives, and the checks that keep one folder to one experiment."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from quantcheck.data.items import Dataset, Item, item_from_json
+from quantcheck.errors import ResultsFolderError
+from quantcheck.results.store import write_json_atomic, write_text_atomic
+
+
+class RunFolder:
+    """A run's folder: one per experiment (model + data set), resumable with the same --out."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def dataset_file(self) -> Path:
+        return self.root / "dataset.jsonl"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "reference"
+
+    @property
+    def reference_logprobs(self) -> Path:
+        return self.reference_dir / "logprobs.npy"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model_file(self, model_name: str, name: str) -> Path:
+        return self.models_dir / model_name / name
+
+    def prepare(self, identity: dict[str, str], force: bool) -> bool:
+        """Create the folder or accept it for resuming; return True when it already held this run.
+
+        A folder from another experiment (other model or data set) is refused unless --force,
+        which starts it afresh: results of two experiments are never mixed.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ResultsFolderError(f"cannot create --out {self.root}: {error.strerror}; choose a writable folder") from None
+        if self.run_file.exists():
+            previous = json.loads(self.run_file.read_text())
+            if previous == identity:
+                return True
+            if not force:
+                changed = ", ".join(f"{key} {previous.get(key)!r} -> {value!r}" for key, value in identity.items() if previous.get(key) != value)
+                raise ResultsFolderError(f"{self.root} holds a different run ({changed}): choose another --out, or pass --force to overwrite it")
+            self.clear()
+        elif any(self.root.iterdir()) and not force:
+            raise ResultsFolderError(f"{self.root} is not empty and is not a quantcheck run: choose another --out, or pass --force")
+        write_json_atomic(self.run_file, identity)
+        return False
+
+    def clear(self) -> None:
+        for child in self.root.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def check_reference_key(self, key: dict[str, str]) -> str | None:
+        """Drop stored outputs computed under another key; return why, or None when they still hold."""
+        key_file = self.reference_dir / "key.json"
+        reason = None
+        if key_file.exists():
+            previous = json.loads(key_file.read_text())
+            if previous != key:
+                changed = [f"{name} {previous.get(name)!r} -> {value!r}" for name, value in key.items() if previous.get(name) != value]
+                reason = "stored outputs were computed under another setting (" + ", ".join(changed) + "): recomputing"
+                shutil.rmtree(self.reference_dir)
+                shutil.rmtree(self.models_dir, ignore_errors=True)
+        write_json_atomic(key_file, key)
+        return reason
+
+    def write_dataset(self, dataset: Dataset) -> None:
+        write_text_atomic(self.dataset_file, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in dataset.items))
+
+    def read_items(self) -> tuple[Item, ...]:
+        with self.dataset_file.open(encoding="utf-8") as handle:
+            return tuple(item_from_json(json.loads(line)) for line in handle if line.strip())
+
+    def write_reference_tokens(self, prompt_ids: list[list[int]]) -> None:
+        write_text_atomic(self.reference_dir / "tokens.json", json.dumps(prompt_ids))
+
+    def read_reference_tokens(self) -> list[list[int]]:
+        return json.loads((self.reference_dir / "tokens.json").read_text())

@@ -1,0 +1,214 @@
+"""From the per-model files of a run folder to `results.json` and the merged `items.jsonl`.
+
+This is the only place where per-item records become per-model numbers: metrics come from
+`metrics/`, intervals and tests from `stats/`, the decision from `verdict`. It needs no model and
+no torch, so a partial run can be summarised at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from quantcheck import __version__
+from quantcheck.results.folder import RunFolder
+from quantcheck.results.schema import (
+    CostComparison,
+    DatasetInfo,
+    DivergenceSummary,
+    GenerationSettings,
+    GenerativeQuality,
+    ItemRecord,
+    ModelCost,
+    ModelInfo,
+    ModelResult,
+    PrecisionInfo,
+    Results,
+    RunWarning,
+    Thresholds,
+    TokenAgreement,
+)
+from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
+from quantcheck.metrics.next_token import TOP_K
+from quantcheck.stats.intervals import accuracy, bootstrap_mean
+from quantcheck.stats.paired import compare_paired
+from quantcheck.verdict import decide
+
+SMALL_SAMPLE = 300
+NOISY_CV = 0.10
+
+
+def _ordered(records: dict[str, ItemRecord], item_ids: list[str]) -> list[ItemRecord]:
+    return [records[item_id] for item_id in item_ids if item_id in records]
+
+
+def _load_json(path: Path, model: type) -> object | None:
+    return model.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def token_agreement(records: list[ItemRecord], seed: int) -> TokenAgreement | None:
+    compared = [record for record in records if record.kl is not None and record.jaccard is not None]
+    if not compared:
+        return None
+    kl = [record.kl for record in compared]
+    return TokenAgreement(
+        n=len(compared),
+        jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in TOP_K},
+        top1_agreement=bootstrap_mean([float(record.top1_agree) for record in compared], seed),
+        kl=DivergenceSummary(
+            mean=bootstrap_mean(kl, seed),
+            median=statistics.median(kl),
+            p90=float(np.percentile(kl, 90)),
+            max=max(kl),
+        ),
+    )
+
+
+def generative_quality(records: list[ItemRecord], settings: GenerationSettings) -> GenerativeQuality:
+    answers = [record.generative for record in records if record.generative is not None]
+    seconds = sum(answer.seconds for answer in answers)
+    words = [len(answer.text.split()) for answer in answers]
+    tokens = [answer.new_tokens for answer in answers]
+    return GenerativeQuality(
+        accuracy=accuracy([answer.correct for answer in answers]),
+        unparsable=sum(answer.pred is None for answer in answers),
+        words_per_minute=60 * sum(words) / seconds if seconds else 0.0,
+        tokens_per_second=sum(tokens) / seconds if seconds else 0.0,
+        mean_output_tokens=statistics.fmean(tokens),
+        mean_output_words=statistics.fmean(words),
+        settings=settings,
+    )
+
+
+def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison:
+    ratio = variant.weights.counted_bytes / reference.weights.counted_bytes
+    reference_latency = {point.batch_size: point.median_s for point in reference.latency if point.status == "ok"}
+    latency_ratio = {
+        point.batch_size: point.median_s / reference_latency[point.batch_size]
+        for point in variant.latency
+        if point.status == "ok" and point.batch_size in reference_latency and point.median_s
+    }
+    decode = None
+    if reference.generation and variant.generation and reference.generation.decode_tokens_per_s:
+        decode = variant.generation.decode_tokens_per_s / reference.generation.decode_tokens_per_s
+    return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode)
+
+
+def _errors(folder: RunFolder, name: str) -> list[str]:
+    return [
+        f"{path.name.split('.')[0]}: {json.loads(path.read_text())['message']}"
+        for path in sorted((folder.models_dir / name).glob("*.error.json"))
+    ]
+
+
+def _model_result(folder: RunFolder, name: str, description: str, item_ids: list[str], seed: int) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+    quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
+    generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
+    result = ModelResult(name=name, quant=None if name == "reference" else name, description=description)
+    result.errors = _errors(folder, name)
+    result.precision = _load_json(folder.model_file(name, "precision.json"), PrecisionInfo)
+    result.cost = _load_json(folder.model_file(name, "cost.json"), ModelCost)
+    if quality:
+        result.loglik = accuracy([record.loglik.correct for record in quality])
+        result.agreement = token_agreement(quality, seed)
+    settings = _load_json(folder.model_file(name, "generation-settings.json"), GenerationSettings)
+    if generated and settings is not None:
+        result.generative = generative_quality(generated, settings)
+    complete = len(quality) == len(item_ids)
+    result.status = "failed" if result.errors and not quality else "ok" if complete and not result.errors else "partial"
+    return result, quality, generated
+
+
+def _merge_records(quality: list[ItemRecord], generated: list[ItemRecord], item_ids: list[str]) -> list[ItemRecord]:
+    """One `items.jsonl` line per item and model: the scoring record with the generated answer folded in."""
+    quality_by_id = {record.item_id: record for record in quality}
+    generated_by_id = {record.item_id: record for record in generated}
+    merged = []
+    for item_id in item_ids:
+        record, answer = quality_by_id.get(item_id), generated_by_id.get(item_id)
+        if record is not None and answer is not None:
+            record = record.model_copy(update={"generative": answer.generative})
+        if record is not None or answer is not None:
+            merged.append(record or answer)
+    return merged
+
+
+def _paired(reference: list[ItemRecord], variant: list[ItemRecord], answer) -> object | None:
+    by_id = {record.item_id: record for record in reference}
+    pairs = [(by_id[record.item_id], record) for record in variant if record.item_id in by_id]
+    if not pairs:
+        return None
+    return compare_paired(
+        [answer(ref).correct for ref, _ in pairs],
+        [answer(var).correct for _, var in pairs],
+        [answer(ref).pred for ref, _ in pairs],
+        [answer(var).pred for _, var in pairs],
+    )
+
+
+def _warnings(results: Results, n_items: int) -> list[RunWarning]:
+    warnings: list[RunWarning] = []
+    reference = results.models[0]
+    if n_items < SMALL_SAMPLE:
+        warnings.append(RunWarning(code="small-sample", message=f"only {n_items} questions: accuracy intervals are wide (see each variant's minimum detectable difference)"))
+    for result in results.models:
+        if result.precision and result.precision.offloaded:
+            warnings.append(RunWarning(code="offloaded", model=result.name, message=f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): its cost figures do not describe a model on one device"))
+        if result is not reference and result.precision and reference.precision and result.precision.compute_dtype != reference.precision.compute_dtype:
+            warnings.append(RunWarning(code="precision-mismatch", model=result.name, message=(
+                f"{result.name} computes in {result.precision.compute_dtype}, the reference in {reference.precision.compute_dtype}: "
+                "part of any speed or quality difference comes from that, not from quantization")))
+        for point in result.cost.latency if result.cost else []:
+            if point.noisy:
+                warnings.append(RunWarning(code="noisy-timing", model=result.name, message=f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} (coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care"))
+        if result.generative and result.generative.unparsable:
+            warnings.append(RunWarning(code="unparsable-answers", model=result.name, message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report"))
+    return warnings
+
+
+def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, dataset: DatasetInfo, environment: dict[str, object],
+              variants: dict[str, str], thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
+    """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
+    folder = RunFolder(root)
+    item_ids = [item.item_id for item in folder.read_items()]
+    results = Results(tool_version=__version__, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
+    merged: list[ItemRecord] = []
+    per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
+    for name, description in {"reference": "the reference model at its recorded precision", **variants}.items():
+        result, quality, generated = _model_result(folder, name, description, item_ids, seed)
+        results.models.append(result)
+        per_model[name] = (quality, generated)
+        merged.extend(_merge_records(quality, generated, item_ids))
+    reference = results.models[0]
+    for result in results.models[1:]:
+        quality, generated = per_model[result.name]
+        if per_model["reference"][0] and quality:
+            result.paired_loglik = _paired(per_model["reference"][0], quality, lambda record: record.loglik)
+        if per_model["reference"][1] and generated:
+            result.paired_generative = _paired(per_model["reference"][1], generated, lambda record: record.generative)
+        if reference.cost and result.cost:
+            result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
+        result.verdict = decide(result, thresholds)
+    results.warnings = extra_warnings + _warnings(results, len(item_ids))
+    results.missing = _missing(results, expected)
+    results.finished = not results.missing
+    write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
+    write_json_atomic(root / "results.json", results)
+    return results
+
+
+def _missing(results: Results, expected: dict[str, bool]) -> list[str]:
+    missing = []
+    for result in results.models:
+        if expected.get("loglik") and (result.loglik is None or result.status != "ok"):
+            missing.append(f"{result.name}: log-likelihood scoring")
+        if expected.get("generation") and result.generative is None:
+            missing.append(f"{result.name}: generative scoring")
+        if expected.get("cost") and result.cost is None:
+            missing.append(f"{result.name}: cost")
+    return missing

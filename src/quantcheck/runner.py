@@ -1,0 +1,175 @@
+"""`quantcheck run`: validate everything, then run each model's jobs in fresh processes, then summarise.
+
+Order matters: every check that can fail on user input runs before any model loads; the
+reference's quality pass runs first (the variants replay its stored outputs); a failed variant is
+recorded and the others go on; finished work on disk is never recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from quantcheck import __version__
+from quantcheck.data.load import DEFAULT_DATASET, load_dataset
+from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
+from quantcheck.errors import QuantcheckError
+from quantcheck.jobs import GenerationOptions, JobSpec
+from quantcheck.launcher import run_job
+from quantcheck.models.quant_methods import get_method
+from quantcheck.progress import ProgressView
+from quantcheck.results.folder import RunFolder
+from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds
+from quantcheck.results.store import read_latest_by_id
+
+
+class Interrupted(QuantcheckError):
+    exit_code = 130
+
+
+class RunOptions(BaseModel):
+    """Everything `quantcheck run` takes; recorded in results.json as the run's config."""
+
+    model: str | None = None
+    quants: list[str] = Field(default_factory=list)
+    dataset: str = DEFAULT_DATASET
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    out: Path | None = None
+    seed: int = 0
+    batch_size: int = 8
+    threads: int | None = None
+    loglik: bool = True
+    generation: GenerationOptions | None = GenerationOptions()
+    cost: bool = True
+    cost_settings: dict[str, object] = Field(default_factory=dict)
+    thresholds: Thresholds = Thresholds()
+    force: bool = False
+    trust_remote_code: bool = False
+    allow_offload: bool = False
+    allow_pickle: bool = False
+    quiet: bool = False
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def default_threads() -> int:
+    """Physical cores: more OpenMP threads than cores collapses CPU timings."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _validate(options: RunOptions) -> None:
+    if options.batch_size <= 0:
+        raise QuantcheckError(f"--batch-size must be positive, got {options.batch_size}")
+    if not options.quants:
+        raise QuantcheckError("name at least one variant with --quant (see `quantcheck quants`)")
+    if len(set(options.quants)) != len(options.quants):
+        raise QuantcheckError("each --quant may be named once")
+    if options.generation is not None:
+        if options.generation.temperature < 0:
+            raise QuantcheckError(f"--temperature must be >= 0, got {options.generation.temperature}")
+        if options.generation.max_new_tokens <= 0:
+            raise QuantcheckError(f"--max-new-tokens must be positive, got {options.generation.max_new_tokens}")
+    if not (options.loglik or options.generation or options.cost):
+        raise QuantcheckError("--skip-quality and --skip-cost together leave nothing to measure")
+
+
+def run(options: RunOptions) -> tuple[Path, Results]:
+    """Run (or resume) an experiment and return its folder and results."""
+    from quantcheck.environment import describe_environment
+    from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
+    from quantcheck.results.summarize import summarize
+
+    _validate(options)
+    methods = [get_method(name) for name in options.quants]
+    device = pick_device(options.device)
+    for method in methods:
+        method.check_runnable(device)
+    dtype = options.dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dataset = load_dataset(options.dataset, options.limit, options.seed)
+    model = resolve_model(options.model, options.allow_pickle)
+    threads = options.threads or default_threads()
+
+    out = options.out or default_out_dir()
+    folder = RunFolder(out)
+    identity = {"model": model.name, "model_revision": model.revision or "", "dataset": dataset.spec, "dataset_hash": dataset.content_hash()}
+    resumed = folder.prepare(identity, options.force)
+    view = ProgressView(options.quiet)
+    warnings: list[RunWarning] = []
+    if model.source == "builtin":
+        warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
+    reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__}
+    if reason := folder.check_reference_key(reference_key):
+        view.line(f"[yellow]{reason}[/yellow]")
+    folder.write_dataset(dataset)
+    if resumed:
+        view.line(f"resuming {out}: finished items and phases are kept")
+
+    base = dict(run_dir=str(out), model_path=str(model.path), device=device, dtype=dtype, threads=threads, seed=options.seed,
+                batch_size=options.batch_size, trust_remote_code=options.trust_remote_code,
+                allow_offload=options.allow_offload, allow_pickle=options.allow_pickle)
+    models = [("reference", "none")] + [(method.name, method.name) for method in methods]
+    n_items = len(dataset.items)
+    failed_reference = None
+    with view:
+        if options.loglik or options.generation:
+            for name, method in models:
+                if failed_reference:
+                    break
+                todo_loglik = options.loglik and _count(folder, name, "quality.jsonl") < n_items
+                todo_generation = options.generation is not None and _count(folder, name, "generation.jsonl") < n_items
+                if not (todo_loglik or todo_generation):
+                    view.skipped(f"{name} quality", "already finished")
+                    continue
+                spec = JobSpec(kind="quality", model_name=name, method=method, loglik=todo_loglik,
+                               generation=options.generation if todo_generation else None, **base)
+                outcome = _run(spec, folder, view, out)
+                warnings += [RunWarning(**warning) for warning in outcome.warnings]
+                if not outcome.ok and name == "reference":
+                    failed_reference = outcome.message
+        if options.cost and not failed_reference:
+            from quantcheck.measure.cost import CostSettings
+
+            cost_settings = CostSettings.for_device(device, threads=threads, **options.cost_settings).model_dump()
+            for name, method in models:
+                if folder.model_file(name, "cost.json").exists():
+                    view.skipped(f"{name} cost", "already measured")
+                    continue
+                _run(JobSpec(kind="cost", model_name=name, method=method, loglik=False, cost=cost_settings, **base), folder, view, out)
+
+    dataset_info = DatasetInfo(spec=dataset.spec, n_items=n_items, subjects=dataset.subjects, source=dataset.source,
+                               content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
+                               answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)))
+    config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
+    results = summarize(
+        out, config=config, model=model.info(dtype, device), dataset=dataset_info,
+        environment=describe_environment(device, threads), variants={method.name: method.description for method in methods},
+        thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
+        expected={"loglik": options.loglik, "generation": options.generation is not None, "cost": options.cost},
+    )
+    if failed_reference:
+        raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
+    return out, results
+
+
+def _count(folder: RunFolder, name: str, file: str) -> int:
+    return len(read_latest_by_id(folder.model_file(name, file), ItemRecord))
+
+
+def _run(spec: JobSpec, folder: RunFolder, view: ProgressView, out: Path):
+    outcome = run_job(spec, folder, view)
+    if outcome.interrupted:
+        raise Interrupted(f"interrupted: finished work is saved in {out}; run the same command again to resume")
+    if not outcome.ok:
+        view.failed(f"{spec.model_name} ({spec.kind})", outcome.message or "failed")
+    return outcome

@@ -1,0 +1,1 @@
+"""Confidence intervals and paired tests, so every number in a verdict carries its uncertainty."""
