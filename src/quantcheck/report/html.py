@@ -7,10 +7,12 @@ per-row data for the script travels as JSON in single-quoted data attributes (``
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup, escape
 
 from quantcheck.report import table
 from quantcheck.report.data import RunData
@@ -151,6 +153,15 @@ def item_table(data: RunData, max_rows: int = MAX_ITEM_ROWS) -> ItemTable | None
     )
 
 
+_BREAK_BEFORE = re.compile(r" (?=[\[(])")
+
+
+def nobreak(value: object) -> Markup:
+    """Escape a formatted number and let it wrap only before "[" or "(" (never inside "[a, b]")."""
+    parts = _BREAK_BEFORE.split(str(value))
+    return Markup(" ").join(Markup('<span class="nw">%s</span>') % escape(p) for p in parts)
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
@@ -159,6 +170,7 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["nobreak"] = nobreak
     return env
 
 
@@ -192,6 +204,7 @@ def render_html(
         thresholds=table.thresholds_text(r),
         colors=colors,
         figures=fig_ctx,
+        skipped_figures=skipped_figures,
         accuracy_columns=table.ACCURACY_COLUMNS,
         accuracy_rows=table.accuracy_rows(r),
         agreement_columns=table.agreement_columns(),

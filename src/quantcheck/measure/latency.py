@@ -1,0 +1,215 @@
+"""Forward-pass latency and peak memory across batch sizes, repeated until the median is stable.
+
+Each batch size gets warm-up passes, then timed passes until the relative standard error of the
+mean reaches the target (after a minimum) or the batch size's time budget is spent. Running out of
+memory at one batch size is a result ("oom"), not a crash: larger batch sizes are "skipped".
+Runs under `torch.no_grad()`, not `inference_mode()`: quanto int4 fails under inference mode.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from quantcheck.measure.memory import PeakMemoryTracker
+from quantcheck.measure.timing import Clock
+from quantcheck.results.schema import LatencyPoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+NOISY_CV = 0.10
+
+
+class MemoryCapExceeded(MemoryError):
+    """The process went over the user's memory cap (how a cap is enforced on CPU)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for every way running out of memory surfaces: torch OOM, MemoryError, CUDA/allocator text."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def batch_inputs(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int, seq_len: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """`batch_size` texts (reused cyclically), each padded or truncated to exactly `seq_len` tokens."""
+    if not texts:
+        raise ValueError("latency needs at least one text")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_tokenizer does)")
+    batch = [texts[i % len(texts)] for i in range(batch_size)]
+    encoded = tokenizer(batch, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+
+
+def latency_sweep(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    seq_len: int = 512,
+    warmup: int = 2,
+    min_iterations: int = 3,
+    max_iterations: int = 20,
+    time_budget_s: float = 30.0,
+    target_rse: float = 0.02,
+    max_memory_bytes: int | None = None,
+    tracker: PeakMemoryTracker | None = None,
+) -> list[LatencyPoint]:
+    """Time one forward pass (full logits, no KV cache) at each batch size; one point per batch size.
+
+    `max_memory_bytes` caps the whole process: on CUDA through the allocator (a real OOM), on CPU by
+    checking the phase's peak RSS after every pass. Pass the caller's `tracker` to share its sampler.
+    """
+    if min_iterations < 1 or max_iterations < min_iterations:
+        raise ValueError("need 1 <= min_iterations <= max_iterations")
+    device = model.device
+    if tracker is None:
+        with PeakMemoryTracker(device) as own_tracker:
+            return latency_sweep(
+                model, tokenizer, texts, batch_sizes=batch_sizes, seq_len=seq_len, warmup=warmup,
+                min_iterations=min_iterations, max_iterations=max_iterations, time_budget_s=time_budget_s,
+                target_rse=target_rse, max_memory_bytes=max_memory_bytes, tracker=own_tracker,
+            )  # fmt: skip
+    points: list[LatencyPoint] = []
+    oom_at: int | None = None
+    with _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
+        for batch_size in batch_sizes:
+            if oom_at is not None:
+                error = f"not run: out of memory at batch size {oom_at}"
+                points.append(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
+                continue
+            with tracker.phase(f"latency-batch-{batch_size}") as phase:
+                try:
+                    times = _time_batch(
+                        model, tokenizer, texts, batch_size, seq_len, warmup, min_iterations, max_iterations,
+                        time_budget_s, target_rse, max_memory_bytes, tracker,
+                    )  # fmt: skip
+                    failure = None
+                except Exception as error:  # one batch size failing must not lose the others
+                    failure = error
+            if failure is None:
+                points.append(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
+                continue
+            oom = is_out_of_memory(failure)
+            message = _first_line(failure)
+            del failure  # drop the traceback's references to activations before freeing memory
+            _free_memory(device)
+            points.append(
+                LatencyPoint(
+                    batch_size=batch_size, seq_len=seq_len, status="oom" if oom else "failed", error=message,
+                    peak_memory_bytes=phase.peak_bytes,
+                )  # fmt: skip
+            )
+            if oom:
+                oom_at = batch_size
+    return points
+
+
+def _time_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    seq_len: int,
+    warmup: int,
+    min_iterations: int,
+    max_iterations: int,
+    time_budget_s: float,
+    target_rse: float,
+    max_memory_bytes: int | None,
+    tracker: PeakMemoryTracker,
+) -> list[float]:
+    clock = Clock(model.device)
+    inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, model.device)
+    started = clock.now()
+    for _ in range(warmup):
+        outputs = model(**inputs, use_cache=False)
+        _check_cpu_cap(model.device, max_memory_bytes, tracker)
+        del outputs
+    times: list[float] = []
+    while True:
+        begin = clock.now()
+        outputs = model(**inputs, use_cache=False)
+        times.append(clock.since(begin))
+        _check_cpu_cap(model.device, max_memory_bytes, tracker)  # while the logits are still alive
+        del outputs
+        if len(times) >= max_iterations:
+            return times
+        if len(times) >= min_iterations and (
+            relative_standard_error(times) <= target_rse or clock.since(started) >= time_budget_s
+        ):
+            return times
+
+
+def relative_standard_error(times: Sequence[float]) -> float:
+    """Standard error of the mean over the mean (infinite with fewer than two samples)."""
+    if len(times) < 2:
+        return math.inf
+    values = np.asarray(times)
+    return float(values.std(ddof=1) / math.sqrt(len(values)) / values.mean())
+
+
+def _ok_point(batch_size: int, seq_len: int, times: list[float], peak: int | None) -> LatencyPoint:
+    values = np.asarray(times)
+    median = float(np.median(values))
+    cv = float(values.std(ddof=1) / values.mean()) if len(values) > 1 else None
+    return LatencyPoint(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        status="ok",
+        iterations=len(values),
+        median_s=median,
+        p10_s=float(np.percentile(values, 10)),
+        p90_s=float(np.percentile(values, 90)),
+        cv=cv,
+        noisy=cv is not None and cv > NOISY_CV,
+        tokens_per_s=batch_size * seq_len / median,
+        peak_memory_bytes=peak,
+    )
+
+
+def _check_cpu_cap(device: torch.device, cap: int | None, tracker: PeakMemoryTracker) -> None:
+    if cap is None or device.type == "cuda":
+        return
+    peak = tracker.peak_so_far()
+    if peak > cap:
+        raise MemoryCapExceeded(
+            f"exceeded the memory cap of {cap / 2**30:.2f} GiB (peak resident memory {peak / 2**30:.2f} GiB)"
+        )
+
+
+@contextmanager
+def _cuda_memory_cap(device: torch.device, cap: int | None) -> Iterator[None]:
+    """Limit the CUDA caching allocator so that going over the cap raises a real OutOfMemoryError."""
+    if cap is None or device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

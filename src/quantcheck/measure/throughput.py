@@ -1,0 +1,135 @@
+"""Generation throughput at a fixed output length, so that every model produces the same work.
+
+Greedy, `min_new_tokens == max_new_tokens`, identical prompts for every model, and an explicit
+GenerationConfig: a model's own generation_config.json (temperature, repetition penalty, ...) is
+swapped out during the measurement so none of its defaults can leak in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import GenerationConfig
+
+from quantcheck.measure.memory import PeakMemoryTracker
+from quantcheck.measure.timing import Clock
+from quantcheck.results.schema import GenerationCost
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def fixed_length_config(tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> GenerationConfig:
+    """Greedy decoding of exactly `new_tokens` tokens, every sampling knob set explicitly."""
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=1.0,
+        min_new_tokens=new_tokens,
+        max_new_tokens=new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+@contextmanager
+def neutral_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
+    """Hide the model's generation_config: transformers fills every unset field from it otherwise."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def prompt_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: int,
+    batch_size: int,
+    max_prompt_tokens: int | None,
+    device: torch.device,
+) -> list[dict[str, torch.Tensor]]:
+    """The first `prompts` texts in batches, left-padded (decoder-only models continue on the right)."""
+    if len(texts) < prompts:
+        raise ValueError(f"generation needs {prompts} prompts, got {len(texts)} texts")
+    batches = []
+    for start in range(0, prompts, batch_size):
+        chunk = list(texts[start : min(start + batch_size, prompts)])
+        encoded = tokenizer(
+            chunk, return_tensors="pt", padding=True, padding_side="left",
+            truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens,
+        )  # fmt: skip
+        batches.append({"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)})
+    return batches
+
+
+def measure_generation(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    prompts: int = 4,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+    max_prompt_tokens: int | None = None,
+    tracker: PeakMemoryTracker | None = None,
+) -> GenerationCost:
+    """Prefill, time to first token and decode rate of greedy fixed-length generation.
+
+    Per batch of prompts: `prefill_s` is one forward over the prompt (building the KV cache);
+    `time_to_first_token_s` is `generate` with one new token; the decode rate divides the remaining
+    `new_tokens - 1` tokens per sequence by (full generate time - time to first token), so generate's
+    own setup cost cancels out. One untimed warm-up generate runs first.
+    """
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 to separate decoding from the first token")
+    if tracker is None:
+        with PeakMemoryTracker(model.device) as own_tracker:
+            return measure_generation(
+                model, tokenizer, texts, prompts=prompts, new_tokens=new_tokens, batch_size=batch_size,
+                max_prompt_tokens=max_prompt_tokens, tracker=own_tracker,
+            )  # fmt: skip
+    clock = Clock(model.device)
+    batches = prompt_batches(tokenizer, texts, prompts, batch_size, max_prompt_tokens, model.device)
+    full, first = fixed_length_config(tokenizer, new_tokens), fixed_length_config(tokenizer, 1)
+    prefill: list[float] = []
+    first_token: list[float] = []
+    total: list[float] = []
+    sequences = 0
+    with tracker.phase("generation") as phase, neutral_generation_defaults(model), torch.no_grad():
+        model.generate(**batches[0], generation_config=full)
+        for inputs in batches:
+            begin = clock.now()
+            model(**inputs, use_cache=True)
+            prefill.append(clock.since(begin))
+            begin = clock.now()
+            model.generate(**inputs, generation_config=first)
+            first_token.append(clock.since(begin))
+            begin = clock.now()
+            output = model.generate(**inputs, generation_config=full)
+            total.append(clock.since(begin))
+            generated = output.shape[1] - inputs["input_ids"].shape[1]
+            if generated != new_tokens:
+                raise RuntimeError(f"generate produced {generated} new tokens instead of {new_tokens}")
+            sequences += output.shape[0]
+    decode_time = sum(total) - sum(first_token)
+    if decode_time <= 0:
+        raise RuntimeError("decoding took no measurable time (full generate was not slower than one token)")
+    return GenerationCost(
+        prompts=prompts,
+        new_tokens=new_tokens,
+        prefill_s=sum(prefill) / len(prefill),
+        time_to_first_token_s=sum(first_token) / len(first_token),
+        decode_tokens_per_s=sequences * (new_tokens - 1) / decode_time,
+        tokens_per_s=sequences * new_tokens / sum(total),
+        peak_memory_bytes=phase.peak_bytes,
+    )
