@@ -7,11 +7,10 @@ recorded and the others go on; finished work on disk is never recomputed.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from quantcheck import __version__
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
@@ -59,13 +58,6 @@ def default_out_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def default_threads() -> int:
-    """Physical cores: more OpenMP threads than cores collapses CPU timings."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 def _validate(options: RunOptions) -> None:
     if options.batch_size <= 0:
         raise QuantcheckError(f"--batch-size must be positive, got {options.batch_size}")
@@ -98,7 +90,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     dataset = load_dataset(options.dataset, options.limit, options.seed)
     model = resolve_model(options.model, options.allow_pickle)
-    threads = options.threads or default_threads()
+    threads = options.threads or _default_threads()
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
@@ -140,7 +132,11 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         if options.cost and not failed_reference:
             from quantcheck.measure.cost import CostSettings
 
-            cost_settings = CostSettings.for_device(device, threads=threads, **options.cost_settings).model_dump()
+            defaults = CostSettings.for_device(device).model_dump()
+            try:
+                cost_settings = CostSettings(**{**defaults, **options.cost_settings, "threads": threads}).model_dump()
+            except ValidationError as error:
+                raise QuantcheckError(f"cost settings: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg']}") from None
             for name, method in models:
                 if folder.model_file(name, "cost.json").exists():
                     view.skipped(f"{name} cost", "already measured")
@@ -160,6 +156,12 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     if failed_reference:
         raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
     return out, results
+
+
+def _default_threads() -> int:
+    from quantcheck.measure.cost import default_threads
+
+    return default_threads()
 
 
 def _count(folder: RunFolder, name: str, file: str) -> int:

@@ -59,7 +59,7 @@ class CostSettings(BaseModel):
         if torch.device(device).type == "cuda":
             return cls()
         return cls(
-            seq_len=64,
+            seq_len=32,
             warmup=1,
             max_iterations=10,
             time_budget_s=3.0,

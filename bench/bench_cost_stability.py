@@ -1,0 +1,97 @@
+"""Is the cost measurement stable? Measure the same model twice, each in a fresh process.
+
+The "none" variant loads exactly the reference's weights, so every latency ratio should be 1 up to
+measurement noise. Acceptance: its median within 0.8-1.25x of the reference at every batch size.
+Each child runs the full default cost measurement (`CostSettings.for_device`), so this also prints
+how long one model's cost takes.
+
+    .venv/bin/python bench/bench_cost_stability.py [--device cpu|cuda] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+LOW, HIGH = 0.8, 1.25
+
+
+def child(method: str, device: str, threads: int | None) -> None:
+    """Measure one model in this (fresh) process and print its ModelCost as JSON on the last line."""
+    import torch
+
+    from quantcheck.data.load import load_dataset
+    from quantcheck.measure.cost import CostSettings, measure_cost
+    from quantcheck.models.builtin import builtin_model_dir
+    from quantcheck.models.loading import default_dtype, load_model, load_tokenizer
+    from quantcheck.models.quant_methods import LoadRequest, get_method
+
+    path = str(builtin_model_dir())
+    texts = [item.question for item in load_dataset().items]
+    settings = CostSettings.for_device(device)
+    if threads is not None:
+        settings = settings.model_copy(update={"threads": threads})
+    request = LoadRequest(path, device, getattr(torch, default_dtype(device)))
+    begin = time.perf_counter()
+    cost = measure_cost(lambda: load_model(get_method(method), request), load_tokenizer(path), texts, settings, device)
+    print(json.dumps({"seconds": time.perf_counter() - begin, "cost": cost.model_dump()}))
+
+
+def run_child(method: str, device: str, threads: int | None) -> dict:
+    command = [sys.executable, __file__, "--child", method, "--device", device]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{method} child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="default: the settings' default")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child:
+        child(args.child, args.device, args.threads)
+        return
+    reference = run_child("none", args.device, args.threads)  # the reference recipe is what "none" runs
+    variant = run_child("none", args.device, args.threads)
+    ref_cost, var_cost = reference["cost"], variant["cost"]
+    print(f"device {args.device}, threads {ref_cost['threads']}, memory {ref_cost['memory_method']}")
+    print(f"whole cost measurement per model: reference {reference['seconds']:.1f} s, none {variant['seconds']:.1f} s")
+    print(f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within")
+    accepted = True
+    for ref, var in zip(ref_cost["latency"], var_cost["latency"]):
+        if ref["status"] != "ok" or var["status"] != "ok":
+            print(f"{ref['batch_size']:>5} status {ref['status']} / {var['status']}")
+            accepted = False
+            continue
+        ratio = var["median_s"] / ref["median_s"]
+        within = LOW <= ratio <= HIGH
+        accepted &= within
+        print(
+            f"{ref['batch_size']:>5} {ref['seq_len']:>4} {ref['median_s']:>12.4f} {var['median_s']:>13.4f} "
+            f"{ratio:>6.3f} {ref['cv']:>6.3f} {var['cv']:>7.3f}  {'yes' if within else 'NO'}"
+        )
+    for name, cost in (("reference", ref_cost), ("none", var_cost)):
+        generation = cost["generation"] or {}
+        print(
+            f"{name}: load {cost['load_time_s']:.2f} s, load peak {cost['load_peak_memory_bytes'] / 2**20:.0f} MiB, "
+            f"weights {cost['weights']['counted_bytes'] / 2**20:.1f} MiB, "
+            f"decode {generation.get('decode_tokens_per_s', float('nan')):.1f} tok/s"
+        )
+    print(f"acceptance (every ratio in {LOW}-{HIGH}x): {'PASS' if accepted else 'FAIL'}")
+    sys.exit(0 if accepted else 1)
+
+
+if __name__ == "__main__":
+    main()

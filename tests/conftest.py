@@ -1,0 +1,55 @@
+"""Shared fixtures: one real run of the pipeline on the built-in model, reused by many tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantcheck.data.load import load_dataset
+
+XSS_QUESTION = "Which of these is <script>alert(1)</script> & friends?"
+SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
+
+
+def quantcheck(*args: str, env: dict[str, str] | None = None, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "quantcheck.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs,
+    )
+
+
+def write_questions(path: Path, count: int, xss_at: int | None = None) -> Path:
+    """The first `count` MMLU virology questions as JSONL (one made hostile, for the report's escaping)."""
+    lines = []
+    for index, item in enumerate(load_dataset("mmlu:virology").items[:count]):
+        question = XSS_QUESTION if index == xss_at else item.question
+        lines.append(json.dumps({"id": item.item_id, "subject": item.subject, "question": question,
+                                 "choices": list(item.choices), "answer": item.answer_letter}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """A finished run: the built-in model vs `none` and `bnb-nf4`, 8 questions, every phase measured."""
+    root = tmp_path_factory.mktemp("small-run")
+    questions = write_questions(root / "questions.jsonl", 8, xss_at=2)
+    out = root / "run"
+    result = quantcheck("run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out),
+                        "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", *SMALL_COST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def read_items(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]

@@ -1,0 +1,115 @@
+"""The whole pipeline on the real built-in model: agreement, accuracy, generation, verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantcheck.data.items import LETTERS
+from quantcheck.models.builtin import builtin_model_dir
+from quantcheck.results.schema import ModelResult, Thresholds
+from quantcheck.verdict import decide
+from conftest import read_items, read_results
+
+
+def by_model(items: list[dict], name: str) -> list[dict]:
+    return [item for item in items if item["model"] == name]
+
+
+def test_none_variant_is_identical_to_the_reference(small_run):
+    items = by_model(read_items(small_run), "none")
+    assert len(items) == 8
+    for item in items:
+        assert item["kl"] <= 1e-6
+        assert item["top1_agree"] is True
+        assert all(value == 1.0 for value in item["jaccard"].values())
+    none = next(m for m in read_results(small_run)["models"] if m["name"] == "none")
+    assert none["agreement"]["top1_agreement"]["value"] == 1.0
+    assert none["paired_loglik"]["right_to_wrong"] == none["paired_loglik"]["wrong_to_right"] == 0
+    assert none["paired_loglik"]["mcnemar_p"] == 1.0
+    assert none["paired_loglik"]["answer_agreement"] == 1.0
+
+
+def test_none_verdict_is_only_held_back_by_memory(small_run):
+    none = ModelResult.model_validate(next(m for m in read_results(small_run)["models"] if m["name"] == "none"))
+    assert none.verdict is not None and none.verdict.reasons
+    assert decide(none, Thresholds(min_memory_saving=0.0)).decision != "DON'T QUANTIZE"
+
+
+def test_four_bit_variant_differs_from_the_reference(small_run):
+    items = by_model(read_items(small_run), "bnb-nf4")
+    assert len(items) == 8
+    jaccards = [value for item in items for value in item["jaccard"].values()]
+    assert all(0.0 <= value <= 1.0 for value in jaccards)
+    assert min(jaccards) < 1.0
+    assert all(item["kl"] >= 0 for item in items) and max(item["kl"] for item in items) > 0
+    variant = next(m for m in read_results(small_run)["models"] if m["name"] == "bnb-nf4")
+    assert variant["agreement"]["kl"]["mean"]["value"] > 0
+    assert set(variant["agreement"]["jaccard"]) == {"1", "2", "3", "5", "10", "20"}
+    assert variant["verdict"]["decision"] in ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")
+    assert variant["verdict"]["reasons"]
+
+
+def test_reference_accuracy_equals_an_independent_loglikelihood_computation(small_run):
+    """Score each question unbatched, appending each answer letter to the prompt, as lm-eval does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = builtin_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    questions = [json.loads(line) for line in (small_run / "dataset.jsonl").read_text().splitlines()]
+    predictions = {}
+    for question in questions:
+        options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(question["choices"]))
+        context = f"The following are multiple choice questions (with answers) about virology.\n\n{question['question']}\n{options}\nAnswer:"
+        context_ids = tokenizer(context, return_tensors="pt").input_ids
+        scores = []
+        for letter in LETTERS[: len(question["choices"])]:
+            full = tokenizer(context + " " + letter, return_tensors="pt").input_ids
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(full).logits[0, -2].double(), -1)
+            scores.append(logprobs[full[0, context_ids.shape[1]]].item())
+        predictions[question["item_id"]] = LETTERS[max(range(len(scores)), key=scores.__getitem__)]
+    reference_items = by_model(read_items(small_run), "reference")
+    assert {item["item_id"]: item["loglik"]["pred"] for item in reference_items} == predictions
+    expected_accuracy = sum(predictions[q["item_id"]] == q["answer"] for q in questions) / len(questions)
+    reference = read_results(small_run)["models"][0]
+    assert reference["loglik"]["accuracy"] == pytest.approx(expected_accuracy)
+
+
+def test_generated_answers_are_saved_with_speed_and_paired_statistics(small_run):
+    items = read_items(small_run)
+    generated = [item["generative"] for item in items]
+    assert all(answer is not None and isinstance(answer["text"], str) for answer in generated)
+    assert any(answer["text"].strip() for answer in generated)
+    results = read_results(small_run)
+    for model in results["models"]:
+        quality = model["generative"]
+        assert quality["words_per_minute"] > 0 and quality["tokens_per_second"] > 0
+        assert quality["settings"]["temperature"] == 0.1 and quality["settings"]["prompt_style"] == "chat-template"
+        assert quality["accuracy"]["n"] == 8
+    for model in results["models"][1:]:
+        paired = model["paired_generative"]
+        assert paired["n"] == 8 and 0 <= paired["mcnemar_p"] <= 1
+        assert paired["difference_ci"]["low"] <= paired["difference"] <= paired["difference_ci"]["high"]
+
+
+def test_results_record_environment_dataset_and_cost(small_run):
+    results = read_results(small_run)
+    assert results["finished"] is True and results["missing"] == []
+    assert results["model"]["reference_dtype"] == "float32" and results["model"]["source"] == "builtin"
+    assert results["environment"]["cpu_capability"] and results["environment"]["torch_threads"] >= 1
+    assert results["dataset"]["n_items"] == 8 and "Answer:" in results["dataset"]["prompt_format"]
+    for model in results["models"]:
+        cost = model["cost"]
+        assert cost["weights"]["counted_bytes"] > 0 and cost["load_time_s"] > 0
+        assert [point["batch_size"] for point in cost["latency"]] == [1, 2]
+        for point in cost["latency"]:
+            assert point["status"] == "ok" and point["p10_s"] <= point["median_s"] <= point["p90_s"]
+            assert point["cv"] is not None
+        assert cost["generation"]["decode_tokens_per_s"] > 0
+    nf4 = next(m for m in results["models"] if m["name"] == "bnb-nf4")
+    assert nf4["cost_vs_reference"]["weight_memory_ratio"] < 0.75
+    assert nf4["precision"]["parameter_dtypes"].get("uint8", 0) > 0
