@@ -1,0 +1,106 @@
+"""Every bad input gets one line that says what is wrong, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import quantcheck
+from quantcheck.errors import QuantMethodError
+from quantcheck.models.quant_methods import REGISTRY, QuantMethod
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def jsonl(tmp_path: Path, *rows: object, name: str = "q.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return str(path)
+
+
+GOOD_ROW = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": "A"}
+
+
+@pytest.mark.parametrize(
+    "make_args, fragments",
+    [
+        (lambda tmp: ["--quant", "bnb-nf5"], ["unknown quantization method 'bnb-nf5'", "bnb-nf4", "torchao-int8wo"]),
+        (lambda tmp: ["--quant", "none", "--device", "cuda"], ["no CUDA GPU", "--device cpu"]),
+        (lambda tmp: [str(tmp / "no-such-model"), "--quant", "none"], ["does not exist"]),
+        (lambda tmp: ["someone/no-such-model-xyz", "--quant", "none"], ["cannot fetch someone/no-such-model-xyz", "local model folder"]),
+        (lambda tmp: [str(tmp), "--quant", "none"], ["is not a model folder"]),
+        (lambda tmp: ["--quant", "none", "--dataset", "mmlu:virologyy"], ["unknown MMLU subject 'virologyy'", "virology"]),
+        (lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, "")], ["has no questions"]),
+        (lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, GOOD_ROW, "{broken")], ["q.jsonl:2", "not valid JSON"]),
+        (lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, {**GOOD_ROW, "answer": "F"})], ["q.jsonl:1", "out of range"]),
+        (lambda tmp: ["--quant", "none", "--limit", "0"], ["--limit must be a positive"]),
+        (lambda tmp: ["--quant", "none", "--limit", "-3"], ["--limit must be a positive"]),
+        (lambda tmp: ["--quant", "none", "--temperature", "-0.5"], ["--temperature must be >= 0"]),
+        (lambda tmp: ["--quant", "none", "--max-new-tokens", "0"], ["--max-new-tokens must be positive"]),
+        (lambda tmp: ["--quant", "none", "--min-top1", "1.5"], ["threshold min_top1_agreement is out of range"]),
+        (lambda tmp: ["--quant", "none", "--max-accuracy-drop", "-1"], ["threshold max_accuracy_drop is out of range"]),
+        (lambda tmp: ["--quant", "none", "--batch-sizes", "1,x"], ["--batch-sizes must be comma-separated"]),
+        (lambda tmp: ["--quant", "none", "--chat", "maybe"], ["--chat must be one of auto, on, off"]),
+        (lambda tmp: [], ["name at least one variant with --quant"]),
+    ],
+    ids=[
+        "unknown-quant", "cuda-missing", "missing-folder", "hub-offline", "not-a-model", "unknown-subject", "empty-dataset",
+        "malformed-jsonl", "answer-out-of-range", "limit-zero", "limit-negative", "negative-temperature",
+        "max-new-tokens-zero", "threshold-range", "threshold-negative", "bad-batch-sizes", "bad-chat", "no-quant",
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, make_args, fragments):
+    result = quantcheck("run", *make_args(tmp_path), "--out", str(tmp_path / "out"), "--skip-cost")
+    assert_one_line_error(result, *fragments)
+
+
+def test_unwritable_out_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = quantcheck("run", "--quant", "none", "--out", str(blocker / "out"))
+    assert_one_line_error(result, "cannot create --out", "writable")
+
+
+def test_pickle_only_checkpoint_is_refused_without_opt_in(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
+    result = quantcheck("run", str(tmp_path), "--quant", "none", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "pickle", "--allow-pickle")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = quantcheck("run", "--quant", "bnb-nf5", "--debug", "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_method_on_an_unsupported_device_is_refused_before_loading():
+    cuda_only = QuantMethod("cuda-only", "test entry", frozenset({"cuda"}), (), "", REGISTRY["none"].recipe)
+    with pytest.raises(QuantMethodError, match="cuda-only does not run on cpu"):
+        cuda_only.check_runnable("cpu")
+
+
+def test_method_with_a_missing_library_says_what_to_install():
+    missing = QuantMethod("needs-lib", "test entry", frozenset({"cpu"}), ("no_such_quant_library",), "'quantcheck[x]'", REGISTRY["none"].recipe)
+    with pytest.raises(QuantMethodError, match=r"needs no_such_quant_library .*pip install 'quantcheck\[x\]'"):
+        missing.check_runnable("cpu")
+
+
+def test_report_on_a_folder_without_results(tmp_path):
+    assert_one_line_error(quantcheck("report", str(tmp_path)), "has no results.json")
+
+
+def test_quants_lists_every_method_and_whether_it_runs_here():
+    result = quantcheck("quants", env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    for name in REGISTRY:
+        assert name in result.stdout
+    assert "yes (cpu)" in result.stdout
