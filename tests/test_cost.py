@@ -191,7 +191,7 @@ def test_measure_cost_tracks_every_phase(tokenizer):
     settings = CostSettings(
         batch_sizes=(1, 2), seq_len=8, warmup=0, min_iterations=2, max_iterations=2,
         generation_prompts=1, generation_new_tokens=3, threads=1,
-    )  # fmt: skip
+    )
     torch.set_num_threads(2)
     cost = measure_cost(lambda: _load("none"), tokenizer, TEXTS, settings, "cpu")
     assert torch.get_num_threads() == 1

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from quantcheck.jobs import EVENT_PREFIX, JobSpec
 from quantcheck.progress import ProgressView
@@ -20,7 +20,6 @@ class JobOutcome:
     ok: bool
     message: str | None = None
     interrupted: bool = False
-    warnings: list[dict[str, object]] = field(default_factory=list)
 
 
 def worker_environment() -> dict[str, str]:
@@ -35,7 +34,6 @@ def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
     spec_path = folder.model_file(spec.model_name, f"{spec.kind}.job.json")
     write_json_atomic(spec_path, spec)
     log_path = folder.model_file(spec.model_name, f"{spec.kind}.log")
-    outcome = JobOutcome(ok=False)
     view.start_job(f"{spec.model_name} ({spec.kind})")
     with log_path.open("a", encoding="utf-8") as log:
         process = subprocess.Popen(
@@ -46,10 +44,7 @@ def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
             assert process.stdout is not None
             for line in process.stdout:
                 if line.startswith(EVENT_PREFIX):
-                    event = json.loads(line[len(EVENT_PREFIX) :])
-                    if event["event"] == "warning":
-                        outcome.warnings.append({"code": event["code"], "message": event["message"], "model": spec.model_name})
-                    view.handle(event)
+                    view.handle(json.loads(line[len(EVENT_PREFIX) :]))
                 else:
                     log.write(line)
             returncode = process.wait()
@@ -59,14 +54,12 @@ def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
             process.wait()
             return JobOutcome(ok=False, interrupted=True, message="interrupted")
     if returncode == 0:
-        outcome.ok = True
-        return outcome
+        return JobOutcome(ok=True)
     if returncode == 130:
         return JobOutcome(ok=False, interrupted=True, message="interrupted")
     error_file = folder.model_file(spec.model_name, f"{spec.kind}.error.json")
     if error_file.exists():
-        outcome.message = json.loads(error_file.read_text())["message"]
-    else:
-        outcome.message = f"worker exited with code {returncode}; see {log_path}"
-        write_json_atomic(error_file, {"message": outcome.message})
-    return outcome
+        return JobOutcome(ok=False, message=json.loads(error_file.read_text())["message"])
+    message = f"worker exited with code {returncode}; see {log_path}"
+    write_json_atomic(error_file, {"message": message})
+    return JobOutcome(ok=False, message=message)

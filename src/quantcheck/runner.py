@@ -63,7 +63,7 @@ def _validate(options: RunOptions) -> None:
         raise QuantcheckError(f"--batch-size must be positive, got {options.batch_size}")
     if not options.quants:
         raise QuantcheckError("name at least one variant with --quant (see `quantcheck quants`)")
-    if len(set(options.quants)) != len(options.quants):
+    if len(set(options.quants)) != len(options.quants) or "reference" in options.quants:
         raise QuantcheckError("each --quant may be named once")
     if options.generation is not None:
         if options.generation.temperature < 0:
@@ -91,6 +91,11 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     dataset = load_dataset(options.dataset, options.limit, options.seed)
     model = resolve_model(options.model, options.allow_pickle)
     threads = options.threads or _default_threads()
+    # (folder name, method spec, weights to load): a pre-quantized checkpoint brings its own folder.
+    models = [("reference", "none", str(model.path))] + [
+        (method.name, spec, str(resolve_model(method.checkpoint, options.allow_pickle).path) if method.checkpoint else str(model.path))
+        for method, spec in zip(methods, options.quants)
+    ]
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
@@ -107,15 +112,14 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
 
-    base = dict(run_dir=str(out), model_path=str(model.path), device=device, dtype=dtype, threads=threads, seed=options.seed,
+    base = dict(run_dir=str(out), device=device, dtype=dtype, threads=threads, seed=options.seed,
                 batch_size=options.batch_size, trust_remote_code=options.trust_remote_code,
                 allow_offload=options.allow_offload, allow_pickle=options.allow_pickle)
-    models = [("reference", "none")] + [(method.name, method.name) for method in methods]
     n_items = len(dataset.items)
     failed_reference = None
     with view:
         if options.loglik or options.generation:
-            for name, method in models:
+            for name, method, path in models:
                 if failed_reference:
                     break
                 todo_loglik = options.loglik and _count(folder, name, "quality.jsonl") < n_items
@@ -123,10 +127,9 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                 if not (todo_loglik or todo_generation):
                     view.skipped(f"{name} quality", "already finished")
                     continue
-                spec = JobSpec(kind="quality", model_name=name, method=method, loglik=todo_loglik,
+                spec = JobSpec(kind="quality", model_name=name, method=method, model_path=path, loglik=todo_loglik,
                                generation=options.generation if todo_generation else None, **base)
                 outcome = _run(spec, folder, view, out)
-                warnings += [RunWarning(**warning) for warning in outcome.warnings]
                 if not outcome.ok and name == "reference":
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
@@ -137,11 +140,12 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                 cost_settings = CostSettings(**{**defaults, **options.cost_settings, "threads": threads}).model_dump()
             except ValidationError as error:
                 raise QuantcheckError(f"cost settings: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg']}") from None
-            for name, method in models:
+            for name, method, path in models:
                 if folder.model_file(name, "cost.json").exists():
                     view.skipped(f"{name} cost", "already measured")
                     continue
-                _run(JobSpec(kind="cost", model_name=name, method=method, loglik=False, cost=cost_settings, **base), folder, view, out)
+                _run(JobSpec(kind="cost", model_name=name, method=method, model_path=path, loglik=False, cost=cost_settings, **base),
+                     folder, view, out)
 
     dataset_info = DatasetInfo(spec=dataset.spec, n_items=n_items, subjects=dataset.subjects, source=dataset.source,
                                content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,

@@ -69,14 +69,16 @@ def run_quality(spec: JobSpec, folder: RunFolder) -> None:
                 emit("warning", code="tokenizer-mismatch", message=f"{spec.model_name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement are not computed; accuracy is")
         path = folder.model_file(spec.model_name, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
+        if is_reference and reference.create(len(items), _vocab_size(model, tokenizer, encoded, spec)) and done:
+            # The stored rows behind these records are gone: score the reference again from scratch.
+            path.unlink()
+            done = set()
         emit("phase", phase="loglik", total=len(items), done=len(done & {item.item_id for item in items}))
 
         def keep(records: list[ItemRecord]) -> None:
             append_records(path, records)
             emit("advance", phase="loglik", count=len(records))
 
-        if is_reference:
-            reference.create(len(items), _vocab_size(model, tokenizer, encoded, spec))
         score_items(
             model, spec.model_name, items, encoded,
             batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, device=spec.device,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import psutil
@@ -25,6 +25,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+
+def timing_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """`environ` plus what a measuring subprocess needs to time reliably: OpenMP threads that sleep at barriers.
+
+    With libgomp's default spinning, two threads on two cores shared with one other busy process ran a
+    forward pass 5-25x slower (batch 1: 6.3 s instead of 0.26 s); with OMP_WAIT_POLICY=PASSIVE the
+    slowdown stays within the contention itself. libgomp reads it once at start-up, so it must be in
+    the environment before torch is imported. A value the user set is kept.
+    """
+    env = dict(environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
 
 
 def default_threads() -> int:
@@ -46,7 +59,7 @@ class CostSettings(BaseModel):
     generation_prompts: int = Field(4, ge=1)
     generation_new_tokens: int = Field(32, ge=2)
     generation_batch_size: int = Field(1, ge=1)
-    max_memory_bytes: int | None = Field(None, description="cap on the process's memory; batch sizes above it are 'oom'")
+    max_memory_bytes: int | None = Field(None, gt=0, description="cap on the process's memory; batch sizes above it are 'oom'")
     threads: int = Field(default_factory=default_threads, ge=1)
 
     @classmethod
@@ -82,6 +95,8 @@ def measure_cost(
     phase includes one tiny forward pass that touches every weight before its peak is read.
     """
     torch.set_num_threads(settings.threads)
+    if torch.device(device).type == "cpu" and settings.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        logger.warning("OMP_WAIT_POLICY is not set: CPU timings collapse if anything else runs (see timing_environment)")
     clock = Clock(device)
     with PeakMemoryTracker(device) as tracker:
         with tracker.phase("load") as load_phase:
@@ -97,7 +112,7 @@ def measure_cost(
             warmup=settings.warmup, min_iterations=settings.min_iterations,
             max_iterations=settings.max_iterations, time_budget_s=settings.time_budget_s,
             target_rse=settings.target_rse, max_memory_bytes=settings.max_memory_bytes, tracker=tracker,
-        )  # fmt: skip
+        )
         generation = _generation_or_none(model, tokenizer, texts, settings, tracker)
     return ModelCost(
         memory_method=tracker.method,
@@ -122,7 +137,7 @@ def _generation_or_none(
         return measure_generation(
             model, tokenizer, texts, prompts=settings.generation_prompts, new_tokens=settings.generation_new_tokens,
             batch_size=settings.generation_batch_size, max_prompt_tokens=settings.seq_len, tracker=tracker,
-        )  # fmt: skip
+        )
     except Exception as error:
         if not is_out_of_memory(error):
             raise

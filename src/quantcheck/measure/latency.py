@@ -1,4 +1,4 @@
-"""Forward-pass latency and peak memory across batch sizes, repeated until the median is stable.
+"""Forward-pass latency and peak memory across batch sizes, repeated until the mean is stable.
 
 Each batch size gets warm-up passes, then timed passes until the relative standard error of the
 mean reaches the target (after a minimum) or the batch size's time budget is spent. Running out of
@@ -12,12 +12,13 @@ import gc
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from quantcheck.measure.memory import PeakMemoryTracker
+from quantcheck.measure.memory import PeakMemoryTracker, tracking
 from quantcheck.measure.timing import Clock
 from quantcheck.results.schema import LatencyPoint
 
@@ -52,6 +53,17 @@ def batch_inputs(
     return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
+@dataclass(frozen=True)
+class _Repeats:
+    """How often one batch size runs: warm-up, then until stable, out of time or at the maximum."""
+
+    warmup: int
+    min_iterations: int
+    max_iterations: int
+    time_budget_s: float
+    target_rse: float
+
+
 def latency_sweep(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -70,71 +82,55 @@ def latency_sweep(
     """Time one forward pass (full logits, no KV cache) at each batch size; one point per batch size.
 
     `max_memory_bytes` caps the whole process: on CUDA through the allocator (a real OOM), on CPU by
-    checking the phase's peak RSS after every pass. Pass the caller's `tracker` to share its sampler.
+    checking the phase's peak RSS after every pass. Pass the caller's running `tracker` to share it.
     """
     if min_iterations < 1 or max_iterations < min_iterations:
         raise ValueError("need 1 <= min_iterations <= max_iterations")
+    repeats = _Repeats(warmup, min_iterations, max_iterations, time_budget_s, target_rse)
     device = model.device
-    if tracker is None:
-        with PeakMemoryTracker(device) as own_tracker:
-            return latency_sweep(
-                model, tokenizer, texts, batch_sizes=batch_sizes, seq_len=seq_len, warmup=warmup,
-                min_iterations=min_iterations, max_iterations=max_iterations, time_budget_s=time_budget_s,
-                target_rse=target_rse, max_memory_bytes=max_memory_bytes, tracker=own_tracker,
-            )  # fmt: skip
     points: list[LatencyPoint] = []
     oom_at: int | None = None
-    with _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
+    with tracking(device, tracker) as tracker, _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
         for batch_size in batch_sizes:
             if oom_at is not None:
                 error = f"not run: out of memory at batch size {oom_at}"
                 points.append(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
                 continue
+            failure: Exception | None = None
             with tracker.phase(f"latency-batch-{batch_size}") as phase:
                 try:
-                    times = _time_batch(
-                        model, tokenizer, texts, batch_size, seq_len, warmup, min_iterations, max_iterations,
-                        time_budget_s, target_rse, max_memory_bytes, tracker,
-                    )  # fmt: skip
-                    failure = None
+                    inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, device)
+                    times = _repeat_forward(model, inputs, repeats, max_memory_bytes, tracker)
                 except Exception as error:  # one batch size failing must not lose the others
                     failure = error
             if failure is None:
                 points.append(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
                 continue
             oom = is_out_of_memory(failure)
-            message = _first_line(failure)
-            del failure  # drop the traceback's references to activations before freeing memory
+            message = _first_line(failure) if oom else f"{type(failure).__name__}: {_first_line(failure)}"
+            del failure  # its traceback holds the activations: drop it before freeing memory
             _free_memory(device)
+            status = "oom" if oom else "failed"
             points.append(
                 LatencyPoint(
-                    batch_size=batch_size, seq_len=seq_len, status="oom" if oom else "failed", error=message,
-                    peak_memory_bytes=phase.peak_bytes,
-                )  # fmt: skip
+                    batch_size=batch_size, seq_len=seq_len, status=status, error=message, peak_memory_bytes=phase.peak_bytes
+                )
             )
             if oom:
                 oom_at = batch_size
     return points
 
 
-def _time_batch(
+def _repeat_forward(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    batch_size: int,
-    seq_len: int,
-    warmup: int,
-    min_iterations: int,
-    max_iterations: int,
-    time_budget_s: float,
-    target_rse: float,
+    inputs: dict[str, torch.Tensor],
+    repeats: _Repeats,
     max_memory_bytes: int | None,
     tracker: PeakMemoryTracker,
 ) -> list[float]:
     clock = Clock(model.device)
-    inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, model.device)
     started = clock.now()
-    for _ in range(warmup):
+    for _ in range(repeats.warmup):
         outputs = model(**inputs, use_cache=False)
         _check_cpu_cap(model.device, max_memory_bytes, tracker)
         del outputs
@@ -145,10 +141,10 @@ def _time_batch(
         times.append(clock.since(begin))
         _check_cpu_cap(model.device, max_memory_bytes, tracker)  # while the logits are still alive
         del outputs
-        if len(times) >= max_iterations:
+        if len(times) >= repeats.max_iterations:
             return times
-        if len(times) >= min_iterations and (
-            relative_standard_error(times) <= target_rse or clock.since(started) >= time_budget_s
+        if len(times) >= repeats.min_iterations and (
+            relative_standard_error(times) <= repeats.target_rse or clock.since(started) >= repeats.time_budget_s
         ):
             return times
 

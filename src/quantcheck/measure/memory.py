@@ -253,3 +253,13 @@ class PeakMemoryTracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._record(self._sample())
+
+
+@contextmanager
+def tracking(device: str | torch.device, tracker: PeakMemoryTracker | None) -> Iterator[PeakMemoryTracker]:
+    """The caller's running tracker, or a fresh one for the duration of the block."""
+    if tracker is not None:
+        yield tracker
+        return
+    with PeakMemoryTracker(device) as own:
+        yield own

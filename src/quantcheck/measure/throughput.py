@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import GenerationConfig
 
-from quantcheck.measure.memory import PeakMemoryTracker
+from quantcheck.measure.memory import PeakMemoryTracker, tracking
 from quantcheck.measure.timing import Clock
 from quantcheck.results.schema import GenerationCost
 
@@ -67,7 +67,7 @@ def prompt_batches(
         encoded = tokenizer(
             chunk, return_tensors="pt", padding=True, padding_side="left",
             truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens,
-        )  # fmt: skip
+        )
         batches.append({"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)})
     return batches
 
@@ -92,12 +92,6 @@ def measure_generation(
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 to separate decoding from the first token")
-    if tracker is None:
-        with PeakMemoryTracker(model.device) as own_tracker:
-            return measure_generation(
-                model, tokenizer, texts, prompts=prompts, new_tokens=new_tokens, batch_size=batch_size,
-                max_prompt_tokens=max_prompt_tokens, tracker=own_tracker,
-            )  # fmt: skip
     clock = Clock(model.device)
     batches = prompt_batches(tokenizer, texts, prompts, batch_size, max_prompt_tokens, model.device)
     full, first = fixed_length_config(tokenizer, new_tokens), fixed_length_config(tokenizer, 1)
@@ -105,7 +99,12 @@ def measure_generation(
     first_token: list[float] = []
     total: list[float] = []
     sequences = 0
-    with tracker.phase("generation") as phase, neutral_generation_defaults(model), torch.no_grad():
+    with (
+        tracking(model.device, tracker) as tracker,
+        tracker.phase("generation") as phase,
+        neutral_generation_defaults(model),
+        torch.no_grad(),
+    ):
         model.generate(**batches[0], generation_config=full)
         for inputs in batches:
             begin = clock.now()

@@ -49,7 +49,8 @@ def render_report(run_dir: Path) -> ReportFiles:
     """
     # Imported here so `import quantcheck.report` stays cheap (matplotlib loads only to render).
     from quantcheck.report import plots
-    from quantcheck.report.data import atomic_write_text, load_run
+    from quantcheck.report.data import load_run
+    from quantcheck.results.store import write_text_atomic
     from quantcheck.report.html import render_html
     from quantcheck.report.markdown import render_markdown
     from quantcheck.report.table import metrics_csv
@@ -87,9 +88,9 @@ def render_report(run_dir: Path) -> ReportFiles:
         html = render_html(data, figures, plots.FIGURES, skipped, colors)
         csv_text = metrics_csv(data.results)
 
-        html_path = atomic_write_text(run_dir / HTML_FILE, html)
-        md_path = atomic_write_text(run_dir / MARKDOWN_FILE, md)
-        csv_path = atomic_write_text(run_dir / CSV_FILE, csv_text)
+        html_path = write_text_atomic(run_dir / HTML_FILE, html)
+        md_path = write_text_atomic(run_dir / MARKDOWN_FILE, md)
+        csv_path = write_text_atomic(run_dir / CSV_FILE, csv_text)
     except OSError as exc:
         raise ResultsFolderError(f"cannot write the report into {run_dir}: {exc.strerror or exc}") from None
 

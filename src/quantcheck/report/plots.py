@@ -25,7 +25,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from quantcheck.report import format as fmt  # noqa: E402
-from quantcheck.report.data import RunData, atomic_write_bytes, reference_model  # noqa: E402
+from quantcheck.report.data import RunData, reference_model  # noqa: E402
+from quantcheck.results.store import write_bytes_atomic  # noqa: E402
 from quantcheck.results.schema import ItemRecord, Results  # noqa: E402
 
 DPI = 110
@@ -88,7 +89,7 @@ def _save(fig: Figure, out_dir: Path, filename: str) -> Path:
     buf = io.BytesIO()
     # metadata without the software/version stamp keeps re-renders byte-identical
     fig.savefig(buf, format="png", dpi=DPI, facecolor="white", metadata={"Software": None})
-    return atomic_write_bytes(out_dir / filename, buf.getvalue())
+    return write_bytes_atomic(out_dir / filename, buf.getvalue())
 
 
 def _styled(fn: Callable[..., Path | None]) -> Callable[..., Path | None]:

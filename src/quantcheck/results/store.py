@@ -46,18 +46,29 @@ def _write_error(path: Path, error: OSError) -> ResultsFolderError:
     return ResultsFolderError(f"cannot write {path}: {what}; finished work is kept, free space and run the same command to resume")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new file, never half of one."""
+def write_bytes_atomic(path: Path, payload: bytes) -> Path:
+    """Replace `path` so that readers see the old or the new file, never half of one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, 0o644)  # mkstemp makes private files; results and reports are meant to be shared
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
         _fsync_directory(path.parent)
     except OSError as error:
         raise _write_error(path, error) from None
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, payload: BaseModel | dict) -> None:
@@ -103,18 +114,27 @@ class ReferenceLogprobs:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def create(self, n_items: int, vocab_size: int) -> None:
-        if self.path.exists():
-            existing = np.load(self.path, mmap_mode="r")
-            if existing.shape == (n_items, vocab_size):
-                return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n_items, vocab_size)).flush()
+    def create(self, n_items: int, vocab_size: int) -> bool:
+        """Make the file unless a complete one of this shape exists; True when its rows are new (empty)."""
+        try:
+            if np.load(self.path, mmap_mode="r").shape == (n_items, vocab_size):
+                return False
+        except (OSError, ValueError):  # absent, or cut short by a write error or a kill while it was created
+            pass
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n_items, vocab_size)).flush()
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+        return True
 
     def write_rows(self, rows: list[int], values: np.ndarray) -> None:
-        array = np.load(self.path, mmap_mode="r+")
-        array[rows] = values
-        array.flush()
+        try:
+            array = np.load(self.path, mmap_mode="r+")
+            array[rows] = values
+            array.flush()
+        except OSError as error:
+            raise _write_error(self.path, error) from None
 
     def read_rows(self, rows: list[int]) -> np.ndarray:
         return np.asarray(np.load(self.path, mmap_mode="r")[rows])

@@ -165,6 +165,10 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
         for point in result.cost.latency if result.cost else []:
             if point.noisy:
                 warnings.append(RunWarning(code="noisy-timing", model=result.name, message=f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} (coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care"))
+        if result is not reference and result.loglik and result.agreement is None:
+            warnings.append(RunWarning(code="tokenizer-mismatch", model=result.name, message=(
+                f"{result.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement "
+                "are not computed for it (they need identical token ids); accuracy is compared")))
         if result.generative and result.generative.unparsable:
             warnings.append(RunWarning(code="unparsable-answers", model=result.name, message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report"))
     return warnings

@@ -1,0 +1,191 @@
+"""A run never loses finished work: SIGKILL and resume, adding a variant, Ctrl-C, write errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import quantcheck, read_items, read_results, write_questions
+from quantcheck.results.folder import RunFolder
+
+N_QUESTIONS = 8
+COMMON = ["--batch-size", "2", "--max-new-tokens", "4", "--gen-batch-size", "4", "--skip-cost"]
+
+
+def run_args(questions: Path, out: Path, *quants: str) -> list[str]:
+    return ["run", *[arg for quant in quants for arg in ("--quant", quant)], "--dataset", str(questions), "--out", str(out), *COMMON]
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """The CLI in its own process group, so a signal reaches the parent and its worker alike."""
+    return subprocess.Popen([sys.executable, "-m", "quantcheck.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for_lines(process: subprocess.Popen, path: Path, at_least: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while line_count(path) < at_least:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never reached {at_least} lines"
+        time.sleep(0.2)
+
+
+def deterministic(results: dict) -> list[dict]:
+    """What must be bit-identical between runs on CPU: everything per model except timings."""
+    models = []
+    for model in results["models"]:
+        model = dict(model)
+        generative = dict(model.pop("generative"))
+        for timing in ("words_per_minute", "tokens_per_second"):
+            generative.pop(timing)
+        models.append({**model, "generative": generative})
+    return models
+
+
+def strip_seconds(items: list[dict]) -> list[dict]:
+    return [{**item, "generative": {**item["generative"], "seconds": None}} for item in items]
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory) -> Path:
+    return write_questions(tmp_path_factory.mktemp("questions") / "q.jsonl", N_QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, questions) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "run"
+    result = quantcheck(*run_args(questions, out, "none", "bnb-nf4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_sigkill_in_the_middle_of_a_variant_then_resume(tmp_path, questions, clean_run):
+    out = tmp_path / "run"
+    process = start(run_args(questions, out, "none", "bnb-nf4"))
+    variant_items = out / "models" / "bnb-nf4" / "quality.jsonl"
+    wait_for_lines(process, variant_items, 2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = line_count(variant_items)
+    assert 0 < finished_before < N_QUESTIONS
+    reference_job = out / "models" / "reference" / "quality.job.json"
+    reference_job_time = reference_job.stat().st_mtime_ns
+
+    resumed = quantcheck(*run_args(questions, out, "none", "bnb-nf4"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    # Finished items were not recomputed: each item is in the file once, and the reference never reran.
+    for model in ("reference", "none", "bnb-nf4"):
+        assert line_count(out / "models" / model / "quality.jsonl") == N_QUESTIONS
+    assert reference_job.stat().st_mtime_ns == reference_job_time
+    assert "reference (quality): loaded" not in resumed.stderr
+    # ... and the final results equal an uninterrupted run's, bit for bit where they are deterministic.
+    assert deterministic(read_results(out)) == deterministic(read_results(clean_run))
+    assert strip_seconds(read_items(out)) == strip_seconds(read_items(clean_run))
+
+
+def test_adding_a_variant_does_not_load_the_reference_again(tmp_path, questions, clean_run):
+    out = tmp_path / "run"
+    shutil.copytree(clean_run, out)
+    shutil.rmtree(out / "models" / "bnb-nf4")
+    first = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in first["models"]] == ["reference", "none", "bnb-nf4"]
+    result = quantcheck(*run_args(questions, out, "none", "bnb-nf4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reference (quality): loaded" not in result.stderr and "none (quality): loaded" not in result.stderr
+    assert "bnb-nf4 (quality): loaded" in result.stderr
+    assert "reference quality: skipped (already finished)" in result.stderr
+    assert line_count(out / "models" / "reference" / "quality.jsonl") == N_QUESTIONS
+
+
+def test_ctrl_c_stops_with_130_and_resume_advice(tmp_path, questions):
+    out = tmp_path / "run"
+    process = start(run_args(questions, out, "none"))
+    wait_for_lines(process, out / "models" / "reference" / "quality.jsonl", 2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    kept = line_count(out / "models" / "reference" / "quality.jsonl")
+    assert kept >= 2
+    records = [json.loads(line) for line in (out / "models" / "reference" / "quality.jsonl").read_text().splitlines()]
+    assert all(record["loglik"] is not None for record in records)
+
+
+def test_a_different_experiment_in_the_same_folder_is_refused(tmp_path, questions, clean_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(clean_run / "run.json", out / "run.json")
+    refused = quantcheck("run", "--quant", "none", "--dataset", "mmlu:anatomy", "--out", str(out), "--skip-cost")
+    assert refused.returncode == 2
+    assert "holds a different run" in refused.stderr and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads((out / "run.json").read_text()) == json.loads((clean_run / "run.json").read_text())
+
+
+def test_a_changed_setting_recomputes_stored_outputs_and_says_why(tmp_path):
+    folder = RunFolder(tmp_path)
+    key = {"model": "m", "dtype": "float32"}
+    assert folder.check_reference_key(key) is None
+    (tmp_path / "models" / "none").mkdir(parents=True)
+    (tmp_path / "models" / "none" / "quality.jsonl").write_text("{}\n")
+    assert folder.check_reference_key(key) is None
+    reason = folder.check_reference_key({"model": "m", "dtype": "bfloat16"})
+    assert reason is not None and "dtype 'float32' -> 'bfloat16'" in reason and "recomputing" in reason
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_write_error_during_the_run_is_one_line_and_the_run_resumes(tmp_path, questions):
+    out = tmp_path / "run"
+    limit = 512 * 1024  # the reference's log-probability file (8 x 49k x 4 bytes) cannot be written
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = subprocess.run([sys.executable, "-m", "quantcheck.cli", *run_args(questions, out, "none")], capture_output=True,
+                            text=True, preexec_fn=small_files, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    last = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(last) == 1 and "cannot write" in last[0] and "logprobs.npy" in last[0] and "Traceback" not in failed.stderr
+    assert (out / "dataset.jsonl").exists() and (out / "run.json").exists()
+    resumed = quantcheck(*run_args(questions, out, "none"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert line_count(out / "models" / "reference" / "quality.jsonl") == N_QUESTIONS
+
+
+def test_a_variant_with_another_tokenizer_keeps_accuracy_but_refuses_token_metrics(tmp_path, questions):
+    """A pre-quantized checkpoint may bring its own tokenizer; here one that lower-cases every prompt."""
+    from quantcheck.models.builtin import builtin_model_dir
+
+    source = builtin_model_dir()
+    variant = tmp_path / "lowercase-tokenizer"
+    variant.mkdir()
+    for path in source.iterdir():
+        (variant / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, variant / path.name)
+    tokenizer = json.loads((variant / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Lowercase"}
+    (variant / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    out = tmp_path / "run"
+    result = quantcheck("run", "--quant", f"pretrained:{variant}", "--dataset", str(questions), "--limit", "4", "--out", str(out),
+                        "--skip-cost", "--skip-generation")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = read_results(out)
+    checkpoint = results["models"][1]
+    assert checkpoint["name"] == "pretrained-lowercase-tokenizer"
+    assert checkpoint["loglik"]["n"] == 4 and checkpoint["paired_loglik"] is not None
+    assert checkpoint["agreement"] is None
+    assert any(w["code"] == "tokenizer-mismatch" and w["model"] == checkpoint["name"] for w in results["warnings"])
+    assert all(item["kl"] is None for item in read_items(out) if item["model"] == checkpoint["name"])
