@@ -104,3 +104,20 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
     for name in REGISTRY:
         assert name in result.stdout
     assert "yes (cpu)" in result.stdout
+
+
+def test_chat_forced_on_for_a_model_without_a_chat_template(tmp_path):
+    from quantcheck.models.builtin import builtin_model_dir
+
+    plain = tmp_path / "no-template"
+    plain.mkdir()
+    for path in builtin_model_dir().iterdir():
+        if path.name == "chat_template.jinja":
+            continue
+        (plain / path.name).symlink_to(path)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").unlink()
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    result = quantcheck("run", str(plain), "--quant", "none", "--chat", "on", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "--chat on", "no chat template")

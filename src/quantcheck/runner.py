@@ -91,6 +91,8 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     dataset = load_dataset(options.dataset, options.limit, options.seed)
     model = resolve_model(options.model, options.allow_pickle)
     threads = options.threads or _default_threads()
+    if options.generation is not None and options.generation.chat == "on":
+        _require_chat_template(model.path, options.trust_remote_code)
     # (folder name, method spec, weights to load): a pre-quantized checkpoint brings its own folder.
     models = [("reference", "none", str(model.path))] + [
         (method.name, spec, str(resolve_model(method.checkpoint, options.allow_pickle).path) if method.checkpoint else str(model.path))
@@ -160,6 +162,14 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     if failed_reference:
         raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
     return out, results
+
+
+def _require_chat_template(path: Path, trust_remote_code: bool) -> None:
+    """Checked before any model loads: forcing chat prompts on a model without a template is an input error."""
+    from quantcheck.models.loading import load_tokenizer
+
+    if not getattr(load_tokenizer(str(path), trust_remote_code), "chat_template", None):
+        raise QuantcheckError(f"--chat on was asked for but {path.name} has no chat template: use --chat auto (plain prompts) or off")
 
 
 def _default_threads() -> int:
