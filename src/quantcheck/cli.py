@@ -124,30 +124,42 @@ def _cost_settings(batch_sizes: str | None, seq_len: int | None, iterations: int
     return settings
 
 
+def _stdout() -> Console:
+    """Logs and CI capture have no terminal width: give tables room rather than 80 columns."""
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160
+    return console
+
+
 def _print_summary(results, quiet: bool) -> None:
+    """One row per model, then one line per variant: the verdict and its one-sentence reason."""
     if quiet:
         return
     from quantcheck.report.format import memory_vs_ref, nats, percent, points_ci
 
-    table = Table(title="quantcheck summary", show_lines=False)
-    for column in ("model", "acc (loglik)", "Δ acc", "acc (gen)", "mean KL", "top-1 agree", "weights", "verdict"):
+    table = Table(title="quantcheck summary")
+    for column in ("model", "acc (loglik)", "Δ acc (95% CI)", "acc (gen)", "mean KL", "top-1 agree", "weights vs ref", "verdict"):
         table.add_column(column)
     for result in results.models:
-        paired = result.paired_loglik
+        paired, agreement, cost = result.paired_loglik, result.agreement, result.cost_vs_reference
         table.add_row(
             result.name + ("" if result.status == "ok" else f" [{result.status}]"),
             percent(result.loglik.accuracy) if result.loglik else "-",
             points_ci(paired.difference, paired.difference_ci) if paired else "",
             percent(result.generative.accuracy.accuracy) if result.generative else "-",
-            nats(result.agreement.kl.mean.value) if result.agreement else "",
-            percent(result.agreement.top1_agreement.value) if result.agreement else "",
-            memory_vs_ref(result.cost_vs_reference.weight_memory_ratio, result.cost_vs_reference.memory_saving) if result.cost_vs_reference else "",
+            nats(agreement.kl.mean.value) if agreement else "",
+            percent(agreement.top1_agreement.value) if agreement else "",
+            memory_vs_ref(cost.weight_memory_ratio, cost.memory_saving) if cost else "",
             result.verdict.decision if result.verdict else "",
         )
-    Console().print(table)
+    console = _stdout()
+    console.print(table)
     for result in results.models[1:]:
         if result.verdict:
-            Console().print(f"[bold]{result.name}[/bold]: {result.verdict.summary}")
+            console.print(f"[bold]{result.name}[/bold]: {result.verdict.summary}", highlight=False)
+    for warning in results.warnings:
+        console.print(f"[yellow]warning[/yellow] {warning.message}", highlight=False)
 
 
 def _render(folder: Path, quiet: bool) -> None:
@@ -156,7 +168,7 @@ def _render(folder: Path, quiet: bool) -> None:
     start = time.perf_counter()
     files = render_report(folder)
     if not quiet:
-        Console().print(f"report: {files.html}  ({time.perf_counter() - start:.1f} s)\nmarkdown: {files.markdown}\nresults: {folder / 'results.json'}")
+        _stdout().print(f"report: {files.html}  ({time.perf_counter() - start:.1f} s)\nmarkdown: {files.markdown}\nresults: {folder / 'results.json'}")
 
 
 @app.command()
