@@ -44,9 +44,9 @@ def run_child(method: str, device: str, threads: int | None) -> dict:
     command = [sys.executable, __file__, "--child", method, "--device", device]
     if threads is not None:
         command += ["--threads", str(threads)]
-    from quantcheck.measure.cost import timing_environment
+    from quantcheck.launcher import worker_environment
 
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=timing_environment())
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=worker_environment())
     if done.returncode != 0:
         sys.exit(f"{method} child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -113,3 +113,21 @@ def test_results_record_environment_dataset_and_cost(small_run):
     nf4 = next(m for m in results["models"] if m["name"] == "bnb-nf4")
     assert nf4["cost_vs_reference"]["weight_memory_ratio"] < 0.75
     assert nf4["precision"]["parameter_dtypes"].get("uint8", 0) > 0
+
+
+def test_out_of_memory_at_a_large_batch_is_recorded_and_the_run_finishes(small_run, tmp_path):
+    """A memory cap between batch 1 and batch 32: batch 32's [32, 64, vocab] logits alone take 400 MB."""
+    from conftest import quantcheck
+
+    small_peaks = [point["peak_memory_bytes"] for point in read_results(small_run)["models"][0]["cost"]["latency"]]
+    cap_gb = (max(small_peaks) + 150 * 2**20) / 2**30
+    out = tmp_path / "run"
+    result = quantcheck("run", "--quant", "none", "--limit", "4", "--skip-quality", "--out", str(out), "--batch-sizes", "1,32,64",
+                        "--seq-len", "64", "--time-budget", "0.5", "--iterations", "2", "--max-memory-gb", f"{cap_gb:.3f}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = read_results(out)
+    for model in results["models"]:
+        statuses = [point["status"] for point in model["cost"]["latency"]]
+        assert statuses == ["ok", "oom", "skipped"], (model["name"], statuses)
+        assert "memory cap" in model["cost"]["latency"][1]["error"]
+    assert results["missing"] == [] and (out / "report.html").exists()

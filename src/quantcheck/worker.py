@@ -119,10 +119,9 @@ def run_cost(spec: JobSpec, folder: RunFolder) -> None:
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
     load, describe = _load(spec)
     settings = CostSettings(**(spec.cost or {}))
-    emit("phase", phase="cost", model=spec.model_name, total=1)
+    emit("phase", phase="cost", model=spec.model_name, total=len(settings.batch_sizes) + 2)
     texts = [item.question for item in items]
-    cost = measure_cost(load, tokenizer, texts, settings, spec.device)
-    emit("advance", phase="cost", count=1)
+    cost = measure_cost(load, tokenizer, texts, settings, spec.device, on_step=lambda step: emit("advance", phase="cost", step=step))
     write_json_atomic(folder.model_file(spec.model_name, "cost.json"), cost)
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import psutil
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PositiveInt, model_validator
 
 from quantcheck.measure.latency import DEFAULT_BATCH_SIZES, batch_inputs, is_out_of_memory, latency_sweep
 from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
@@ -27,19 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def timing_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """`environ` plus what a measuring subprocess needs to time reliably: OpenMP threads that sleep at barriers.
-
-    With libgomp's default spinning, two threads on two cores shared with one other busy process ran a
-    forward pass 5-25x slower (batch 1: 6.3 s instead of 0.26 s); with OMP_WAIT_POLICY=PASSIVE the
-    slowdown stays within the contention itself. libgomp reads it once at start-up, so it must be in
-    the environment before torch is imported. A value the user set is kept.
-    """
-    env = dict(environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
 def default_threads() -> int:
     """Physical cores this process may use: more threads than cores makes CPU timings collapse."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -49,8 +36,8 @@ def default_threads() -> int:
 class CostSettings(BaseModel):
     """How much cost to measure. `for_device` gives the documented defaults per device."""
 
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    seq_len: int = Field(512, ge=1, description="every latency input is padded/truncated to this many tokens")
+    batch_sizes: tuple[PositiveInt, ...] = DEFAULT_BATCH_SIZES
+    seq_len: int = Field(512, ge=1, description="latency inputs are padded/truncated to this many tokens; generation prompts are cut to it")
     warmup: int = Field(2, ge=0)
     min_iterations: int = Field(3, ge=1)
     max_iterations: int = Field(20, ge=1)
@@ -62,12 +49,19 @@ class CostSettings(BaseModel):
     max_memory_bytes: int | None = Field(None, gt=0, description="cap on the process's memory; batch sizes above it are 'oom'")
     threads: int = Field(default_factory=default_threads, ge=1)
 
+    @model_validator(mode="after")
+    def _iterations_ordered(self) -> CostSettings:
+        if self.max_iterations < self.min_iterations:
+            raise ValueError(f"max_iterations ({self.max_iterations}) is below min_iterations ({self.min_iterations})")
+        return self
+
     @classmethod
     def for_device(cls, device: str) -> CostSettings:
-        """CUDA: the original experiment's 512 tokens and 20 iterations. CPU: small enough for ~30 s a model.
+        """CUDA: the original experiment's 512 tokens, up to 20 iterations. CPU: about 25 s a model.
 
-        The CPU numbers were chosen on the built-in 135M model on 2 cores: a forward pass of batch 32
-        x 512 tokens takes tens of seconds there, so CPU uses 64 tokens and fewer, budgeted iterations.
+        The CPU numbers were measured on the built-in 135M model with 2 cores: batch 32 x 32 tokens
+        takes 1.9 s a pass there (512 tokens would take over 30 s), and the whole default cost of
+        one model took 23 s (load, sweep 1-32, two 16-token generations).
         """
         if torch.device(device).type == "cuda":
             return cls()
@@ -88,15 +82,20 @@ def measure_cost(
     texts: Sequence[str],
     settings: CostSettings,
     device: str,
+    on_step: Callable[[str], None] | None = None,
 ) -> ModelCost:
     """Load the model with `load()` and measure everything consideration 1 reports about it.
 
+    `on_step` hears of each finished step (load, each batch size, generation) for progress display.
+
     On CPU, safetensors weights are memory-mapped and only become resident when read, so the load
-    phase includes one tiny forward pass that touches every weight before its peak is read.
+    phase ends with one tiny forward pass that reads the weights (of an untied embedding, only the
+    looked-up rows) before its peak is taken.
     """
+    step = on_step or (lambda name: None)
     torch.set_num_threads(settings.threads)
     if torch.device(device).type == "cpu" and settings.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
-        logger.warning("OMP_WAIT_POLICY is not set: CPU timings collapse if anything else runs (see timing_environment)")
+        logger.warning("OMP_WAIT_POLICY is not set: CPU timings collapse if anything else runs (the launcher sets it)")
     clock = Clock(device)
     with PeakMemoryTracker(device) as tracker:
         with tracker.phase("load") as load_phase:
@@ -106,14 +105,17 @@ def measure_cost(
             if torch.device(device).type == "cpu":
                 with torch.no_grad():
                     model(**batch_inputs(tokenizer, texts, 1, 8, model.device), use_cache=False)
+        step("load")
         weights = count_weight_bytes(model)
         latency = latency_sweep(
             model, tokenizer, texts, batch_sizes=settings.batch_sizes, seq_len=settings.seq_len,
             warmup=settings.warmup, min_iterations=settings.min_iterations,
             max_iterations=settings.max_iterations, time_budget_s=settings.time_budget_s,
             target_rse=settings.target_rse, max_memory_bytes=settings.max_memory_bytes, tracker=tracker,
+            on_point=lambda point: step(f"batch {point.batch_size}"),
         )
         generation = _generation_or_none(model, tokenizer, texts, settings, tracker)
+        step("generation")
     return ModelCost(
         memory_method=tracker.method,
         threads=settings.threads,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,23 +78,31 @@ def latency_sweep(
     target_rse: float = 0.02,
     max_memory_bytes: int | None = None,
     tracker: PeakMemoryTracker | None = None,
+    on_point: Callable[[LatencyPoint], None] | None = None,
 ) -> list[LatencyPoint]:
     """Time one forward pass (full logits, no KV cache) at each batch size; one point per batch size.
 
     `max_memory_bytes` caps the whole process: on CUDA through the allocator (a real OOM), on CPU by
-    checking the phase's peak RSS after every pass. Pass the caller's running `tracker` to share it.
+    checking the phase's peak RSS after every pass. Pass the caller's running `tracker` to share it;
+    `on_point` hears of each finished batch size (progress display).
     """
     if min_iterations < 1 or max_iterations < min_iterations:
         raise ValueError("need 1 <= min_iterations <= max_iterations")
     repeats = _Repeats(warmup, min_iterations, max_iterations, time_budget_s, target_rse)
     device = model.device
     points: list[LatencyPoint] = []
+
+    def add(point: LatencyPoint) -> None:
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+
     oom_at: int | None = None
     with tracking(device, tracker) as tracker, _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
         for batch_size in batch_sizes:
             if oom_at is not None:
                 error = f"not run: out of memory at batch size {oom_at}"
-                points.append(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
+                add(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
                 continue
             failure: Exception | None = None
             with tracker.phase(f"latency-batch-{batch_size}") as phase:
@@ -104,14 +112,14 @@ def latency_sweep(
                 except Exception as error:  # one batch size failing must not lose the others
                     failure = error
             if failure is None:
-                points.append(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
+                add(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
                 continue
             oom = is_out_of_memory(failure)
             message = _first_line(failure) if oom else f"{type(failure).__name__}: {_first_line(failure)}"
             del failure  # its traceback holds the activations: drop it before freeing memory
             _free_memory(device)
             status = "oom" if oom else "failed"
-            points.append(
+            add(
                 LatencyPoint(
                     batch_size=batch_size, seq_len=seq_len, status=status, error=message, peak_memory_bytes=phase.peak_bytes
                 )

@@ -7,8 +7,11 @@ outside parameters (bitsandbytes `quant_state`, HQQ `meta`). Here every real ten
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -181,7 +184,9 @@ class PeakMemoryTracker:
 
     On CPU the peak is the whole process's resident memory (weights, activations, the Python runtime),
     sampled every 5 ms and reset at each phase start; `ru_maxrss` cannot be reset, so it is not used.
-    Use as a context manager so the sampling thread stops.
+    Each phase starts by collecting garbage and, on CPU, handing freed heap memory back to the OS
+    (glibc keeps it otherwise), so that leftovers of an earlier phase, such as the float weights freed after quantizing, are not
+    counted again. Use as a context manager so the sampling thread stops.
     """
 
     def __init__(self, device: str | torch.device, interval_s: float = RSS_INTERVAL_S) -> None:
@@ -235,6 +240,7 @@ class PeakMemoryTracker:
         return self._record(self._sample())
 
     def _reset(self) -> None:
+        release_freed_memory()
         if self._cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -253,6 +259,23 @@ class PeakMemoryTracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._record(self._sample())
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS, so RSS shows live memory again."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @contextmanager

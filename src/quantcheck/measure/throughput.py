@@ -12,18 +12,19 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
 
 from quantcheck.measure.memory import PeakMemoryTracker, tracking
 from quantcheck.measure.timing import Clock
 from quantcheck.results.schema import GenerationCost
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def fixed_length_config(tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> GenerationConfig:
     """Greedy decoding of exactly `new_tokens` tokens, every sampling knob set explicitly."""
+    from transformers import GenerationConfig
+
     return GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -42,6 +43,8 @@ def fixed_length_config(tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> 
 @contextmanager
 def neutral_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
     """Hide the model's generation_config: transformers fills every unset field from it otherwise."""
+    from transformers import GenerationConfig
+
     saved = model.generation_config
     model.generation_config = GenerationConfig()
     try:

@@ -38,6 +38,10 @@ class LoadRequest:
             "trust_remote_code": self.trust_remote_code,
             "use_safetensors": None if self.allow_pickle else True,
         }
+        if self.device == "cpu":
+            # A memory-mapped file stays resident while any tensor views it (a quantized model's float
+            # embeddings do), which would bill the whole fp32 file to the variant's memory.
+            kwargs["disable_mmap"] = True
         kwargs.update(extra)
         return kwargs
 
