@@ -91,6 +91,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     dataset = load_dataset(options.dataset, options.limit, options.seed)
     model = resolve_model(options.model, options.allow_pickle)
     threads = options.threads or _default_threads()
+    cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
     # (folder name, method spec, weights to load): a pre-quantized checkpoint brings its own folder.
@@ -135,13 +136,6 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                 if not outcome.ok and name == "reference":
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
-            from quantcheck.measure.cost import CostSettings
-
-            defaults = CostSettings.for_device(device).model_dump()
-            try:
-                cost_settings = CostSettings(**{**defaults, **options.cost_settings, "threads": threads}).model_dump()
-            except ValidationError as error:
-                raise QuantcheckError(f"cost settings: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg']}") from None
             for name, method, path in models:
                 if folder.model_file(name, "cost.json").exists():
                     view.skipped(f"{name} cost", "already measured")
@@ -162,6 +156,20 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     if failed_reference:
         raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
     return out, results
+
+
+def _cost_settings(device: str, overrides: dict[str, object], threads: int) -> dict[str, object]:
+    """The device defaults with the user's overrides; `--iterations N` caps the minimum too."""
+    from quantcheck.measure.cost import CostSettings
+
+    merged = {**CostSettings.for_device(device).model_dump(), **overrides, "threads": threads}
+    merged["min_iterations"] = min(merged["min_iterations"], merged["max_iterations"])
+    try:
+        return CostSettings(**merged).model_dump()
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "cost settings"
+        raise QuantcheckError(f"{where}: {problem['msg']}") from None
 
 
 def _require_chat_template(path: Path, trust_remote_code: bool) -> None:
