@@ -31,7 +31,7 @@ def _fail(error: QuantcheckError, debug: bool) -> None:
 @app.command()
 def run(
     model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
-    quant: Annotated[list[str], typer.Option("--quant", "-q", help="variant to compare (repeat); see `quantcheck quants`")] = [],
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat); see `quantcheck quants`")] = None,
     dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")] = "mmlu:virology",
     limit: Annotated[Optional[int], typer.Option(help="score a seeded random sample of N questions")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
@@ -84,7 +84,7 @@ def run(
             chat=_choice(chat, ("auto", "on", "off"), "--chat"), temperature=temperature, greedy=greedy,
             max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
         options = RunOptions(
-            model=model, quants=quant, dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
+            model=model, quants=quant or [], dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
             dtype=dtype, out=out, seed=seed, batch_size=batch_size, threads=threads, loglik=not skip_quality,
             generation=generation, cost=not skip_cost, cost_settings=cost_settings, thresholds=thresholds, force=force,
             trust_remote_code=trust_remote_code, allow_offload=allow_offload, allow_pickle=allow_pickle, quiet=quiet,

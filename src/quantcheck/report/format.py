@@ -29,13 +29,6 @@ def percent(x: float | None, digits: int = 1) -> str:
     return f"{x * 100:.{digits}f}%"
 
 
-def signed_percent(x: float | None, digits: int = 1) -> str:
-    """A signed fraction as a percentage: ``-0.48 -> "-48.0%"``."""
-    if _missing(x):
-        return NA
-    return f"{x * 100:+.{digits}f}%"
-
-
 def points(diff: float | None, digits: int = 1) -> str:
     """An accuracy difference (a fraction) in signed percentage points: ``-0.017 -> "-1.7 pts"``."""
     if _missing(diff):
