@@ -1,0 +1,58 @@
+"""The guards against the original experiment's biggest mistake: a silently offloaded baseline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantcheck.errors import QuantcheckError
+from quantcheck.models.loading import load_model, precision_info
+from quantcheck.models.quant_methods import LoadRequest, QuantMethod, get_method
+
+
+def tiny_model(device_map: dict[str, object] | None) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    model = LlamaForCausalLM(config)
+    if device_map is not None:
+        model.hf_device_map = device_map
+    return model
+
+
+def method_returning(model: LlamaForCausalLM) -> QuantMethod:
+    return QuantMethod("fake", "returns a prepared model", frozenset({"cpu", "cuda"}), (), "", lambda request: model)
+
+
+def test_precision_info_records_dtypes_and_devices():
+    model = tiny_model(None)
+    info = precision_info(model, "float32")
+    assert info.parameter_dtypes == {"float32": sum(p.numel() for p in model.parameters())}
+    assert info.devices == ["cpu"] and info.offloaded is False
+
+
+def test_a_model_split_between_gpu_and_cpu_is_refused_unless_allowed():
+    split = tiny_model({"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"})
+    assert precision_info(split, "bfloat16").offloaded is True
+    request = LoadRequest(path="unused", device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(QuantcheckError, match="offloaded.*--allow-offload"):
+        load_model(method_returning(split), request)
+    allowed = LoadRequest(path="unused", device="cuda", dtype=torch.bfloat16, allow_offload=True)
+    assert load_model(method_returning(split), allowed) is split
+
+
+def test_meta_parameters_count_as_offloaded():
+    with torch.device("meta"):
+        model = tiny_model(None)
+    assert precision_info(model, "float32").offloaded is True
+
+
+def test_load_request_places_the_whole_model_on_one_device():
+    kwargs = LoadRequest(path="p", device="cuda", dtype=torch.bfloat16).from_pretrained_kwargs()
+    assert kwargs["device_map"] == {"": "cuda"} and kwargs["dtype"] is torch.bfloat16 and kwargs["use_safetensors"] is True
+    assert kwargs["trust_remote_code"] is False
+    assert LoadRequest(path="p", device="cuda", dtype=torch.bfloat16, allow_offload=True).from_pretrained_kwargs()["device_map"] == "auto"
+
+
+def test_pretrained_checkpoints_are_variants_with_their_own_folder():
+    method = get_method("pretrained:TheBloke/Llama-2-7B-GPTQ")
+    assert method.name == "pretrained-Llama-2-7B-GPTQ" and method.checkpoint == "TheBloke/Llama-2-7B-GPTQ"
