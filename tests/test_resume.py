@@ -189,3 +189,24 @@ def test_a_variant_with_another_tokenizer_keeps_accuracy_but_refuses_token_metri
     assert checkpoint["agreement"] is None
     assert any(w["code"] == "tokenizer-mismatch" and w["model"] == checkpoint["name"] for w in results["warnings"])
     assert all(item["kl"] is None for item in read_items(out) if item["model"] == checkpoint["name"])
+
+
+def test_a_variant_that_crashes_is_recorded_and_the_run_goes_on(tmp_path, questions):
+    """A checkpoint whose weights file is garbage: its worker fails, the reference's results survive."""
+    from quantcheck.models.builtin import builtin_model_dir
+
+    broken = tmp_path / "broken-checkpoint"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(builtin_model_dir() / name, broken / name)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    out = tmp_path / "run"
+    result = quantcheck("run", "--quant", f"pretrained:{broken}", "--quant", "none", "--dataset", str(questions), "--limit", "2",
+                        "--out", str(out), "--skip-cost", "--skip-generation")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pretrained-broken-checkpoint (quality) failed" in result.stderr
+    models = {model["name"]: model for model in read_results(out)["models"]}
+    assert models["pretrained-broken-checkpoint"]["status"] == "failed"
+    assert models["pretrained-broken-checkpoint"]["errors"] and models["pretrained-broken-checkpoint"]["loglik"] is None
+    assert models["none"]["status"] == "ok" and models["none"]["loglik"]["n"] == 2
+    assert (out / "report.html").exists()
