@@ -121,3 +121,11 @@ def test_chat_forced_on_for_a_model_without_a_chat_template(tmp_path):
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     result = quantcheck("run", str(plain), "--quant", "none", "--chat", "on", "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "--chat on", "no chat template")
+
+
+def test_schema_command_prints_the_results_json_schema(small_run):
+    schema = json.loads(quantcheck("schema").stdout)
+    assert schema["title"] == "Results" and "ItemRecord" in schema["$defs"]
+    import jsonschema
+
+    jsonschema.validate(json.loads((small_run / "results.json").read_text()), schema)

@@ -206,6 +206,18 @@ def report(
         _fail(error, debug)
 
 
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of results.json (one line per item of items.jsonl: ItemRecord in $defs)."""
+    import json
+
+    from quantcheck.results.schema import ItemRecord, Results
+
+    document = Results.model_json_schema()
+    document.setdefault("$defs", {})["ItemRecord"] = ItemRecord.model_json_schema()
+    print(json.dumps(document, indent=2))
+
+
 def main() -> None:
     try:
         app()

@@ -40,7 +40,10 @@ class ProgressView:
         kind = event["event"]
         if kind == "phase" and "total" in event:
             self._finish_task()
-            self._task = self.progress.add_task(f"{self._label} {event['phase']}", total=int(event["total"]), completed=int(event.get("done", 0)))
+            description = f"{self._label} {event['phase']}"
+            self._task = self.progress.add_task(description, total=int(event["total"]), completed=int(event.get("done", 0)))
+            if not self.console.is_terminal:  # logs get no live bars: say when each phase starts
+                self.line(f"{description}: {event.get('done', 0)}/{event['total']} done, starting")
         elif kind == "advance" and self._task is not None:
             self.progress.advance(self._task, int(event.get("count", 1)))
         elif kind == "loaded":
