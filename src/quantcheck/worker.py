@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from quantcheck.errors import QuantcheckError
@@ -69,20 +70,15 @@ def run_quality(spec: JobSpec, folder: RunFolder) -> None:
                 emit("warning", code="tokenizer-mismatch", message=f"{spec.model_name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement are not computed; accuracy is")
         path = folder.model_file(spec.model_name, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
-        if is_reference and reference.create(len(items), _vocab_size(model, tokenizer, encoded, spec)) and done:
+        # The rows are as wide as the output layer (the logits), which can differ from the tokenizer's size.
+        if is_reference and reference.create(len(items), model.get_output_embeddings().weight.shape[0]) and done:
             # The stored rows behind these records are gone: score the reference again from scratch.
             path.unlink()
             done = set()
-        emit("phase", phase="loglik", total=len(items), done=len(done & {item.item_id for item in items}))
-
-        def keep(records: list[ItemRecord]) -> None:
-            append_records(path, records)
-            emit("advance", phase="loglik", count=len(records))
-
         score_items(
             model, spec.model_name, items, encoded,
-            batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, device=spec.device,
-            reference=reference, is_reference=is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep,
+            batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, device=spec.device, reference=reference,
+            is_reference=is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", items, done),
         )
 
     if spec.generation is not None:
@@ -91,24 +87,20 @@ def run_quality(spec: JobSpec, folder: RunFolder) -> None:
         write_json_atomic(folder.model_file(spec.model_name, "generation-settings.json"), settings)
         path = folder.model_file(spec.model_name, "generation.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
-        emit("phase", phase="generation", total=len(items), done=len(done & {item.item_id for item in items}))
-
-        def keep_generated(records: list[ItemRecord]) -> None:
-            append_records(path, records)
-            emit("advance", phase="generation", count=len(records))
-
         prompts = encode_generation_prompts(tokenizer, items, settings)
-        generate_answers(model, tokenizer, spec.model_name, items, prompts, settings,
-                         batch_size=options.batch_size, device=spec.device, done=done, on_batch=keep_generated)
+        generate_answers(model, tokenizer, spec.model_name, items, prompts, settings, batch_size=options.batch_size,
+                         device=spec.device, done=done, on_batch=_phase_sink(path, "generation", items, done))
 
 
-def _vocab_size(model, tokenizer, encoded, spec: JobSpec) -> int:
-    """The width of the log-probability rows: read off one real forward, not the config (they can differ)."""
-    from quantcheck.measure.loglik import answer_position_logprobs
-    from quantcheck.measure.batching import left_padded
+def _phase_sink(path: Path, phase: str, items, done: set[str]) -> Callable[[list], None]:
+    """Announce a resumable phase and return what keeps each finished batch: append + fsync, then progress."""
+    emit("phase", phase=phase, total=len(items), done=len(done & {item.item_id for item in items}))
 
-    batch = left_padded(encoded.prompt_ids[:1], tokenizer.pad_token_id, spec.device)
-    return int(answer_position_logprobs(model, batch).shape[-1])
+    def keep(records: list) -> None:
+        append_records(path, records)
+        emit("advance", phase=phase, count=len(records))
+
+    return keep
 
 
 def run_cost(spec: JobSpec, folder: RunFolder) -> None:
@@ -117,7 +109,7 @@ def run_cost(spec: JobSpec, folder: RunFolder) -> None:
 
     items = folder.read_items()
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-    load, describe = _load(spec)
+    load, _ = _load(spec)
     settings = CostSettings(**(spec.cost or {}))
     emit("phase", phase="cost", model=spec.model_name, total=len(settings.batch_sizes) + 2)
     texts = [item.question for item in items]
