@@ -31,7 +31,15 @@ def _fail(error: QuantcheckError, debug: bool) -> None:
 @app.command()
 def run(
     model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat); see `quantcheck quants`")] = None,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, pretrained:PATH; see `quantcheck quants`")] = None,
+    backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers) or vllm")] = "hf",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model (tensor parallel)")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")] = 1,
+    distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp (one node) or ray (several nodes)")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM: fraction of GPU memory the engine may take")] = 0.85,
+    max_model_len: Annotated[int, typer.Option(help="vLLM: longest sequence the engine plans for")] = 2048,
+    enforce_eager: Annotated[bool, typer.Option(help="vLLM: no CUDA graphs (faster start, slower decode)")] = True,
+    cpu_kv_cache_gb: Annotated[float, typer.Option(help="vLLM on CPU: KV cache size in GiB")] = 1.0,
     dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")] = "mmlu:virology",
     limit: Annotated[Optional[int], typer.Option(help="score a seeded random sample of N questions")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
@@ -80,11 +88,14 @@ def run(
             problem = error.errors()[0]
             raise QuantcheckError(f"threshold {problem['loc'][0]} is out of range: {problem['msg']}") from None
         cost_settings = _cost_settings(batch_sizes, seq_len, iterations, time_budget, max_memory_gb)
+        engine = _engine_settings(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                                  distributed_executor_backend=distributed_executor_backend, gpu_memory_utilization=gpu_memory_utilization,
+                                  max_model_len=max_model_len, enforce_eager=enforce_eager, cpu_kv_cache_bytes=int(cpu_kv_cache_gb * 2**30))
         generation = None if skip_quality or skip_generation else GenerationOptions(
             chat=_choice(chat, ("auto", "on", "off"), "--chat"), temperature=temperature, greedy=greedy,
             max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
         options = RunOptions(
-            model=model, quants=quant or [], dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
+            model=model, backend=backend, quants=quant or [], engine=engine, dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
             dtype=dtype, out=out, seed=seed, batch_size=batch_size, threads=threads, loglik=not skip_quality,
             generation=generation, cost=not skip_cost, cost_settings=cost_settings, thresholds=thresholds, force=force,
             trust_remote_code=trust_remote_code, allow_offload=allow_offload, allow_pickle=allow_pickle, quiet=quiet,
@@ -94,6 +105,20 @@ def run(
         _render(folder, quiet)
     except QuantcheckError as error:
         _fail(error, debug)
+
+
+def _engine_settings(**values: object):
+    """The engine options, validated once: a wrong value is one line naming the option."""
+    from pydantic import ValidationError
+
+    from quantcheck.jobs import EngineSettings
+
+    try:
+        return EngineSettings(**values)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        option = "--" + str(problem["loc"][0]).replace("_", "-").replace("cpu-kv-cache-bytes", "cpu-kv-cache-gb")
+        raise QuantcheckError(f"{option}: {problem['msg']}") from None
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
@@ -173,24 +198,40 @@ def _render(folder: Path, quiet: bool) -> None:
 
 @app.command()
 def quants() -> None:
-    """List every quantization method, what it does, and whether it can run here."""
+    """List every quantization method of every backend, what it does, and whether it can run here."""
     import importlib.util
 
-    from quantcheck.models.quant_methods import REGISTRY
+    from quantcheck.backends import BACKEND_NAMES, get_backend
+    from quantcheck.errors import QuantcheckError
 
     cuda = False
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         cuda = torch.cuda.is_available()
-    table = Table(title="quantization methods")
-    for column in ("name", "description", "devices", "runs here"):
+    table = Table(title="quantization methods (--quant NAME; --backend ENGINE runs the reference there)")
+    for column in ("--quant", "description", "devices", "runs here"):
         table.add_column(column)
-    for method in REGISTRY.values():
-        missing = method.missing_requirements()
-        devices_here = [device for device in sorted(method.devices) if device == "cpu" or cuda]
-        status = f"no: pip install {method.install}" if missing else ("yes (" + ", ".join(devices_here) + ")" if devices_here else "no: needs CUDA")
-        table.add_row(method.name, method.description, ", ".join(sorted(method.devices)), status)
+    for backend_name in BACKEND_NAMES:
+        backend = get_backend(backend_name)
+        try:
+            backend.interpreter()
+            engine_missing = None
+        except QuantcheckError:
+            engine_missing = backend.install_hint
+        prefix = "" if backend_name == "hf" else f"{backend_name}:"
+        for method in backend.methods().values():
+            missing = [module for module in method.requires if importlib.util.find_spec(module) is None]
+            devices_here = [device for device in sorted(method.devices) if device == "cpu" or cuda]
+            if engine_missing:
+                status = f"no: {engine_missing}"
+            elif missing:
+                status = f"no: pip install {method.install}"
+            else:
+                status = "yes (" + ", ".join(devices_here) + ")" if devices_here else "no: needs CUDA"
+            table.add_row(prefix + method.name, method.description, ", ".join(sorted(method.devices)), status)
+        table.add_row(f"{prefix}pretrained:PATH", f"a pre-quantized checkpoint (AWQ, GPTQ, bnb, fp8...) loaded by {backend_name}", "cpu, cuda",
+                      "yes" if not engine_missing else f"no: {engine_missing}")
     Console().print(table)
 
 

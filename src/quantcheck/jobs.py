@@ -3,15 +3,20 @@
 Like optimum-benchmark's launcher/scenario split: the parent never loads a model, so no model's
 weights or allocator state can leak into another's numbers, and a crash or OOM in one worker is
 recorded for that model while the run goes on.
+
+`ModelSpec` is the one description of a compared model. It is parsed and validated once in the
+parent (`quantcheck.specs`) and then flows unchanged into every job, results.json and the report.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 EVENT_PREFIX = "@@quantcheck "
+
+Role = Literal["reference", "variant"]
 
 
 class GenerationOptions(BaseModel):
@@ -22,17 +27,48 @@ class GenerationOptions(BaseModel):
     batch_size: int = 16
 
 
+class EngineSettings(BaseModel):
+    """Settings passed through to a serving engine (vLLM); ignored by engines without the notion."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(2048, ge=16)
+    enforce_eager: bool = True
+    cpu_kv_cache_bytes: int = Field(1 << 30, gt=0, description="KV cache reserved by vLLM on CPU (its default asks for more than most machines have)")
+
+
+class ModelSpec(BaseModel):
+    """One compared model: its role, the engine that runs it, how it is built, and from which weights."""
+
+    name: str = Field(description="display name, unique in the run: 'reference', 'torchao-int8wo', 'vllm:fp8_per_channel'")
+    role: Role
+    backend: str = Field(description="engine that runs it: hf (transformers), vllm")
+    method: str = Field(description="the backend's quantization method; 'none' is the reference's own weights and precision")
+    weights: str = Field(description="local folder the weights load from")
+    checkpoint: bool = Field(False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)")
+
+    @property
+    def folder(self) -> str:
+        """The model's folder name under models/: the display name with ':' and '/' made safe."""
+        return "".join(char if char.isalnum() or char in "-_." else "-" for char in self.name)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.role == "reference"
+
+
 class JobSpec(BaseModel):
     kind: Literal["quality", "cost"]
     run_dir: str
-    model_name: str  # "reference" or the variant's method name
-    method: str  # registry name; the reference is built with "none"
-    model_path: str
+    model: ModelSpec
     device: str
     dtype: str
     threads: int
     seed: int
     batch_size: int
+    engine: EngineSettings = EngineSettings()
     trust_remote_code: bool = False
     allow_offload: bool = False
     allow_pickle: bool = False

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 
 from quantcheck.jobs import EVENT_PREFIX, JobSpec
@@ -39,13 +38,16 @@ def worker_environment() -> dict[str, str]:
 
 def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
     """Run one job in its own process; its stdout carries events, everything else goes to its log."""
-    spec_path = folder.model_file(spec.model_name, f"{spec.kind}.job.json")
+    from quantcheck.backends import get_backend
+
+    spec_path = folder.model_file(spec.model.folder, f"{spec.kind}.job.json")
     write_json_atomic(spec_path, spec)
-    log_path = folder.model_file(spec.model_name, f"{spec.kind}.log")
-    view.start_job(f"{spec.model_name} ({spec.kind})")
+    log_path = folder.model_file(spec.model.folder, f"{spec.kind}.log")
+    view.start_job(f"{spec.model.name} ({spec.kind})")
+    interpreter = get_backend(spec.model.backend).interpreter()  # an engine may live in its own environment
     with log_path.open("a", encoding="utf-8") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "quantcheck.worker", str(spec_path)],
+            [interpreter, "-m", "quantcheck.worker", str(spec_path)],
             stdout=subprocess.PIPE, stderr=log, text=True, env=worker_environment(),
         )
         try:
@@ -65,7 +67,7 @@ def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
         return JobOutcome(ok=True)
     if returncode == 130:
         return JobOutcome(ok=False, interrupted=True, message="interrupted")
-    error_file = folder.model_file(spec.model_name, f"{spec.kind}.error.json")
+    error_file = folder.model_file(spec.model.folder, f"{spec.kind}.error.json")
     if error_file.exists():
         return JobOutcome(ok=False, message=json.loads(error_file.read_text())["message"])
     message = f"worker exited with code {returncode}; see {log_path}"

@@ -16,9 +16,8 @@ from quantcheck import __version__
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import GenerationOptions, JobSpec
+from quantcheck.jobs import EngineSettings, GenerationOptions, JobSpec, ModelSpec
 from quantcheck.launcher import run_job
-from quantcheck.models.quant_methods import get_method
 from quantcheck.progress import ProgressView
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds
@@ -33,7 +32,9 @@ class RunOptions(BaseModel):
     """Everything `quantcheck run` takes; recorded in results.json as the run's config."""
 
     model: str | None = None
+    backend: str = "hf"
     quants: list[str] = Field(default_factory=list)
+    engine: EngineSettings = EngineSettings()
     dataset: str = DEFAULT_DATASET
     limit: int | None = None
     device: str = "auto"
@@ -63,8 +64,6 @@ def _validate(options: RunOptions) -> None:
         raise QuantcheckError(f"--batch-size must be positive, got {options.batch_size}")
     if not options.quants:
         raise QuantcheckError("name at least one variant with --quant (see `quantcheck quants`)")
-    if len(set(options.quants)) != len(options.quants) or "reference" in options.quants:
-        raise QuantcheckError("each --quant may be named once")
     if options.generation is not None:
         if options.generation.temperature < 0:
             raise QuantcheckError(f"--temperature must be >= 0, got {options.generation.temperature}")
@@ -79,26 +78,23 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     from quantcheck.environment import describe_environment
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
     from quantcheck.results.summarize import summarize
+    from quantcheck.specs import check_specs, reference_spec, variant_spec
 
     _validate(options)
-    methods = [get_method(name) for name in options.quants]
     device = pick_device(options.device)
-    for method in methods:
-        method.check_runnable(device)
     dtype = options.dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    dataset = load_dataset(options.dataset, options.limit, options.seed)
     model = resolve_model(options.model, options.allow_pickle)
+    checkpoint = lambda source: str(resolve_model(source, options.allow_pickle).path)  # noqa: E731
+    models = [reference_spec(options.backend, str(model.path))]
+    models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
+    check_specs(models, device, options.engine)
+    dataset = load_dataset(options.dataset, options.limit, options.seed)
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
-    # (folder name, method spec, weights to load): a pre-quantized checkpoint brings its own folder.
-    models = [("reference", "none", str(model.path))] + [
-        (method.name, spec, str(resolve_model(method.checkpoint, options.allow_pickle).path) if method.checkpoint else str(model.path))
-        for method, spec in zip(methods, options.quants)
-    ]
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
@@ -108,40 +104,43 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
-    reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__}
+    # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
+    reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
+                     "reference_backend": options.backend, "batch_size": options.batch_size}
     if reason := folder.check_reference_key(reference_key):
+        view.line(f"[yellow]{reason}[/yellow]")
+    generation_key = options.generation.model_dump() if options.generation else None
+    if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{reason}[/yellow]")
     folder.write_dataset(dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
 
-    base = dict(run_dir=str(out), device=device, dtype=dtype, threads=threads, seed=options.seed,
+    base = dict(run_dir=str(out), device=device, dtype=dtype, threads=threads, seed=options.seed, engine=options.engine,
                 batch_size=options.batch_size, trust_remote_code=options.trust_remote_code,
                 allow_offload=options.allow_offload, allow_pickle=options.allow_pickle)
     n_items = len(dataset.items)
     failed_reference = None
     with view:
         if options.loglik or options.generation:
-            for name, method, path in models:
+            for spec in models:
                 if failed_reference:
                     break
-                todo_loglik = options.loglik and _count(folder, name, "quality.jsonl") < n_items
-                todo_generation = options.generation is not None and _count(folder, name, "generation.jsonl") < n_items
+                todo_loglik = options.loglik and _count(folder, spec, "quality.jsonl") < n_items
+                todo_generation = options.generation is not None and _count(folder, spec, "generation.jsonl") < n_items
                 if not (todo_loglik or todo_generation):
-                    view.skipped(f"{name} quality", "already finished")
+                    view.skipped(f"{spec.name} quality", "already finished")
                     continue
-                spec = JobSpec(kind="quality", model_name=name, method=method, model_path=path, loglik=todo_loglik,
-                               generation=options.generation if todo_generation else None, **base)
-                outcome = _run(spec, folder, view, out)
-                if not outcome.ok and name == "reference":
+                job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=options.generation if todo_generation else None, **base)
+                outcome = _run(job, view, out, folder)
+                if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
-            for name, method, path in models:
-                if folder.model_file(name, "cost.json").exists():
-                    view.skipped(f"{name} cost", "already measured")
+            for spec in models:
+                if folder.model_file(spec.folder, "cost.json").exists():
+                    view.skipped(f"{spec.name} cost", "already measured")
                     continue
-                _run(JobSpec(kind="cost", model_name=name, method=method, model_path=path, loglik=False, cost=cost_settings, **base),
-                     folder, view, out)
+                _run(JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, **base), view, out, folder)
 
     dataset_info = DatasetInfo(spec=dataset.spec, n_items=n_items, subjects=dataset.subjects, source=dataset.source,
                                content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
@@ -149,7 +148,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
     results = summarize(
         out, config=config, model=model.info(dtype, device), dataset=dataset_info,
-        environment=describe_environment(device, threads), variants={method.name: method.description for method in methods},
+        environment=describe_environment(device, threads), models=models,
         thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
         expected={"loglik": options.loglik, "generation": options.generation is not None, "cost": options.cost},
     )
@@ -186,14 +185,14 @@ def _default_threads() -> int:
     return default_threads()
 
 
-def _count(folder: RunFolder, name: str, file: str) -> int:
-    return len(read_latest_by_id(folder.model_file(name, file), ItemRecord))
+def _count(folder: RunFolder, spec: ModelSpec, file: str) -> int:
+    return len(read_latest_by_id(folder.model_file(spec.folder, file), ItemRecord))
 
 
-def _run(spec: JobSpec, folder: RunFolder, view: ProgressView, out: Path):
+def _run(spec: JobSpec, view: ProgressView, out: Path, folder: RunFolder):
     outcome = run_job(spec, folder, view)
     if outcome.interrupted:
         raise Interrupted(f"interrupted: finished work is saved in {out}; run the same command again to resume")
     if not outcome.ok:
-        view.failed(f"{spec.model_name} ({spec.kind})", outcome.message or "failed")
+        view.failed(f"{spec.model.name} ({spec.kind})", outcome.message or "failed")
     return outcome

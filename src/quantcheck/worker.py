@@ -24,72 +24,53 @@ def emit(event: str, **fields: object) -> None:
     print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
 
 
-def _load(spec: JobSpec):
-    import torch
-
-    from quantcheck.models.loading import load_model, precision_info
-    from quantcheck.models.quant_methods import LoadRequest, get_method
-
-    method = get_method(spec.method)
-    request = LoadRequest(
-        path=spec.model_path,
-        device=spec.device,
-        dtype=getattr(torch, spec.dtype),
-        trust_remote_code=spec.trust_remote_code,
-        allow_offload=spec.allow_offload,
-        allow_pickle=spec.allow_pickle,
-    )
-    return lambda: load_model(method, request), lambda model: precision_info(model, method.compute_dtype(request))
-
-
-def run_quality(spec: JobSpec, folder: RunFolder) -> None:
-    from quantcheck.measure.generative import encode_generation_prompts, generate_answers, resolve_settings
+def run_quality(job: JobSpec, folder: RunFolder) -> None:
+    from quantcheck.backends import get_backend
+    from quantcheck.measure.generative import encode_generation_prompts, generate_answers, resolve_settings, stop_token_ids
     from quantcheck.measure.loglik import encode_items, score_items
-    from quantcheck.models.loading import load_tokenizer
     from quantcheck.results.schema import ItemRecord
 
+    spec = job.model
     items = folder.read_items()
-    tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-    load, describe = _load(spec)
-    emit("phase", phase="load", model=spec.model_name)
+    backend = get_backend(spec.backend)(job)
+    tokenizer = backend.tokenizer
+    emit("phase", phase="load", model=spec.name)
     start = time.perf_counter()
-    model = load()
-    write_json_atomic(folder.model_file(spec.model_name, "precision.json"), describe(model))
+    backend.load()
+    write_json_atomic(folder.model_file(spec.folder, "engine.json"), backend.describe())
     emit("loaded", seconds=time.perf_counter() - start)
 
-    if spec.loglik:
+    if job.loglik:
         encoded = encode_items(tokenizer, items)
-        is_reference = spec.model_name == "reference"
         reference = ReferenceLogprobs(folder.reference_logprobs)
-        if is_reference:
+        if spec.is_reference:
             folder.write_reference_tokens(encoded.prompt_ids)
             compare_tokens = True
         else:
             compare_tokens = folder.read_reference_tokens() == encoded.prompt_ids
             if not compare_tokens:
-                emit("warning", code="tokenizer-mismatch", message=f"{spec.model_name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement are not computed; accuracy is")
-        path = folder.model_file(spec.model_name, "quality.jsonl")
+                emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement are not computed; accuracy is")
+        path = folder.model_file(spec.folder, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
-        # The rows are as wide as the output layer (the logits), which can differ from the tokenizer's size.
-        if is_reference and reference.create(len(items), model.get_output_embeddings().weight.shape[0]) and done:
+        if spec.is_reference and reference.create(len(items), backend.vocab_width) and done:
             # The stored rows behind these records are gone: score the reference again from scratch.
             path.unlink()
             done = set()
         score_items(
-            model, spec.model_name, items, encoded,
-            batch_size=spec.batch_size, pad_id=tokenizer.pad_token_id, device=spec.device, reference=reference,
-            is_reference=is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", items, done),
+            backend.next_token_logprobs, spec.name, items, encoded, batch_size=job.batch_size, reference=reference,
+            is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", items, done),
         )
 
-    if spec.generation is not None:
-        options = spec.generation
-        settings = resolve_settings(tokenizer, options.chat, options.temperature, options.greedy, options.max_new_tokens, spec.seed)
-        write_json_atomic(folder.model_file(spec.model_name, "generation-settings.json"), settings)
-        path = folder.model_file(spec.model_name, "generation.jsonl")
+    if job.generation is not None:
+        options = job.generation
+        settings = resolve_settings(tokenizer, options.chat, options.temperature, options.greedy, options.max_new_tokens, job.seed,
+                                    stop_token_ids(tokenizer, spec.weights))
+        write_json_atomic(folder.model_file(spec.folder, "generation-settings.json"), settings)
+        path = folder.model_file(spec.folder, "generation.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
         prompts = encode_generation_prompts(tokenizer, items, settings)
-        generate_answers(model, tokenizer, spec.model_name, items, prompts, settings, batch_size=options.batch_size,
-                         device=spec.device, done=done, on_batch=_phase_sink(path, "generation", items, done))
+        generate_answers(backend.generate, tokenizer, spec.name, items, prompts, settings, batch_size=options.batch_size,
+                         done=done, on_batch=_phase_sink(path, "generation", items, done))
 
 
 def _phase_sink(path: Path, phase: str, items, done: set[str]) -> Callable[[list], None]:
@@ -103,24 +84,23 @@ def _phase_sink(path: Path, phase: str, items, done: set[str]) -> Callable[[list
     return keep
 
 
-def run_cost(spec: JobSpec, folder: RunFolder) -> None:
-    from quantcheck.measure.cost import CostSettings, measure_cost
-    from quantcheck.models.loading import load_tokenizer
+def run_cost(job: JobSpec, folder: RunFolder) -> None:
+    from quantcheck.backends import get_backend
+    from quantcheck.measure.cost import CostSettings
 
     items = folder.read_items()
-    tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-    load, _ = _load(spec)
-    settings = CostSettings(**(spec.cost or {}))
-    emit("phase", phase="cost", model=spec.model_name, total=len(settings.batch_sizes) + 2)
+    backend = get_backend(job.model.backend)(job)
+    settings = CostSettings(**(job.cost or {}))
+    emit("phase", phase="cost", model=job.model.name, total=len(settings.batch_sizes) + 2)
     texts = [item.question for item in items]
-    cost = measure_cost(load, tokenizer, texts, settings, spec.device, on_step=lambda step: emit("advance", phase="cost", step=step))
-    write_json_atomic(folder.model_file(spec.model_name, "cost.json"), cost)
+    cost = backend.measure_cost(texts, settings, on_step=lambda step: emit("advance", phase="cost", step=step))
+    write_json_atomic(folder.model_file(job.model.folder, "cost.json"), cost)
 
 
 def main(argv: list[str]) -> int:
     spec = JobSpec.model_validate_json(Path(argv[1]).read_text())
     folder = RunFolder(Path(spec.run_dir))
-    error_file = folder.model_file(spec.model_name, f"{spec.kind}.error.json")
+    error_file = folder.model_file(spec.model.folder, f"{spec.kind}.error.json")
     error_file.unlink(missing_ok=True)
     try:
         import torch

@@ -54,7 +54,7 @@ def batch_inputs(
 
 
 @dataclass(frozen=True)
-class _Repeats:
+class Repeats:
     """How often one batch size runs: warm-up, then until stable, out of time or at the maximum."""
 
     warmup: int
@@ -62,6 +62,10 @@ class _Repeats:
     max_iterations: int
     time_budget_s: float
     target_rse: float
+
+    def __post_init__(self) -> None:
+        if self.min_iterations < 1 or self.max_iterations < self.min_iterations:
+            raise ValueError("need 1 <= min_iterations <= max_iterations")
 
 
 def latency_sweep(
@@ -86,10 +90,31 @@ def latency_sweep(
     checking the phase's peak RSS after every pass. Pass the caller's running `tracker` to share it;
     `on_point` hears of each finished batch size (progress display).
     """
-    if min_iterations < 1 or max_iterations < min_iterations:
-        raise ValueError("need 1 <= min_iterations <= max_iterations")
-    repeats = _Repeats(warmup, min_iterations, max_iterations, time_budget_s, target_rse)
+    repeats = Repeats(warmup, min_iterations, max_iterations, time_budget_s, target_rse)
     device = model.device
+
+    def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
+        inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, device)
+        check = lambda: _check_cpu_cap(device, max_memory_bytes, tracker)  # noqa: E731 (while the logits are alive)
+        return repeat_timed(lambda: model(**inputs, use_cache=False), Clock(device), repeats, check)
+
+    with tracking(device, tracker) as tracker, _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
+        return sweep_batch_sizes(time_batch, batch_sizes, seq_len, device, tracker, on_point)
+
+
+def sweep_batch_sizes(
+    time_batch: Callable[[int, PeakMemoryTracker], list[float]],
+    batch_sizes: Sequence[int],
+    seq_len: int,
+    device: torch.device | str,
+    tracker: PeakMemoryTracker,
+    on_point: Callable[[LatencyPoint], None] | None = None,
+) -> list[LatencyPoint]:
+    """One point per batch size, each in its own memory phase; an OOM ends the sweep (larger sizes 'skipped').
+
+    Engine-neutral: `time_batch(batch_size, tracker)` runs and times one batch size (any backend).
+    """
+    device = torch.device(device)
     points: list[LatencyPoint] = []
 
     def add(point: LatencyPoint) -> None:
@@ -98,57 +123,48 @@ def latency_sweep(
             on_point(point)
 
     oom_at: int | None = None
-    with tracking(device, tracker) as tracker, _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
-        for batch_size in batch_sizes:
-            if oom_at is not None:
-                error = f"not run: out of memory at batch size {oom_at}"
-                add(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
-                continue
-            failure: Exception | None = None
-            with tracker.phase(f"latency-batch-{batch_size}") as phase:
-                try:
-                    inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, device)
-                    times = _repeat_forward(model, inputs, repeats, max_memory_bytes, tracker)
-                except Exception as error:  # one batch size failing must not lose the others
-                    failure = error
-            if failure is None:
-                add(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
-                continue
-            oom = is_out_of_memory(failure)
-            message = _first_line(failure) if oom else f"{type(failure).__name__}: {_first_line(failure)}"
-            del failure  # its traceback holds the activations: drop it before freeing memory
-            _free_memory(device)
-            status = "oom" if oom else "failed"
-            add(
-                LatencyPoint(
-                    batch_size=batch_size, seq_len=seq_len, status=status, error=message, peak_memory_bytes=phase.peak_bytes
-                )
-            )
-            if oom:
-                oom_at = batch_size
+    for batch_size in batch_sizes:
+        if oom_at is not None:
+            error = f"not run: out of memory at batch size {oom_at}"
+            add(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
+            continue
+        failure: Exception | None = None
+        with tracker.phase(f"latency-batch-{batch_size}") as phase:
+            try:
+                times = time_batch(batch_size, tracker)
+            except Exception as error:  # one batch size failing must not lose the others
+                failure = error
+        if failure is None:
+            add(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
+            continue
+        oom = is_out_of_memory(failure)
+        message = _first_line(failure) if oom else f"{type(failure).__name__}: {_first_line(failure)}"
+        del failure  # its traceback holds the activations: drop it before freeing memory
+        _free_memory(device)
+        status = "oom" if oom else "failed"
+        add(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status=status, error=message, peak_memory_bytes=phase.peak_bytes))
+        if oom:
+            oom_at = batch_size
     return points
 
 
-def _repeat_forward(
-    model: PreTrainedModel,
-    inputs: dict[str, torch.Tensor],
-    repeats: _Repeats,
-    max_memory_bytes: int | None,
-    tracker: PeakMemoryTracker,
-) -> list[float]:
-    clock = Clock(model.device)
+def repeat_timed(call: Callable[[], object], clock: Clock, repeats: Repeats, check: Callable[[], None] = lambda: None) -> list[float]:
+    """Warm up, then time `call` until the mean is stable, the budget is spent or the maximum is reached.
+
+    `check` runs after every call while its result is still alive (the CPU memory cap).
+    """
     started = clock.now()
     for _ in range(repeats.warmup):
-        outputs = model(**inputs, use_cache=False)
-        _check_cpu_cap(model.device, max_memory_bytes, tracker)
-        del outputs
+        result = call()
+        check()
+        del result
     times: list[float] = []
     while True:
         begin = clock.now()
-        outputs = model(**inputs, use_cache=False)
+        result = call()
         times.append(clock.since(begin))
-        _check_cpu_cap(model.device, max_memory_bytes, tracker)  # while the logits are still alive
-        del outputs
+        check()
+        del result
         if len(times) >= repeats.max_iterations:
             return times
         if len(times) >= repeats.min_iterations and (

@@ -9,16 +9,16 @@ ids (llama.cpp's two-pass protocol). Nothing is recomputed per metric.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from quantcheck.data.items import LETTERS, Item
 from quantcheck.data.prompts import answer_continuations, loglik_prompt
 from quantcheck.errors import QuantcheckError
-from quantcheck.measure.batching import left_padded, plan_batches
+from quantcheck.measure.batching import plan_batches
 from quantcheck.metrics.next_token import TOP_K, jaccard_all_k, kl_divergence, top_k_ids
 from quantcheck.results.schema import ItemRecord, LoglikAnswer
 from quantcheck.results.store import ReferenceLogprobs
@@ -48,33 +48,19 @@ def encode_items(tokenizer, items: tuple[Item, ...]) -> EncodedItems:
     return EncodedItems(prompt_ids, continuation_ids)
 
 
-def _keeps_last_logits_only(model) -> dict[str, int]:
-    """Ask for the last position's logits only when the model supports it: saves the [batch, seq, vocab] tensor."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-@torch.no_grad()  # not inference_mode: quanto int4 fails under it
-def answer_position_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probabilities of the next token after each (left-padded) prompt, float32 on CPU."""
-    logits = model(**batch, **_keeps_last_logits_only(model)).logits[:, -1, :]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-
-def model_batches(encoded: EncodedItems, batch_size: int, pad_id: int, device: str) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """The fixed batch plan with its tensors: shared by the scorer and the overhead benchmark."""
+def model_batches(encoded: EncodedItems, batch_size: int) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """The fixed batch plan with each batch's token-id prompts: shared by the scorer and the overhead benchmark."""
     for rows in plan_batches([len(ids) for ids in encoded.prompt_ids], batch_size):
-        yield rows, left_padded([encoded.prompt_ids[row] for row in rows], pad_id, device)
+        yield rows, [encoded.prompt_ids[row] for row in rows]
 
 
 def score_items(
-    model,
+    next_token_logprobs: Callable[[list[list[int]]], np.ndarray],
     model_name: str,
     items: tuple[Item, ...],
     encoded: EncodedItems,
     *,
     batch_size: int,
-    pad_id: int,
-    device: str,
     reference: ReferenceLogprobs,
     is_reference: bool,
     compare_tokens: bool,
@@ -83,13 +69,13 @@ def score_items(
 ) -> None:
     """Score every item not in `done`, one batch at a time, handing each finished batch to `on_batch`.
 
-    The reference writes its log-probability rows to `reference`; a variant reads them back and
+    `next_token_logprobs` is the backend's request (any engine). The reference writes its log-probability rows to `reference`; a variant reads them back and
     adds KL, Jaccard@k and top-1 agreement (only when it saw the identical token ids: `compare_tokens`).
     """
-    for rows, batch in model_batches(encoded, batch_size, pad_id, device):
+    for rows, prompts in model_batches(encoded, batch_size):
         if all(items[row].item_id in done for row in rows):
             continue
-        logprobs = answer_position_logprobs(model, batch)
+        logprobs = torch.from_numpy(next_token_logprobs(prompts))
         if is_reference:
             reference.write_rows(rows, logprobs.numpy())
         top = top_k_ids(logprobs, max(TOP_K))

@@ -189,8 +189,9 @@ class PeakMemoryTracker:
     counted again. Use as a context manager so the sampling thread stops.
     """
 
-    def __init__(self, device: str | torch.device, interval_s: float = RSS_INTERVAL_S) -> None:
+    def __init__(self, device: str | torch.device, interval_s: float = RSS_INTERVAL_S, process_tree: bool = False) -> None:
         self.device = torch.device(device)
+        self.process_tree = process_tree  # engines that start worker processes (vLLM): count their RSS too
         self.interval_s = interval_s
         self._cuda = self.device.type == "cuda"
         self._process = psutil.Process()
@@ -202,7 +203,9 @@ class PeakMemoryTracker:
     @property
     def method(self) -> str:
         """How memory is measured, for `ModelCost.memory_method`."""
-        return "cuda-max-allocated" if self._cuda else f"rss-sampled-{round(self.interval_s * 1000)}ms"
+        if self._cuda:
+            return "cuda-max-allocated"
+        return f"rss-{'process-tree-' if self.process_tree else ''}sampled-{round(self.interval_s * 1000)}ms"
 
     def __enter__(self) -> PeakMemoryTracker:
         if not self._cuda:
@@ -249,7 +252,14 @@ class PeakMemoryTracker:
                 self._peak = self._sample()
 
     def _sample(self) -> int:
-        return int(self._process.memory_info().rss)
+        rss = self._process.memory_info().rss
+        if self.process_tree:
+            for child in self._process.children(recursive=True):
+                try:
+                    rss += child.memory_info().rss
+                except psutil.Error:  # a child that just exited
+                    pass
+        return int(rss)
 
     def _record(self, rss: int) -> int:
         with self._lock:

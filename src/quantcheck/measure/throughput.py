@@ -21,22 +21,45 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
-def fixed_length_config(tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> GenerationConfig:
-    """Greedy decoding of exactly `new_tokens` tokens, every sampling knob set explicitly."""
+def explicit_generation_config(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    do_sample: bool,
+    temperature: float,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    min_new_tokens: int | None = None,
+) -> GenerationConfig:
+    """The one GenerationConfig builder: every decoding knob set explicitly, for scoring and for cost.
+
+    Used together with `neutral_generation_defaults`: transformers 5.x fills fields left None from
+    the model's own generation_config (repetition_penalty, top_k, ...) and 4.50-4.57 overwrite
+    fields equal to their defaults, so neither may be left to the model. `stop_token_ids` is the
+    model's whole list of stop tokens (Llama-3, Gemma and Phi-3 chat stop on an end-of-turn token),
+    not the tokenizer's single eos.
+    """
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=False,
+        do_sample=do_sample,
         num_beams=1,
-        temperature=None,
-        top_p=None,
-        top_k=None,
+        temperature=temperature if do_sample else 1.0,
+        top_p=1.0,
+        top_k=0,
         repetition_penalty=1.0,
-        min_new_tokens=new_tokens,
-        max_new_tokens=new_tokens,
+        min_new_tokens=min_new_tokens or 0,
+        max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(stop_token_ids),
         bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def fixed_length_config(tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> GenerationConfig:
+    """Greedy decoding of exactly `new_tokens` tokens (the cost measurement's like-for-like work)."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return explicit_generation_config(
+        tokenizer, do_sample=False, temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop_token_ids=stops
     )
 
 
@@ -61,12 +84,16 @@ def prompt_batches(
     max_prompt_tokens: int | None,
     device: torch.device,
 ) -> list[dict[str, torch.Tensor]]:
-    """The first `prompts` texts in batches, left-padded (decoder-only models continue on the right)."""
-    if len(texts) < prompts:
-        raise ValueError(f"generation needs {prompts} prompts, got {len(texts)} texts")
+    """`prompts` texts in batches, left-padded (decoder-only models continue on the right).
+
+    Texts are reused cyclically when a data set has fewer questions than generation prompts
+    (`--limit 3` with CUDA's 4 prompts), as the latency sweep does: the work stays the same size.
+    """
+    if not texts:
+        raise ValueError("generation needs at least one text")
     batches = []
     for start in range(0, prompts, batch_size):
-        chunk = list(texts[start : min(start + batch_size, prompts)])
+        chunk = [texts[index % len(texts)] for index in range(start, min(start + batch_size, prompts))]
         encoded = tokenizer(
             chunk, return_tensors="pt", padding=True, padding_side="left",
             truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens,

@@ -60,7 +60,6 @@ class QuantMethod:
     install: str  # what to pip install when a requirement is missing
     recipe: Recipe = field(repr=False)
     compute_dtype: Callable[[LoadRequest], str] = field(repr=False, default=lambda req: _dtype_name(req.dtype))
-    checkpoint: str | None = None  # a pre-quantized model loaded as saved, instead of the reference's weights
 
     def missing_requirements(self) -> list[str]:
         return [module for module in self.requires if importlib.util.find_spec(module) is None]
@@ -198,23 +197,8 @@ for _bits in (4, 8):
     _register(QuantMethod(f"hqq-{_bits}bit", f"HQQ {_bits}-bit, group size 64, no calibration", _BOTH, ("hqq",), "'quantcheck[hqq]'", _hqq(_bits)))
 
 
-PRETRAINED_PREFIX = "pretrained:"
-
-
-def pretrained_method(source: str) -> QuantMethod:
-    """A variant someone else quantized (a GPTQ, AWQ or bnb checkpoint, local or on the hub), loaded as saved.
-
-    It brings its own tokenizer: if that tokenizes the prompts differently, token-level metrics are
-    refused for it and only accuracy is compared.
-    """
-    slug = "".join(char if char.isalnum() or char in "-_." else "-" for char in source.rstrip("/").split("/")[-1])
-    return QuantMethod(f"pretrained-{slug}", f"pre-quantized checkpoint {source}", _BOTH, (), "", _reference, checkpoint=source)
-
-
 def get_method(name: str) -> QuantMethod:
-    """Look a method up by name (or `pretrained:PATH_OR_HUB_ID`); an unknown name lists the valid ones."""
-    if name.startswith(PRETRAINED_PREFIX) and len(name) > len(PRETRAINED_PREFIX):
-        return pretrained_method(name[len(PRETRAINED_PREFIX) :])
+    """Look a transformers recipe up by name; an unknown name lists the valid ones."""
     try:
         return REGISTRY[name]
     except KeyError:

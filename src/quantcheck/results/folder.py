@@ -81,6 +81,18 @@ class RunFolder:
         write_json_atomic(key_file, key)
         return reason
 
+    def check_generation_key(self, key: dict[str, object]) -> str | None:
+        """Drop every model's generated answers when the generation settings changed; return why."""
+        key_file = self.root / "generation-key.json"
+        reason = None
+        if key_file.exists() and (previous := json.loads(key_file.read_text())) != key:
+            changed = [f"{name} {previous.get(name)!r} -> {value!r}" for name, value in key.items() if previous.get(name) != value]
+            reason = "generated answers were made under other settings (" + ", ".join(changed) + "): generating again"
+            for path in [*self.models_dir.glob("*/generation.jsonl"), *self.models_dir.glob("*/generation-settings.json")]:
+                path.unlink()
+        write_json_atomic(key_file, key)
+        return reason
+
     def write_dataset(self, dataset: Dataset) -> None:
         write_text_atomic(self.dataset_file, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in dataset.items))
 

