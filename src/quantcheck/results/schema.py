@@ -30,6 +30,11 @@ class Estimate(BaseModel):
 
     value: float
     ci: Interval | None = None
+    fail_ci: Interval | None = Field(
+        default=None,
+        description="for a verdict check: the same interval at the verdict's Bonferroni level "
+        "(Verdict.fail_level), the one that decides 'fail'",
+    )
 
 
 class Accuracy(BaseModel):
@@ -49,6 +54,10 @@ class PairedComparison(BaseModel):
     variant_accuracy: float
     difference: float = Field(description="variant minus reference accuracy, as a fraction")
     difference_ci: Interval
+    difference_fail_ci: Interval | None = Field(
+        default=None,
+        description="difference_ci at the verdict's Bonferroni level (Verdict.fail_level), the one that decides 'fail'",
+    )
     right_to_wrong: int = Field(description="items the reference got right and the variant wrong")
     wrong_to_right: int
     mcnemar_p: float = Field(description="exact (binomial) McNemar test on the discordant pairs")
