@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 SCHEMA_VERSION = 1
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
+Phase = Literal["loglik", "generation", "cost"]
+Outcome = Literal["pass", "fail", "unclear"]
 
 
 class Interval(BaseModel):
@@ -184,6 +186,17 @@ class Verdict(BaseModel):
     decision: Decision
     reasons: list[str]
     summary: str
+    familywise_level: float = Field(
+        0.95, description="confidence with which all 'fail' intervals of this variant hold together"
+    )
+    fail_level: float | None = Field(
+        default=None,
+        description="level of each 'fail' interval: 1 - (1 - familywise_level) / m for m measured quality "
+        "checks (Bonferroni); None when no quality check was measured",
+    )
+    checks: dict[str, Outcome] = Field(
+        default={}, description="outcome of each judged check: memory, accuracy per scoring mode, mean KL, top-1 agreement"
+    )
 
 
 class ModelResult(BaseModel):
@@ -194,6 +207,11 @@ class ModelResult(BaseModel):
     description: str
     status: Literal["ok", "failed", "partial", "pending"] = "pending"
     errors: list[str] = []
+    incomplete: dict[Phase, str] = Field(
+        default={},
+        description="phases that were asked for but failed or stopped part-way (for a variant, the reference's "
+        "too), each with what happened; their checks are not judged and the verdict cannot be QUANTIZE",
+    )
     precision: PrecisionInfo | None = None
     loglik: Accuracy | None = None
     generative: GenerativeQuality | None = None
