@@ -378,6 +378,9 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
                 "no accuracy loss detected: +16.7 pts, McNemar p 1.000",
             ],
             summary="int8 weight-only keeps the reference's answers and halves weight memory.",
+            fail_level=1 - 0.05 / 4,
+            checks={"memory": "pass", "log-likelihood accuracy": "pass", "generated-answer accuracy": "pass",
+                    "mean KL": "pass", "top-1 agreement": "pass"},
         ),
     )
     nf4 = ModelResult(
@@ -403,6 +406,8 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
                 "accuracy dropped by 33.3 pts (2 right-to-wrong flips)",
             ],
             summary="NF4 changes the next-token distribution too much for this model.",
+            fail_level=1 - 0.05 / 3,
+            checks={"memory": "pass", "log-likelihood accuracy": "fail", "mean KL": "fail", "top-1 agreement": "fail"},
         ),
     )
     hqq = ModelResult(

@@ -35,6 +35,12 @@ PARSABLE = [
     ("Answer: B. The answer is B because Berlin is in Germany.", "B"),
     ("B. Options A and C are European capitals too, but not of Germany.", "B"),
     ("The answer is a. London", "A"),
+    # an answer given first wins over later mentions
+    ("B. Option A is incorrect because London is in England.", "B"),
+    ("B\n\nExplanation: option C, Paris, is the capital of France, not of Germany.", "B"),
+    ("(D) Madrid. The answer is not C.", "D"),
+    # options listed back, then an answer
+    ("A. London\nB. Berlin\nC. Paris\nD. Madrid\n\nThe answer is C.", "C"),
 ]
 
 UNPARSABLE = [
@@ -65,6 +71,18 @@ def test_parses(reply: str, expected: str) -> None:
 @pytest.mark.parametrize("reply", UNPARSABLE)
 def test_refuses(reply: str) -> None:
     assert extract_choice(reply, CAPITALS) is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "choices"),
+    [
+        ("A. 100\nB. 1\nC. 10\nD. unknown", ["100", "1", "10", "unknown"]),
+        ("A. USA\nB. Norway", ["USA", "Norway", "Sweden", "Denmark"]),
+        ("**A.** London\n**B.** Berlin\n**C.** Paris\n**D.** Madrid", CAPITALS),
+    ],
+)
+def test_options_listed_back_are_no_answer(reply: str, choices: list[str]) -> None:
+    assert extract_choice(reply, choices) is None
 
 
 def test_letter_range_follows_number_of_choices() -> None:

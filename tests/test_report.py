@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from markupsafe import escape
 from report_fixture import XSS_QUESTION_MARKER, build_partial_run_folder, build_run_folder
@@ -19,7 +20,11 @@ from quantcheck.errors import ResultsFolderError
 from quantcheck.report import ReportFiles, render_report
 from quantcheck.report import format as fmt
 from quantcheck.report.markdown import parse_md_table
-from quantcheck.results.schema import Results
+from quantcheck.report.plots import FIGURES, model_colors, tradeoff_figure
+from quantcheck.results.schema import CostComparison, DivergenceSummary, ModelResult, Results, Thresholds, TokenAgreement
+from quantcheck.stats.intervals import heavy_tailed_mean, proportion
+from quantcheck.stats.paired import compare_paired
+from quantcheck.verdict import decide, fail_level, quality_check_count
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -231,3 +236,65 @@ def test_rendering_does_not_import_torch(run_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert (run_dir / "report.html").is_file()
+
+
+# ------------------------------------------------------------------------------- trade-off chart
+
+
+def kl_rejected_run() -> Results:
+    """A variant within the memory and accuracy limits whose mean KL is far above its limit,
+    measured and judged as summarize does (2000 items, no answer flips, KL around 0.3 nats)."""
+    n = 2000
+    level = fail_level(quality_check_count(loglik=True, generative=False, agreement=True))
+    correct = [True] * 1200 + [False] * 800
+    answers = ["A" if ok else "B" for ok in correct]
+    kl = np.random.default_rng(0).lognormal(np.log(0.2), 1.0, n)
+    variant = ModelResult(
+        name="bnb-nf4-dq",
+        description="bitsandbytes NF4 with double quantization",
+        status="ok",
+        paired_loglik=compare_paired(correct, correct, answers, answers, fail_level=level),
+        agreement=TokenAgreement(
+            n=n,
+            jaccard={},
+            top1_agreement=proportion([True] * 1960 + [False] * 40, fail_level=level),
+            kl=DivergenceSummary(mean=heavy_tailed_mean(kl, seed=0, fail_level=level), median=float(np.median(kl)),
+                                 p90=float(np.quantile(kl, 0.9)), max=float(kl.max())),
+        ),
+        cost_vs_reference=CostComparison(weight_memory_ratio=0.3, memory_saving=0.7, latency_ratio={1: 1.2}),
+    )
+    variant.verdict = decide(variant, Thresholds())
+    reference = ModelResult(name="reference", description="the reference", status="ok")
+    return Results(tool_version="0.1.0", created_at="2025-01-01T00:00:00Z", models=[reference, variant])
+
+
+def test_tradeoff_chart_shows_a_kl_rejected_variant_as_rejected() -> None:
+    """Inside the shaded memory-and-accuracy corner, yet rejected for its KL: the chart says so."""
+    results = kl_rejected_run()
+    verdict = results.models[1].verdict
+    assert verdict.decision == "DON'T QUANTIZE"
+    assert verdict.checks == {"memory": "pass", "log-likelihood accuracy": "pass", "mean KL": "fail", "top-1 agreement": "pass"}
+    fig = tradeoff_figure(results, model_colors(results))
+    ax = fig.axes[0]
+    texts = [text.get_text() for text in ax.texts]
+    assert "bnb-nf4-dq: DON'T QUANTIZE\nfail: mean KL" in texts
+    assert not any("meets" in text for text in texts)
+    assert "memory and accuracy limits only; the marker shows the verdict" in texts
+    point = next(line for line in ax.get_lines() if line.get_gid() == "bnb-nf4-dq" and line.get_marker() != "_")
+    assert point.get_marker() == "X"
+    x, y = point.get_xydata()[0]
+    assert x > results.thresholds.min_memory_saving * 100 and y < results.thresholds.max_accuracy_drop * 100
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["DON'T QUANTIZE"]
+    caption = next(spec.caption for spec in FIGURES if spec.key == "tradeoff")
+    assert "also weighs mean KL" in caption and "meets the memory and quality thresholds" not in caption
+
+
+def test_report_states_the_familywise_level(run_dir: Path, rendered: ReportFiles) -> None:
+    md = rendered.markdown.read_text(encoding="utf-8")
+    page = rendered.html.read_text(encoding="utf-8")
+    sentence = (
+        "fails it only when its interval at 1 \u2212 0.05/m (Bonferroni over its m quality checks: 98.33%, 98.75% here) "
+        "lies beyond it, so the intervals that can reject a variant hold together with at least 95% confidence (family-wise)."
+    )
+    assert sentence in md
+    assert str(escape(sentence)) in page

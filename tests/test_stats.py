@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from quantcheck.stats.intervals import accuracy, bootstrap_mean, wilson_interval
+from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion, wilson_interval
 from quantcheck.stats.paired import (
     MIN_DISCORDANT_FRACTION,
     compare_paired,
@@ -56,6 +56,16 @@ def test_wilson_rejects_no_trials() -> None:
         wilson_interval(0, 0)
 
 
+def test_top1_agreement_of_48_in_50_does_not_show_90_percent() -> None:
+    """A proportion: Wilson's low end is 0.865 (the percentile bootstrap said 0.90 and passed it)."""
+    estimate = proportion([True] * 48 + [False] * 2, fail_level=0.9875)
+    assert estimate.value == 0.96
+    assert estimate.ci.method == "wilson"
+    assert estimate.ci.low == pytest.approx(0.8654, abs=1e-4) and estimate.ci.low < 0.90
+    low, high = proportion_confint(48, 50, alpha=0.0125, method="wilson")
+    assert (estimate.fail_ci.low, estimate.fail_ci.high) == pytest.approx((low, high), abs=1e-12)
+
+
 def test_accuracy_counts_and_interval() -> None:
     result = accuracy([True, False, True, True])
     assert (result.n, result.correct, result.accuracy) == (4, 3, 0.75)
@@ -87,6 +97,64 @@ def test_bootstrap_degenerate_samples() -> None:
     assert bootstrap_mean([0.4], seed=3).ci is None
     with pytest.raises(ValueError):
         bootstrap_mean([], seed=3)
+
+
+# --- mean KL: heavy-tailed ------------------------------------------------------------------
+
+
+def upper_miss_rates(n: int, sigma: float, datasets: int = 400) -> tuple[float, float]:
+    """How often the 95 % upper bound falls below the true mean of lognormal(0, sigma) values:
+    (heavy_tailed_mean, the percentile bootstrap it replaced). Nominal: 2.5 %."""
+    rng = np.random.default_rng(20240 + n)
+    true_mean = math.exp(sigma**2 / 2)
+    new = old = 0
+    for seed in range(datasets):
+        sample = rng.lognormal(0.0, sigma, n)
+        new += heavy_tailed_mean(sample, seed).ci.high < true_mean
+        old += bootstrap_mean(sample, seed).ci.high < true_mean
+    return new / datasets, old / datasets
+
+
+@pytest.mark.parametrize(("n", "sigma"), [(50, 1.5), (166, 1.5), (50, 2.0), (166, 2.0)])
+def test_mean_kl_upper_bound_covers_lognormal_means(n: int, sigma: float) -> None:
+    """The KL limit is passed on the upper bound, so it must not fall below the true mean more
+    than the nominal 2.5 % (allowing for 400 simulated runs); the percentile bootstrap did."""
+    new, old = upper_miss_rates(n, sigma)
+    print(f"n={n} sigma={sigma}: upper bound below the true mean in {new:.1%} (percentile bootstrap {old:.1%})")
+    assert new <= 0.05
+    assert old >= 0.08
+
+
+def test_mean_kl_interval_methods_and_levels() -> None:
+    lognormal = np.random.default_rng(3).lognormal(-5, 1.5, 166)
+    estimate = heavy_tailed_mean(lognormal, seed=1, fail_level=0.9875)
+    assert estimate.value == pytest.approx(lognormal.mean())
+    assert estimate.ci.method == "bootstrap-t|delta-lognormal"
+    assert estimate.fail_ci.level == 0.9875
+    assert estimate.fail_ci.low < estimate.ci.low < estimate.value < estimate.ci.high < estimate.fail_ci.high
+    assert heavy_tailed_mean(lognormal, seed=1) == heavy_tailed_mean(lognormal, seed=1).model_copy()
+    assert heavy_tailed_mean(lognormal, seed=1).fail_ci is None
+
+
+def test_mean_kl_left_skewed_logs_fall_back_to_the_bootstrap_t() -> None:
+    """Exponential values have left-skewed logs: a lognormal model would put the upper bound
+    28 % above the mean however many items there are. The bootstrap-t bound closes in on it."""
+    exponential = np.random.default_rng(4).exponential(0.01, 5000)
+    estimate = heavy_tailed_mean(exponential, seed=2)
+    assert estimate.ci.method == "bootstrap-t"
+    assert estimate.ci.high < 1.1 * estimate.value
+
+
+def test_mean_kl_zeros_and_degenerate_samples() -> None:
+    with_zeros = np.concatenate([np.zeros(60), np.random.default_rng(5).lognormal(-6, 1.5, 100)])
+    estimate = heavy_tailed_mean(with_zeros, seed=3)
+    assert estimate.ci.method == "bootstrap-t|delta-lognormal"
+    assert 0 <= estimate.ci.low < estimate.value < estimate.ci.high < 1
+    zeros = heavy_tailed_mean([0.0] * 40, seed=3, fail_level=0.99)
+    assert zeros.ci.low == zeros.ci.high == zeros.fail_ci.high == 0.0
+    assert heavy_tailed_mean([0.3], seed=3).ci is None
+    with pytest.raises(ValueError):
+        heavy_tailed_mean([0.1, -0.2], seed=3)
 
 
 # --- Newcombe paired interval ----------------------------------------------------------------

@@ -5,23 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from quantcheck.report import format as fmt
 from quantcheck.results.schema import (
     CostComparison,
     DivergenceSummary,
     ModelResult,
     PairedComparison,
+    Phase,
     Thresholds,
     TokenAgreement,
 )
-from quantcheck.stats.intervals import bootstrap_mean
+from quantcheck.stats.intervals import bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired
-from quantcheck.verdict import decide
+from quantcheck.verdict import FAMILYWISE_LEVEL, RERUN_ADVICE, decide, fail_level, quality_check_count
 
 SEED = 1234
+Table = tuple[int, int, int, int]
 
 
-def paired(both_right: int, ref_only: int, variant_only: int, both_wrong: int) -> PairedComparison:
+def paired(table: Table, level: float) -> PairedComparison:
     """A paired comparison from per-item answers; the key is always A, a wrong answer is B."""
+    both_right, ref_only, variant_only, both_wrong = table
     cells = [(True, True)] * both_right + [(True, False)] * ref_only
     cells += [(False, True)] * variant_only + [(False, False)] * both_wrong
     reference_correct = [ref for ref, _ in cells]
@@ -31,17 +35,18 @@ def paired(both_right: int, ref_only: int, variant_only: int, both_wrong: int) -
         variant_correct,
         ["A" if ok else "B" for ok in reference_correct],
         ["A" if ok else "B" for ok in variant_correct],
+        fail_level=level,
     )
 
 
-def agreement(kl_values: np.ndarray, top1_agrees: np.ndarray) -> TokenAgreement:
-    """Next-token agreement summarised from per-item KL values and top-1 matches."""
+def agreement(kl_values: np.ndarray, top1_agrees: np.ndarray, level: float) -> TokenAgreement:
+    """Next-token agreement summarised from per-item KL values and top-1 matches, as summarize does."""
     return TokenAgreement(
         n=len(kl_values),
         jaccard={5: bootstrap_mean(top1_agrees.astype(float), seed=SEED)},
-        top1_agreement=bootstrap_mean(top1_agrees.astype(float), seed=SEED),
+        top1_agreement=proportion(top1_agrees.tolist(), fail_level=level),
         kl=DivergenceSummary(
-            mean=bootstrap_mean(kl_values, seed=SEED),
+            mean=heavy_tailed_mean(kl_values, seed=SEED, fail_level=level),
             median=float(np.median(kl_values)),
             p90=float(np.quantile(kl_values, 0.9)),
             max=float(kl_values.max()),
@@ -60,8 +65,25 @@ def cost(
     )
 
 
-def variant(**measured: object) -> ModelResult:
-    return ModelResult(name="test-variant", description="synthetic", status="ok", **measured)
+def variant(
+    loglik: Table | None = None,
+    generative: Table | None = None,
+    next_token: tuple[np.ndarray, np.ndarray] | None = None,
+    cost_vs_reference: CostComparison | None = None,
+    incomplete: dict[Phase, str] | None = None,
+) -> ModelResult:
+    """A variant measured like summarize measures one: every interval at the verdict's levels."""
+    level = fail_level(quality_check_count(loglik is not None, generative is not None, next_token is not None))
+    return ModelResult(
+        name="test-variant",
+        description="synthetic",
+        status="ok",
+        paired_loglik=None if loglik is None else paired(loglik, level),
+        paired_generative=None if generative is None else paired(generative, level),
+        agreement=None if next_token is None else agreement(*next_token, level),
+        cost_vs_reference=cost_vs_reference,
+        incomplete=incomplete or {},
+    )
 
 
 def small_kl(n: int, mean: float) -> np.ndarray:
@@ -78,11 +100,22 @@ def none_like() -> ModelResult:
     """The reference loaded again: identical answers, no flips, KL 0, full agreement, no saving."""
     n = 200
     return variant(
-        paired_loglik=paired(120, 0, 0, 80),
-        paired_generative=paired(110, 0, 0, 90),
-        agreement=agreement(np.zeros(n), np.ones(n, dtype=bool)),
+        loglik=(120, 0, 0, 80),
+        generative=(110, 0, 0, 90),
+        next_token=(np.zeros(n), np.ones(n, dtype=bool)),
         cost_vs_reference=cost(0.0),
     )
+
+
+def clearly_good(**changes: object) -> ModelResult:
+    n = 2000
+    measured: dict[str, object] = dict(
+        loglik=(1180, 20, 20, 780),
+        generative=(1100, 25, 22, 853),
+        next_token=(small_kl(n, 0.01), top1(n, 1950)),
+        cost_vs_reference=cost(0.62, latency={1: 1.4, 8: 0.95}, decode=0.8),
+    )
+    return variant(**{**measured, **changes})
 
 
 def test_none_like_is_rejected_only_for_memory() -> None:
@@ -90,49 +123,60 @@ def test_none_like_is_rejected_only_for_memory() -> None:
     assert verdict.decision == "DON'T QUANTIZE"
     assert "saves no weight memory" in verdict.reasons[0]
     assert "memory" in verdict.summary
-    quality = [r for r in verdict.reasons if "memory" not in r]
-    assert quality and all(("ruled out" in r) or ("within" in r) or ("meets" in r) for r in quality)
+    assert verdict.checks == {
+        "memory": "fail",
+        "log-likelihood accuracy": "pass",
+        "generated-answer accuracy": "pass",
+        "mean KL": "pass",
+        "top-1 agreement": "pass",
+    }
 
 
 def test_none_like_without_memory_requirement_is_not_rejected() -> None:
     verdict = decide(none_like(), Thresholds(min_memory_saving=0))
-    assert verdict.decision != "DON'T QUANTIZE"
     assert verdict.decision == "QUANTIZE"
 
 
 def test_clearly_good_variant() -> None:
-    n = 2000
-    good = variant(
-        paired_loglik=paired(1180, 20, 20, 780),
-        paired_generative=paired(1100, 25, 22, 853),
-        agreement=agreement(small_kl(n, 0.01), top1(n, 1950)),
-        cost_vs_reference=cost(0.62, latency={1: 1.4, 8: 0.95}, decode=0.8),
-    )
+    good = clearly_good()
     verdict = decide(good, Thresholds())
     assert verdict.decision == "QUANTIZE"
-    assert "saves 62 % of weight memory" in verdict.reasons
-    assert "forward pass 1.4x slower at batch 1" in verdict.reasons
-    assert "generation (decode) 1.2x slower" in verdict.reasons
-    assert not any("batch 8" in r for r in verdict.reasons)
+    assert "saves 62% of weight memory" in verdict.reasons
+    assert "generation (decode) 1.25\u00d7 slower" in verdict.reasons
     reasons = verdict.reasons
-    assert any(r.startswith("mean KL 0.01") and "within the 0.05 limit" in r for r in reasons)
-    assert any(r.startswith("log-likelihood accuracy +0.0 points (95 % CI") for r in reasons)
+    kl = good.agreement.kl.mean
+    assert f"mean KL {fmt.nats(kl.value)} nats (95% CI {fmt.interval(kl.ci, 'nats')}): within the 0.0500 nats limit" in reasons
+    assert any(r.startswith("log-likelihood accuracy +0.0 pts (95% CI [") for r in reasons)
     assert verdict.summary.count(".") == 1 and verdict.summary.endswith(".")
+
+
+def test_numbers_read_as_in_the_report() -> None:
+    """One formatter: the verdict's numbers are report/format.py's, not a second style."""
+    bad = variant(loglik=(70, 50, 5, 75), generative=(70, 50, 5, 75), cost_vs_reference=cost(0.75))
+    verdict = decide(bad, Thresholds())
+    pl = bad.paired_loglik
+    expected = (
+        f"log-likelihood accuracy {fmt.points(pl.difference)} (95% CI {fmt.interval(pl.difference_ci, 'points')}; "
+        f"97.5% CI {fmt.interval(pl.difference_fail_ci, 'points')}), McNemar p {fmt.pvalue(pl.mcnemar_p)}, "
+        "50 right-to-wrong and 5 wrong-to-right of 200 questions: worse by more than the 2.0 pts limit"
+    )
+    assert expected in verdict.reasons
+    assert fmt.pvalue(pl.mcnemar_p) == "<0.001"
+    assert "\u2212" not in " ".join(verdict.reasons)  # no second minus sign style
 
 
 def test_clearly_bad_variant() -> None:
     n = 200
-    bad = variant(
-        paired_loglik=paired(70, 50, 5, 75),
-        agreement=agreement(small_kl(n, 0.4), top1(n, 140)),
-        cost_vs_reference=cost(0.75),
+    verdict = decide(
+        variant(loglik=(70, 50, 5, 75), next_token=(small_kl(n, 0.4), top1(n, 140)), cost_vs_reference=cost(0.75)),
+        Thresholds(),
     )
-    verdict = decide(bad, Thresholds())
     assert verdict.decision == "DON'T QUANTIZE"
-    assert any("worse by more than the 2.0-point limit" in r for r in verdict.reasons)
-    assert any("above the 0.05 limit" in r for r in verdict.reasons)
-    assert any("below the 90 % minimum" in r for r in verdict.reasons)
+    assert any("worse by more than the 2.0 pts limit" in r for r in verdict.reasons)
+    assert any("above the 0.0500 nats limit" in r for r in verdict.reasons)
+    assert any("below the 90.0% minimum" in r for r in verdict.reasons)
     assert "generated-answer accuracy against the reference was not measured" in verdict.reasons
+    assert verdict.summary.endswith("(family-wise 95%).")
 
 
 @pytest.mark.parametrize("failing", ["accuracy", "kl", "top1"])
@@ -140,31 +184,35 @@ def test_each_quality_rule_alone_rejects(failing: str) -> None:
     n = 2000
     kl = small_kl(n, 0.4 if failing == "kl" else 0.005)
     agrees = top1(n, 1500 if failing == "top1" else 1980)
-    loglik = paired(1000, 200, 20, 780) if failing == "accuracy" else paired(1180, 20, 20, 780)
-    result = variant(
-        paired_loglik=loglik, agreement=agreement(kl, agrees), cost_vs_reference=cost(0.5)
-    )
+    loglik = (1000, 200, 20, 780) if failing == "accuracy" else (1180, 20, 20, 780)
+    result = variant(loglik=loglik, next_token=(kl, agrees), cost_vs_reference=cost(0.5))
     assert decide(result, Thresholds()).decision == "DON'T QUANTIZE"
 
 
 def test_thin_evidence_is_inconclusive_with_advice() -> None:
     n = 166
-    thin = variant(
-        paired_loglik=paired(100, 12, 10, 44),
-        agreement=agreement(small_kl(n, 0.01), top1(n, 163)),
-        cost_vs_reference=cost(0.5),
-    )
+    thin = variant(loglik=(100, 12, 10, 44), next_token=(small_kl(n, 0.01), top1(n, 163)), cost_vs_reference=cost(0.5))
     verdict = decide(thin, Thresholds())
     assert verdict.decision == "INCONCLUSIVE"
-    mde = round(thin.paired_loglik.min_detectable_difference * 100)
+    mde = fmt.points(thin.paired_loglik.min_detectable_difference).lstrip("+")
     advice = (
-        f"166 questions can only detect differences of {mde} points or more: "
+        f"166 questions can only detect differences of {mde} or more: "
         "run with more questions (--dataset mmlu:all) to decide"
     )
-    assert 7 <= mde <= 11
+    assert 7 <= thin.paired_loglik.min_detectable_difference * 100 <= 11
     assert advice in verdict.reasons
     assert advice in verdict.summary
     assert any("is not ruled out" in r for r in verdict.reasons)
+
+
+def test_top1_agreement_is_a_wilson_proportion() -> None:
+    """48 of 50 agreeing does not show 90 %: Wilson's low end is 0.865 (the percentile bootstrap said 0.90)."""
+    result = variant(next_token=(small_kl(50, 0.001), np.array([True] * 48 + [False] * 2)), cost_vs_reference=cost(0.5))
+    top = result.agreement.top1_agreement
+    assert top.ci.method == "wilson" and top.ci.low == pytest.approx(0.8654, abs=1e-4)
+    verdict = decide(result, Thresholds())
+    assert verdict.checks["top-1 agreement"] == "unclear"
+    assert verdict.decision == "INCONCLUSIVE"
 
 
 def test_no_quality_evidence_is_inconclusive() -> None:
@@ -173,6 +221,7 @@ def test_no_quality_evidence_is_inconclusive() -> None:
     assert "next-token agreement (KL, top-1) was not measured" in verdict.reasons
     assert "log-likelihood accuracy against the reference was not measured" in verdict.reasons
     assert "no quality evidence" in verdict.summary
+    assert verdict.fail_level is None
 
 
 def test_no_evidence_but_no_saving_is_still_rejected() -> None:
@@ -181,10 +230,7 @@ def test_no_evidence_but_no_saving_is_still_rejected() -> None:
 
 def test_unmeasured_memory_blocks_quantize() -> None:
     n = 2000
-    result = variant(
-        paired_loglik=paired(1180, 20, 20, 780),
-        agreement=agreement(small_kl(n, 0.005), top1(n, 1980)),
-    )
+    result = variant(loglik=(1180, 20, 20, 780), next_token=(small_kl(n, 0.005), top1(n, 1980)))
     verdict = decide(result, Thresholds())
     assert verdict.decision == "INCONCLUSIVE"
     assert "weight memory was not measured" in verdict.reasons
@@ -194,4 +240,102 @@ def test_unmeasured_memory_blocks_quantize() -> None:
 def test_larger_variant_says_it_uses_more_memory() -> None:
     verdict = decide(variant(cost_vs_reference=cost(-0.1)), Thresholds())
     assert verdict.decision == "DON'T QUANTIZE"
-    assert verdict.reasons[0].startswith("uses 10 % more weight memory than the reference")
+    assert verdict.reasons[0].startswith("uses 10% more weight memory than the reference")
+
+
+# --- a check that was asked for but failed -----------------------------------------------------
+
+CRASHED_GENERATION = "generative scoring stopped after 40 of 2000 questions (quality job: out of memory: CUDA out of memory)"
+
+
+@pytest.mark.parametrize(
+    ("phase", "gap", "not_judged"),
+    [
+        ("generation", CRASHED_GENERATION, {"generated-answer accuracy"}),
+        ("loglik", "log-likelihood scoring stopped after 1200 of 2000 questions, a biased subset",
+         {"log-likelihood accuracy", "mean KL", "top-1 agreement"}),
+        ("cost", "cost was not measured (cost job: out of memory: CUDA out of memory)", set()),
+    ],
+)
+def test_an_incomplete_phase_blocks_quantize(phase: Phase, gap: str, not_judged: set[str]) -> None:
+    """Everything that was measured passes, but a phase that was asked for is missing or partial."""
+    assert decide(clearly_good(), Thresholds()).decision == "QUANTIZE"
+    changes: dict[str, object] = {"incomplete": {phase: gap}}
+    if phase == "cost":
+        changes["cost_vs_reference"] = None
+    verdict = decide(clearly_good(**changes), Thresholds())
+    assert verdict.decision == "INCONCLUSIVE"
+    assert any(reason.startswith(gap) for reason in verdict.reasons)
+    assert not_judged.isdisjoint(verdict.checks)
+    assert RERUN_ADVICE in verdict.summary
+
+
+def test_an_incomplete_phase_does_not_hide_a_measured_failure() -> None:
+    """The memory saving is measured and too small: that still rejects, whatever else is missing."""
+    result = clearly_good(cost_vs_reference=cost(0.05), incomplete={"generation": CRASHED_GENERATION})
+    assert decide(result, Thresholds()).decision == "DON'T QUANTIZE"
+
+
+# --- several checks, one error rate -----------------------------------------------------------
+
+
+def test_fail_intervals_are_bonferroni_over_the_measured_checks() -> None:
+    assert quality_check_count(True, True, True) == 4
+    assert fail_level(4) == pytest.approx(1 - 0.05 / 4)
+    good = clearly_good()
+    verdict = decide(good, Thresholds())
+    assert verdict.familywise_level == FAMILYWISE_LEVEL == 0.95
+    assert verdict.fail_level == pytest.approx(0.9875)
+    for ci in (good.paired_loglik.difference_fail_ci, good.agreement.kl.mean.fail_ci, good.agreement.top1_agreement.fail_ci):
+        assert ci.level == pytest.approx(0.9875)
+    assert (
+        "a quality check fails only when its 98.75% interval lies beyond the limit: "
+        "Bonferroni over 4 quality checks keeps the family-wise level at 95%"
+    ) in verdict.reasons
+
+
+def test_a_fail_at_95_percent_alone_is_not_a_rejection() -> None:
+    """84 of 100 agreeing: the 95 % Wilson interval ends below 90 %, the 98.75 % one does not.
+
+    Judged at 95 % each, four checks would wrongly reject a variant up to 4 x 2.5 % of the time.
+    """
+    result = clearly_good(next_token=(small_kl(100, 0.001), top1(100, 84)))
+    top = result.agreement.top1_agreement
+    assert top.ci.high < 0.90 <= top.fail_ci.high
+    verdict = decide(result, Thresholds())
+    assert verdict.checks["top-1 agreement"] == "unclear"
+    assert verdict.decision == "INCONCLUSIVE"
+    assert any("below the 90.0% minimum at 95% but not at the family-wise 98.75%" in r for r in verdict.reasons)
+    fewer = clearly_good(next_token=(small_kl(100, 0.001), top1(100, 80)))
+    assert decide(fewer, Thresholds()).checks["top-1 agreement"] == "fail"
+
+
+def test_a_stale_interval_level_is_refused() -> None:
+    """An interval computed for another number of checks cannot silently decide."""
+    result = clearly_good()
+    result.paired_generative = None  # three checks now: the stored 98.75 % intervals are stale
+    with pytest.raises(ValueError, match="98.33%"):
+        decide(result, Thresholds())
+
+
+# --- speed -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("latency", "note"),
+    [
+        ({1: 1.4, 2: 1.3, 4: 1.2, 8: 1.15, 16: 1.1, 32: 1.12}, "forward pass 1.10\u00d7-1.40\u00d7 slower at batch sizes 1-32"),
+        ({1: 0.8, 8: 0.5}, "forward pass 1.25\u00d7-2.00\u00d7 faster at batch sizes 1-8"),
+        ({1: 1.3, 4: 1.0, 16: 1 / 1.2}, "forward pass between 1.20\u00d7 faster and 1.30\u00d7 slower at batch sizes 1-16"),
+        ({1: 1.4}, "forward pass 1.40\u00d7 slower at batch size 1"),
+    ],
+)
+def test_speed_is_one_line(latency: dict[int, float], note: str) -> None:
+    verdict = decide(variant(cost_vs_reference=cost(0.6, latency=latency)), Thresholds())
+    assert note in verdict.reasons
+    assert sum("forward pass" in reason for reason in verdict.reasons) == 1
+
+
+def test_speed_within_noise_is_not_mentioned() -> None:
+    verdict = decide(variant(cost_vs_reference=cost(0.6, latency={1: 1.05, 8: 0.95}, decode=1.02)), Thresholds())
+    assert not any("forward pass" in r or "decode" in r for r in verdict.reasons)

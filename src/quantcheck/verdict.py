@@ -3,32 +3,49 @@
 Rules, applied to one variant against the user's `Thresholds`:
 
 - DON'T QUANTIZE when the variant saves less weight memory than `min_memory_saving` (a variant
-  that saves nothing says so), or when the evidence shows it is worse beyond a limit:
-  the whole accuracy-difference interval lies below -`max_accuracy_drop` (either scoring mode),
-  the lower bound of the mean-KL interval is above `max_mean_kl`, or the upper bound of the
-  top-1 agreement interval is below `min_top1_agreement`.
-- QUANTIZE when the memory saving is met and every quality check that was measured passes with
-  its whole interval: accuracy-difference low >= -`max_accuracy_drop` for each scoring mode
-  measured, mean-KL high <= `max_mean_kl`, top-1 agreement low >= `min_top1_agreement`.
-- INCONCLUSIVE otherwise: an interval straddles a limit, the memory saving was not measured, or
-  no quality check was measured at all. The reasons then say what would decide it.
+  that saves nothing says so), or when a quality check shows it worse beyond a limit with its
+  family-wise interval (`fail_ci`, below): the accuracy-difference interval lies wholly below
+  -`max_accuracy_drop` (either scoring mode), the mean-KL interval wholly above `max_mean_kl`, or
+  the top-1 agreement interval wholly below `min_top1_agreement`.
+- QUANTIZE when the memory saving is met, every quality check that was measured passes with its
+  whole 95 % interval (accuracy-difference low >= -`max_accuracy_drop` for each scoring mode,
+  mean-KL high <= `max_mean_kl`, top-1 agreement low >= `min_top1_agreement`), and nothing that
+  was asked for failed or stopped part-way.
+- INCONCLUSIVE otherwise: an interval straddles a limit, the memory saving was not measured, no
+  quality check was measured, or a phase that was asked for failed or is partial
+  (`ModelResult.incomplete`). The reasons then say what would decide it.
 
-A check that was not measured is named in the reasons and neither passes nor fails. Speed
-(forward-pass latency, decode throughput) is reported but does not decide: whether a slowdown
-is acceptable depends on the deployment, which the thresholds do not describe.
+Several checks, one error rate. Each of the m measured quality checks can say "fail", so at 95 %
+each the chance of a false DON'T QUANTIZE would grow with m. A check fails only when its interval
+at `fail_level(m)` = 1 - 0.05/m lies beyond the limit (Bonferroni): the m intervals then hold
+together with at least 95 % confidence (`FAMILYWISE_LEVEL`) whatever their correlation (KL and
+top-1 come from the same items). Bonferroni rather than Holm because it gives one level per
+variant that is stored with every interval in results.json, and with m <= 4 Holm would gain
+little. Passing needs no correction: QUANTIZE requires every check to pass (an intersection-union
+test), so its error is at most that of a single 95 % check.
+
+A phase that was asked for but failed or stopped part-way (a crash, out of memory, an interrupted
+pass) is named in the reasons and its checks are not judged: a partial log-likelihood pass is a
+biased subset, since the batch plan scores the longest questions first. A check that was not
+asked for is named too and neither passes nor fails. Speed (forward-pass latency, decode
+throughput) is reported but does not decide: whether a slowdown is acceptable depends on the
+deployment, which the thresholds do not describe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
+from quantcheck.report import format as fmt
 from quantcheck.results.schema import (
     CostComparison,
     Decision,
     Estimate,
+    Interval,
     ModelResult,
+    Outcome,
     PairedComparison,
+    Phase,
     Thresholds,
     Verdict,
 )
@@ -36,45 +53,50 @@ from quantcheck.results.schema import (
 MORE_QUESTIONS_FLAG = "--dataset mmlu:all"
 """The option that runs the full benchmark, named in advice when the question set is too small."""
 
+RERUN_ADVICE = (
+    "fix what stopped it and run the same command again: finished work is kept and only the rest is measured"
+)
+
+FAMILYWISE_LEVEL = 0.95
+"""The confidence with which all of a variant's 'fail' intervals hold together."""
+
 SPEED_NOTE_RATIO = 1.1
 """Latency or throughput changes smaller than 10 % are within timing noise and not mentioned."""
 
-Outcome = Literal["pass", "fail", "unclear"]
+PHASE_CHECKS: dict[Phase, tuple[str, ...]] = {
+    "loglik": ("log-likelihood accuracy", "mean KL", "top-1 agreement"),
+    "generation": ("generated-answer accuracy",),
+}
+"""The quality checks each scoring phase feeds; they are not judged when the phase is incomplete
+(an incomplete cost phase makes the memory check unclear instead)."""
 
 
 @dataclass(frozen=True)
 class Check:
     """One quality or cost check: its outcome, what it found, and what would settle it."""
 
+    name: str
     outcome: Outcome
     reason: str
     advice: str | None = None
 
 
-def _minus(text: str) -> str:
-    """Typographic minus sign for numbers shown to people."""
-    return text.replace("-", "\u2212")
+def quality_check_count(loglik: bool, generative: bool, agreement: bool) -> int:
+    """How many quality checks a variant's measurements give (agreement gives two: KL and top-1)."""
+    return int(loglik) + int(generative) + 2 * int(agreement)
 
 
-def _points(fraction: float) -> str:
-    return _minus(f"{fraction * 100:+.1f}")
+def fail_level(checks: int) -> float:
+    """The level of each 'fail' interval when `checks` quality checks are judged together."""
+    return 1 - (1 - FAMILYWISE_LEVEL) / max(checks, 1)
 
 
-def _p_value(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
-
-
-def _percent(fraction: float) -> str:
-    return f"{fraction * 100:.0f} %"
-
-
-def _level(level: float) -> str:
-    return f"{level * 100:.0f} % CI"
-
-
-def _memory_check(cost: CostComparison | None, thresholds: Thresholds) -> Check:
+def _memory_check(cost: CostComparison | None, thresholds: Thresholds, gap: str | None) -> Check:
     if cost is None:
+        if gap:
+            return Check("memory", "unclear", f"{gap}: the memory saving is not known", RERUN_ADVICE)
         return Check(
+            "memory",
             "unclear",
             "weight memory was not measured",
             "measure the cost of both models to see whether the variant saves enough memory",
@@ -83,121 +105,197 @@ def _memory_check(cost: CostComparison | None, thresholds: Thresholds) -> Check:
     if round(saving * 100) == 0:
         found = "saves no weight memory"
     elif saving < 0:
-        found = f"uses {_percent(-saving)} more weight memory than the reference"
+        found = f"uses {fmt.percent(-saving, 0)} more weight memory than the reference"
     else:
-        found = f"saves {_percent(saving)} of weight memory"
+        found = f"saves {fmt.percent(saving, 0)} of weight memory"
     if saving < thresholds.min_memory_saving:
-        required = _percent(thresholds.min_memory_saving)
-        return Check("fail", f"{found}, less than the {required} saving required")
-    return Check("pass", found)
+        required = fmt.percent(thresholds.min_memory_saving, 0)
+        return Check("memory", "fail", f"{found}, less than the {required} saving required")
+    return Check("memory", "pass", found)
+
+
+def _factors(factors: list[float]) -> str:
+    """A factor or a range of factors: "1.40×" or "1.10×-1.40×"."""
+    low, high = fmt.ratio(min(factors)), fmt.ratio(max(factors))
+    return high if low == high else f"{low}-{high}"
+
+
+def _latency_note(ratios: dict[int, float]) -> str:
+    """Forward-pass latency (variant / reference) over every batch size measured, on one line."""
+    sizes = sorted(ratios)
+    where = f"batch size {sizes[0]}" if len(sizes) == 1 else f"batch sizes {sizes[0]}-{sizes[-1]}"
+    values = [ratios[size] for size in sizes]
+    if min(values) >= 1:
+        return f"forward pass {_factors(values)} slower at {where}"
+    if max(values) <= 1:
+        return f"forward pass {_factors([1 / value for value in values])} faster at {where}"
+    return f"forward pass between {fmt.ratio(1 / min(values))} faster and {fmt.ratio(max(values))} slower at {where}"
 
 
 def _speed_notes(cost: CostComparison | None) -> list[str]:
+    """At most two lines: forward-pass latency over all batch sizes, and decode throughput."""
     if cost is None:
         return []
     notes = []
-    for batch_size, ratio in sorted(cost.latency_ratio.items()):
-        if ratio > SPEED_NOTE_RATIO:
-            notes.append(f"forward pass {ratio:.1f}x slower at batch {batch_size}")
-        elif ratio < 1 / SPEED_NOTE_RATIO:
-            notes.append(f"forward pass {1 / ratio:.1f}x faster at batch {batch_size}")
+    ratios = cost.latency_ratio.values()
+    if any(ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO for ratio in ratios):
+        notes.append(_latency_note(cost.latency_ratio))
     speedup = cost.decode_speedup
     if speedup is not None and speedup < 1 / SPEED_NOTE_RATIO:
-        notes.append(f"generation (decode) {1 / speedup:.1f}x slower")
+        notes.append(f"generation (decode) {fmt.ratio(1 / speedup)} slower")
     elif speedup is not None and speedup > SPEED_NOTE_RATIO:
-        notes.append(f"generation (decode) {speedup:.1f}x faster")
+        notes.append(f"generation (decode) {fmt.ratio(speedup)} faster")
     return notes
 
 
-def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds) -> Check:
-    ci = paired.difference_ci
-    limit = thresholds.max_accuracy_drop
-    found = (
-        f"{label} accuracy {_points(paired.difference)} points "
-        f"({_level(ci.level)} {_points(ci.low)} to {_points(ci.high)}), "
-        f"McNemar {_p_value(paired.mcnemar_p)}, "
-        f"{paired.right_to_wrong} right-to-wrong and {paired.wrong_to_right} wrong-to-right "
-        f"of {paired.n} questions"
-    )
-    limit_text = f"the {limit * 100:.1f}-point limit"
-    if ci.high < -limit:
-        return Check("fail", f"{found}: worse by more than {limit_text}")
-    if ci.low >= -limit:
-        return Check("pass", f"{found}: a drop beyond {limit_text} is ruled out")
-    mde = paired.min_detectable_difference * 100
+@dataclass(frozen=True)
+class _Limit:
+    """A threshold, which side of it is worse, and the words for each outcome."""
+
+    value: float
+    higher_is_worse: bool
+    fail_words: str
+    pass_words: str
+    unclear_words: str
+
+    @classmethod
+    def ceiling(cls, value: float, text: str) -> _Limit:
+        return cls(value, True, f"above {text}", f"within {text}", f"straddles {text}")
+
+    @classmethod
+    def floor(cls, value: float, text: str) -> _Limit:
+        return cls(value, False, f"below {text}", f"meets {text}", f"straddles {text}")
+
+    def beyond(self, ci: Interval) -> bool:
+        return ci.low > self.value if self.higher_is_worse else ci.high < self.value
+
+    def within(self, ci: Interval) -> bool:
+        return ci.high <= self.value if self.higher_is_worse else ci.low >= self.value
+
+
+def _fail_interval(ci: Interval | None, level: float, name: str) -> Interval:
+    """The stored family-wise interval; it must have been computed for this variant's checks."""
+    if ci is None or abs(ci.level - level) > 1e-9:
+        found = "none" if ci is None else fmt.level(ci.level)
+        raise ValueError(f"{name}: the verdict needs its interval at {fmt.level(level)}, found {found}")
+    return ci
+
+
+def _interval_check(
+    name: str,
+    head: str,
+    tail: str,
+    estimate: tuple[Interval | None, Interval | None],
+    show: Callable[[Interval], str],
+    limit: _Limit,
+    level: float,
+    advice: str,
+) -> Check:
+    """Pass on the 95 % interval, fail on the family-wise one, unclear otherwise."""
+    ci, stored_fail = estimate
+    if ci is None:
+        return Check(name, "unclear", f"{head} without an interval (too few items){tail}", advice)
+    fail = _fail_interval(stored_fail, level, name)
+    found = f"{head} ({fmt.level(ci.level)} CI {show(ci)}){tail}"
+    if limit.within(ci):
+        return Check(name, "pass", f"{found}: {limit.pass_words}")
+    if not limit.beyond(ci):
+        return Check(name, "unclear", f"{found}: {limit.unclear_words}", advice)
+    if fail.level != ci.level:
+        found = f"{head} ({fmt.level(ci.level)} CI {show(ci)}; {fmt.level(fail.level)} CI {show(fail)}){tail}"
+    if limit.beyond(fail):
+        return Check(name, "fail", f"{found}: {limit.fail_words}")
     return Check(
+        name,
         "unclear",
-        f"{found}: a drop beyond {limit_text} is not ruled out",
-        f"{paired.n} questions can only detect differences of {mde:.0f} points or more: "
+        f"{found}: {limit.fail_words} at {fmt.level(ci.level)} but not at the family-wise {fmt.level(fail.level)}",
+        advice,
+    )
+
+
+def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds, level: float) -> Check:
+    drop = fmt.points(thresholds.max_accuracy_drop).lstrip("+")
+    mde = fmt.points(paired.min_detectable_difference).lstrip("+")
+    return _interval_check(
+        f"{label} accuracy",
+        f"{label} accuracy {fmt.points(paired.difference)}",
+        f", McNemar p {fmt.pvalue(paired.mcnemar_p)}, {paired.right_to_wrong} right-to-wrong and "
+        f"{paired.wrong_to_right} wrong-to-right of {paired.n} questions",
+        (paired.difference_ci, paired.difference_fail_ci),
+        lambda ci: fmt.interval(ci, "points"),
+        _Limit(
+            -thresholds.max_accuracy_drop,
+            higher_is_worse=False,
+            fail_words=f"worse by more than the {drop} limit",
+            pass_words=f"a drop beyond the {drop} limit is ruled out",
+            unclear_words=f"a drop beyond the {drop} limit is not ruled out",
+        ),
+        level,
+        f"{paired.n} questions can only detect differences of {mde} or more: "
         f"run with more questions ({MORE_QUESTIONS_FLAG}) to decide",
     )
 
 
-def _kl_check(kl: Estimate, thresholds: Thresholds) -> Check:
-    limit = thresholds.max_mean_kl
-    if kl.ci is None:
-        return Check(
-            "unclear",
-            f"mean KL {kl.value:.3g} without an interval (too few items)",
-            f"run with more questions ({MORE_QUESTIONS_FLAG}) to bound the KL",
-        )
-    found = f"mean KL {kl.value:.3g} ({_level(kl.ci.level)} {kl.ci.low:.3g} to {kl.ci.high:.3g})"
-    if kl.ci.low > limit:
-        return Check("fail", f"{found} above the {limit:g} limit")
-    if kl.ci.high <= limit:
-        return Check("pass", f"{found} within the {limit:g} limit")
-    return Check(
-        "unclear",
-        f"{found} straddles the {limit:g} limit",
-        f"run with more questions ({MORE_QUESTIONS_FLAG}) to narrow the KL interval",
+def _estimate_check(
+    name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float
+) -> Check:
+    """A check on one per-item mean or share (mean KL, top-1 agreement)."""
+    return _interval_check(
+        name,
+        f"{name} {show(estimate.value)}",
+        "",
+        (estimate.ci, estimate.fail_ci),
+        lambda ci: fmt.interval(ci, kind),
+        limit,
+        level,
+        f"run with more questions ({MORE_QUESTIONS_FLAG}) to narrow the {name} interval",
     )
 
 
-def _top1_check(top1: Estimate, thresholds: Thresholds) -> Check:
-    limit = _percent(thresholds.min_top1_agreement)
-    if top1.ci is None:
-        return Check(
-            "unclear",
-            f"top-1 agreement {_percent(top1.value)} without an interval (too few items)",
-            f"run with more questions ({MORE_QUESTIONS_FLAG}) to bound the top-1 agreement",
-        )
-    found = (
-        f"top-1 agreement {top1.value * 100:.1f} % "
-        f"({_level(top1.ci.level)} {top1.ci.low * 100:.1f} to {top1.ci.high * 100:.1f} %)"
-    )
-    if top1.ci.high < thresholds.min_top1_agreement:
-        return Check("fail", f"{found} below the {limit} minimum")
-    if top1.ci.low >= thresholds.min_top1_agreement:
-        return Check("pass", f"{found} meets the {limit} minimum")
-    return Check(
-        "unclear",
-        f"{found} straddles the {limit} minimum",
-        f"run with more questions ({MORE_QUESTIONS_FLAG}) to narrow the agreement interval",
-    )
-
-
-def _quality_checks(variant: ModelResult, thresholds: Thresholds) -> tuple[list[Check], list[str]]:
-    """The measured quality checks, and a note for each part that was not measured."""
+def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) -> tuple[list[Check], list[str]]:
+    """The quality checks that can be judged, and a note for each that was not measured."""
     checks: list[Check] = []
     missing: list[str] = []
-    for label, paired in (
-        ("log-likelihood", variant.paired_loglik),
-        ("generated-answer", variant.paired_generative),
+    for label, paired, phase in (
+        ("log-likelihood", variant.paired_loglik, "loglik"),
+        ("generated-answer", variant.paired_generative, "generation"),
     ):
+        if phase in variant.incomplete:
+            continue
         if paired is None:
             missing.append(f"{label} accuracy against the reference was not measured")
         else:
-            checks.append(_accuracy_check(label, paired, thresholds))
+            checks.append(_accuracy_check(label, paired, thresholds, level))
     agreement = variant.agreement
-    if agreement is None:
+    if agreement is not None and "loglik" not in variant.incomplete:
+        kl_limit = _Limit.ceiling(thresholds.max_mean_kl, f"the {fmt.nats(thresholds.max_mean_kl)} nats limit")
+        checks.append(_estimate_check("mean KL", agreement.kl.mean, lambda v: f"{fmt.nats(v)} nats", "nats", kl_limit, level))
+        minimum = _Limit.floor(thresholds.min_top1_agreement, f"the {fmt.percent(thresholds.min_top1_agreement)} minimum")
+        checks.append(_estimate_check("top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level))
+    elif agreement is None and "loglik" not in variant.incomplete:
         missing.append("next-token agreement (KL, top-1) was not measured")
-    else:
-        checks.append(_kl_check(agreement.kl.mean, thresholds))
-        checks.append(_top1_check(agreement.top1_agreement, thresholds))
     return checks, missing
 
 
-def _summary(name: str, decision: Decision, memory: Check, checks: list[Check]) -> str:
+def _incomplete_reasons(variant: ModelResult) -> list[str]:
+    """One reason per phase that was asked for but failed or stopped part-way."""
+    return [
+        f"{gap}: not judged ({', '.join(PHASE_CHECKS[phase])})"
+        for phase, gap in variant.incomplete.items()
+        if phase in PHASE_CHECKS
+    ]
+
+
+def _familywise_note(measured: int, level: float) -> str:
+    if measured == 1:
+        return f"the one quality check measured fails only when its {fmt.level(level)} interval lies beyond the limit"
+    return (
+        f"a quality check fails only when its {fmt.level(level)} interval lies beyond the limit: "
+        f"Bonferroni over {measured} quality checks keeps the family-wise level at {fmt.level(FAMILYWISE_LEVEL)}"
+    )
+
+
+def _summary(name: str, decision: Decision, memory: Check, checks: list[Check], advice: list[str]) -> str:
     if decision == "QUANTIZE":
         return (
             f"Quantize to {name}: it {memory.reason} and every measured quality check "
@@ -207,33 +305,44 @@ def _summary(name: str, decision: Decision, memory: Check, checks: list[Check]) 
         if memory.outcome == "fail":
             return f"Don't quantize to {name}: it {memory.reason}."
         first_failure = next(c for c in checks if c.outcome == "fail")
-        return f"Don't quantize to {name}: {first_failure.reason}."
-    if not checks:
+        return f"Don't quantize to {name}: {first_failure.reason} (family-wise {fmt.level(FAMILYWISE_LEVEL)})."
+    if not checks and not advice:
         return f"No verdict on {name}: no quality evidence was measured."
-    advice = next((c.advice for c in [*checks, memory] if c.advice), None)
-    return f"No verdict on {name} yet; {advice}."
+    return f"No verdict on {name} yet; {advice[0]}."
 
 
 def decide(variant: ModelResult, thresholds: Thresholds) -> Verdict:
     """Apply the module's rules to one variant's measurements against the reference."""
-    memory = _memory_check(variant.cost_vs_reference, thresholds)
-    checks, missing = _quality_checks(variant, thresholds)
+    measured = quality_check_count(
+        variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
+    )
+    level = fail_level(measured)
+    memory = _memory_check(variant.cost_vs_reference, thresholds, variant.incomplete.get("cost"))
+    checks, missing = _quality_checks(variant, thresholds, level)
     outcomes = {memory.outcome, *(c.outcome for c in checks)}
     if "fail" in outcomes:
         decision: Decision = "DON'T QUANTIZE"
-    elif checks and outcomes == {"pass"}:
+    elif checks and outcomes == {"pass"} and not variant.incomplete:
         decision = "QUANTIZE"
     else:
         decision = "INCONCLUSIVE"
 
     reasons = [memory.reason, *_speed_notes(variant.cost_vs_reference)]
-    reasons += [c.reason for c in checks] + missing
-    if not checks:
+    reasons += _incomplete_reasons(variant) + [c.reason for c in checks] + missing
+    if checks:
+        reasons.append(_familywise_note(measured, level))
+    elif not variant.incomplete:
         reasons.append("no quality evidence was measured, so quality cannot be judged")
+    advice = [RERUN_ADVICE] if variant.incomplete else []
+    advice += [c.advice for c in [*checks, memory] if c.advice]
+    advice = list(dict.fromkeys(advice))
     if decision == "INCONCLUSIVE":
-        reasons += list(dict.fromkeys(c.advice for c in [*checks, memory] if c.advice))
+        reasons += advice
     return Verdict(
         decision=decision,
         reasons=reasons,
-        summary=_summary(variant.name, decision, memory, checks),
+        summary=_summary(variant.name, decision, memory, checks, advice),
+        familywise_level=FAMILYWISE_LEVEL,
+        fail_level=level if measured else None,
+        checks={check.name: check.outcome for check in [memory, *checks]},
     )

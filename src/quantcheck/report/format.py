@@ -55,6 +55,13 @@ def interval(ci: Interval | None, kind: str = "points", digits: int = 1) -> str:
     return f"[{ci.low:.3f}, {ci.high:.3f}]"
 
 
+def level(x: float | None) -> str:
+    """A confidence level with the digits it needs: ``0.95 -> "95%"``, ``0.9875 -> "98.75%"``."""
+    if _missing(x):
+        return NA
+    return f"{x * 100:.4g}%"
+
+
 def points_ci(diff: float | None, ci: Interval | None) -> str:
     """A difference with its interval: ``"-1.7 pts [-4.2, +0.8]"``."""
     if _missing(diff):

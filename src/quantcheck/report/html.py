@@ -202,6 +202,7 @@ def render_html(
         verdicts=verdicts,
         verdict_columns=table.VERDICT_COLUMNS,
         thresholds=table.thresholds_text(r),
+        familywise=table.familywise_text(r),
         colors=colors,
         figures=fig_ctx,
         skipped_figures=skipped_figures,

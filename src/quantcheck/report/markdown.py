@@ -91,6 +91,8 @@ def render_markdown(
     else:
         out += ["No quantized variant in this run.", ""]
     out += [f"Thresholds: {table.thresholds_text(r)}.", ""]
+    if familywise := table.familywise_text(r):
+        out += [f"{familywise}.", ""]
 
     out += ["## Key numbers", "", "### Accuracy and flips (same items, paired)", ""]
     out += md_table(table.ACCURACY_COLUMNS, table.accuracy_rows(r)) + [""]

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from quantcheck.report import format as fmt  # noqa: E402
 from quantcheck.report.data import RunData, reference_model  # noqa: E402
 from quantcheck.results.store import write_bytes_atomic  # noqa: E402
-from quantcheck.results.schema import ItemRecord, Results  # noqa: E402
+from quantcheck.results.schema import ItemRecord, ModelResult, Results  # noqa: E402
 
 DPI = 110
 FIGURES_DIR = "figures"
@@ -347,9 +347,32 @@ def plot_accuracy(results: Results, out_dir: Path, colors: dict[str, str], n_cho
 
 # ------------------------------------------------------------------------------- (5) trade-off
 
-@_styled
-def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Path | None:
-    """Memory saved (x) vs quality lost (y): accuracy drop with CI, or mean KL when no accuracy."""
+DECISION_MARKERS = {
+    "QUANTIZE": {"marker": "o"},
+    "DON'T QUANTIZE": {"marker": "X", "ms": 13},
+    "INCONCLUSIVE": {"marker": "o", "mfc": "white", "mew": 2},
+}
+"""How each verdict is drawn in the trade-off chart; a variant without a verdict gets a gray dot."""
+DECIDING_OUTCOME = {"DON'T QUANTIZE": "fail", "INCONCLUSIVE": "unclear"}
+
+
+def verdict_label(model: ModelResult) -> str:
+    """The variant's name and verdict, then the checks that decided it: "nf4: DON'T QUANTIZE\nfail: mean KL"."""
+    if model.verdict is None:
+        return f"{model.name}: no verdict"
+    verdict = model.verdict
+    outcome = DECIDING_OUTCOME.get(verdict.decision)
+    deciding = [name for name, result in verdict.checks.items() if result == outcome]
+    return f"{model.name}: {verdict.decision}" + (f"\n{outcome}: {', '.join(deciding)}" if deciding else "")
+
+
+def tradeoff_figure(results: Results, colors: dict[str, str]) -> Figure | None:
+    """Memory saved (x) vs quality lost (y): accuracy drop with CI, or mean KL when no accuracy.
+
+    The chart shows two of the verdict's checks, the verdict weighs them all: so each point is
+    drawn by its verdict (marker) and labelled with the checks that decided it, and the shaded
+    corner says it holds only the two limits drawn, never that a variant meets every threshold.
+    """
     ref = reference_model(results)
     variants = [m for m in results.models if m is not ref and m.cost_vs_reference is not None]
     use_accuracy = any(m.paired_loglik is not None for m in variants)
@@ -362,28 +385,27 @@ def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Pa
     t = results.thresholds
     fig, (ax,) = _new_figure(8.0, 5.0)
     xs, ys = [0.0], [0.0]
+    labels: list[tuple[str, float, float, str]] = []
     for m in pts:
         color = colors.get(m.name, "C0")
+        style = {"ms": 10, **DECISION_MARKERS.get(m.verdict.decision if m.verdict else "", {"marker": "o", "mfc": "gray"})}
         x = m.cost_vs_reference.memory_saving * 100
         if use_accuracy:
             pl = m.paired_loglik
             y = -pl.difference * 100
             lo, hi = -pl.difference_ci.high * 100, -pl.difference_ci.low * 100
-            ax.errorbar([x], [y], yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], marker="o", ms=10, color=color,
-                        capsize=5, lw=2, zorder=4)
+            yerr = [[max(y - lo, 0)], [max(hi - y, 0)]]
             ys.extend([lo, hi])
         else:
             y = m.agreement.kl.mean.value
             ci = m.agreement.kl.mean.ci
             yerr = [[max(y - ci.low, 0)], [max(ci.high - y, 0)]] if ci else None
-            ax.errorbar([x], [y], yerr=yerr, marker="o", ms=10, color=color, capsize=5, lw=2, zorder=4)
             if ci:
                 ys.extend([ci.low, ci.high])
+        ax.errorbar([x], [y], yerr=yerr, color=color, capsize=5, lw=2, zorder=4, gid=m.name, **style)
         xs.append(x)
         ys.append(y)
-        decision = f" \u2014 {m.verdict.decision}" if m.verdict else ""
-        ax.annotate(f"{m.name}{decision}", (x, y), xytext=(9, 7), textcoords="offset points", fontsize=9.5,
-                    color=color, fontweight="bold")
+        labels.append((verdict_label(m), x, y, color))
     ax.scatter([0], [0], marker="*", s=180, color=REFERENCE_COLOR, zorder=4)
     ax.annotate("reference", (0, 0), xytext=(9, -12), textcoords="offset points", fontsize=9.5, color=REFERENCE_COLOR)
 
@@ -398,13 +420,22 @@ def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Pa
         y_lo = min(y_lo, 0)
     ax.set_xlim(x_lo, x_hi)
     ax.set_ylim(y_lo, y_hi)
+    for text, x, y, color in labels:  # labels grow towards the middle, so they stay inside the axes
+        right = x > (x_lo + x_hi) / 2
+        ax.annotate(text, (x, y), xytext=(-9 if right else 9, 7), textcoords="offset points", fontsize=9.5,
+                    color=color, fontweight="bold", ha="right" if right else "left")
     ax.axvline(x_thr, color="#2e7d32", ls="--", lw=1.1)
     ax.axhline(y_thr, color="#2e7d32", ls="--", lw=1.1)
     ax.fill_between([x_thr, x_hi], [y_lo, y_lo], [y_thr, y_thr], color="#2e7d32", alpha=0.08, lw=0)
-    ax.annotate("meets memory and quality thresholds", (x_hi, y_lo), xytext=(-6, 6), textcoords="offset points",
-                ha="right", va="bottom", fontsize=8.5, color="#2e7d32")
+    drawn = "accuracy" if use_accuracy else "mean-KL"
+    ax.annotate(f"memory and {drawn} limits only; the marker shows the verdict", (x_hi, y_lo),
+                xytext=(-6, 6), textcoords="offset points", ha="right", va="bottom", fontsize=8.5, color="#2e7d32")
     if use_accuracy:
         ax.axhline(0, color="gray", lw=0.8)
+    decisions = list(dict.fromkeys(m.verdict.decision for m in pts if m.verdict))
+    if decisions:
+        handles = [Line2D([], [], color="gray", ls="none", **{"ms": 9, **DECISION_MARKERS[d]}) for d in decisions]
+        ax.legend(handles, decisions, loc="upper left", frameon=False, title="verdict")
     ax.set_xlabel("weight memory saved vs reference (%)  \u2192 cheaper")
     if use_accuracy:
         ax.set_ylabel("accuracy drop vs reference (pts, loglik, 95% CI)  \u2191 worse")
@@ -412,7 +443,14 @@ def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Pa
     else:
         ax.set_ylabel("mean KL from reference (nats)  \u2191 worse")
         ax.set_title("Trade-off: memory saved vs mean KL")
-    return _save(fig, out_dir, "tradeoff.png")
+    return fig
+
+
+@_styled
+def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Path | None:
+    """The trade-off chart (`tradeoff_figure`) as tradeoff.png."""
+    fig = tradeoff_figure(results, colors)
+    return None if fig is None else _save(fig, out_dir, "tradeoff.png")
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -430,8 +468,10 @@ FIGURES: list[FigureSpec] = [
     FigureSpec(
         "tradeoff", "tradeoff.png", "Trade-off: memory saved vs quality lost",
         "Each point is a variant: weight memory saved (x) against accuracy lost on the log-likelihood task "
-        "(y, percentage points with 95% interval; mean KL when accuracy was not measured). The shaded corner "
-        "meets the memory and quality thresholds.",
+        "(y, percentage points with 95% interval; mean KL when accuracy was not measured). The marker shows the "
+        "verdict (filled: quantize, cross: don't, hollow: inconclusive) and the label names the checks that "
+        "decided it. The shaded corner is within the two limits drawn only; the verdict also weighs mean KL, "
+        "top-1 agreement and generated-answer accuracy.",
         "needs cost_vs_reference and paired_loglik (or agreement) for at least one variant",
     ),
     FigureSpec(

@@ -116,6 +116,20 @@ def thresholds_text(results: Results) -> str:
     )
 
 
+def familywise_text(results: Results) -> str:
+    """How the verdicts keep their error rate with several checks, from the levels they used."""
+    verdicts = [v.verdict for v in variant_models(results) if v.verdict is not None and v.verdict.fail_level]
+    if not verdicts:
+        return ""
+    levels = ", ".join(fmt.level(level) for level in sorted({v.fail_level for v in verdicts}))
+    return (
+        f"A variant passes a check when its whole 95% interval is within the limit, and fails it only when its "
+        f"interval at 1 \u2212 0.05/m (Bonferroni over its m quality checks: {levels} here) lies beyond it, so the "
+        f"intervals that can reject a variant hold together with at least {fmt.level(verdicts[0].familywise_level)} "
+        "confidence (family-wise)"
+    )
+
+
 def headline(results: Results) -> str:
     """The one-line answer to "to quantize or not", from the per-variant verdicts."""
     variants = variant_models(results)

@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 SCHEMA_VERSION = 1
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
+Phase = Literal["loglik", "generation", "cost"]
+Outcome = Literal["pass", "fail", "unclear"]
 
 
 class Interval(BaseModel):
@@ -30,6 +32,11 @@ class Estimate(BaseModel):
 
     value: float
     ci: Interval | None = None
+    fail_ci: Interval | None = Field(
+        default=None,
+        description="for a verdict check: the same interval at the verdict's Bonferroni level "
+        "(Verdict.fail_level), the one that decides 'fail'",
+    )
 
 
 class Accuracy(BaseModel):
@@ -49,6 +56,10 @@ class PairedComparison(BaseModel):
     variant_accuracy: float
     difference: float = Field(description="variant minus reference accuracy, as a fraction")
     difference_ci: Interval
+    difference_fail_ci: Interval | None = Field(
+        default=None,
+        description="difference_ci at the verdict's Bonferroni level (Verdict.fail_level), the one that decides 'fail'",
+    )
     right_to_wrong: int = Field(description="items the reference got right and the variant wrong")
     wrong_to_right: int
     mcnemar_p: float = Field(description="exact (binomial) McNemar test on the discordant pairs")
@@ -189,6 +200,17 @@ class Verdict(BaseModel):
     decision: Decision
     reasons: list[str]
     summary: str
+    familywise_level: float = Field(
+        0.95, description="confidence with which all 'fail' intervals of this variant hold together"
+    )
+    fail_level: float | None = Field(
+        default=None,
+        description="level of each 'fail' interval: 1 - (1 - familywise_level) / m for m measured quality "
+        "checks (Bonferroni); None when no quality check was measured",
+    )
+    checks: dict[str, Outcome] = Field(
+        default={}, description="outcome of each judged check: memory, accuracy per scoring mode, mean KL, top-1 agreement"
+    )
 
 
 class ModelResult(BaseModel):
@@ -202,6 +224,11 @@ class ModelResult(BaseModel):
     engine: EngineInfo | None = None
     status: Literal["ok", "failed", "partial", "pending"] = "pending"
     errors: list[str] = []
+    incomplete: dict[Phase, str] = Field(
+        default={},
+        description="phases that were asked for but failed or stopped part-way (for a variant, the reference's "
+        "too), each with what happened; their checks are not judged and the verdict cannot be QUANTIZE",
+    )
     precision: PrecisionInfo | None = None
     loglik: Accuracy | None = None
     generative: GenerativeQuality | None = None

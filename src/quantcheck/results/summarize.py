@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,12 +24,16 @@ from quantcheck.results.schema import (
     DatasetInfo,
     DivergenceSummary,
     EngineInfo,
+    GeneratedAnswer,
     GenerationSettings,
     GenerativeQuality,
     ItemRecord,
+    LoglikAnswer,
     ModelCost,
     ModelInfo,
     ModelResult,
+    PairedComparison,
+    Phase,
     Results,
     RunWarning,
     Thresholds,
@@ -36,12 +41,13 @@ from quantcheck.results.schema import (
 )
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.metrics.next_token import TOP_K
-from quantcheck.stats.intervals import accuracy, bootstrap_mean
+from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired
-from quantcheck.verdict import decide
+from quantcheck.verdict import decide, fail_level, quality_check_count
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
+PHASE_LABELS = {"loglik": "log-likelihood scoring", "generation": "generative scoring", "cost": "cost"}
 
 
 def _ordered(records: dict[str, ItemRecord], item_ids: list[str]) -> list[ItemRecord]:
@@ -52,17 +58,24 @@ def _load_json(path: Path, model: type) -> object | None:
     return model.model_validate_json(path.read_text()) if path.exists() else None
 
 
-def token_agreement(records: list[ItemRecord], seed: int) -> TokenAgreement | None:
-    compared = [record for record in records if record.kl is not None and record.jaccard is not None]
-    if not compared:
-        return None
+def compared_records(records: list[ItemRecord]) -> list[ItemRecord]:
+    """The records scored on the reference's token ids: the only ones with KL and Jaccard."""
+    return [record for record in records if record.kl is not None and record.jaccard is not None]
+
+
+def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> TokenAgreement:
+    """Next-token agreement: KL and top-1 with intervals at 95 % and at the verdict's `level`.
+
+    Top-1 agreement is a proportion (Wilson); mean KL is heavy-tailed (`heavy_tailed_mean`); the
+    Jaccard means are bounded and not judged, so a percentile bootstrap describes them.
+    """
     kl = [record.kl for record in compared]
     return TokenAgreement(
         n=len(compared),
         jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in TOP_K},
-        top1_agreement=bootstrap_mean([float(record.top1_agree) for record in compared], seed),
+        top1_agreement=proportion([bool(record.top1_agree) for record in compared], fail_level=level),
         kl=DivergenceSummary(
-            mean=bootstrap_mean(kl, seed),
+            mean=heavy_tailed_mean(kl, seed, fail_level=level),
             median=statistics.median(kl),
             p90=float(np.percentile(kl, 90)),
             max=max(kl),
@@ -100,11 +113,30 @@ def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison:
     return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode)
 
 
-def _errors(folder: RunFolder, name: str) -> list[str]:
-    return [
-        f"{path.name.split('.')[0]}: {json.loads(path.read_text())['message']}"
+def _errors(folder: RunFolder, name: str) -> dict[str, str]:
+    """The message of each failed job of this model, by job kind (quality, cost)."""
+    return {
+        path.name.split(".")[0]: json.loads(path.read_text())["message"]
         for path in sorted((folder.models_dir / name).glob("*.error.json"))
-    ]
+    }
+
+
+def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], generated: list[ItemRecord],
+          cost: ModelCost | None, errors: dict[str, str]) -> dict[Phase, str]:
+    """The phases that were asked for but failed or stopped part-way, each with what happened."""
+    gaps: dict[Phase, str] = {}
+    quality_error = f" (quality job: {errors['quality']})" if "quality" in errors else ""
+    for phase, records in (("loglik", quality), ("generation", generated)):
+        if not expected.get(phase) or len(records) >= n_items:
+            continue
+        if records:
+            gaps[phase] = (f"{PHASE_LABELS[phase]} stopped after {len(records)} of {n_items} questions{quality_error}, "
+                           "a biased subset (the longest questions are scored first)")
+        else:
+            gaps[phase] = f"{PHASE_LABELS[phase]} has no results{quality_error}"
+    if expected.get("cost") and cost is None:
+        gaps["cost"] = "cost was not measured" + (f" (cost job: {errors['cost']})" if "cost" in errors else "")
+    return gaps
 
 
 def _description(spec: ModelSpec) -> str:
@@ -116,24 +148,26 @@ def _description(spec: ModelSpec) -> str:
     return method.description if spec.backend == "hf" else f"{method.description} [{spec.backend}]"
 
 
-def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], seed: int) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str],
+                  expected: dict[str, bool]) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
     result = ModelResult(name=spec.name, role=spec.role, backend=spec.backend, quant=None if spec.is_reference else spec.method,
                          description=_description(spec))
-    result.errors = _errors(folder, name)
+    errors = _errors(folder, name)
+    result.errors = [f"{kind}: {message}" for kind, message in errors.items()]
     result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
     result.precision = result.engine.precision if result.engine else None
     result.cost = _load_json(folder.model_file(name, "cost.json"), ModelCost)
     if quality:
         result.loglik = accuracy([record.loglik.correct for record in quality])
-        result.agreement = token_agreement(quality, seed)
     settings = _load_json(folder.model_file(name, "generation-settings.json"), GenerationSettings)
     if generated and settings is not None:
         result.generative = generative_quality(generated, settings)
-    complete = len(quality) == len(item_ids)
-    result.status = "failed" if result.errors and not quality else "ok" if complete and not result.errors else "partial"
+    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors)
+    measured = quality or generated or result.cost
+    result.status = "failed" if errors and not measured else "partial" if errors or result.incomplete else "ok"
     return result, quality, generated
 
 
@@ -151,9 +185,14 @@ def _merge_records(quality: list[ItemRecord], generated: list[ItemRecord], item_
     return merged
 
 
-def _paired(reference: list[ItemRecord], variant: list[ItemRecord], answer) -> object | None:
+def _pairs(reference: list[ItemRecord], variant: list[ItemRecord]) -> list[tuple[ItemRecord, ItemRecord]]:
+    """(reference, variant) records of the items both scored."""
     by_id = {record.item_id: record for record in reference}
-    pairs = [(by_id[record.item_id], record) for record in variant if record.item_id in by_id]
+    return [(by_id[record.item_id], record) for record in variant if record.item_id in by_id]
+
+
+def _paired(pairs: list[tuple[ItemRecord, ItemRecord]], answer: Callable[[ItemRecord], LoglikAnswer | GeneratedAnswer],
+            level: float) -> PairedComparison | None:
     if not pairs:
         return None
     return compare_paired(
@@ -161,7 +200,26 @@ def _paired(reference: list[ItemRecord], variant: list[ItemRecord], answer) -> o
         [answer(var).correct for _, var in pairs],
         [answer(ref).pred for ref, _ in pairs],
         [answer(var).pred for _, var in pairs],
+        fail_level=level,
     )
+
+
+def _compare(result: ModelResult, reference: ModelResult, records: tuple[list[ItemRecord], list[ItemRecord]],
+             reference_records: tuple[list[ItemRecord], list[ItemRecord]], seed: int) -> None:
+    """A variant against the reference: paired accuracy and agreement at the verdict's level, the
+    reference's gaps (they bias the comparison too), cost ratios."""
+    loglik_pairs = _pairs(reference_records[0], records[0])
+    generative_pairs = _pairs(reference_records[1], records[1])
+    compared = compared_records(records[0])
+    level = fail_level(quality_check_count(bool(loglik_pairs), bool(generative_pairs), bool(compared)))
+    result.paired_loglik = _paired(loglik_pairs, lambda record: record.loglik, level)
+    result.paired_generative = _paired(generative_pairs, lambda record: record.generative, level)
+    if compared:
+        result.agreement = token_agreement(compared, seed, level)
+    for phase, gap in reference.incomplete.items():
+        result.incomplete[phase] = "; ".join(filter(None, [result.incomplete.get(phase), f"the reference's {gap}"]))
+    if reference.cost and result.cost:
+        result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
 
 
 def _warnings(results: Results, n_items: int) -> list[RunWarning]:
@@ -198,36 +256,17 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
     for spec in models:
-        result, quality, generated = _model_result(folder, spec, item_ids, seed)
+        result, quality, generated = _model_result(folder, spec, item_ids, expected)
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))
+    results.missing = [f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete]
+    results.finished = not results.missing
     reference = results.models[0]
-    reference_quality, reference_generated = per_model[reference.name]
     for result in results.models[1:]:
-        quality, generated = per_model[result.name]
-        if reference_quality and quality:
-            result.paired_loglik = _paired(reference_quality, quality, lambda record: record.loglik)
-        if reference_generated and generated:
-            result.paired_generative = _paired(reference_generated, generated, lambda record: record.generative)
-        if reference.cost and result.cost:
-            result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
+        _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         result.verdict = decide(result, thresholds)
     results.warnings = extra_warnings + _warnings(results, len(item_ids))
-    results.missing = _missing(results, expected)
-    results.finished = not results.missing
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
     return results
-
-
-def _missing(results: Results, expected: dict[str, bool]) -> list[str]:
-    missing = []
-    for result in results.models:
-        if expected.get("loglik") and (result.loglik is None or result.status != "ok"):
-            missing.append(f"{result.name}: log-likelihood scoring")
-        if expected.get("generation") and result.generative is None:
-            missing.append(f"{result.name}: generative scoring")
-        if expected.get("cost") and result.cost is None:
-            missing.append(f"{result.name}: cost")
-    return missing

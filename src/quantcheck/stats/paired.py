@@ -134,10 +134,12 @@ def compare_paired(
     variant_correct: Sequence[bool],
     reference_pred: Sequence[str | None],
     variant_pred: Sequence[str | None],
+    fail_level: float | None = None,
 ) -> PairedComparison:
     """The variant against the reference on the same items, in the same order.
 
     An unparsable prediction (None) never agrees with anything, not even another None.
+    `fail_level` adds the difference interval at the verdict's Bonferroni level.
     """
     n = len(reference_correct)
     if not n:
@@ -154,12 +156,14 @@ def compare_paired(
     )
     reference_accuracy = (both_right + ref_only) / n
     variant_accuracy = (both_right + variant_only) / n
+    table = (both_right, ref_only, variant_only, both_wrong)
     return PairedComparison(
         n=n,
         reference_accuracy=reference_accuracy,
         variant_accuracy=variant_accuracy,
         difference=variant_accuracy - reference_accuracy,
-        difference_ci=paired_difference_interval(both_right, ref_only, variant_only, both_wrong),
+        difference_ci=paired_difference_interval(*table),
+        difference_fail_ci=None if fail_level is None else paired_difference_interval(*table, level=fail_level),
         right_to_wrong=ref_only,
         wrong_to_right=variant_only,
         mcnemar_p=mcnemar_exact_p(ref_only, variant_only),
