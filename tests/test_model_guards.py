@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantcheck.errors import QuantcheckError
 from quantcheck.models.loading import load_model, precision_info
-from quantcheck.models.quant_methods import LoadRequest, QuantMethod, get_method
+from quantcheck.models.quant_methods import LoadRequest, QuantMethod
+from quantcheck.specs import variant_spec
 
 
 def tiny_model(device_map: dict[str, object] | None) -> LlamaForCausalLM:
@@ -54,5 +55,16 @@ def test_load_request_places_the_whole_model_on_one_device():
 
 
 def test_pretrained_checkpoints_are_variants_with_their_own_folder():
-    method = get_method("pretrained:TheBloke/Llama-2-7B-GPTQ")
-    assert method.name == "pretrained-Llama-2-7B-GPTQ" and method.checkpoint == "TheBloke/Llama-2-7B-GPTQ"
+    spec = variant_spec("pretrained:TheBloke/Llama-2-7B-GPTQ", "/reference", lambda source: f"/cache/{source}")
+    assert spec.name == "pretrained-Llama-2-7B-GPTQ" and spec.checkpoint and spec.weights == "/cache/TheBloke/Llama-2-7B-GPTQ"
+    assert spec.backend == "hf" and spec.role == "variant"
+    served = variant_spec("vllm:pretrained:org/model-AWQ", "/reference", lambda source: "/awq")
+    assert (served.name, served.backend, served.folder, served.weights) == ("vllm:pretrained-model-AWQ", "vllm", "vllm-pretrained-model-AWQ", "/awq")
+
+
+def test_a_variant_names_its_backend_and_method():
+    hf = variant_spec("torchao-int8wo", "/reference", str)
+    assert (hf.name, hf.backend, hf.method, hf.weights) == ("torchao-int8wo", "hf", "torchao-int8wo", "/reference")
+    assert variant_spec("hf:bnb-nf4", "/reference", str).name == "bnb-nf4"
+    served = variant_spec("vllm:fp8_per_channel", "/reference", str)
+    assert (served.name, served.backend, served.method, served.folder) == ("vllm:fp8_per_channel", "vllm", "fp8_per_channel", "vllm-fp8_per_channel")
