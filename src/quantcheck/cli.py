@@ -51,6 +51,7 @@ def run(
     skip_quality: Annotated[bool, typer.Option(help="skip log-likelihood and generative scoring")] = False,
     skip_generation: Annotated[bool, typer.Option(help="skip generative scoring only")] = False,
     skip_cost: Annotated[bool, typer.Option(help="skip memory/latency/throughput measurement")] = False,
+    floors: Annotated[bool, typer.Option(help="measure the reference's own noise: scored one item at a time, and sampled again")] = True,
     chat: Annotated[str, typer.Option(help="generative prompts through the chat template: auto, on, off")] = "auto",
     temperature: float = 0.1,
     greedy: Annotated[bool, typer.Option(help="greedy decoding instead of sampling at --temperature")] = False,
@@ -97,7 +98,7 @@ def run(
         options = RunOptions(
             model=model, backend=backend, quants=quant or [], engine=engine, dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
             dtype=dtype, out=out, seed=seed, batch_size=batch_size, threads=threads, loglik=not skip_quality,
-            generation=generation, cost=not skip_cost, cost_settings=cost_settings, thresholds=thresholds, force=force,
+            generation=generation, cost=not skip_cost, floors=floors, cost_settings=cost_settings, thresholds=thresholds, force=force,
             trust_remote_code=trust_remote_code, allow_offload=allow_offload, allow_pickle=allow_pickle, quiet=quiet,
         )
         folder, results = run_experiment(options)

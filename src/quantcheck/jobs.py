@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 EVENT_PREFIX = "@@quantcheck "
 
-Role = Literal["reference", "variant"]
+Role = Literal["reference", "variant", "floor"]
+FloorKind = Literal["numeric", "sampling"]
 
 
 class GenerationOptions(BaseModel):
@@ -48,6 +49,7 @@ class ModelSpec(BaseModel):
     method: str = Field(description="the backend's quantization method; 'none' is the reference's own weights and precision")
     weights: str = Field(description="local folder the weights load from")
     checkpoint: bool = Field(False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)")
+    floor: FloorKind | None = Field(None, description="for role 'floor': the reference again, scored one item at a time (numeric) or sampled with another seed (sampling)")
 
     @property
     def folder(self) -> str:

@@ -47,6 +47,7 @@ class RunOptions(BaseModel):
     generation: GenerationOptions | None = GenerationOptions()
     cost: bool = True
     cost_settings: dict[str, object] = Field(default_factory=dict)
+    floors: bool = True
     thresholds: Thresholds = Thresholds()
     force: bool = False
     trust_remote_code: bool = False
@@ -78,7 +79,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     from quantcheck.environment import describe_environment
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
     from quantcheck.results.summarize import summarize
-    from quantcheck.specs import check_specs, reference_spec, variant_spec
+    from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE, SAMPLING_FLOOR_SEED_OFFSET, check_specs, floor_specs, reference_spec, variant_spec
 
     _validate(options)
     device = pick_device(options.device)
@@ -90,6 +91,8 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     models = [reference_spec(options.backend, str(model.path))]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
     check_specs(models, device, options.engine)
+    sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
+    floors = floor_specs(models[0], options.loglik, sampled) if options.floors else []
     dataset = load_dataset(options.dataset, options.limit, options.seed)
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
@@ -123,15 +126,20 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     failed_reference = None
     with view:
         if options.loglik or options.generation:
-            for spec in models:
+            for spec in [models[0], *floors, *models[1:]]:
                 if failed_reference:
                     break
-                todo_loglik = options.loglik and _count(folder, spec, "quality.jsonl") < n_items
-                todo_generation = options.generation is not None and _count(folder, spec, "generation.jsonl") < n_items
+                # A floor re-runs the reference with one thing changed: the batch plan, or the sampling seed.
+                loglik = options.loglik and spec.floor != "sampling"
+                generation = options.generation if spec.floor != "numeric" else None
+                todo_loglik = loglik and _count(folder, spec, "quality.jsonl") < n_items
+                todo_generation = generation is not None and _count(folder, spec, "generation.jsonl") < n_items
                 if not (todo_loglik or todo_generation):
                     view.skipped(f"{spec.name} quality", "already finished")
                     continue
-                job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=options.generation if todo_generation else None, **base)
+                job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=generation if todo_generation else None,
+                              **{**base, "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed,
+                                 "batch_size": NUMERIC_FLOOR_BATCH_SIZE if spec.floor == "numeric" else options.batch_size})
                 outcome = _run(job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
@@ -148,7 +156,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
     results = summarize(
         out, config=config, model=model.info(dtype, device), dataset=dataset_info,
-        environment=describe_environment(device, threads), models=models,
+        environment=describe_environment(device, threads), models=models, floors=floors,
         thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
         expected={"loglik": options.loglik, "generation": options.generation is not None, "cost": options.cost},
     )

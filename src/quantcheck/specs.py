@@ -27,6 +27,21 @@ def reference_spec(backend: str, weights: str) -> ModelSpec:
     return ModelSpec(name="reference", role="reference", backend=backend, method="none", weights=weights)
 
 
+NUMERIC_FLOOR_BATCH_SIZE = 1
+SAMPLING_FLOOR_SEED_OFFSET = 1_000_003
+"""The floors re-run the reference with one thing changed: the batch plan, or the sampling seed."""
+
+
+def floor_specs(reference: ModelSpec, loglik: bool, sampled_generation: bool) -> list[ModelSpec]:
+    """The reference's own noise, measured by running it again with one thing changed (see `Floors`)."""
+    floors = []
+    if loglik:
+        floors.append(reference.model_copy(update={"name": "reference (batch size 1)", "role": "floor", "floor": "numeric"}))
+    if sampled_generation:
+        floors.append(reference.model_copy(update={"name": "reference (sampled again)", "role": "floor", "floor": "sampling"}))
+    return floors
+
+
 def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> ModelSpec:
     """Parse one --quant value. `resolve_checkpoint(source)` turns a pretrained source into a local folder."""
     backend, rest = DEFAULT_BACKEND, text

@@ -24,6 +24,12 @@ variant that is stored with every interval in results.json, and with m <= 4 Holm
 little. Passing needs no correction: QUANTIZE requires every check to pass (an intersection-union
 test), so its error is at most that of a single 95 % check.
 
+The sampling floor. Answers sampled at a temperature above 0 differ between two runs of the
+reference itself. When the run measured that (the reference sampled again with another seed) and
+the variant's answers differ from the reference's no more often than that, by a one-sided exact
+test on the items where only one of the two differs, the generated-answer check passes: the
+difference is sampling, not quantization. A variant clearly above the floor is judged as usual.
+
 A phase that was asked for but failed or stopped part-way (a crash, out of memory, an interrupted
 pass) is named in the reasons and its checks are not judged: a partial log-likelihood pass is a
 biased subset, since the batch plan scores the longest questions first. A check that was not
@@ -46,6 +52,7 @@ from quantcheck.results.schema import (
     Outcome,
     PairedComparison,
     Phase,
+    SamplingComparison,
     Thresholds,
     Verdict,
 )
@@ -236,6 +243,17 @@ def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds
     )
 
 
+def _within_sampling_floor(floor: SamplingComparison) -> Check:
+    """Generated answers that change no more often than sampling the reference again changes them."""
+    return Check(
+        "generated-answer accuracy",
+        "pass",
+        f"generated answers differ from the reference's on {floor.variant_disagreements} of {floor.n} questions, no more than "
+        f"the reference differs from itself sampled again ({floor.floor_disagreements} of {floor.n}; one-sided p "
+        f"{fmt.pvalue(floor.p_above_floor)}): within the sampling floor, so the generative check does not hold it back",
+    )
+
+
 def _estimate_check(
     name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float
 ) -> Check:
@@ -264,6 +282,8 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) 
             continue
         if paired is None:
             missing.append(f"{label} accuracy against the reference was not measured")
+        elif phase == "generation" and (floor := variant.generative_vs_floor) is not None and not floor.above_floor:
+            checks.append(_within_sampling_floor(floor))
         else:
             checks.append(_accuracy_check(label, paired, thresholds, level))
     agreement = variant.agreement

@@ -210,6 +210,8 @@ def render_html(
         accuracy_rows=table.accuracy_rows(r),
         agreement_columns=table.agreement_columns(),
         agreement_rows=table.agreement_rows(r),
+        floor_columns=table.FLOOR_COLUMNS,
+        floor_rows=table.floor_rows(r),
         cost_columns=table.COST_COLUMNS,
         cost_rows=table.cost_rows(r),
         generation_columns=table.GENERATION_COLUMNS,

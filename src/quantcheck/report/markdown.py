@@ -100,6 +100,9 @@ def render_markdown(
     if agreement:
         out += ["### Next-token agreement with the reference", ""]
         out += md_table(table.agreement_columns(), agreement) + [""]
+    if floors := table.floor_rows(r):
+        out += ["### Noise floors: the reference against itself", ""]
+        out += md_table(table.FLOOR_COLUMNS, floors) + [""]
     out += ["### Cost", ""]
     out += md_table(table.COST_COLUMNS, table.cost_rows(r)) + [""]
     gen = table.generation_rows(r)

@@ -257,6 +257,39 @@ def agreement_rows(results: Results) -> list[list[str]]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- floors
+
+FLOOR_COLUMNS = ["Floor", "What changed", "Measured", "Compare with"]
+
+
+def floor_rows(results: Results) -> list[list[str]]:
+    """The reference's own noise, one row per floor, then each variant against the sampling floor."""
+    rows = []
+    if numeric := results.floors.numeric:
+        rows.append([
+            "numeric (batching)", f"reference scored again, batch size {numeric.batch_size}",
+            f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, top-1 {fmt.percent(numeric.top1_agreement)}, "
+            f"same answer {fmt.percent(numeric.answer_agreement)} of {fmt.integer(numeric.n)}",
+            "each variant's mean KL and top-1 agreement",
+        ])
+    if sampling := results.floors.sampling:
+        rows.append([
+            "sampling", f"reference's answers generated again, seed {sampling.seed}",
+            f"{fmt.integer(sampling.disagreements)} of {fmt.integer(sampling.n)} answers differ ({fmt.percent(sampling.rate)})",
+            "each variant's generated-answer disagreement",
+        ])
+        for m in variant_models(results):
+            if floor := m.generative_vs_floor:
+                side = "above the floor" if floor.above_floor else "within the floor"
+                rows.append([
+                    f"{m.name} vs sampling", "variant's generated answers against the reference's",
+                    f"{fmt.integer(floor.variant_disagreements)} of {fmt.integer(floor.n)} differ (only the variant: {floor.variant_only}, "
+                    f"only the resample: {floor.floor_only}), one-sided p {fmt.pvalue(floor.p_above_floor)}",
+                    side,
+                ])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ cost
 
 COST_COLUMNS = [

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost"]
@@ -213,6 +213,45 @@ class Verdict(BaseModel):
     )
 
 
+class NumericFloor(BaseModel):
+    """The reference scored again with another batch plan (one item at a time): what batching alone changes."""
+
+    n: int
+    batch_size: int
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float
+    answer_agreement: float = Field(description="log-likelihood answers equal to the reference's first pass")
+
+
+class SamplingFloor(BaseModel):
+    """The reference's answers generated again with another seed: how much sampling alone changes them."""
+
+    n: int
+    seed: int
+    disagreements: int = Field(description="items whose parsed answer differs between the two samples")
+    rate: float
+
+
+class Floors(BaseModel):
+    """The reference's own noise, measured: a variant is judged against these, not against zero."""
+
+    numeric: NumericFloor | None = None
+    sampling: SamplingFloor | None = None
+
+
+class SamplingComparison(BaseModel):
+    """A variant's generated answers against the sampling floor, on the same items (paired)."""
+
+    n: int
+    variant_disagreements: int = Field(description="items where the variant's answer differs from the reference's")
+    floor_disagreements: int = Field(description="items where the reference sampled again differs from itself")
+    variant_only: int = Field(description="items where only the variant differs")
+    floor_only: int = Field(description="items where only the resampled reference differs")
+    p_above_floor: float = Field(description="one-sided exact test that the variant differs more often than sampling alone")
+    above_floor: bool
+
+
 class ModelResult(BaseModel):
     """Everything measured for one model: the reference or one quantized variant."""
 
@@ -235,6 +274,7 @@ class ModelResult(BaseModel):
     agreement: TokenAgreement | None = None
     paired_loglik: PairedComparison | None = None
     paired_generative: PairedComparison | None = None
+    generative_vs_floor: SamplingComparison | None = Field(None, description="generated-answer disagreement against the sampling floor")
     cost: ModelCost | None = None
     cost_vs_reference: CostComparison | None = None
     verdict: Verdict | None = None
@@ -290,6 +330,7 @@ class Results(BaseModel):
     dataset: DatasetInfo | None = None
     thresholds: Thresholds = Thresholds()
     models: list[ModelResult] = []
+    floors: Floors = Field(default_factory=Floors, description="the reference's own noise: batching (numeric) and sampling")
     warnings: list[RunWarning] = []
     missing: list[str] = Field(default=[], description="sections not (yet) computed, for partial runs")
 

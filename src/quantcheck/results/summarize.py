@@ -19,11 +19,13 @@ from quantcheck import __version__
 from quantcheck.backends import get_backend
 from quantcheck.jobs import ModelSpec
 from quantcheck.results.folder import RunFolder
+from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE
 from quantcheck.results.schema import (
     CostComparison,
     DatasetInfo,
     DivergenceSummary,
     EngineInfo,
+    Floors,
     GeneratedAnswer,
     GenerationSettings,
     GenerativeQuality,
@@ -32,17 +34,20 @@ from quantcheck.results.schema import (
     ModelCost,
     ModelInfo,
     ModelResult,
+    NumericFloor,
     PairedComparison,
     Phase,
     Results,
     RunWarning,
+    SamplingComparison,
+    SamplingFloor,
     Thresholds,
     TokenAgreement,
 )
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.metrics.next_token import TOP_K
 from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion
-from quantcheck.stats.paired import compare_paired
+from quantcheck.stats.paired import compare_paired, compare_with_floor
 from quantcheck.verdict import decide, fail_level, quality_check_count
 
 SMALL_SAMPLE = 300
@@ -222,6 +227,45 @@ def _compare(result: ModelResult, reference: ModelResult, records: tuple[list[It
         result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
 
 
+def _floors(folder: RunFolder, floors: list[ModelSpec], reference: tuple[list[ItemRecord], list[ItemRecord]],
+            item_ids: list[str]) -> tuple[Floors, list[ItemRecord]]:
+    """The reference's own noise, from its repeated runs; and the resampled answers, for the variants' comparison."""
+    result = Floors()
+    resampled: list[ItemRecord] = []
+    for spec in floors:
+        if spec.floor == "numeric":
+            records = compared_records(_ordered(read_latest_by_id(folder.model_file(spec.folder, "quality.jsonl"), ItemRecord), item_ids))
+            pairs = _pairs(reference[0], records)
+            if pairs and len(pairs) == len(item_ids):
+                kl = [record.kl for _, record in pairs]
+                result.numeric = NumericFloor(
+                    n=len(pairs), batch_size=NUMERIC_FLOOR_BATCH_SIZE, kl_mean=statistics.fmean(kl), kl_max=max(kl),
+                    top1_agreement=statistics.fmean(float(record.top1_agree) for _, record in pairs),
+                    answer_agreement=statistics.fmean(float(ref.loglik.pred == record.loglik.pred) for ref, record in pairs),
+                )
+        elif spec.floor == "sampling":
+            resampled = _ordered(read_latest_by_id(folder.model_file(spec.folder, "generation.jsonl"), ItemRecord), item_ids)
+            pairs = _pairs(reference[1], resampled)
+            if pairs and len(pairs) == len(item_ids):
+                settings = _load_json(folder.model_file(spec.folder, "generation-settings.json"), GenerationSettings)
+                differs = sum(ref.generative.pred is None or ref.generative.pred != again.generative.pred for ref, again in pairs)
+                result.sampling = SamplingFloor(n=len(pairs), seed=settings.seed if settings else -1, disagreements=differs, rate=differs / len(pairs))
+            else:
+                resampled = []
+    return result, resampled
+
+
+def _against_floor(reference: list[ItemRecord], variant: list[ItemRecord], floor: list[ItemRecord]) -> SamplingComparison | None:
+    """The variant's generated-answer disagreement against the reference's own, on the items all three answered."""
+    variant_by_id, floor_by_id = {r.item_id: r for r in variant}, {r.item_id: r for r in floor}
+    rows = [(ref, variant_by_id[ref.item_id], floor_by_id[ref.item_id]) for ref in reference
+            if ref.item_id in variant_by_id and ref.item_id in floor_by_id]
+    if not rows:
+        return None
+    return compare_with_floor([r.generative.pred for r, _, _ in rows], [v.generative.pred for _, v, _ in rows],
+                              [f.generative.pred for _, _, f in rows])
+
+
 def _warnings(results: Results, n_items: int) -> list[RunWarning]:
     warnings: list[RunWarning] = []
     reference = results.models[0]
@@ -247,7 +291,7 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
 
 
 def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, dataset: DatasetInfo, environment: dict[str, object],
-              models: list[ModelSpec], thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
+              models: list[ModelSpec], floors: list[ModelSpec] = (), thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
     folder = RunFolder(root)
     item_ids = [item.item_id for item in folder.read_items()]
@@ -263,8 +307,11 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     results.missing = [f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete]
     results.finished = not results.missing
     reference = results.models[0]
+    results.floors, floor_answers = _floors(folder, floors, per_model[reference.name], item_ids)
     for result in results.models[1:]:
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
+        if floor_answers and per_model[result.name][1]:
+            result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
         result.verdict = decide(result, thresholds)
     results.warnings = extra_warnings + _warnings(results, len(item_ids))
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))

@@ -142,6 +142,11 @@ def _log_mean_pivots(data: np.ndarray, rng: np.random.Generator) -> np.ndarray |
     return mu + sigma2 / 2 + np.log(nonzero)
 
 
+LOGNORMAL_MIN_ITEMS = 30
+"""Below this many items the log-scale spread is too uncertain for the lognormal pivot: on 8 items
+of an identity variant (KL 1e-12..1e-7) its upper bound reached 1e67 nats. Bootstrap-t alone then."""
+
+
 def heavy_tailed_mean(
     values: Sequence[float],
     seed: int,
@@ -186,7 +191,7 @@ def heavy_tailed_mean(
 def _wider_bounds(data: np.ndarray, rng: np.random.Generator, levels: list[float], resamples: int) -> list[Interval]:
     """At each level: the lower of the two methods' lower bounds and the higher of their upper bounds."""
     pivots = _studentized_pivots(data, rng, resamples)
-    log_means = _log_mean_pivots(data, rng)
+    log_means = _log_mean_pivots(data, rng) if data.size >= LOGNORMAL_MIN_ITEMS else None
     mean, standard_error = data.mean(), data.std(ddof=1) / np.sqrt(data.size)
     method = "bootstrap-t" if log_means is None else "bootstrap-t|delta-lognormal"
     intervals = []

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from scipy import optimize, stats
 
-from quantcheck.results.schema import Interval, PairedComparison
+from quantcheck.results.schema import Interval, PairedComparison, SamplingComparison
 from quantcheck.stats.intervals import wilson_interval
 
 MIN_DISCORDANT_FRACTION = 0.02
@@ -169,4 +169,31 @@ def compare_paired(
         mcnemar_p=mcnemar_exact_p(ref_only, variant_only),
         answer_agreement=agreeing / n,
         min_detectable_difference=min_detectable_difference(n, (ref_only + variant_only) / n),
+    )
+
+
+def _differs(reference: str | None, other: str | None) -> bool:
+    """An unparsable answer (None) never agrees, as in `compare_paired`."""
+    return reference is None or reference != other
+
+
+def compare_with_floor(reference_pred: Sequence[str | None], variant_pred: Sequence[str | None],
+                       floor_pred: Sequence[str | None], alpha: float = 0.05) -> SamplingComparison:
+    """Does the variant change the reference's generated answers more often than sampling the reference again does?
+
+    Paired on the items: only items where exactly one of the two differs from the reference carry
+    information, and a one-sided exact binomial test asks whether the variant's side is larger.
+    """
+    n = len(reference_pred)
+    if not n or not len(variant_pred) == len(floor_pred) == n:
+        raise ValueError("the floor comparison needs the same items for the reference, the variant and the floor")
+    variant = [_differs(ref, var) for ref, var in zip(reference_pred, variant_pred)]
+    floor = [_differs(ref, again) for ref, again in zip(reference_pred, floor_pred)]
+    variant_only = sum(v and not f for v, f in zip(variant, floor))
+    floor_only = sum(f and not v for v, f in zip(variant, floor))
+    discordant = variant_only + floor_only
+    p = float(stats.binomtest(variant_only, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0
+    return SamplingComparison(
+        n=n, variant_disagreements=sum(variant), floor_disagreements=sum(floor), variant_only=variant_only,
+        floor_only=floor_only, p_above_floor=p, above_floor=p < alpha,
     )
