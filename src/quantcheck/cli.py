@@ -61,6 +61,7 @@ def run(
     seq_len: Annotated[Optional[int], typer.Option(help="latency sweep sequence length")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="most timed iterations per batch size")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="seconds of timing per batch size at most")] = None,
+    cost_rounds: Annotated[int, typer.Option(help="cost measured this many times per model, in alternating order (ABBA); each point keeps its fastest round")] = 2,
     max_memory_gb: Annotated[Optional[float], typer.Option(help="memory cap for the cost sweep: above it a batch size counts as OOM")] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
     max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,
@@ -98,7 +99,7 @@ def run(
         options = RunOptions(
             model=model, backend=backend, quants=quant or [], engine=engine, dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
             dtype=dtype, out=out, seed=seed, batch_size=batch_size, threads=threads, loglik=not skip_quality,
-            generation=generation, cost=not skip_cost, floors=floors, cost_settings=cost_settings, thresholds=thresholds, force=force,
+            generation=generation, cost=not skip_cost, floors=floors, cost_rounds=cost_rounds, cost_settings=cost_settings, thresholds=thresholds, force=force,
             trust_remote_code=trust_remote_code, allow_offload=allow_offload, allow_pickle=allow_pickle, quiet=quiet,
         )
         folder, results = run_experiment(options)

@@ -77,3 +77,4 @@ class JobSpec(BaseModel):
     loglik: bool = True
     generation: GenerationOptions | None = None
     cost: dict[str, object] | None = None  # CostSettings fields
+    cost_round: int = 1

@@ -48,6 +48,7 @@ class RunOptions(BaseModel):
     cost: bool = True
     cost_settings: dict[str, object] = Field(default_factory=dict)
     floors: bool = True
+    cost_rounds: int = 2
     thresholds: Thresholds = Thresholds()
     force: bool = False
     trust_remote_code: bool = False
@@ -70,6 +71,8 @@ def _validate(options: RunOptions) -> None:
             raise QuantcheckError(f"--temperature must be >= 0, got {options.generation.temperature}")
         if options.generation.max_new_tokens <= 0:
             raise QuantcheckError(f"--max-new-tokens must be positive, got {options.generation.max_new_tokens}")
+    if options.cost_rounds < 1:
+        raise QuantcheckError(f"--cost-rounds must be at least 1, got {options.cost_rounds}")
     if not (options.loglik or options.generation or options.cost):
         raise QuantcheckError("--skip-quality and --skip-cost together leave nothing to measure")
 
@@ -144,11 +147,13 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
-            for spec in models:
-                if folder.model_file(spec.folder, "cost.json").exists():
-                    view.skipped(f"{spec.name} cost", "already measured")
-                    continue
-                _run(JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, **base), view, out, folder)
+            # Rounds alternate the order (ABBA): a load that builds up or fades hits the reference and the variants alike.
+            for cost_round in range(1, options.cost_rounds + 1):
+                for spec in models if cost_round % 2 else models[::-1]:
+                    if folder.cost_file(spec.folder, cost_round).exists():
+                        view.skipped(f"{spec.name} cost round {cost_round}", "already measured")
+                        continue
+                    _run(JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base), view, out, folder)
 
     dataset_info = DatasetInfo(spec=dataset.spec, n_items=n_items, subjects=dataset.subjects, source=dataset.source,
                                content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
@@ -156,7 +161,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
     results = summarize(
         out, config=config, model=model.info(dtype, device), dataset=dataset_info,
-        environment=describe_environment(device, threads), models=models, floors=floors,
+        environment=describe_environment(device, threads), models=models, floors=floors, cost_rounds=options.cost_rounds if options.cost else 0,
         thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
         expected={"loglik": options.loglik, "generation": options.generation is not None, "cost": options.cost},
     )

@@ -140,15 +140,21 @@ def _latency_note(ratios: dict[int, float]) -> str:
 
 
 def _speed_notes(cost: CostComparison | None) -> list[str]:
-    """At most two lines: forward-pass latency over all batch sizes, and decode throughput."""
+    """Forward-pass latency over all batch sizes on one line, decode throughput on another; where the
+    timing moved between cost rounds, a line that says so instead of a claim."""
     if cost is None:
         return []
     notes = []
-    ratios = cost.latency_ratio.values()
-    if any(ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO for ratio in ratios):
-        notes.append(_latency_note(cost.latency_ratio))
+    stable = {size: ratio for size, ratio in cost.latency_ratio.items() if size not in cost.unstable_batch_sizes}
+    if any(ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO for ratio in stable.values()):
+        notes.append(_latency_note(stable))
+    if cost.unstable_batch_sizes:
+        sizes = ", ".join(str(size) for size in cost.unstable_batch_sizes)
+        notes.append(f"forward-pass timing moved between cost rounds at batch size {sizes} (load on the machine): not called faster or slower there")
     speedup = cost.decode_speedup
-    if speedup is not None and speedup < 1 / SPEED_NOTE_RATIO:
+    if speedup is not None and cost.decode_unstable:
+        notes.append("decode rate moved between cost rounds (load on the machine): not called faster or slower")
+    elif speedup is not None and speedup < 1 / SPEED_NOTE_RATIO:
         notes.append(f"generation (decode) {fmt.ratio(1 / speedup)} slower")
     elif speedup is not None and speedup > SPEED_NOTE_RATIO:
         notes.append(f"generation (decode) {fmt.ratio(speedup)} faster")

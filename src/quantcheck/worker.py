@@ -94,7 +94,7 @@ def run_cost(job: JobSpec, folder: RunFolder) -> None:
     emit("phase", phase="cost", model=job.model.name, total=len(settings.batch_sizes) + 2)
     texts = [item.question for item in items]
     cost = backend.measure_cost(texts, settings, on_step=lambda step: emit("advance", phase="cost", step=step))
-    write_json_atomic(folder.model_file(job.model.folder, "cost.json"), cost)
+    write_json_atomic(folder.cost_file(job.model.folder, job.cost_round), cost)
 
 
 def main(argv: list[str]) -> int:

@@ -107,7 +107,7 @@ def render_markdown(
     out += md_table(table.COST_COLUMNS, table.cost_rows(r)) + [""]
     gen = table.generation_rows(r)
     if gen:
-        out += ["### Generation speed", "", "Words per minute depends on answer length; compare it with mean output words.", ""]
+        out += ["### Generation speed", "", "End-to-end words per minute include prefill and batching and depend on answer length; decode-only words per minute come from the cost phase's fixed-length decode rate.", ""]
         out += md_table(table.GENERATION_COLUMNS, gen) + [""]
 
     if figures:

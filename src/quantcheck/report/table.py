@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from quantcheck.report import format as fmt
 from quantcheck.report.data import reference_model, variant_models
-from quantcheck.results.schema import LatencyPoint, ModelResult, Results
+from quantcheck.results.schema import DRIFT_TOLERANCE, LatencyPoint, ModelResult, Results
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
 
@@ -272,6 +272,15 @@ def floor_rows(results: Results) -> list[list[str]]:
             f"same answer {fmt.percent(numeric.answer_agreement)} of {fmt.integer(numeric.n)}",
             "each variant's mean KL and top-1 agreement",
         ])
+    reference = reference_model(results)
+    if reference is not None and reference.cost is not None and reference.cost.rounds > 1:
+        spreads = {p.batch_size: max(p.round_medians_s) / min(p.round_medians_s) for p in reference.cost.latency if len(p.round_medians_s) > 1}
+        if spreads:
+            rows.append([
+                "timing (drift)", f"reference's cost measured {reference.cost.rounds} times, alternating with the variants",
+                "its forward latency moved by " + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
+                f"each variant's latency ratio (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not called faster or slower)",
+            ])
     if sampling := results.floors.sampling:
         rows.append([
             "sampling", f"reference's answers generated again, seed {sampling.seed}",
@@ -353,7 +362,7 @@ def cost_rows(results: Results) -> list[list[str]]:
 
 # ------------------------------------------------------------------------------------ generation
 
-GENERATION_COLUMNS = ["Model", "Words / minute", "Tokens / s", "Mean output words", "Mean output tokens", "Unparsable"]
+GENERATION_COLUMNS = ["Model", "Words / minute (end to end)", "Words / minute (decode only)", "Tokens / s (end to end)", "Mean output words", "Mean output tokens", "Unparsable"]
 
 
 def generation_rows(results: Results) -> list[list[str]]:
@@ -366,6 +375,7 @@ def generation_rows(results: Results) -> list[list[str]]:
             [
                 m.name,
                 fmt.number(g.words_per_minute),
+                fmt.number(g.decode_words_per_minute),
                 fmt.number(g.tokens_per_second),
                 fmt.number(g.mean_output_words),
                 fmt.number(g.mean_output_tokens),

@@ -40,6 +40,10 @@ class RunFolder:
     def model_file(self, model_name: str, name: str) -> Path:
         return self.models_dir / model_name / name
 
+    def cost_file(self, model_name: str, cost_round: int) -> Path:
+        """Round 1 is cost.json (as before rounds existed); later rounds cost-round2.json, ..."""
+        return self.model_file(model_name, "cost.json" if cost_round == 1 else f"cost-round{cost_round}.json")
+
     def prepare(self, identity: dict[str, str], force: bool) -> bool:
         """Create the folder or accept it for resuming; return True when it already held this run.
 

@@ -104,8 +104,10 @@ class GenerativeQuality(BaseModel):
 
     accuracy: Accuracy
     unparsable: int
-    words_per_minute: float
-    tokens_per_second: float
+    words_per_minute: float = Field(description="end to end: all answer words over the wall time of every generation batch (prefill, batching and padding included)")
+    tokens_per_second: float = Field(description="end to end, as words_per_minute")
+    decode_words_per_minute: float | None = Field(
+        None, description="decode only: the cost phase's measured decode rate (tokens/s) times this model's words per answer token; None without cost")
     mean_output_tokens: float
     mean_output_words: float
     settings: GenerationSettings
@@ -157,6 +159,7 @@ class LatencyPoint(BaseModel):
     noisy: bool = False
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
+    round_medians_s: list[float] = Field(default_factory=list, description="this batch size's median in each cost round; the point is the fastest round's")
 
 
 class GenerationCost(BaseModel):
@@ -169,6 +172,7 @@ class GenerationCost(BaseModel):
     decode_tokens_per_s: float
     tokens_per_s: float
     peak_memory_bytes: int | None = None
+    round_decode_tokens_per_s: list[float] = Field(default_factory=list, description="decode rate in each cost round; the figures are the fastest round's")
 
 
 class ModelCost(BaseModel):
@@ -183,6 +187,12 @@ class ModelCost(BaseModel):
     weights: WeightMemory
     latency: list[LatencyPoint] = []
     generation: GenerationCost | None = None
+    rounds: int = Field(1, description="cost rounds merged: each point is the fastest round's (load on the machine only slows)")
+
+
+DRIFT_TOLERANCE = 1.25
+"""A batch size whose fastest and slowest cost round differ by more than this factor (either model)
+is unstable: its ratio is kept, but the verdict calls the variant neither faster nor slower there."""
 
 
 class CostComparison(BaseModel):
@@ -190,8 +200,14 @@ class CostComparison(BaseModel):
 
     weight_memory_ratio: float
     memory_saving: float = Field(description="1 - weight_memory_ratio")
-    latency_ratio: dict[int, float] = Field(description="batch size -> variant / reference median latency")
+    latency_ratio: dict[int, float] = Field(description="batch size -> variant / reference median latency (fastest round of each)")
     decode_speedup: float | None = None
+    decode_unstable: bool = Field(False, description="the decode rate moved by more than the drift tolerance between rounds (either model)")
+    unstable_batch_sizes: list[int] = Field(
+        default_factory=list,
+        description="batch sizes whose medians moved by more than the drift tolerance between cost rounds (either model): "
+        "their ratios are reported but not called faster or slower",
+    )
 
 
 class Verdict(BaseModel):
@@ -350,7 +366,7 @@ class GeneratedAnswer(BaseModel):
     pred: str | None
     correct: bool
     new_tokens: int
-    seconds: float
+    seconds: float = Field(description="its batch's wall time divided by the batch size: a share of a batched run, not this item's latency")
 
 
 class ItemRecord(BaseModel):

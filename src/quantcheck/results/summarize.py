@@ -21,6 +21,7 @@ from quantcheck.jobs import ModelSpec
 from quantcheck.results.folder import RunFolder
 from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE
 from quantcheck.results.schema import (
+    DRIFT_TOLERANCE,
     CostComparison,
     DatasetInfo,
     DivergenceSummary,
@@ -104,6 +105,37 @@ def generative_quality(records: list[ItemRecord], settings: GenerationSettings) 
     )
 
 
+def merge_cost_rounds(rounds: list[ModelCost]) -> ModelCost:
+    """One model's cost rounds as one: each latency point from its fastest round, the best decode rate.
+
+    Load on a shared machine only ever slows a measurement down, so the fastest round is the one
+    least disturbed; every round's median is kept beside it. Memory and weights are round 1's.
+    """
+    first = rounds[0]
+    points = []
+    for point in first.latency:
+        ok = [p for cost in rounds for p in cost.latency if p.batch_size == point.batch_size and p.status == "ok"]
+        best = min(ok, key=lambda p: p.median_s) if ok else point
+        points.append(best.model_copy(update={"round_medians_s": [p.median_s for p in ok]}))
+    generations = [cost.generation for cost in rounds if cost.generation is not None]
+    generation = max(generations, key=lambda g: g.decode_tokens_per_s) if generations else None
+    if generation is not None:
+        generation = generation.model_copy(update={"round_decode_tokens_per_s": [g.decode_tokens_per_s for g in generations]})
+    return first.model_copy(update={"latency": points, "generation": generation, "rounds": len(rounds)})
+
+
+def _unstable(*costs: ModelCost) -> list[int]:
+    return sorted({
+        point.batch_size for cost in costs for point in cost.latency
+        if len(point.round_medians_s) > 1 and max(point.round_medians_s) > DRIFT_TOLERANCE * min(point.round_medians_s)
+    })
+
+
+def _decode_unstable(*costs: ModelCost) -> bool:
+    rates = [cost.generation.round_decode_tokens_per_s for cost in costs if cost.generation is not None]
+    return any(len(r) > 1 and max(r) > DRIFT_TOLERANCE * min(r) for r in rates)
+
+
 def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison:
     ratio = variant.weights.counted_bytes / reference.weights.counted_bytes
     reference_latency = {point.batch_size: point.median_s for point in reference.latency if point.status == "ok"}
@@ -115,7 +147,8 @@ def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison:
     decode = None
     if reference.generation and variant.generation and reference.generation.decode_tokens_per_s:
         decode = variant.generation.decode_tokens_per_s / reference.generation.decode_tokens_per_s
-    return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode)
+    return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode,
+                          unstable_batch_sizes=_unstable(reference, variant), decode_unstable=_decode_unstable(reference, variant))
 
 
 def _errors(folder: RunFolder, name: str) -> dict[str, str]:
@@ -154,7 +187,7 @@ def _description(spec: ModelSpec) -> str:
 
 
 def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str],
-                  expected: dict[str, bool]) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+                  expected: dict[str, bool], cost_rounds: int) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
@@ -164,12 +197,17 @@ def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str],
     result.errors = [f"{kind}: {message}" for kind, message in errors.items()]
     result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
     result.precision = result.engine.precision if result.engine else None
-    result.cost = _load_json(folder.model_file(name, "cost.json"), ModelCost)
+    rounds = [cost for cost_round in range(1, max(cost_rounds, 1) + 1)
+              if (cost := _load_json(folder.cost_file(name, cost_round), ModelCost)) is not None]
+    result.cost = merge_cost_rounds(rounds) if rounds else None
     if quality:
         result.loglik = accuracy([record.loglik.correct for record in quality])
     settings = _load_json(folder.model_file(name, "generation-settings.json"), GenerationSettings)
     if generated and settings is not None:
         result.generative = generative_quality(generated, settings)
+    if result.generative and result.cost and result.cost.generation and result.generative.mean_output_tokens:
+        words_per_token = result.generative.mean_output_words / result.generative.mean_output_tokens
+        result.generative.decode_words_per_minute = 60 * result.cost.generation.decode_tokens_per_s * words_per_token
     result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors)
     measured = quality or generated or result.cost
     result.status = "failed" if errors and not measured else "partial" if errors or result.incomplete else "ok"
@@ -291,7 +329,7 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
 
 
 def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, dataset: DatasetInfo, environment: dict[str, object],
-              models: list[ModelSpec], floors: list[ModelSpec] = (), thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
+              models: list[ModelSpec], floors: list[ModelSpec] = (), cost_rounds: int = 1, thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
     folder = RunFolder(root)
     item_ids = [item.item_id for item in folder.read_items()]
@@ -300,7 +338,7 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
     for spec in models:
-        result, quality, generated = _model_result(folder, spec, item_ids, expected)
+        result, quality, generated = _model_result(folder, spec, item_ids, expected, cost_rounds)
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))

@@ -1,0 +1,48 @@
+"""Load on the machine during the cost phase must not make the identity variant look faster or slower."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import SMALL_COST, read_results
+from test_resume import start
+
+BUSY_SECONDS_AT_MOST = 120
+BUSY = f"import time\nend = time.monotonic() + {BUSY_SECONDS_AT_MOST}\nwhile time.monotonic() < end: pass"
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_identity_latency_ratios_hold_while_a_busy_process_runs_during_part_of_the_cost_phase(tmp_path):
+    out = tmp_path / "run"
+    cost = [arg if arg != "1,2" else "1,4" for arg in SMALL_COST]
+    run = start(["run", "--quant", "none", "--limit", "4", "--skip-quality", "--out", str(out), *cost])
+    variant = out / "models" / "none"
+    wait_for(variant / "cost.log", run)  # the variant's first cost round has started
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(os.cpu_count() or 2)]
+    try:
+        wait_for(variant / "cost.json", run)  # ... and finished under load
+    finally:
+        for process in busy:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    results = read_results(out)
+    none = next(model for model in results["models"] if model["name"] == "none")
+    rounds = {point["batch_size"]: point["round_medians_s"] for point in none["cost"]["latency"]}
+    assert all(len(medians) == 2 for medians in rounds.values())
+    ratios = none["cost_vs_reference"]["latency_ratio"]
+    assert set(ratios) == {"1", "4"}
+    assert all(0.8 <= ratio <= 1.25 for ratio in ratios.values()), (ratios, rounds)
