@@ -46,7 +46,6 @@ from quantcheck.results.schema import (
     TokenAgreement,
 )
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
-from quantcheck.metrics.next_token import TOP_K
 from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired, compare_with_floor
 from quantcheck.verdict import decide, fail_level, quality_check_count
@@ -78,7 +77,7 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
     kl = [record.kl for record in compared]
     return TokenAgreement(
         n=len(compared),
-        jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in TOP_K},
+        jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in compared[0].jaccard},
         top1_agreement=proportion([bool(record.top1_agree) for record in compared], fail_level=level),
         kl=DivergenceSummary(
             mean=heavy_tailed_mean(kl, seed, fail_level=level),
