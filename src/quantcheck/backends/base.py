@@ -75,9 +75,9 @@ class Backend(ABC):
         methods = cls.methods()
         if method in methods:
             return methods[method]
-        prefix = "" if cls.name == "hf" else f"{cls.name}:"
+        prefix, engine = ("", "") if cls.name == "hf" else (f"{cls.name}:", f"{cls.name} ")
         valid = ", ".join(prefix + name for name in methods)
-        raise QuantMethodError(f"unknown {cls.name} quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>")
+        raise QuantMethodError(f"unknown {engine}quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>")
 
     @classmethod
     def interpreter(cls) -> str:
