@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from quantcheck.errors import QuantcheckError
@@ -24,7 +25,7 @@ console = Console(stderr=True)
 def _fail(error: QuantcheckError, debug: bool) -> None:
     if debug:
         raise error
-    console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)  # "[vllm]" is text, not markup
     raise typer.Exit(error.exit_code)
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -55,7 +56,7 @@ class ProgressView:
         elif kind == "loaded":
             self.line(f"{self._label}: loaded in {float(event['seconds']):.1f} s")
         elif kind == "warning":
-            self.line(f"[yellow]warning[/yellow] {event['message']}")
+            self.line(f"[yellow]warning[/yellow] {escape(str(event['message']))}")
 
     def _finish_task(self) -> None:
         if self._task is not None:
@@ -66,11 +67,11 @@ class ProgressView:
         self.progress.console.print(text)
 
     def skipped(self, label: str, why: str) -> None:
-        self.line(f"[dim]{label}: skipped ({why})[/dim]")
+        self.line(f"[dim]{escape(label)}: skipped ({escape(why)})[/dim]")
 
     def failed(self, label: str, message: str) -> None:
         self.console.quiet = False
-        self.progress.console.print(f"[red]{label} failed[/red]: {message}")
+        self.progress.console.print(f"[red]{escape(label)} failed[/red]: {escape(message)}")
         self.console.quiet = self.quiet
 
 

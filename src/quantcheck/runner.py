@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
+from rich.markup import escape
 
 from quantcheck import __version__
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
@@ -114,10 +115,10 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
                      "reference_backend": options.backend, "batch_size": options.batch_size}
     if reason := folder.check_reference_key(reference_key):
-        view.line(f"[yellow]{reason}[/yellow]")
+        view.line(f"[yellow]{escape(reason)}[/yellow]")
     generation_key = options.generation.model_dump() if options.generation else None
     if generation_key and (reason := folder.check_generation_key(generation_key)):
-        view.line(f"[yellow]{reason}[/yellow]")
+        view.line(f"[yellow]{escape(reason)}[/yellow]")
     folder.write_dataset(dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
