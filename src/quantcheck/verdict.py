@@ -109,7 +109,10 @@ def _speed_notes(cost: CostComparison | None) -> list[str]:
     return notes
 
 
-def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds) -> Check:
+def accuracy_check(
+    label: str, paired: PairedComparison, thresholds: Thresholds, more_questions: str = MORE_QUESTIONS_FLAG
+) -> Check:
+    """The accuracy-difference rule; `more_questions` names how to get more questions when unclear."""
     ci = paired.difference_ci
     limit = thresholds.max_accuracy_drop
     found = (
@@ -129,7 +132,7 @@ def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds
         "unclear",
         f"{found}: a drop beyond {limit_text} is not ruled out",
         f"{paired.n} questions can only detect differences of {mde:.0f} points or more: "
-        f"run with more questions ({MORE_QUESTIONS_FLAG}) to decide",
+        f"run with more questions ({more_questions}) to decide",
     )
 
 
@@ -187,7 +190,7 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds) -> tuple[list[
         if paired is None:
             missing.append(f"{label} accuracy against the reference was not measured")
         else:
-            checks.append(_accuracy_check(label, paired, thresholds))
+            checks.append(accuracy_check(label, paired, thresholds))
     agreement = variant.agreement
     if agreement is None:
         missing.append("next-token agreement (KL, top-1) was not measured")
