@@ -229,7 +229,7 @@ def compare_lmeval(
         table = Table(title="lm-eval comparison (B against A)")
         for column in COLUMNS:
             table.add_column(column)
-        for result in [*document.tasks, *([document.pooled] if document.pooled else [])]:
+        for result in document.rows:
             table.add_row(*row(result))
         stdout = _stdout()
         stdout.print(table)

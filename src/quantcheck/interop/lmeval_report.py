@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from quantcheck import __version__
 from quantcheck.errors import ResultsFolderError
-from quantcheck.interop.lmeval import Comparison, LmEvalRun, TaskComparison
+from quantcheck.interop.lmeval import Comparison, LmEvalRun, TaskComparison, task_label
 from quantcheck.report import format as fmt
 from quantcheck.report.markdown import md_table, md_text
 from quantcheck.results.schema import PairedComparison
@@ -73,6 +73,11 @@ class LmEvalComparisonFile(BaseModel):
         """The result the overall verdict rests on: the pooled row, or the only task."""
         return self.pooled or (self.tasks[0] if len(self.tasks) == 1 else None)
 
+    @property
+    def rows(self) -> list[TaskResult]:
+        """Every result in table order: the tasks, then the pooled row."""
+        return [*self.tasks, *([self.pooled] if self.pooled else [])]
+
 
 def _source(run: LmEvalRun) -> RunSource:
     return RunSource(folder=str(run.folder), model=run.model)
@@ -110,9 +115,8 @@ def comparison_file(comparison: Comparison) -> LmEvalComparisonFile:
 def row(result: TaskResult) -> list[str]:
     """One table row, every number formatted as in quantcheck's own report."""
     p = result.paired
-    label = result.task if result.filter == "none" else f"{result.task} ({result.filter})"
     return [
-        label, result.metric, fmt.integer(p.n), fmt.percent(p.reference_accuracy), fmt.percent(p.variant_accuracy),
+        task_label(result.task, result.filter), result.metric, fmt.integer(p.n), fmt.percent(p.reference_accuracy), fmt.percent(p.variant_accuracy),
         fmt.points_ci(p.difference, p.difference_ci), f"{p.right_to_wrong} / {p.wrong_to_right}",
         fmt.pvalue(p.mcnemar_p), fmt.percent(p.answer_agreement), f"\u00b1{fmt.number(p.min_detectable_difference * 100)} pts",
         result.verdict,
@@ -128,10 +132,9 @@ def headline(document: LmEvalComparisonFile) -> str:
 
 
 def render_markdown(document: LmEvalComparisonFile) -> str:
-    rows = [row(task) for task in document.tasks] + ([row(document.pooled)] if document.pooled else [])
     out = [f"# lm-eval comparison: {md_text(document.variant.model)} against {md_text(document.reference.model)}", ""]
     out += [f"**{md_text(headline(document))}**", ""]
-    out += md_table(COLUMNS, rows) + [""]
+    out += md_table(COLUMNS, [row(result) for result in document.rows]) + [""]
     out += [
         f"Paired on the same documents (doc_id, with equal document, prompt and target hashes). "
         f"\u0394 is variant minus reference in points with Newcombe's paired interval; McNemar is exact; "
@@ -141,7 +144,7 @@ def render_markdown(document: LmEvalComparisonFile) -> str:
         "## Verdicts",
         "",
     ]
-    for result in [*document.tasks, *([document.pooled] if document.pooled else [])]:
+    for result in document.rows:
         out.append(f"- **{result.verdict}**: {md_text(result.reason)}")
         if result.advice:
             out.append(f"  - {md_text(result.advice)}")
