@@ -217,7 +217,7 @@ def compare_lmeval(
 ) -> None:
     """Compare two lm-eval runs document by document: paired difference, flips, McNemar, verdict per task."""
     from quantcheck.interop.lmeval import compare_runs, read_run
-    from quantcheck.interop.lmeval_report import COLUMNS, comparison_file, headline, row, write_comparison
+    from quantcheck.interop.lmeval_report import COLUMNS, comparison_file, headline, not_compared, row, write_comparison
     from quantcheck.results.schema import Thresholds
 
     try:
@@ -234,6 +234,8 @@ def compare_lmeval(
         stdout = _stdout()
         stdout.print(table)
         stdout.print(headline(document), highlight=False, soft_wrap=True)
+        for note in not_compared(document):
+            stdout.print(f"[yellow]note[/yellow] {note}", highlight=False, soft_wrap=True)
         stdout.print(f"markdown: {markdown}\nresults: {json_file}", highlight=False)
     except QuantcheckError as error:
         _fail(error, debug)

@@ -131,6 +131,13 @@ def headline(document: LmEvalComparisonFile) -> str:
     return f"{document.variant.model} against {document.reference.model}: {single.verdict} \u2014 {single.reason}"
 
 
+def not_compared(document: LmEvalComparisonFile) -> list[str]:
+    """Tasks left out of the comparison, each with why: a reader must not take the table for all of both runs."""
+    notes = [f"not compared: {text}" for text in document.skipped]
+    notes += [f"only in the reference run: {task}" for task in document.only_reference]
+    return notes + [f"only in the variant run: {task}" for task in document.only_variant]
+
+
 def render_markdown(document: LmEvalComparisonFile) -> str:
     out = [f"# lm-eval comparison: {md_text(document.variant.model)} against {md_text(document.reference.model)}", ""]
     out += [f"**{md_text(headline(document))}**", ""]
@@ -149,9 +156,7 @@ def render_markdown(document: LmEvalComparisonFile) -> str:
         if result.advice:
             out.append(f"  - {md_text(result.advice)}")
     out.append("")
-    notes = [f"not compared: {text}" for text in document.skipped]
-    notes += [f"only in the reference run: {task}" for task in document.only_reference]
-    notes += [f"only in the variant run: {task}" for task in document.only_variant]
+    notes = not_compared(document)
     if notes:
         out += ["## Not compared", ""] + [f"- {md_text(note)}" for note in notes] + [""]
     out += ["## Runs", ""]
