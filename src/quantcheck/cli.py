@@ -1,4 +1,4 @@
-"""The `quantcheck` command: `run`, `quants` and `report`.
+"""The `quantcheck` command: `run`, `quants`, `report`, and lm-eval interop (`compare-lmeval`, `export-lmeval`).
 
 Errors the user can fix print one line and exit 2 (130 for Ctrl-C); `--debug` shows the traceback.
 """
@@ -246,6 +246,58 @@ def report(
     """Re-render report.html, report.md and metrics.csv from a results folder (no model, no torch)."""
     try:
         _render(run_dir, quiet=False)
+    except QuantcheckError as error:
+        _fail(error, debug)
+
+
+@app.command("compare-lmeval")
+def compare_lmeval(
+    run_a: Annotated[Path, typer.Argument(help="reference: an lm_eval --output_path (or its model folder) written with --log_samples")],
+    run_b: Annotated[Path, typer.Argument(help="variant: the same tasks and documents, another model")],
+    out: Annotated[Path, typer.Option(help="folder for report.md and comparison.json")] = Path("lmeval-comparison"),
+    metric: Annotated[Optional[str], typer.Option(help="per-sample 0/1 metric (default: acc when logged, else the first 0/1 one)")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
+    debug: bool = False,
+) -> None:
+    """Compare two lm-eval runs document by document: paired difference, flips, McNemar, verdict per task."""
+    from quantcheck.interop.lmeval import compare_runs, read_run
+    from quantcheck.interop.lmeval_report import COLUMNS, comparison_file, headline, not_compared, row, write_comparison
+    from quantcheck.results.schema import Thresholds
+
+    try:
+        if not 0 <= max_accuracy_drop <= 100:
+            raise QuantcheckError(f"--max-accuracy-drop must be between 0 and 100 points, got {max_accuracy_drop}")
+        comparison = compare_runs(read_run(run_a, "RUN_A"), read_run(run_b, "RUN_B"), metric, Thresholds(max_accuracy_drop=max_accuracy_drop / 100))
+        document = comparison_file(comparison)
+        markdown, json_file = write_comparison(document, out)
+        table = Table(title="lm-eval comparison (B against A)")
+        for column in COLUMNS:
+            table.add_column(column)
+        for result in document.rows:
+            table.add_row(*row(result))
+        stdout = _stdout()
+        stdout.print(table)
+        stdout.print(headline(document), highlight=False, soft_wrap=True)
+        for note in not_compared(document):
+            stdout.print(f"[yellow]note[/yellow] {note}", highlight=False, soft_wrap=True)
+        stdout.print(f"markdown: {markdown}\nresults: {json_file}", highlight=False)
+    except QuantcheckError as error:
+        _fail(error, debug)
+
+
+@app.command("export-lmeval")
+def export_lmeval(
+    run_dir: Annotated[Path, typer.Argument(help="a quantcheck results folder")],
+    out: Annotated[Path, typer.Argument(help="folder for <model>/samples_<task>_<time>.jsonl")],
+    task: Annotated[str, typer.Option(help="task name in the file names, as an lm-eval task of the same questions would be called")] = "quantcheck",
+    debug: bool = False,
+) -> None:
+    """Write each model's per-question answers as lm-eval --log_samples output (readable by compare-lmeval)."""
+    from quantcheck.interop.lmeval_export import export_run
+
+    try:
+        for path in export_run(run_dir, out, task):
+            print(path)
     except QuantcheckError as error:
         _fail(error, debug)
 

@@ -226,7 +226,10 @@ def _interval_check(
     )
 
 
-def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds, level: float) -> Check:
+def accuracy_check(
+    label: str, paired: PairedComparison, thresholds: Thresholds, level: float, more_questions: str = MORE_QUESTIONS_FLAG
+) -> Check:
+    """The accuracy-difference rule (also for two lm-eval runs); `more_questions` says how to get more questions."""
     drop = fmt.points(thresholds.max_accuracy_drop).lstrip("+")
     mde = fmt.points(paired.min_detectable_difference).lstrip("+")
     return _interval_check(
@@ -245,7 +248,7 @@ def _accuracy_check(label: str, paired: PairedComparison, thresholds: Thresholds
         ),
         level,
         f"{paired.n} questions can only detect differences of {mde} or more: "
-        f"run with more questions ({MORE_QUESTIONS_FLAG}) to decide",
+        f"run with more questions ({more_questions}) to decide",
     )
 
 
@@ -291,7 +294,7 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) 
         elif phase == "generation" and (floor := variant.generative_vs_floor) is not None and not floor.above_floor:
             checks.append(_within_sampling_floor(floor))
         else:
-            checks.append(_accuracy_check(label, paired, thresholds, level))
+            checks.append(accuracy_check(label, paired, thresholds, level))
     agreement = variant.agreement
     if agreement is not None and "loglik" not in variant.incomplete:
         kl_limit = _Limit.ceiling(thresholds.max_mean_kl, f"the {fmt.nats(thresholds.max_mean_kl)} nats limit")

@@ -1,0 +1,1 @@
+"""Reading and writing other evaluation tools' per-sample outputs (lm-evaluation-harness)."""
