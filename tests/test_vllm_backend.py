@@ -77,7 +77,8 @@ def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_rep
     assert results["floors"]["sampling"]["n"] == 8
     cost = reference["cost"]
     assert cost["engine"] == "vllm" and cost["memory_method"].startswith("rss-process-tree") and cost["rounds"] == 2
-    assert cost["weights"]["counted_bytes"] > 400 * 2**20  # 135M fp32 parameters counted inside the engine
+    # 135M fp32 parameters counted inside the engine, the linear weights vLLM's CPU kernels pack away included
+    assert 500 * 2**20 < cost["weights"]["counted_bytes"] < 530 * 2**20 and 130e6 < cost["weights"]["parameters"] < 140e6
     assert 0.45 < bf16["cost"]["weights"]["counted_bytes"] / cost["weights"]["counted_bytes"] < 0.55
     assert [point["status"] for point in cost["latency"]] == ["ok", "ok"]
     assert cost["generation"]["decode_tokens_per_s"] > 0

@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,6 +120,7 @@ class VllmBackend(Backend):
         self.method = METHODS.get(self.spec.method) if not self.spec.checkpoint else METHODS["none"]
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.llm = None
+        self.packed_weights: list[tuple[int, int]] = []  # (elements, bytes) of linear weights vLLM's CPU kernels moved out of the module tree
         _configure_environment(job.device, job.threads, job.engine)
 
     @property
@@ -149,7 +151,8 @@ class VllmBackend(Backend):
         from vllm import LLM
 
         try:
-            self.llm = LLM(**self._engine_arguments())
+            with _recording_packed_weights(self.packed_weights):
+                self.llm = LLM(**self._engine_arguments())
         except (ValueError, RuntimeError, NotImplementedError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise QuantcheckError(f"vLLM could not start {self.spec.name}: {first}") from None
@@ -244,8 +247,16 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
             backend.load()
             load_time = clock.since(begin)
         on_step("load")
-        weights = backend.llm.apply_model(count_weight_bytes)[0].model_copy(
-            update={"footprint_bytes": None, "footprint_agrees": False, "note": "counted inside the vLLM engine (apply_model); vLLM has no get_memory_footprint"})
+        visible = backend.llm.apply_model(count_weight_bytes)[0]
+        packed = sum(size for _, size in backend.packed_weights)
+        parameters = visible.parameters + sum(elements for elements, _ in backend.packed_weights)
+        note = "counted inside the vLLM engine (apply_model); vLLM has no get_memory_footprint"
+        if packed:
+            note += (f"; {len(backend.packed_weights)} linear weights that vLLM's CPU kernels packed into their own storage "
+                     "are counted at their size just before packing")
+        weights = visible.model_copy(update={
+            "counted_bytes": visible.counted_bytes + packed, "footprint_bytes": None, "footprint_agrees": False, "note": note,
+            "parameters": parameters, "bits_per_parameter": 8 * (visible.counted_bytes + packed) / parameters if parameters else 0.0})
         repeats = Repeats(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
         one_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
@@ -285,6 +296,32 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
         latency_method="one vLLM generate of a single token over the batch (prefill + one step, scheduler included)",
         latency=latency, generation=generation,
     )
+
+
+@contextmanager
+def _recording_packed_weights(record: list[tuple[int, int]]) -> Iterator[None]:
+    """While the engine loads: note the bytes of each linear weight vLLM's CPU path packs away.
+
+    On CPU, vLLM hands unquantized linear weights to oneDNN/sgl kernels and leaves an empty
+    parameter behind, so they are invisible to a tensor-by-tensor count afterwards. Their size just
+    before packing (same elements, same dtype) is measured here instead of being missed.
+    """
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+
+    def recording(layer, *args, **kwargs):
+        weight = layer.weight
+        elements = 0 if weight.is_meta else weight.numel()
+        original(layer, *args, **kwargs)
+        if elements and layer.weight.numel() == 0:
+            record.append((elements, elements * weight.element_size()))
+
+    utils.dispatch_cpu_unquantized_gemm = recording
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = original
 
 
 def _fixed_length_prompts(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[list[int]]:
