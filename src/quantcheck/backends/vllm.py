@@ -196,13 +196,13 @@ class VllmBackend(Backend):
             raise QuantcheckError(f"vLLM returned no log-probabilities for {self.spec.name}")
         return rows
 
-    def _sampling(self, settings: GenerationSettings, seed: int | None, **fixed: object):
+    def _sampling(self, settings: GenerationSettings, seed: int | None):
         from vllm import SamplingParams
 
         return SamplingParams(
             temperature=0.0 if settings.greedy else settings.temperature, top_p=1.0, top_k=0, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=seed,
-            max_tokens=settings.max_new_tokens, stop_token_ids=list(settings.stop_token_ids), detokenize=False, **fixed,
+            max_tokens=settings.max_new_tokens, stop_token_ids=list(settings.stop_token_ids), detokenize=False,
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
