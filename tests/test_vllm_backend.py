@@ -57,7 +57,8 @@ VLLM_RUN = ["--backend", "vllm", "--quant", "vllm:bf16", "--batch-size", "3", "-
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory, questions) -> Path:
     out = tmp_path_factory.mktemp("vllm") / "run"
-    result = quantcheck("run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), *SMALL_COST)
+    # Eight engine starts (reference, two floors, variant, four cost rounds): give a loaded machine room.
+    result = quantcheck("run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), *SMALL_COST, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
