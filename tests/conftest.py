@@ -16,7 +16,7 @@ XSS_QUESTION = "Which of these is <script>alert(1)</script> & friends?"
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
 
 
-def quantcheck(*args: str, env: dict[str, str] | None = None, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+def quantcheck(*args: str, env: dict[str, str] | None = None, timeout: float = 1800, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "quantcheck.cli", *args],
