@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcheck.errors import QuantcheckError
+
+if TYPE_CHECKING:
+    from quantcheck.config import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Should I serve the quantized version? Compare an LLM with its quantized variants.")
@@ -31,6 +34,7 @@ def _fail(error: QuantcheckError, debug: bool) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
     quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, pretrained:PATH; see `quantcheck quants`")] = None,
     backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers) or vllm")] = "hf",
@@ -72,84 +76,64 @@ def run(
     trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")] = False,
     allow_offload: Annotated[bool, typer.Option(help="allow device_map offload to CPU/disk; cost figures are then marked offloaded")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints, which can run code when loaded")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file holding any of these options (RUN_DIR/config.toml runs a run again); options typed here override it")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
-    """Compare MODEL with each --quant variant and write results.json, items.jsonl and the report."""
-    from pydantic import ValidationError
-
-    from quantcheck.jobs import GenerationOptions
-    from quantcheck.results.schema import Thresholds
-    from quantcheck.runner import RunOptions, run as run_experiment
+    """Compare MODEL with each --quant variant and write results.json, items.jsonl, config.toml and the report."""
+    from quantcheck.api import run_config
 
     try:
-        if trust_remote_code:
-            console.print("[yellow]warning:[/yellow] --trust-remote-code runs Python code from the model repository")
-        try:
-            thresholds = Thresholds(max_accuracy_drop=max_accuracy_drop / 100, max_mean_kl=max_kl, min_top1_agreement=min_top1, min_memory_saving=min_memory_saving)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            raise QuantcheckError(f"threshold {problem['loc'][0]} is out of range: {problem['msg']}") from None
-        cost_settings = _cost_settings(batch_sizes, seq_len, iterations, time_budget, max_memory_gb)
-        engine = _engine_settings(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                                  distributed_executor_backend=distributed_executor_backend, gpu_memory_utilization=gpu_memory_utilization,
-                                  max_model_len=max_model_len, enforce_eager=enforce_eager, cpu_kv_cache_bytes=int(cpu_kv_cache_gb * 2**30))
-        generation = None if skip_quality or skip_generation else GenerationOptions(
-            chat=_choice(chat, ("auto", "on", "off"), "--chat"), temperature=temperature, greedy=greedy,
-            max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
-        options = RunOptions(
-            model=model, backend=backend, quants=quant or [], engine=engine, dataset=dataset, limit=limit, device=_choice(device, ("auto", "cpu", "cuda"), "--device"),
-            dtype=dtype, out=out, seed=seed, batch_size=batch_size, threads=threads, loglik=not skip_quality,
-            generation=generation, cost=not skip_cost, floors=floors, cost_rounds=cost_rounds, cost_settings=cost_settings, thresholds=thresholds, force=force,
-            trust_remote_code=trust_remote_code, allow_offload=allow_offload, allow_pickle=allow_pickle, quiet=quiet,
-        )
-        folder, results = run_experiment(options)
-        _print_summary(results, quiet)
-        _render(folder, quiet)
+        settings = _settings(ctx, config)
+        if settings.trust_remote_code:
+            console.print("[yellow]warning:[/yellow] trust_remote_code runs Python code from the model repository")
+        comparison = run_config(settings)
+        _print_summary(comparison.results, settings.quiet)
+        if not settings.quiet:
+            _print_files(comparison.run_dir)
     except QuantcheckError as error:
         _fail(error, debug)
 
 
-def _engine_settings(**values: object):
-    """The engine options, validated once: a wrong value is one line naming the option."""
-    from pydantic import ValidationError
+# Each `run` option's key in a config file: its own name at the top level unless listed here.
+CONFIG_KEYS = {
+    "quant": "variants", "gen_batch_size": "generation.batch_size", "cost_rounds": "cost.rounds",
+    **{name: f"generation.{name}" for name in ("chat", "temperature", "greedy", "max_new_tokens")},
+    **{name: f"cost.{name}" for name in ("batch_sizes", "seq_len", "iterations", "time_budget", "max_memory_gb")},
+    **{name: f"engine.{name}" for name in ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+                                           "gpu_memory_utilization", "max_model_len", "enforce_eager", "cpu_kv_cache_gb")},
+    **{name: f"thresholds.{name}" for name in ("max_accuracy_drop", "max_kl", "min_top1", "min_memory_saving")},
+}
+NOT_IN_CONFIG = ("config", "debug")
 
-    from quantcheck.jobs import EngineSettings
 
+def _settings(ctx: typer.Context, config_file: Path | None) -> RunConfig:
+    """The config file, then each option the user typed over it: a default never overrides the file."""
+    from quantcheck.config import key_path, parse_config, read_config
+
+    settings = read_config(config_file).model_dump(exclude_unset=True) if config_file else {}
+    typed: dict[str, str] = {}  # config key -> the option that set it, to name it in an error
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
+        if name in NOT_IN_CONFIG or source is None or source.name != "COMMANDLINE":
+            continue
+        path = CONFIG_KEYS.get(name, name)
+        table, _, key = path.rpartition(".")
+        (settings.setdefault(table, {}) if table else settings)[key] = _batch_sizes(value) if name == "batch_sizes" else value
+        typed[path] = "MODEL" if name == "model" else "--" + name.replace("_", "-")
+
+    def where(location: tuple[str | int, ...]) -> str:
+        option = typed.get(key_path(tuple(part for part in location if isinstance(part, str))))
+        return option or (f"{config_file}: " if config_file else "") + key_path(location)
+
+    return parse_config(settings, where)
+
+
+def _batch_sizes(text: str) -> list[int]:
     try:
-        return EngineSettings(**values)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        option = "--" + str(problem["loc"][0]).replace("_", "-").replace("cpu-kv-cache-bytes", "cpu-kv-cache-gb")
-        raise QuantcheckError(f"{option}: {problem['msg']}") from None
-
-
-def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
-    if value not in allowed:
-        raise QuantcheckError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-def _cost_settings(batch_sizes: str | None, seq_len: int | None, iterations: int | None, time_budget: float | None, max_memory_gb: float | None) -> dict[str, object]:
-    settings: dict[str, object] = {}
-    if batch_sizes is not None:
-        try:
-            sizes = [int(part) for part in batch_sizes.split(",") if part.strip()]
-        except ValueError:
-            raise QuantcheckError(f"--batch-sizes must be comma-separated whole numbers, got {batch_sizes!r}") from None
-        if not sizes or min(sizes) <= 0:
-            raise QuantcheckError(f"--batch-sizes must be positive, got {batch_sizes!r}")
-        settings["batch_sizes"] = sorted(set(sizes))
-    for name, value in {"seq_len": seq_len, "max_iterations": iterations, "time_budget_s": time_budget}.items():
-        if value is not None:
-            if value <= 0:
-                raise QuantcheckError(f"--{name.replace('_', '-')} must be positive, got {value}")
-            settings[name] = value
-    if max_memory_gb is not None:
-        if max_memory_gb <= 0:
-            raise QuantcheckError(f"--max-memory-gb must be positive, got {max_memory_gb}")
-        settings["max_memory_bytes"] = int(max_memory_gb * 2**30)
-    return settings
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise QuantcheckError(f"--batch-sizes must be comma-separated whole numbers, got {text!r}") from None
 
 
 def _stdout() -> Console:
@@ -190,13 +174,10 @@ def _print_summary(results, quiet: bool) -> None:
         console.print(f"[yellow]warning[/yellow] {warning.message}", highlight=False)
 
 
-def _render(folder: Path, quiet: bool) -> None:
-    from quantcheck.report import render_report
+def _print_files(folder: Path, took: str = "") -> None:
+    from quantcheck.report import HTML_FILE, MARKDOWN_FILE
 
-    start = time.perf_counter()
-    files = render_report(folder)
-    if not quiet:
-        _stdout().print(f"report: {files.html}  ({time.perf_counter() - start:.1f} s)\nmarkdown: {files.markdown}\nresults: {folder / 'results.json'}")
+    _stdout().print(f"report: {folder / HTML_FILE}{took}\nmarkdown: {folder / MARKDOWN_FILE}\nresults: {folder / 'results.json'}")
 
 
 @app.command()
@@ -244,8 +225,12 @@ def report(
     debug: bool = False,
 ) -> None:
     """Re-render report.html, report.md and metrics.csv from a results folder (no model, no torch)."""
+    from quantcheck.report import render_report
+
     try:
-        _render(run_dir, quiet=False)
+        start = time.perf_counter()
+        render_report(run_dir)
+        _print_files(run_dir, f"  ({time.perf_counter() - start:.1f} s)")
     except QuantcheckError as error:
         _fail(error, debug)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 EVENT_PREFIX = "@@quantcheck "
 
@@ -21,11 +21,15 @@ FloorKind = Literal["numeric", "sampling"]
 
 
 class GenerationOptions(BaseModel):
+    """The decoding settings every model shares; also the `[generation]` table of a config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
     chat: Literal["auto", "on", "off"] = "auto"
-    temperature: float = 0.1
+    temperature: float = Field(0.1, ge=0)
     greedy: bool = False
-    max_new_tokens: int = 32
-    batch_size: int = 16
+    max_new_tokens: PositiveInt = 32
+    batch_size: PositiveInt = 16
 
 
 class EngineSettings(BaseModel):

@@ -30,7 +30,7 @@ class Interrupted(QuantcheckError):
 
 
 class RunOptions(BaseModel):
-    """Everything `quantcheck run` takes; recorded in results.json as the run's config."""
+    """Everything `quantcheck run` takes, as the runner uses it (built by `RunConfig.options`); recorded in results.json as the run's config."""
 
     model: str | None = None
     backend: str = "hf"
@@ -63,17 +63,9 @@ def default_out_dir() -> Path:
 
 
 def _validate(options: RunOptions) -> None:
-    if options.batch_size <= 0:
-        raise QuantcheckError(f"--batch-size must be positive, got {options.batch_size}")
+    """Checks over the whole run; each option's own type and range are checked once, in `quantcheck.config`."""
     if not options.quants:
         raise QuantcheckError("name at least one variant with --quant (see `quantcheck quants`)")
-    if options.generation is not None:
-        if options.generation.temperature < 0:
-            raise QuantcheckError(f"--temperature must be >= 0, got {options.generation.temperature}")
-        if options.generation.max_new_tokens <= 0:
-            raise QuantcheckError(f"--max-new-tokens must be positive, got {options.generation.max_new_tokens}")
-    if options.cost_rounds < 1:
-        raise QuantcheckError(f"--cost-rounds must be at least 1, got {options.cost_rounds}")
     if not (options.loglik or options.generation or options.cost):
         raise QuantcheckError("--skip-quality and --skip-cost together leave nothing to measure")
 

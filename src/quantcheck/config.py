@@ -1,0 +1,234 @@
+"""A run's settings as one validated object: what `quantcheck run`'s options, a `--config` TOML file
+and `quantcheck.compare()`'s keywords all become before anything runs.
+
+One layout for the three, with the command line's names and units (a user who knows `--max-kl`
+guesses `max_kl`); options that belong together sit in a table:
+
+    model = "smollm2-135m"                  # hub id or local folder; left out: the built-in model
+    backend = "hf"                          # the reference's engine
+    variants = ["bnb-nf4-dq", "vllm:bf16"]  # --quant, once per variant
+    dataset = "mmlu:virology"
+    limit = 200
+    [generation]   chat, temperature, greedy, max_new_tokens, batch_size (--gen-batch-size)
+    [cost]         rounds (--cost-rounds), batch_sizes = [1, 8, 32], seq_len, iterations, time_budget, max_memory_gb
+    [engine]       tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
+                   gpu_memory_utilization, max_model_len, enforce_eager, cpu_kv_cache_gb
+    [thresholds]   max_accuracy_drop (points), max_kl, min_top1, min_memory_saving
+
+Validated once, here: an unknown key or a wrong type is one line naming where it came from.
+Relative paths are relative to the current folder, as on the command line. A run writes what it
+resolved to RUN_DIR/config.toml (`resolved_toml`), which `quantcheck run --config` runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from quantcheck.backends import DEFAULT_BACKEND
+from quantcheck.data.load import DEFAULT_DATASET
+from quantcheck.errors import QuantcheckError
+from quantcheck.jobs import EngineSettings, GenerationOptions
+from quantcheck.results.schema import Thresholds
+
+if TYPE_CHECKING:
+    from quantcheck.runner import RunOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
+
+CONFIG_FILE = "config.toml"
+GIB = 2**30
+Location = tuple[str | int, ...]
+
+# A notebook passes Path objects where the command line passes text.
+PathText = Annotated[str, BeforeValidator(lambda value: os.fspath(value) if isinstance(value, os.PathLike) else value)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CostConfig(_Table):
+    """The cost sweep; what is left out takes the device's defaults (see `CostSettings.for_device`)."""
+
+    rounds: PositiveInt = 2
+    batch_sizes: list[PositiveInt] | None = Field(None, min_length=1)
+    seq_len: PositiveInt | None = None
+    iterations: PositiveInt | None = None
+    time_budget: PositiveFloat | None = None
+    max_memory_gb: PositiveFloat | None = None
+
+    def overrides(self) -> dict[str, object]:
+        """The `CostSettings` fields the user set, in its names and units."""
+        values = {"batch_sizes": sorted(set(self.batch_sizes)) if self.batch_sizes else None, "seq_len": self.seq_len,
+                  "max_iterations": self.iterations, "time_budget_s": self.time_budget,
+                  "max_memory_bytes": int(self.max_memory_gb * GIB) if self.max_memory_gb else None}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+class EngineConfig(_Table):
+    """`EngineSettings` with the KV cache in GiB, as `--cpu-kv-cache-gb`."""
+
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(2048, ge=16)
+    enforce_eager: bool = True
+    cpu_kv_cache_gb: PositiveFloat = 1.0
+
+    def settings(self) -> EngineSettings:
+        return EngineSettings(**self.model_dump(exclude={"cpu_kv_cache_gb"}), cpu_kv_cache_bytes=int(self.cpu_kv_cache_gb * GIB))
+
+
+class ThresholdConfig(_Table):
+    """The verdict's limits as the command line takes them: the accuracy drop in points."""
+
+    max_accuracy_drop: float = Field(2.0, ge=0, le=100)
+    max_kl: float = Field(0.05, ge=0)
+    min_top1: float = Field(0.90, ge=0, le=1)
+    min_memory_saving: float = Field(0.20, ge=0, le=1)
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(max_accuracy_drop=self.max_accuracy_drop / 100, max_mean_kl=self.max_kl,
+                          min_top1_agreement=self.min_top1, min_memory_saving=self.min_memory_saving)
+
+
+class RunConfig(_Table):
+    """Everything `quantcheck run` takes, in the layout of a config file (see the module docstring)."""
+
+    model: PathText | None = None
+    backend: str = DEFAULT_BACKEND
+    variants: list[str] = []
+    dataset: PathText = DEFAULT_DATASET
+    limit: PositiveInt | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: str | None = None
+    out: Path | None = None
+    seed: int = 0
+    batch_size: PositiveInt = 8
+    threads: PositiveInt | None = None
+    skip_quality: bool = False
+    skip_generation: bool = False
+    skip_cost: bool = False
+    floors: bool = True
+    force: bool = False
+    trust_remote_code: bool = False
+    allow_offload: bool = False
+    allow_pickle: bool = False
+    quiet: bool = False
+    generation: GenerationOptions = GenerationOptions()
+    cost: CostConfig = CostConfig()
+    engine: EngineConfig = EngineConfig()
+    thresholds: ThresholdConfig = ThresholdConfig()
+
+    def options(self) -> RunOptions:
+        """The runner's input: fractions, bytes and the phases to run (the runner loads only when a run starts)."""
+        from quantcheck.runner import RunOptions
+
+        quality = not self.skip_quality
+        return RunOptions(
+            model=self.model, backend=self.backend, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
+            limit=self.limit, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
+            threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
+            cost=not self.skip_cost, cost_settings=self.cost.overrides(), floors=self.floors, cost_rounds=self.cost.rounds,
+            thresholds=self.thresholds.thresholds(), force=self.force, trust_remote_code=self.trust_remote_code,
+            allow_offload=self.allow_offload, allow_pickle=self.allow_pickle, quiet=self.quiet,
+        )
+
+
+def parse_config(data: Mapping[str, object], where: Callable[[Location], str]) -> RunConfig:
+    """Validate `data`; the first problem becomes one line, `where(location)` naming its source."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        location = tuple(problem["loc"])
+        message = _unknown_key(location) if problem["type"] == "extra_forbidden" else problem["msg"]
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise QuantcheckError(f"{where(location)}: {message}{more}") from None
+
+
+def key_path(location: Location) -> str:
+    """('thresholds', 'max_kl') -> 'thresholds.max_kl'; list positions as [i]."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+
+
+def _unknown_key(location: Location) -> str:
+    table: type[BaseModel] = RunConfig
+    for part in location[:-1]:
+        table = table.model_fields[str(part)].annotation
+    return f"unknown key; known keys here: {', '.join(table.model_fields)}"
+
+
+def read_config(path: Path) -> RunConfig:
+    """A TOML config file, validated; every problem names the file and the key."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise QuantcheckError(f"{path}: cannot read the config file: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise QuantcheckError(f"{path}: not valid TOML: {error}") from None
+    return parse_config(data, lambda location: f"{path}: {key_path(location)}")
+
+
+def resolved_toml(config: RunConfig, used: Mapping[str, object]) -> str:
+    """The config a run used, as TOML that runs it again from any folder.
+
+    Paths become absolute; out, device, dtype and threads are the ones `used` (results.json's
+    config) records. `force` and `quiet` are left out: they say how to treat a folder and the terminal,
+    not what is measured, and a replay should never overwrite a folder unasked.
+    """
+    resolved = config.model_copy(update={
+        "model": _absolute(config.model), "dataset": _absolute(config.dataset), "out": Path(str(used["out"])).resolve(),
+        "variants": [_absolute_checkpoint(variant) for variant in config.variants],
+        "device": used["device"], "dtype": used["dtype"], "threads": used["threads"],
+    })
+    data = resolved.model_dump(exclude_none=True, exclude={"force", "quiet"})
+    lines = ["# The settings of this run, as resolved. Run it again into another folder:",
+             f"#   quantcheck run --config {CONFIG_FILE} --out NEW_FOLDER"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict)]
+    for table, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{table}]", *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _absolute(text: str | None) -> str | None:
+    from quantcheck.models.builtin import BUILTIN_NAME
+
+    if text is None or text == BUILTIN_NAME or not Path(text).expanduser().exists():
+        return text  # the built-in model, a hub id, an MMLU subject
+    return str(Path(text).expanduser().resolve())
+
+
+def _absolute_checkpoint(variant: str) -> str:
+    """'vllm:pretrained:./awq' -> 'vllm:pretrained:/abs/awq'; other variants as they are."""
+    from quantcheck.specs import PRETRAINED
+
+    head, marker, source = variant.partition(f"{PRETRAINED}:")
+    return head + marker + _absolute(source) if marker and source else variant
+
+
+def _toml_value(value: object) -> str:
+    """TOML for the config's scalars and lists; strings as JSON strings, which TOML reads the same
+    (apart from DEL, which TOML wants escaped)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
