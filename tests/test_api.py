@@ -8,7 +8,6 @@ in a config file, and that run again from its own RUN_DIR/config.toml in another
 from __future__ import annotations
 
 import doctest
-import json
 import os
 import re
 import subprocess
