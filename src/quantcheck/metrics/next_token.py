@@ -1,11 +1,15 @@
 """Raw next-token differences between the reference and a variant at the same position.
 
-All functions take log-probabilities over the full vocabulary (batched: [items, vocab]) and work
-in float64, because per-item KL of good quantizations is ~1e-3 and float32 sums over 50k-150k
+The functions take log-probabilities over the full vocabulary (batched: [items, vocab]), or for
+the reference its compact rows (top K, tail mass, tail sample; `kl_from_top_k`), and work in
+float64, because per-item KL of good quantizations is ~1e-3 and float32 sums over 50k-150k
 entries lose that.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -57,3 +61,98 @@ def jaccard_at_k(reference_top: list[int], variant_top: list[int], k: int) -> fl
 
 def jaccard_all_k(reference_top: list[int], variant_top: list[int], ks: tuple[int, ...] = TOP_K) -> dict[int, float]:
     return {k: jaccard_at_k(reference_top, variant_top, k) for k in ks}
+
+
+# --- KL against a compact reference: its top K exactly, the rest as one mass and a sample ---------
+#
+# The reference keeps, per position, its K most likely tokens (ids and log-probabilities), the log of
+# the probability mass R outside them, and S tail tokens drawn with probability proportional to p.
+# The variant has its whole row q. With T the top K and p~ = p/R, q~ = q/Q on the tail (Q = q's mass
+# outside T):
+#   KL(p||q) = sum_T p log(p/q)  +  R log(R/Q)  +  R KL(p~||q~)
+# The first term is exact. The second is the tail seen as one token; the third is >= 0 (log-sum
+# inequality), so the first two are a lower bound. The third is estimated without bias from the
+# samples: KL(p~||q~) = E_p~[d + exp(-d) - 1] with d = log(p~/q~), since E_p~[exp(-d)] = 1; each term
+# is >= 0 and is ~d^2/2 for small d, so the sampling noise is second order (Schulman's "k3").
+
+
+class KLBounds(NamedTuple):
+    """Per row, in nats: the estimate and what it cannot fall below or exceed."""
+
+    estimate: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
+def tail_log_mass(logprobs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside `top_ids` per row, as the logsumexp of the rest in float64.
+
+    Not log(1 - sum p_top): that cancels catastrophically when the top holds nearly all the mass.
+    """
+    return torch.logsumexp(logprobs.double().scatter(-1, top_ids, -math.inf), dim=-1)
+
+
+def tail_samples(logprobs: torch.Tensor, top_ids: torch.Tensor, count: int, seeds: list[int]) -> torch.Tensor:
+    """`count` token ids per row drawn from outside `top_ids` with probability proportional to p.
+
+    Systematic sampling over the tail sorted by probability (one uniform offset per row, seeded by
+    `seeds`, then evenly spaced points on the cumulative mass): each draw is marginally p~, so the
+    mean over draws is unbiased, and the sorted order spreads the draws over all probability levels
+    (less noise than independent draws). A token holding more than 1/count of the tail is drawn
+    several times, as it should be.
+    """
+    rest = logprobs.double().scatter(-1, top_ids, -math.inf)
+    values, order = torch.sort(rest, dim=-1, descending=True, stable=True)
+    cumulative = torch.cumsum((values - values[..., :1]).exp(), dim=-1)
+    offsets = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds])
+    points = (offsets + torch.arange(count, dtype=torch.float64)) / count * cumulative[..., -1:]
+    positions = torch.searchsorted(cumulative, points, right=True).clamp_max(rest.shape[-1] - top_ids.shape[-1] - 1)
+    return order.gather(-1, positions)
+
+
+def tail_kl_upper(variant_logprobs: torch.Tensor, top_ids: torch.Tensor, tail_mass: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """The largest sum_tail p log(p/q) any reference tail could give: the worst case, certain but loose.
+
+    All that is known of the reference's tail (the tokens outside `top_ids`) is that it sums to
+    `tail_mass` R and that no entry exceeds `cap` (its K-th largest probability). p log(p/q) is
+    convex in p, so its maximum over that polytope is at a vertex: m = floor(R/cap) tokens at the cap
+    and the remainder on one more, and the largest such vertex puts them where the variant's q is
+    smallest. A -inf in the variant's tail makes the bound infinite, as it is.
+    """
+    tail_size = variant_logprobs.shape[-1] - top_ids.shape[-1]
+    ascending = torch.sort(variant_logprobs.double().scatter(-1, top_ids, math.inf), dim=-1).values[..., :tail_size]
+    full = torch.floor(tail_mass / cap).clamp_max(tail_size)
+    count = full.long()
+    full_sum = torch.where(count > 0, torch.cumsum(ascending, dim=-1).gather(-1, (count - 1).clamp_min(0)[..., None]).squeeze(-1), 0.0)
+    remainder = (tail_mass - full * cap).clamp_min(0.0)
+    next_logprob = ascending.gather(-1, count.clamp_max(tail_size - 1)[..., None]).squeeze(-1)
+    rest = torch.where(remainder > 0, remainder * (remainder.log() - next_logprob), 0.0)
+    return full * cap * cap.log() - cap * full_sum + rest
+
+
+def kl_from_top_k(
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    log_tail_mass: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_logprobs: torch.Tensor,
+    variant_logprobs: torch.Tensor,
+) -> KLBounds:
+    """KL(reference || variant) per row from the reference's compact rows and the variant's full rows.
+
+    lower: top K exact + R log(R/Q) (the tail as one token; what top-K-only tools report). estimate:
+    lower + R * the sampled KL(p~||q~), clamped to the bounds. upper: `tail_kl_upper`. All three are
+    clamped at 0 like `kl_divergence` (float32 rows do not sum to exactly 1).
+    """
+    variant = variant_logprobs.double()
+    reference_top = top_logprobs.double()
+    exact = (reference_top.exp() * (reference_top - variant.gather(-1, top_ids))).sum(dim=-1)
+    tail_mass = log_tail_mass.exp()
+    log_variant_tail = tail_log_mass(variant, top_ids)
+    has_tail = tail_mass > 0
+    coarse = exact + torch.where(has_tail, tail_mass * (log_tail_mass - log_variant_tail), 0.0)
+    d = (sample_logprobs.double() - log_tail_mass[..., None]) - (variant.gather(-1, sample_ids) - log_variant_tail[..., None])
+    sampled = torch.where(has_tail, tail_mass * (d + torch.expm1(-d)).mean(dim=-1), 0.0)
+    upper = exact + tail_kl_upper(variant, top_ids, tail_mass, reference_top[..., -1].exp())
+    lower, upper = coarse.clamp_min(0.0), upper.clamp_min(0.0)
+    return KLBounds(torch.minimum((coarse + sampled).clamp_min(0.0), upper), lower, upper)
