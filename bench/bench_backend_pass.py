@@ -41,7 +41,7 @@ def measure(backend_name: str, device: str, threads: int) -> dict[str, float]:
     from quantcheck.backends import get_backend
     from quantcheck.data.load import load_dataset
     from quantcheck.measure.loglik import encode_items, model_batches, score_items
-    from quantcheck.results.store import ReferenceLogprobs, append_records
+    from quantcheck.results.store import FullStore, append_records
 
     torch.set_num_threads(threads)
     dtype = "float32" if device == "cpu" else "bfloat16"
@@ -56,7 +56,7 @@ def measure(backend_name: str, device: str, threads: int) -> dict[str, float]:
         bare = _bare_call(backend_name, backend)
 
         def scoring_pass(round_dir: Path) -> None:
-            reference = ReferenceLogprobs(round_dir / "logprobs.npy")
+            reference = FullStore(round_dir)
             reference.create(len(items), backend.vocab_width)
             score_items(backend.next_token_logprobs, "reference", items, encoded, batch_size=BATCH_SIZE, reference=reference,
                         is_reference=True, compare_tokens=True, done=set(),

@@ -149,18 +149,18 @@ def test_a_changed_setting_recomputes_stored_outputs_and_says_why(tmp_path):
 
 def test_a_write_error_during_the_run_is_one_line_and_the_run_resumes(tmp_path, questions):
     out = tmp_path / "run"
-    limit = 512 * 1024  # the reference's log-probability file (8 x 49k x 4 bytes) cannot be written
+    limit = 512 * 1024  # the full reference store (8 x 49k x 4 bytes) cannot be written
 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    failed = subprocess.run([sys.executable, "-m", "quantcheck.cli", *run_args(questions, out, "none")], capture_output=True,
+    failed = subprocess.run([sys.executable, "-m", "quantcheck.cli", *run_args(questions, out, "none"), "--store", "full"], capture_output=True,
                             text=True, preexec_fn=small_files, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert failed.returncode == 2, failed.stderr[-2000:]
     last = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(last) == 1 and "cannot write" in last[0] and "logprobs.npy" in last[0] and "Traceback" not in failed.stderr
     assert (out / "dataset.jsonl").exists() and (out / "run.json").exists()
-    resumed = quantcheck(*run_args(questions, out, "none"))
+    resumed = quantcheck(*run_args(questions, out, "none"), "--store", "full")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert line_count(out / "models" / "reference" / "quality.jsonl") == N_QUESTIONS
 

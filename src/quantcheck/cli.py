@@ -52,6 +52,9 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="results folder; the same folder resumes a run")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="items per forward pass in quality scoring")] = 8,
+    store: Annotated[str, typer.Option(help="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) or full (every log-probability, exact KL)")] = "compact",
+    store_top_k: Annotated[int, typer.Option(help="compact store: the reference's most likely tokens kept exactly (at least 20)")] = 64,
+    store_tail_samples: Annotated[int, typer.Option(help="compact store: tail tokens kept, drawn in proportion to their probability")] = 128,
     threads: Annotated[Optional[int], typer.Option(help="torch threads, the same for every model (default: physical cores)")] = None,
     skip_quality: Annotated[bool, typer.Option(help="skip log-likelihood and generative scoring")] = False,
     skip_generation: Annotated[bool, typer.Option(help="skip generative scoring only")] = False,
@@ -98,6 +101,7 @@ def run(
 # Each `run` option's key in a config file: its own name at the top level unless listed here.
 CONFIG_KEYS = {
     "quant": "variants", "gen_batch_size": "generation.batch_size", "cost_rounds": "cost.rounds",
+    "store": "store.kind", "store_top_k": "store.top_k", "store_tail_samples": "store.tail_samples",
     **{name: f"generation.{name}" for name in ("chat", "temperature", "greedy", "max_new_tokens")},
     **{name: f"cost.{name}" for name in ("batch_sizes", "seq_len", "iterations", "time_budget", "max_memory_gb")},
     **{name: f"engine.{name}" for name in ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",

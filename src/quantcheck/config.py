@@ -11,6 +11,7 @@ guesses `max_kl`); options that belong together sit in a table:
     limit = 200
     [generation]   chat, temperature, greedy, max_new_tokens, batch_size (--gen-batch-size)
     [cost]         rounds (--cost-rounds), batch_sizes = [1, 8, 32], seq_len, iterations, time_budget, max_memory_gb
+    [store]        kind (--store: compact or full), top_k (--store-top-k), tail_samples (--store-tail-samples)
     [engine]       tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
                    gpu_memory_utilization, max_model_len, enforce_eager, cpu_kv_cache_gb
     [thresholds]   max_accuracy_drop (points), max_kl, min_top1, min_memory_saving
@@ -36,6 +37,7 @@ from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EngineSettings, GenerationOptions
 from quantcheck.results.schema import Thresholds
+from quantcheck.results.store import StoreSettings
 
 if TYPE_CHECKING:
     from quantcheck.runner import RunOptions
@@ -128,6 +130,7 @@ class RunConfig(_Table):
     quiet: bool = False
     generation: GenerationOptions = GenerationOptions()
     cost: CostConfig = CostConfig()
+    store: StoreSettings = StoreSettings()
     engine: EngineConfig = EngineConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
 
@@ -139,7 +142,7 @@ class RunConfig(_Table):
         return RunOptions(
             model=self.model, backend=self.backend, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
             limit=self.limit, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
-            threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
+            store=self.store, threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
             cost=not self.skip_cost, cost_settings=self.cost.overrides(), floors=self.floors, cost_rounds=self.cost.rounds,
             thresholds=self.thresholds.thresholds(), force=self.force, trust_remote_code=self.trust_remote_code,
             allow_offload=self.allow_offload, allow_pickle=self.allow_pickle, quiet=self.quiet,

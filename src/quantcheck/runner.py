@@ -22,7 +22,7 @@ from quantcheck.launcher import run_job
 from quantcheck.progress import ProgressView
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds
-from quantcheck.results.store import read_latest_by_id
+from quantcheck.results.store import StoreSettings, read_latest_by_id
 
 
 class Interrupted(QuantcheckError):
@@ -43,6 +43,7 @@ class RunOptions(BaseModel):
     out: Path | None = None
     seed: int = 0
     batch_size: int = 8
+    store: StoreSettings = StoreSettings()
     threads: int | None = None
     loglik: bool = True
     generation: GenerationOptions | None = GenerationOptions()
@@ -105,9 +106,10 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
     reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
-                     "reference_backend": options.backend, "batch_size": options.batch_size}
+                     "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
+    folder.reference_store().check(len(dataset.items))
     generation_key = options.generation.model_dump() if options.generation else None
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EVENT_PREFIX, JobSpec
-from quantcheck.results.store import ReferenceLogprobs, append_records, read_latest_by_id, write_json_atomic
+from quantcheck.results.store import append_records, read_latest_by_id, write_json_atomic
 from quantcheck.results.folder import RunFolder
 
 
@@ -42,7 +42,7 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
 
     if job.loglik:
         encoded = encode_items(tokenizer, items)
-        reference = ReferenceLogprobs(folder.reference_logprobs)
+        reference = folder.reference_store()
         if spec.is_reference:
             folder.write_reference_tokens(encoded.prompt_ids)
             compare_tokens = True

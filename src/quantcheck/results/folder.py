@@ -8,7 +8,7 @@ from pathlib import Path
 
 from quantcheck.data.items import Dataset, Item, item_from_json
 from quantcheck.errors import ResultsFolderError
-from quantcheck.results.store import write_json_atomic, write_text_atomic
+from quantcheck.results.store import ReferenceStore, StoreSettings, open_reference_store, write_json_atomic, write_text_atomic
 
 
 class RunFolder:
@@ -29,9 +29,10 @@ class RunFolder:
     def reference_dir(self) -> Path:
         return self.root / "reference"
 
-    @property
-    def reference_logprobs(self) -> Path:
-        return self.reference_dir / "logprobs.npy"
+    def reference_store(self) -> ReferenceStore:
+        """The store chosen once for this run, as its reference key records it."""
+        key = json.loads((self.reference_dir / "key.json").read_text())
+        return open_reference_store(self.reference_dir, StoreSettings.model_validate(key["reference_store"]))
 
     @property
     def models_dir(self) -> Path:
@@ -71,7 +72,7 @@ class RunFolder:
         for child in self.root.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
-    def check_reference_key(self, key: dict[str, str]) -> str | None:
+    def check_reference_key(self, key: dict[str, object]) -> str | None:
         """Drop stored outputs computed under another key; return why, or None when they still hold."""
         key_file = self.reference_dir / "key.json"
         reason = None

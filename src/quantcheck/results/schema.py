@@ -378,7 +378,12 @@ class ItemRecord(BaseModel):
     loglik: LoglikAnswer | None = None
     topk_ids: list[int] = []
     topk_logprobs: list[float] = []
-    kl: float | None = Field(default=None, description="KL(reference || this model), full vocabulary")
+    kl: float | None = Field(default=None, description="KL(reference || this model) in nats: exact with the full reference store; "
+                             "with the compact store exact over the reference's top K plus its tail estimated from the stored tail samples "
+                             "(unbiased), between kl_lower and kl_upper")
+    kl_lower: float | None = Field(default=None, description="compact store only: KL is at least this (top K exact, the tail as one token)")
+    kl_upper: float | None = Field(default=None, description="compact store only: KL is at most this (the unstored tail put where this "
+                                   "model is least likely: certain but loose); None when unbounded (a tail token of probability 0 here)")
     jaccard: dict[int, float] | None = None
     top1_agree: bool | None = None
     generative: GeneratedAnswer | None = None

@@ -7,8 +7,9 @@ is either complete or absent.
 Layout:
     run.json                  configuration and the identity of what was run (for resume checks)
     dataset.jsonl             the questions, as scored
-    reference/key.json        what determines the reference's stored outputs
-    reference/logprobs.npy    the reference's full next-token log-probabilities at the answer position
+    reference/key.json        what determines the reference's stored outputs (the store's kind and size too)
+    reference/compact.npy     the reference's next-token rows at the answer position: top K + tail (default)
+    reference/logprobs.npy    ... or every log-probability (--store full)
     models/<name>/quality.jsonl     per-item records (log-likelihood pass, token agreement)
     models/<name>/generation.jsonl  per-item generated answers
     models/<name>/<phase>.json      finished phase summaries (cost, load info) or <phase>.error.json
@@ -21,14 +22,15 @@ import errno
 import json
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-from quantcheck.errors import ResultsFolderError
+from quantcheck.errors import QuantcheckError, ResultsFolderError
 
 Record = TypeVar("Record", bound=BaseModel)
 
@@ -105,25 +107,85 @@ def read_latest_by_id(path: Path, model: type[Record], key: str = "item_id") -> 
     return {getattr(record, key): record for record in read_records(path, model)}
 
 
-class ReferenceLogprobs:
-    """The reference's full-vocabulary log-probabilities, one row per item (llama.cpp's pass 1).
+class StoreSettings(BaseModel):
+    """What the reference keeps of each next-token row: recorded in the reference key, so a change recomputes."""
 
-    Stored as float32 .npy (memory-mapped): items x vocab x 4 bytes, e.g. 166 x 49k = 33 MB.
+    model_config = ConfigDict(extra="forbid")  # also the [store] table of a config file
+    kind: Literal["compact", "full"] = "compact"
+    top_k: int = Field(64, ge=20, description="compact: the reference's most likely tokens kept exactly (Jaccard@20 needs 20)")
+    tail_samples: int = Field(128, ge=1, description="compact: tail tokens kept, drawn in proportion to their probability")
+
+    def key(self) -> dict[str, object]:
+        """What identifies the stored rows: K and S matter to the compact store only."""
+        return self.model_dump(include={"kind"} if self.kind == "full" else None)
+
+
+class ReferenceStore(ABC):
+    """The reference's next-token rows, one per item (llama.cpp's pass 1): written once, read by every variant.
+
+    One memory-mapped .npy. It is created under a temporary name and renamed, so a file at the
+    final path was complete when made: one that is cut short or holds other rows is refused, never
+    silently reread.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    kind: ClassVar[str]
+    file_name: ClassVar[str]
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / self.file_name
+
+    @abstractmethod
+    def row_dtype(self) -> np.dtype:
+        """The numpy type of one item's row."""
+
+    def row_shape(self, vocab_size: int) -> tuple[int, ...]:
+        return ()
+
+    def bytes_per_row(self, vocab_size: int) -> int:
+        return self.row_dtype().itemsize * int(np.prod(self.row_shape(vocab_size), dtype=np.int64))
+
+    def check(self, n_items: int, vocab_size: int | None = None) -> None:
+        """Refuse a file that is cut short or is not this store's (another kind, size or data set).
+
+        Without `vocab_size` (the parent, before any model loads) the row width is not checked.
+        """
+        if not self.path.exists():
+            return
+        try:
+            array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError):
+            problem = "it is cut short or unreadable"
+        else:
+            row_shape = self.row_shape(vocab_size or 0)
+            if array.dtype == self.row_dtype() and array.ndim == 1 + len(row_shape) and array.shape[0] == n_items and (
+                    vocab_size is None or array.shape[1:] == row_shape):
+                return
+            problem = f"it holds {array.shape} rows of {array.dtype}; this run needs {n_items} rows of {self.describe_row()}"
+        raise ResultsFolderError(
+            f"{self.path} is not this run's {self.kind} reference store ({problem}): "
+            f"delete the folder {self.path.parent} and run the same command again to score the reference afresh"
+        )
+
+    def describe_row(self) -> str:
+        return str(self.row_dtype())
 
     def create(self, n_items: int, vocab_size: int) -> bool:
-        """Make the file unless a complete one of this shape exists; True when its rows are new (empty)."""
-        try:
-            if np.load(self.path, mmap_mode="r").shape == (n_items, vocab_size):
-                return False
-        except (OSError, ValueError):  # absent, or cut short by a write error or a kill while it was created
-            pass
+        """Make the file unless this run's exists (checked); True when its rows are new (empty)."""
+        if self.path.exists():
+            self.check(n_items, vocab_size)
+            return False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n_items, vocab_size)).flush()
+            descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            os.close(descriptor)
+            try:
+                np.lib.format.open_memmap(temporary, mode="w+", dtype=self.row_dtype(), shape=(n_items, *self.row_shape(vocab_size))).flush()
+                os.chmod(temporary, 0o644)
+                os.replace(temporary, self.path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+            _fsync_directory(self.path.parent)
         except OSError as error:
             raise _write_error(self.path, error) from None
         return True
@@ -138,3 +200,55 @@ class ReferenceLogprobs:
 
     def read_rows(self, rows: list[int]) -> np.ndarray:
         return np.asarray(np.load(self.path, mmap_mode="r")[rows])
+
+
+class FullStore(ReferenceStore):
+    """Every log-probability as float32: items x vocab x 4 bytes (166 x 49k = 33 MB; MMLU on 128k: 7 GB)."""
+
+    kind = "full"
+    file_name = "logprobs.npy"
+
+    def row_dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def row_shape(self, vocab_size: int) -> tuple[int, ...]:
+        return (vocab_size,)
+
+    def describe_row(self) -> str:
+        return "float32 x vocabulary"
+
+
+class CompactStore(ReferenceStore):
+    """Per item: the top K ids (int32) and log-probabilities (float32), the log of the mass outside
+    them (float64), and S tail tokens drawn in proportion to p (ids, log-probabilities). K=64, S=128:
+    1,544 bytes whatever the vocabulary (`metrics.next_token.kl_from_top_k` says how KL comes from it).
+    """
+
+    kind = "compact"
+    file_name = "compact.npy"
+
+    def __init__(self, folder: Path, top_k: int, tail_samples: int) -> None:
+        super().__init__(folder)
+        self.top_k = top_k
+        self.tail_samples = tail_samples
+
+    def row_dtype(self) -> np.dtype:
+        return np.dtype([
+            ("top_ids", "<i4", (self.top_k,)), ("top_logprobs", "<f4", (self.top_k,)), ("log_tail_mass", "<f8"),
+            ("sample_ids", "<i4", (self.tail_samples,)), ("sample_logprobs", "<f4", (self.tail_samples,)),
+        ])
+
+    def describe_row(self) -> str:
+        return f"top {self.top_k} + {self.tail_samples} tail samples"
+
+    def create(self, n_items: int, vocab_size: int) -> bool:
+        if self.top_k >= vocab_size:
+            raise QuantcheckError(f"--store-top-k {self.top_k} leaves no tail in a vocabulary of {vocab_size}: choose a smaller one, or --store full")
+        return super().create(n_items, vocab_size)
+
+
+def open_reference_store(folder: Path, settings: StoreSettings) -> ReferenceStore:
+    """The store the settings name, in the reference folder."""
+    if settings.kind == "full":
+        return FullStore(folder)
+    return CompactStore(folder, settings.top_k, settings.tail_samples)
