@@ -23,7 +23,7 @@ from quantcheck.results.schema import (
     Thresholds,
     WeightMemory,
 )
-from quantcheck.results.store import append_records, write_json_atomic
+from quantcheck.results.store import append_records, read_records, write_json_atomic
 from quantcheck.results.summarize import summarize
 
 N_ITEMS = 400
@@ -152,3 +152,19 @@ def test_a_partial_reference_holds_back_every_variant(tmp_path: Path) -> None:
     assert variant.incomplete["generation"].startswith("the reference's generative scoring stopped after 100 of 400")
     assert variant.verdict.decision == "INCONCLUSIVE"
     assert results.missing == ["reference: generative scoring"]
+
+
+def test_kl_from_a_compact_store_is_summarised_with_its_bounds(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "run")
+    path = folder.model_file(VARIANT, "quality.jsonl")
+    records = list(read_records(path, ItemRecord))
+    for record in records:
+        record.kl_lower, record.kl_upper = 0.9 * record.kl, record.kl + 0.5
+    path.write_text("".join(record.model_dump_json() + "\n" for record in records))
+    kl = run_summary(tmp_path / "run").models[1].agreement.kl
+    assert kl.store == "compact"
+    assert kl.lower.value == pytest.approx(0.9 * kl.mean.value) and kl.lower.fail_ci.level == pytest.approx(0.9875)
+    assert kl.upper_mean == pytest.approx(kl.mean.value + 0.5)
+    records[7].kl_upper = None  # unbounded on one item: no finite mean
+    path.write_text("".join(record.model_dump_json() + "\n" for record in records))
+    assert run_summary(tmp_path / "run").models[1].agreement.kl.upper_mean is None

@@ -339,3 +339,29 @@ def test_speed_is_one_line(latency: dict[int, float], note: str) -> None:
 def test_speed_within_noise_is_not_mentioned() -> None:
     verdict = decide(variant(cost_vs_reference=cost(0.6, latency={1: 1.05, 8: 0.95}, decode=1.02)), Thresholds())
     assert not any("forward pass" in r or "decode" in r for r in verdict.reasons)
+
+
+def compact_store(result: ModelResult, lower_values: np.ndarray) -> ModelResult:
+    """The same variant measured from a compact reference store: per-item lower bounds beside the estimates."""
+    level = result.agreement.kl.mean.fail_ci.level
+    kl = result.agreement.kl.model_copy(update={"store": "compact", "lower": heavy_tailed_mean(lower_values, seed=SEED, fail_level=level),
+                                                "upper_mean": 1.5})
+    return result.model_copy(update={"agreement": result.agreement.model_copy(update={"kl": kl})})
+
+
+def test_compact_store_kl_passes_on_the_estimate_and_fails_only_on_the_lower_bound() -> None:
+    n = 2000
+    good = compact_store(clearly_good(), 0.9 * small_kl(n, 0.01))
+    assert decide(good, Thresholds()).checks["mean KL"] == "pass"  # the loose upper bound (1.5 nats) does not hold it back
+
+    def kl_check(mean: float, lower_share: float) -> tuple[str, list[str]]:
+        result = variant(loglik=(1180, 20, 20, 780), next_token=(small_kl(n, mean), top1(n, 1980)), cost_vs_reference=cost(0.5))
+        verdict = decide(compact_store(result, lower_share * small_kl(n, mean)), Thresholds())
+        return verdict.checks["mean KL"], [reason for reason in verdict.reasons if reason.startswith("mean KL")]
+
+    assert kl_check(0.4, 0.9)[0] == "fail"
+    outcome, (reason,) = kl_check(0.058, 0.8)  # the estimate is above the limit, the lower bound is not surely
+    assert outcome == "unclear"
+    assert "lower bound's 98.33% CI [" in reason and "estimated from the compact reference store (lower bound 0.0" in reason
+    exact = variant(loglik=(1180, 20, 20, 780), next_token=(small_kl(n, 0.058), top1(n, 1980)), cost_vs_reference=cost(0.5))
+    assert decide(exact, Thresholds()).checks["mean KL"] == "fail"  # the same estimates from a full store: exact, so they fail

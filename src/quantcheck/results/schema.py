@@ -76,6 +76,12 @@ class DivergenceSummary(BaseModel):
     median: float
     p90: float
     max: float
+    store: Literal["full", "compact"] = Field("full", description="full: every KL is exact; compact: estimated from the reference's "
+                                              "top K and tail samples, with per-item bounds (ItemRecord.kl_lower, kl_upper)")
+    lower: Estimate | None = Field(None, description="compact store: the mean of the per-item lower bounds with its intervals; "
+                                   "the verdict's 'fail' needs its fail_ci above the limit")
+    upper_mean: float | None = Field(None, description="compact store: the mean of the per-item upper bounds (worst case, loose); "
+                                     "None when some item is unbounded")
 
 
 class TokenAgreement(BaseModel):

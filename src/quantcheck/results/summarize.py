@@ -71,10 +71,15 @@ def compared_records(records: list[ItemRecord]) -> list[ItemRecord]:
 def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> TokenAgreement:
     """Next-token agreement: KL and top-1 with intervals at 95 % and at the verdict's `level`.
 
+    From a compact reference store, KL is an estimate with per-item bounds: the lower bounds' mean
+    gets intervals too (a 'fail' is judged on it), the upper bounds' mean is reported.
+
     Top-1 agreement is a proportion (Wilson); mean KL is heavy-tailed (`heavy_tailed_mean`); the
     Jaccard means are bounded and not judged, so a percentile bootstrap describes them.
     """
     kl = [record.kl for record in compared]
+    bounded = all(record.kl_lower is not None for record in compared)
+    uppers = [record.kl_upper for record in compared]
     return TokenAgreement(
         n=len(compared),
         jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in compared[0].jaccard},
@@ -84,6 +89,9 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
             median=statistics.median(kl),
             p90=float(np.percentile(kl, 90)),
             max=max(kl),
+            store="compact" if bounded else "full",
+            lower=heavy_tailed_mean([record.kl_lower for record in compared], seed, fail_level=level) if bounded else None,
+            upper_mean=statistics.fmean(uppers) if bounded and None not in uppers else None,
         ),
     )
 
