@@ -51,11 +51,14 @@ GOOD_ROW = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": "A"}
         (lambda tmp: ["--quant", "none", "--batch-sizes", "1,x"], ["--batch-sizes must be comma-separated"]),
         (lambda tmp: ["--quant", "none", "--chat", "maybe"], ["--chat: Input should be 'auto', 'on' or 'off'"]),
         (lambda tmp: [], ["name at least one variant with --quant"]),
+        (lambda tmp: ["--quant", "none", "--store", "tiny"], ["--store must be one of compact, full"]),
+        (lambda tmp: ["--quant", "none", "--store-top-k", "10"], ["--store-top-k: Input should be greater than or equal to 20"]),
     ],
     ids=[
         "unknown-quant", "cuda-missing", "missing-folder", "hub-offline", "not-a-model", "unknown-subject", "empty-dataset",
         "malformed-jsonl", "answer-out-of-range", "limit-zero", "limit-negative", "negative-temperature",
-        "max-new-tokens-zero", "threshold-range", "threshold-negative", "bad-batch-sizes", "bad-chat", "no-quant",
+        "max-new-tokens-zero", "threshold-range", "threshold-negative", "bad-batch-sizes", "bad-chat", "no-quant", "bad-store",
+        "store-top-k-too-small",
     ],
 )
 def test_bad_input_is_one_line(tmp_path, make_args, fragments):

@@ -124,7 +124,7 @@ def score_items(
             )
             if not is_reference and compare_tokens:
                 record.kl = float(divergence.estimate[position])
-                if reference.kind == "compact":
+                if isinstance(reference, CompactStore):
                     record.kl_lower, record.kl_upper = float(divergence.lower[position]), _finite(float(divergence.upper[position]))
                 record.jaccard = jaccard_all_k(reference_top[position], record.topk_ids)
                 record.top1_agree = reference_top[position][0] == record.topk_ids[0]

@@ -166,8 +166,9 @@ class ReferenceStore(ABC):
             f"delete the folder {self.path.parent} and run the same command again to score the reference afresh"
         )
 
+    @abstractmethod
     def describe_row(self) -> str:
-        return str(self.row_dtype())
+        """One item's row in words, for the message that refuses a foreign file."""
 
     def create(self, n_items: int, vocab_size: int) -> bool:
         """Make the file unless this run's exists (checked); True when its rows are new (empty)."""
