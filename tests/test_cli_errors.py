@@ -51,7 +51,7 @@ GOOD_ROW = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": "A"}
         (lambda tmp: ["--quant", "none", "--batch-sizes", "1,x"], ["--batch-sizes must be comma-separated"]),
         (lambda tmp: ["--quant", "none", "--chat", "maybe"], ["--chat: Input should be 'auto', 'on' or 'off'"]),
         (lambda tmp: [], ["name at least one variant with --quant"]),
-        (lambda tmp: ["--quant", "none", "--store", "tiny"], ["--store must be one of compact, full"]),
+        (lambda tmp: ["--quant", "none", "--store", "tiny"], ["--store: Input should be 'compact' or 'full'"]),
         (lambda tmp: ["--quant", "none", "--store-top-k", "10"], ["--store-top-k: Input should be greater than or equal to 20"]),
     ],
     ids=[
