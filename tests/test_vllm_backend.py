@@ -102,7 +102,7 @@ def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions
     out = tmp_path / "run"
     args = ["run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), "--skip-cost"]
     process = start(args)
-    wait_for_lines(process, out / "models" / "vllm-fp8_per_channel" / "quality.jsonl", 3)
+    wait_for_lines(process, out / "models" / "vllm-bf16" / "quality.jsonl", 3)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     result = quantcheck(*args)
