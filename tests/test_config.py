@@ -40,9 +40,10 @@ def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
         ('variants = ["none"]\n[cost]\nbatch_sizes = [1, 0]\n', ["run.toml: cost.batch_sizes[1]: Input should be greater than 0"]),
         ('variants = ["none"]\ndevice = "tpu"\n', ["run.toml: device: Input should be 'auto', 'cpu' or 'cuda'"]),
         ('variants = ["none"]\nlimit 4\n', ["run.toml: not valid TOML", "line 2"]),
+        ('variants = ["none"]\n[store]\ntop_k = 10\n', ["run.toml: store.top_k: Input should be greater than or equal to 20"]),
     ],
     ids=["wrong-type", "unknown-nested-key", "unknown-top-key", "list-expected", "list-item", "table-expected",
-         "out-of-range-item", "bad-choice", "not-toml"],
+         "out-of-range-item", "bad-choice", "not-toml", "store-top-k"],
 )
 def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, text, fragments):
     write(tmp_path, text)
