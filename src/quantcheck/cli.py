@@ -36,8 +36,8 @@ def _fail(error: QuantcheckError, debug: bool) -> None:
 def run(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, pretrained:PATH; see `quantcheck quants`")] = None,
-    backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers) or vllm")] = "hf",
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH; see `quantcheck quants`")] = None,
+    backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers), vllm or llamacpp")] = "hf",
     tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model (tensor parallel)")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")] = 1,
     distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp (one node) or ray (several nodes)")] = None,
@@ -189,7 +189,7 @@ def quants() -> None:
     """List every quantization method of every backend, what it does, and whether it can run here."""
     import importlib.util
 
-    from quantcheck.backends import BACKEND_NAMES, get_backend
+    from quantcheck.backends import BACKEND_NAMES, get_backend, quant_prefix
     from quantcheck.errors import QuantcheckError
 
     cuda = False
@@ -207,7 +207,7 @@ def quants() -> None:
             engine_missing = None
         except QuantcheckError:
             engine_missing = backend.install_hint
-        prefix = "" if backend_name == "hf" else f"{backend_name}:"
+        prefix = quant_prefix(backend_name)
         for method in backend.methods().values():
             missing = [module for module in method.requires if importlib.util.find_spec(module) is None]
             devices_here = [device for device in sorted(method.devices) if device == "cpu" or cuda]
@@ -218,8 +218,9 @@ def quants() -> None:
             else:
                 status = "yes (" + ", ".join(devices_here) + ")" if devices_here else "no: needs CUDA"
             table.add_row(prefix + method.name, method.description, ", ".join(sorted(method.devices)), status)
-        table.add_row(f"{prefix}pretrained:PATH", f"a pre-quantized checkpoint (AWQ, GPTQ, bnb, fp8...) loaded by {backend_name}", "cpu, cuda",
-                      "yes" if not engine_missing else f"no: {engine_missing}")
+        syntax, description = backend.checkpoint_row()
+        devices = sorted(set().union(*(method.devices for method in backend.methods().values())))
+        table.add_row(prefix + syntax, description, ", ".join(devices), "yes" if not engine_missing else f"no: {engine_missing}")
     Console().print(table)
 
 

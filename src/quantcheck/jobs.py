@@ -49,11 +49,13 @@ class ModelSpec(BaseModel):
 
     name: str = Field(description="display name, unique in the run: 'reference', 'torchao-int8wo', 'vllm:fp8_per_channel'")
     role: Role
-    backend: str = Field(description="engine that runs it: hf (transformers), vllm")
+    backend: str = Field(description="engine that runs it: hf (transformers), vllm, llamacpp")
     method: str = Field(description="the backend's quantization method; 'none' is the reference's own weights and precision")
     weights: str = Field(description="local folder the weights load from")
     checkpoint: bool = Field(False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)")
     floor: FloorKind | None = Field(None, description="for role 'floor': the reference again, scored one item at a time (numeric) or sampled with another seed (sampling)")
+    tokenizer: str | None = Field(None, description="folder whose tokenizer and generation config make the prompts, when not `weights` "
+                                  "(a GGUF file runs on the reference's token ids)")
 
     @property
     def folder(self) -> str:

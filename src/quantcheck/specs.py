@@ -5,12 +5,14 @@ Syntax (shown by `quantcheck quants`):
     --quant pretrained:PATH         a checkpoint someone else quantized, loaded by transformers
     --quant vllm:METHOD             the reference's weights quantized by vLLM at load (`vllm:none`: unquantized)
     --quant vllm:pretrained:PATH    a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, fp8) in vLLM
-    --backend vllm                  the reference itself runs in vLLM
+    --quant gguf:TYPE               the reference converted to GGUF and quantized to TYPE, run by llama.cpp
+    --quant gguf:FILE.gguf          a GGUF file made elsewhere (same vocabulary as the reference), run by llama.cpp
+    --backend vllm                  the reference itself runs in vLLM (--backend llamacpp: as a GGUF in llama.cpp)
 """
 
 from __future__ import annotations
 
-from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, get_backend
+from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EngineSettings, ModelSpec
 
@@ -46,9 +48,12 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
     """Parse one --quant value. `resolve_checkpoint(source)` turns a pretrained source into a local folder."""
     backend, rest = DEFAULT_BACKEND, text
     head, _, tail = text.partition(":")
+    head = PREFIXES.get(head, head)
     if head in BACKEND_NAMES and tail:
         backend, rest = head, tail
-    prefix = "" if backend == DEFAULT_BACKEND else f"{backend}:"
+    prefix = quant_prefix(backend)
+    if (own := get_backend(backend).parse_variant(rest, reference_weights)) is not None:
+        return own
     if rest.startswith(PRETRAINED + ":") and len(rest) > len(PRETRAINED) + 1:
         source = rest[len(PRETRAINED) + 1 :]
         return ModelSpec(name=f"{prefix}{PRETRAINED}-{_slug(source)}", role="variant", backend=backend, method=PRETRAINED,

@@ -64,7 +64,7 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
     if job.generation is not None:
         options = job.generation
         settings = resolve_settings(tokenizer, options.chat, options.temperature, options.greedy, options.max_new_tokens, job.seed,
-                                    stop_token_ids(tokenizer, spec.weights))
+                                    stop_token_ids(tokenizer, spec.tokenizer or spec.weights))
         write_json_atomic(folder.model_file(spec.folder, "generation-settings.json"), settings)
         path = folder.model_file(spec.folder, "generation.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))

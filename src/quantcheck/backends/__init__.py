@@ -1,4 +1,4 @@
-"""Backends registered by name (lm-eval style): `hf` (transformers) and `vllm`.
+"""Backends registered by name (lm-eval style): `hf` (transformers), `vllm` and `llamacpp`.
 
 Adding an engine is one module here with a `Backend` subclass, and one line in `_MODULES`.
 Modules are imported on first use, so the parent process never imports an engine it does not run.
@@ -11,9 +11,18 @@ import importlib
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantMethodError
 
-_MODULES = {"hf": "quantcheck.backends.hf", "vllm": "quantcheck.backends.vllm"}
+_MODULES = {"hf": "quantcheck.backends.hf", "vllm": "quantcheck.backends.vllm", "llamacpp": "quantcheck.backends.llamacpp"}
 DEFAULT_BACKEND = "hf"
 BACKEND_NAMES = tuple(_MODULES)
+# What users write before a variant when it is not the backend's name: `--quant gguf:Q4_K_M` runs in llama.cpp.
+PREFIXES = {"gguf": "llamacpp"}
+
+
+def quant_prefix(backend: str) -> str:
+    """How a backend's variants are written and named: '' (hf), 'vllm:', 'gguf:'."""
+    if backend == DEFAULT_BACKEND:
+        return ""
+    return next((prefix for prefix, name in PREFIXES.items() if name == backend), backend) + ":"
 
 
 def get_backend(name: str) -> type[Backend]:
@@ -23,4 +32,4 @@ def get_backend(name: str) -> type[Backend]:
     return importlib.import_module(_MODULES[name]).BACKEND
 
 
-__all__ = ["BACKEND_NAMES", "DEFAULT_BACKEND", "Backend", "MethodInfo", "get_backend"]
+__all__ = ["BACKEND_NAMES", "DEFAULT_BACKEND", "PREFIXES", "Backend", "MethodInfo", "get_backend", "quant_prefix"]

@@ -80,6 +80,16 @@ class Backend(ABC):
         raise QuantMethodError(f"unknown {engine}quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>")
 
     @classmethod
+    def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
+        """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and pretrained:PATH."""
+        return None
+
+    @classmethod
+    def checkpoint_row(cls) -> tuple[str, str]:
+        """How `quantcheck quants` shows a checkpoint quantized elsewhere: syntax without the prefix, description."""
+        return "pretrained:PATH", f"a pre-quantized checkpoint (AWQ, GPTQ, bnb, fp8...) loaded by {cls.name}"
+
+    @classmethod
     def interpreter(cls) -> str:
         """The Python that runs this backend's workers: this one, when the engine is importable here."""
         if importlib.util.find_spec(cls.engine_package) is None:

@@ -1,0 +1,547 @@
+"""The llama.cpp backend: GGUF files run by llama-cpp-python inside the model's worker process.
+
+Variants are written `--quant gguf:TYPE` (the reference converted once with llama.cpp's own
+`convert_hf_to_gguf.py` to an F32 GGUF, then `llama_model_quantize`d to TYPE, both cached under
+the user cache keyed by the reference's fingerprint) or `--quant gguf:FILE.gguf` (a file someone
+else made). `--backend llamacpp` runs the reference itself as a GGUF in the run's dtype, so that
+the engine difference cancels between reference and variants.
+
+Every model is fed the token ids the worker built with the reference's Hugging Face tokenizer and
+chat template; a GGUF only needs the same vocabulary, which the parent checks token by token before
+anything loads. Rows come from `llama_get_logits_ith(ctx, -1)` after evaluating one prompt (the
+Python API evaluates one sequence at a time), log-softmaxed in float64.
+
+Precision: ggml keeps activations in float32 between operations, so `compute_dtype` is float32 for
+every GGUF type; the weights' tensor types are in `precision.parameter_dtypes`. On CPU its matrix
+products round the activations to the weight type's dot-product format (f16 for F16, 8-bit blocks
+for quantized types): that is part of what a GGUF type is, which is why `gguf:F32` against the
+transformers fp32 reference is the engine-difference floor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import importlib.metadata
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+from quantcheck.backends.base import Backend, MethodInfo
+from quantcheck.errors import QuantcheckError, QuantMethodError
+
+if TYPE_CHECKING:
+    from quantcheck.jobs import EngineSettings, ModelSpec
+    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+
+PREFIX = "gguf"
+CONVERTER_VARIABLE = "QUANTCHECK_LLAMA_CPP_CONVERTER"
+LLAMA_CPP_PYTHON = "0.3.36"
+INSTALL_HINT = (
+    f"run `make llama-cpp` (builds llama-cpp-python {LLAMA_CPP_PYTHON} from source, about 5 min once), "
+    "or pip install 'quantcheck[llamacpp]'"
+)
+_CPU = frozenset({"cpu"})
+# name -> what it is; bits per weight as llama.cpp's quantize tool states them for a 7B model.
+GGUF_TYPES = {
+    "F32": "GGUF float32: the engine-difference floor against a float32 reference",
+    "F16": "GGUF float16",
+    "BF16": "GGUF bfloat16",
+    "Q8_0": "8-bit blocks of 32, one scale each (8.5 bits/weight)",
+    "Q6_K": "6-bit k-quant (6.6 bits/weight)",
+    "Q5_K_M": "5-bit k-quant, some tensors 6-bit (5.7 bits/weight)",
+    "Q4_K_M": "4-bit k-quant, some tensors 6-bit (4.9 bits/weight); the usual default",
+    "Q4_0": "4-bit blocks of 32, one scale each (4.5 bits/weight), the legacy format",
+    "Q3_K_M": "3-bit k-quant, some tensors 4-5 bit (3.9 bits/weight)",
+    "Q2_K": "2-bit k-quant (2.6 bits/weight, more on small models)",
+}
+_REFERENCE_TYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --backend llamacpp: the run's dtype
+
+
+class GgufFileError(QuantcheckError):
+    """A .gguf file that cannot be what llama.cpp loads: missing, corrupt, truncated, other vocabulary."""
+
+
+# --- reading a GGUF header without the engine (the parent's checks) ------------------------------
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_WANTED = {"general.architecture", "general.file_type", "general.alignment", "tokenizer.ggml.tokens"}
+
+
+@dataclass
+class GgufHeader:
+    """What quantcheck needs from a GGUF: its type, vocabulary and where its tensor data ends."""
+
+    path: Path
+    metadata: dict[str, object]
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> elements
+    tensor_bytes: int = 0
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.metadata.get("tokenizer.ggml.tokens", [])  # type: ignore[return-value]
+
+    @property
+    def file_type(self) -> str:
+        """The file's declared type (`general.file_type`) as quantize names it: F32, Q4_K_M, ..."""
+        import gguf
+
+        value = self.metadata.get("general.file_type")
+        if value is None:
+            return "unknown"
+        try:
+            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            return f"file type {value}"
+
+
+class _Reader:
+    """Little-endian reads that turn a short read into the one-line 'truncated' error."""
+
+    def __init__(self, handle: BinaryIO, path: Path, size: int) -> None:
+        self.handle, self.path, self.size = handle, path, size
+
+    def take(self, count: int) -> bytes:
+        data = self.handle.read(count)
+        if len(data) != count:
+            raise GgufFileError(f"{self.path} is truncated: its header ends early ({self.size} bytes); download or convert it again")
+        return data
+
+    def scalar(self, code: str) -> object:
+        return struct.unpack("<" + code, self.take(struct.calcsize(code)))[0]
+
+    def string(self) -> str:
+        length = self.scalar("Q")
+        if length > self.size:
+            raise GgufFileError(f"{self.path} is corrupt: a string of {length} bytes in a {self.size}-byte file")
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int, keep: bool) -> object:
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            raise GgufFileError(f"{self.path} is corrupt: unknown metadata value type {kind}")
+        item, count = self.scalar("I"), self.scalar("Q")
+        if count > self.size:
+            raise GgufFileError(f"{self.path} is corrupt: an array of {count} items in a {self.size}-byte file")
+        if keep:
+            return [self.value(item, keep) for _ in range(count)]
+        if item in _SCALARS:
+            self.handle.seek(count * struct.calcsize(_SCALARS[item]), os.SEEK_CUR)
+        elif item == _STRING:  # skipped unread: a vocabulary's merges are ~50k strings
+            for _ in range(count):
+                self.handle.seek(self.scalar("Q"), os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                self.value(item, keep)
+        return None
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """Parse the header (metadata, tensor table) and check that every tensor's data is in the file.
+
+    A few hundred milliseconds for a 49k-token vocabulary, where `gguf.GGUFReader` takes 20+ s.
+    """
+    import gguf
+
+    if not path.is_file():
+        raise GgufFileError(f"GGUF file {path} does not exist")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        reader = _Reader(handle, path, size)
+        if handle.read(4) != b"GGUF":
+            raise GgufFileError(f"{path} is not a GGUF file (no GGUF magic at its start)")
+        version = reader.scalar("I")
+        if version not in (2, 3):
+            raise GgufFileError(f"{path} is GGUF version {version}; llama.cpp reads versions 2 and 3")
+        n_tensors, n_kv = reader.scalar("Q"), reader.scalar("Q")
+        if n_tensors > size or n_kv > size:
+            raise GgufFileError(f"{path} is corrupt: it claims {n_tensors} tensors and {n_kv} metadata keys")
+        header = GgufHeader(path, {})
+        for _ in range(n_kv):
+            key = reader.string()
+            value = reader.value(reader.scalar("I"), keep=key in _WANTED)
+            if key in _WANTED:
+                header.metadata[key] = value
+        data_end = 0
+        for _ in range(n_tensors):
+            name = reader.string()
+            dims = [reader.scalar("Q") for _ in range(reader.scalar("I"))]
+            kind, offset = reader.scalar("I"), reader.scalar("Q")
+            try:
+                ggml_type = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                raise GgufFileError(f"{path}: tensor {name} has a tensor type ({kind}) this llama.cpp does not know") from None
+            elements = int(np.prod(dims, dtype=np.int64))
+            block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+            n_bytes = elements // block * block_bytes
+            header.tensor_types[ggml_type.name] = header.tensor_types.get(ggml_type.name, 0) + elements
+            header.tensor_bytes += n_bytes
+            data_end = max(data_end, offset + n_bytes)
+        alignment = int(header.metadata.get("general.alignment", 32))  # type: ignore[arg-type]
+        data_start = -(-handle.tell() // alignment) * alignment
+    if data_start + data_end > size:
+        raise GgufFileError(f"{path} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}; download or convert it again")
+    return header
+
+
+def check_same_vocabulary(header: GgufHeader, reference_folder: str) -> None:
+    """A GGUF runs on the reference's token ids, so its vocabulary must be the reference's, id by id."""
+    from quantcheck.models.loading import load_tokenizer
+
+    config = json.loads((Path(reference_folder) / "config.json").read_text())
+    width = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    tokens = header.tokens
+    if width is not None and len(tokens) != width:
+        raise GgufFileError(
+            f"{header.path.name} has {len(tokens)} tokens but the reference's vocabulary has {width}: quantcheck feeds every model "
+            "the reference's token ids, so a GGUF must come from the same model family"
+        )
+    reference = {token_id: token for token, token_id in load_tokenizer(reference_folder).get_vocab().items()}
+    for token_id, theirs in enumerate(tokens):
+        ours = reference.get(token_id, theirs)  # ids the tokenizer leaves unnamed are the output layer's padding
+        if theirs != ours:
+            raise GgufFileError(
+                f"{header.path.name} names token {token_id} {theirs!r} where the reference's tokenizer has {ours!r}: "
+                "its token ids mean other text, so it cannot be compared with this reference"
+            )
+
+
+# --- making GGUF files from the reference: convert once, quantize per type, cache ---------------
+
+def installed_version() -> str | None:
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def converter_script() -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py` (from the llama-cpp-python sdist; `make llama-cpp` unpacks it)."""
+    from quantcheck.models.builtin import cache_dir
+
+    if named := os.environ.get(CONVERTER_VARIABLE):
+        return Path(named)
+    return cache_dir() / "llama.cpp" / (installed_version() or LLAMA_CPP_PYTHON) / "convert_hf_to_gguf.py"
+
+
+def gguf_cache_folder(reference: Path) -> Path:
+    """One folder per reference (content fingerprint) and llama-cpp-python version (its converter and quantizer write the bytes)."""
+    from quantcheck.models.builtin import cache_dir
+    from quantcheck.models.loading import fingerprint
+
+    return cache_dir() / "gguf" / f"{fingerprint(reference)}-llama-cpp-python-{installed_version()}"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process at a time makes a folder's files: several gguf variants (or runs) convert once."""
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_gguf(reference: Path, gguf_type: str, threads: int) -> Path:
+    """The cached `<TYPE>.gguf` of the reference, converting and quantizing on first use (atomically)."""
+    folder = gguf_cache_folder(reference)
+    target = folder / f"{gguf_type}.gguf"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / ".lock"):
+        full = folder / "F32.gguf"
+        if not full.exists():
+            _convert(reference, full)
+        if not target.exists():
+            _quantize(full, target, gguf_type, threads)
+    return target
+
+
+def _convert(reference: Path, target: Path) -> None:
+    """Run llama.cpp's converter in this interpreter (it needs torch, transformers, sentencepiece)."""
+    script = converter_script()
+    if not script.is_file():
+        raise QuantMethodError(_missing_converter(script))
+    partial = target.with_suffix(".partial")
+    command = [sys.executable, str(script), str(reference), "--outtype", "f32", "--outfile", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
+        raise QuantcheckError(f"llama.cpp's converter could not turn {reference} into a GGUF: {last}")
+    os.replace(partial, target)
+
+
+def _quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params.nthread = threads
+    partial = target.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        partial.unlink(missing_ok=True)
+        raise QuantcheckError(f"llama.cpp could not quantize {source} to {gguf_type}")
+    os.replace(partial, target)
+
+
+def _missing_converter(script: Path) -> str:
+    return (f"making a GGUF from the reference needs llama.cpp's convert_hf_to_gguf.py, not found at {script}: "
+            f"run `make llama-cpp`, or set {CONVERTER_VARIABLE} to the script")
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    values = logits.astype(np.float64)
+    shifted = values - values.max()
+    return (shifted - np.log(np.exp(shifted).sum())).astype(np.float32)
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    engine_package = "llama_cpp"
+    install_hint = INSTALL_HINT
+
+    @classmethod
+    def methods(cls) -> dict[str, MethodInfo]:
+        return {name: MethodInfo(name, description, _CPU, ("llama_cpp",), INSTALL_HINT) for name, description in GGUF_TYPES.items()}
+
+    @classmethod
+    def method_info(cls, method: str) -> MethodInfo:
+        if method in GGUF_TYPES:
+            return cls.methods()[method]
+        valid = ", ".join(f"{PREFIX}:{name}" for name in GGUF_TYPES)
+        raise QuantMethodError(f"unknown GGUF type {method!r}; valid: {valid}, or {PREFIX}:FILE.gguf")
+
+    @classmethod
+    def checkpoint_row(cls) -> tuple[str, str]:
+        return f"{PREFIX}:FILE.gguf", "a GGUF file made elsewhere, run by llama.cpp (its vocabulary must be the reference's)"
+
+    @classmethod
+    def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
+        """`gguf:FILE.gguf` (any path) is a user's file; a name without a path is a type for `method_info`."""
+        from quantcheck.jobs import ModelSpec
+
+        if rest.startswith("pretrained:"):
+            raise QuantMethodError(f"{PREFIX}:pretrained:PATH is not a form: name a GGUF file as {PREFIX}:FILE.gguf")
+        if not (rest.lower().endswith(".gguf") or os.sep in rest or "/" in rest):
+            return None
+        path = Path(rest).expanduser().resolve()
+        return ModelSpec(name=f"{PREFIX}:{path.name}", role="variant", backend=cls.name, method="pretrained",
+                         weights=str(path), checkpoint=True, tokenizer=reference_weights)
+
+    @classmethod
+    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+        """In the parent: CPU only, the engine importable, a readable file with the reference's vocabulary or a converter."""
+        label = spec.name if not spec.is_reference else "--backend llamacpp"
+        if device != "cpu":
+            raise QuantMethodError(f"{label} runs on cpu only (llama-cpp-python built for CPU): use --device cpu")
+        cls.interpreter()
+        if spec.checkpoint:
+            check_same_vocabulary(read_gguf_header(Path(spec.weights)), spec.tokenizer or spec.weights)
+            return
+        if not spec.is_reference:
+            cls.method_info(spec.method)
+        if not (gguf_cache_folder(Path(spec.weights)) / "F32.gguf").exists() and not converter_script().is_file():
+            raise QuantMethodError(_missing_converter(converter_script()))
+
+    def __init__(self, job) -> None:
+        super().__init__(job)
+        from quantcheck.models.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.spec.tokenizer or self.spec.weights, job.trust_remote_code)
+        self.gguf_type = _REFERENCE_TYPE[job.dtype] if self.spec.is_reference else self.spec.method
+        self.path: Path | None = None
+        self.llm = None
+
+    def gguf_file(self) -> Path:
+        """The file this model runs: the user's, or the reference's cached conversion (made here on first use)."""
+        if self.spec.checkpoint:
+            return Path(self.spec.weights)
+        return prepare_gguf(Path(self.spec.weights), self.gguf_type, self.job.threads)
+
+    def _open(self, path: Path):
+        """`use_mmap=False`: the weights are read into memory, so resident memory is the real cost."""
+        from llama_cpp import Llama
+
+        n_ctx = self.job.engine.max_model_len
+        try:
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.job.threads, n_threads_batch=self.job.threads,
+                         logits_all=False, use_mmap=False, seed=self.job.seed, verbose=False)
+        except ValueError as error:
+            raise QuantcheckError(f"llama.cpp could not load {path}: {error}") from None
+
+    def load(self) -> None:
+        self.path = self.gguf_file()
+        self.llm = self._open(self.path)
+
+    def describe(self) -> EngineInfo:
+        import llama_cpp
+
+        from quantcheck.results.schema import EngineInfo, PrecisionInfo
+
+        header = read_gguf_header(self.path)
+        precision = PrecisionInfo(parameter_dtypes=header.tensor_types, devices=["cpu"], compute_dtype="float32", offloaded=False)
+        return EngineInfo(engine="llama.cpp", version=f"llama-cpp-python {llama_cpp.__version__}", compute_dtype="float32",
+                          devices=["cpu"], parallel={"threads": self.job.threads, "gguf_type": header.file_type, "file": str(self.path)},
+                          precision=precision)
+
+    @property
+    def vocab_width(self) -> int:
+        return int(self.llm.n_vocab())
+
+    def _prefill(self, ids: Sequence[int], room: int = 0) -> np.ndarray:
+        """Evaluate one prompt from an empty cache; the logits after its last token (a copy)."""
+        import llama_cpp
+
+        if len(ids) + room > self.llm.n_ctx():
+            raise QuantcheckError(f"a prompt of {len(ids)} tokens (+{room} to generate) does not fit llama.cpp's context of "
+                                  f"{self.llm.n_ctx()} tokens: raise --max-model-len")
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return self._last_logits(llama_cpp)
+
+    def _last_logits(self, llama_cpp) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_width,)).copy()
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return np.stack([_log_softmax(self._prefill(ids)) for ids in prompts])
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+        """Seeded per request through llama.cpp's own sampler: temperature then the full distribution, nothing else."""
+        import llama_cpp
+
+        stops = set(settings.stop_token_ids)
+        outputs = []
+        for ids, seed in zip(prompts, seeds):
+            chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+            try:
+                if settings.greedy:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+                else:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(settings.temperature))
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+                self._prefill(ids, room=settings.max_new_tokens)
+                new_ids: list[int] = []
+                while len(new_ids) < settings.max_new_tokens:
+                    token = llama_cpp.llama_sampler_sample(chain, self.llm.ctx, -1)
+                    if token in stops:
+                        break
+                    new_ids.append(token)
+                    if len(new_ids) < settings.max_new_tokens:
+                        self.llm.eval([token])
+                outputs.append(new_ids)
+            finally:
+                llama_cpp.llama_sampler_free(chain)
+        return outputs
+
+    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
+        return _measure_cost(self, texts, settings, on_step)
+
+
+LATENCY_METHOD = ("batch_size prompts of seq_len tokens prefilled one after another from an empty cache, each ending in its "
+                  "last position's logits (llama.cpp's Python API evaluates one sequence at a time)")
+
+
+def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_step: Callable[[str], None]) -> ModelCost:
+    """llama.cpp's cost with the same repeats and statistics as every backend.
+
+    - load: constructing `Llama` from a ready GGUF (weights read into memory, context allocated);
+      converting and quantizing the reference is a one-off build step before it, not load time;
+    - weights: the tensor bytes llama.cpp loaded (`llama_model_size`), the file size in the note;
+    - peak memory: process RSS (mmap off, so the weights count);
+    - latency: see `LATENCY_METHOD`; generation: fixed-length greedy decoding per prompt.
+    """
+    import llama_cpp
+
+    from quantcheck.backends.vllm import _fixed_length_prompts
+    from quantcheck.measure.cost import CostSettings
+    from quantcheck.measure.latency import MemoryCapExceeded, Repeats, repeat_timed, sweep_batch_sizes
+    from quantcheck.measure.memory import PeakMemoryTracker
+    from quantcheck.measure.timing import Clock
+    from quantcheck.results.schema import ModelCost, WeightMemory
+
+    settings = CostSettings(**settings) if isinstance(settings, dict) else settings
+    path = backend.gguf_file()
+    clock = Clock("cpu")
+    prompt_ids = _fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes))
+    with PeakMemoryTracker("cpu") as tracker:
+        with tracker.phase("load") as load_phase:
+            begin = clock.now()
+            backend.path, backend.llm = path, backend._open(path)
+            load_time = clock.since(begin)
+        on_step("load")
+        model = backend.llm.model
+        counted, parameters = int(llama_cpp.llama_model_size(model)), int(llama_cpp.llama_model_n_params(model))
+        weights = WeightMemory(counted_bytes=counted, footprint_bytes=None, parameters=parameters, bits_per_parameter=8 * counted / parameters,
+                               footprint_agrees=False, note=f"tensor bytes llama.cpp loaded (llama_model_size); the file {path.name} is "
+                               f"{path.stat().st_size} bytes with its metadata and vocabulary")
+        repeats = Repeats(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
+
+        def within_cap() -> None:
+            if settings.max_memory_bytes is not None and tracker.peak_so_far() > settings.max_memory_bytes:
+                raise MemoryCapExceeded(f"exceeded the memory cap of {settings.max_memory_bytes / 2**30:.2f} GiB")
+
+        def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
+            return repeat_timed(lambda: [backend._prefill(ids) for ids in prompt_ids[:batch_size]], clock, repeats, within_cap)
+
+        latency = sweep_batch_sizes(time_batch, settings.batch_sizes, settings.seq_len, "cpu", tracker,
+                                    on_point=lambda point: on_step(f"batch {point.batch_size}"))
+        generation = _generation(backend, texts, settings, tracker, clock)
+        on_step("generation")
+    return ModelCost(memory_method=tracker.method, threads=backend.job.threads, engine="llama.cpp", latency_method=LATENCY_METHOD,
+                     load_time_s=load_time, load_peak_memory_bytes=load_phase.peak_bytes, weights=weights, latency=latency,
+                     generation=generation)
+
+
+def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracker, clock):
+    """Greedy (argmax) decoding of exactly `generation_new_tokens` per prompt, eos ignored, one prompt at a time.
+
+    Per prompt: prefill (the prompt's evaluation), time to first token (prefill + the first pick),
+    then the remaining tokens one evaluation each; one untimed warm-up prompt first.
+    """
+    import llama_cpp
+
+    from quantcheck.results.schema import GenerationCost
+
+    new_tokens = settings.generation_new_tokens
+    prompts = [backend.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len] for index in range(settings.generation_prompts)]
+    prefill, first, total = [], [], []
+    with tracker.phase("generation") as phase:
+        for index, ids in enumerate([prompts[0], *prompts]):
+            begin = clock.now()
+            logits = backend._prefill(ids, room=new_tokens)
+            prefilled = clock.since(begin)
+            token = int(np.argmax(logits))
+            first_token = clock.since(begin)
+            for _ in range(new_tokens - 1):
+                backend.llm.eval([token])
+                token = int(np.argmax(backend._last_logits(llama_cpp)))
+            if index:  # the first pass is the warm-up
+                prefill.append(prefilled)
+                first.append(first_token)
+                total.append(clock.since(begin))
+    decode_time = sum(total) - sum(first)
+    if decode_time <= 0:
+        raise RuntimeError("decoding took no measurable time")
+    return GenerationCost(prompts=len(prompts), new_tokens=new_tokens, prefill_s=sum(prefill) / len(prefill),
+                          time_to_first_token_s=sum(first) / len(first), decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
+                          tokens_per_s=len(prompts) * new_tokens / sum(total), peak_memory_bytes=phase.peak_bytes)
+
+
+BACKEND = LlamaCppBackend
+__all__ = ["BACKEND", "GGUF_TYPES", "LlamaCppBackend", "check_same_vocabulary", "prepare_gguf", "read_gguf_header"]
