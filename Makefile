@@ -71,7 +71,7 @@ $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL_BUILT) $(LLAMA_CONVERTER)
 llama-cpp: $(LLAMA_STAMP)
 
 demo: $(STAMP) $(LLAMA_STAMP)
-	$(BIN)/quantcheck run --quant bnb-nf4-dq --quant torchao-int8wo --out $(DEMO_OUT)
+	$(BIN)/quantcheck run --quant bnb-nf4-dq --quant torchao-int8wo --quant gguf:Q4_K_M --out $(DEMO_OUT)
 
 # Headless Chromium for the report's browser test (Debian package; needs root, as in CI).
 browser:

@@ -45,24 +45,28 @@ def test_gguf_variants_parse_to_the_llamacpp_backend(tmp_path):
     assert own.tokenizer == "/reference"  # a GGUF runs on the reference's token ids
 
 
+# The README's figures are from all 166 virology questions; the test scores the first 40 (a quarter of the time).
+QUESTIONS = 40
+
+
 @pytest.fixture(scope="module")
 def virology_run(tmp_path_factory) -> Path:
-    """transformers fp32 reference against three GGUF variants on all 166 virology questions."""
+    """transformers fp32 reference against three GGUF variants on the first 40 virology questions."""
     out = tmp_path_factory.mktemp("gguf-virology") / "run"
     quants = [argument for name in GGUF_VARIANTS for argument in ("--quant", name)]
-    result = quantcheck("run", *quants, "--out", str(out), "--skip-generation", "--skip-cost")
+    result = quantcheck("run", *quants, "--limit", str(QUESTIONS), "--out", str(out), "--skip-generation", "--skip-cost", "--no-floors")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 @needs_llama_cpp
-def test_gguf_variants_on_166_questions_end_with_verdicts_and_report(virology_run):
+def test_gguf_variants_end_with_verdicts_and_report(virology_run):
     results = read_results(virology_run)
     assert results["finished"], results["missing"]
     assert [entry["backend"] for entry in results["models"]] == ["hf", "llamacpp", "llamacpp", "llamacpp"]
     for name in GGUF_VARIANTS:
         variant = model(results, name)
-        assert variant["paired_loglik"]["n"] == 166 and variant["agreement"]["n"] == 166
+        assert variant["paired_loglik"]["n"] == QUESTIONS and variant["agreement"]["n"] == QUESTIONS
         assert variant["verdict"]["decision"] in DECISIONS
         assert variant["engine"]["engine"] == "llama.cpp" and variant["engine"]["compute_dtype"] == "float32"
         assert variant["engine"]["parallel"]["gguf_type"] == name.removeprefix("gguf:")
@@ -81,7 +85,7 @@ def test_f32_gguf_is_the_engine_floor_against_transformers_fp32(virology_run):
     floor = model(results, "gguf:F32")
     assert mean_kl(virology_run, "gguf:F32") < 1e-3
     paired = floor["paired_loglik"]
-    assert round(paired["answer_agreement"] * 166) >= 164, paired
+    assert round(paired["answer_agreement"] * QUESTIONS) >= QUESTIONS - 1, paired
     assert floor["agreement"]["top1_agreement"]["value"] >= 0.98
 
 

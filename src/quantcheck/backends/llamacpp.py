@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
@@ -305,12 +306,6 @@ def _missing_converter(script: Path) -> str:
             f"run `make llama-cpp`, or set {CONVERTER_VARIABLE} to the script")
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    values = logits.astype(np.float64)
-    shifted = values - values.max()
-    return (shifted - np.log(np.exp(shifted).sum())).astype(np.float32)
-
-
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     engine_package = "llama_cpp"
@@ -419,7 +414,7 @@ class LlamaCppBackend(Backend):
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_width,)).copy()
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.stack([_log_softmax(self._prefill(ids)) for ids in prompts])
+        return np.stack([log_softmax(self._prefill(ids).astype(np.float64)).astype(np.float32) for ids in prompts])
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
         """Seeded per request through llama.cpp's own sampler: temperature then the full distribution, nothing else."""
