@@ -111,8 +111,10 @@ def test_adding_a_variant_does_not_load_the_reference_again(tmp_path, questions,
     assert line_count(out / "models" / "reference" / "quality.jsonl") == N_QUESTIONS
 
 
-def test_ctrl_c_stops_with_130_and_resume_advice(tmp_path, questions):
+def test_ctrl_c_stops_with_130_and_resume_advice(tmp_path):
+    """40 questions, so the run is still going when the signal comes, however fast or loaded the machine."""
     out = tmp_path / "run"
+    questions = write_questions(tmp_path / "q.jsonl", 40)
     process = start(run_args(questions, out, "none"))
     wait_for_lines(process, out / "models" / "reference" / "quality.jsonl", 2)
     os.killpg(process.pid, signal.SIGINT)

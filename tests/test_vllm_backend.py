@@ -6,6 +6,7 @@ tests are skipped with the reason, never faked.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -57,8 +58,9 @@ VLLM_RUN = ["--backend", "vllm", "--quant", "vllm:bf16", "--batch-size", "3", "-
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory, questions) -> Path:
     out = tmp_path_factory.mktemp("vllm") / "run"
-    # Eight engine starts (reference, two floors, variant, four cost rounds): give a loaded machine room.
-    result = quantcheck("run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), *SMALL_COST, timeout=1800)
+    # Six engine starts (reference, two floors, variant, one cost round each; the rounds are the runner's,
+    # tested with transformers): give a loaded machine room.
+    result = quantcheck("run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), *SMALL_COST, "--cost-rounds", "1", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -77,7 +79,7 @@ def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_rep
     assert results["floors"]["numeric"]["n"] == 8 and results["floors"]["numeric"]["kl_mean"] <= 1e-5
     assert results["floors"]["sampling"]["n"] == 8
     cost = reference["cost"]
-    assert cost["engine"] == "vllm" and cost["memory_method"].startswith("rss-process-tree") and cost["rounds"] == 2
+    assert cost["engine"] == "vllm" and cost["memory_method"].startswith("rss-process-tree") and cost["rounds"] == 1
     # 135M fp32 parameters counted inside the engine, the linear weights vLLM's CPU kernels pack away included
     assert 500 * 2**20 < cost["weights"]["counted_bytes"] < 530 * 2**20 and 130e6 < cost["weights"]["parameters"] < 140e6
     assert 0.45 < bf16["cost"]["weights"]["counted_bytes"] / cost["weights"]["counted_bytes"] < 0.55
@@ -86,10 +88,13 @@ def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_rep
     assert (vllm_run / "report.html").exists() and "vllm:bf16" in (vllm_run / "report.md").read_text()
 
 
-def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path, questions):
-    """vLLM's CPU fp8 (torch._scaled_mm's fallback: about a second per prompt token here, so one question)."""
+def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path):
+    """vLLM's CPU fp8 (torch._scaled_mm's fallback: about a second per prompt token here, so one short question)."""
     out = tmp_path / "run"
-    result = quantcheck("run", "--backend", "vllm", "--quant", "vllm:fp8_per_channel", "--dataset", str(questions), "--limit", "1",
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"id": "short", "subject": "virology", "question": "Which is a virus?",
+                                 "choices": ["HIV", "E. coli", "yeast", "a prion"], "answer": "A"}) + "\n")
+    result = quantcheck("run", "--backend", "vllm", "--quant", "vllm:fp8_per_channel", "--dataset", str(short),
                         "--batch-size", "1", "--skip-generation", "--skip-cost", "--no-floors", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     fp8 = model(read_results(out), "vllm:fp8_per_channel")
@@ -100,7 +105,7 @@ def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path, questions):
 
 def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions, vllm_run):
     out = tmp_path / "run"
-    args = ["run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), "--skip-cost"]
+    args = ["run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), "--skip-cost", "--no-floors"]
     process = start(args)
     wait_for_lines(process, out / "models" / "vllm-bf16" / "quality.jsonl", 3)
     os.killpg(process.pid, signal.SIGKILL)
@@ -114,11 +119,11 @@ def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions
 
 
 def without_cost(results: dict) -> list[dict]:
-    """What a run with --skip-cost shares with one that measured cost: everything but cost and what it feeds."""
+    """What a run with --skip-cost --no-floors shares with one that measured both: everything but cost, floors and what they feed."""
     models = []
     for entry in deterministic(results):
         generative = {**entry["generative"], "decode_words_per_minute": None}
-        models.append({**entry, "cost": None, "cost_vs_reference": None, "verdict": None, "generative": generative})
+        models.append({**entry, "cost": None, "cost_vs_reference": None, "verdict": None, "generative": generative, "generative_vs_floor": None})
     return models
 
 
