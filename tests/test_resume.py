@@ -30,9 +30,14 @@ def line_count(path: Path) -> int:
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    """The CLI in its own process group, so a signal reaches the parent and its worker alike."""
+    """The CLI in its own process group, so a signal reaches the parent and its worker alike.
+
+    SIGINT is set back to its default first: a suite started in the background (`make test &`)
+    inherits it ignored, and Python then never raises KeyboardInterrupt, as a user's terminal would.
+    """
     return subprocess.Popen([sys.executable, "-m", "quantcheck.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            text=True, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_lines(process: subprocess.Popen, path: Path, at_least: int, timeout: float = 600) -> None:
@@ -111,10 +116,8 @@ def test_adding_a_variant_does_not_load_the_reference_again(tmp_path, questions,
     assert line_count(out / "models" / "reference" / "quality.jsonl") == N_QUESTIONS
 
 
-def test_ctrl_c_stops_with_130_and_resume_advice(tmp_path):
-    """40 questions, so the run is still going when the signal comes, however fast or loaded the machine."""
+def test_ctrl_c_stops_with_130_and_resume_advice(tmp_path, questions):
     out = tmp_path / "run"
-    questions = write_questions(tmp_path / "q.jsonl", 40)
     process = start(run_args(questions, out, "none"))
     wait_for_lines(process, out / "models" / "reference" / "quality.jsonl", 2)
     os.killpg(process.pid, signal.SIGINT)
