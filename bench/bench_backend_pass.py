@@ -34,13 +34,16 @@ def _job(backend: str, device: str, threads: int, dtype: str, run_dir: str):
     return JobSpec(kind="quality", run_dir=run_dir, model=spec, device=device, dtype=dtype, threads=threads, seed=0, batch_size=BATCH_SIZE)
 
 
-def measure(backend_name: str, device: str, threads: int) -> dict[str, float]:
-    """In this process: the backend's scoring pass and the bare engine call, best of ROUNDS each."""
+def measure(backend_name: str, device: str, threads: int, questions: str) -> dict[str, float]:
+    """In this process: the backend's scoring pass and the bare engine call, best of ROUNDS each.
+
+    The questions come from the parent's run folder (`questions`), as a worker's do: an engine's own
+    environment need not have the offline MMLU package."""
     import torch
 
     from quantcheck.backends import get_backend
-    from quantcheck.data.load import load_dataset
     from quantcheck.measure.loglik import encode_items, model_batches, score_items
+    from quantcheck.results.folder import RunFolder
     from quantcheck.results.store import FullStore, append_records
 
     torch.set_num_threads(threads)
@@ -50,7 +53,7 @@ def measure(backend_name: str, device: str, threads: int) -> dict[str, float]:
         start = time.perf_counter()
         backend.load()
         load_s = time.perf_counter() - start
-        items = load_dataset("mmlu:virology").items
+        items = RunFolder(Path(questions)).read_items()
         encoded = encode_items(backend.tokenizer, items)
         batches = [prompts for _, prompts in model_batches(encoded, BATCH_SIZE)]
         bare = _bare_call(backend_name, backend)
@@ -99,12 +102,12 @@ def _bare_call(backend_name: str, backend):
     return lambda prompts: backend.llm.generate(backend._token_prompts(prompts), params, use_tqdm=False)
 
 
-def _in_subprocess(backend: str, device: str, threads: int) -> dict[str, float]:
+def _in_subprocess(backend: str, device: str, threads: int, questions: str) -> dict[str, float]:
     from quantcheck.backends import get_backend
     from quantcheck.launcher import worker_environment
 
     interpreter = get_backend(backend).interpreter()
-    output = subprocess.run([interpreter, __file__, "--measure", backend, "--device", device, "--threads", str(threads)],
+    output = subprocess.run([interpreter, __file__, "--measure", backend, "--device", device, "--threads", str(threads), "--questions", questions],
                             capture_output=True, text=True, env=worker_environment(), check=False)
     if output.returncode != 0:
         raise SystemExit(f"{backend} measurement failed:\n{output.stderr[-3000:]}")
@@ -116,12 +119,18 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--questions", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.device, args.threads)))
+        print(json.dumps(measure(args.measure, args.device, args.threads, args.questions)))
         return 0
-    hf = _in_subprocess("hf", args.device, args.threads)
-    vllm = _in_subprocess("vllm", args.device, args.threads)
+    from quantcheck.data.load import load_dataset
+    from quantcheck.results.folder import RunFolder
+
+    with tempfile.TemporaryDirectory() as questions:
+        RunFolder(Path(questions)).write_dataset(load_dataset("mmlu:virology"))
+        hf = _in_subprocess("hf", args.device, args.threads, questions)
+        vllm = _in_subprocess("vllm", args.device, args.threads, questions)
     print(f"{hf['items']} questions, batch {BATCH_SIZE}, {args.threads} threads, {args.device}, best of {ROUNDS}")
     print(f"hf:   bare forward {hf['bare_s']:.2f} s   quantcheck pass {hf['pass_s']:.2f} s   load {hf['load_s']:.1f} s")
     print(f"vllm: bare generate {vllm['bare_s']:.2f} s   quantcheck pass {vllm['pass_s']:.2f} s   engine start {vllm['load_s']:.1f} s")
