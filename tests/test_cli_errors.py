@@ -107,6 +107,8 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
     for name in REGISTRY:
         assert name in result.stdout
     assert "yes (cpu)" in result.stdout
+    # Each backend's own-checkpoint row, written once with its prefix.
+    assert "vllm:pretrained:PATH" in result.stdout and "gguf:FILE.gguf" in result.stdout and "gguf:gguf:" not in result.stdout
 
 
 def test_chat_forced_on_for_a_model_without_a_chat_template(tmp_path):

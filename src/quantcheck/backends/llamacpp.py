@@ -324,7 +324,7 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def checkpoint_row(cls) -> tuple[str, str]:
-        return f"{PREFIX}:FILE.gguf", "a GGUF file made elsewhere, run by llama.cpp (its vocabulary must be the reference's)"
+        return "FILE.gguf", "a GGUF file made elsewhere, run by llama.cpp (its vocabulary must be the reference's)"
 
     @classmethod
     def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
