@@ -463,9 +463,11 @@ def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_s
     """
     import llama_cpp
 
-    from quantcheck.backends.vllm import _fixed_length_prompts
+    from quantcheck.measure.batching import fixed_length_prompts
     from quantcheck.measure.cost import CostSettings
-    from quantcheck.measure.latency import MemoryCapExceeded, Repeats, repeat_timed, sweep_batch_sizes
+    import torch
+
+    from quantcheck.measure.latency import Repeats, check_cpu_cap, repeat_timed, sweep_batch_sizes
     from quantcheck.measure.memory import PeakMemoryTracker
     from quantcheck.measure.timing import Clock
     from quantcheck.results.schema import ModelCost, WeightMemory
@@ -473,7 +475,7 @@ def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_s
     settings = CostSettings(**settings) if isinstance(settings, dict) else settings
     path = backend.gguf_file()
     clock = Clock("cpu")
-    prompt_ids = _fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes))
+    prompt_ids = fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes))
     with PeakMemoryTracker("cpu") as tracker:
         with tracker.phase("load") as load_phase:
             begin = clock.now()
@@ -485,11 +487,10 @@ def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_s
         weights = WeightMemory(counted_bytes=counted, footprint_bytes=None, parameters=parameters, bits_per_parameter=8 * counted / parameters,
                                footprint_agrees=False, note=f"tensor bytes llama.cpp loaded (llama_model_size); the file {path.name} is "
                                f"{path.stat().st_size} bytes with its metadata and vocabulary")
-        repeats = Repeats(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
+        repeats = Repeats.of(settings)
 
         def within_cap() -> None:
-            if settings.max_memory_bytes is not None and tracker.peak_so_far() > settings.max_memory_bytes:
-                raise MemoryCapExceeded(f"exceeded the memory cap of {settings.max_memory_bytes / 2**30:.2f} GiB")
+            check_cpu_cap(torch.device("cpu"), settings.max_memory_bytes, tracker)
 
         def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
             return repeat_timed(lambda: [backend._prefill(ids) for ids in prompt_ids[:batch_size]], clock, repeats, within_cap)

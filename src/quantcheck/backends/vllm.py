@@ -229,6 +229,7 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     """
     from vllm import SamplingParams
 
+    from quantcheck.measure.batching import fixed_length_prompts
     from quantcheck.measure.cost import CostSettings
     from quantcheck.measure.latency import Repeats, repeat_timed, sweep_batch_sizes
     from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
@@ -240,7 +241,7 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     single = job.engine.tensor_parallel_size * job.engine.pipeline_parallel_size == 1
     tracker_device = job.device if (job.device == "cpu" or single) else "cpu"
     clock = Clock(job.device if single else "cpu")
-    prompt_ids = _fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes + (settings.generation_prompts,)))
+    prompt_ids = fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes + (settings.generation_prompts,)))
     with PeakMemoryTracker(tracker_device, process_tree=True) as tracker:
         with tracker.phase("load") as load_phase:
             begin = clock.now()
@@ -257,7 +258,7 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
         weights = visible.model_copy(update={
             "counted_bytes": visible.counted_bytes + packed, "footprint_bytes": None, "footprint_agrees": False, "note": note,
             "parameters": parameters, "bits_per_parameter": 8 * (visible.counted_bytes + packed) / parameters if parameters else 0.0})
-        repeats = Repeats(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
+        repeats = Repeats.of(settings)
         one_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
         def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
@@ -322,15 +323,6 @@ def _recording_packed_weights(record: list[tuple[int, int]]) -> Iterator[None]:
         yield
     finally:
         utils.dispatch_cpu_unquantized_gemm = original
-
-
-def _fixed_length_prompts(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[list[int]]:
-    """`count` prompts of exactly `seq_len` tokens (texts reused cyclically, ids repeated to length)."""
-    prompts = []
-    for index in range(count):
-        ids = tokenizer.encode(texts[index % len(texts)]) or [tokenizer.eos_token_id]
-        prompts.append((ids * (seq_len // len(ids) + 1))[:seq_len])
-    return prompts
 
 
 def _configure_environment(device: str, threads: int, engine: EngineSettings) -> None:

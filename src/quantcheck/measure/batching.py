@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -29,3 +31,12 @@ def left_padded(sequences: list[list[int]], pad_id: int, device: str) -> dict[st
         "attention_mask": attention_mask.to(device),
         "position_ids": position_ids.to(device),
     }
+
+
+def fixed_length_prompts(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[list[int]]:
+    """`count` prompts of exactly `seq_len` tokens (texts reused cyclically, ids repeated to length)."""
+    prompts = []
+    for index in range(count):
+        ids = tokenizer.encode(texts[index % len(texts)]) or [tokenizer.eos_token_id]
+        prompts.append((ids * (seq_len // len(ids) + 1))[:seq_len])
+    return prompts

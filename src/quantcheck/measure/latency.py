@@ -67,6 +67,11 @@ class Repeats:
         if self.min_iterations < 1 or self.max_iterations < self.min_iterations:
             raise ValueError("need 1 <= min_iterations <= max_iterations")
 
+    @classmethod
+    def of(cls, settings) -> Repeats:
+        """The repeats a `CostSettings` asks for (every backend's sweep times the same way)."""
+        return cls(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
+
 
 def latency_sweep(
     model: PreTrainedModel,
@@ -95,7 +100,7 @@ def latency_sweep(
 
     def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
         inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, device)
-        check = lambda: _check_cpu_cap(device, max_memory_bytes, tracker)  # noqa: E731 (while the logits are alive)
+        check = lambda: check_cpu_cap(device, max_memory_bytes, tracker)  # noqa: E731 (while the logits are alive)
         return repeat_timed(lambda: model(**inputs, use_cache=False), Clock(device), repeats, check)
 
     with tracking(device, tracker) as tracker, _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
@@ -200,7 +205,8 @@ def _ok_point(batch_size: int, seq_len: int, times: list[float], peak: int | Non
     )
 
 
-def _check_cpu_cap(device: torch.device, cap: int | None, tracker: PeakMemoryTracker) -> None:
+def check_cpu_cap(device: torch.device, cap: int | None, tracker: PeakMemoryTracker) -> None:
+    """Over the cap on CPU, a MemoryCapExceeded (CUDA enforces its own cap in the allocator)."""
     if cap is None or device.type == "cuda":
         return
     peak = tracker.peak_so_far()
