@@ -26,6 +26,60 @@ def kl_divergence(reference_logprobs: torch.Tensor, variant_logprobs: torch.Tens
     return terms.sum(dim=-1).clamp_min(0.0)
 
 
+ROUNDING_ALLOWANCE = 1e-4
+"""Probability mass by which the remainder `1 - sum(top-K probabilities)` of a float32 row may be off,
+taken on the side that keeps the bound a lower bound. A float32 log-softmax row does not sum to 1:
+SmolLM2's 49,152 entries sum to 1 + 1.1e-5 in transformers and in vLLM alike; ten times that
+leaves room for larger vocabularies. It lowers the bound by about this much, far below any KL limit."""
+
+
+def _remainder(logprobs: torch.Tensor, known: torch.Tensor, top: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mass outside `known` per row, as (low, high): summed where the row is full, 1 - known mass
+    (with the rounding allowance) where it holds only its top K."""
+    probabilities = logprobs.exp()
+    if top is None:
+        rest = torch.where(known, torch.zeros_like(probabilities), probabilities).sum(dim=-1)
+        return rest, rest
+    rest = 1.0 - torch.where(known, probabilities, torch.zeros_like(probabilities)).sum(dim=-1)
+    return (rest - ROUNDING_ALLOWANCE).clamp(0.0, 1.0), (rest + ROUNDING_ALLOWANCE).clamp(0.0, 1.0)
+
+
+def kl_lower_bound(reference_logprobs: torch.Tensor, variant_logprobs: torch.Tensor,
+                   reference_top: int | None, variant_top: int | None) -> torch.Tensor:
+    """A lower bound on KL(reference || variant) per row when either side holds only its top K.
+
+    `*_top` is None for a full row, K for a top-K row (-inf outside its K known entries). Tokens
+    known on both sides contribute their exact terms; everything else is merged into one outcome
+    (the data-processing inequality: KL of a coarsened pair <= KL), contributing
+    P_rest * log(P_rest / Q_rest). A row's remainder is only known to within
+    `ROUNDING_ALLOWANCE`, so the term is minimised over that box: the bound stays a lower bound.
+    With both rows full it equals `kl_divergence`. No finite upper bound exists when the variant
+    is the top-K side (its unlisted probabilities can be arbitrarily small).
+    """
+    if reference_top is None and variant_top is None:
+        return kl_divergence(reference_logprobs, variant_logprobs)
+    ref, var = reference_logprobs.double(), variant_logprobs.double()
+    known = torch.ones_like(ref, dtype=torch.bool)
+    for logprobs, top in ((ref, reference_top), (var, variant_top)):
+        if top is not None:
+            known &= torch.isfinite(logprobs)
+    p_ref = ref.exp()
+    terms = torch.where(known & (p_ref > 0), p_ref * (ref - var), torch.zeros_like(ref)).sum(dim=-1)
+    p_low, p_high = _remainder(ref, known, reference_top)
+    _, q_high = _remainder(var, known, variant_top)
+    # P log(P/Q) falls as Q grows and, in P, is smallest at P = Q/e: the minimum over the box.
+    p_rest = torch.minimum(torch.maximum(q_high / torch.e, p_low), p_high)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.log() - q_high.clamp_min(torch.finfo(torch.float64).tiny).log()),
+                       torch.zeros_like(p_rest))
+    return (terms + rest).clamp_min(0.0)
+
+
+def exact_top_k(reference_top: int | None, variant_top: int | None, ks: tuple[int, ...] = TOP_K) -> tuple[int, ...]:
+    """The k of Jaccard@k that both rows determine exactly (all of them for full rows)."""
+    limit = min(top for top in (reference_top, variant_top, max(ks)) if top is not None)
+    return tuple(k for k in ks if k <= limit)
+
+
 TIE_MARGIN = 32
 """Extra candidates taken past k, so that values tied with the k-th are all seen; a row with more
 ties than this (a flat row) is sorted whole."""
