@@ -164,7 +164,7 @@ def _print_summary(results, quiet: bool) -> None:
             percent(result.loglik.accuracy) if result.loglik else "-",
             points_ci(paired.difference, paired.difference_ci) if paired else "",
             percent(result.generative.accuracy.accuracy) if result.generative else "-",
-            nats(agreement.kl.mean.value) if agreement else "",
+            ("≥ " if agreement.kl.is_lower_bound else "") + nats(agreement.kl.mean.value) if agreement else "",
             percent(agreement.top1_agreement.value) if agreement else "",
             memory_vs_ref(cost.weight_memory_ratio, cost.memory_saving) if cost else "",
             result.verdict.decision if result.verdict else "",

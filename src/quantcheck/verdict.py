@@ -292,6 +292,8 @@ def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float) -> Ch
     estimate is unbiased (its sampling noise is inside the interval over items), while the lower
     bound can only understate the KL, so a 'fail' stays certain whatever the unstored tail held."""
     limit = _Limit.ceiling(thresholds.max_mean_kl, f"the {fmt.nats(thresholds.max_mean_kl)} nats limit")
+    if kl.is_lower_bound:
+        return _lower_bound_check(kl.mean, limit, level)
     if kl.lower is None:
         return _estimate_check("mean KL", kl.mean, lambda v: f"{fmt.nats(v)} nats", "nats", limit, level)
     return _interval_check(
@@ -305,6 +307,17 @@ def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float) -> Ch
         f"run with more questions ({MORE_QUESTIONS_FLAG}) to narrow the mean KL interval",
         fail_label="lower bound's ",
     )
+
+
+def _lower_bound_check(estimate: Estimate, limit: _Limit, level: float) -> Check:
+    """Mean KL known only as a lower bound (a server's top-K rows): a bound beyond the limit fails,
+    since the true KL is higher still; a bound within it proves nothing, so it never passes."""
+    advice = "ask the server for every log-probability (vLLM: --max-logprobs -1) to judge mean KL"
+    check = _interval_check("mean KL", f"mean KL >= {fmt.nats(estimate.value)} nats (a lower bound)", "",
+                            (estimate.ci, estimate.fail_ci), lambda ci: fmt.interval(ci, "nats"), limit, level, advice)
+    if check.outcome != "pass":
+        return check
+    return Check("mean KL", "unclear", f"{check.reason}, but a lower bound cannot show the true KL is within it", advice)
 
 
 def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) -> tuple[list[Check], list[str]]:

@@ -52,13 +52,14 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
                 emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement are not computed; accuracy is")
         path = folder.model_file(spec.folder, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
-        if spec.is_reference and reference.create(len(items), backend.vocab_width) and done:
+        if spec.is_reference and reference.create(len(items), backend.vocab_width, backend.top_logprobs) and done:
             # The stored rows behind these records are gone: score the reference again from scratch.
             path.unlink()
             done = set()
         score_items(
             backend.next_token_logprobs, spec.name, items, encoded, batch_size=job.batch_size, reference=reference,
             is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", items, done),
+            top_logprobs=backend.top_logprobs,
         )
 
     if job.generation is not None:

@@ -4,7 +4,8 @@ In the spirit of lm-eval's `LM` class, nothing above this seam holds an engine o
 answer parsing, the reference store, statistics and the report see only these requests:
 
 - `next_token_logprobs(prompts)`: log-probabilities of the next token after each token-id prompt,
-  over the full vocabulary (the rows KL, Jaccard@k, top-1 and the log-likelihood answer come from);
+  over the full vocabulary (the rows KL, Jaccard@k, top-1 and the log-likelihood answer come from),
+  or only their top K where a server caps them (`top_logprobs`);
 - `generate(prompts, settings, seeds)`: new token ids per prompt under one explicit settings object;
 - `measure_cost(texts, settings, on_step)`: what the engine can measure of its own cost;
 - `describe()`: engine and version, precision, devices, parallel layout.
@@ -119,6 +120,12 @@ class Backend(ABC):
     @abstractmethod
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [len(prompts), vocab_width]: log-softmax of the next-token logits after each prompt."""
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """None when `next_token_logprobs` rows are full; K when only each row's top K entries are known
+        (-inf elsewhere), as from a server that caps log-probabilities: KL then becomes a lower bound."""
+        return None
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:

@@ -19,7 +19,9 @@ from quantcheck.data.items import LETTERS, Item
 from quantcheck.data.prompts import answer_continuations, loglik_prompt
 from quantcheck.errors import QuantcheckError
 from quantcheck.measure.batching import plan_batches
-from quantcheck.metrics.next_token import TOP_K, KLBounds, jaccard_all_k, kl_divergence, kl_from_top_k, tail_log_mass, tail_samples, top_k_ids
+from quantcheck.metrics.next_token import (
+    TOP_K, KLBounds, exact_top_k, jaccard_all_k, kl_divergence, kl_from_top_k, kl_lower_bound, tail_log_mass, tail_samples, top_k_ids,
+)
 from quantcheck.results.schema import ItemRecord, LoglikAnswer
 from quantcheck.results.store import CompactStore, ReferenceStore
 
@@ -67,17 +69,41 @@ def reference_rows(store: ReferenceStore, rows: list[int], logprobs: torch.Tenso
     return kept
 
 
-def compare_with_reference(store: ReferenceStore, rows: list[int], logprobs: torch.Tensor) -> tuple[KLBounds, torch.Tensor]:
-    """KL against the stored rows (exact from the full store: bounds equal to it) and the reference's top 20 ids."""
+def compare_with_reference(store: ReferenceStore, rows: list[int], logprobs: torch.Tensor,
+                            top_logprobs: int | None = None) -> tuple[KLBounds, torch.Tensor]:
+    """KL against the stored rows and the reference's top 20 ids.
+
+    Exact from the full store (bounds equal to it); from the compact store an estimate between
+    bounds. Where either side is known only on its top K (`top_logprobs` for this model, the
+    store's for the reference) all that is certain is a lower bound: estimate and lower are that
+    bound and upper is infinite.
+    """
     stored = store.read_rows(rows)
     if not isinstance(store, CompactStore):
         reference = torch.from_numpy(stored)
-        kl = kl_divergence(reference, logprobs)
-        return KLBounds(kl, kl, kl), top_k_ids(reference, max(TOP_K))
+        if store.top_logprobs is None and top_logprobs is None:
+            kl = kl_divergence(reference, logprobs)
+            return KLBounds(kl, kl, kl), top_k_ids(reference, max(TOP_K))
+        lower = kl_lower_bound(reference, logprobs, store.top_logprobs, top_logprobs)
+        return KLBounds(lower, lower, torch.full_like(lower, torch.inf)), top_k_ids(reference, max(TOP_K))
     field = lambda name: torch.from_numpy(stored[name])  # noqa: E731
-    bounds = kl_from_top_k(field("top_ids").long(), field("top_logprobs"), field("log_tail_mass"), field("sample_ids").long(),
+    top_ids = field("top_ids").long()
+    if top_logprobs is not None:
+        known = torch.full_like(logprobs, -torch.inf, dtype=torch.float32).scatter(-1, top_ids, field("top_logprobs"))
+        lower = kl_lower_bound(known, logprobs, store.top_k, top_logprobs)
+        return KLBounds(lower, lower, torch.full_like(lower, torch.inf)), top_ids[:, : max(TOP_K)]
+    bounds = kl_from_top_k(top_ids, field("top_logprobs"), field("log_tail_mass"), field("sample_ids").long(),
                            field("sample_logprobs"), logprobs)
-    return bounds, field("top_ids")[:, : max(TOP_K)]
+    return bounds, top_ids[:, : max(TOP_K)]
+
+
+def kl_lower_bound_method(store: ReferenceStore, top_logprobs: int | None) -> str | None:
+    """How KL is bounded when a side is known only on its top K, in words for results.json; None when it is not."""
+    if top_logprobs is None and store.top_logprobs is None:
+        return None
+    reference_top = store.top_k if isinstance(store, CompactStore) else store.top_logprobs
+    sides = [f"the {side}'s top {top}" for side, top in (("reference", reference_top), ("variant", top_logprobs)) if top is not None]
+    return f"lower bound from {' and '.join(sides)} log-probabilities (exact shared terms + log-sum inequality on the rest)"
 
 
 def score_items(
@@ -92,42 +118,46 @@ def score_items(
     compare_tokens: bool,
     done: set[str],
     on_batch: Callable[[list[ItemRecord]], None],
+    top_logprobs: int | None = None,
 ) -> None:
     """Score every item not in `done`, one batch at a time, handing each finished batch to `on_batch`.
 
     `next_token_logprobs` is the backend's request (any engine). The reference writes its rows to the store `reference`
     (full or compact); a variant reads them back and adds KL (with bounds from the compact store), Jaccard@k and top-1
-    agreement (only when it saw the identical token ids: `compare_tokens`).
+    agreement (only when it saw the identical token ids: `compare_tokens`). `top_logprobs` is None for full rows,
+    K for a server's top-K rows (-inf elsewhere): KL is then a lower bound and Jaccard@k is kept for k <= K.
     """
+    reference_top = None if is_reference else (reference.top_k if isinstance(reference, CompactStore) else reference.top_logprobs)
+    exact_ks = exact_top_k(reference_top, top_logprobs)
+    bound = None if is_reference else kl_lower_bound_method(reference, top_logprobs)
+    shown = min(max(TOP_K), top_logprobs or max(TOP_K))
     for rows, prompts in model_batches(encoded, batch_size):
         if all(items[row].item_id in done for row in rows):
             continue
         logprobs = torch.from_numpy(next_token_logprobs(prompts))
         if is_reference:
             reference.write_rows(rows, reference_rows(reference, rows, logprobs))
-        top = top_k_ids(logprobs, max(TOP_K))
+        top = top_k_ids(logprobs, max(TOP_K))[:, :shown]
         if not is_reference and compare_tokens:
-            divergence, reference_top = compare_with_reference(reference, rows, logprobs)
-            reference_top = reference_top.tolist()
+            divergence, reference_ids = compare_with_reference(reference, rows, logprobs, top_logprobs)
+            reference_ids = reference_ids.tolist()
         records = []
         for position, row in enumerate(rows):
             item = items[row]
-            choice_logprobs = logprobs[position, encoded.continuation_ids[: len(item.choices)]]
-            pred = int(torch.argmax(choice_logprobs))
             record = ItemRecord(
                 item_id=item.item_id,
                 model=model_name,
                 answer=item.answer_letter,
-                loglik=LoglikAnswer(pred=LETTERS[pred], correct=pred == item.answer, choice_logprobs=choice_logprobs.tolist()),
+                loglik=loglik_answer(logprobs[position], encoded.continuation_ids[: len(item.choices)], item, top_logprobs),
                 topk_ids=top[position].tolist(),
                 topk_logprobs=logprobs[position, top[position]].tolist(),
             )
             if not is_reference and compare_tokens:
-                record.kl = float(divergence.estimate[position])
+                record.kl, record.kl_bound = float(divergence.estimate[position]), bound
                 if isinstance(reference, CompactStore):
                     record.kl_lower, record.kl_upper = float(divergence.lower[position]), _finite(float(divergence.upper[position]))
-                record.jaccard = jaccard_all_k(reference_top[position], record.topk_ids)
-                record.top1_agree = reference_top[position][0] == record.topk_ids[0]
+                record.jaccard = jaccard_all_k(reference_ids[position], record.topk_ids, exact_ks)
+                record.top1_agree = reference_ids[position][0] == record.topk_ids[0]
             records.append(record)
         on_batch(records)
 
@@ -135,3 +165,20 @@ def score_items(
 def _finite(value: float) -> float | None:
     """An infinite bound is stored as None (JSON has no infinity): the variant gives a tail token probability 0."""
     return value if np.isfinite(value) else None
+
+
+def loglik_answer(row: torch.Tensor, continuation_ids: list[int], item: Item, top_logprobs: int | None) -> LoglikAnswer:
+    """The most likely answer letter. From a top-K row it is exact whenever one letter is among the K
+    (an unlisted letter is less likely than every listed token); unlisted letters are recorded at the
+    K-th log-probability, their upper bound."""
+    choice_logprobs = row[continuation_ids]
+    if top_logprobs is not None:
+        listed = torch.isfinite(choice_logprobs)
+        if not bool(listed.any()):
+            raise QuantcheckError(f"no answer letter is among the top {top_logprobs} log-probabilities the server returned for "
+                                  f"{item.item_id}: ask it for more (url:...?top_logprobs=N) or for the full vocabulary")
+        pred = int(torch.argmax(choice_logprobs))
+        choice_logprobs = torch.where(listed, choice_logprobs, row[torch.isfinite(row)].min())
+    else:
+        pred = int(torch.argmax(choice_logprobs))
+    return LoglikAnswer(pred=LETTERS[pred], correct=pred == item.answer, choice_logprobs=choice_logprobs.tolist())

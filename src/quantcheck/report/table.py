@@ -79,6 +79,11 @@ def jaccard_value(m: ModelResult, k: int) -> float | None:
     return est.value if est is not None else None
 
 
+def _bound_mark(agreement, text: str) -> str:
+    """KL figures that are lower bounds (a server's top-K rows) read as such wherever they are shown."""
+    return f"≥ {text} (lower bound)" if agreement.kl.is_lower_bound else text
+
+
 def verdict_row(m: ModelResult) -> VerdictRow:
     decision, cls = decision_text(m)
     cvr = m.cost_vs_reference
@@ -94,7 +99,7 @@ def verdict_row(m: ModelResult) -> VerdictRow:
         memory=fmt.memory_vs_ref(cvr.weight_memory_ratio if cvr else None, cvr.memory_saving if cvr else None),
         delta_accuracy=fmt.points_ci(pl.difference, pl.difference_ci) if pl else fmt.NA,
         mcnemar_p=fmt.pvalue(pl.mcnemar_p) if pl else fmt.NA,
-        mean_kl=fmt.nats(ag.kl.mean.value) if ag else fmt.NA,
+        mean_kl=_bound_mark(ag, fmt.nats(ag.kl.mean.value)) if ag else fmt.NA,
         top1=fmt.percent(ag.top1_agreement.value) if ag else fmt.NA,
         jaccard=f"{fmt.fraction(jaccard_value(m, 1))} / {fmt.fraction(jaccard_value(m, 20))}",
         summary=m.verdict.summary if m.verdict else "",
@@ -249,8 +254,8 @@ def agreement_rows(results: Results) -> list[list[str]]:
                 m.name,
                 fmt.integer(ag.n),
                 fmt.percent_ci(top1.value, top1.ci),
-                fmt.nats_ci(ag.kl.mean.value, ag.kl.mean.ci),
-                f"{fmt.nats(ag.kl.median)} / {fmt.nats(ag.kl.p90)} / {fmt.nats(ag.kl.max)}",
+                _bound_mark(ag, fmt.nats_ci(ag.kl.mean.value, ag.kl.mean.ci)),
+                _bound_mark(ag, f"{fmt.nats(ag.kl.median)} / {fmt.nats(ag.kl.p90)} / {fmt.nats(ag.kl.max)}"),
                 *[fmt.fraction(jaccard_value(m, k)) for k in JACCARD_KS],
             ]
         )

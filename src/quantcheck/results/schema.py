@@ -82,7 +82,9 @@ class DivergenceSummary(BaseModel):
                                    "the verdict's 'fail' needs its fail_ci above the limit")
     upper_mean: float | None = Field(None, description="compact store: the mean of the per-item upper bounds (worst case, loose); "
                                      "None when some item is unbounded")
-
+    is_lower_bound: bool = Field(False, description="every number here is a lower bound on the true KL: the reference or the variant "
+                                 "was known only on its top K log-probabilities (a server's cap)")
+    method: str = Field("exact over the full vocabulary", description="how the per-item values were computed")
 
 class TokenAgreement(BaseModel):
     """Raw next-token differences on identical token ids (llama.cpp's two-pass protocol)."""
@@ -390,6 +392,8 @@ class ItemRecord(BaseModel):
     kl_lower: float | None = Field(default=None, description="compact store only: KL is at least this (top K exact, the tail as one token)")
     kl_upper: float | None = Field(default=None, description="compact store only: KL is at most this (the unstored tail put where this "
                                    "model is least likely: certain but loose); None when unbounded (a tail token of probability 0 here)")
+    kl_bound: str | None = Field(default=None, description="None unless kl is only a lower bound (the reference or this model was known "
+                                 "only on its top K log-probabilities, a server's cap); then how the bound was computed")
     jaccard: dict[int, float] | None = None
     top1_agree: bool | None = None
     generative: GeneratedAnswer | None = None

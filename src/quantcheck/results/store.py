@@ -170,7 +170,12 @@ class ReferenceStore(ABC):
     def describe_row(self) -> str:
         """One item's row in words, for the message that refuses a foreign file."""
 
-    def create(self, n_items: int, vocab_size: int) -> bool:
+    @property
+    def top_logprobs(self) -> int | None:
+        """None: the reference's rows were full; K: known only on their top K (a server's cap)."""
+        return None
+
+    def create(self, n_items: int, vocab_size: int, top_logprobs: int | None = None) -> bool:
         """Make the file unless this run's exists (checked); True when its rows are new (empty)."""
         if self.path.exists():
             self.check(n_items, vocab_size)
@@ -204,10 +209,30 @@ class ReferenceStore(ABC):
 
 
 class FullStore(ReferenceStore):
-    """Every log-probability as float32: items x vocab x 4 bytes (166 x 49k = 33 MB; MMLU on 128k: 7 GB)."""
+    """Every log-probability as float32: items x vocab x 4 bytes (166 x 49k = 33 MB; MMLU on 128k: 7 GB).
+
+    A reference behind a server that returns only its top K log-probabilities is stored with -inf
+    outside them, and K is kept beside the rows, since variants need it to bound KL.
+    """
 
     kind = "full"
     file_name = "logprobs.npy"
+
+    @property
+    def _coverage_file(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    @property
+    def top_logprobs(self) -> int | None:
+        if not self._coverage_file.exists():
+            return None
+        return json.loads(self._coverage_file.read_text())["top_logprobs"]
+
+    def create(self, n_items: int, vocab_size: int, top_logprobs: int | None = None) -> bool:
+        created = super().create(n_items, vocab_size)
+        if created or not self._coverage_file.exists():
+            write_json_atomic(self._coverage_file, {"top_logprobs": top_logprobs})
+        return created
 
     def row_dtype(self) -> np.dtype:
         return np.dtype(np.float32)
@@ -242,10 +267,18 @@ class CompactStore(ReferenceStore):
     def describe_row(self) -> str:
         return f"top {self.top_k} + {self.tail_samples} tail samples"
 
-    def create(self, n_items: int, vocab_size: int) -> bool:
+    def create(self, n_items: int, vocab_size: int, top_logprobs: int | None = None) -> bool:
+        if top_logprobs is not None:
+            raise QuantcheckError(refuse_top_k_reference(top_logprobs))
         if self.top_k >= vocab_size:
             raise QuantcheckError(f"--store-top-k {self.top_k} leaves no tail in a vocabulary of {vocab_size}: choose a smaller one, or --store full")
         return super().create(n_items, vocab_size)
+
+
+def refuse_top_k_reference(top_logprobs: int) -> str:
+    """Why a reference known only on its top K cannot fill the compact store (it needs the tail), and what to do."""
+    return (f"the reference's server returns only its top {top_logprobs} log-probabilities, and the compact reference store needs "
+            "full rows: serve the reference with all of them (vLLM: --max-logprobs -1), or run with --store full")
 
 
 def open_reference_store(folder: Path, settings: StoreSettings) -> ReferenceStore:

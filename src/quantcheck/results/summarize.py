@@ -68,6 +68,10 @@ def compared_records(records: list[ItemRecord]) -> list[ItemRecord]:
     return [record for record in records if record.kl is not None and record.jaccard is not None]
 
 
+COMPACT_KL_METHOD = ("estimated from the compact reference store: its top K exactly plus the tail from its samples (unbiased), "
+                     "between per-item lower and upper bounds")
+
+
 def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> TokenAgreement:
     """Next-token agreement: KL and top-1 with intervals at 95 % and at the verdict's `level`.
 
@@ -79,10 +83,12 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
     """
     kl = [record.kl for record in compared]
     bounded = all(record.kl_lower is not None for record in compared)
+    lower_bound_method = next((record.kl_bound for record in compared if record.kl_bound), None)
     uppers = [record.kl_upper for record in compared]
     return TokenAgreement(
         n=len(compared),
-        jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in compared[0].jaccard},
+        jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in compared[0].jaccard
+                 if all(k in record.jaccard for record in compared)},
         top1_agreement=proportion([bool(record.top1_agree) for record in compared], fail_level=level),
         kl=DivergenceSummary(
             mean=heavy_tailed_mean(kl, seed, fail_level=level),
@@ -90,8 +96,10 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
             p90=float(np.percentile(kl, 90)),
             max=max(kl),
             store="compact" if bounded else "full",
-            lower=heavy_tailed_mean([record.kl_lower for record in compared], seed, fail_level=level) if bounded else None,
+            lower=heavy_tailed_mean([record.kl_lower for record in compared], seed, fail_level=level) if bounded and not lower_bound_method else None,
             upper_mean=statistics.fmean(uppers) if bounded and None not in uppers else None,
+            is_lower_bound=lower_bound_method is not None,
+            method=lower_bound_method or (COMPACT_KL_METHOD if bounded else "exact over the full vocabulary"),
         ),
     )
 
