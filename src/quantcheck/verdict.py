@@ -46,7 +46,7 @@ deployment, which the thresholds do not describe.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from quantcheck.report import format as fmt
 from quantcheck.results.schema import (
@@ -105,10 +105,13 @@ def fail_level(checks: int) -> float:
     return 1 - (1 - FAMILYWISE_LEVEL) / max(checks, 1)
 
 
-def _memory_check(cost: CostComparison | None, thresholds: Thresholds, gap: str | None) -> Check:
+def _memory_check(cost: CostComparison | None, thresholds: Thresholds, gap: str | None, unmeasured: Sequence[str] = ()) -> Check:
     if cost is None:
         if gap:
             return Check("memory", "unclear", f"{gap}: the memory saving is not known", RERUN_ADVICE)
+        if unmeasured:
+            return Check("memory", "unclear", f"weight memory was not measured for {' and '.join(unmeasured)}: "
+                         "a served model's memory is the server's, not visible to a client")
         return Check(
             "memory",
             "unclear",
@@ -380,13 +383,17 @@ def _summary(name: str, decision: Decision, memory: Check, checks: list[Check], 
     return f"No verdict on {name} yet; {advice[0]}."
 
 
-def decide(variant: ModelResult, thresholds: Thresholds) -> Verdict:
-    """Apply the module's rules to one variant's measurements against the reference."""
+def decide(variant: ModelResult, thresholds: Thresholds, unmeasured_memory: Sequence[str] = ()) -> Verdict:
+    """Apply the module's rules to one variant's measurements against the reference.
+
+    `unmeasured_memory` names the models (reference or variant) whose weight memory cannot be
+    measured (served ones): the memory check is then unclear, saying why.
+    """
     measured = quality_check_count(
         variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
     )
     level = fail_level(measured)
-    memory = _memory_check(variant.cost_vs_reference, thresholds, variant.incomplete.get("cost"))
+    memory = _memory_check(variant.cost_vs_reference, thresholds, variant.incomplete.get("cost"), unmeasured_memory)
     checks, missing = _quality_checks(variant, thresholds, level)
     outcomes = {memory.outcome, *(c.outcome for c in checks)}
     if "fail" in outcomes:

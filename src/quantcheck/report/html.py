@@ -214,6 +214,8 @@ def render_html(
         floor_rows=table.floor_rows(r),
         cost_columns=table.COST_COLUMNS,
         cost_rows=table.cost_rows(r),
+        serving_columns=table.SERVING_COLUMNS,
+        serving_rows=table.serving_rows(r),
         generation_columns=table.GENERATION_COLUMNS,
         generation_rows=table.generation_rows(r),
         warnings=warning_rows(r),

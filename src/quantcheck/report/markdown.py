@@ -105,6 +105,10 @@ def render_markdown(
         out += md_table(table.FLOOR_COLUMNS, floors) + [""]
     out += ["### Cost", ""]
     out += md_table(table.COST_COLUMNS, table.cost_rows(r)) + [""]
+    serving = table.serving_rows(r)
+    if serving:
+        out += ["### Served models (client side, streaming)", ""]
+        out += md_table(table.SERVING_COLUMNS, serving) + [""]
     gen = table.generation_rows(r)
     if gen:
         out += ["### Generation speed", "", "End-to-end words per minute include prefill and batching and depend on answer length; decode-only words per minute come from the cost phase's fixed-length decode rate.", ""]

@@ -342,13 +342,14 @@ def cost_row(m: ModelResult) -> list[str]:
     bs1 = _latency_at(c.latency, 1)
     ooms = sorted({p.batch_size for p in c.latency if p.status == "oom"})
     gen = c.generation
-    footprint = fmt.nbytes(c.weights.counted_bytes)
-    if not c.weights.footprint_agrees:
-        footprint += " (footprint disagrees)"
+    if c.weights is None:
+        footprint = "not measured (served)"
+    else:
+        footprint = fmt.nbytes(c.weights.counted_bytes) + ("" if c.weights.footprint_agrees else " (footprint disagrees)")
     return [
         m.name,
         footprint,
-        fmt.bits(c.weights.bits_per_parameter),
+        fmt.bits(c.weights.bits_per_parameter if c.weights else None),
         fmt.memory_vs_ref(cvr.weight_memory_ratio, cvr.memory_saving) if cvr else "reference" if m.quant is None else fmt.NA,
         f"{fmt.nbytes(top.peak_memory_bytes)} (batch {top.batch_size})" if top else fmt.NA,
         fmt.seconds(bs1.median_s) + (" (noisy)" if bs1.noisy else "") if bs1 else fmt.NA,
@@ -363,6 +364,25 @@ def cost_row(m: ModelResult) -> list[str]:
 
 def cost_rows(results: Results) -> list[list[str]]:
     return [cost_row(m) for m in results.models]
+
+
+# ------------------------------------------------------------------------------------ serving
+
+SERVING_COLUMNS = ["Model", "Concurrency", "Requests (failed)", "TTFT median / p90", "Inter-token median / p90",
+                   "End-to-end median / p90", "Output tokens / s"]
+
+
+def serving_rows(results: Results) -> list[list[str]]:
+    """Client-side streaming figures of served models, one row per concurrency level."""
+    rows = []
+    for m in results.models:
+        for point in m.cost.serving if m.cost else []:
+            pairs = [(d.median_s, d.p90_s) if d else (None, None)
+                     for d in (point.time_to_first_token, point.inter_token_latency, point.end_to_end)]
+            rows.append([m.name, str(point.concurrency), f"{point.requests} ({point.failed})",
+                         *[f"{fmt.seconds(median)} / {fmt.seconds(p90)}" for median, p90 in pairs],
+                         fmt.rate(point.output_tokens_per_s, "tok/s")])
+    return rows
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -402,7 +422,7 @@ CSV_COLUMNS = [
     "delta_generative", "delta_generative_ci_low", "delta_generative_ci_high", "mcnemar_p_generative",
     "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
     *[f"jaccard_{k}" for k in JACCARD_KS],
-    "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
+    "kl_bound", "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
     "weight_memory_ratio", "memory_saving", "decode_tokens_per_s", "decode_speedup",
     "time_to_first_token_s", "load_time_s", "load_peak_memory_bytes",
     "latency_bs1_median_s", "peak_memory_bytes_max_ok_batch", "max_ok_batch", "oom_batches", "threads",
@@ -454,10 +474,11 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "p90_kl": ag.kl.p90 if ag else None,
         "max_kl": ag.kl.max if ag else None,
         **{f"jaccard_{k}": jaccard_value(m, k) for k in JACCARD_KS},
-        "weight_bytes": c.weights.counted_bytes if c else None,
-        "footprint_bytes": c.weights.footprint_bytes if c else None,
-        "parameters": c.weights.parameters if c else None,
-        "bits_per_parameter": c.weights.bits_per_parameter if c else None,
+        "weight_bytes": c.weights.counted_bytes if c and c.weights else None,
+        "footprint_bytes": c.weights.footprint_bytes if c and c.weights else None,
+        "parameters": c.weights.parameters if c and c.weights else None,
+        "bits_per_parameter": c.weights.bits_per_parameter if c and c.weights else None,
+        "kl_bound": ag.kl.bound if ag else None,
         "weight_memory_ratio": cvr.weight_memory_ratio if cvr else None,
         "memory_saving": cvr.memory_saving if cvr else None,
         "decode_tokens_per_s": c.generation.decode_tokens_per_s if c and c.generation else None,

@@ -70,7 +70,8 @@ class PairedComparison(BaseModel):
 
 
 class DivergenceSummary(BaseModel):
-    """KL(reference || variant) over the full vocabulary at the answer position, per item."""
+    """KL(reference || variant) at the answer position, per item: exact over the full vocabulary, or a
+    lower bound when a server returned only its top-K log-probabilities (then it can fail a limit, never pass one)."""
 
     mean: Estimate
     median: float
@@ -183,18 +184,48 @@ class GenerationCost(BaseModel):
     round_decode_tokens_per_s: list[float] = Field(default_factory=list, description="decode rate in each cost round; the figures are the fastest round's")
 
 
+class TimingDistribution(BaseModel):
+    """Seconds over the requests (or token gaps) of one serving concurrency level."""
+
+    n: int
+    mean_s: float
+    median_s: float
+    p10_s: float
+    p90_s: float
+
+
+class ServingPoint(BaseModel):
+    """Streaming requests to a server at one concurrency level, timed by the client: network,
+    queueing and the server's scheduler are included, as a user of the endpoint feels them."""
+
+    concurrency: int
+    requests: int = Field(description="requests finished or failed at this level (bounded in number and time)")
+    failed: int = 0
+    error: str | None = Field(None, description="the first failure, when any request failed")
+    prompt_tokens: int
+    new_tokens: int = Field(description="tokens asked per request (fixed: min_tokens = max_tokens, eos ignored)")
+    wall_s: float
+    time_to_first_token: TimingDistribution | None = None
+    inter_token_latency: TimingDistribution | None = None
+    end_to_end: TimingDistribution | None = None
+    output_tokens_per_s: float | None = Field(None, description="new tokens of all requests / wall time")
+    requests_per_s: float | None = None
+
+
 class ModelCost(BaseModel):
-    """Consideration 1 for one model, measured in its own fresh process."""
+    """Consideration 1 for one model, measured in its own fresh process (a served model: from the client's side)."""
 
     memory_method: str
     threads: int
     engine: str = "transformers"
     latency_method: str = Field("one forward pass over the whole batch (logits, no KV cache)", description="what one timed latency iteration runs")
-    load_time_s: float = Field(description="from the start of loading to a model ready to answer; for serving engines this includes engine start-up")
+    load_time_s: float | None = Field(description="from the start of loading to a model ready to answer; for serving engines this includes "
+                                                  "engine start-up; None for a model behind a server started outside quantcheck")
     load_peak_memory_bytes: int | None = None
-    weights: WeightMemory
+    weights: WeightMemory | None = Field(description="None: not measured (a served model's memory is the server's, not visible to a client)")
     latency: list[LatencyPoint] = []
     generation: GenerationCost | None = None
+    serving: list[ServingPoint] = Field([], description="a served model: client-side streaming latency and throughput per concurrency level")
     rounds: int = Field(1, description="cost rounds merged: each point is the fastest round's (load on the machine only slows)")
 
 

@@ -151,7 +151,10 @@ def _decode_unstable(*costs: ModelCost) -> bool:
     return any(len(r) > 1 and max(r) > DRIFT_TOLERANCE * min(r) for r in rates)
 
 
-def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison:
+def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison | None:
+    """Ratios of what both models measured; None when a served model's weight memory is unknown."""
+    if reference.weights is None or variant.weights is None:
+        return None
     ratio = variant.weights.counted_bytes / reference.weights.counted_bytes
     reference_latency = {point.batch_size: point.median_s for point in reference.latency if point.status == "ok"}
     latency_ratio = {
@@ -365,7 +368,8 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
-        result.verdict = decide(result, thresholds)
+        unmeasured = [model.name for model in (reference, result) if model.cost is not None and model.cost.weights is None]
+        result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured)
     results.warnings = extra_warnings + _warnings(results, len(item_ids))
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
