@@ -36,8 +36,9 @@ def _fail(error: QuantcheckError, debug: bool) -> None:
 def run(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH; see `quantcheck quants`")] = None,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, url:URL[#MODEL]; see `quantcheck quants`")] = None,
     backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers), vllm or llamacpp")] = "hf",
+    reference_url: Annotated[Optional[str], typer.Option(help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model (tensor parallel)")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")] = 1,
     distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp (one node) or ray (several nodes)")] = None,
@@ -202,6 +203,9 @@ def quants() -> None:
         table.add_column(column)
     for backend_name in BACKEND_NAMES:
         backend = get_backend(backend_name)
+        if backend.quant_syntax:
+            table.add_row(escape(backend.quant_syntax), (backend.__doc__ or "").strip(), "the server's", "yes")
+            continue
         try:
             backend.interpreter()
             engine_missing = None

@@ -6,6 +6,7 @@ guesses `max_kl`); options that belong together sit in a table:
 
     model = "smollm2-135m"                  # hub id or local folder; left out: the built-in model
     backend = "hf"                          # the reference's engine
+    reference_url = "http://127.0.0.1:8000/v1#MODEL"  # or: the reference is served there (MODEL's folder gives its tokenizer)
     variants = ["bnb-nf4-dq", "vllm:bf16"]  # --quant, once per variant
     dataset = "mmlu:virology"
     limit = 200
@@ -110,6 +111,7 @@ class RunConfig(_Table):
 
     model: PathText | None = None
     backend: str = DEFAULT_BACKEND
+    reference_url: str | None = None
     variants: list[str] = []
     dataset: PathText = DEFAULT_DATASET
     limit: PositiveInt | None = None
@@ -140,7 +142,7 @@ class RunConfig(_Table):
 
         quality = not self.skip_quality
         return RunOptions(
-            model=self.model, backend=self.backend, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
+            model=self.model, backend=self.backend, reference_url=self.reference_url, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
             limit=self.limit, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
             store=self.store, threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
             cost=not self.skip_cost, cost_settings=self.cost.overrides(), floors=self.floors, cost_rounds=self.cost.rounds,

@@ -44,18 +44,29 @@ class EngineSettings(BaseModel):
     cpu_kv_cache_bytes: int = Field(1 << 30, gt=0, description="KV cache reserved by vLLM on CPU (its default asks for more than most machines have)")
 
 
+class Endpoint(BaseModel):
+    """A model behind an OpenAI-compatible server. Never holds a secret: the API key is read from the
+    environment by the worker (QUANTCHECK_API_KEY or OPENAI_API_KEY), so it reaches no file or log."""
+
+    url: str = Field(description="base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="served model name (the only one /v1/models lists, or the one named after '#')")
+    top_logprobs: int | None = Field(None, ge=1, description="None: full-vocabulary rows; K: the server returns only the top K "
+                                                              "log-probabilities, so KL is a lower bound and Jaccard@k exact for k <= K")
+
+
 class ModelSpec(BaseModel):
     """One compared model: its role, the engine that runs it, how it is built, and from which weights."""
 
     name: str = Field(description="display name, unique in the run: 'reference', 'torchao-int8wo', 'vllm:fp8_per_channel'")
     role: Role
-    backend: str = Field(description="engine that runs it: hf (transformers), vllm, llamacpp")
+    backend: str = Field(description="engine that runs it: hf (transformers), vllm, llamacpp, openai (a server)")
     method: str = Field(description="the backend's quantization method; 'none' is the reference's own weights and precision")
-    weights: str = Field(description="local folder the weights load from")
+    weights: str = Field(description="local folder the weights load from; for an endpoint, the folder its tokenizer, chat template and stop tokens come from")
     checkpoint: bool = Field(False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)")
     floor: FloorKind | None = Field(None, description="for role 'floor': the reference again, scored one item at a time (numeric) or sampled with another seed (sampling)")
     tokenizer: str | None = Field(None, description="folder whose tokenizer and generation config make the prompts, when not `weights` "
                                   "(a GGUF file runs on the reference's token ids)")
+    endpoint: Endpoint | None = Field(None, description="set when the model runs behind an OpenAI-compatible server (backend 'openai')")
 
     @property
     def folder(self) -> str:

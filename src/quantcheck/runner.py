@@ -22,7 +22,7 @@ from quantcheck.launcher import run_job
 from quantcheck.progress import ProgressView
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds
-from quantcheck.results.store import StoreSettings, read_latest_by_id
+from quantcheck.results.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
 
 
 class Interrupted(QuantcheckError):
@@ -34,6 +34,7 @@ class RunOptions(BaseModel):
 
     model: str | None = None
     backend: str = "hf"
+    reference_url: str | None = None
     quants: list[str] = Field(default_factory=list)
     engine: EngineSettings = EngineSettings()
     dataset: str = DEFAULT_DATASET
@@ -85,9 +86,11 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model = resolve_model(options.model, options.allow_pickle)
     checkpoint = lambda source: str(resolve_model(source, options.allow_pickle).path)  # noqa: E731
-    models = [reference_spec(options.backend, str(model.path))]
+    models = [reference_spec(options.backend, str(model.path), options.reference_url)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
     check_specs(models, device, options.engine)
+    if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
+        raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], options.loglik, sampled) if options.floors else []
     dataset = load_dataset(options.dataset, options.limit, options.seed)
@@ -107,6 +110,8 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
     reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
+    if models[0].endpoint is not None:
+        reference_key["reference_endpoint"] = models[0].endpoint.model_dump()
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
     folder.reference_store().check(len(dataset.items))

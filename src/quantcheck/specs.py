@@ -8,6 +8,8 @@ Syntax (shown by `quantcheck quants`):
     --quant gguf:TYPE               the reference converted to GGUF and quantized to TYPE, run by llama.cpp
     --quant gguf:FILE.gguf          a GGUF file made elsewhere (same vocabulary as the reference), run by llama.cpp
     --backend vllm                  the reference itself runs in vLLM (--backend llamacpp: as a GGUF in llama.cpp)
+    --quant url:URL[#MODEL][?top_logprobs=K]   a model behind an OpenAI-compatible server
+    --reference-url URL[#MODEL][?top_logprobs=K]   the reference itself is served there (MODEL: its tokenizer)
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EngineSettings, ModelSpec
 
 PRETRAINED = "pretrained"
+ENDPOINT_BACKEND = "openai"
 
 
 def _slug(source: str) -> str:
     return "".join(char if char.isalnum() or char in "-_." else "-" for char in source.rstrip("/").split("/")[-1])
 
 
-def reference_spec(backend: str, weights: str) -> ModelSpec:
-    if backend not in BACKEND_NAMES:
-        raise QuantcheckError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+def reference_spec(backend: str, weights: str, url: str | None = None) -> ModelSpec:
+    """The reference in a local engine, or behind the server at `url` (`weights` then only gives its tokenizer)."""
+    engines = [name for name in BACKEND_NAMES if name != ENDPOINT_BACKEND]
+    if url is not None:
+        if backend != DEFAULT_BACKEND:
+            raise QuantcheckError(f"--reference-url and --backend {backend} name two engines for the reference: give one")
+        from quantcheck.backends.openai import endpoint_spec
+
+        return endpoint_spec(url, "reference", weights)
+    if backend not in engines:
+        hint = ": a served reference is given with --reference-url URL" if backend == ENDPOINT_BACKEND else ""
+        raise QuantcheckError(f"--backend must be one of {', '.join(engines)}, got {backend!r}{hint}")
     return ModelSpec(name="reference", role="reference", backend=backend, method="none", weights=weights)
 
 

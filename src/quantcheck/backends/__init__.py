@@ -1,4 +1,4 @@
-"""Backends registered by name (lm-eval style): `hf` (transformers), `vllm` and `llamacpp`.
+"""Backends registered by name (lm-eval style): `hf` (transformers), `vllm`, `llamacpp`, and `openai` (a model behind an OpenAI-compatible server).
 
 Adding an engine is one module here with a `Backend` subclass, and one line in `_MODULES`.
 Modules are imported on first use, so the parent process never imports an engine it does not run.
@@ -11,11 +11,13 @@ import importlib
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantMethodError
 
-_MODULES = {"hf": "quantcheck.backends.hf", "vllm": "quantcheck.backends.vllm", "llamacpp": "quantcheck.backends.llamacpp"}
+_MODULES = {"hf": "quantcheck.backends.hf", "vllm": "quantcheck.backends.vllm", "llamacpp": "quantcheck.backends.llamacpp",
+            "openai": "quantcheck.backends.openai"}
 DEFAULT_BACKEND = "hf"
 BACKEND_NAMES = tuple(_MODULES)
-# What users write before a variant when it is not the backend's name: `--quant gguf:Q4_K_M` runs in llama.cpp.
-PREFIXES = {"gguf": "llamacpp"}
+# What users write before a variant when it is not the backend's name: `--quant gguf:Q4_K_M` runs in llama.cpp,
+# `--quant url:http://...` behind a server.
+PREFIXES = {"gguf": "llamacpp", "url": "openai"}
 
 
 def quant_prefix(backend: str) -> str:

@@ -59,6 +59,7 @@ class Backend(ABC):
     name: ClassVar[str]
     engine_package: ClassVar[str]  # the importable module the engine needs
     install_hint: ClassVar[str]
+    quant_syntax: ClassVar[str] = ""  # set by a backend whose models are named by address, not by a method table
 
     def __init__(self, job: JobSpec) -> None:
         self.job = job

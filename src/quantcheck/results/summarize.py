@@ -196,6 +196,9 @@ def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], ge
 
 
 def _description(spec: ModelSpec) -> str:
+    if spec.endpoint is not None:
+        rows = "full vocabulary" if spec.endpoint.top_logprobs is None else f"top-{spec.endpoint.top_logprobs} log-probabilities"
+        return f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model} served at {spec.endpoint.url} ({rows})"
     if spec.is_reference:
         return f"the reference model at its recorded precision ({spec.backend})"
     if spec.checkpoint:
@@ -330,7 +333,8 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
     for result in results.models:
         if result.precision and result.precision.offloaded:
             warnings.append(RunWarning(code="offloaded", model=result.name, message=f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): its cost figures do not describe a model on one device"))
-        if result is not reference and result.engine and reference.engine and result.engine.compute_dtype != reference.engine.compute_dtype:
+        if (result is not reference and result.engine and reference.engine and result.engine.compute_dtype != reference.engine.compute_dtype
+                and "unknown" not in (result.engine.compute_dtype, reference.engine.compute_dtype)):  # a server does not say
             warnings.append(RunWarning(code="precision-mismatch", model=result.name, message=(
                 f"{result.name} computes in {result.engine.compute_dtype}, the reference in {reference.engine.compute_dtype}: "
                 "part of any speed or quality difference comes from that, not from quantization")))

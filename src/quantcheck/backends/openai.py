@@ -1,0 +1,395 @@
+"""The openai backend: a model behind an OpenAI-compatible server (vLLM, SGLang, TGI, llama-server).
+
+quantcheck neither starts nor stops the server; it sends the reference's token ids as the prompt of
+`POST /v1/completions` (a list of ints is a valid prompt), so every model sees identical ids.
+
+- Next-token rows: one request per batch (a list of token-id prompts), `max_tokens: 1,
+  temperature: 0, logprobs: -1` (the whole vocabulary, from vLLM started with `--max-logprobs -1`)
+  and `return_tokens_as_token_ids: true`, which keys entries `token_id:N` (keyed by text, distinct
+  tokens with the same text collide). A server that refuses the full vocabulary is asked for the
+  top 20, then the top 5 (OpenAI's limits); with top-K rows KL is only a lower bound
+  (`metrics.next_token.kl_lower_bound`).
+- Generation: one request per item with the run's explicit settings, `stop_token_ids` and
+  `return_token_ids` (vLLM's extra fields), every sampling knob sent, so the server's own defaults
+  (vLLM applies the model's generation_config.json) never apply.
+- Cost: what a client sees, streaming at each concurrency level (`quantcheck.measure.serving`);
+  the server's memory is not visible from here and is reported as not measured.
+
+Everything the server can get wrong (wrong URL, wrong model name, no log-probabilities) is
+probed in the parent before any work (`connect`). Transient faults (timeouts, refused connections,
+408/429/5xx) are retried with exponential backoff a bounded number of times; then the worker stops
+with one line and the run keeps every finished batch. The API key comes from the environment
+(QUANTCHECK_API_KEY, else OPENAI_API_KEY) and is only ever put in a request header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from quantcheck.backends.base import Backend, MethodInfo
+from quantcheck.errors import QuantcheckError
+from quantcheck.jobs import Endpoint
+
+if TYPE_CHECKING:
+    import httpx
+
+    from quantcheck.jobs import EngineSettings, ModelSpec
+    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+
+API_KEY_VARIABLES = ("QUANTCHECK_API_KEY", "OPENAI_API_KEY")
+PREFIX = "url"
+SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K]"
+FALLBACK_TOP_LOGPROBS = (20, 5)
+"""Asked for in turn when a server refuses the full vocabulary: OpenAI's chat and legacy limits."""
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRIES = 4
+"""Tries after the first for a transient fault: waits of 1, 2, 4, 8 s (15 s) before giving up."""
+PROBE_RETRIES = 1
+PROBE_ADVICE = "is a server listening at that address?"
+RUN_ADVICE = "finished work is kept: run the same command again once the server is back"
+BACKOFF_S = 1.0
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 300.0
+"""A full-vocabulary row is ~2 MB of JSON (1-3 s on 2 CPU cores); queued behind others it takes longer."""
+MAX_CONCURRENCY = 8
+"""Single-prompt requests in flight at once (generation, cost): enough to fill a server's batch, bounded for shared servers."""
+PROBE_PROMPT = [1, 2, 3]
+TOKEN_ID_PREFIX = "token_id:"
+
+
+class EndpointError(QuantcheckError):
+    """A server fault or refusal, in one line; `status` is the HTTP status of a refusal."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_endpoint(text: str) -> tuple[str, str | None, int | None]:
+    """`URL[#MODEL][?top_logprobs=K]` -> (base URL, served model name or None, K or None).
+
+    The query may come before or after the fragment; it is quantcheck's and never sent.
+    """
+    parts = urlsplit(text)
+    fragment, _, fragment_query = parts.fragment.partition("?")
+    query = "&".join(filter(None, (parts.query, fragment_query)))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise QuantcheckError(f"{SYNTAX}: {text!r} is not an http(s) URL (e.g. url:http://127.0.0.1:8000/v1)")
+    if parts.username or parts.password:
+        raise QuantcheckError(f"the URL for {parts.hostname} carries credentials (not repeated here): put the API key in {API_KEY_VARIABLES[0]} instead")
+    options = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(options) - {"top_logprobs"})
+    if unknown:
+        raise QuantcheckError(f"unknown option {unknown[0]!r} in {text!r}; valid: top_logprobs=K ({SYNTAX})")
+    top = None
+    if "top_logprobs" in options:
+        value = options["top_logprobs"][-1]
+        if not value.isdigit() or int(value) < 1:
+            raise QuantcheckError(f"top_logprobs must be a whole number >= 1, got {value!r} in {text!r}")
+        top = int(value)
+    base = parts._replace(query="", fragment="").geturl().rstrip("/")
+    return base, fragment or None, top
+
+
+def _api_key() -> str | None:
+    return next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def server_message(response: httpx.Response) -> str:
+    """The server's error message (OpenAI's {"error": {"message"}} or vLLM's {"message"}), else the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return _one_line(response.text) or response.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, dict) else error
+        if message:
+            return _one_line(str(message))
+    return _one_line(response.text)
+
+
+def transport_reason(error: Exception) -> str:
+    import httpx
+
+    if isinstance(error, httpx.TimeoutException):
+        return f"no answer within {READ_TIMEOUT_S:.0f} s" if isinstance(error, httpx.ReadTimeout) else "connection timed out"
+    if isinstance(error, httpx.ConnectError):
+        return "connection refused" if "refused" in str(error).lower() else f"cannot connect ({_one_line(str(error), 120)})"
+    if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError)):
+        return "the server closed the connection mid-request"
+    return f"{type(error).__name__}: {_one_line(str(error), 120)}"
+
+
+class Client:
+    """One server: httpx with the API key header, bounded retries with backoff, one-line errors."""
+
+    def __init__(self, url: str, retries: int = RETRIES, advice: str = RUN_ADVICE) -> None:
+        import httpx
+
+        self.url = url
+        self.retries = retries
+        self.advice = advice
+        key = _api_key()
+        self.http = httpx.Client(
+            base_url=url + "/", headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=MAX_CONCURRENCY), follow_redirects=False,
+        )
+
+    def request(self, method: str, path: str, payload: dict[str, object] | None = None) -> dict:
+        """The JSON answer; transient faults are retried, anything else raises at once."""
+        import httpx
+
+        start, reason = time.monotonic(), ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+            try:
+                response = self.http.request(method, path, json=payload)
+            except httpx.TransportError as error:
+                reason = transport_reason(error)
+                continue
+            if response.status_code in TRANSIENT_STATUS:
+                reason = f"HTTP {response.status_code}: {server_message(response)}"
+                continue
+            if response.status_code >= 400:
+                hint = " (the base URL of an OpenAI-compatible API usually ends in /v1)" if response.status_code == 404 else ""
+                raise EndpointError(f"{self.url}/{path} answered HTTP {response.status_code}: {server_message(response)}{hint}",
+                                    response.status_code)
+            try:
+                return response.json()
+            except ValueError:
+                raise EndpointError(f"{self.url}/{path} did not answer JSON: is {self.url} the base URL of an OpenAI-compatible API (usually ending in /v1)?") from None
+        tries = f"{self.retries + 1} tries over {time.monotonic() - start:.0f} s"
+        raise EndpointError(f"{self.url}: {reason} ({tries}); {self.advice}")
+
+    def completions(self, payload: dict[str, object], count: int = 1) -> list[dict]:
+        """The `count` choices of `POST /completions` (one per prompt), in prompt order; one line when they are not there."""
+        answer = self.request("POST", "completions", payload)
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or len(choices) != count:
+            raise EndpointError(f"{self.url}/completions answered {len(choices) if isinstance(choices, list) else 'no'} choices "
+                                f"for {count} prompts: {_one_line(json.dumps(answer), 200)}")
+        return sorted(choices, key=lambda choice: choice.get("index", 0))
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _row_request(model: str, prompts: Sequence[Sequence[int]], logprobs: int) -> dict[str, object]:
+    """One request for a whole batch: the server schedules the batch as sent, so a resumed run that
+    resends a batch gets the same numbers (concurrent single requests would batch as they arrive)."""
+    return {"model": model, "prompt": [list(prompt) for prompt in prompts], "max_tokens": 1, "temperature": 0.0, "top_p": 1.0,
+            "logprobs": logprobs, "return_tokens_as_token_ids": True}
+
+
+def _entries(choice: dict, url: str) -> dict[str, float]:
+    """The next-token log-probabilities of a one-token completion, keyed `token_id:N`."""
+    logprobs = choice.get("logprobs") or {}
+    top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    if not top or not top[0]:
+        raise EndpointError(f"the server at {url} returns no log-probabilities: quantcheck needs them for KL, Jaccard and the log-likelihood answer")
+    entries = top[0]
+    if not all(key.startswith(TOKEN_ID_PREFIX) for key in entries):
+        raise EndpointError(f"the server at {url} keys log-probabilities by token text, not by id (vLLM's return_tokens_as_token_ids): "
+                            "distinct tokens with the same text would collide")
+    return entries
+
+
+def vocab_size(folder: str) -> int | None:
+    """The model's vocabulary size from its config.json (the width of a full row), when the folder has one."""
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def _served_model(client: Client, model: str | None) -> str:
+    served = [str(entry.get("id")) for entry in client.request("GET", "models").get("data", []) if isinstance(entry, dict)]
+    if model is None:
+        if len(served) == 1:
+            return served[0]
+        raise EndpointError(f"{client.url} serves {len(served)} models ({', '.join(served) or 'none'}): name one as url:{client.url}#MODEL")
+    if model not in served:
+        raise EndpointError(f"{client.url} does not serve {model!r}; it serves: {', '.join(served) or 'nothing'}")
+    return model
+
+
+def _row_width(client: Client, model: str, top: int | None, folder: str) -> tuple[int | None, int]:
+    """Probe log-probabilities: (top K or None for full rows, row width). Refusals are one line."""
+    expected = vocab_size(folder)
+    attempts = [top] if top is not None else [-1, *FALLBACK_TOP_LOGPROBS]
+    refusals = []
+    for asked in attempts:
+        try:
+            entries = _entries(client.completions(_row_request(model, [PROBE_PROMPT], asked))[0], client.url)
+        except EndpointError as error:
+            if error.status not in (400, 422):  # a refused request; anything else is not about log-probabilities
+                raise
+            refusals.append(f"logprobs={asked}: {str(error).split(': ', 1)[-1]}")
+            continue
+        width = expected or len(entries)
+        if asked == -1:
+            if expected is not None and len(entries) != expected:
+                raise EndpointError(f"the server at {client.url} returned {len(entries)} log-probabilities for logprobs=-1, "
+                                    f"but {folder} has a vocabulary of {expected}: is it serving the same model?")
+            return None, width
+        if len(entries) < min(asked, width):
+            raise EndpointError(f"the server at {client.url} returned {len(entries)} log-probabilities for logprobs={asked}")
+        return asked, width
+    raise EndpointError(f"the server at {client.url} returns no log-probabilities ({'; '.join(refusals)}); "
+                        "vLLM: start it with --max-logprobs -1 for full rows")
+
+
+def connect(url: str, model: str | None, top_logprobs: int | None, folder: str) -> Endpoint:
+    """Everything about a server that can be refused before any work: reachable, serving the model,
+    returning log-probabilities keyed by token id (full rows, else the top K)."""
+    client = Client(url, retries=PROBE_RETRIES, advice=PROBE_ADVICE)
+    try:
+        served = _served_model(client, model)
+        top, _ = _row_width(client, served, top_logprobs, folder)
+    finally:
+        client.close()
+    return Endpoint(url=url, model=served, top_logprobs=top)
+
+
+def endpoint_spec(text: str, role: str, tokenizer_folder: str) -> ModelSpec:
+    """A served model: `text` is URL[#MODEL][?top_logprobs=K]; the server is probed here, before any work."""
+    from quantcheck.jobs import ModelSpec
+
+    endpoint = connect(*parse_endpoint(text), tokenizer_folder)
+    name = "reference" if role == "reference" else f"{PREFIX}:{text}"
+    return ModelSpec(name=name, role=role, backend=OpenAIBackend.name, method="none" if role == "reference" else "served",
+                     weights=tokenizer_folder, endpoint=endpoint)
+
+
+class OpenAIBackend(Backend):
+    """a model behind an OpenAI-compatible server (vLLM, SGLang, TGI, llama-server); API key from QUANTCHECK_API_KEY"""
+
+    name = "openai"
+    engine_package = "httpx"
+    install_hint = "pip install httpx"
+    quant_syntax = SYNTAX
+
+    @classmethod
+    def methods(cls) -> dict[str, MethodInfo]:
+        return {}  # the server decides how its model is built; quantcheck only compares it
+
+    @classmethod
+    def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
+        """`url:URL[#MODEL][?top_logprobs=K]`: the reference's folder gives the tokenizer, the chat template and the stop tokens."""
+        return endpoint_spec(rest, "variant", reference_weights)
+
+    @classmethod
+    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+        """Nothing left: `connect` probed the server when the spec was made."""
+
+    def __init__(self, job) -> None:
+        super().__init__(job)
+        from quantcheck.models.loading import load_tokenizer
+
+        if self.spec.endpoint is None:
+            raise QuantcheckError(f"{self.spec.name}: the openai backend needs a server ({SYNTAX})")
+        self.endpoint: Endpoint = self.spec.endpoint
+        self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
+        self.client = Client(self.endpoint.url)
+        self.width = 0
+        self.server = "unknown"
+
+    def load(self) -> None:
+        """Check the server again (it may have changed since the parent probed it) and learn the row width."""
+        _served_model(self.client, self.endpoint.model)
+        top, self.width = _row_width(self.client, self.endpoint.model, self.endpoint.top_logprobs, self.spec.weights)
+        if top != self.endpoint.top_logprobs:
+            raise EndpointError(f"the server at {self.endpoint.url} now returns {'full rows' if top is None else f'the top {top}'} "
+                                "log-probabilities, not what the run started with: run the same command again")
+        self.server = _server_version(self.client)
+
+    def describe(self) -> EngineInfo:
+        from quantcheck.results.schema import EngineInfo
+
+        rows = "full vocabulary" if self.top_logprobs is None else f"top {self.top_logprobs}"
+        return EngineInfo(engine="openai-http", version=self.server, compute_dtype="unknown", devices=["server"],
+                          parallel={"url": self.endpoint.url, "served_model": self.endpoint.model, "logprobs": rows})
+
+    @property
+    def vocab_width(self) -> int:
+        return self.width
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.endpoint.top_logprobs
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One request for the batch; -inf outside the top K when the server returns only those."""
+        asked = -1 if self.top_logprobs is None else self.top_logprobs
+        choices = self.client.completions(_row_request(self.endpoint.model, prompts, asked), len(prompts))
+        rows = np.full((len(prompts), self.width), -np.inf, dtype=np.float32)
+        for row, choice in zip(rows, choices):
+            entries = _entries(choice, self.endpoint.url)
+            ids = np.fromiter((int(key[len(TOKEN_ID_PREFIX):]) for key in entries), dtype=np.int64, count=len(entries))
+            if self.top_logprobs is None and len(ids) != self.width or ids.max() >= self.width:
+                raise EndpointError(f"the server at {self.endpoint.url} returned {len(ids)} log-probabilities up to id {ids.max()} "
+                                    f"for a vocabulary of {self.width}")
+            row[ids] = np.fromiter(entries.values(), dtype=np.float32, count=len(entries))
+        return rows
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+        """One request per prompt (a request has one seed; items are seeded apart), at most MAX_CONCURRENCY
+        in flight; every sampling knob explicit, new ids returned as ids."""
+        stops = set(settings.stop_token_ids)
+
+        def one(index: int) -> list[int]:
+            payload = {
+                "model": self.endpoint.model, "prompt": list(prompts[index]), "max_tokens": settings.max_new_tokens,
+                "temperature": 0.0 if settings.greedy else settings.temperature, "top_p": 1.0, "seed": seeds[index],
+                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "stop_token_ids": sorted(stops), "return_token_ids": True, "n": 1,
+            }
+            choice = self.client.completions(payload)[0]
+            if not isinstance(choice.get("token_ids"), list):
+                raise EndpointError(f"the server at {self.endpoint.url} returns generated text without token ids "
+                                    "(vLLM's return_token_ids); run with --skip-generation")
+            return [token for token in choice["token_ids"] if token not in stops]
+
+        with ThreadPoolExecutor(max_workers=min(MAX_CONCURRENCY, len(prompts))) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
+        from quantcheck.measure.serving import measure_serving_cost
+
+        self.load()
+        on_step("load")
+        return measure_serving_cost(self.endpoint, self.tokenizer, texts, settings, self.job.threads, on_step)
+
+
+def _server_version(client: Client) -> str:
+    """vLLM and SGLang answer GET /version (at the server root); others may not: then 'unknown'."""
+    import httpx
+
+    root = client.url.removesuffix("/v1")
+    try:
+        response = client.http.get(root + "/version", timeout=CONNECT_TIMEOUT_S)
+        version = response.json().get("version") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        version = None
+    return str(version) if version else "unknown"
+
+
+BACKEND = OpenAIBackend
