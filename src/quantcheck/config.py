@@ -111,8 +111,8 @@ class RunConfig(_Table):
 
     model: PathText | None = None
     backend: str = DEFAULT_BACKEND
-    reference_url: str | None = None
     variants: list[str] = []
+    reference_url: str | None = None
     dataset: PathText = DEFAULT_DATASET
     limit: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

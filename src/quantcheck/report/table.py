@@ -478,7 +478,7 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "footprint_bytes": c.weights.footprint_bytes if c and c.weights else None,
         "parameters": c.weights.parameters if c and c.weights else None,
         "bits_per_parameter": c.weights.bits_per_parameter if c and c.weights else None,
-        "kl_bound": ag.kl.bound if ag else None,
+        "kl_bound": ("lower" if ag.kl.is_lower_bound else "estimate" if ag.kl.lower is not None else "exact") if ag else None,
         "weight_memory_ratio": cvr.weight_memory_ratio if cvr else None,
         "memory_saving": cvr.memory_saving if cvr else None,
         "decode_tokens_per_s": c.generation.decode_tokens_per_s if c and c.generation else None,
