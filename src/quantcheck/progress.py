@@ -71,7 +71,8 @@ class ProgressView:
 
     def failed(self, label: str, message: str) -> None:
         self.console.quiet = False
-        self.progress.console.print(f"[red]{escape(label)} failed[/red]: {escape(message)}")
+        # one line however narrow the terminal: a log or a grep sees the whole message
+        self.progress.console.print(f"[red]{escape(label)} failed[/red]: {escape(message)}", soft_wrap=True)
         self.console.quiet = self.quiet
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost"]

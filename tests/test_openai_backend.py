@@ -1,0 +1,204 @@
+"""Models behind a real OpenAI-compatible server: vLLM's own server, started here on 127.0.0.1.
+
+The server runs from the vLLM environment (QUANTCHECK_VLLM_PYTHON, made by `make test`), serving
+the built-in model in float32 with every log-probability (`--max-logprobs -1`). It starts once for
+the module and is stopped by its process id; without the environment these tests are skipped
+with the reason, never faked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_COST, quantcheck, read_items, read_results, write_questions
+from quantcheck.models.loading import resolve_model
+from test_cli_errors import assert_one_line_error
+from test_resume import start, wait_for_lines
+
+VLLM_PYTHON = os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")
+pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),
+                                reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)")
+
+SERVED_NAME = "smollm2"
+START_TIMEOUT_S = 300
+N_QUESTIONS = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class VLLMServer:
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1, with bounded start-up; stopped by its pid."""
+
+    def __init__(self, model: Path, log: Path) -> None:
+        self.model, self.log, self.port = model, log, _free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--served-model-name", SERVED_NAME,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                   "--max-logprobs", "-1", "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
+        environment = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"the vLLM server was not healthy within {START_TIMEOUT_S} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server's process group (its engine runs in child processes) and wait for it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    served = VLLMServer(resolve_model(None).path, tmp_path_factory.mktemp("server") / "vllm-server.log")
+    served.start()
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory) -> Path:
+    return write_questions(tmp_path_factory.mktemp("questions") / "q.jsonl", N_QUESTIONS)
+
+
+def by_item(out: Path, name: str) -> dict[str, dict]:
+    return {item["item_id"]: item for item in read_items(out) if item["model"] == name}
+
+
+QUALITY_ONLY = ["--skip-cost", "--skip-generation", "--no-floors"]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory, server, questions) -> Path:
+    """In-process transformers fp32 reference against the same weights served by vLLM, full rows; every phase."""
+    out = tmp_path_factory.mktemp("served") / "run"
+    result = quantcheck("run", "--dataset", str(questions), "--quant", f"url:{server.url}", "--out", str(out), "--no-floors",
+                        "--max-new-tokens", "8", "--cost-rounds", "1", *SMALL_COST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_served_fp32_equals_in_process_transformers_fp32(fp32_run, server):
+    results = read_results(fp32_run)
+    served = next(model for model in results["models"] if model["name"] == f"url:{server.url}")
+    assert served["backend"] == "openai" and served["engine"]["engine"] == "openai-http"
+    assert served["engine"]["parallel"]["logprobs"] == "full vocabulary"
+    assert served["paired_loglik"]["n"] == N_QUESTIONS
+    assert served["paired_loglik"]["answer_agreement"] == 1.0  # identical log-likelihood answers, item by item
+    items = by_item(fp32_run, served["name"])
+    assert len(items) == N_QUESTIONS
+    assert 0 <= sum(item["kl"] for item in items.values()) / N_QUESTIONS <= 1e-5
+    assert served["agreement"]["top1_agreement"]["value"] == 1.0
+    assert not served["agreement"]["kl"]["is_lower_bound"]
+    # Generation over HTTP: the same token ids, the same seeded settings, answers parsed as in-process.
+    assert served["generative"]["accuracy"]["n"] == N_QUESTIONS
+    generated = [item["generative"] for item in read_items(fp32_run) if item["model"] == served["name"] and item.get("generative")]
+    assert len(generated) == N_QUESTIONS and all(answer["new_tokens"] <= 8 for answer in generated)
+    # Cost from the client's side: streaming latency per concurrency level; memory is the server's, not measured.
+    cost = served["cost"]
+    assert cost["weights"] is None and cost["load_time_s"] is None and "not measured" in cost["memory_method"]
+    assert [point["concurrency"] for point in cost["serving"]] == [1, 2]
+    for point in cost["serving"]:
+        assert point["failed"] == 0 and point["requests"] >= point["concurrency"]
+        assert 0 < point["time_to_first_token"]["median_s"] <= point["end_to_end"]["median_s"]
+        assert point["output_tokens_per_s"] > 0
+    assert "memory" in served["verdict"]["checks"] and served["verdict"]["checks"]["memory"] != "pass"
+
+
+def test_top_20_bound_is_below_the_exact_kl_on_every_item_and_jaccard_is_exact(tmp_path, server, questions):
+    """A bfloat16 reference makes the served fp32 model differ; its full rows give the exact KL, the same
+    server asked for its top 20 gives the bound, compared item by item (the full store keeps KL exact)."""
+    out = tmp_path / "run"
+    full, top20 = f"url:{server.url}", f"url:{server.url}?top_logprobs=20"
+    result = quantcheck("run", "--dataset", str(questions), "--dtype", "bfloat16", "--store", "full", "--quant", full, "--quant", top20,
+                        "--out", str(out), *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exact, bounded = by_item(out, full), by_item(out, top20)
+    assert set(exact) == set(bounded) and len(exact) == N_QUESTIONS
+    assert sum(item["kl"] for item in exact.values()) / N_QUESTIONS > 1e-4  # bf16 against fp32: a real difference to bound
+    for item_id, item in exact.items():
+        assert item["kl_bound"] is None
+        assert bounded[item_id]["kl_bound"].startswith("lower bound from the variant's top 20")
+        assert 0 <= bounded[item_id]["kl"] <= item["kl"], item_id
+        assert bounded[item_id]["jaccard"] == item["jaccard"], item_id  # every k <= 20 is exact
+        assert bounded[item_id]["top1_agree"] == item["top1_agree"]
+    share = sum(bounded[i]["kl"] for i in exact) / sum(item["kl"] for item in exact.values())
+    assert share > 0.5, share  # the bound is informative, not just 0
+    results = read_results(out)
+    kl = next(model for model in results["models"] if model["name"] == top20)["agreement"]["kl"]
+    assert kl["is_lower_bound"] and kl["method"].startswith("lower bound")
+    verdict = next(model for model in results["models"] if model["name"] == top20)["verdict"]
+    assert verdict["checks"]["mean KL"] != "pass"  # a lower bound never passes the KL limit
+    assert "lower bound" in (out / "report.md").read_text()
+
+
+def test_wrong_url_and_wrong_model_name_are_one_line_errors_before_any_work(tmp_path, server):
+    out = tmp_path / "run"
+    refused = quantcheck("run", "--limit", "2", "--quant", f"url:http://127.0.0.1:{_free_port()}/v1", "--out", str(out), timeout=120)
+    assert_one_line_error(refused, "connection refused")
+    assert not out.exists()
+    wrong_model = quantcheck("run", "--limit", "2", "--quant", f"url:{server.url}#no-such-model", "--out", str(out), timeout=120)
+    assert_one_line_error(wrong_model, f"does not serve 'no-such-model'; it serves: {SERVED_NAME}")
+    assert not out.exists()
+    not_api = quantcheck("run", "--limit", "2", "--quant", f"url:{server.url.removesuffix('/v1')}", "--out", str(out), timeout=120)
+    assert_one_line_error(not_api, "/v1")
+    assert not out.exists()
+
+
+def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrupted_run(tmp_path, server, questions, fp32_run):
+    out = tmp_path / "run"
+    args = ["run", "--dataset", str(questions), "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY]
+    process = start(args)
+    folder = "".join(char if char.isalnum() or char in "-_." else "-" for char in f"url:{server.url}")
+    wait_for_lines(process, out / "models" / folder / "quality.jsonl", 1)
+    server.stop(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    # As for any variant that fails: the run goes on and ends with what it has, the failure in one line.
+    assert process.returncode == 0, stderr[-2000:]
+    failures = [line for line in stderr.splitlines() if f"url:{server.url} (quality) failed" in line]
+    assert len(failures) == 1 and "run the same command again once the server is back" in failures[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert read_results(out)["finished"] is False
+    kept = by_item(out, f"url:{server.url}")
+    assert 0 < len(kept) < N_QUESTIONS  # the finished batches are kept
+    server.start()
+    rerun = quantcheck(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed, uninterrupted = by_item(out, f"url:{server.url}"), by_item(fp32_run, f"url:{server.url}")
+    assert set(resumed) == set(uninterrupted)
+    for item_id, item in resumed.items():
+        assert item["loglik"] == uninterrupted[item_id]["loglik"] and item["topk_ids"] == uninterrupted[item_id]["topk_ids"]
+        assert item["kl"] == pytest.approx(uninterrupted[item_id]["kl"], abs=1e-9)
