@@ -49,10 +49,10 @@ class VLLMServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> None:
+    def start(self, max_logprobs: int = -1) -> None:
         command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--served-model-name", SERVED_NAME,
                    "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-                   "--max-logprobs", "-1", "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
+                   "--max-logprobs", str(max_logprobs), "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
         # The engine in the server's process (healthy after about 60 s here instead of 85), both cores for it.
         environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                        "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
@@ -180,6 +180,22 @@ def test_wrong_url_and_wrong_model_name_are_one_line_errors_before_any_work(tmp_
     assert not out.exists()
 
 
+def test_all_served_reference_and_variant(tmp_path, server):
+    """The reference behind the server too: the reference's full rows fill the compact store; a reference
+    known only on its top K cannot (one line before any work) unless the store is full."""
+    out = tmp_path / "run"
+    result = quantcheck("run", "--limit", "8", "--reference-url", server.url, "--quant", f"url:{server.url}?top_logprobs=20",
+                        "--out", str(out), *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, variant = read_results(out)["models"]
+    assert reference["backend"] == variant["backend"] == "openai"
+    assert variant["paired_loglik"]["answer_agreement"] == 1.0 and variant["agreement"]["top1_agreement"]["value"] == 1.0
+    assert variant["agreement"]["kl"]["is_lower_bound"] and variant["agreement"]["kl"]["mean"]["value"] <= 1e-6
+    refused = quantcheck("run", "--limit", "8", "--reference-url", f"{server.url}?top_logprobs=20", "--quant", f"url:{server.url}",
+                         "--out", str(tmp_path / "top"), timeout=120)
+    assert_one_line_error(refused, "only its top 20 log-probabilities", "--store full")
+
+
 def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrupted_run(tmp_path, server, questions, fp32_run):
     out = tmp_path / "run"
     args = ["run", "--dataset", str(questions), "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY]
@@ -204,3 +220,14 @@ def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrup
     for item_id, item in resumed.items():
         assert item["loglik"] == uninterrupted[item_id]["loglik"] and item["topk_ids"] == uninterrupted[item_id]["topk_ids"]
         assert item["kl"] == pytest.approx(uninterrupted[item_id]["kl"], abs=1e-9)
+
+
+def test_a_server_without_log_probabilities_is_one_line_before_any_work(tmp_path, server):
+    """Last in the module: the server restarts refusing every log-probability (vLLM --max-logprobs 0)."""
+    server.stop()
+    server.start(max_logprobs=0)
+    out = tmp_path / "run"
+    refused = quantcheck("run", "--limit", "2", "--quant", f"url:{server.url}", "--out", str(out), timeout=120)
+    assert_one_line_error(refused, "returns no log-probabilities")
+    assert "--max-logprobs -1" in refused.stderr
+    assert not out.exists()
