@@ -104,7 +104,7 @@ def _bare_call(backend_name: str, backend):
 
 def _in_subprocess(backend: str, device: str, threads: int, questions: str) -> dict[str, float]:
     from quantcheck.backends import get_backend
-    from quantcheck.launcher import worker_environment
+    from quantcheck.orchestration.launcher import worker_environment
 
     interpreter = get_backend(backend).interpreter()
     output = subprocess.run([interpreter, __file__, "--measure", backend, "--device", device, "--threads", str(threads), "--questions", questions],

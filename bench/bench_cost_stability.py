@@ -46,7 +46,7 @@ def run_child(method: str, device: str, threads: int | None) -> dict:
     command = [sys.executable, __file__, "--child", method, "--device", device]
     if threads is not None:
         command += ["--threads", str(threads)]
-    from quantcheck.launcher import worker_environment
+    from quantcheck.orchestration.launcher import worker_environment
 
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=worker_environment())
     if done.returncode != 0:

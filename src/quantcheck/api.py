@@ -164,7 +164,7 @@ def run_config(config: RunConfig) -> Comparison:
     """Run (or resume) `config`, then write RUN_DIR/config.toml and the report: all of `quantcheck run` but the terminal."""
     from quantcheck.report import render_report
     from quantcheck.results.store import write_text_atomic
-    from quantcheck.runner import run
+    from quantcheck.orchestration.runner import run
 
     folder, results = run(config.options())
     write_text_atomic(folder / CONFIG_FILE, resolved_toml(config, results.config))

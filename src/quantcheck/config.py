@@ -41,7 +41,7 @@ from quantcheck.results.schema import Thresholds
 from quantcheck.results.store import StoreSettings
 
 if TYPE_CHECKING:
-    from quantcheck.runner import RunOptions
+    from quantcheck.orchestration.runner import RunOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,7 +138,7 @@ class RunConfig(_Table):
 
     def options(self) -> RunOptions:
         """The runner's input: fractions, bytes and the phases to run (the runner loads only when a run starts)."""
-        from quantcheck.runner import RunOptions
+        from quantcheck.orchestration.runner import RunOptions
 
         quality = not self.skip_quality
         return RunOptions(

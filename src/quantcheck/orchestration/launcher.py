@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 
 from quantcheck.jobs import EVENT_PREFIX, JobSpec
-from quantcheck.progress import ProgressView
+from quantcheck.orchestration.progress import ProgressView
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.store import write_json_atomic
 
@@ -47,7 +47,7 @@ def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
     interpreter = get_backend(spec.model.backend).interpreter()  # an engine may live in its own environment
     with log_path.open("a", encoding="utf-8") as log:
         process = subprocess.Popen(
-            [interpreter, "-m", "quantcheck.worker", str(spec_path)],
+            [interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
             stdout=subprocess.PIPE, stderr=log, text=True, env=worker_environment(),
         )
         try:

@@ -1,6 +1,6 @@
 """The child process: loads one model and does one job, writing every finished batch to disk.
 
-Started by the launcher as `python -m quantcheck.worker JOB.json`. Progress goes to stdout as
+Started by the launcher as `python -m quantcheck.orchestration.worker JOB.json`. Progress goes to stdout as
 prefixed JSON lines; library chatter goes to the model's log file. Exit 0 on success, 2 on a
 problem the user can fix (message in `<kind>.error.json`), 130 on Ctrl-C, 1 on anything else.
 """
