@@ -53,12 +53,17 @@ GOOD_ROW = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": "A"}
         (lambda tmp: [], ["name at least one variant with --quant"]),
         (lambda tmp: ["--quant", "none", "--store", "tiny"], ["--store: Input should be 'compact' or 'full'"]),
         (lambda tmp: ["--quant", "none", "--store-top-k", "10"], ["--store-top-k: Input should be greater than or equal to 20"]),
+        # checked before any connection is tried (nothing listens on port 9)
+        (lambda tmp: ["--quant", "url:ftp://127.0.0.1:9/v1"], ["is not an http(s) URL"]),
+        (lambda tmp: ["--quant", "url:http://127.0.0.1:9/v1?weight_gb=-2"], ["weight_gb must be a positive number of GiB"]),
+        (lambda tmp: ["--quant", "url:http://127.0.0.1:9/v1?top_k=5"], ["unknown option 'top_k'", "top_logprobs, weight_gb"]),
+        (lambda tmp: ["--quant", "url:http://user:secret@127.0.0.1:9/v1"], ["carries credentials", "QUANTCHECK_API_KEY"]),
     ],
     ids=[
         "unknown-quant", "cuda-missing", "missing-folder", "hub-offline", "not-a-model", "unknown-subject", "empty-dataset",
         "malformed-jsonl", "answer-out-of-range", "limit-zero", "limit-negative", "negative-temperature",
         "max-new-tokens-zero", "threshold-range", "threshold-negative", "bad-batch-sizes", "bad-chat", "no-quant", "bad-store",
-        "store-top-k-too-small",
+        "store-top-k-too-small", "url-scheme", "url-weight-gb", "url-unknown-option", "url-credentials",
     ],
 )
 def test_bad_input_is_one_line(tmp_path, make_args, fragments):

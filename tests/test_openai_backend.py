@@ -184,10 +184,17 @@ def test_all_served_reference_and_variant(tmp_path, server):
     """The reference behind the server too: the reference's full rows fill the compact store; a reference
     known only on its top K cannot (one line before any work) unless the store is full."""
     out = tmp_path / "run"
-    result = quantcheck("run", "--limit", "8", "--reference-url", server.url, "--quant", f"url:{server.url}?top_logprobs=20",
-                        "--out", str(out), *QUALITY_ONLY)
+    # weight_gb: what the user knows of each server's memory (a client cannot see it), named as stated.
+    result = quantcheck("run", "--limit", "8", "--reference-url", f"{server.url}?weight_gb=0.5", "--quant",
+                        f"url:{server.url}?top_logprobs=20&weight_gb=0.25", "--out", str(out), "--skip-generation", "--no-floors",
+                        *SMALL_COST, "--batch-sizes", "1", "--cost-rounds", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     reference, variant = read_results(out)["models"]
+    assert variant["name"] == f"url:{server.url}?top_logprobs=20"  # the stated memory is not part of the name
+    assert variant["cost"]["stated_weight_bytes"] == 2**28 and variant["cost"]["weights"] is None
+    assert variant["cost_vs_reference"]["memory_saving"] == 0.5 and variant["cost_vs_reference"]["weight_memory_stated"]
+    memory = next(reason for reason in variant["verdict"]["reasons"] if "weight memory" in reason)
+    assert "saves 50% of weight memory (a served model's weight memory as stated with weight_gb, not measured)" in memory
     assert reference["backend"] == variant["backend"] == "openai"
     assert variant["paired_loglik"]["answer_agreement"] == 1.0 and variant["agreement"]["top1_agreement"]["value"] == 1.0
     assert variant["agreement"]["kl"]["is_lower_bound"] and variant["agreement"]["kl"]["mean"]["value"] <= 1e-6

@@ -52,6 +52,8 @@ class Endpoint(BaseModel):
     model: str = Field(description="served model name (the only one /v1/models lists, or the one named after '#')")
     top_logprobs: int | None = Field(None, ge=1, description="None: full-vocabulary rows; K: the server returns only the top K "
                                                               "log-probabilities, so KL is a lower bound and Jaccard@k exact for k <= K")
+    stated_weight_bytes: int | None = Field(None, description="the served model's weight memory as the user stated it "
+                                            "(url:...&weight_gb=G): a server's memory is not visible to a client")
 
 
 class ModelSpec(BaseModel):

@@ -111,7 +111,8 @@ def _memory_check(cost: CostComparison | None, thresholds: Thresholds, gap: str 
             return Check("memory", "unclear", f"{gap}: the memory saving is not known", RERUN_ADVICE)
         if unmeasured:
             return Check("memory", "unclear", f"weight memory was not measured for {' and '.join(unmeasured)}: "
-                         "a served model's memory is the server's, not visible to a client")
+                         "a served model's memory is the server's, not visible to a client",
+                         "state it where you know it (e.g. from the server's log): url:URL?weight_gb=G")
         return Check(
             "memory",
             "unclear",
@@ -125,6 +126,8 @@ def _memory_check(cost: CostComparison | None, thresholds: Thresholds, gap: str 
         found = f"uses {fmt.percent(-saving, 0)} more weight memory than the reference"
     else:
         found = f"saves {fmt.percent(saving, 0)} of weight memory"
+    if cost.weight_memory_stated:
+        found += " (a served model's weight memory as stated with weight_gb, not measured)"
     if saving < thresholds.min_memory_saving:
         required = fmt.percent(thresholds.min_memory_saving, 0)
         return Check("memory", "fail", f"{found}, less than the {required} saving required")

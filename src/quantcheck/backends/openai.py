@@ -25,6 +25,7 @@ with one line and the run keeps every finished batch. The API key comes from the
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 API_KEY_VARIABLES = ("QUANTCHECK_API_KEY", "OPENAI_API_KEY")
 PREFIX = "url"
-SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K]"
+SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K][&weight_gb=G]"
+OPTIONS = ("top_logprobs", "weight_gb")
 FALLBACK_TOP_LOGPROBS = (20, 5)
 """Asked for in turn when a server refuses the full vocabulary: OpenAI's chat and legacy limits."""
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -74,8 +76,8 @@ class EndpointError(QuantcheckError):
         self.status = status
 
 
-def parse_endpoint(text: str) -> tuple[str, str | None, int | None]:
-    """`URL[#MODEL][?top_logprobs=K]` -> (base URL, served model name or None, K or None).
+def parse_endpoint(text: str) -> tuple[str, str | None, dict[str, str]]:
+    """`URL[#MODEL][?top_logprobs=K][&weight_gb=G]` -> (base URL, served model name or None, options).
 
     The query may come before or after the fragment; it is quantcheck's and never sent.
     """
@@ -86,18 +88,31 @@ def parse_endpoint(text: str) -> tuple[str, str | None, int | None]:
         raise QuantcheckError(f"{SYNTAX}: {text!r} is not an http(s) URL (e.g. url:http://127.0.0.1:8000/v1)")
     if parts.username or parts.password:
         raise QuantcheckError(f"the URL for {parts.hostname} carries credentials (not repeated here): put the API key in {API_KEY_VARIABLES[0]} instead")
-    options = parse_qs(query, keep_blank_values=True)
-    unknown = sorted(set(options) - {"top_logprobs"})
+    options = {name: values[-1] for name, values in parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise QuantcheckError(f"unknown option {unknown[0]!r} in {text!r}; valid: top_logprobs=K ({SYNTAX})")
-    top = None
-    if "top_logprobs" in options:
-        value = options["top_logprobs"][-1]
-        if not value.isdigit() or int(value) < 1:
-            raise QuantcheckError(f"top_logprobs must be a whole number >= 1, got {value!r} in {text!r}")
-        top = int(value)
+        raise QuantcheckError(f"unknown option {unknown[0]!r} in {text!r}; valid: {', '.join(OPTIONS)} ({SYNTAX})")
     base = parts._replace(query="", fragment="").geturl().rstrip("/")
-    return base, fragment or None, top
+    return base, fragment or None, options
+
+
+def _top_logprobs(options: dict[str, str], text: str) -> int | None:
+    value = options.get("top_logprobs")
+    if value is not None and (not value.isdigit() or int(value) < 1):
+        raise QuantcheckError(f"top_logprobs must be a whole number >= 1, got {value!r} in {text!r}")
+    return None if value is None else int(value)
+
+
+def _weight_bytes(options: dict[str, str], text: str) -> int | None:
+    """The served model's weight memory as the user states it (a server's memory is not visible to a client)."""
+    value = options.get("weight_gb")
+    try:
+        gigabytes = None if value is None else float(value)
+    except ValueError:
+        gigabytes = -1.0
+    if gigabytes is not None and not (gigabytes > 0 and math.isfinite(gigabytes)):
+        raise QuantcheckError(f"weight_gb must be a positive number of GiB (the served model's weight memory), got {value!r} in {text!r}")
+    return None if gigabytes is None else round(gigabytes * 2**30)
 
 
 def _api_key() -> str | None:
@@ -257,24 +272,29 @@ def _row_width(client: Client, model: str, top: int | None, folder: str) -> tupl
                         "vLLM: start it with --max-logprobs -1 for full rows")
 
 
-def connect(url: str, model: str | None, top_logprobs: int | None, folder: str) -> Endpoint:
-    """Everything about a server that can be refused before any work: reachable, serving the model,
-    returning log-probabilities keyed by token id (full rows, else the top K)."""
+def connect(text: str, folder: str) -> Endpoint:
+    """Everything about a server that can be refused before any work: `text` well formed, the server
+    reachable, serving the model, returning log-probabilities keyed by token id (full rows, else the top K)."""
+    url, model, options = parse_endpoint(text)
+    top_logprobs, weight_bytes = _top_logprobs(options, text), _weight_bytes(options, text)
     client = Client(url, retries=PROBE_RETRIES, advice=PROBE_ADVICE)
     try:
         served = _served_model(client, model)
         top, _ = _row_width(client, served, top_logprobs, folder)
     finally:
         client.close()
-    return Endpoint(url=url, model=served, top_logprobs=top)
+    return Endpoint(url=url, model=served, top_logprobs=top, stated_weight_bytes=weight_bytes)
 
 
 def endpoint_spec(text: str, role: str, tokenizer_folder: str) -> ModelSpec:
     """A served model: `text` is URL[#MODEL][?top_logprobs=K]; the server is probed here, before any work."""
     from quantcheck.jobs import ModelSpec
 
-    endpoint = connect(*parse_endpoint(text), tokenizer_folder)
-    name = "reference" if role == "reference" else f"{PREFIX}:{text}"
+    endpoint = connect(text, tokenizer_folder)
+    url, model, _ = parse_endpoint(text)
+    # The name (and so the model's folder) leaves out weight_gb: stating it later keeps the finished work.
+    name = "reference" if role == "reference" else (
+        f"{PREFIX}:{url}" + (f"#{model}" if model else "") + (f"?top_logprobs={endpoint.top_logprobs}" if "top_logprobs=" in text else ""))
     return ModelSpec(name=name, role=role, backend=OpenAIBackend.name, method="none" if role == "reference" else "served",
                      weights=tokenizer_folder, endpoint=endpoint)
 

@@ -164,4 +164,4 @@ def measure_serving_cost(endpoint: Endpoint, tokenizer, texts: Sequence[str], se
     if all(point.failed == point.requests for point in points):
         raise EndpointError(f"{endpoint.url}: every streamed request failed ({points[0].error})")
     return ModelCost(memory_method=NOT_MEASURED, threads=threads, engine="openai-http", latency_method=LATENCY_METHOD,
-                     load_time_s=None, weights=None, serving=points)
+                     load_time_s=None, weights=None, stated_weight_bytes=endpoint.stated_weight_bytes, serving=points)

@@ -111,7 +111,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
     if models[0].endpoint is not None:
-        reference_key["reference_endpoint"] = models[0].endpoint.model_dump()
+        reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude={"stated_weight_bytes"})
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
     folder.reference_store().check(len(dataset.items))

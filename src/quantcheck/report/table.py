@@ -342,7 +342,9 @@ def cost_row(m: ModelResult) -> list[str]:
     bs1 = _latency_at(c.latency, 1)
     ooms = sorted({p.batch_size for p in c.latency if p.status == "oom"})
     gen = c.generation
-    if c.weights is None:
+    if c.weights is None and c.stated_weight_bytes is not None:
+        footprint = f"{fmt.nbytes(c.stated_weight_bytes)} (stated, not measured)"
+    elif c.weights is None:
         footprint = "not measured (served)"
     else:
         footprint = fmt.nbytes(c.weights.counted_bytes) + ("" if c.weights.footprint_agrees else " (footprint disagrees)")

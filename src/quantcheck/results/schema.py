@@ -223,6 +223,8 @@ class ModelCost(BaseModel):
                                                   "engine start-up; None for a model behind a server started outside quantcheck")
     load_peak_memory_bytes: int | None = None
     weights: WeightMemory | None = Field(description="None: not measured (a served model's memory is the server's, not visible to a client)")
+    stated_weight_bytes: int | None = Field(None, description="a served model's weight memory as the user stated it (url:...&weight_gb=G); "
+                                            "never measured, and named as stated wherever it is used")
     latency: list[LatencyPoint] = []
     generation: GenerationCost | None = None
     serving: list[ServingPoint] = Field([], description="a served model: client-side streaming latency and throughput per concurrency level")
@@ -239,6 +241,7 @@ class CostComparison(BaseModel):
 
     weight_memory_ratio: float
     memory_saving: float = Field(description="1 - weight_memory_ratio")
+    weight_memory_stated: bool = Field(False, description="the reference's or the variant's weight memory was stated by the user, not measured")
     latency_ratio: dict[int, float] = Field(description="batch size -> variant / reference median latency (fastest round of each)")
     decode_speedup: float | None = None
     decode_unstable: bool = Field(False, description="the decode rate moved by more than the drift tolerance between rounds (either model)")

@@ -151,11 +151,17 @@ def _decode_unstable(*costs: ModelCost) -> bool:
     return any(len(r) > 1 and max(r) > DRIFT_TOLERANCE * min(r) for r in rates)
 
 
+def weight_bytes(cost: ModelCost) -> int | None:
+    """Counted weight bytes, else (a served model) what the user stated, else None."""
+    return cost.weights.counted_bytes if cost.weights is not None else cost.stated_weight_bytes
+
+
 def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison | None:
     """Ratios of what both models measured; None when a served model's weight memory is unknown."""
-    if reference.weights is None or variant.weights is None:
+    reference_bytes, variant_bytes = weight_bytes(reference), weight_bytes(variant)
+    if reference_bytes is None or variant_bytes is None:
         return None
-    ratio = variant.weights.counted_bytes / reference.weights.counted_bytes
+    ratio = variant_bytes / reference_bytes
     reference_latency = {point.batch_size: point.median_s for point in reference.latency if point.status == "ok"}
     latency_ratio = {
         point.batch_size: point.median_s / reference_latency[point.batch_size]
@@ -166,6 +172,7 @@ def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison 
     if reference.generation and variant.generation and reference.generation.decode_tokens_per_s:
         decode = variant.generation.decode_tokens_per_s / reference.generation.decode_tokens_per_s
     return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode,
+                          weight_memory_stated=reference.weights is None or variant.weights is None,
                           unstable_batch_sizes=_unstable(reference, variant), decode_unstable=_decode_unstable(reference, variant))
 
 
@@ -372,7 +379,7 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
-        unmeasured = [model.name for model in (reference, result) if model.cost is not None and model.cost.weights is None]
+        unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
         result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured)
     results.warnings = extra_warnings + _warnings(results, len(item_ids))
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
