@@ -8,7 +8,9 @@ with the reason, never faked.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +203,27 @@ def test_all_served_reference_and_variant(tmp_path, server):
     refused = quantcheck("run", "--limit", "8", "--reference-url", f"{server.url}?top_logprobs=20", "--quant", f"url:{server.url}",
                          "--out", str(tmp_path / "top"), timeout=120)
     assert_one_line_error(refused, "only its top 20 log-probabilities", "--store full")
+
+
+def test_a_server_with_another_tokenizer_keeps_accuracy_but_refuses_token_metrics(tmp_path, server):
+    """The reference's folder lower-cases every prompt; the server's own /tokenize does not: the ids sent
+    are the reference's, so accuracy stands, but KL, Jaccard and top-1 would compare different texts."""
+    source = resolve_model(None).path
+    lowercase = tmp_path / "lowercase-tokenizer"
+    lowercase.mkdir()
+    for path in source.iterdir():
+        (lowercase / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, lowercase / path.name)
+    tokenizer = json.loads((lowercase / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Lowercase"}
+    (lowercase / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "run"
+    result = quantcheck("run", str(lowercase), "--limit", "4", "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_results(out)
+    served = results["models"][1]
+    assert served["paired_loglik"]["n"] == 4 and served["agreement"] is None
+    assert any(w["code"] == "tokenizer-mismatch" and w["model"] == served["name"] for w in results["warnings"])
+    assert f"the server at {server.url} tokenizes a prompt into" in " ".join(result.stderr.split())  # the reason, as the run went
 
 
 def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrupted_run(tmp_path, server, questions, fp32_run):

@@ -113,6 +113,11 @@ class Backend(ABC):
     def describe(self) -> EngineInfo:
         """What actually runs: engine, version, precision, devices, parallel layout."""
 
+    def tokenizer_mismatch(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> str | None:
+        """Where the engine tokenizes by itself, whether it agrees with the ids quantcheck made for `texts`:
+        a description of the first disagreement, or None. Local engines run on quantcheck's own ids."""
+        return None
+
     @property
     @abstractmethod
     def vocab_width(self) -> int:

@@ -65,6 +65,8 @@ READ_TIMEOUT_S = 300.0
 MAX_CONCURRENCY = 8
 """Single-prompt requests in flight at once (generation, cost): enough to fill a server's batch, bounded for shared servers."""
 PROBE_PROMPT = [1, 2, 3]
+TOKENIZER_SAMPLES = 3
+"""Prompts the server's own tokenizer is checked on: a different tokenizer shows on the first."""
 TOKEN_ID_PREFIX = "token_id:"
 
 
@@ -340,6 +342,28 @@ class OpenAIBackend(Backend):
             raise EndpointError(f"the server at {self.endpoint.url} now returns {'full rows' if top is None else f'the top {top}'} "
                                 "log-probabilities, not what the run started with: run the same command again")
         self.server = _server_version(self.client)
+
+    def tokenizer_mismatch(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> str | None:
+        """The server's own tokenizer (POST /tokenize at its root: vLLM, SGLang) against the local one, on a
+        few prompts: a server that serves another tokenizer would make every token metric meaningless."""
+        import httpx
+
+        root = self.endpoint.url.removesuffix("/v1")
+        for text, ids in list(zip(texts, token_ids))[:TOKENIZER_SAMPLES]:
+            try:
+                response = self.client.http.post(root + "/tokenize", json={"model": self.endpoint.model, "prompt": text})
+            except httpx.HTTPError as error:
+                raise EndpointError(f"{root}/tokenize: {transport_reason(error)}; {RUN_ADVICE}") from None
+            if response.status_code in (404, 405):
+                return None  # no such route (OpenAI, TGI, llama-server): the vocabulary-size probe is all there is
+            tokens = response.json().get("tokens") if response.status_code == 200 else None
+            if tokens is None:
+                return None
+            if list(tokens) != list(ids):
+                return (f"the server at {self.endpoint.url} tokenizes a prompt into {len(tokens)} tokens where "
+                        f"{self.spec.weights} gives {len(ids)} (first difference at position "
+                        f"{next((i for i, (a, b) in enumerate(zip(tokens, ids)) if a != b), min(len(tokens), len(ids)))})")
+        return None
 
     def describe(self) -> EngineInfo:
         from quantcheck.results.schema import EngineInfo

@@ -27,6 +27,7 @@ def emit(event: str, **fields: object) -> None:
 def run_quality(job: JobSpec, folder: RunFolder) -> None:
     from quantcheck.backends import get_backend
     from quantcheck.measure.generative import encode_generation_prompts, generate_answers, resolve_settings, stop_token_ids
+    from quantcheck.data.prompts import loglik_prompt
     from quantcheck.measure.loglik import encode_items, score_items
     from quantcheck.results.schema import ItemRecord
 
@@ -48,8 +49,11 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
             compare_tokens = True
         else:
             compare_tokens = folder.read_reference_tokens() == encoded.prompt_ids
+            mismatch = None if compare_tokens else f"{spec.name} tokenizes the prompts differently from the reference"
+            if compare_tokens and (mismatch := backend.tokenizer_mismatch([loglik_prompt(item) for item in items], encoded.prompt_ids)):
+                compare_tokens = False
             if not compare_tokens:
-                emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement are not computed; accuracy is")
+                emit("warning", code="tokenizer-mismatch", message=f"{mismatch}: KL, Jaccard and top-1 agreement are not computed; accuracy is")
         path = folder.model_file(spec.folder, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
         if spec.is_reference and reference.create(len(items), backend.vocab_width, backend.top_logprobs) and done:
