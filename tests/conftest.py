@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,19 @@ def write_questions(path: Path, count: int, xss_at: int | None = None) -> Path:
                                  "choices": list(item.choices), "answer": item.answer_letter}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def lowercase_tokenizer_copy(folder: Path) -> Path:
+    """The built-in model's weights (linked) with a tokenizer that lower-cases every prompt: another tokenizer, same model."""
+    from quantcheck.models.builtin import builtin_model_dir
+
+    folder.mkdir()
+    for path in builtin_model_dir().iterdir():
+        (folder / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, folder / path.name)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Lowercase"}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
 
 
 @pytest.fixture(scope="session")

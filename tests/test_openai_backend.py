@@ -8,9 +8,7 @@ with the reason, never faked.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_COST, quantcheck, read_items, read_results, write_questions
+from conftest import SMALL_COST, lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
 from quantcheck.models.loading import resolve_model
 from test_cli_errors import assert_one_line_error
 from test_resume import start, wait_for_lines
@@ -208,14 +206,7 @@ def test_all_served_reference_and_variant(tmp_path, server):
 def test_a_server_with_another_tokenizer_keeps_accuracy_but_refuses_token_metrics(tmp_path, server):
     """The reference's folder lower-cases every prompt; the server's own /tokenize does not: the ids sent
     are the reference's, so accuracy stands, but KL, Jaccard and top-1 would compare different texts."""
-    source = resolve_model(None).path
-    lowercase = tmp_path / "lowercase-tokenizer"
-    lowercase.mkdir()
-    for path in source.iterdir():
-        (lowercase / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, lowercase / path.name)
-    tokenizer = json.loads((lowercase / "tokenizer.json").read_text())
-    tokenizer["normalizer"] = {"type": "Lowercase"}
-    (lowercase / "tokenizer.json").write_text(json.dumps(tokenizer))
+    lowercase = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
     out = tmp_path / "run"
     result = quantcheck("run", str(lowercase), "--limit", "4", "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]

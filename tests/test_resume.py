@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import quantcheck, read_items, read_results, write_questions
+from conftest import lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
 from quantcheck.results.folder import RunFolder
 
 N_QUESTIONS = 8
@@ -172,17 +172,7 @@ def test_a_write_error_during_the_run_is_one_line_and_the_run_resumes(tmp_path, 
 
 def test_a_variant_with_another_tokenizer_keeps_accuracy_but_refuses_token_metrics(tmp_path, questions):
     """A pre-quantized checkpoint may bring its own tokenizer; here one that lower-cases every prompt."""
-    from quantcheck.models.builtin import builtin_model_dir
-
-    source = builtin_model_dir()
-    variant = tmp_path / "lowercase-tokenizer"
-    variant.mkdir()
-    for path in source.iterdir():
-        (variant / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, variant / path.name)
-    tokenizer = json.loads((variant / "tokenizer.json").read_text())
-    tokenizer["normalizer"] = {"type": "Lowercase"}
-    (variant / "tokenizer.json").write_text(json.dumps(tokenizer))
-
+    variant = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
     out = tmp_path / "run"
     result = quantcheck("run", "--quant", f"pretrained:{variant}", "--dataset", str(questions), "--limit", "4", "--out", str(out),
                         "--skip-cost", "--skip-generation")
