@@ -84,6 +84,7 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python bench/bench_backend_pass.py
 	$(BIN)/python bench/bench_cost_stability.py
 	$(BIN)/python bench/bench_store.py
+	$(BIN)/python bench/bench_vs_lmeval.py
 
 # The CUDA paths of the hf and vLLM backends, at most 8 minutes; without a GPU it says so and exits 0.
 gpu-check: $(STAMP)
