@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),
 
 SERVED_NAME = "smollm2"
 START_TIMEOUT_S = 300
-N_QUESTIONS = 40
+N_QUESTIONS = 24
 
 
 def _free_port() -> int:
