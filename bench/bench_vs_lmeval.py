@@ -43,6 +43,7 @@ def write_task(folder: Path) -> Path:
     from quantcheck.data.load import load_dataset
     from quantcheck.interop.lmeval_export import lmeval_doc
 
+    folder.mkdir(parents=True)
     questions = folder / "questions.jsonl"
     questions.write_text("".join(json.dumps(lmeval_doc(item)) + "\n" for item in load_dataset("mmlu:virology").items))
     task = [
