@@ -167,6 +167,11 @@ class Client:
             limits=httpx.Limits(max_connections=MAX_CONCURRENCY), follow_redirects=False,
         )
 
+    @property
+    def root(self) -> str:
+        """The server's root, where vLLM and SGLang answer /version and /tokenize (outside /v1)."""
+        return self.url.removesuffix("/v1")
+
     def request(self, method: str, path: str, payload: dict[str, object] | None = None) -> dict:
         """The JSON answer; transient faults are retried, anything else raises at once."""
         import httpx
@@ -348,7 +353,7 @@ class OpenAIBackend(Backend):
         few prompts: a server that serves another tokenizer would make every token metric meaningless."""
         import httpx
 
-        root = self.endpoint.url.removesuffix("/v1")
+        root = self.client.root
         for text, ids in list(zip(texts, token_ids))[:TOKENIZER_SAMPLES]:
             try:
                 response = self.client.http.post(root + "/tokenize", json={"model": self.endpoint.model, "prompt": text})
@@ -427,7 +432,7 @@ def _server_version(client: Client) -> str:
     """vLLM and SGLang answer GET /version (at the server root); others may not: then 'unknown'."""
     import httpx
 
-    root = client.url.removesuffix("/v1")
+    root = client.root
     try:
         response = client.http.get(root + "/version", timeout=CONNECT_TIMEOUT_S)
         version = response.json().get("version") if response.status_code == 200 else None

@@ -97,12 +97,16 @@ def compare_with_reference(store: ReferenceStore, rows: list[int], logprobs: tor
     return bounds, top_ids[:, : max(TOP_K)]
 
 
+def reference_top(store: ReferenceStore) -> int | None:
+    """How many of each reference row's entries are known exactly: the compact store's K, a server's K, None for full rows."""
+    return store.top_k if isinstance(store, CompactStore) else store.top_logprobs
+
+
 def kl_lower_bound_method(store: ReferenceStore, top_logprobs: int | None) -> str | None:
     """How KL is bounded when a side is known only on its top K, in words for results.json; None when it is not."""
     if top_logprobs is None and store.top_logprobs is None:
         return None
-    reference_top = store.top_k if isinstance(store, CompactStore) else store.top_logprobs
-    sides = [f"the {side}'s top {top}" for side, top in (("reference", reference_top), ("variant", top_logprobs)) if top is not None]
+    sides = [f"the {side}'s top {top}" for side, top in (("reference", reference_top(store)), ("variant", top_logprobs)) if top is not None]
     return f"lower bound from {' and '.join(sides)} log-probabilities (exact shared terms + log-sum inequality on the rest)"
 
 
@@ -127,8 +131,7 @@ def score_items(
     agreement (only when it saw the identical token ids: `compare_tokens`). `top_logprobs` is None for full rows,
     K for a server's top-K rows (-inf elsewhere): KL is then a lower bound and Jaccard@k is kept for k <= K.
     """
-    reference_top = None if is_reference else (reference.top_k if isinstance(reference, CompactStore) else reference.top_logprobs)
-    exact_ks = exact_top_k(reference_top, top_logprobs)
+    exact_ks = exact_top_k(None if is_reference else reference_top(reference), top_logprobs)
     bound = None if is_reference else kl_lower_bound_method(reference, top_logprobs)
     shown = min(max(TOP_K), top_logprobs or max(TOP_K))
     for rows, prompts in model_batches(encoded, batch_size):
@@ -172,13 +175,11 @@ def loglik_answer(row: torch.Tensor, continuation_ids: list[int], item: Item, to
     (an unlisted letter is less likely than every listed token); unlisted letters are recorded at the
     K-th log-probability, their upper bound."""
     choice_logprobs = row[continuation_ids]
+    pred = int(torch.argmax(choice_logprobs))
     if top_logprobs is not None:
         listed = torch.isfinite(choice_logprobs)
         if not bool(listed.any()):
             raise QuantcheckError(f"no answer letter is among the top {top_logprobs} log-probabilities the server returned for "
                                   f"{item.item_id}: ask it for more (url:...?top_logprobs=N) or for the full vocabulary")
-        pred = int(torch.argmax(choice_logprobs))
         choice_logprobs = torch.where(listed, choice_logprobs, row[torch.isfinite(row)].min())
-    else:
-        pred = int(torch.argmax(choice_logprobs))
     return LoglikAnswer(pred=LETTERS[pred], correct=pred == item.answer, choice_logprobs=choice_logprobs.tolist())

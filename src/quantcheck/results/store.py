@@ -19,6 +19,7 @@ Layout:
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import tempfile
@@ -222,8 +223,9 @@ class FullStore(ReferenceStore):
     def _coverage_file(self) -> Path:
         return self.path.with_suffix(".json")
 
-    @property
+    @functools.cached_property
     def top_logprobs(self) -> int | None:
+        """Read once: a variant asks for it at every batch."""
         if not self._coverage_file.exists():
             return None
         return json.loads(self._coverage_file.read_text())["top_logprobs"]
@@ -232,6 +234,7 @@ class FullStore(ReferenceStore):
         created = super().create(n_items, vocab_size)
         if created or not self._coverage_file.exists():
             write_json_atomic(self._coverage_file, {"top_logprobs": top_logprobs})
+            self.__dict__.pop("top_logprobs", None)  # read afresh after this write
         return created
 
     def row_dtype(self) -> np.dtype:
