@@ -8,8 +8,9 @@ guesses `max_kl`); options that belong together sit in a table:
     backend = "hf"                          # the reference's engine
     reference_url = "http://127.0.0.1:8000/v1#MODEL"  # or: the reference is served there (MODEL's folder gives its tokenizer)
     variants = ["bnb-nf4-dq", "vllm:bf16"]  # --quant, once per variant
-    dataset = "mmlu:virology"
+    dataset = "mmlu:virology"               # or "text:FILE", a text corpus scored at every token
     limit = 200
+    context = 512                           # a text corpus's window length
     [generation]   chat, temperature, greedy, max_new_tokens, batch_size (--gen-batch-size)
     [cost]         rounds (--cost-rounds), batch_sizes = [1, 8, 32], seq_len, iterations, time_budget, max_memory_gb
     [store]        kind (--store: compact or full), top_k (--store-top-k), tail_samples (--store-tail-samples)
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from quantcheck.backends import DEFAULT_BACKEND
+from quantcheck.data.corpus import MIN_CONTEXT, TEXT_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EngineSettings, GenerationOptions
@@ -115,6 +117,7 @@ class RunConfig(_Table):
     reference_url: str | None = None
     dataset: PathText = DEFAULT_DATASET
     limit: PositiveInt | None = None
+    context: int = Field(512, ge=MIN_CONTEXT)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: str | None = None
     out: Path | None = None
@@ -143,7 +146,7 @@ class RunConfig(_Table):
         quality = not self.skip_quality
         return RunOptions(
             model=self.model, backend=self.backend, reference_url=self.reference_url, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
-            limit=self.limit, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
+            limit=self.limit, context=self.context, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
             store=self.store, threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
             cost=not self.skip_cost, cost_settings=self.cost.overrides(), floors=self.floors, cost_rounds=self.cost.rounds,
             thresholds=self.thresholds.thresholds(), force=self.force, trust_remote_code=self.trust_remote_code,
@@ -195,7 +198,7 @@ def resolved_toml(config: RunConfig, used: Mapping[str, object]) -> str:
     not what is measured, and a replay should never overwrite a folder unasked.
     """
     resolved = config.model_copy(update={
-        "model": _absolute(config.model), "dataset": _absolute(config.dataset), "out": Path(str(used["out"])).resolve(),
+        "model": _absolute(config.model), "dataset": _absolute_dataset(config.dataset), "out": Path(str(used["out"])).resolve(),
         "variants": [_absolute_checkpoint(variant) for variant in config.variants],
         "device": used["device"], "dtype": used["dtype"], "threads": used["threads"],
     })
@@ -215,6 +218,13 @@ def _absolute(text: str | None) -> str | None:
     if text is None or text == BUILTIN_NAME or not Path(text).expanduser().exists():
         return text  # the built-in model, a hub id, an MMLU subject
     return str(Path(text).expanduser().resolve())
+
+
+def _absolute_dataset(dataset: str) -> str:
+    """'text:./corpus.txt' -> 'text:/abs/corpus.txt'; other data sets as `_absolute`."""
+    if dataset.startswith(TEXT_PREFIX):
+        return TEXT_PREFIX + _absolute(dataset.removeprefix(TEXT_PREFIX))
+    return _absolute(dataset)
 
 
 def _absolute_checkpoint(variant: str) -> str:

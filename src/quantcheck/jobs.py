@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from quantcheck.data.corpus import MIN_CONTEXT
+
 EVENT_PREFIX = "@@quantcheck "
 
 Role = Literal["reference", "variant", "floor"]
@@ -30,6 +32,13 @@ class GenerationOptions(BaseModel):
     greedy: bool = False
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
+
+
+class CorpusJob(BaseModel):
+    """How a text corpus is cut into windows (llama-perplexity's -c and --chunks)."""
+
+    context: int = Field(512, ge=MIN_CONTEXT)
+    max_windows: int | None = Field(None, ge=1, description="score only the first N windows (--limit)")
 
 
 class EngineSettings(BaseModel):
@@ -95,5 +104,6 @@ class JobSpec(BaseModel):
     allow_pickle: bool = False
     loglik: bool = True
     generation: GenerationOptions | None = None
+    corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
     cost: dict[str, object] | None = None  # CostSettings fields
     cost_round: int = 1

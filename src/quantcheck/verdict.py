@@ -66,6 +66,8 @@ from quantcheck.results.schema import (
 
 MORE_QUESTIONS_FLAG = "--dataset mmlu:all"
 """The option that runs the full benchmark, named in advice when the question set is too small."""
+MORE_TEXT = "a longer text, or more of it with a higher --limit"
+"""The same advice for a text corpus."""
 
 RERUN_ADVICE = (
     "fix what stopped it and run the same command again: finished work is kept and only the rest is measured"
@@ -80,6 +82,7 @@ SPEED_NOTE_RATIO = 1.1
 PHASE_CHECKS: dict[Phase, tuple[str, ...]] = {
     "loglik": ("log-likelihood accuracy", "mean KL", "top-1 agreement"),
     "generation": ("generated-answer accuracy",),
+    "corpus": ("mean KL", "top-1 agreement"),
 }
 """The quality checks each scoring phase feeds; they are not judged when the phase is incomplete
 (an incomplete cost phase makes the memory check unclear instead)."""
@@ -278,7 +281,7 @@ def _within_sampling_floor(floor: SamplingComparison) -> Check:
 
 
 def _estimate_check(
-    name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float
+    name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float, more: str = MORE_QUESTIONS_FLAG
 ) -> Check:
     """A check on one per-item mean or share (mean KL, top-1 agreement)."""
     return _interval_check(
@@ -289,11 +292,11 @@ def _estimate_check(
         lambda ci: fmt.interval(ci, kind),
         limit,
         level,
-        f"run with more questions ({MORE_QUESTIONS_FLAG}) to narrow the {name} interval",
+        f"run with more data ({more}) to narrow the {name} interval",
     )
 
 
-def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float) -> Check:
+def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float, more: str = MORE_QUESTIONS_FLAG) -> Check:
     """Mean KL. From a compact reference store the estimate passes and its lower bound fails: the
     estimate is unbiased (its sampling noise is inside the interval over items), while the lower
     bound can only understate the KL, so a 'fail' stays certain whatever the unstored tail held."""
@@ -301,7 +304,7 @@ def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float) -> Ch
     if kl.is_lower_bound:
         return _lower_bound_check(kl.mean, limit, level)
     if kl.lower is None:
-        return _estimate_check("mean KL", kl.mean, lambda v: f"{fmt.nats(v)} nats", "nats", limit, level)
+        return _estimate_check("mean KL", kl.mean, lambda v: f"{fmt.nats(v)} nats", "nats", limit, level, more)
     return _interval_check(
         "mean KL",
         f"mean KL {fmt.nats(kl.mean.value)} nats",
@@ -310,7 +313,7 @@ def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float) -> Ch
         lambda ci: fmt.interval(ci, "nats"),
         limit,
         level,
-        f"run with more questions ({MORE_QUESTIONS_FLAG}) to narrow the mean KL interval",
+        f"run with more data ({more}) to narrow the mean KL interval",
         fail_label="lower bound's ",
     )
 
@@ -330,11 +333,13 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) 
     """The quality checks that can be judged, and a note for each that was not measured."""
     checks: list[Check] = []
     missing: list[str] = []
+    text = variant.corpus is not None or "corpus" in variant.incomplete  # a text corpus: no questions, no accuracy
+    agreement_phase, more = ("corpus", MORE_TEXT) if text else ("loglik", MORE_QUESTIONS_FLAG)
     for label, paired, phase in (
         ("log-likelihood", variant.paired_loglik, "loglik"),
         ("generated-answer", variant.paired_generative, "generation"),
     ):
-        if phase in variant.incomplete:
+        if text or phase in variant.incomplete:
             continue
         if paired is None:
             missing.append(f"{label} accuracy against the reference was not measured")
@@ -343,11 +348,11 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) 
         else:
             checks.append(accuracy_check(label, paired, thresholds, level))
     agreement = variant.agreement
-    if agreement is not None and "loglik" not in variant.incomplete:
-        checks.append(_kl_check(agreement.kl, thresholds, level))
+    if agreement is not None and agreement_phase not in variant.incomplete:
+        checks.append(_kl_check(agreement.kl, thresholds, level, more))
         minimum = _Limit.floor(thresholds.min_top1_agreement, f"the {fmt.percent(thresholds.min_top1_agreement)} minimum")
-        checks.append(_estimate_check("top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level))
-    elif agreement is None and "loglik" not in variant.incomplete:
+        checks.append(_estimate_check("top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level, more))
+    elif agreement is None and agreement_phase not in variant.incomplete:
         missing.append("next-token agreement (KL, top-1) was not measured")
     return checks, missing
 

@@ -6,6 +6,8 @@ answer parsing, the reference store, statistics and the report see only these re
 - `next_token_logprobs(prompts)`: log-probabilities of the next token after each token-id prompt,
   over the full vocabulary (the rows KL, Jaccard@k, top-1 and the log-likelihood answer come from),
   or only their top K where a server caps them (`top_logprobs`);
+- `window_logprobs(windows, first)`: the same rows at every position of equal-length token windows
+  from `first` on (a text corpus scored llama-perplexity-style), where the engine can (`scores_text`);
 - `generate(prompts, settings, seeds)`: new token ids per prompt under one explicit settings object;
 - `measure_cost(texts, settings, on_step)`: what the engine can measure of its own cost;
 - `describe()`: engine and version, precision, devices, parallel layout.
@@ -60,6 +62,7 @@ class Backend(ABC):
     engine_package: ClassVar[str]  # the importable module the engine needs
     install_hint: ClassVar[str]
     quant_syntax: ClassVar[str] = ""  # set by a backend whose models are named by address, not by a method table
+    scores_text: ClassVar[bool] = False  # answers `window_logprobs` (text corpora)
 
     def __init__(self, job: JobSpec) -> None:
         self.job = job
@@ -126,6 +129,11 @@ class Backend(ABC):
     @abstractmethod
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [len(prompts), vocab_width]: log-softmax of the next-token logits after each prompt."""
+
+    def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
+        """float32 [len(windows), len(window) - first - 1, vocab_width]: log-softmax of the logits at positions
+        first .. len-2 of each window (they predict tokens first+1 .. len-1). Only where `scores_text`."""
+        raise NotImplementedError(f"the {self.name} backend does not score text corpora")
 
     @property
     def top_logprobs(self) -> int | None:

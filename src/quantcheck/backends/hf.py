@@ -42,6 +42,7 @@ class HFBackend(Backend):
     name = "hf"
     engine_package = "transformers"
     install_hint = "pip install transformers"
+    scores_text = True
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
@@ -87,6 +88,15 @@ class HFBackend(Backend):
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         batch = left_padded([list(ids) for ids in prompts], self.tokenizer.pad_token_id, self.job.device)
         return answer_position_logprobs(self.model, batch).numpy()
+
+    @torch.no_grad()
+    def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
+        """One forward over the equal-length windows (no padding), keeping only the scored positions' logits."""
+        ids = torch.tensor([list(window) for window in windows], device=self.job.device)
+        width = ids.shape[1] - first
+        keep = {"logits_to_keep": width} if _keeps_last_logits_only(self.model) else {}
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **keep).logits[:, -width:-1, :]
+        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:

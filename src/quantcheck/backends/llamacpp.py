@@ -310,6 +310,7 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     engine_package = "llama_cpp"
     install_hint = INSTALL_HINT
+    scores_text = True
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
@@ -362,6 +363,7 @@ class LlamaCppBackend(Backend):
         self.gguf_type = _REFERENCE_TYPE[job.dtype] if self.spec.is_reference else self.spec.method
         self.path: Path | None = None
         self.llm = None
+        self.scorer = None  # a second context with every position's logits, for text windows
 
     def gguf_file(self) -> Path:
         """The file this model runs: the user's, or the reference's cached conversion (made here on first use)."""
@@ -369,14 +371,14 @@ class LlamaCppBackend(Backend):
             return Path(self.spec.weights)
         return prepare_gguf(Path(self.spec.weights), self.gguf_type, self.job.threads)
 
-    def _open(self, path: Path):
+    def _open(self, path: Path, logits_all: bool = False):
         """`use_mmap=False`: the weights are read into memory, so resident memory is the real cost."""
         from llama_cpp import Llama
 
         n_ctx = self.job.engine.max_model_len
         try:
             return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.job.threads, n_threads_batch=self.job.threads,
-                         logits_all=False, use_mmap=False, seed=self.job.seed, verbose=False)
+                         logits_all=logits_all, use_mmap=False, seed=self.job.seed, verbose=False)
         except ValueError as error:
             raise QuantcheckError(f"llama.cpp could not load {path}: {error}") from None
 
@@ -415,6 +417,24 @@ class LlamaCppBackend(Backend):
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         return np.stack([log_softmax(self._prefill(ids).astype(np.float64)).astype(np.float32) for ids in prompts])
+
+    def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
+        """Each window evaluated from an empty cache in one batch of its own (as llama-perplexity does), every
+        position's logits read back (`logits_all`, opened on first use)."""
+        import llama_cpp
+
+        if self.scorer is None:
+            self.scorer = self._open(self.path, logits_all=True)
+        rows = []
+        for window in windows:
+            if len(window) > self.scorer.n_ctx():
+                raise QuantcheckError(f"a window of {len(window)} tokens does not fit llama.cpp's context of {self.scorer.n_ctx()} "
+                                      "tokens: raise --max-model-len or lower --context")
+            self.scorer.reset()
+            self.scorer.eval(list(window))
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.scorer.ctx), shape=(len(window), self.vocab_width))
+            rows.append(log_softmax(logits[first:-1].astype(np.float64), axis=-1).astype(np.float32))
+        return np.stack(rows)
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
         """Seeded per request through llama.cpp's own sampler: temperature then the full distribution, nothing else."""

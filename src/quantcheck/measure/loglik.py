@@ -158,14 +158,14 @@ def score_items(
             if not is_reference and compare_tokens:
                 record.kl, record.kl_bound = float(divergence.estimate[position]), bound
                 if isinstance(reference, CompactStore):
-                    record.kl_lower, record.kl_upper = float(divergence.lower[position]), _finite(float(divergence.upper[position]))
+                    record.kl_lower, record.kl_upper = float(divergence.lower[position]), finite_or_none(float(divergence.upper[position]))
                 record.jaccard = jaccard_all_k(reference_ids[position], record.topk_ids, exact_ks)
                 record.top1_agree = reference_ids[position][0] == record.topk_ids[0]
             records.append(record)
         on_batch(records)
 
 
-def _finite(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     """An infinite bound is stored as None (JSON has no infinity): the variant gives a tail token probability 0."""
     return value if np.isfinite(value) else None
 

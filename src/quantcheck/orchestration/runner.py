@@ -14,14 +14,16 @@ from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
 from quantcheck import __version__
+from quantcheck.data.corpus import TextCorpus, is_corpus, load_corpus
+from quantcheck.data.items import Dataset
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import EngineSettings, GenerationOptions, JobSpec, ModelSpec
+from quantcheck.jobs import CorpusJob, EngineSettings, GenerationOptions, JobSpec, ModelSpec
 from quantcheck.orchestration.launcher import run_job
 from quantcheck.orchestration.progress import ProgressView
 from quantcheck.results.folder import RunFolder
-from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds
+from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds, WindowRecord
 from quantcheck.results.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
 
 
@@ -39,6 +41,7 @@ class RunOptions(BaseModel):
     engine: EngineSettings = EngineSettings()
     dataset: str = DEFAULT_DATASET
     limit: int | None = None
+    context: int = 512
     device: str = "auto"
     dtype: str | None = None
     out: Path | None = None
@@ -91,9 +94,13 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     check_specs(models, device, options.engine)
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
+    corpus = is_corpus(options.dataset)
+    if corpus:
+        _check_text_backends(models)
+        options = options.model_copy(update={"generation": None})  # a text has no questions to answer
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
-    floors = floor_specs(models[0], options.loglik, sampled) if options.floors else []
-    dataset = load_dataset(options.dataset, options.limit, options.seed)
+    floors = floor_specs(models[0], options.loglik, sampled) if options.floors and not corpus else []
+    dataset = load_corpus(options.dataset) if corpus else load_dataset(options.dataset, options.limit, options.seed)
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
@@ -112,23 +119,29 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
     if models[0].endpoint is not None:
         reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude={"stated_weight_bytes"})
+    corpus_job = CorpusJob(context=options.context, max_windows=options.limit) if corpus else None
+    if corpus_job is not None:
+        reference_key |= {"prompt_format": "text windows", "corpus": corpus_job.model_dump()}
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
-    folder.reference_store().check(len(dataset.items))
+    if not corpus:  # a corpus's row count is known once the reference has cut its windows (checked there)
+        folder.reference_store().check(len(dataset.items))
     generation_key = options.generation.model_dump() if options.generation else None
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
-    folder.write_dataset(dataset)
+    folder.write_corpus(dataset) if corpus else folder.write_dataset(dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
 
     base = dict(run_dir=str(out), device=device, dtype=dtype, threads=threads, seed=options.seed, engine=options.engine,
                 batch_size=options.batch_size, trust_remote_code=options.trust_remote_code,
                 allow_offload=options.allow_offload, allow_pickle=options.allow_pickle)
-    n_items = len(dataset.items)
+    n_items = 0 if corpus else len(dataset.items)
     failed_reference = None
     with view:
-        if options.loglik or options.generation:
+        if corpus_job is not None and options.loglik:
+            failed_reference = _score_corpus(models, corpus_job, base, view, out, folder)
+        elif options.loglik or options.generation:
             for spec in [models[0], *floors, *models[1:]]:
                 if failed_reference:
                     break
@@ -155,19 +168,51 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                         continue
                     _run(JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base), view, out, folder)
 
-    dataset_info = DatasetInfo(spec=dataset.spec, n_items=n_items, subjects=dataset.subjects, source=dataset.source,
-                               content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
-                               answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)))
+    dataset_info = _dataset_info(dataset, folder, corpus_job)
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
     results = summarize(
         out, config=config, model=model.info(dtype, device), dataset=dataset_info,
         environment=describe_environment(device, threads), models=models, floors=floors, cost_rounds=options.cost_rounds if options.cost else 0,
         thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
-        expected={"loglik": options.loglik, "generation": options.generation is not None, "cost": options.cost},
+        expected={"loglik": options.loglik and not corpus, "generation": options.generation is not None, "cost": options.cost,
+                  "corpus": options.loglik and corpus},
     )
     if failed_reference:
         raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
     return out, results
+
+
+def _check_text_backends(models: list[ModelSpec]) -> None:
+    """Before any model loads: every engine in the run must score text windows."""
+    from quantcheck.backends import get_backend
+
+    for spec in models:
+        if not get_backend(spec.backend).scores_text:
+            raise QuantcheckError(f"{spec.name} runs in the {spec.backend} backend, which cannot score a text corpus yet "
+                                  "(--dataset text:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend")
+
+
+def _score_corpus(models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path, folder: RunFolder) -> str | None:
+    """Each model's pass over the corpus's windows, the reference first; the reference's failure message, if it failed."""
+    for spec in models:
+        if folder.reference_tokens_exist() and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens()):
+            view.skipped(f"{spec.name} corpus", "already finished")
+            continue
+        outcome = _run(JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, **base), view, out, folder)
+        if not outcome.ok and spec.is_reference:
+            return outcome.message
+    return None
+
+
+def _dataset_info(dataset: Dataset | TextCorpus, folder: RunFolder, corpus_job: CorpusJob | None) -> DatasetInfo:
+    if corpus_job is None:
+        return DatasetInfo(spec=dataset.spec, n_items=len(dataset.items), subjects=dataset.subjects, source=dataset.source,
+                           content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
+                           answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)))
+    windows = len(folder.read_reference_tokens()) if folder.reference_tokens_exist() else 0
+    return DatasetInfo(spec=dataset.spec, kind="text", n_items=windows, subjects=[], source=dataset.source, content_hash=dataset.content_hash(),
+                       prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, the second half of each scored "
+                                     "(llama-perplexity)", answer_continuations=[], context=corpus_job.context)
 
 
 def _cost_settings(device: str, overrides: dict[str, object], threads: int) -> dict[str, object]:
@@ -198,8 +243,8 @@ def _default_threads() -> int:
     return default_threads()
 
 
-def _count(folder: RunFolder, spec: ModelSpec, file: str) -> int:
-    return len(read_latest_by_id(folder.model_file(spec.folder, file), ItemRecord))
+def _count(folder: RunFolder, spec: ModelSpec, file: str, record: type = ItemRecord, key: str = "item_id") -> int:
+    return len(read_latest_by_id(folder.model_file(spec.folder, file), record, key))
 
 
 def _run(spec: JobSpec, view: ProgressView, out: Path, folder: RunFolder):

@@ -32,7 +32,6 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
     from quantcheck.results.schema import ItemRecord
 
     spec = job.model
-    items = folder.read_items()
     backend = get_backend(spec.backend)(job)
     tokenizer = backend.tokenizer
     emit("phase", phase="load", model=spec.name)
@@ -40,6 +39,10 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
     backend.load()
     write_json_atomic(folder.model_file(spec.folder, "engine.json"), backend.describe())
     emit("loaded", seconds=time.perf_counter() - start)
+    if job.corpus is not None:
+        run_corpus(job, folder, backend)
+        return
+    items = folder.read_items()
 
     if job.loglik:
         encoded = encode_items(tokenizer, items)
@@ -78,6 +81,37 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
                          done=done, on_batch=_phase_sink(path, "generation", items, done))
 
 
+def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
+    """The text corpus's windows through one model: the reference cuts them and fills the store, a variant replays them."""
+    from quantcheck.data.corpus import first_scored, make_windows, scored_per_window
+    from quantcheck.measure.corpus import score_windows
+    from quantcheck.results.schema import WindowRecord
+
+    spec, context = job.model, job.corpus.context
+    windows = make_windows(backend.tokenizer, folder.read_corpus(), context, job.corpus.max_windows)
+    reference = folder.reference_store()
+    compare_tokens = True
+    if spec.is_reference:
+        folder.write_reference_tokens(windows)
+    elif folder.read_reference_tokens() != windows:
+        compare_tokens = False
+        emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the corpus differently from the reference: "
+                                                            "KL, top-1 agreement and delta-p are not computed; its perplexity is")
+    path = folder.model_file(spec.folder, "corpus.jsonl")
+    done = set(read_latest_by_id(path, WindowRecord, key="window"))
+    if spec.is_reference and reference.create(len(windows) * scored_per_window(context), backend.vocab_width, backend.top_logprobs) and done:
+        path.unlink()  # the stored rows behind these records are gone: score the reference again from scratch
+        done = set()
+    emit("phase", phase="corpus", total=len(windows), done=len(done & set(range(len(windows)))))
+
+    def keep(records: list[WindowRecord]) -> None:
+        append_records(path, records)
+        emit("advance", phase="corpus", count=len(records))
+
+    score_windows(backend.window_logprobs, spec.name, windows, first_scored(context), batch_size=job.batch_size, reference=reference,
+                  is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
+
+
 def _phase_sink(path: Path, phase: str, items, done: set[str]) -> Callable[[list], None]:
     """Announce a resumable phase and return what keeps each finished batch: append + fsync, then progress."""
     emit("phase", phase=phase, total=len(items), done=len(done & {item.item_id for item in items}))
@@ -93,11 +127,10 @@ def run_cost(job: JobSpec, folder: RunFolder) -> None:
     from quantcheck.backends import get_backend
     from quantcheck.measure.cost import CostSettings
 
-    items = folder.read_items()
     backend = get_backend(job.model.backend)(job)
     settings = CostSettings(**(job.cost or {}))
     emit("phase", phase="cost", model=job.model.name, total=len(settings.batch_sizes) + 2)
-    texts = [item.question for item in items]
+    texts = folder.cost_texts()
     cost = backend.measure_cost(texts, settings, on_step=lambda step: emit("advance", phase="cost", step=step))
     write_json_atomic(folder.cost_file(job.model.folder, job.cost_round), cost)
 

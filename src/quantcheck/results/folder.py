@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from quantcheck.data.corpus import TextCorpus
 from quantcheck.data.items import Dataset, Item, item_from_json
 from quantcheck.errors import ResultsFolderError
 from quantcheck.results.store import ReferenceStore, StoreSettings, open_reference_store, write_json_atomic, write_text_atomic
@@ -24,6 +25,10 @@ class RunFolder:
     @property
     def dataset_file(self) -> Path:
         return self.root / "dataset.jsonl"
+
+    @property
+    def corpus_file(self) -> Path:
+        return self.root / "corpus.txt"
 
     @property
     def reference_dir(self) -> Path:
@@ -101,9 +106,28 @@ class RunFolder:
     def write_dataset(self, dataset: Dataset) -> None:
         write_text_atomic(self.dataset_file, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in dataset.items))
 
+    def write_corpus(self, corpus: TextCorpus) -> None:
+        write_text_atomic(self.corpus_file, corpus.text)
+
+    def read_corpus(self) -> str:
+        return self.corpus_file.read_text(encoding="utf-8")
+
+    def is_corpus_run(self) -> bool:
+        return self.corpus_file.exists()
+
+    def cost_texts(self, count: int = 64, characters: int = 1000) -> list[str]:
+        """The texts the cost phase times: the questions, or the corpus cut into `count` pieces."""
+        if not self.is_corpus_run():
+            return [item.question for item in self.read_items()]
+        text = self.read_corpus()
+        return [piece for start in range(0, min(len(text), count * characters), characters) if (piece := text[start : start + characters].strip())]
+
     def read_items(self) -> tuple[Item, ...]:
         with self.dataset_file.open(encoding="utf-8") as handle:
             return tuple(item_from_json(json.loads(line)) for line in handle if line.strip())
+
+    def reference_tokens_exist(self) -> bool:
+        return (self.reference_dir / "tokens.json").exists()
 
     def write_reference_tokens(self, prompt_ids: list[list[int]]) -> None:
         write_text_atomic(self.reference_dir / "tokens.json", json.dumps(prompt_ids))

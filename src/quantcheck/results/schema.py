@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
-Phase = Literal["loglik", "generation", "cost"]
+Phase = Literal["loglik", "generation", "cost", "corpus"]
 Outcome = Literal["pass", "fail", "unclear"]
 
 
@@ -88,12 +88,47 @@ class DivergenceSummary(BaseModel):
     method: str = Field("exact over the full vocabulary", description="how the per-item values were computed")
 
 class TokenAgreement(BaseModel):
-    """Raw next-token differences on identical token ids (llama.cpp's two-pass protocol)."""
+    """Raw next-token differences on identical token ids (llama.cpp's two-pass protocol): one position per
+    question, or every scored token of a text corpus (intervals then resample whole windows)."""
 
-    n: int
+    n: int = Field(description="positions compared: questions, or scored tokens of a text corpus")
     jaccard: dict[int, Estimate] = Field(description="top-k Jaccard index, k -> mean with bootstrap CI")
     top1_agreement: Estimate
     kl: DivergenceSummary
+
+
+class CorpusStatistics(BaseModel):
+    """`llama-perplexity --kl-divergence`'s statistics on a text corpus, for one model against the reference.
+
+    Intervals come from a bootstrap over windows (whole windows resampled), not over tokens: tokens
+    of one window are correlated. Percentile keys are llama.cpp's ("99.9", "99", "median", "1", ...),
+    with "max" and "min".
+    """
+
+    windows: int
+    context: int = Field(description="tokens per window; the second half of each is scored")
+    tokens: int = Field(description="scored tokens: windows x (context - 1 - context // 2)")
+    perplexity: Estimate = Field(description="exp(mean negative log-likelihood of the actual next token)")
+    perplexity_ratio: Estimate | None = Field(None, description="PPL(variant) / PPL(reference); None for the reference")
+    mean_log_ratio: Estimate | None = Field(None, description="mean ln(PPL(variant) / PPL(reference)): the mean per-token NLL difference")
+    kl: dict[str, Estimate] = Field({}, description="KL(reference || variant) per token: 'mean' and percentiles; "
+                                    "from the compact store each is the estimate (exact over the top K + the tail from its samples)")
+    same_top1: Estimate | None = Field(None, description="share of tokens where both models' most likely next token is the same")
+    delta_p: dict[str, Estimate] = Field({}, description="p_variant - p_reference of the actual next token: 'mean', 'rms' and percentiles")
+
+
+class WindowRecord(BaseModel):
+    """One window of a text corpus scored by one model: a line of models/<name>/corpus.jsonl (per token, in order)."""
+
+    window: int
+    model: str
+    nll: list[float] = Field(description="-log p(actual next token) at each scored position")
+    kl: list[float] | None = None
+    kl_lower: list[float] | None = None
+    kl_upper: list[float | None] | None = None
+    kl_bound: str | None = None
+    top1_agree: list[bool] | None = None
+    jaccard: dict[int, float] | None = Field(None, description="top-k Jaccard averaged over the window's scored positions")
 
 
 class GenerationSettings(BaseModel):
@@ -330,6 +365,7 @@ class ModelResult(BaseModel):
     loglik: Accuracy | None = None
     generative: GenerativeQuality | None = None
     agreement: TokenAgreement | None = None
+    corpus: CorpusStatistics | None = Field(None, description="a text-corpus run (--dataset text:FILE): perplexity, KL and delta-p statistics")
     paired_loglik: PairedComparison | None = None
     paired_generative: PairedComparison | None = None
     generative_vs_floor: SamplingComparison | None = Field(None, description="generated-answer disagreement against the sampling floor")
@@ -358,12 +394,14 @@ class ModelInfo(BaseModel):
 
 class DatasetInfo(BaseModel):
     spec: str
-    n_items: int
+    kind: Literal["questions", "text"] = Field("questions", description="multiple-choice questions, or a text corpus scored at every token")
+    n_items: int = Field(description="questions, or windows of a text corpus")
     subjects: list[str]
     source: str
     content_hash: str
     prompt_format: str
     answer_continuations: list[str]
+    context: int | None = Field(None, description="a text corpus: tokens per window")
 
 
 class Thresholds(BaseModel):

@@ -7,11 +7,14 @@ is either complete or absent.
 Layout:
     run.json                  configuration and the identity of what was run (for resume checks)
     dataset.jsonl             the questions, as scored
+    corpus.txt                ... or the text corpus (--dataset text:FILE), as read
     reference/key.json        what determines the reference's stored outputs (the store's kind and size too)
-    reference/compact.npy     the reference's next-token rows at the answer position: top K + tail (default)
+    reference/tokens.json     the token ids every model is scored on (prompts, or a corpus's windows)
+    reference/compact.npy     the reference's next-token rows at the answer position (a corpus: every scored token): top K + tail (default)
     reference/logprobs.npy    ... or every log-probability (--store full)
     models/<name>/quality.jsonl     per-item records (log-likelihood pass, token agreement)
     models/<name>/generation.jsonl  per-item generated answers
+    models/<name>/corpus.jsonl      per-window records of a text corpus (NLL, KL, top-1 per token)
     models/<name>/<phase>.json      finished phase summaries (cost, load info) or <phase>.error.json
     results.json, items.jsonl, report.*   the merged outputs
 """

@@ -44,7 +44,9 @@ from quantcheck.results.schema import (
     SamplingFloor,
     Thresholds,
     TokenAgreement,
+    WindowRecord,
 )
+from quantcheck.results.corpus import corpus_statistics
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired, compare_with_floor
@@ -52,7 +54,7 @@ from quantcheck.verdict import decide, fail_level, quality_check_count
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
-PHASE_LABELS = {"loglik": "log-likelihood scoring", "generation": "generative scoring", "cost": "cost"}
+PHASE_LABELS = {"loglik": "log-likelihood scoring", "generation": "generative scoring", "cost": "cost", "corpus": "text-corpus scoring"}
 
 
 def _ordered(records: dict[str, ItemRecord], item_ids: list[str]) -> list[ItemRecord]:
@@ -185,10 +187,16 @@ def _errors(folder: RunFolder, name: str) -> dict[str, str]:
 
 
 def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], generated: list[ItemRecord],
-          cost: ModelCost | None, errors: dict[str, str]) -> dict[Phase, str]:
-    """The phases that were asked for but failed or stopped part-way, each with what happened."""
+          cost: ModelCost | None, errors: dict[str, str], windows: tuple[int, int] = (0, 0)) -> dict[Phase, str]:
+    """The phases that were asked for but failed or stopped part-way, each with what happened.
+
+    `windows`: a text corpus's windows scored by this model, and its windows (0 when the reference never cut them)."""
     gaps: dict[Phase, str] = {}
     quality_error = f" (quality job: {errors['quality']})" if "quality" in errors else ""
+    scored, total = windows
+    if expected.get("corpus") and (scored < total or not total):
+        gaps["corpus"] = (f"{PHASE_LABELS['corpus']} stopped after {scored} of {total} windows{quality_error}" if scored
+                          else f"{PHASE_LABELS['corpus']} has no results{quality_error}")
     for phase, records in (("loglik", quality), ("generation", generated)):
         if not expected.get(phase) or len(records) >= n_items:
             continue
@@ -214,8 +222,14 @@ def _description(spec: ModelSpec) -> str:
     return method.description if spec.backend == "hf" else f"{method.description} [{spec.backend}]"
 
 
-def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str],
-                  expected: dict[str, bool], cost_rounds: int) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+def read_windows(folder: RunFolder, spec: ModelSpec) -> list[WindowRecord]:
+    """A model's text-corpus records, in window order (the latest copy of a window redone after a crash)."""
+    records = read_latest_by_id(folder.model_file(spec.folder, "corpus.jsonl"), WindowRecord, key="window")
+    return [records[window] for window in sorted(records)]
+
+
+def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], expected: dict[str, bool], cost_rounds: int,
+                  n_windows: int = 0) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
@@ -236,8 +250,9 @@ def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str],
     if result.generative and result.cost and result.cost.generation and result.generative.mean_output_tokens:
         words_per_token = result.generative.mean_output_words / result.generative.mean_output_tokens
         result.generative.decode_words_per_minute = 60 * result.cost.generation.decode_tokens_per_s * words_per_token
-    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors)
-    measured = quality or generated or result.cost
+    windows = len(read_windows(folder, spec)) if expected.get("corpus") else 0
+    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors, (windows, n_windows))
+    measured = quality or generated or windows or result.cost
     result.status = "failed" if errors and not measured else "partial" if errors or result.incomplete else "ok"
     return result, quality, generated
 
@@ -332,10 +347,16 @@ def _against_floor(reference: list[ItemRecord], variant: list[ItemRecord], floor
                               [f.generative.pred for _, _, f in rows])
 
 
+FEW_WINDOWS = 30
+
+
 def _warnings(results: Results, n_items: int) -> list[RunWarning]:
     warnings: list[RunWarning] = []
     reference = results.models[0]
-    if n_items < SMALL_SAMPLE:
+    if results.dataset.kind == "text":
+        if n_items < FEW_WINDOWS:
+            warnings.append(RunWarning(code="small-sample", message=f"only {n_items} windows: the intervals, which resample whole windows, are wide"))
+    elif n_items < SMALL_SAMPLE:
         warnings.append(RunWarning(code="small-sample", message=f"only {n_items} questions: accuracy intervals are wide (see each variant's minimum detectable difference)"))
     for result in results.models:
         if result.precision and result.precision.offloaded:
@@ -348,6 +369,10 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
         for point in result.cost.latency if result.cost else []:
             if point.noisy:
                 warnings.append(RunWarning(code="noisy-timing", model=result.name, message=f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} (coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care"))
+        if result is not reference and result.corpus and result.agreement is None:
+            warnings.append(RunWarning(code="tokenizer-mismatch", model=result.name, message=(
+                f"{result.name} tokenizes the corpus differently from the reference: KL, top-1 agreement and delta-p are not "
+                "computed for it (they need identical token ids); its perplexity is, on its own tokens")))
         if result is not reference and result.loglik and result.agreement is None:
             warnings.append(RunWarning(code="tokenizer-mismatch", model=result.name, message=(
                 f"{result.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement "
@@ -361,13 +386,14 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
               models: list[ModelSpec], floors: list[ModelSpec] = (), cost_rounds: int = 1, thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
     folder = RunFolder(root)
-    item_ids = [item.item_id for item in folder.read_items()]
+    corpus = dataset.kind == "text"
+    item_ids = [] if corpus else [item.item_id for item in folder.read_items()]
     results = Results(tool_version=__version__, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
     for spec in models:
-        result, quality, generated = _model_result(folder, spec, item_ids, expected, cost_rounds)
+        result, quality, generated = _model_result(folder, spec, item_ids, expected, cost_rounds, dataset.n_items)
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))
@@ -375,13 +401,19 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     results.finished = not results.missing
     reference = results.models[0]
     results.floors, floor_answers = _floors(folder, floors, per_model[reference.name], item_ids)
-    for result in results.models[1:]:
+    reference_windows = read_windows(folder, models[0]) if corpus else []
+    if reference_windows:
+        reference.corpus = corpus_statistics(reference_windows, None, dataset.context, seed)[0]
+    for spec, result in zip(models[1:], results.models[1:]):
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
+        if reference_windows and (windows := read_windows(folder, spec)):
+            level = fail_level(quality_check_count(False, False, windows[0].kl is not None))
+            result.corpus, result.agreement = corpus_statistics(reference_windows, windows, dataset.context, seed, level)
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
         unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
         result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured)
-    results.warnings = extra_warnings + _warnings(results, len(item_ids))
+    results.warnings = extra_warnings + _warnings(results, dataset.n_items)
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
     return results

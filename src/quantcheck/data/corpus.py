@@ -1,0 +1,109 @@
+"""Text corpora (`--dataset text:FILE`): next-token differences at every token of a text, llama.cpp-style.
+
+The text is tokenized once by the reference's tokenizer and cut into consecutive windows of
+`context` tokens, as `llama-perplexity` does: the first token of each window becomes the
+beginning-of-sequence token where the model's tokenizer adds one, and only the second half of
+each window is scored, so that every scored token has at least `context / 2` tokens before it.
+The windows' token ids are stored once and replayed through every variant.
+
+A corpus file is plain text, or JSONL with one {"text": ...} object per line (documents joined by
+a blank line). `text:builtin` is the public-domain text shipped with the project (`BUILTIN_CORPUS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantcheck.errors import DatasetError
+
+TEXT_PREFIX = "text:"
+BUILTIN_CORPUS = "builtin"
+MIN_CONTEXT = 16
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """A text to score at every token; `content_hash` identifies it for the run folder's resume check."""
+
+    spec: str
+    source: str
+    text: str
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+def is_corpus(spec: str) -> bool:
+    return spec.startswith(TEXT_PREFIX)
+
+
+def load_corpus(spec: str) -> TextCorpus:
+    """Read `text:FILE` (plain text or JSONL of {"text": ...}) or `text:builtin`."""
+    name = spec.removeprefix(TEXT_PREFIX)
+    if name == BUILTIN_CORPUS:
+        from quantcheck.data.builtin_corpus import builtin_corpus_path
+
+        path, source = builtin_corpus_path()
+    else:
+        path = Path(name).expanduser()
+        source = f"file {path.resolve()}"
+        if not path.is_file():
+            raise DatasetError(f"text corpus {name!r} is not a file: give text:FILE (plain text or JSONL with a \"text\" field) or text:{BUILTIN_CORPUS}")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read the corpus: {error.strerror}") from None
+    text = _jsonl_text(path, raw) if path.suffix == ".jsonl" else raw
+    if not text.strip():
+        raise DatasetError(f"{path}: the corpus has no text")
+    return TextCorpus(spec=spec, source=source, text=text)
+
+
+def _jsonl_text(path: Path, raw: str) -> str:
+    documents = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}): one {{\"text\": ...}} object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DatasetError(f"{path}:{number}: expected an object with a \"text\" string")
+        documents.append(record["text"])
+    return "\n\n".join(documents)
+
+
+def scored_per_window(context: int) -> int:
+    """Positions scored in one window: logits at first..context-2 predict tokens first+1..context-1 (llama.cpp)."""
+    return context - 1 - first_scored(context)
+
+
+def first_scored(context: int) -> int:
+    return context // 2
+
+
+def make_windows(tokenizer, text: str, context: int, limit: int | None) -> list[list[int]]:
+    """Consecutive windows of `context` token ids (the first `limit` of them), as `llama-perplexity` cuts them."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    count = len(ids) // context
+    if count == 0:
+        raise DatasetError(f"the corpus has {len(ids)} tokens, fewer than one window of --context {context}: "
+                           "give a longer text or a smaller --context")
+    if limit is not None:
+        count = min(count, limit)
+    bos = _added_bos(tokenizer)
+    windows = [ids[index * context:(index + 1) * context] for index in range(count)]
+    return [[bos, *window[1:]] if bos is not None else window for window in windows]
+
+
+def _added_bos(tokenizer) -> int | None:
+    """The beginning-of-sequence id where the tokenizer adds one (llama.cpp then puts it first in every window)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    encoded = tokenizer.encode("a")
+    return bos if bos is not None and encoded and encoded[0] == bos else None
