@@ -1,8 +1,8 @@
 """Render a run folder into a report: report.html, report.md, metrics.csv and figures/*.png.
 
-Reads only the files of the run folder (results.json, items.jsonl, dataset.jsonl) with the shared
-pydantic schema; never imports torch or transformers, so it renders in about a second and works on
-a machine without the model. Partial runs render too: the report says what is missing.
+Reads only the files of the run folder (results.json, items.jsonl, dataset.jsonl, a text corpus's
+models/*/corpus.jsonl) with the shared pydantic schema; never imports torch or transformers, so it
+renders in about a second and works on a machine without the model. Partial runs render too: the report says what is missing.
 
     from quantcheck.report import render_report
     files = render_report(Path("runs/my-run"))
@@ -66,16 +66,18 @@ def render_report(run_dir: Path) -> ReportFiles:
         figures: dict[str, Path] = {}
         missing: dict[str, str] = {}
         for spec in plots.FIGURES:
-            try:
-                path = plots.draw(spec, data, fig_dir, colors)
-            except OSError:
-                raise
-            except Exception as exc:  # a figure must not take the whole report down with it
-                log.warning("figure %s could not be drawn", spec.key, exc_info=True)
-                path = None
-                missing[spec.key] = f"could not be drawn ({type(exc).__name__}: {exc})"
+            path = None
+            if data.kind in spec.kinds:  # another kind of run's figure is neither drawn nor reported missing
+                try:
+                    path = plots.draw(spec, data, fig_dir, colors)
+                except OSError:
+                    raise
+                except Exception as exc:  # a figure must not take the whole report down with it
+                    log.warning("figure %s could not be drawn", spec.key, exc_info=True)
+                    missing[spec.key] = f"could not be drawn ({type(exc).__name__}: {exc})"
+                if path is None:
+                    missing.setdefault(spec.key, spec.needs)
             if path is None:
-                missing.setdefault(spec.key, spec.needs)
                 stale = fig_dir / spec.filename
                 if stale.exists():  # a figure from an earlier render would contradict this one
                     stale.unlink()

@@ -1,8 +1,9 @@
 """Reading a run folder for the report, tolerant of partial runs, and writing files atomically.
 
-Only `results.json` is required. `items.jsonl` and `dataset.jsonl` may be absent (a partial run)
-or end with a truncated line (a run that crashed while writing); what cannot be read is recorded
-in :attr:`RunData.problems` so the report can say what is missing instead of failing.
+Only `results.json` is required. `items.jsonl`, `dataset.jsonl` and a text corpus's
+`models/<model>/corpus.jsonl` may be absent (a partial run) or end with a truncated line (a run that
+crashed while writing); what cannot be read is recorded in :attr:`RunData.problems` so the report
+can say what is missing instead of failing.
 """
 
 from __future__ import annotations
@@ -10,19 +11,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from quantcheck.errors import ResultsFolderError
-from quantcheck.results.schema import ItemRecord, ModelResult, Results
+from quantcheck.results.schema import ItemRecord, ModelResult, Results, WindowRecord
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
 DATASET_FILE = "dataset.jsonl"
+CORPUS_FILE = "corpus.jsonl"
+MODELS_DIR = "models"
 REFERENCE = "reference"
 
 # Reported bad lines are capped so a garbage file does not flood the report.
 _MAX_REPORTED_BAD_LINES = 5
+
+Record = TypeVar("Record", bound=BaseModel)
 
 
 @dataclass
@@ -46,7 +52,18 @@ class RunData:
     dataset: dict[str, DatasetItem] = field(default_factory=dict)
     has_items_file: bool = False
     has_dataset_file: bool = False
+    windows: dict[str, list[WindowRecord]] = field(default_factory=dict)
+    """A text corpus: each model's per-window records (by display name), in window order."""
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def is_text(self) -> bool:
+        return is_text_run(self.results)
+
+    @property
+    def kind(self) -> str:
+        """The run's `DatasetInfo.kind`: "text" or "questions"."""
+        return "text" if self.is_text else "questions"
 
     @property
     def reference(self) -> ModelResult | None:
@@ -55,6 +72,11 @@ class RunData:
     @property
     def variants(self) -> list[ModelResult]:
         return variant_models(self.results)
+
+
+def is_text_run(results: Results) -> bool:
+    """A text corpus scored at every token: no questions, so no accuracy, items or choices to show."""
+    return results.dataset is not None and results.dataset.kind == "text"
 
 
 def reference_model(results: Results) -> ModelResult | None:
@@ -104,20 +126,36 @@ def _read_jsonl_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
     return [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def load_items(path: Path, problems: list[str]) -> list[ItemRecord]:
-    items: list[ItemRecord] = []
+def _load_records(path: Path, name: str, model: type[Record], what: str, problems: list[str]) -> list[Record]:
+    """The valid lines of a JSONL file (`name` in messages); an invalid one (a torn last line) is a problem, not an error."""
+    records: list[Record] = []
     bad = 0
     for lineno, line in _read_jsonl_lines(path, problems):
         try:
-            items.append(ItemRecord.model_validate_json(line))
+            records.append(model.model_validate_json(line))
         except ValidationError as exc:
             bad += 1
             if bad <= _MAX_REPORTED_BAD_LINES:
                 msg = exc.errors()[0].get("msg", "") if exc.errors() else str(exc)
-                problems.append(f"{path.name} line {lineno} is not a valid item record: {_one_line(msg)}")
+                problems.append(f"{name} line {lineno} is not a valid {what}: {_one_line(msg)}")
     if bad > _MAX_REPORTED_BAD_LINES:
-        problems.append(f"{path.name}: {bad - _MAX_REPORTED_BAD_LINES} more invalid lines not listed")
-    return items
+        problems.append(f"{name}: {bad - _MAX_REPORTED_BAD_LINES} more invalid lines not listed")
+    return records
+
+
+def load_items(path: Path, problems: list[str]) -> list[ItemRecord]:
+    return _load_records(path, path.name, ItemRecord, "item record", problems)
+
+
+def load_windows(models_dir: Path, problems: list[str]) -> dict[str, list[WindowRecord]]:
+    """Every model's corpus records, keyed by the model each record names (its display name, whatever
+    its folder is called); a window scored again after a crash counts once, as its latest copy."""
+    latest: dict[str, dict[int, WindowRecord]] = {}
+    for path in sorted(models_dir.glob(f"*/{CORPUS_FILE}")):
+        name = f"{MODELS_DIR}/{path.parent.name}/{CORPUS_FILE}"
+        for record in _load_records(path, name, WindowRecord, "window record", problems):
+            latest.setdefault(record.model, {})[record.window] = record
+    return {model: [records[w] for w in sorted(records)] for model, records in latest.items()}
 
 
 def load_dataset(path: Path, problems: list[str]) -> dict[str, DatasetItem]:
@@ -162,4 +200,6 @@ def load_run(run_dir: Path) -> RunData:
     if dataset_path.is_file():
         data.has_dataset_file = True
         data.dataset = load_dataset(dataset_path, data.problems)
+    if data.is_text:
+        data.windows = load_windows(run_dir / MODELS_DIR, data.problems)
     return data

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from quantcheck.report import format as fmt  # noqa: E402
 from quantcheck.report.data import RunData, reference_model  # noqa: E402
 from quantcheck.results.store import write_bytes_atomic  # noqa: E402
-from quantcheck.results.schema import ItemRecord, ModelResult, Results  # noqa: E402
+from quantcheck.results.schema import ItemRecord, ModelResult, Results, WindowRecord  # noqa: E402
 
 DPI = 110
 FIGURES_DIR = "figures"
@@ -58,6 +58,7 @@ _GIB = 1024**3
 _MPL_VERSION = tuple(int(p) for p in matplotlib.__version__.split(".")[:2] if p.isdigit())
 _HORIZONTAL = {"orientation": "horizontal"} if _MPL_VERSION >= (3, 10) else {"vert": False}
 KL_FLOOR = 1e-7  # KL values below this are drawn at this value on the log axis
+ROLLING_TOKENS = 32  # the corpus KL line is the mean over this many consecutive scored tokens
 
 
 def model_colors(results: Results, items: list[ItemRecord] | None = None) -> dict[str, str]:
@@ -276,6 +277,48 @@ def plot_kl(results: Results, items: list[ItemRecord], out_dir: Path, colors: di
     return _save(fig, out_dir, "kl.png")
 
 
+# ----------------------------------------------------------------------------- (3b) corpus KL
+
+@_styled
+def plot_corpus_kl(results: Results, windows: dict[str, list[WindowRecord]], out_dir: Path,
+                   colors: dict[str, str]) -> Path | None:
+    """Per-token KL(reference || variant) along the text, window after window: where in the corpus a
+    variant departs from the reference, which the table's percentiles cannot say."""
+    ref = reference_model(results)
+    names = [m.name for m in results.models if m is not ref and any(r.kl is not None for r in windows.get(m.name, []))]
+    if not names:
+        return None
+    width = max(len(r.kl) for n in names for r in windows[n] if r.kl is not None)
+    n_windows = 1 + max(r.window for n in names for r in windows[n])
+    fig, (ax,) = _new_figure(11.0, 4.6)
+    for boundary in range(1, n_windows):
+        ax.axvline(boundary * width, color="gray", lw=0.8, alpha=0.35, zorder=0)
+    floored = False
+    for name in names:
+        records = [r for r in windows[name] if r.kl is not None]
+        x = np.concatenate([r.window * width + np.arange(len(r.kl)) for r in records])
+        kl = np.concatenate([np.asarray(r.kl, dtype=float) for r in records])
+        floored = floored or bool((kl < KL_FLOOR).any())
+        color = colors.get(name, "C0")
+        ax.plot(x, np.maximum(kl, KL_FLOOR), ls="none", marker=".", ms=2.5, color=color, alpha=0.25,
+                rasterized=len(kl) > 2000)
+        span = min(ROLLING_TOKENS, len(kl))
+        rolling = np.convolve(kl, np.ones(span) / span, mode="valid")
+        ax.plot(x[span - 1:] - (span - 1) / 2, np.maximum(rolling, KL_FLOOR), color=color, lw=1.8,
+                label=f"{name} (mean {fmt.nats(float(kl.mean()))})")
+    ax.axhline(results.thresholds.max_mean_kl, color="#b22222", ls="--", lw=1.2,
+               label=f"max mean KL threshold ({fmt.nats(results.thresholds.max_mean_kl)})")
+    ax.set_yscale("log")
+    ax.set_xlim(0, n_windows * width)
+    ax.set_xlabel(f"scored token along the text ({width} per window; faint lines: window boundaries)")
+    floor_note = f"; values < {KL_FLOOR:g} drawn at {KL_FLOOR:g}" if floored else ""
+    ax.set_ylabel(f"KL(reference \u2016 variant), nats\n(log scale{floor_note})")
+    ax.set_title(f"KL divergence per token along the text (line: mean over {ROLLING_TOKENS} tokens)")
+    ax.grid(axis="x", visible=False)
+    fig.legend(loc="outside lower center", ncols=min(4, len(names) + 1), frameon=False)
+    return _save(fig, out_dir, "corpus_kl.png")
+
+
 # ------------------------------------------------------------------------ (4) accuracy & speed
 
 @_styled
@@ -462,6 +505,8 @@ class FigureSpec:
     title: str
     caption: str
     needs: str
+    kinds: tuple[str, ...] = ("questions", "text")
+    """The runs (`DatasetInfo.kind`) the figure belongs to: in any other it is neither drawn nor missed."""
 
 
 FIGURES: list[FigureSpec] = [
@@ -475,6 +520,14 @@ FIGURES: list[FigureSpec] = [
         "needs cost_vs_reference and paired_loglik (or agreement) for at least one variant",
     ),
     FigureSpec(
+        "corpus_kl", "corpus_kl.png", "KL divergence per token along the text",
+        f"KL(reference \u2016 variant) at every scored token, in the corpus's order (light points), with its mean over "
+        f"{ROLLING_TOKENS} consecutive tokens (line); faint vertical lines separate the windows. Log scale: a KL below "
+        f"{KL_FLOOR:g} (an identical prediction) is drawn at {KL_FLOOR:g}.",
+        "needs per-token kl values in models/<model>/corpus.jsonl for at least one variant",
+        kinds=("text",),
+    ),
+    FigureSpec(
         "cost", "cost.png", "Peak memory and forward latency vs batch size",
         "Peak memory and median forward latency (p10\u2013p90 bars; circled points are noisy) per batch size; "
         "an X marks a batch size that ran out of memory.",
@@ -485,6 +538,7 @@ FIGURES: list[FigureSpec] = [
         "Accuracy with 95% Wilson intervals for log-likelihood scoring (filled) and generative scoring (hollow). "
         "Words per minute depends on how long each model's answers are, so mean output words are shown with it.",
         "needs loglik or generative accuracy for at least one model",
+        kinds=("questions",),
     ),
     FigureSpec(
         "jaccard", "jaccard.png", "Next-token agreement: Jaccard@k",
@@ -497,6 +551,7 @@ FIGURES: list[FigureSpec] = [
         "Per-item KL(reference \u2016 variant) over the full vocabulary at the answer position; boxes show quartiles, "
         "diamonds the mean, the dashed line the mean-KL threshold.",
         "needs per-item kl values in items.jsonl",
+        kinds=("questions",),
     ),
 ]
 
@@ -518,6 +573,8 @@ def draw(spec: FigureSpec, data: RunData, out_dir: Path, colors: dict[str, str])
         return plot_jaccard(r, out_dir, colors)
     if spec.key == "kl":
         return plot_kl(r, data.items, out_dir, colors)
+    if spec.key == "corpus_kl":
+        return plot_corpus_kl(r, data.windows, out_dir, colors)
     if spec.key == "accuracy":
         return plot_accuracy(r, out_dir, colors, n_choices(data))
     if spec.key == "tradeoff":
