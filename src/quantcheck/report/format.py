@@ -70,12 +70,13 @@ def points_ci(diff: float | None, ci: Interval | None) -> str:
     return f"{text} {interval(ci, 'points')}" if ci is not None else text
 
 
-def percent_ci(x: float | None, ci: Interval | None) -> str:
-    """An accuracy with its interval: ``"72.5% [61.0, 81.3]"``."""
+def percent_ci(x: float | None, ci: Interval | None, digits: int = 1) -> str:
+    """An accuracy with its interval: ``"72.5% [61.0, 81.3]"``; a probability change with
+    ``digits=3``, as llama-perplexity prints delta-p: ``"-0.596% [-0.624, -0.568]"``."""
     if _missing(x):
         return NA
-    text = percent(x)
-    return f"{text} {interval(ci, 'percent')}" if ci is not None else text
+    text = percent(x, digits)
+    return f"{text} {interval(ci, 'percent', digits)}" if ci is not None else text
 
 
 def pvalue(p: float | None) -> str:
@@ -104,6 +105,13 @@ def nats_ci(x: float | None, ci: Interval | None) -> str:
     if _missing(x):
         return NA
     return f"{nats(x)} {interval(ci, 'nats')}" if ci is not None else nats(x)
+
+
+def number_ci(x: float | None, ci: Interval | None) -> str:
+    """A plain number (a perplexity or its ratio) with three decimals and its interval: ``"1.028 [1.021, 1.036]"``."""
+    if _missing(x):
+        return NA
+    return f"{number(x, 3)} {interval(ci, 'plain')}" if ci is not None else number(x, 3)
 
 
 def fraction(x: float | None, digits: int = 3) -> str:

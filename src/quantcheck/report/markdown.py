@@ -76,7 +76,7 @@ def render_markdown(
     out += ["## Verdict", ""]
     rows = table.verdict_rows(r)
     if rows:
-        out += md_table(table.VERDICT_COLUMNS, [row.cells() for row in rows])
+        out += md_table(table.verdict_columns(r), [row.cells(data.is_text) for row in rows])
         out.append("")
         for row in rows:
             line = f"- **{md_text(row.name)}** \u2014 {row.decision}"
@@ -94,12 +94,16 @@ def render_markdown(
     if familywise := table.familywise_text(r):
         out += [f"{familywise}.", ""]
 
-    out += ["## Key numbers", "", "### Accuracy and flips (same items, paired)", ""]
-    out += md_table(table.ACCURACY_COLUMNS, table.accuracy_rows(r)) + [""]
+    if data.is_text:
+        out += _corpus_section(data)
+    out += ["## Key numbers", ""]
+    if not data.is_text:
+        out += ["### Accuracy and flips (same items, paired)", ""]
+        out += md_table(table.ACCURACY_COLUMNS, table.accuracy_rows(r)) + [""]
     agreement = table.agreement_rows(r)
     if agreement:
         out += ["### Next-token agreement with the reference", ""]
-        out += md_table(table.agreement_columns(), agreement) + [""]
+        out += md_table(table.agreement_columns(data.is_text), agreement) + [""]
     if floors := table.floor_rows(r):
         out += ["### Noise floors: the reference against itself", ""]
         out += md_table(table.FLOOR_COLUMNS, floors) + [""]
@@ -139,5 +143,19 @@ def render_markdown(
 
     out += ["## Environment", ""]
     out += md_table(["Setting", "Value"], [[k, v] for k, v in environment_rows(data)])
-    out += ["", "_Full report with per-item answers: `report.html` in the run folder; raw numbers: `metrics.csv`._", ""]
+    if data.is_text:
+        out += ["", "_Full report: `report.html` in the run folder; raw numbers: `metrics.csv`; per-token records: `models/<model>/corpus.jsonl`._", ""]
+    else:
+        out += ["", "_Full report with per-item answers: `report.html` in the run folder; raw numbers: `metrics.csv`._", ""]
     return "\n".join(out)
+
+
+def _corpus_section(data: RunData) -> list[str]:
+    """A text run's statistics in llama-perplexity's layout, its notes once under the table."""
+    r = data.results
+    out = [f"## Text corpus: {md_text(table.corpus_heading(r))}", ""]
+    rows = table.corpus_rows(r)
+    if not rows:
+        return out + ["No variant has corpus statistics.", ""]
+    out += md_table(table.corpus_columns(r), rows) + [""]
+    return out + [f"- {md_text(note)}." for note in table.corpus_notes(r)] + [""]

@@ -58,12 +58,13 @@ def missing_notes(data: RunData, skipped_figures: dict[str, str] | None = None) 
         notes.append(MissingNote("No model information (results.json has no 'model' section)."))
     if r.dataset is None:
         notes.append(MissingNote("No dataset information (results.json has no 'dataset' section)."))
-    if not data.has_items_file:
-        notes.append(MissingNote(f"{ITEMS_FILE} is missing: no per-item answers, flips or KL distribution."))
-    elif not data.items:
-        notes.append(MissingNote(f"{ITEMS_FILE} holds no readable item records."))
-    if not data.has_dataset_file:
-        notes.append(MissingNote(f"{DATASET_FILE} is missing: questions and choices are not shown."))
+    if not data.is_text:  # a text corpus has no items or questions: its per-window records are the figure's to miss
+        if not data.has_items_file:
+            notes.append(MissingNote(f"{ITEMS_FILE} is missing: no per-item answers, flips or KL distribution."))
+        elif not data.items:
+            notes.append(MissingNote(f"{ITEMS_FILE} holds no readable item records."))
+        if not data.has_dataset_file:
+            notes.append(MissingNote(f"{DATASET_FILE} is missing: questions and choices are not shown."))
     for problem in data.problems:
         notes.append(MissingNote(problem))
     for title, reason in (skipped_figures or {}).items():
@@ -121,7 +122,12 @@ def environment_rows(data: RunData) -> list[tuple[str, str]]:
         rows.append(("Memory measured with", ", ".join(methods)))
     for key, value in r.environment.items():
         rows.append((str(key), _value_text(value)))
-    if r.dataset is not None:
+    if r.dataset is not None and data.is_text:  # windows of a text corpus: no subjects, no answer letters
+        ds = r.dataset
+        rows.append(("Dataset", f"{ds.spec} \u2014 {fmt.integer(ds.n_items)} windows of {fmt.integer(ds.context)} tokens from {ds.source}"))
+        rows.append(("Dataset hash", ds.content_hash))
+        rows.append(("Windows", ds.prompt_format))
+    elif r.dataset is not None:
         ds = r.dataset
         subjects = ", ".join(ds.subjects[:8]) + (f" and {len(ds.subjects) - 8} more" if len(ds.subjects) > 8 else "")
         rows.append(("Dataset", f"{ds.spec} \u2014 {fmt.integer(ds.n_items)} items from {ds.source}"))

@@ -11,8 +11,8 @@ import io
 from dataclasses import dataclass, field
 
 from quantcheck.report import format as fmt
-from quantcheck.report.data import reference_model, variant_models
-from quantcheck.results.schema import DRIFT_TOLERANCE, LatencyPoint, ModelResult, Results
+from quantcheck.report.data import is_text_run, reference_model, variant_models
+from quantcheck.results.schema import DRIFT_TOLERANCE, Estimate, Interval, LatencyPoint, ModelResult, Results
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
 
@@ -29,6 +29,12 @@ VERDICT_COLUMNS = [
     "Top-1 agreement",
     "Jaccard@1 / @20",
 ]
+QUESTION_ONLY_COLUMNS = ("\u0394 accuracy (loglik) [95% CI]", "McNemar p")
+"""Verdict columns a text run leaves out: it has no questions, so no accuracy."""
+
+
+def verdict_columns(results: Results) -> list[str]:
+    return [c for c in VERDICT_COLUMNS if not (is_text_run(results) and c in QUESTION_ONLY_COLUMNS)]
 
 
 @dataclass
@@ -49,8 +55,9 @@ class VerdictRow:
     reasons: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def cells(self) -> list[str]:
-        return [
+    def cells(self, text_run: bool = False) -> list[str]:
+        """The row under `VERDICT_COLUMNS`, or under `verdict_columns` of a text run when `text_run`."""
+        cells = [
             self.name,
             self.decision,
             self.memory,
@@ -60,6 +67,7 @@ class VerdictRow:
             self.top1,
             self.jaccard,
         ]
+        return [cell for cell, column in zip(cells, VERDICT_COLUMNS) if not (text_run and column in QUESTION_ONLY_COLUMNS)]
 
 
 def decision_text(m: ModelResult) -> tuple[str, str]:
@@ -113,9 +121,11 @@ def verdict_rows(results: Results) -> list[VerdictRow]:
 
 
 def thresholds_text(results: Results) -> str:
+    """The limits the verdicts judged: a text run has no accuracy to judge."""
     t = results.thresholds
+    accuracy = "" if is_text_run(results) else f"accuracy drop \u2264 {t.max_accuracy_drop * 100:.1f} pts, "
     return (
-        f"accuracy drop \u2264 {t.max_accuracy_drop * 100:.1f} pts, mean KL \u2264 {fmt.nats(t.max_mean_kl)} nats, "
+        f"{accuracy}mean KL \u2264 {fmt.nats(t.max_mean_kl)} nats, "
         f"top-1 agreement \u2265 {fmt.percent(t.min_top1_agreement)}, "
         f"weight memory saving \u2265 {fmt.percent(t.min_memory_saving)}"
     )
@@ -230,10 +240,11 @@ def accuracy_rows(results: Results) -> list[list[str]]:
 
 # ------------------------------------------------------------------------------ token agreement
 
-def agreement_columns() -> list[str]:
+def agreement_columns(text_run: bool = False) -> list[str]:
+    """A text run compares every scored token, a question run one position per question."""
     return [
         "Variant",
-        "Items",
+        "Tokens" if text_run else "Items",
         "Top-1 agreement [95% CI]",
         "Mean KL [95% CI]",
         "Median / p90 / max KL",
@@ -260,6 +271,117 @@ def agreement_rows(results: Results) -> list[list[str]]:
             ]
         )
     return rows
+
+
+# ----------------------------------------------------------------------------------- text corpus
+
+def _stat_label(key: str) -> str:
+    """llama-perplexity's name of a statistic: "99" -> "99.0%", "median" -> "Median"."""
+    names = {"mean": "Mean", "max": "Maximum", "min": "Minimum", "median": "Median", "rms": "RMS"}
+    return names.get(key) or f"{float(key):.1f}%"
+
+
+KLD_KEYS = ("mean", "max", "99.9", "99", "median", "10", "5", "1", "min")
+DELTA_P_KEYS = ("mean", "max", "99.9", "99", "95", "90", "75", "median", "25", "10", "5", "1", "0.1", "min", "rms")
+CORPUS_ROWS: list[tuple[str, str, str]] = [
+    ("Mean PPL(Q)", "ppl", ""),
+    ("Mean PPL(base)", "ppl_base", ""),
+    ("Mean ln(PPL(Q)/PPL(base))", "log_ratio", ""),
+    ("Mean PPL(Q)/PPL(base)", "ratio", ""),
+    *[(f"{_stat_label(key)} KLD", "kl", key) for key in KLD_KEYS],
+    *[(f"{_stat_label(key)} \u0394p", "delta_p", key) for key in DELTA_P_KEYS],
+    ("Same top p", "same_top1", ""),
+]
+"""(label, statistic, key) of each row, in `llama-perplexity --kl-divergence`'s order and words."""
+
+PUBLISHED_COLUMN = "llama.cpp's published Llama-3-8B Q8_0 / Q4_K_M (another model)"
+PUBLISHED_LLAMA3_8B: dict[str, tuple[float, float]] = {
+    "Mean PPL(Q)/PPL(base)": (1.000425, 1.028160),
+    "Mean KLD": (0.001355, 0.031273),
+    "Mean \u0394p": (-0.00019, -0.00596),
+    "RMS \u0394p": (0.01198, 0.05519),
+    "Same top p": (0.97674, 0.91901),
+}
+"""(Q8_0, Q4_K_M) against FP16 on Wikitext-2, from llama.cpp's tools/perplexity/README.md: orientation only."""
+PUBLISHED_NOTE = (
+    "The last column holds llama.cpp's published numbers for another model (Llama-3-8B quantized to Q8_0 and "
+    "Q4_K_M, against its FP16 logits on Wikitext-2 with llama-perplexity's defaults; tools/perplexity/README.md), "
+    "for orientation only: another model, corpus and context, not a measurement of this run"
+)
+
+
+def _format_statistic(kind: str, value: float | None, ci: Interval | None) -> str:
+    if kind in ("ppl", "ppl_base", "ratio"):
+        return fmt.number_ci(value, ci)
+    if kind in ("log_ratio", "kl"):
+        return fmt.nats_ci(value, ci)
+    if kind == "delta_p":
+        return fmt.percent_ci(value, ci, digits=3)
+    return fmt.percent_ci(value, ci)
+
+
+def _statistic(m: ModelResult, reference: ModelResult | None, kind: str, key: str) -> Estimate | None:
+    corpus = m.corpus
+    if kind == "ppl_base":
+        return reference.corpus.perplexity if reference is not None and reference.corpus is not None else None
+    if kind in ("kl", "delta_p"):
+        return getattr(corpus, kind).get(key)
+    return {"ppl": corpus.perplexity, "log_ratio": corpus.mean_log_ratio, "ratio": corpus.perplexity_ratio,
+            "same_top1": corpus.same_top1}[kind]
+
+
+def corpus_variants(results: Results) -> list[ModelResult]:
+    return [m for m in variant_models(results) if m.corpus is not None]
+
+
+def corpus_heading(results: Results) -> str:
+    """What the corpus table was measured on (a text run): windows, context and scored tokens."""
+    ds = results.dataset
+    reference = reference_model(results)
+    tokens = reference.corpus.tokens if reference is not None and reference.corpus is not None else None
+    return (f"{fmt.integer(ds.n_items)} windows of {fmt.integer(ds.context)} tokens, the second half of each scored: "
+            f"{fmt.integer(tokens)} scored tokens")
+
+
+def corpus_columns(results: Results) -> list[str]:
+    return ["Statistic", *[m.name for m in corpus_variants(results)], PUBLISHED_COLUMN]
+
+
+def corpus_rows(results: Results) -> list[list[str]]:
+    """One row per llama-perplexity statistic, one column per variant, then the published orientation."""
+    reference = reference_model(results)
+    variants = corpus_variants(results)
+    if not variants:
+        return []
+    rows = []
+    for label, kind, key in CORPUS_ROWS:
+        cells = []
+        for m in variants:
+            estimate = _statistic(m, reference, kind, key)
+            text = _format_statistic(kind, estimate.value if estimate else None, estimate.ci if estimate else None)
+            cells.append(_bound_mark(m.agreement, text) if kind == "kl" and m.agreement is not None and estimate else text)
+        published = PUBLISHED_LLAMA3_8B.get(label)
+        rows.append([label, *cells, " / ".join(_format_statistic(kind, v, None) for v in published) if published else ""])
+    return rows
+
+
+def corpus_notes(results: Results) -> list[str]:
+    """What the corpus table's numbers are, said once under it."""
+    notes = [
+        "Intervals are 95% and resample whole windows (a window's tokens share their context, so they are not "
+        "independent); a statistic without one had no spread to resample",
+        "KLD is KL(reference \u2016 variant) per scored token in nats; \u0394p is p(variant) \u2212 p(reference) of the "
+        "actual next token, in percent of probability; PPL(base) is the reference's",
+    ]
+    if any(m.agreement is not None and m.agreement.kl.store == "compact" for m in corpus_variants(results)):
+        notes.append("KL per token is estimated from the reference's compact store: its top K exactly, the tail from "
+                     "its stored samples")
+    short = [f"{m.name} ({fmt.integer(m.corpus.windows)})" for m in corpus_variants(results)
+             if results.dataset is not None and m.corpus.windows != results.dataset.n_items]
+    if short:
+        notes.append("Scored on fewer windows than the run holds: " + ", ".join(short))
+    notes.append(PUBLISHED_NOTE)
+    return notes
 
 
 # ---------------------------------------------------------------------------------------- floors
