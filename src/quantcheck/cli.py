@@ -155,6 +155,19 @@ def _print_summary(results, quiet: bool) -> None:
     """One row per model, then one line per variant: the verdict and its one-sentence reason."""
     if quiet:
         return
+    from quantcheck.report.data import is_text_run
+
+    table = _text_summary(results) if is_text_run(results) else _question_summary(results)
+    console = _stdout()
+    console.print(table)
+    for result in results.models[1:]:
+        if result.verdict:
+            console.print(f"[bold]{result.name}[/bold]: {result.verdict.summary}", highlight=False)
+    for warning in results.warnings:
+        console.print(f"[yellow]warning[/yellow] {warning.message}", highlight=False)
+
+
+def _question_summary(results) -> Table:
     from quantcheck.report.format import memory_vs_ref, nats, percent, points_ci
 
     table = Table(title="quantcheck summary")
@@ -172,13 +185,29 @@ def _print_summary(results, quiet: bool) -> None:
             memory_vs_ref(cost.weight_memory_ratio, cost.memory_saving) if cost else "",
             result.verdict.decision if result.verdict else "",
         )
-    console = _stdout()
-    console.print(table)
-    for result in results.models[1:]:
-        if result.verdict:
-            console.print(f"[bold]{result.name}[/bold]: {result.verdict.summary}", highlight=False)
-    for warning in results.warnings:
-        console.print(f"[yellow]warning[/yellow] {warning.message}", highlight=False)
+    return table
+
+
+def _text_summary(results) -> Table:
+    """A text corpus has no accuracy: perplexity and its ratio to the reference's stand in its place."""
+    from quantcheck.report.format import memory_vs_ref, nats, number, number_ci, percent
+
+    table = Table(title=f"quantcheck summary: {results.dataset.n_items} windows of {results.dataset.context} tokens")
+    for column in ("model", "PPL", "PPL ratio (95% CI)", "mean KL", "same top-1", "weights vs ref", "verdict"):
+        table.add_column(column)
+    for result in results.models:
+        corpus, agreement, cost = result.corpus, result.agreement, result.cost_vs_reference
+        ratio = corpus.perplexity_ratio if corpus else None
+        table.add_row(
+            result.name + ("" if result.status == "ok" else f" [{result.status}]"),
+            number(corpus.perplexity.value, 3) if corpus else "-",
+            number_ci(ratio.value, ratio.ci) if ratio else "",
+            ("≥ " if agreement.kl.is_lower_bound else "") + nats(agreement.kl.mean.value) if agreement else "",
+            percent(corpus.same_top1.value) if corpus and corpus.same_top1 else "",
+            memory_vs_ref(cost.weight_memory_ratio, cost.memory_saving) if cost else "",
+            result.verdict.decision if result.verdict else "",
+        )
+    return table
 
 
 def _print_files(folder: Path, took: str = "") -> None:
