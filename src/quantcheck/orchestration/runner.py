@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
 from quantcheck import __version__
-from quantcheck.data.corpus import TextCorpus, is_corpus, load_corpus
+from quantcheck.data.corpus import TextCorpus, is_corpus, load_corpus, scored_per_window
 from quantcheck.data.items import Dataset
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
@@ -91,13 +91,13 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     checkpoint = lambda source: str(resolve_model(source, options.allow_pickle).path)  # noqa: E731
     models = [reference_spec(options.backend, str(model.path), options.reference_url)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
-    check_specs(models, device, options.engine)
-    if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
-        raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     corpus = is_corpus(options.dataset)
     if corpus:
         _check_text_backends(models)
         options = options.model_copy(update={"generation": None})  # a text has no questions to answer
+    check_specs(models, device, options.engine)
+    if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
+        raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], options.loglik, sampled) if options.floors and not corpus else []
     dataset = load_corpus(options.dataset) if corpus else load_dataset(options.dataset, options.limit, options.seed)
@@ -124,8 +124,10 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         reference_key |= {"prompt_format": "text windows", "corpus": corpus_job.model_dump()}
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
-    if not corpus:  # a corpus's row count is known once the reference has cut its windows (checked there)
+    if not corpus:
         folder.reference_store().check(len(dataset.items))
+    elif folder.reference_tokens_exist():  # a corpus's row count is known once the reference has cut its windows
+        folder.reference_store().check(len(folder.read_reference_tokens()) * scored_per_window(options.context))
     generation_key = options.generation.model_dump() if options.generation else None
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")

@@ -99,9 +99,12 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
                                                             "KL, top-1 agreement and delta-p are not computed; its perplexity is")
     path = folder.model_file(spec.folder, "corpus.jsonl")
     done = set(read_latest_by_id(path, WindowRecord, key="window"))
-    if spec.is_reference and reference.create(len(windows) * scored_per_window(context), backend.vocab_width, backend.top_logprobs) and done:
+    rows = len(windows) * scored_per_window(context)
+    if spec.is_reference and reference.create(rows, backend.vocab_width, backend.top_logprobs) and done:
         path.unlink()  # the stored rows behind these records are gone: score the reference again from scratch
         done = set()
+    elif not spec.is_reference:
+        reference.check(rows, backend.vocab_width)
     emit("phase", phase="corpus", total=len(windows), done=len(done & set(range(len(windows)))))
 
     def keep(records: list[WindowRecord]) -> None:
