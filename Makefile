@@ -70,6 +70,16 @@ $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL_BUILT) $(LLAMA_CONVERTER)
 
 llama-cpp: $(LLAMA_STAMP)
 
+# llama.cpp's own llama-perplexity, for bench/bench_vs_llama_perplexity.py only (about 5 min on 2 cores, once).
+LLAMA_TOOLS := $(QC_CACHE)/llama.cpp-tools/$(LLAMA_CPP_VERSION)
+LLAMA_PERPLEXITY := $(LLAMA_TOOLS)/build/bin/llama-perplexity
+$(LLAMA_PERPLEXITY): $(LLAMA_SDIST)
+	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_TOOLS) --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	cmake -S $(LLAMA_TOOLS) -B $(LLAMA_TOOLS)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/dev/null
+	cmake --build $(LLAMA_TOOLS)/build --target llama-perplexity -j >/dev/null
+
 demo: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/quantcheck run --quant bnb-nf4-dq --quant torchao-int8wo --quant gguf:Q4_K_M --out $(DEMO_OUT)
 
@@ -80,11 +90,12 @@ browser:
 test: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP) $(VLLM_STAMP)
+bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_backend_pass.py
 	$(BIN)/python bench/bench_cost_stability.py
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_vs_lmeval.py
+	$(BIN)/python bench/bench_vs_llama_perplexity.py --llama-perplexity $(LLAMA_PERPLEXITY)
 
 # The CUDA paths of the hf and vLLM backends, at most 8 minutes; without a GPU it says so and exits 0.
 gpu-check: $(STAMP)

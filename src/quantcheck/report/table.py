@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from quantcheck.report import format as fmt
 from quantcheck.report.data import is_text_run, reference_model, variant_models
+from quantcheck.results.corpus import DELTA_P_PERCENTILES, KL_PERCENTILES
 from quantcheck.results.schema import DRIFT_TOLERANCE, Estimate, Interval, LatencyPoint, ModelResult, Results
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
@@ -281,8 +282,8 @@ def _stat_label(key: str) -> str:
     return names.get(key) or f"{float(key):.1f}%"
 
 
-KLD_KEYS = ("mean", "max", "99.9", "99", "median", "10", "5", "1", "min")
-DELTA_P_KEYS = ("mean", "max", "99.9", "99", "95", "90", "75", "median", "25", "10", "5", "1", "0.1", "min", "rms")
+KLD_KEYS = ("mean", *KL_PERCENTILES)
+DELTA_P_KEYS = ("mean", *DELTA_P_PERCENTILES, "rms")
 CORPUS_ROWS: list[tuple[str, str, str]] = [
     ("Mean PPL(Q)", "ppl", ""),
     ("Mean PPL(base)", "ppl_base", ""),

@@ -16,7 +16,8 @@ import numpy as np
 from quantcheck.results.schema import CorpusStatistics, DivergenceSummary, Estimate, Interval, TokenAgreement, WindowRecord
 from quantcheck.stats.intervals import bootstrap_mean, heavy_tailed_mean
 
-KL_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "90": 90.0, "median": 50.0, "10": 10.0, "5": 5.0, "1": 1.0, "min": 0.0}
+KL_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "95": 95.0, "90": 90.0, "median": 50.0, "10": 10.0, "5": 5.0, "1": 1.0,
+                  "0.1": 0.1, "min": 0.0}
 DELTA_P_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "95": 95.0, "90": 90.0, "75": 75.0, "median": 50.0, "25": 25.0,
                        "10": 10.0, "5": 5.0, "1": 1.0, "0.1": 0.1, "min": 0.0}
 """llama-perplexity's rows, in its order."""
