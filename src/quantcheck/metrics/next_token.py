@@ -93,7 +93,7 @@ def top_k_ids(logprobs: torch.Tensor, k: int = max(TOP_K)) -> torch.Tensor:
     Only the top k + TIE_MARGIN candidates are sorted (by id, then stably by value), which keeps
     it as fast as topk on [batch, vocab] rows.
     """
-    values = logprobs.double()
+    values = logprobs  # float32 rows: a float64 copy would order them the same, at twice the cost
     width = min(k + TIE_MARGIN, values.shape[-1])
     top_values, top_ids = torch.topk(values, width, dim=-1)
     overflow = top_values[..., -1] == top_values[..., k - 1]
@@ -139,11 +139,15 @@ class KLBounds(NamedTuple):
 
 
 def tail_log_mass(logprobs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
-    """log of the probability outside `top_ids` per row, as the logsumexp of the rest in float64.
+    """log of the probability outside `top_ids` per row, as the logsumexp of the rest, returned in float64.
 
     Not log(1 - sum p_top): that cancels catastrophically when the top holds nearly all the mass.
+    The logsumexp runs in the rows' own float32 (it subtracts the maximum first, so its relative error
+    is about 1e-6, far below any KL that matters) because a float64 copy of every row costs more than
+    the forward that made it; reference and variant go through the same call, so identical rows give
+    identical masses.
     """
-    return torch.logsumexp(logprobs.double().scatter(-1, top_ids, -math.inf), dim=-1)
+    return torch.logsumexp(logprobs.scatter(-1, top_ids, -math.inf), dim=-1).double()
 
 
 def tail_samples(logprobs: torch.Tensor, top_ids: torch.Tensor, count: int, seeds: list[int]) -> torch.Tensor:
@@ -178,12 +182,21 @@ def tail_kl_upper(variant_logprobs: torch.Tensor, top_ids: torch.Tensor, tail_ma
     full = torch.floor(tail_mass / cap).clamp_max(tail_size)
     count = full.long()
     needed = min(int(count.max()) + 1, tail_size)
-    ascending = torch.topk(variant_logprobs.double().scatter(-1, top_ids, math.inf), needed, dim=-1, largest=False).values
+    ascending = _smallest_outside(variant_logprobs, top_ids, needed).double()
     full_sum = torch.where(count > 0, torch.cumsum(ascending, dim=-1).gather(-1, (count - 1).clamp_min(0)[..., None]).squeeze(-1), 0.0)
     remainder = (tail_mass - full * cap).clamp_min(0.0)
     next_logprob = ascending.gather(-1, count.clamp_max(tail_size - 1)[..., None]).squeeze(-1)
     rest = torch.where(remainder > 0, remainder * (remainder.log() - next_logprob), 0.0)
     return full * cap * cap.log() - cap * full_sum + rest
+
+
+def _smallest_outside(logprobs: torch.Tensor, top_ids: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` smallest values per row outside `top_ids`, ascending: the smallest count + K of the
+    whole row with the top's entries pushed past them (no masked copy of every row)."""
+    width = min(count + top_ids.shape[-1], logprobs.shape[-1])
+    values, ids = torch.topk(logprobs, width, dim=-1, largest=False)
+    in_top = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(-1, top_ids, True).gather(-1, ids)
+    return torch.sort(torch.where(in_top, math.inf, values), dim=-1).values[..., :count]
 
 
 def kl_from_top_k(
@@ -200,15 +213,14 @@ def kl_from_top_k(
     lower + R * the sampled KL(p~||q~), clamped to the bounds. upper: `tail_kl_upper`. All three are
     clamped at 0 like `kl_divergence` (float32 rows do not sum to exactly 1).
     """
-    variant = variant_logprobs.double()
     reference_top = top_logprobs.double()
-    exact = (reference_top.exp() * (reference_top - variant.gather(-1, top_ids))).sum(dim=-1)
+    exact = (reference_top.exp() * (reference_top - variant_logprobs.gather(-1, top_ids).double())).sum(dim=-1)
     tail_mass = log_tail_mass.exp()
-    log_variant_tail = tail_log_mass(variant, top_ids)
+    log_variant_tail = tail_log_mass(variant_logprobs, top_ids)
     has_tail = tail_mass > 0
     coarse = exact + torch.where(has_tail, tail_mass * (log_tail_mass - log_variant_tail), 0.0)
-    d = (sample_logprobs.double() - log_tail_mass[..., None]) - (variant.gather(-1, sample_ids) - log_variant_tail[..., None])
+    d = (sample_logprobs.double() - log_tail_mass[..., None]) - (variant_logprobs.gather(-1, sample_ids).double() - log_variant_tail[..., None])
     sampled = torch.where(has_tail, tail_mass * (d + torch.expm1(-d)).mean(dim=-1), 0.0)
-    upper = exact + tail_kl_upper(variant, top_ids, tail_mass, reference_top[..., -1].exp())
+    upper = exact + tail_kl_upper(variant_logprobs, top_ids, tail_mass, reference_top[..., -1].exp())
     lower, upper = coarse.clamp_min(0.0), upper.clamp_min(0.0)
     return KLBounds(torch.minimum((coarse + sampled).clamp_min(0.0), upper), lower, upper)
