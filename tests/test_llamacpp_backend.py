@@ -95,6 +95,24 @@ def test_fewer_bits_diverge_more(virology_run):
     assert f32 < q8 < q4, (f32, q8, q4)
 
 
+@needs_llama_cpp
+def test_a_text_corpus_in_llama_cpp_against_the_transformers_reference(tmp_path):
+    """Every token of 4 windows through llama.cpp's own kernels: F32 is the engine floor, fewer bits diverge more."""
+    out = tmp_path / "run"
+    quants = [argument for name in GGUF_VARIANTS for argument in ("--quant", name)]
+    result = quantcheck("run", *quants, "--dataset", "text:builtin", "--limit", "4", "--context", "256", "--out", str(out), "--skip-cost")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_results(out)
+    corpus = {name: model(results, name)["corpus"] for name in GGUF_VARIANTS}
+    assert corpus["gguf:F32"]["kl"]["mean"]["value"] < 1e-3 and corpus["gguf:F32"]["same_top1"]["value"] >= 0.98
+    assert abs(corpus["gguf:F32"]["perplexity_ratio"]["value"] - 1) < 0.01
+    kl = [corpus[name]["kl"]["mean"]["value"] for name in GGUF_VARIANTS]
+    assert kl[0] < kl[1] < kl[2], kl
+    assert corpus["gguf:Q4_K_M"]["same_top1"]["value"] < corpus["gguf:Q8_0"]["same_top1"]["value"]
+    assert corpus["gguf:Q4_K_M"]["perplexity_ratio"]["value"] > 1
+    assert model(results, "gguf:Q4_K_M")["engine"]["engine"] == "llama.cpp"
+
+
 @pytest.fixture(scope="module")
 def gguf_reference_run(tmp_path_factory) -> Path:
     """A GGUF reference (--backend llamacpp) against a quantized type and a user's file: every phase, 8 questions."""
