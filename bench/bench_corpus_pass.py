@@ -52,11 +52,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         reference = backend("reference", "none", run_dir)
         windows = make_windows(reference.tokenizer, load_corpus("text:builtin").text, args.context, args.windows)
-        first, scored = first_scored(args.context), scored_per_window(args.context)
+        firsts, scored = [first_scored(args.context)] * len(windows), scored_per_window(args.context)
         settings = StoreSettings()
         store = CompactStore(Path(run_dir), settings.top_k, settings.tail_samples)
         store.create(len(windows) * scored, reference.vocab_width)
-        score_windows(reference.window_logprobs, "reference", windows, first, batch_size=BATCH_SIZE, reference=store, is_reference=True,
+        score_windows(reference.window_logprobs, "reference", windows, firsts, batch_size=BATCH_SIZE, reference=store, is_reference=True,
                       compare_tokens=True, done=set(), on_batch=lambda records: None)
         del reference
         variant = backend(args.variant, args.variant, run_dir)
@@ -69,7 +69,7 @@ def main() -> None:
 
         def quantcheck_pass(round_index: int) -> None:
             records = Path(run_dir) / f"corpus-{round_index}.jsonl"
-            score_windows(variant.window_logprobs, args.variant, windows, first, batch_size=BATCH_SIZE, reference=store, is_reference=False,
+            score_windows(variant.window_logprobs, args.variant, windows, firsts, batch_size=BATCH_SIZE, reference=store, is_reference=False,
                           compare_tokens=True, done=set(), on_batch=lambda batch: append_records(records, batch))
 
         bare()  # warm-up

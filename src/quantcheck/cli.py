@@ -46,8 +46,8 @@ def run(
     max_model_len: Annotated[int, typer.Option(help="vLLM: longest sequence the engine plans for")] = 2048,
     enforce_eager: Annotated[bool, typer.Option(help="vLLM: no CUDA graphs (faster start, slower decode)")] = True,
     cpu_kv_cache_gb: Annotated[float, typer.Option(help="vLLM on CPU: KV cache size in GiB")] = 1.0,
-    dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, or text:FILE (a text corpus "
-                                                "scored at every token; text:builtin is the one shipped)")] = "mmlu:virology",
+    dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, text:FILE (a text corpus "
+                                                "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl (your chats, scored on the reference's answers)")] = "mmlu:virology",
     limit: Annotated[Optional[int], typer.Option(help="score a seeded random sample of N questions (a text corpus: its first N windows)")] = None,
     context: Annotated[int, typer.Option(help="text corpus: tokens per window; the second half of each is scored (llama-perplexity's -c)")] = 512,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",

@@ -35,10 +35,14 @@ class GenerationOptions(BaseModel):
 
 
 class CorpusJob(BaseModel):
-    """How a text corpus is cut into windows (llama-perplexity's -c and --chunks)."""
+    """Scoring every token of sequences: windows cut from a text corpus (llama-perplexity's -c and --chunks),
+    or users' prompts with the reference's greedy answers (the answer tokens scored)."""
 
-    context: int = Field(512, ge=MIN_CONTEXT)
-    max_windows: int | None = Field(None, ge=1, description="score only the first N windows (--limit)")
+    kind: Literal["text", "prompts"] = "text"
+    context: int = Field(512, ge=MIN_CONTEXT, description="text: tokens per window")
+    max_windows: int | None = Field(None, ge=1, description="text: score only the first N windows (--limit)")
+    chat: Literal["auto", "on", "off"] = Field("auto", description="prompts: through the chat template")
+    max_new_tokens: PositiveInt = Field(32, description="prompts: longest reference answer")
 
 
 class EngineSettings(BaseModel):

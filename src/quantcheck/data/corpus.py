@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def _jsonl_text(path: Path, raw: str) -> str:
             raise DatasetError(f"{path}:{number}: expected an object with a \"text\" string")
         documents.append(record["text"])
     return "\n\n".join(documents)
+
+
+def scored_positions(sequence: Sequence[int], first: int) -> int:
+    """Positions scored in one sequence: from `first` to its second-to-last token (each predicts the next)."""
+    return max(len(sequence) - first - 1, 0)
+
+
+def scored_count(sequences: Sequence[Sequence[int]], firsts: Sequence[int]) -> int:
+    """The reference store's rows: every scored position of every sequence."""
+    return sum(scored_positions(sequence, first) for sequence, first in zip(sequences, firsts))
 
 
 def scored_per_window(context: int) -> int:

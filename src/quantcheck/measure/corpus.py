@@ -15,22 +15,30 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from quantcheck.measure.loglik import finite_or_none, compare_with_reference, kl_lower_bound_method, reference_rows, reference_top
+from quantcheck.data.corpus import scored_positions
+from quantcheck.measure.loglik import compare_with_reference, finite_or_none, kl_lower_bound_method, reference_rows, reference_top
 from quantcheck.metrics.next_token import TOP_K, exact_top_k, jaccard_at_k, top_k_ids
 from quantcheck.results.schema import WindowRecord
 from quantcheck.results.store import CompactStore, ReferenceStore
 
 
-def store_rows(window: int, scored: int) -> list[int]:
-    """The store rows of one window's scored positions."""
-    return list(range(window * scored, (window + 1) * scored))
+def _batches(todo: list[int], sequences: Sequence[Sequence[int]], firsts: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive sequences of one length and start, up to `batch_size` per forward (a text's windows all share them)."""
+    batches: list[list[int]] = []
+    for index in todo:
+        shape = (len(sequences[index]), firsts[index])
+        if batches and len(batches[-1]) < batch_size and (len(sequences[batches[-1][0]]), firsts[batches[-1][0]]) == shape:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def score_windows(
     window_logprobs: Callable[[list[list[int]], int], np.ndarray],
     model_name: str,
-    windows: Sequence[Sequence[int]],
-    first: int,
+    sequences: Sequence[Sequence[int]],
+    firsts: Sequence[int],
     *,
     batch_size: int,
     reference: ReferenceStore,
@@ -40,20 +48,29 @@ def score_windows(
     on_batch: Callable[[list[WindowRecord]], None],
     top_logprobs: int | None = None,
 ) -> None:
-    """Score every window not in `done`, `batch_size` windows per forward, handing each finished batch to `on_batch`."""
-    scored = len(windows[0]) - first - 1
+    """Score every sequence not in `done` from its `first` position on, handing each finished batch to `on_batch`.
+
+    Sequence i's scored positions are store rows offsets[i] .. offsets[i+1]; a sequence with nothing to
+    score (an empty answer) gets a record with empty lists.
+    """
+    offsets = np.cumsum([0, *(scored_positions(sequence, first) for sequence, first in zip(sequences, firsts))]).tolist()
     exact_ks = exact_top_k(None if is_reference else reference_top(reference), top_logprobs)
     bound = None if is_reference else kl_lower_bound_method(reference, top_logprobs)
-    todo = [index for index in range(len(windows)) if index not in done]
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        logprobs = window_logprobs([list(windows[index]) for index in batch], first)
+    todo = [index for index in range(len(sequences)) if index not in done]
+    for batch in _batches(todo, sequences, firsts, batch_size):
+        first = firsts[batch[0]]
+        scored = scored_positions(sequences[batch[0]], first)
+        logprobs = window_logprobs([list(sequences[index]) for index in batch], first) if scored else None
         records = []
         for position, index in enumerate(batch):
+            record = WindowRecord(window=index, model=model_name, nll=[])
+            if not scored:
+                records.append(record)
+                continue
             rows = torch.from_numpy(np.ascontiguousarray(logprobs[position]))
-            targets = torch.tensor(windows[index][first + 1 :])
-            record = WindowRecord(window=index, model=model_name, nll=(-rows.gather(-1, targets[:, None])[:, 0]).tolist())
-            store_index = store_rows(index, scored)
+            targets = torch.tensor(sequences[index][first + 1 :])
+            record.nll = (-rows.gather(-1, targets[:, None])[:, 0]).tolist()
+            store_index = list(range(offsets[index], offsets[index + 1]))
             if is_reference:
                 reference.write_rows(store_index, reference_rows(reference, store_index, rows))
             elif compare_tokens:

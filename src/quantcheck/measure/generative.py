@@ -66,6 +66,15 @@ def encode_generation_prompts(tokenizer, items: tuple[Item, ...], settings: Gene
     return prompts
 
 
+def encode_chats(tokenizer, chats: list[tuple[dict[str, str], ...]], settings: GenerationSettings) -> list[list[int]]:
+    """Users' chats as the model is prompted with them: its chat template with the assistant's turn opened,
+    or (no template, or --chat off) the turns' texts one after the other."""
+    if settings.prompt_style == "chat-template":
+        rendered = [tokenizer.apply_chat_template(list(chat), add_generation_prompt=True, tokenize=False) for chat in chats]
+        return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
+    return [tokenizer.encode("\n\n".join(message["content"] for message in chat) + "\n\n") for chat in chats]
+
+
 def generate_answers(
     generate: Callable[[list[list[int]], GenerationSettings, list[int]], list[list[int]]],
     tokenizer,

@@ -14,7 +14,8 @@ from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
 from quantcheck import __version__
-from quantcheck.data.corpus import TextCorpus, is_corpus, load_corpus, scored_per_window
+from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
+from quantcheck.data.corpus import TextCorpus, is_corpus, load_corpus, scored_count
 from quantcheck.data.items import Dataset
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
@@ -91,16 +92,20 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     checkpoint = lambda source: str(resolve_model(source, options.allow_pickle).path)  # noqa: E731
     models = [reference_spec(options.backend, str(model.path), options.reference_url)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
-    corpus = is_corpus(options.dataset)
+    corpus = is_corpus(options.dataset) or is_prompts(options.dataset)
+    corpus_job = None
     if corpus:
         _check_text_backends(models)
-        options = options.model_copy(update={"generation": None})  # a text has no questions to answer
+        answers = options.generation or GenerationOptions()
+        corpus_job = CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens) if is_prompts(options.dataset) \
+            else CorpusJob(context=options.context, max_windows=options.limit)
+        options = options.model_copy(update={"generation": None})  # no questions to answer: the generation phase does not run
     check_specs(models, device, options.engine)
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], options.loglik, sampled) if options.floors and not corpus else []
-    dataset = load_corpus(options.dataset) if corpus else load_dataset(options.dataset, options.limit, options.seed)
+    dataset = _load(options)
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
@@ -119,19 +124,23 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
     if models[0].endpoint is not None:
         reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude={"stated_weight_bytes"})
-    corpus_job = CorpusJob(context=options.context, max_windows=options.limit) if corpus else None
     if corpus_job is not None:
-        reference_key |= {"prompt_format": "text windows", "corpus": corpus_job.model_dump()}
+        reference_key |= {"prompt_format": corpus_job.kind, "corpus": corpus_job.model_dump()}
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
     if not corpus:
         folder.reference_store().check(len(dataset.items))
-    elif folder.reference_tokens_exist():  # a corpus's row count is known once the reference has cut its windows
-        folder.reference_store().check(len(folder.read_reference_tokens()) * scored_per_window(options.context))
+    elif folder.reference_tokens_exist():  # the row count is known once the reference has made its sequences
+        folder.reference_store().check(scored_count(folder.read_reference_tokens(), folder.read_scored_spans()[0]))
     generation_key = options.generation.model_dump() if options.generation else None
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
-    folder.write_corpus(dataset) if corpus else folder.write_dataset(dataset)
+    if isinstance(dataset, TextCorpus):
+        folder.write_corpus(dataset)
+    elif isinstance(dataset, PromptSet):
+        folder.write_prompts(dataset)
+    else:
+        folder.write_dataset(dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
 
@@ -190,8 +199,8 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
 
     for spec in models:
         if not get_backend(spec.backend).scores_text:
-            raise QuantcheckError(f"{spec.name} runs in the {spec.backend} backend, which cannot score a text corpus yet "
-                                  "(--dataset text:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend")
+            raise QuantcheckError(f"{spec.name} runs in the {spec.backend} backend, which cannot score every token of a text or of answers yet "
+                                  "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend")
 
 
 def _score_corpus(models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path, folder: RunFolder) -> str | None:
@@ -206,11 +215,24 @@ def _score_corpus(models: list[ModelSpec], corpus_job: CorpusJob, base: dict, vi
     return None
 
 
-def _dataset_info(dataset: Dataset | TextCorpus, folder: RunFolder, corpus_job: CorpusJob | None) -> DatasetInfo:
+def _load(options: RunOptions) -> Dataset | TextCorpus | PromptSet:
+    if is_corpus(options.dataset):
+        return load_corpus(options.dataset)
+    if is_prompts(options.dataset):
+        return load_prompts(options.dataset, options.limit)
+    return load_dataset(options.dataset, options.limit, options.seed)
+
+
+def _dataset_info(dataset: Dataset | TextCorpus | PromptSet, folder: RunFolder, corpus_job: CorpusJob | None) -> DatasetInfo:
     if corpus_job is None:
         return DatasetInfo(spec=dataset.spec, n_items=len(dataset.items), subjects=dataset.subjects, source=dataset.source,
                            content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
                            answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)))
+    if corpus_job.kind == "prompts":
+        return DatasetInfo(spec=dataset.spec, kind="prompts", n_items=len(dataset.chats), subjects=[], source=dataset.source,
+                           content_hash=dataset.content_hash(), answer_continuations=[],
+                           prompt_format=f"each chat through the chat template (--chat {corpus_job.chat}), answered greedily by the reference "
+                                         f"(at most {corpus_job.max_new_tokens} tokens); every model scored on the answer's tokens")
     windows = len(folder.read_reference_tokens()) if folder.reference_tokens_exist() else 0
     return DatasetInfo(spec=dataset.spec, kind="text", n_items=windows, subjects=[], source=dataset.source, content_hash=dataset.content_hash(),
                        prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, the second half of each scored "

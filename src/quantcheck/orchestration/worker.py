@@ -82,37 +82,77 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
 
 
 def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
-    """The text corpus's windows through one model: the reference cuts them and fills the store, a variant replays them."""
-    from quantcheck.data.corpus import first_scored, make_windows, scored_per_window
+    """Every token of the run's sequences through one model: the reference makes them (a text's windows, or
+    its answers to the prompts) and fills the store; a variant replays them."""
+    from quantcheck.data.corpus import scored_count
     from quantcheck.measure.corpus import score_windows
     from quantcheck.results.schema import WindowRecord
 
-    spec, context = job.model, job.corpus.context
-    windows = make_windows(backend.tokenizer, folder.read_corpus(), context, job.corpus.max_windows)
+    spec = job.model
+    sequences, firsts = (_prompt_sequences if job.corpus.kind == "prompts" else _text_windows)(job, folder, backend)
     reference = folder.reference_store()
     compare_tokens = True
     if spec.is_reference:
-        folder.write_reference_tokens(windows)
-    elif folder.read_reference_tokens() != windows:
+        folder.write_reference_tokens(sequences)
+        texts = [[backend.tokenizer.decode([token]) for token in sequence[first + 1 :]] for sequence, first in zip(sequences, firsts)]
+        folder.write_scored_spans(firsts, texts)
+    elif folder.read_reference_tokens() != sequences:
+        if job.corpus.kind == "prompts":
+            raise QuantcheckError(f"{spec.name} tokenizes the prompts differently from the reference: the reference's answer tokens "
+                                  "cannot be replayed through it (compare it on a text corpus or on questions instead)")
         compare_tokens = False
-        emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the corpus differently from the reference: "
+        emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the {job.corpus.kind} differently from the reference: "
                                                             "KL, top-1 agreement and delta-p are not computed; its perplexity is")
     path = folder.model_file(spec.folder, "corpus.jsonl")
     done = set(read_latest_by_id(path, WindowRecord, key="window"))
-    rows = len(windows) * scored_per_window(context)
+    rows = scored_count(sequences, firsts)
     if spec.is_reference and reference.create(rows, backend.vocab_width, backend.top_logprobs) and done:
         path.unlink()  # the stored rows behind these records are gone: score the reference again from scratch
         done = set()
     elif not spec.is_reference:
         reference.check(rows, backend.vocab_width)
-    emit("phase", phase="corpus", total=len(windows), done=len(done & set(range(len(windows)))))
+    emit("phase", phase=job.corpus.kind, total=len(sequences), done=len(done & set(range(len(sequences)))))
 
     def keep(records: list[WindowRecord]) -> None:
         append_records(path, records)
-        emit("advance", phase="corpus", count=len(records))
+        emit("advance", phase=job.corpus.kind, count=len(records))
 
-    score_windows(backend.window_logprobs, spec.name, windows, first_scored(context), batch_size=job.batch_size, reference=reference,
+    score_windows(backend.window_logprobs, spec.name, sequences, firsts, batch_size=job.batch_size, reference=reference,
                   is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
+
+
+def _text_windows(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:
+    from quantcheck.data.corpus import first_scored, make_windows
+
+    windows = make_windows(backend.tokenizer, folder.read_corpus(), job.corpus.context, job.corpus.max_windows)
+    return windows, [first_scored(job.corpus.context)] * len(windows)
+
+
+def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:
+    """Each prompt followed by the reference's greedy answer; scoring starts at the prompt's last token.
+
+    The reference generates the answers once (kept in reference/answers.json, so a resumed run and every
+    variant see the same ones); a variant encodes the prompts itself, so another tokenizer shows as a mismatch.
+    A prompt the reference answers with nothing at once has no token to score.
+    """
+    from quantcheck.measure.generative import encode_chats, resolve_settings, stop_token_ids
+
+    spec, options = job.model, job.corpus
+    tokenizer = backend.tokenizer
+    settings = resolve_settings(tokenizer, options.chat, 0.0, True, options.max_new_tokens, job.seed,
+                                stop_token_ids(tokenizer, spec.tokenizer or spec.weights))
+    prompt_ids = encode_chats(tokenizer, folder.read_prompts()[1], settings)
+    answers_file = folder.reference_dir / "answers.json"
+    if spec.is_reference and not answers_file.exists():
+        emit("phase", phase="answers", total=len(prompt_ids), done=0)
+        answers = []
+        for start in range(0, len(prompt_ids), job.batch_size):
+            batch = prompt_ids[start : start + job.batch_size]
+            answers += backend.generate(batch, settings, [settings.seed + start + offset for offset in range(len(batch))])
+            emit("advance", phase="answers", count=len(batch))
+        write_json_atomic(answers_file, {"settings": settings.model_dump(), "answers": answers})
+    answers = json.loads(answers_file.read_text())["answers"]
+    return [ids + answer for ids, answer in zip(prompt_ids, answers)], [len(ids) - 1 for ids in prompt_ids]
 
 
 def _phase_sink(path: Path, phase: str, items, done: set[str]) -> Callable[[list], None]:

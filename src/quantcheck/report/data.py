@@ -62,7 +62,7 @@ class RunData:
 
     @property
     def kind(self) -> str:
-        """The run's `DatasetInfo.kind`: "text" or "questions"."""
+        """Which figures belong to the run: "text" (every token scored: a text or prompts) or "questions"."""
         return "text" if self.is_text else "questions"
 
     @property
@@ -75,8 +75,9 @@ class RunData:
 
 
 def is_text_run(results: Results) -> bool:
-    """A text corpus scored at every token: no questions, so no accuracy, items or choices to show."""
-    return results.dataset is not None and results.dataset.kind == "text"
+    """Every token scored (a text corpus's windows, or the reference's answers to users' prompts): no questions,
+    so no accuracy, items or choices to show."""
+    return results.dataset is not None and results.dataset.kind != "questions"
 
 
 def reference_model(results: Results) -> ModelResult | None:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from quantcheck.data.chats import PromptSet, last_user_message, read_prompt_lines
 from quantcheck.data.corpus import TextCorpus
 from quantcheck.data.items import Dataset, Item, item_from_json
 from quantcheck.errors import ResultsFolderError
@@ -29,6 +30,10 @@ class RunFolder:
     @property
     def corpus_file(self) -> Path:
         return self.root / "corpus.txt"
+
+    @property
+    def prompts_file(self) -> Path:
+        return self.root / "prompts.jsonl"
 
     @property
     def reference_dir(self) -> Path:
@@ -112,12 +117,18 @@ class RunFolder:
     def read_corpus(self) -> str:
         return self.corpus_file.read_text(encoding="utf-8")
 
-    def is_corpus_run(self) -> bool:
-        return self.corpus_file.exists()
+    def write_prompts(self, prompts: PromptSet) -> None:
+        write_text_atomic(self.prompts_file, prompts.to_jsonl())
+
+    def read_prompts(self) -> tuple[list[str], list[tuple[dict[str, str], ...]]]:
+        """(ids, chats) of the run's prompts file."""
+        return read_prompt_lines(self.prompts_file.read_text(encoding="utf-8"), str(self.prompts_file))
 
     def cost_texts(self, count: int = 64, characters: int = 1000) -> list[str]:
-        """The texts the cost phase times: the questions, or the corpus cut into `count` pieces."""
-        if not self.is_corpus_run():
+        """The texts the cost phase times: the questions, the prompts' last user turns, or the corpus cut into `count` pieces."""
+        if self.prompts_file.exists():
+            return [last_user_message(chat) for chat in self.read_prompts()[1][:count]]
+        if not self.corpus_file.exists():
             return [item.question for item in self.read_items()]
         text = self.read_corpus()
         return [piece for start in range(0, min(len(text), count * characters), characters) if (piece := text[start : start + characters].strip())]
@@ -128,6 +139,14 @@ class RunFolder:
 
     def reference_tokens_exist(self) -> bool:
         return (self.reference_dir / "tokens.json").exists()
+
+    def write_scored_spans(self, firsts: list[int], token_texts: list[list[str]]) -> None:
+        """Where scoring starts in each sequence of tokens.json, and the text of each scored token (for the report's worst spans)."""
+        write_text_atomic(self.reference_dir / "scored.json", json.dumps({"first": firsts, "token_texts": token_texts}, ensure_ascii=False))
+
+    def read_scored_spans(self) -> tuple[list[int], list[list[str]]]:
+        spans = json.loads((self.reference_dir / "scored.json").read_text(encoding="utf-8"))
+        return spans["first"], spans["token_texts"]
 
     def write_reference_tokens(self, prompt_ids: list[list[int]]) -> None:
         write_text_atomic(self.reference_dir / "tokens.json", json.dumps(prompt_ids))

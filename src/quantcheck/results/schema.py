@@ -98,16 +98,17 @@ class TokenAgreement(BaseModel):
 
 
 class CorpusStatistics(BaseModel):
-    """`llama-perplexity --kl-divergence`'s statistics on a text corpus, for one model against the reference.
+    """`llama-perplexity --kl-divergence`'s statistics on every scored token, for one model against the reference:
+    a text corpus's windows (the second half of each scored), or users' prompts (the reference's answer scored).
 
-    Intervals come from a bootstrap over windows (whole windows resampled), not over tokens: tokens
-    of one window are correlated. Percentile keys are llama.cpp's ("99.9", "99", "median", "1", ...),
-    with "max" and "min".
+    Intervals come from a bootstrap over whole sequences (windows or prompts), not over tokens: tokens
+    of one sequence are correlated. Percentile keys are llama.cpp's ("99.9", "99", "median", "1", ...),
+    with "max" and "min". For prompts, 'mean' KL averages each prompt's mean (each prompt counts once).
     """
 
-    windows: int
-    context: int = Field(description="tokens per window; the second half of each is scored")
-    tokens: int = Field(description="scored tokens: windows x (context - 1 - context // 2)")
+    windows: int = Field(description="sequences scored: windows of a text, or prompts")
+    context: int | None = Field(description="a text: tokens per window (the second half of each is scored); None for prompts")
+    tokens: int = Field(description="scored tokens")
     perplexity: Estimate = Field(description="exp(mean negative log-likelihood of the actual next token)")
     perplexity_ratio: Estimate | None = Field(None, description="PPL(variant) / PPL(reference); None for the reference")
     mean_log_ratio: Estimate | None = Field(None, description="mean ln(PPL(variant) / PPL(reference)): the mean per-token NLL difference")
@@ -115,12 +116,29 @@ class CorpusStatistics(BaseModel):
                                     "from the compact store each is the estimate (exact over the top K + the tail from its samples)")
     same_top1: Estimate | None = Field(None, description="share of tokens where both models' most likely next token is the same")
     delta_p: dict[str, Estimate] = Field({}, description="p_variant - p_reference of the actual next token: 'mean', 'rms' and percentiles")
+    worst: list[WorstSpan] = Field([], description="the sequences with the highest mean KL, highest first")
+
+
+class WorstSpan(BaseModel):
+    """A sequence (window or prompt) where the variant departs most from the reference, with the text around its worst token."""
+
+    sequence: int
+    name: str = Field(description="the prompt's id, or 'window N'")
+    tokens: int
+    mean_kl: float
+    top1_agreement: float
+    worst_position: int = Field(description="the scored token (0 = the first scored) with the highest KL")
+    worst_kl: float
+    before: str = Field(description="the scored text just before the worst token")
+    token: str
+    after: str
 
 
 class WindowRecord(BaseModel):
-    """One window of a text corpus scored by one model: a line of models/<name>/corpus.jsonl (per token, in order)."""
+    """One sequence (a text's window, or a prompt with the reference's answer) scored by one model: a line of
+    models/<name>/corpus.jsonl (per scored token, in order)."""
 
-    window: int
+    window: int = Field(description="the sequence's index in reference/tokens.json")
     model: str
     nll: list[float] = Field(description="-log p(actual next token) at each scored position")
     kl: list[float] | None = None
@@ -394,8 +412,9 @@ class ModelInfo(BaseModel):
 
 class DatasetInfo(BaseModel):
     spec: str
-    kind: Literal["questions", "text"] = Field("questions", description="multiple-choice questions, or a text corpus scored at every token")
-    n_items: int = Field(description="questions, or windows of a text corpus")
+    kind: Literal["questions", "text", "prompts"] = Field("questions", description="multiple-choice questions, a text corpus scored at every "
+                                                          "token, or users' prompts scored on the reference's answers")
+    n_items: int = Field(description="questions, windows of a text corpus, or prompts")
     subjects: list[str]
     source: str
     content_hash: str

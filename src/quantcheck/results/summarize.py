@@ -46,7 +46,7 @@ from quantcheck.results.schema import (
     TokenAgreement,
     WindowRecord,
 )
-from quantcheck.results.corpus import corpus_statistics
+from quantcheck.results.corpus import SpanText, corpus_statistics
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired, compare_with_floor
@@ -54,7 +54,7 @@ from quantcheck.verdict import decide, fail_level, quality_check_count
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
-PHASE_LABELS = {"loglik": "log-likelihood scoring", "generation": "generative scoring", "cost": "cost", "corpus": "text-corpus scoring"}
+PHASE_LABELS = {"loglik": "log-likelihood scoring", "generation": "generative scoring", "cost": "cost", "corpus": "token scoring (text or prompts)"}
 
 
 def _ordered(records: dict[str, ItemRecord], item_ids: list[str]) -> list[ItemRecord]:
@@ -195,7 +195,7 @@ def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], ge
     quality_error = f" (quality job: {errors['quality']})" if "quality" in errors else ""
     scored, total = windows
     if expected.get("corpus") and (scored < total or not total):
-        gaps["corpus"] = (f"{PHASE_LABELS['corpus']} stopped after {scored} of {total} windows{quality_error}" if scored
+        gaps["corpus"] = (f"{PHASE_LABELS['corpus']} stopped after {scored} of {total} sequences{quality_error}" if scored
                           else f"{PHASE_LABELS['corpus']} has no results{quality_error}")
     for phase, records in (("loglik", quality), ("generation", generated)):
         if not expected.get(phase) or len(records) >= n_items:
@@ -226,6 +226,15 @@ def read_windows(folder: RunFolder, spec: ModelSpec) -> list[WindowRecord]:
     """A model's text-corpus records, in window order (the latest copy of a window redone after a crash)."""
     records = read_latest_by_id(folder.model_file(spec.folder, "corpus.jsonl"), WindowRecord, key="window")
     return [records[window] for window in sorted(records)]
+
+
+def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
+    """Each sequence's name and the text of its scored tokens, as the reference's worker wrote them."""
+    if not (folder.reference_dir / "scored.json").exists():
+        return None
+    _, token_texts = folder.read_scored_spans()
+    names = folder.read_prompts()[0] if kind == "prompts" else [f"window {index}" for index in range(len(token_texts))]
+    return SpanText(names, token_texts)
 
 
 def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], expected: dict[str, bool], cost_rounds: int,
@@ -353,9 +362,10 @@ FEW_WINDOWS = 30
 def _warnings(results: Results, n_items: int) -> list[RunWarning]:
     warnings: list[RunWarning] = []
     reference = results.models[0]
-    if results.dataset.kind == "text":
+    if results.dataset.kind != "questions":
+        unit = "windows" if results.dataset.kind == "text" else "prompts"
         if n_items < FEW_WINDOWS:
-            warnings.append(RunWarning(code="small-sample", message=f"only {n_items} windows: the intervals, which resample whole windows, are wide"))
+            warnings.append(RunWarning(code="small-sample", message=f"only {n_items} {unit}: the intervals, which resample whole {unit}, are wide"))
     elif n_items < SMALL_SAMPLE:
         warnings.append(RunWarning(code="small-sample", message=f"only {n_items} questions: accuracy intervals are wide (see each variant's minimum detectable difference)"))
     for result in results.models:
@@ -386,7 +396,7 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
               models: list[ModelSpec], floors: list[ModelSpec] = (), cost_rounds: int = 1, thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
     folder = RunFolder(root)
-    corpus = dataset.kind == "text"
+    corpus = dataset.kind in ("text", "prompts")
     item_ids = [] if corpus else [item.item_id for item in folder.read_items()]
     results = Results(tool_version=__version__, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
@@ -402,13 +412,14 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     reference = results.models[0]
     results.floors, floor_answers = _floors(folder, floors, per_model[reference.name], item_ids)
     reference_windows = read_windows(folder, models[0]) if corpus else []
+    spans = _span_text(folder, dataset.kind) if reference_windows else None
     if reference_windows:
         reference.corpus = corpus_statistics(reference_windows, None, dataset.context, seed)[0]
     for spec, result in zip(models[1:], results.models[1:]):
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         if reference_windows and (windows := read_windows(folder, spec)):
             level = fail_level(quality_check_count(False, False, windows[0].kl is not None))
-            result.corpus, result.agreement = corpus_statistics(reference_windows, windows, dataset.context, seed, level)
+            result.corpus, result.agreement = corpus_statistics(reference_windows, windows, dataset.context, seed, level, spans)
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
         unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
