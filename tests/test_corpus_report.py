@@ -1,7 +1,9 @@
-"""The report of a real text-corpus run: llama-perplexity's table, the KL-per-token figure, no question-centric parts."""
+"""The report of real token-level runs (a text's windows, users' prompts): llama-perplexity's table, the KL-per-token
+figure, where the variants depart most, no question-centric parts."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from quantcheck.results.schema import Results
 
 CONTEXT = 64
 WINDOWS = 4
+HOSTILE = "<script>alert(1)</script>"
 
 
 @pytest.fixture(scope="module")
@@ -120,4 +123,72 @@ def test_torn_or_missing_corpus_records(run_dir: Path, tmp_path: Path) -> None:
         path.unlink()
     files = render_report(copy)
     assert "corpus_kl" in files.missing_figures and not (copy / "figures" / "corpus_kl.png").exists()
-    assert "KL divergence per token along the text: needs per-token kl values" in files.markdown.read_text(encoding="utf-8")
+    assert "KL divergence per scored token: needs per-token kl values" in files.markdown.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------ prompts run
+
+@pytest.fixture(scope="module")
+def prompts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real prompts run through the CLI: three chats, one of them hostile in its id and its text."""
+    folder = tmp_path_factory.mktemp("prompts")
+    chats = [
+        {"id": "capital", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]},
+        {"id": HOSTILE, "messages": [{"role": "user", "content": f"Repeat this exactly: {HOSTILE}"}]},
+        [{"role": "user", "content": "List three primary colors."}],
+    ]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats), encoding="utf-8")
+    out = folder / "run"
+    command = [sys.executable, "-m", "quantcheck.cli", "run", "--dataset", f"prompts:{folder / 'prompts.jsonl'}",
+               "--quant", "none", "--quant", "bf16", "--skip-cost", "--max-new-tokens", "24", "--out", str(out), "--force"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts_results(prompts_dir: Path) -> Results:
+    return Results.model_validate_json((prompts_dir / "results.json").read_bytes())
+
+
+def test_prompts_heading_and_dataset_row_say_prompts(prompts_dir: Path, prompts_results: Results) -> None:
+    tokens = prompts_results.models[0].corpus.tokens
+    heading = f"Your prompts: 3 prompts, the reference's greedy answers scored: {tokens} scored tokens"
+    markdown = (prompts_dir / "report.md").read_text(encoding="utf-8")
+    assert f"## {heading}" in markdown
+    assert heading.replace("'", "&#39;") in (prompts_dir / "report.html").read_text(encoding="utf-8")
+    assert "resample whole prompts" in markdown and "windows" not in markdown
+    dataset = dict((row[0], row[1]) for row in parse_md_table(markdown, "Setting"))["Dataset"]
+    assert "3 prompts from file" in dataset
+
+
+def test_identity_variant_reads_zero_kl_on_prompts(prompts_dir: Path) -> None:
+    rows = {row[0]: row for row in parse_md_table((prompts_dir / "report.md").read_text(encoding="utf-8"), "Statistic")}
+    assert rows["Mean KLD"][1].split()[0] == "0"
+
+
+def test_worst_spans_list_bf16s_worst_prompt(prompts_dir: Path, prompts_results: Results) -> None:
+    worst = next(m for m in prompts_results.models if m.name == "bf16").corpus.worst[0]
+    rows = parse_md_table((prompts_dir / "report.md").read_text(encoding="utf-8"), "Variant", with_column="Prompt")
+    name = worst.name.replace("<", "&lt;")  # Markdown cells defuse tags
+    assert rows[0][:4] == ["bf16", name, str(worst.tokens), fmt.nats(worst.mean_kl)]
+    assert "**" in rows[0][-1]
+    assert all(row[0] != "none" for row in rows)  # KL 0 everywhere: nothing to show
+
+
+def test_hostile_prompt_stays_escaped(prompts_dir: Path, prompts_results: Results, tmp_path: Path) -> None:
+    """The hostile id as the run wrote it, then an answer that echoes it around the marked token."""
+    page = (prompts_dir / "report.html").read_text(encoding="utf-8")
+    assert HOSTILE not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in (prompts_dir / "report.md").read_text(encoding="utf-8")
+    copy = shutil.copytree(prompts_dir, tmp_path / "run")
+    echoed = prompts_results.model_copy(deep=True)
+    span = next(m for m in echoed.models if m.name == "bf16").corpus.worst[0]
+    span.before, span.token, span.after = f"Sure:\n\n{HOSTILE} ", " *bold*", "  and\tmore"
+    (copy / "results.json").write_text(echoed.model_dump_json(), encoding="utf-8")
+    files = render_report(copy)
+    page = files.html.read_text(encoding="utf-8")
+    assert HOSTILE not in page
+    assert "Sure:\u23ce\u23ce&lt;script&gt;alert(1)&lt;/script&gt; <mark>*bold*</mark> and more" in page
+    snippet = parse_md_table(files.markdown.read_text(encoding="utf-8"), "Variant", with_column="Prompt")[0][-1]
+    assert snippet == "Sure:\u23ce\u23ce&lt;script>alert(1)&lt;/script> **\\*bold\\*** and more"

@@ -39,6 +39,8 @@ def run(
     quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, url:URL[#MODEL]; see `quantcheck quants`")] = None,
     backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers), vllm or llamacpp")] = "hf",
     reference_url: Annotated[Optional[str], typer.Option(help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY")] = None,
+    reference_kld: Annotated[Optional[Path], typer.Option(help="the reference as a llama-perplexity --kl-divergence-base file recorded it "
+                                                          "(MODEL gives its tokenizer): variants are scored on its windows, nothing of the reference runs")] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model (tensor parallel)")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")] = 1,
     distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp (one node) or ray (several nodes)")] = None,

@@ -7,6 +7,7 @@ guesses `max_kl`); options that belong together sit in a table:
     model = "smollm2-135m"                  # hub id or local folder; left out: the built-in model
     backend = "hf"                          # the reference's engine
     reference_url = "http://127.0.0.1:8000/v1#MODEL"  # or: the reference is served there (MODEL's folder gives its tokenizer)
+    reference_kld = "base.kld"              # or: read from a llama-perplexity --kl-divergence-base file (its text's windows)
     variants = ["bnb-nf4-dq", "vllm:bf16"]  # --quant, once per variant
     dataset = "mmlu:virology"               # or "text:FILE", a text corpus scored at every token
     limit = 200
@@ -115,6 +116,7 @@ class RunConfig(_Table):
     backend: str = DEFAULT_BACKEND
     variants: list[str] = []
     reference_url: str | None = None
+    reference_kld: PathText | None = None
     dataset: PathText = DEFAULT_DATASET
     limit: PositiveInt | None = None
     context: int = Field(512, ge=MIN_CONTEXT)
@@ -145,7 +147,7 @@ class RunConfig(_Table):
 
         quality = not self.skip_quality
         return RunOptions(
-            model=self.model, backend=self.backend, reference_url=self.reference_url, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
+            model=self.model, backend=self.backend, reference_url=self.reference_url, reference_kld=self.reference_kld, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
             limit=self.limit, context=self.context, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
             store=self.store, threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
             cost=not self.skip_cost, cost_settings=self.cost.overrides(), floors=self.floors, cost_rounds=self.cost.rounds,
@@ -198,7 +200,7 @@ def resolved_toml(config: RunConfig, used: Mapping[str, object]) -> str:
     not what is measured, and a replay should never overwrite a folder unasked.
     """
     resolved = config.model_copy(update={
-        "model": _absolute(config.model), "dataset": _absolute_dataset(config.dataset), "out": Path(str(used["out"])).resolve(),
+        "model": _absolute(config.model), "dataset": _absolute_dataset(config.dataset), "reference_kld": _absolute(config.reference_kld), "out": Path(str(used["out"])).resolve(),
         "variants": [_absolute_checkpoint(variant) for variant in config.variants],
         "device": used["device"], "dtype": used["dtype"], "threads": used["threads"],
     })

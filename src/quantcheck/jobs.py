@@ -43,6 +43,7 @@ class CorpusJob(BaseModel):
     max_windows: int | None = Field(None, ge=1, description="text: score only the first N windows (--limit)")
     chat: Literal["auto", "on", "off"] = Field("auto", description="prompts: through the chat template")
     max_new_tokens: PositiveInt = Field(32, description="prompts: longest reference answer")
+    recorded: bool = Field(False, description="text: the reference's windows come recorded with it (--reference-kld); every model replays them")
 
 
 class EngineSettings(BaseModel):

@@ -20,15 +20,21 @@ from quantcheck.jobs import EngineSettings, ModelSpec
 
 PRETRAINED = "pretrained"
 ENDPOINT_BACKEND = "openai"
+RECORDED_BACKEND = "kldfile"  # a reference read from a file, never a variant's engine
 
 
 def _slug(source: str) -> str:
     return "".join(char if char.isalnum() or char in "-_." else "-" for char in source.rstrip("/").split("/")[-1])
 
 
-def reference_spec(backend: str, weights: str, url: str | None = None) -> ModelSpec:
-    """The reference in a local engine, or behind the server at `url` (`weights` then only gives its tokenizer)."""
-    engines = [name for name in BACKEND_NAMES if name != ENDPOINT_BACKEND]
+def reference_spec(backend: str, weights: str, url: str | None = None, kld: str | None = None) -> ModelSpec:
+    """The reference in a local engine, behind the server at `url`, or as a llama-perplexity base file `kld`
+    recorded it (`weights` then only gives its tokenizer)."""
+    engines = [name for name in BACKEND_NAMES if name not in (ENDPOINT_BACKEND, RECORDED_BACKEND)]
+    if kld is not None:
+        if backend != DEFAULT_BACKEND or url is not None:
+            raise QuantcheckError("--reference-kld reads the reference from a file: leave --backend and --reference-url out")
+        return ModelSpec(name="reference", role="reference", backend=RECORDED_BACKEND, method="none", weights=kld, checkpoint=True, tokenizer=weights)
     if url is not None:
         if backend != DEFAULT_BACKEND:
             raise QuantcheckError(f"--reference-url and --backend {backend} name two engines for the reference: give one")
@@ -61,7 +67,7 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
     backend, rest = DEFAULT_BACKEND, text
     head, _, tail = text.partition(":")
     head = PREFIXES.get(head, head)
-    if head in BACKEND_NAMES and tail:
+    if head in BACKEND_NAMES and head != RECORDED_BACKEND and tail:
         backend, rest = head, tail
     prefix = quant_prefix(backend)
     if (own := get_backend(backend).parse_variant(rest, reference_weights)) is not None:

@@ -1,4 +1,5 @@
-"""Backends registered by name (lm-eval style): `hf` (transformers), `vllm`, `llamacpp`, and `openai` (a model behind an OpenAI-compatible server).
+"""Backends registered by name (lm-eval style): `hf` (transformers), `vllm`, `llamacpp`, `openai` (a model behind an
+OpenAI-compatible server), and `kldfile` (a reference read from a llama-perplexity base file).
 
 Adding an engine is one module here with a `Backend` subclass, and one line in `_MODULES`.
 Modules are imported on first use, so the parent process never imports an engine it does not run.
@@ -12,7 +13,7 @@ from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantMethodError
 
 _MODULES = {"hf": "quantcheck.backends.hf", "vllm": "quantcheck.backends.vllm", "llamacpp": "quantcheck.backends.llamacpp",
-            "openai": "quantcheck.backends.openai"}
+            "openai": "quantcheck.backends.openai", "kldfile": "quantcheck.backends.kldfile"}
 DEFAULT_BACKEND = "hf"
 BACKEND_NAMES = tuple(_MODULES)
 # What users write before a variant when it is not the backend's name: `--quant gguf:Q4_K_M` runs in llama.cpp,

@@ -135,6 +135,10 @@ class Backend(ABC):
         first .. len-2 of each window (they predict tokens first+1 .. len-1). Only where `scores_text`."""
         raise NotImplementedError(f"the {self.name} backend does not score text corpora")
 
+    def recorded_windows(self) -> list[list[int]] | None:
+        """The token windows a recorded reference brings with it (a llama-perplexity base file); None: the text is cut here."""
+        return None
+
     @property
     def top_logprobs(self) -> int | None:
         """None when `next_token_logprobs` rows are full; K when only each row's top K entries are known

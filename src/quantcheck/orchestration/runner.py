@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from quantcheck import __version__
 from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
-from quantcheck.data.corpus import TextCorpus, is_corpus, load_corpus, scored_count
+from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, is_corpus, load_corpus, recorded_corpus, scored_count
 from quantcheck.data.items import Dataset
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
@@ -38,6 +38,7 @@ class RunOptions(BaseModel):
     model: str | None = None
     backend: str = "hf"
     reference_url: str | None = None
+    reference_kld: str | None = None
     quants: list[str] = Field(default_factory=list)
     engine: EngineSettings = EngineSettings()
     dataset: str = DEFAULT_DATASET
@@ -90,7 +91,10 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model = resolve_model(options.model, options.allow_pickle)
     checkpoint = lambda source: str(resolve_model(source, options.allow_pickle).path)  # noqa: E731
-    models = [reference_spec(options.backend, str(model.path), options.reference_url)]
+    unmeasured_cost = options.reference_kld is not None and options.cost
+    if options.reference_kld is not None:  # a recorded reference has no memory or speed to compare with
+        options = _recorded_text(options).model_copy(update={"cost": False})
+    models = [reference_spec(options.backend, str(model.path), options.reference_url, options.reference_kld)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
     corpus = is_corpus(options.dataset) or is_prompts(options.dataset)
     corpus_job = None
@@ -98,14 +102,14 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         _check_text_backends(models)
         answers = options.generation or GenerationOptions()
         corpus_job = CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens) if is_prompts(options.dataset) \
-            else CorpusJob(context=options.context, max_windows=options.limit)
+            else CorpusJob(context=options.context, max_windows=options.limit, recorded=options.reference_kld is not None)
         options = options.model_copy(update={"generation": None})  # no questions to answer: the generation phase does not run
     check_specs(models, device, options.engine)
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], options.loglik, sampled) if options.floors and not corpus else []
-    dataset = _load(options)
+    dataset = _load(options, model.path)
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
@@ -119,6 +123,9 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
+    if unmeasured_cost:
+        warnings.append(RunWarning(code="no-cost", message="cost was not measured: the reference is a llama-perplexity base file, "
+                                                           "so there is no memory or speed to compare the variants with"))
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
     reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
@@ -215,7 +222,19 @@ def _score_corpus(models: list[ModelSpec], corpus_job: CorpusJob, base: dict, vi
     return None
 
 
-def _load(options: RunOptions) -> Dataset | TextCorpus | PromptSet:
+def _recorded_text(options: RunOptions) -> RunOptions:
+    """A llama-perplexity base file brings the text's windows and its context length: no other data set."""
+    from quantcheck.backends.kldfile import read_kld_base
+
+    if options.dataset != DEFAULT_DATASET:
+        raise QuantcheckError("--reference-kld brings its own text (the base file's windows): leave --dataset out")
+    base = read_kld_base(Path(options.reference_kld).expanduser())
+    return options.model_copy(update={"dataset": KLD_PREFIX + str(base.path.resolve()), "context": base.n_ctx})
+
+
+def _load(options: RunOptions, model_path: Path) -> Dataset | TextCorpus | PromptSet:
+    if options.dataset.startswith(KLD_PREFIX):
+        return recorded_corpus(options.dataset, model_path, options.trust_remote_code)
     if is_corpus(options.dataset):
         return load_corpus(options.dataset)
     if is_prompts(options.dataset):

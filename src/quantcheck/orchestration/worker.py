@@ -122,10 +122,17 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
 
 
 def _text_windows(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:
+    """The reference cuts the text (or brings its recorded windows); a variant cuts it with its own tokenizer, so a
+    different one shows as a mismatch, or replays recorded windows as they are."""
     from quantcheck.data.corpus import first_scored, make_windows
 
-    windows = make_windows(backend.tokenizer, folder.read_corpus(), job.corpus.context, job.corpus.max_windows)
-    return windows, [first_scored(job.corpus.context)] * len(windows)
+    options = job.corpus
+    if options.recorded:
+        windows = backend.recorded_windows() if job.model.is_reference else folder.read_reference_tokens()
+        windows = windows[: options.max_windows]
+    else:
+        windows = make_windows(backend.tokenizer, folder.read_corpus(), options.context, options.max_windows)
+    return windows, [first_scored(options.context)] * len(windows)
 
 
 def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:

@@ -187,7 +187,7 @@ def render_html(
 ) -> str:
     r = data.results
     fig_ctx = [
-        {"key": s.key, "title": s.title, "caption": s.caption, "src": data_uri(figures[s.key])}
+        {"key": s.key, "title": s.title, "caption": s.caption_for(r), "src": data_uri(figures[s.key])}
         for s in specs
         if s.key in figures
     ]
@@ -209,10 +209,13 @@ def render_html(
         skipped_figures=skipped_figures,
         accuracy_columns=table.ACCURACY_COLUMNS,
         accuracy_rows=table.accuracy_rows(r),
-        corpus_heading=table.corpus_heading(r) if data.is_text else "",
+        corpus=table.corpus_wording(r) if data.is_text else None,
         corpus_columns=table.corpus_columns(r),
         corpus_rows=table.corpus_rows(r),
         corpus_notes=table.corpus_notes(r),
+        worst_columns=table.worst_columns(r),
+        worst_rows=table.worst_rows(r),
+        worst_notes=table.worst_notes(r),
         agreement_columns=table.agreement_columns(data.is_text),
         agreement_rows=table.agreement_rows(r),
         floor_columns=table.FLOOR_COLUMNS,

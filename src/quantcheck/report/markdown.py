@@ -122,7 +122,7 @@ def render_markdown(
         out += ["## Figures", ""]
         for spec in specs:
             if spec.key in figures:
-                out += [f"![{spec.title}]({FIGURES_DIR}/{figures[spec.key]})", "", f"*{spec.caption}*", ""]
+                out += [f"![{spec.title}]({FIGURES_DIR}/{figures[spec.key]})", "", f"*{spec.caption_for(r)}*", ""]
 
     warnings = warning_rows(r)
     out += ["## Warnings", ""]
@@ -151,11 +151,31 @@ def render_markdown(
 
 
 def _corpus_section(data: RunData) -> list[str]:
-    """A text run's statistics in llama-perplexity's layout, its notes once under the table."""
+    """A token-level run's statistics in llama-perplexity's layout, its notes once under the table, then where each
+    variant departs most."""
     r = data.results
-    out = [f"## Text corpus: {md_text(table.corpus_heading(r))}", ""]
+    out = [f"## {md_text(table.corpus_wording(r).heading)}", ""]
     rows = table.corpus_rows(r)
     if not rows:
         return out + ["No variant has corpus statistics.", ""]
     out += md_table(table.corpus_columns(r), rows) + [""]
-    return out + [f"- {md_text(note)}." for note in table.corpus_notes(r)] + [""]
+    out += [f"- {md_text(note)}." for note in table.corpus_notes(r)] + [""]
+    worst = table.worst_rows(r)
+    if worst:
+        out += ["### Where the variants depart most", ""]
+        out += md_table(table.worst_columns(r), [])
+        out += [f"| {' | '.join(md_cell(c) for c in [w.variant, w.name, *w.cells])} | {_md_snippet(w)} |" for w in worst] + [""]
+        out += [f"- {md_text(note)}." for note in table.worst_notes(r)] + [""]
+    return out
+
+
+_EMPHASIS = re.compile(r"([*_`])")
+
+
+def _md_snippet(row: table.WorstRow) -> str:
+    """The snippet with its token in bold: the text's own emphasis characters are escaped so only the marks bold;
+    spaces at the token's edges stay outside the marks, which Markdown needs to see them as bold."""
+    before, token, after = (_EMPHASIS.sub(r"\\\1", md_cell(part)) for part in (row.before, row.token, row.after))
+    left = " " if row.before.endswith(" ") and before else ""
+    right = " " if row.after.startswith(" ") and after else ""
+    return f"{before}{left}**{token}**{right}{after}"

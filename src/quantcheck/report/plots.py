@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from quantcheck.report import format as fmt  # noqa: E402
 from quantcheck.report.data import RunData, reference_model  # noqa: E402
+from quantcheck.report.table import corpus_wording  # noqa: E402
 from quantcheck.results.store import write_bytes_atomic  # noqa: E402
 from quantcheck.results.schema import ItemRecord, ModelResult, Results, WindowRecord  # noqa: E402
 
@@ -282,21 +283,29 @@ def plot_kl(results: Results, items: list[ItemRecord], out_dir: Path, colors: di
 @_styled
 def plot_corpus_kl(results: Results, windows: dict[str, list[WindowRecord]], out_dir: Path,
                    colors: dict[str, str]) -> Path | None:
-    """Per-token KL(reference || variant) along the text, window after window: where in the corpus a
-    variant departs from the reference, which the table's percentiles cannot say."""
+    """Per-token KL(reference || variant) along the text or the answers, sequence after sequence: where a variant
+    departs from the reference, which the table's percentiles cannot say. Sequences lie end to end (answers differ
+    in length); the legend's mean is the sequences' mean, as the table's Mean KLD (each prompt counts once)."""
     ref = reference_model(results)
     names = [m.name for m in results.models if m is not ref and any(r.kl is not None for r in windows.get(m.name, []))]
     if not names:
         return None
-    width = max(len(r.kl) for n in names for r in windows[n] if r.kl is not None)
-    n_windows = 1 + max(r.window for n in names for r in windows[n])
+    lengths: dict[int, int] = {}
+    for name in names:
+        for r in windows[name]:
+            if r.kl is not None:
+                lengths[r.window] = max(lengths.get(r.window, 0), len(r.kl))
+    order = sorted(lengths)
+    starts = dict(zip(order, np.cumsum([0, *[lengths[w] for w in order]]).tolist()))
+    total = sum(lengths.values())
+    wording = corpus_wording(results)
     fig, (ax,) = _new_figure(11.0, 4.6)
-    for boundary in range(1, n_windows):
-        ax.axvline(boundary * width, color="gray", lw=0.8, alpha=0.35, zorder=0)
+    for w in order[1:]:
+        ax.axvline(starts[w], color="gray", lw=0.8, alpha=0.35, zorder=0)
     floored = False
     for name in names:
         records = [r for r in windows[name] if r.kl is not None]
-        x = np.concatenate([r.window * width + np.arange(len(r.kl)) for r in records])
+        x = np.concatenate([starts[r.window] + np.arange(len(r.kl)) for r in records])
         kl = np.concatenate([np.asarray(r.kl, dtype=float) for r in records])
         floored = floored or bool((kl < KL_FLOOR).any())
         color = colors.get(name, "C0")
@@ -305,18 +314,28 @@ def plot_corpus_kl(results: Results, windows: dict[str, list[WindowRecord]], out
         span = min(ROLLING_TOKENS, len(kl))
         rolling = np.convolve(kl, np.ones(span) / span, mode="valid")
         ax.plot(x[span - 1:] - (span - 1) / 2, np.maximum(rolling, KL_FLOOR), color=color, lw=1.8,
-                label=f"{name} (mean {fmt.nats(float(kl.mean()))})")
+                label=f"{name} (mean {fmt.nats(float(np.mean([np.mean(r.kl) for r in records])))})")
     ax.axhline(results.thresholds.max_mean_kl, color="#b22222", ls="--", lw=1.2,
                label=f"max mean KL threshold ({fmt.nats(results.thresholds.max_mean_kl)})")
     ax.set_yscale("log")
-    ax.set_xlim(0, n_windows * width)
-    ax.set_xlabel(f"scored token along the text ({width} per window; faint lines: window boundaries)")
+    ax.set_xlim(0, total)
+    unit = wording.unit
+    per = f"{lengths[order[0]]} per {unit}; " if len(set(lengths.values())) == 1 else ""
+    ax.set_xlabel(f"scored token {wording.along}, {unit} by {unit} ({per}faint lines: {unit} boundaries)")
     floor_note = f"; values < {KL_FLOOR:g} drawn at {KL_FLOOR:g}" if floored else ""
     ax.set_ylabel(f"KL(reference \u2016 variant), nats\n(log scale{floor_note})")
-    ax.set_title(f"KL divergence per token along the text (line: mean over {ROLLING_TOKENS} tokens)")
+    ax.set_title(f"KL divergence per token {wording.along} (line: mean over {ROLLING_TOKENS} tokens)")
     ax.grid(axis="x", visible=False)
     fig.legend(loc="outside lower center", ncols=min(4, len(names) + 1), frameon=False)
     return _save(fig, out_dir, "corpus_kl.png")
+
+
+def corpus_kl_caption(results: Results) -> str:
+    """The caption names the run's own sequences: a text's windows or the answers to users' prompts."""
+    wording = corpus_wording(results)
+    return (f"KL(reference \u2016 variant) at every scored token {wording.along}, {wording.unit} by {wording.unit} "
+            f"(light points), with its mean over {ROLLING_TOKENS} consecutive tokens (line); faint vertical lines separate "
+            f"the {wording.units}. Log scale: a KL below {KL_FLOOR:g} (an identical prediction) is drawn at {KL_FLOOR:g}.")
 
 
 # ------------------------------------------------------------------------ (4) accuracy & speed
@@ -503,10 +522,14 @@ class FigureSpec:
     key: str
     filename: str
     title: str
-    caption: str
+    caption: str | Callable[[Results], str]
+    """Fixed, or written for the run where it names the run's own sequences."""
     needs: str
     kinds: tuple[str, ...] = ("questions", "text")
-    """The runs (`DatasetInfo.kind`) the figure belongs to: in any other it is neither drawn nor missed."""
+    """The runs (`RunData.kind`) the figure belongs to: in any other it is neither drawn nor missed."""
+
+    def caption_for(self, results: Results) -> str:
+        return self.caption(results) if callable(self.caption) else self.caption
 
 
 FIGURES: list[FigureSpec] = [
@@ -520,10 +543,7 @@ FIGURES: list[FigureSpec] = [
         "needs cost_vs_reference and paired_loglik (or agreement) for at least one variant",
     ),
     FigureSpec(
-        "corpus_kl", "corpus_kl.png", "KL divergence per token along the text",
-        f"KL(reference \u2016 variant) at every scored token, in the corpus's order (light points), with its mean over "
-        f"{ROLLING_TOKENS} consecutive tokens (line); faint vertical lines separate the windows. Log scale: a KL below "
-        f"{KL_FLOOR:g} (an identical prediction) is drawn at {KL_FLOOR:g}.",
+        "corpus_kl", "corpus_kl.png", "KL divergence per scored token", corpus_kl_caption,
         "needs per-token kl values in models/<model>/corpus.jsonl for at least one variant",
         kinds=("text",),
     ),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from quantcheck.report import format as fmt
 from quantcheck.report.data import DATASET_FILE, ITEMS_FILE, RunData
+from quantcheck.report.table import corpus_wording
 from quantcheck.results.schema import SCHEMA_VERSION, GenerationSettings, Results
 
 
@@ -122,11 +123,12 @@ def environment_rows(data: RunData) -> list[tuple[str, str]]:
         rows.append(("Memory measured with", ", ".join(methods)))
     for key, value in r.environment.items():
         rows.append((str(key), _value_text(value)))
-    if r.dataset is not None and data.is_text:  # windows of a text corpus: no subjects, no answer letters
+    if r.dataset is not None and data.is_text:  # a text's windows or users' prompts: no subjects, no answer letters
         ds = r.dataset
-        rows.append(("Dataset", f"{ds.spec} \u2014 {fmt.integer(ds.n_items)} windows of {fmt.integer(ds.context)} tokens from {ds.source}"))
+        wording = corpus_wording(r)
+        rows.append(("Dataset", f"{ds.spec} \u2014 {wording.size} from {ds.source}"))
         rows.append(("Dataset hash", ds.content_hash))
-        rows.append(("Windows", ds.prompt_format))
+        rows.append((wording.units.capitalize(), ds.prompt_format))
     elif r.dataset is not None:
         ds = r.dataset
         subjects = ", ".join(ds.subjects[:8]) + (f" and {len(ds.subjects) - 8} more" if len(ds.subjects) > 8 else "")

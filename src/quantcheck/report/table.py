@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass, field
 
 from quantcheck.report import format as fmt
@@ -335,13 +336,37 @@ def corpus_variants(results: Results) -> list[ModelResult]:
     return [m for m in variant_models(results) if m.corpus is not None]
 
 
-def corpus_heading(results: Results) -> str:
-    """What the corpus table was measured on (a text run): windows, context and scored tokens."""
+@dataclass(frozen=True)
+class CorpusWording:
+    """How a token-level run names what it scored, said once so every output (tables, notes, figure) agrees."""
+
+    unit: str
+    """What the intervals resample: "window" of a text, or "prompt"."""
+    title: str
+    size: str
+    """How many sequences, and how long where they share a length: "4 windows of 128 tokens", "3 prompts"."""
+    heading: str
+    along: str
+    """Where the scored tokens lie: "along the text", "along the reference's answers"."""
+
+    @property
+    def units(self) -> str:
+        return f"{self.unit}s"
+
+
+def corpus_wording(results: Results) -> CorpusWording:
+    """The words for a text's windows or users' prompts, from `results.dataset`."""
     ds = results.dataset
     reference = reference_model(results)
     tokens = reference.corpus.tokens if reference is not None and reference.corpus is not None else None
-    return (f"{fmt.integer(ds.n_items)} windows of {fmt.integer(ds.context)} tokens, the second half of each scored: "
-            f"{fmt.integer(tokens)} scored tokens")
+    n = ds.n_items if ds is not None else None
+    if ds is not None and ds.kind == "prompts":
+        unit, title, how, along = "prompt", "Your prompts", "the reference's greedy answers scored", "along the reference's answers"
+        size = f"{fmt.integer(n)} prompt{'' if n == 1 else 's'}"
+    else:
+        unit, title, how, along = "window", "Text corpus", "the second half of each scored", "along the text"
+        size = f"{fmt.integer(n)} window{'' if n == 1 else 's'} of {fmt.integer(ds.context if ds is not None else None)} tokens"
+    return CorpusWording(unit, title, size, f"{title}: {size}, {how}: {fmt.integer(tokens)} scored tokens", along)
 
 
 def corpus_columns(results: Results) -> list[str]:
@@ -368,20 +393,82 @@ def corpus_rows(results: Results) -> list[list[str]]:
 
 def corpus_notes(results: Results) -> list[str]:
     """What the corpus table's numbers are, said once under it."""
+    w = corpus_wording(results)
     notes = [
-        "Intervals are 95% and resample whole windows (a window's tokens share their context, so they are not "
+        f"Intervals are 95% and resample whole {w.units} (a {w.unit}'s tokens share their context, so they are not "
         "independent); a statistic without one had no spread to resample",
         "KLD is KL(reference \u2016 variant) per scored token in nats; \u0394p is p(variant) \u2212 p(reference) of the "
         "actual next token, in percent of probability; PPL(base) is the reference's",
     ]
+    if w.unit == "prompt":
+        notes.append("Mean KLD averages each prompt's own mean, so every prompt counts once whatever its answer's length; "
+                     "the other statistics pool every scored token")
     if any(m.agreement is not None and m.agreement.kl.store == "compact" for m in corpus_variants(results)):
         notes.append("KL per token is estimated from the reference's compact store: its top K exactly, the tail from "
                      "its stored samples")
     short = [f"{m.name} ({fmt.integer(m.corpus.windows)})" for m in corpus_variants(results)
              if results.dataset is not None and m.corpus.windows != results.dataset.n_items]
     if short:
-        notes.append("Scored on fewer windows than the run holds: " + ", ".join(short))
+        notes.append(f"Scored on fewer {w.units} than the run holds: " + ", ".join(short))
     notes.append(PUBLISHED_NOTE)
+    return notes
+
+
+_SPACES = re.compile(r"[^\S\n]+")
+BLANK_TOKEN = "\u2423"
+"""A token of spaces only, shown so it can be marked."""
+
+
+def visible(text: str) -> str:
+    """Text on one line that still shows its line breaks (\u23ce); other runs of whitespace become one space."""
+    return _SPACES.sub(" ", text.replace("\r\n", "\n")).replace("\n", "\u23ce")
+
+
+@dataclass
+class WorstRow:
+    """A sequence where a variant departs most. The snippet stays in three parts so each output marks the token its
+    own way; spaces at the token's edges belong to its neighbours, since a marked space cannot be seen."""
+
+    variant: str
+    name: str
+    cells: list[str]
+    before: str
+    token: str
+    after: str
+
+
+def worst_columns(results: Results) -> list[str]:
+    return ["Variant", corpus_wording(results).unit.capitalize(), "Scored tokens", "Mean KL", "Top-1 agreement",
+            "Worst token's KL", "Text around the worst token"]
+
+
+def worst_rows(results: Results) -> list[WorstRow]:
+    """Each variant's sequences with the highest mean KL; one with KL 0 at every token departs nowhere, so it is left out."""
+    rows = []
+    for m in corpus_variants(results):
+        for span in m.corpus.worst:
+            if span.worst_kl <= 0:
+                continue
+            token = visible(span.token)
+            core = token.strip(" ") or BLANK_TOKEN
+            lead = " " if token.startswith(" ") else ""
+            trail = " " if token.endswith(" ") and core != BLANK_TOKEN else ""
+            rows.append(WorstRow(
+                variant=m.name, name=span.name,
+                cells=[fmt.integer(span.tokens), fmt.nats(span.mean_kl), fmt.percent(span.top1_agreement), fmt.nats(span.worst_kl)],
+                before=_SPACES.sub(" ", visible(span.before) + lead), token=core, after=_SPACES.sub(" ", trail + visible(span.after)),
+            ))
+    return rows
+
+
+def worst_notes(results: Results) -> list[str]:
+    """How to read the worst-spans table, and which variants it leaves out for never departing."""
+    w = corpus_wording(results)
+    notes = [f"For each variant, the {w.units} with the highest mean KL (highest first), each with the text around its "
+             "highest-KL token (marked); \u23ce is a line break"]
+    still = [m.name for m in corpus_variants(results) if m.corpus.worst and all(s.worst_kl <= 0 for s in m.corpus.worst)]
+    if still:
+        notes.append(f"Not listed, KL 0 at every scored token: {', '.join(still)}")
     return notes
 
 

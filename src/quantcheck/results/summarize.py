@@ -19,7 +19,7 @@ from quantcheck import __version__
 from quantcheck.backends import get_backend
 from quantcheck.jobs import ModelSpec
 from quantcheck.results.folder import RunFolder
-from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE
+from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE, RECORDED_BACKEND
 from quantcheck.results.schema import (
     DRIFT_TOLERANCE,
     CostComparison,
@@ -214,6 +214,8 @@ def _description(spec: ModelSpec) -> str:
     if spec.endpoint is not None:
         rows = "full vocabulary" if spec.endpoint.top_logprobs is None else f"top-{spec.endpoint.top_logprobs} log-probabilities"
         return f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model} served at {spec.endpoint.url} ({rows})"
+    if spec.backend == RECORDED_BACKEND:
+        return f"the reference as llama-perplexity recorded it in {spec.weights}"
     if spec.is_reference:
         return f"the reference model at its recorded precision ({spec.backend})"
     if spec.checkpoint:
