@@ -191,10 +191,12 @@ def _question_summary(results) -> Table:
 
 
 def _text_summary(results) -> Table:
-    """A text corpus has no accuracy: perplexity and its ratio to the reference's stand in its place."""
+    """A text or prompts run has no accuracy: perplexity and its ratio to the reference's stand in its place."""
     from quantcheck.report.format import memory_vs_ref, nats, number, number_ci, percent
 
-    table = Table(title=f"quantcheck summary: {results.dataset.n_items} windows of {results.dataset.context} tokens")
+    from quantcheck.report.table import corpus_wording
+
+    table = Table(title=f"quantcheck summary: {corpus_wording(results).size}")
     for column in ("model", "PPL", "PPL ratio (95% CI)", "mean KL", "same top-1", "weights vs ref", "verdict"):
         table.add_column(column)
     for result in results.models:
