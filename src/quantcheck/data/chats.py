@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantcheck.data.files import read_text
 from quantcheck.errors import DatasetError
 
 PROMPTS_PREFIX = "prompts:"
@@ -44,11 +45,7 @@ def load_prompts(spec: str, limit: int | None = None) -> PromptSet:
     path = Path(spec.removeprefix(PROMPTS_PREFIX)).expanduser()
     if not path.is_file():
         raise DatasetError(f"prompts file {str(path)!r} is not a file: give prompts:FILE.jsonl, one chat ({{\"messages\": [...]}}) per line")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
-    ids, chats = read_prompt_lines(text, str(path))
+    ids, chats = read_prompt_lines(read_text(path), str(path))
     if not chats:
         raise DatasetError(f"{path}: no prompts: one chat per line, {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}]}}")
     if limit is not None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantcheck.data.files import read_text
 from quantcheck.errors import DatasetError
 
 TEXT_PREFIX = "text:"
@@ -70,12 +71,7 @@ def load_corpus(spec: str) -> TextCorpus:
         source = f"file {path.resolve()}"
         if not path.is_file():
             raise DatasetError(f"text corpus {name!r} is not a file: give text:FILE (plain text or JSONL with a \"text\" field) or text:{BUILTIN_CORPUS}")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read the corpus: {error.strerror}") from None
+    raw = read_text(path)
     text = _jsonl_text(path, raw) if path.suffix == ".jsonl" else raw
     if not text.strip():
         raise DatasetError(f"{path}: the corpus has no text")

@@ -69,6 +69,16 @@ def read_file(path: Path) -> list[Item]:
     raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv (MMLU layout) or .jsonl")
 
 
+def read_text(path: Path) -> str:
+    """A whole UTF-8 file; an unreadable or non-UTF-8 one is a one-line error naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
+    except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error.strerror}") from None
+
+
 def _open(path: Path):
     try:
         return path.open(newline="", encoding="utf-8")
