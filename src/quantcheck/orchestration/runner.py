@@ -96,14 +96,10 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         options = _recorded_text(options).model_copy(update={"cost": False})
     models = [reference_spec(options.backend, str(model.path), options.reference_url, options.reference_kld)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
-    corpus = is_corpus(options.dataset) or is_prompts(options.dataset)
-    corpus_job = None
+    options, corpus_job = _token_job(options)
+    corpus = corpus_job is not None
     if corpus:
         _check_text_backends(models)
-        answers = options.generation or GenerationOptions()
-        corpus_job = CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens) if is_prompts(options.dataset) \
-            else CorpusJob(context=options.context, max_windows=options.limit, recorded=options.reference_kld is not None)
-        options = options.model_copy(update={"generation": None})  # no questions to answer: the generation phase does not run
     check_specs(models, device, options.engine)
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
@@ -198,6 +194,17 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     if failed_reference:
         raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
     return out, results
+
+
+def _token_job(options: RunOptions) -> tuple[RunOptions, CorpusJob | None]:
+    """A text or prompts data set scores every token of sequences (one job kind for both); it has no questions, so no
+    generation phase: for prompts the generation options say how the reference answers."""
+    if not (is_corpus(options.dataset) or is_prompts(options.dataset)):
+        return options, None
+    answers = options.generation or GenerationOptions()
+    job = (CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens) if is_prompts(options.dataset)
+           else CorpusJob(context=options.context, max_windows=options.limit, recorded=options.reference_kld is not None))
+    return options.model_copy(update={"generation": None}), job
 
 
 def _check_text_backends(models: list[ModelSpec]) -> None:
