@@ -46,15 +46,15 @@ def test_gguf_variants_parse_to_the_llamacpp_backend(tmp_path):
 
 
 # The README's figures are from all 166 virology questions; the test scores the first 40 (a quarter of the time).
-QUESTIONS = 40
+QUESTIONS = 166  # the whole virology subject: the GGUF issue's test
 
 
 @pytest.fixture(scope="module")
 def virology_run(tmp_path_factory) -> Path:
-    """transformers fp32 reference against three GGUF variants on the first 40 virology questions."""
+    """transformers fp32 reference against three GGUF variants on the 166 virology questions."""
     out = tmp_path_factory.mktemp("gguf-virology") / "run"
     quants = [argument for name in GGUF_VARIANTS for argument in ("--quant", name)]
-    result = quantcheck("run", *quants, "--limit", str(QUESTIONS), "--out", str(out), "--skip-generation", "--skip-cost", "--no-floors")
+    result = quantcheck("run", *quants, "--out", str(out), "--skip-generation", "--skip-cost", "--no-floors")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -85,7 +85,7 @@ def test_f32_gguf_is_the_engine_floor_against_transformers_fp32(virology_run):
     floor = model(results, "gguf:F32")
     assert mean_kl(virology_run, "gguf:F32") < 1e-3
     paired = floor["paired_loglik"]
-    assert round(paired["answer_agreement"] * QUESTIONS) >= QUESTIONS - 1, paired
+    assert round(paired["answer_agreement"] * QUESTIONS) >= QUESTIONS - 2, paired  # at least 164 of 166
     assert floor["agreement"]["top1_agreement"]["value"] >= 0.98
 
 
