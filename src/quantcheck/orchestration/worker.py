@@ -65,7 +65,7 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
             done = set()
         score_items(
             backend.next_token_logprobs, spec.name, items, encoded, batch_size=job.batch_size, reference=reference,
-            is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", items, done),
+            is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", len(items), _finished(items, done)),
             top_logprobs=backend.top_logprobs,
         )
 
@@ -78,7 +78,11 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
         done = set(read_latest_by_id(path, ItemRecord))
         prompts = encode_generation_prompts(tokenizer, items, settings)
         generate_answers(backend.generate, tokenizer, spec.name, items, prompts, settings, batch_size=options.batch_size,
-                         done=done, on_batch=_phase_sink(path, "generation", items, done))
+                         done=done, on_batch=_phase_sink(path, "generation", len(items), _finished(items, done)))
+
+
+def _finished(items, done: set[str]) -> int:
+    return len(done & {item.item_id for item in items})
 
 
 def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
@@ -111,12 +115,7 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
         done = set()
     elif not spec.is_reference:
         reference.check(rows, backend.vocab_width)
-    emit("phase", phase=job.corpus.kind, total=len(sequences), done=len(done & set(range(len(sequences)))))
-
-    def keep(records: list[WindowRecord]) -> None:
-        append_records(path, records)
-        emit("advance", phase=job.corpus.kind, count=len(records))
-
+    keep = _phase_sink(path, job.corpus.kind, len(sequences), len(done & set(range(len(sequences)))))
     score_windows(backend.window_logprobs, spec.name, sequences, firsts, batch_size=job.batch_size, reference=reference,
                   is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
 
@@ -162,9 +161,9 @@ def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[li
     return [ids + answer for ids, answer in zip(prompt_ids, answers)], [len(ids) - 1 for ids in prompt_ids]
 
 
-def _phase_sink(path: Path, phase: str, items, done: set[str]) -> Callable[[list], None]:
+def _phase_sink(path: Path, phase: str, total: int, done: int) -> Callable[[list], None]:
     """Announce a resumable phase and return what keeps each finished batch: append + fsync, then progress."""
-    emit("phase", phase=phase, total=len(items), done=len(done & {item.item_id for item in items}))
+    emit("phase", phase=phase, total=total, done=done)
 
     def keep(records: list) -> None:
         append_records(path, records)
