@@ -1,7 +1,8 @@
-"""A text corpus scored at every token: one forward per window, every statistic from its rows.
+"""Every token of sequences scored (a text's windows, or prompts with the reference's answers): one forward
+per sequence, every statistic from its rows.
 
 The reference's pass keeps its rows in the reference store (full or compact, one store row per
-scored position: window x position) and each window's negative log-likelihoods; a variant's pass
+scored position, sequence after sequence) and each sequence's negative log-likelihoods; a variant's pass
 reads the rows back for the identical token ids and adds per-token KL, top-1 agreement and
 Jaccard@k (llama.cpp's two-pass protocol, with quantcheck's compact store in place of the 50x
 larger full-vocabulary file). Delta-p and the perplexity ratio need only the two models' NLLs and
