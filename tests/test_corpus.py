@@ -164,3 +164,12 @@ def test_a_text_shorter_than_one_window_says_so(tmp_path):
     path.write_text("A few words only.")
     result = quantcheck("run", "--dataset", f"text:{path}", "--quant", "none", "--skip-cost", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "fewer than one window of --context 512" in result.stderr
+
+
+def test_metrics_csv_holds_the_corpus_numbers(runs):
+    import csv
+
+    rows = {row["model"]: row for row in csv.DictReader((runs["full"] / "metrics.csv").open())}
+    corpus = by_name(read_results(runs["full"]))["bf16"]["corpus"]
+    assert float(rows["bf16"]["perplexity_ratio"]) == pytest.approx(corpus["perplexity_ratio"]["value"], rel=1e-12)
+    assert int(rows["bf16"]["scored_tokens"]) == corpus["tokens"] and rows["reference"]["perplexity_ratio"] == ""

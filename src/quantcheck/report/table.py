@@ -633,6 +633,7 @@ CSV_COLUMNS = [
     "right_to_wrong", "wrong_to_right", "answer_agreement", "min_detectable_difference",
     "delta_generative", "delta_generative_ci_low", "delta_generative_ci_high", "mcnemar_p_generative",
     "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
+    "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high", "rms_delta_p",
     *[f"jaccard_{k}" for k in JACCARD_KS],
     "kl_bound", "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
     "weight_memory_ratio", "memory_saving", "decode_tokens_per_s", "decode_speedup",
@@ -685,6 +686,7 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "median_kl": ag.kl.median if ag else None,
         "p90_kl": ag.kl.p90 if ag else None,
         "max_kl": ag.kl.max if ag else None,
+        **_corpus_columns(m),
         **{f"jaccard_{k}": jaccard_value(m, k) for k in JACCARD_KS},
         "weight_bytes": c.weights.counted_bytes if c and c.weights else None,
         "footprint_bytes": c.weights.footprint_bytes if c and c.weights else None,
@@ -707,6 +709,20 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "offloaded": m.precision.offloaded if m.precision else None,
     }
     return row
+
+
+def _corpus_columns(m: ModelResult) -> dict[str, object]:
+    """A text or prompts run's own numbers (empty for questions)."""
+    corpus = m.corpus
+    ratio = corpus.perplexity_ratio if corpus else None
+    return {
+        "scored_tokens": corpus.tokens if corpus else None,
+        "perplexity": corpus.perplexity.value if corpus else None,
+        "perplexity_ratio": ratio.value if ratio else None,
+        "perplexity_ratio_ci_low": ratio.ci.low if ratio and ratio.ci else None,
+        "perplexity_ratio_ci_high": ratio.ci.high if ratio and ratio.ci else None,
+        "rms_delta_p": corpus.delta_p["rms"].value if corpus and "rms" in corpus.delta_p else None,
+    }
 
 
 def metrics_csv(results: Results) -> str:
