@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import quantcheck
 from quantcheck.cli import _print_summary
 from quantcheck.report import format as fmt
 from quantcheck.report import render_report
@@ -25,12 +24,10 @@ HOSTILE = "<script>alert(1)</script>"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real run through the CLI: the identity variant (none) and bf16 on four windows of a licence text."""
+    """One real run through the CLI: the identity variant (none) and bf16 on four windows of the built-in text."""
     out = tmp_path_factory.mktemp("corpus") / "run"
-    command = [sys.executable, "-m", "quantcheck.cli", "run", "--dataset", "text:/usr/share/common-licenses/GPL-3",
-               "--limit", str(WINDOWS), "--context", str(CONTEXT), "--quant", "none", "--quant", "bf16", "--skip-cost",
-               "--out", str(out), "--force"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = quantcheck("run", "--dataset", "text:builtin", "--limit", str(WINDOWS), "--context", str(CONTEXT), "--quant", "none",
+                      "--quant", "bf16", "--skip-cost", "--out", str(out), "--force")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -139,9 +136,8 @@ def prompts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats), encoding="utf-8")
     out = folder / "run"
-    command = [sys.executable, "-m", "quantcheck.cli", "run", "--dataset", f"prompts:{folder / 'prompts.jsonl'}",
-               "--quant", "none", "--quant", "bf16", "--skip-cost", "--max-new-tokens", "24", "--out", str(out), "--force"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = quantcheck("run", "--dataset", f"prompts:{folder / 'prompts.jsonl'}", "--quant", "none", "--quant", "bf16", "--skip-cost",
+                      "--max-new-tokens", "24", "--out", str(out), "--force")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
