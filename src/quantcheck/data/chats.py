@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantcheck.data.files import read_text
+from quantcheck.data.files import json_lines, read_text
 from quantcheck.errors import DatasetError
 
 PROMPTS_PREFIX = "prompts:"
@@ -56,14 +56,7 @@ def load_prompts(spec: str, limit: int | None = None) -> PromptSet:
 def read_prompt_lines(text: str, where: str) -> tuple[list[str], list[tuple[dict[str, str], ...]]]:
     ids: list[str] = []
     chats: list[tuple[dict[str, str], ...]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        at = f"{where}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{at}: not valid JSON ({error.msg}): one chat per line") from None
+    for _, at, record in json_lines(text.splitlines(), where, ": one chat per line"):
         messages = record.get("messages") if isinstance(record, dict) else record
         chats.append(_messages(messages, at))
         ids.append(str(record.get("id", f"prompt-{len(ids):04d}")) if isinstance(record, dict) else f"prompt-{len(ids):04d}")

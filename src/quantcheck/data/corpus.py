@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantcheck.data.files import read_text
+from quantcheck.data.files import json_lines, read_text
 from quantcheck.errors import DatasetError
 
 TEXT_PREFIX = "text:"
@@ -90,15 +89,9 @@ def _builtin_path() -> Path:
 
 def _jsonl_text(path: Path, raw: str) -> str:
     documents = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg}): one {{\"text\": ...}} object per line") from None
+    for _, where, record in json_lines(raw.splitlines(), path, ': one {"text": ...} object per line'):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DatasetError(f"{path}:{number}: expected an object with a \"text\" string")
+            raise DatasetError(f"{where}: expected an object with a \"text\" string")
         documents.append(record["text"])
     return "\n\n".join(documents)
 

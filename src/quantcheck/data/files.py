@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from quantcheck.data.items import Item, make_item
@@ -35,17 +36,24 @@ def read_csv(path: Path, subject: str, id_prefix: str) -> list[Item]:
     return items
 
 
+def json_lines(lines: Iterable[str], path: Path | str, hint: str = "") -> Iterator[tuple[int, str, object]]:
+    """(line number, "FILE:LINE", value) of each non-blank JSONL line; a line that is not JSON is a one-line
+    error naming it (`hint` says what a line should hold)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{where}: not valid JSON ({error.msg}){hint}") from None
+        yield number, where, value
+
+
 def read_jsonl(path: Path) -> list[Item]:
     items = []
     with _open(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            where = f"{path}:{line_number}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DatasetError(f"{where}: not valid JSON ({error.msg})") from None
+        for line_number, where, record in json_lines(handle, path):
             if not isinstance(record, dict):
                 raise DatasetError(f"{where}: expected an object with question, choices, answer")
             missing = [key for key in ("question", "choices", "answer") if key not in record]
