@@ -9,14 +9,14 @@ uses `heavy_tailed_mean` over those means, as it does over questions (prompts: e
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from quantcheck.results.schema import CorpusStatistics, DivergenceSummary, Estimate, Interval, TokenAgreement, WindowRecord, WorstSpan
-from quantcheck.stats.intervals import bootstrap_mean, heavy_tailed_mean
+from quantcheck.results.divergence import divergence_summary
+from quantcheck.results.schema import CorpusStatistics, Estimate, Interval, TokenAgreement, WindowRecord, WorstSpan
+from quantcheck.stats.intervals import bootstrap_mean
 
 KL_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "95": 95.0, "90": 90.0, "median": 50.0, "10": 10.0, "5": 5.0, "1": 1.0,
                   "0.1": 0.1, "min": 0.0}
@@ -114,27 +114,15 @@ def _agreement(records: list[WindowRecord], seed: int, fail_level: float | None)
     """KL, top-1 and Jaccard@k over every scored token, with intervals over whole sequences (see the module docstring).
 
     Mean KL is the mean of the sequences' means: the mean over tokens for a text's equal windows; each prompt counted once."""
-    from quantcheck.results.summarize import COMPACT_KL_METHOD
-
     kl = _groups(records, "kl")
     pooled = np.concatenate(kl)
     bounded = records[0].kl_lower is not None
-    lower_bound_method = records[0].kl_bound
     uppers = [value for record in records for value in record.kl_upper] if bounded else []
     return TokenAgreement(
         n=int(pooled.size),
         jaccard={k: bootstrap_mean([record.jaccard[k] for record in records], seed) for k in records[0].jaccard},
         top1_agreement=_estimates(_groups(records, "top1_agree"), lambda x: [x.mean()], ["top1"], seed, fail_level)["top1"],
-        kl=DivergenceSummary(
-            mean=heavy_tailed_mean([group.mean() for group in kl], seed, fail_level=fail_level),
-            median=float(np.median(pooled)),
-            p90=float(np.percentile(pooled, 90)),
-            max=float(pooled.max()),
-            store="compact" if bounded else "full",
-            lower=heavy_tailed_mean([group.mean() for group in _groups(records, "kl_lower")], seed, fail_level=fail_level)
-            if bounded and not lower_bound_method else None,
-            upper_mean=statistics.fmean(uppers) if bounded and None not in uppers else None,
-            is_lower_bound=lower_bound_method is not None,
-            method=lower_bound_method or (COMPACT_KL_METHOD if bounded else "exact over the full vocabulary"),
-        ),
+        kl=divergence_summary([group.mean() for group in kl], pooled,
+                              [group.mean() for group in _groups(records, "kl_lower")] if bounded else None,
+                              uppers, records[0].kl_bound, seed, fail_level),
     )

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from quantcheck import __version__
 from quantcheck.backends import get_backend
 from quantcheck.jobs import ModelSpec
@@ -24,7 +22,6 @@ from quantcheck.results.schema import (
     DRIFT_TOLERANCE,
     CostComparison,
     DatasetInfo,
-    DivergenceSummary,
     EngineInfo,
     Floors,
     GeneratedAnswer,
@@ -47,8 +44,9 @@ from quantcheck.results.schema import (
     WindowRecord,
 )
 from quantcheck.results.corpus import SpanText, corpus_statistics
+from quantcheck.results.divergence import divergence_summary
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
-from quantcheck.stats.intervals import accuracy, bootstrap_mean, heavy_tailed_mean, proportion
+from quantcheck.stats.intervals import accuracy, bootstrap_mean, proportion
 from quantcheck.stats.paired import compare_paired, compare_with_floor
 from quantcheck.verdict import decide, fail_level, quality_check_count
 
@@ -70,10 +68,6 @@ def compared_records(records: list[ItemRecord]) -> list[ItemRecord]:
     return [record for record in records if record.kl is not None and record.jaccard is not None]
 
 
-COMPACT_KL_METHOD = ("estimated from the compact reference store: its top K exactly plus the tail from its samples (unbiased), "
-                     "between per-item lower and upper bounds")
-
-
 def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> TokenAgreement:
     """Next-token agreement: KL and top-1 with intervals at 95 % and at the verdict's `level`.
 
@@ -86,23 +80,13 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
     kl = [record.kl for record in compared]
     bounded = all(record.kl_lower is not None for record in compared)
     lower_bound_method = next((record.kl_bound for record in compared if record.kl_bound), None)
-    uppers = [record.kl_upper for record in compared]
     return TokenAgreement(
         n=len(compared),
         jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in compared[0].jaccard
                  if all(k in record.jaccard for record in compared)},
         top1_agreement=proportion([bool(record.top1_agree) for record in compared], fail_level=level),
-        kl=DivergenceSummary(
-            mean=heavy_tailed_mean(kl, seed, fail_level=level),
-            median=statistics.median(kl),
-            p90=float(np.percentile(kl, 90)),
-            max=max(kl),
-            store="compact" if bounded else "full",
-            lower=heavy_tailed_mean([record.kl_lower for record in compared], seed, fail_level=level) if bounded and not lower_bound_method else None,
-            upper_mean=statistics.fmean(uppers) if bounded and None not in uppers else None,
-            is_lower_bound=lower_bound_method is not None,
-            method=lower_bound_method or (COMPACT_KL_METHOD if bounded else "exact over the full vocabulary"),
-        ),
+        kl=divergence_summary(kl, kl, [record.kl_lower for record in compared] if bounded else None,
+                              [record.kl_upper for record in compared], lower_bound_method, seed, level),
     )
 
 
@@ -240,7 +224,8 @@ def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
 
 
 def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], expected: dict[str, bool], cost_rounds: int,
-                  n_windows: int = 0) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+                  windows: tuple[int, int] = (0, 0)) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+    """One model's own numbers; `windows`: the sequences it scored of a text or prompts run, and the run's sequences."""
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
@@ -261,9 +246,8 @@ def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], expec
     if result.generative and result.cost and result.cost.generation and result.generative.mean_output_tokens:
         words_per_token = result.generative.mean_output_words / result.generative.mean_output_tokens
         result.generative.decode_words_per_minute = 60 * result.cost.generation.decode_tokens_per_s * words_per_token
-    windows = len(read_windows(folder, spec)) if expected.get("corpus") else 0
-    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors, (windows, n_windows))
-    measured = quality or generated or windows or result.cost
+    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors, windows)
+    measured = quality or generated or windows[0] or result.cost
     result.status = "failed" if errors and not measured else "partial" if errors or result.incomplete else "ok"
     return result, quality, generated
 
@@ -404,8 +388,10 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
                       environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
+    windows = {spec.name: read_windows(folder, spec) for spec in models} if corpus else {}
     for spec in models:
-        result, quality, generated = _model_result(folder, spec, item_ids, expected, cost_rounds, dataset.n_items)
+        result, quality, generated = _model_result(folder, spec, item_ids, expected, cost_rounds,
+                                                   (len(windows[spec.name]) if expected.get("corpus") else 0, dataset.n_items))
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))
@@ -413,15 +399,15 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     results.finished = not results.missing
     reference = results.models[0]
     results.floors, floor_answers = _floors(folder, floors, per_model[reference.name], item_ids)
-    reference_windows = read_windows(folder, models[0]) if corpus else []
+    reference_windows = windows.get(models[0].name, [])
     spans = _span_text(folder, dataset.kind) if reference_windows else None
     if reference_windows:
         reference.corpus = corpus_statistics(reference_windows, None, dataset.context, seed)[0]
     for spec, result in zip(models[1:], results.models[1:]):
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
-        if reference_windows and (windows := read_windows(folder, spec)):
-            level = fail_level(quality_check_count(False, False, windows[0].kl is not None))
-            result.corpus, result.agreement = corpus_statistics(reference_windows, windows, dataset.context, seed, level, spans)
+        if reference_windows and (variant_windows := windows[spec.name]):
+            level = fail_level(quality_check_count(False, False, variant_windows[0].kl is not None))
+            result.corpus, result.agreement = corpus_statistics(reference_windows, variant_windows, dataset.context, seed, level, spans)
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
         unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
