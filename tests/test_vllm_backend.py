@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,41 @@ def test_vllm_fp32_matches_transformers_fp32_on_all_166_virology_questions(tmp_p
     mean_kl = sum(item["kl"] for item in items) / len(items)
     assert 0 <= mean_kl <= 1e-5, mean_kl
     assert served["agreement"]["top1_agreement"]["value"] == 1.0
+
+
+ROWS_CHECK = """
+import json, sys
+import numpy as np
+from quantcheck.backends.vllm import VllmBackend
+from quantcheck.jobs import JobSpec
+from quantcheck.specs import variant_spec
+weights, prompts, run_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+job = JobSpec(kind="quality", run_dir=run_dir, model=variant_spec("vllm:bf16", weights, str), device="cpu", dtype="float32",
+              threads=2, seed=0, batch_size=len(prompts))
+backend = VllmBackend(job)
+backend.load()
+captured, flat = backend._captured_rows(prompts), backend._flat_rows(prompts)
+print(json.dumps({"captures": backend.captures_rows, "shape": list(captured.shape), "equal": bool(np.array_equal(captured, flat)),
+                  "sums": np.exp(captured.astype(np.float64)).sum(axis=1).tolist(), "top": captured.argmax(axis=1).tolist()}))
+"""
+
+
+def test_rows_read_from_the_sampler_equal_vllms_own_logprobs_bit_for_bit(tmp_path):
+    """The in-process engine's rows come from a logits processor; they must be exactly what vLLM's logprobs output gives."""
+    from quantcheck.models.builtin import builtin_model_dir
+    from quantcheck.models.loading import load_tokenizer
+
+    weights = str(builtin_model_dir())
+    tokenizer = load_tokenizer(weights)
+    prompts = [tokenizer.encode(text) for text in ("Answer:", "The capital of France is", "A virus is " * 40, "1 2 3 4")]
+    result = subprocess.run([os.environ["QUANTCHECK_VLLM_PYTHON"], "-c", ROWS_CHECK, weights, json.dumps(prompts), str(tmp_path)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rows["captures"] is True and rows["shape"] == [4, tokenizer.vocab_size]
+    assert rows["equal"] is True
+    assert all(abs(total - 1) < 1e-4 for total in rows["sums"])  # real distributions, not zeros or copies
+    assert len(set(rows["top"])) > 1
 
 
 @pytest.fixture(scope="module")

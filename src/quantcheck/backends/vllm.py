@@ -1,7 +1,11 @@
 """The vLLM backend: `vllm.LLM` inside the model's worker process, the engine people serve with.
 
-Token ids go in as token prompts (never re-tokenized text) and the full next-token row comes back
-in vLLM's flat form without detokenizing (dictionaries of 49k entries per row are 5x slower).
+Token ids go in as token prompts (never re-tokenized text). The full next-token row comes back from
+the sampler itself where the engine runs in this process (one device, the default on CPU and on one
+GPU): a logits processor copies the log-softmax of each asked-for request's logits, exactly vLLM's
+`raw_logprobs`, without turning 49k floats per row into Python lists. Where the engine's workers are
+other processes (tensor/pipeline parallel, Ray), the row comes back in vLLM's flat form without
+detokenizing (dictionaries of 49k entries per row are 5x slower).
 The engine never reads the model's own generation_config (`generation_config="vllm"`): every
 sampling knob comes from the run's one settings object.
 
@@ -20,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,6 +127,7 @@ class VllmBackend(Backend):
         self.llm = None
         self.packed_weights: list[tuple[int, int]] = []  # (elements, bytes) of linear weights vLLM's CPU kernels moved out of the module tree
         _configure_environment(job.device, job.threads, job.engine)
+        self.captures_rows = job.kind == "quality" and _engine_in_this_process(job.engine)
 
     @property
     def dtype(self) -> str:
@@ -141,6 +147,8 @@ class VllmBackend(Backend):
             arguments["quantization"] = self.method.quantization
         if engine.distributed_executor_backend:
             arguments["distributed_executor_backend"] = engine.distributed_executor_backend
+        if self.captures_rows:
+            arguments["logits_processors"] = [_row_capture()]
         if self.job.device == "cpu":
             arguments["kv_cache_memory_bytes"] = engine.cpu_kv_cache_bytes
         else:
@@ -182,7 +190,32 @@ class VllmBackend(Backend):
         return [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """The full row of each prompt's next token: raw log-softmax, flat, not detokenized."""
+        """The full row of each prompt's next token: vLLM's raw log-softmax, read from the sampler where it can be."""
+        rows = self._captured_rows(prompts) if self.captures_rows else self._flat_rows(prompts)
+        if np.isneginf(rows).all(axis=1).any():
+            raise QuantcheckError(f"vLLM returned no log-probabilities for {self.spec.name}")
+        return rows
+
+    def _captured_rows(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One greedy token per prompt, no logprobs asked of vLLM: the row capture copies each request's row."""
+        from vllm import SamplingParams
+
+        capture = _row_capture()
+        capture.rows.clear()
+        params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={ROW_ARGUMENT: row})
+                  for row in range(len(prompts))]
+        self.llm.generate(self._token_prompts(prompts), params, use_tqdm=False)
+        if len(capture.rows) != len(prompts):
+            raise QuantcheckError(f"vLLM's sampler gave {len(capture.rows)} of {len(prompts)} rows for {self.spec.name}")
+        import torch
+
+        rows = torch.stack([capture.rows.pop(row) for row in range(len(prompts))]).numpy()
+        if rows.shape[1] != self.vocab_width:
+            raise QuantcheckError(f"vLLM's sampler rows are {rows.shape[1]} wide, the vocabulary {self.vocab_width}")
+        return rows
+
+    def _flat_rows(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """The same rows through vLLM's own logprobs output (every token, flat, not detokenized): any engine layout."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
@@ -192,8 +225,6 @@ class VllmBackend(Backend):
             flat = output.outputs[0].logprobs
             start, end = flat.start_indices[0], flat.end_indices[0]
             rows[row, np.asarray(flat.token_ids[start:end])] = np.asarray(flat.logprobs[start:end], dtype=np.float32)
-        if np.isneginf(rows).all(axis=1).any():
-            raise QuantcheckError(f"vLLM returned no log-probabilities for {self.spec.name}")
         return rows
 
     def _sampling(self, settings: GenerationSettings, seed: int | None):
@@ -323,6 +354,50 @@ def _recording_packed_weights(record: list[tuple[int, int]]) -> Iterator[None]:
         yield
     finally:
         utils.dispatch_cpu_unquantized_gemm = original
+
+
+ROW_ARGUMENT = "quantcheck_row"  # SamplingParams.extra_args key: which row of the batch a request's logits go to
+
+
+def _engine_in_this_process(engine: EngineSettings) -> bool:
+    """Whether vLLM's sampler runs in this process (set up by `_configure_environment`): one worker, no executor."""
+    single = engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
+    return single and not engine.distributed_executor_backend and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+
+
+@cache
+def _row_capture() -> type:
+    """A vLLM logits processor that keeps `log_softmax(logits)` of the requests that name a row.
+
+    It sees the logits the sampler samples from, before anything else changes them for these requests
+    (greedy, no bias, no penalties), and computes the log-softmax as vLLM's `raw_logprobs` does, so the
+    rows equal vLLM's own to the bit. A request still in a chunked prefill is seen too; its final
+    prefill step comes last and overwrites it. Not argmax-invariant, or vLLM skips it for greedy requests.
+    """
+    import torch
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    class RowCapture(LogitsProcessor):
+        rows: dict[int, torch.Tensor] = {}
+
+        def __init__(self, vllm_config, device, is_pin_memory) -> None:
+            self.requests: dict[int, int] = {}  # batch index -> row
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            process_dict_updates(self.requests, batch_update, lambda params, *_: (params.extra_args or {}).get(ROW_ARGUMENT))
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if self.requests:
+                indices = list(self.requests)
+                rows = logits[indices].log_softmax(dim=-1, dtype=torch.float32).cpu()
+                self.rows.update(zip((self.requests[index] for index in indices), rows))
+            return logits
+
+    return RowCapture
 
 
 def _configure_environment(device: str, threads: int, engine: EngineSettings) -> None:
