@@ -1,4 +1,10 @@
-"""The parent side of the worker protocol: one fresh process per model and job, watched to the end."""
+"""The parent side of the worker protocol: one fresh process per model and job, watched to the end.
+
+A job's worker is forked from the run's fork server (`forkserver.py`: torch and transformers already
+imported) when the backend runs under this interpreter, or started as a new interpreter otherwise
+(an engine in its own environment, a platform without fork, a server that failed to start). Either
+way its stdout carries event lines and its stderr goes to the job's log.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from quantcheck.jobs import EVENT_PREFIX, JobSpec
 from quantcheck.orchestration.progress import ProgressView
@@ -36,40 +45,114 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
-def run_job(spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
-    """Run one job in its own process; its stdout carries events, everything else goes to its log."""
-    from quantcheck.backends import get_backend
+def _events(line: str) -> dict | None:
+    return json.loads(line[len(EVENT_PREFIX) :]) if line.startswith(EVENT_PREFIX) else None
 
-    spec_path = folder.model_file(spec.model.folder, f"{spec.kind}.job.json")
-    write_json_atomic(spec_path, spec)
-    log_path = folder.model_file(spec.model.folder, f"{spec.kind}.log")
-    view.start_job(f"{spec.model.name} ({spec.kind})")
-    interpreter = get_backend(spec.model.backend).interpreter()  # an engine may live in its own environment
-    with log_path.open("a", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            [interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=worker_environment(),
-        )
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                if line.startswith(EVENT_PREFIX):
-                    view.handle(json.loads(line[len(EVENT_PREFIX) :]))
-                else:
-                    log.write(line)
-            returncode = process.wait()
-        except KeyboardInterrupt:
-            # The worker finishes the write in progress (appends are whole batches) and exits.
-            process.send_signal(signal.SIGINT)
-            process.wait()
+
+class Launcher:
+    """Starts each job's worker; the fork server lives as long as this object is open (a `with` block around the run)."""
+
+    def __init__(self) -> None:
+        self.server: subprocess.Popen | None = None
+        self.ready = False
+
+    def __enter__(self) -> Launcher:
+        if sys.platform == "linux":  # started now: its imports overlap the parent's checks and the data set's loading
+            self.server = subprocess.Popen([sys.executable, "-m", "quantcheck.orchestration.forkserver"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=worker_environment())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is None:
+            return
+        if self.ready:
+            self.server.stdin.close()  # the server's loop ends at EOF
+            try:
+                self.server.wait(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.server.kill()
+        self.server.wait()
+
+    def _server_ready(self) -> bool:
+        """Wait for the server's imports; a server that died instead is dropped and jobs start as plain processes."""
+        if self.server is not None and not self.ready:
+            self.ready = any((event := _events(line)) and event["event"] == "ready" for line in self.server.stdout)
+            if not self.ready:
+                self.server.wait()
+                self.server = None
+        return self.server is not None
+
+    def run(self, spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
+        """Run one job in its own process; its stdout carries events, everything else goes to its log."""
+        from quantcheck.backends import get_backend
+
+        spec_path = folder.model_file(spec.model.folder, f"{spec.kind}.job.json")
+        write_json_atomic(spec_path, spec)
+        log_path = folder.model_file(spec.model.folder, f"{spec.kind}.log")
+        view.start_job(f"{spec.model.name} ({spec.kind})")
+        interpreter = get_backend(spec.model.backend).interpreter()  # an engine may live in its own environment
+        with log_path.open("a", encoding="utf-8") as log:
+            if interpreter == sys.executable and self._server_ready():
+                returncode, interrupted = self._forked(spec_path, log_path, log, view)
+            else:
+                returncode, interrupted = _spawned(interpreter, spec_path, log, view)
+        if interrupted or returncode == 130:
             return JobOutcome(ok=False, interrupted=True, message="interrupted")
-    if returncode == 0:
-        return JobOutcome(ok=True)
-    if returncode == 130:
-        return JobOutcome(ok=False, interrupted=True, message="interrupted")
-    error_file = folder.model_file(spec.model.folder, f"{spec.kind}.error.json")
-    if error_file.exists():
-        return JobOutcome(ok=False, message=json.loads(error_file.read_text())["message"])
-    message = f"worker exited with code {returncode}; see {log_path}"
-    write_json_atomic(error_file, {"message": message})
-    return JobOutcome(ok=False, message=message)
+        if returncode == 0:
+            return JobOutcome(ok=True)
+        error_file = folder.model_file(spec.model.folder, f"{spec.kind}.error.json")
+        if error_file.exists():
+            return JobOutcome(ok=False, message=json.loads(error_file.read_text())["message"])
+        message = f"worker exited with code {returncode}; see {log_path}"
+        write_json_atomic(error_file, {"message": message})
+        return JobOutcome(ok=False, message=message)
+
+    def _forked(self, spec_path, log_path, log: IO[str], view: ProgressView) -> tuple[int, bool]:
+        """One job through the server: its `forked` and `exited` announcements frame the worker's own events."""
+        server = self.server
+        server.stdin.write(json.dumps({"spec": str(spec_path), "log": str(log_path)}) + "\n")
+        server.stdin.flush()
+        pid, interrupted = None, False
+        lines = iter(server.stdout)
+        while True:
+            try:
+                for event in _follow(lines, view, log):
+                    if event["event"] == "forked":
+                        pid = event["pid"]
+                    elif event["event"] == "exited":
+                        return event["code"], interrupted
+                break
+            except KeyboardInterrupt:
+                # The worker finishes the write in progress (appends are whole batches) and exits; the server reports it.
+                interrupted = True
+                if pid is not None:
+                    os.kill(pid, signal.SIGINT)
+        self.server.wait()  # the server died mid-job: later jobs start as plain processes
+        self.server = None
+        return 1, interrupted
+
+
+def _spawned(interpreter: str, spec_path, log: IO[str], view: ProgressView) -> tuple[int, bool]:
+    process = subprocess.Popen([interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
+                               stdout=subprocess.PIPE, stderr=log, text=True, env=worker_environment())
+    try:
+        for _ in _follow(iter(process.stdout), view, log):
+            pass
+        return process.wait(), False
+    except KeyboardInterrupt:
+        # The worker finishes the write in progress (appends are whole batches) and exits.
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        return 130, True
+
+
+def _follow(lines: Iterator[str], view: ProgressView, log: IO[str]) -> Iterator[dict]:
+    """The worker's events go to the progress view (and to the caller); any other line to the job's log."""
+    for line in lines:
+        if (event := _events(line)) is None:
+            log.write(line)
+            continue
+        view.handle(event)
+        yield event

@@ -21,7 +21,7 @@ from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import CorpusJob, EngineSettings, GenerationOptions, JobSpec, ModelSpec
-from quantcheck.orchestration.launcher import run_job
+from quantcheck.orchestration.launcher import Launcher
 from quantcheck.orchestration.progress import ProgressView
 from quantcheck.results.folder import RunFolder
 from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds, WindowRecord
@@ -79,6 +79,11 @@ def _validate(options: RunOptions) -> None:
 
 def run(options: RunOptions) -> tuple[Path, Results]:
     """Run (or resume) an experiment and return its folder and results."""
+    with Launcher() as launcher:
+        return _experiment(options, launcher)
+
+
+def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]:
     from quantcheck.environment import describe_environment
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
     from quantcheck.results.summarize import summarize
@@ -154,7 +159,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
     failed_reference = None
     with view:
         if corpus_job is not None and options.loglik:
-            failed_reference = _score_corpus(models, corpus_job, base, view, out, folder)
+            failed_reference = _score_corpus(launcher, models, corpus_job, base, view, out, folder)
         elif options.loglik or options.generation:
             for spec in [models[0], *floors, *models[1:]]:
                 if failed_reference:
@@ -170,7 +175,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                 job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=generation if todo_generation else None,
                               **{**base, "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed,
                                  "batch_size": NUMERIC_FLOOR_BATCH_SIZE if spec.floor == "numeric" else options.batch_size})
-                outcome = _run(job, view, out, folder)
+                outcome = _run(launcher, job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
@@ -180,7 +185,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
                     if folder.cost_file(spec.folder, cost_round).exists():
                         view.skipped(f"{spec.name} cost round {cost_round}", "already measured")
                         continue
-                    _run(JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base), view, out, folder)
+                    _run(launcher, JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base), view, out, folder)
 
     dataset_info = _dataset_info(dataset, folder, corpus_job)
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
@@ -217,13 +222,13 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
                                   "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend")
 
 
-def _score_corpus(models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path, folder: RunFolder) -> str | None:
+def _score_corpus(launcher: Launcher, models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path, folder: RunFolder) -> str | None:
     """Each model's pass over the corpus's windows, the reference first; the reference's failure message, if it failed."""
     for spec in models:
         if folder.reference_tokens_exist() and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens()):
             view.skipped(f"{spec.name} corpus", "already finished")
             continue
-        outcome = _run(JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, **base), view, out, folder)
+        outcome = _run(launcher, JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, **base), view, out, folder)
         if not outcome.ok and spec.is_reference:
             return outcome.message
     return None
@@ -297,8 +302,8 @@ def _count(folder: RunFolder, spec: ModelSpec, file: str, record: type = ItemRec
     return len(read_latest_by_id(folder.model_file(spec.folder, file), record, key))
 
 
-def _run(spec: JobSpec, view: ProgressView, out: Path, folder: RunFolder):
-    outcome = run_job(spec, folder, view)
+def _run(launcher: Launcher, spec: JobSpec, view: ProgressView, out: Path, folder: RunFolder):
+    outcome = launcher.run(spec, folder, view)
     if outcome.interrupted:
         raise Interrupted(f"interrupted: finished work is saved in {out}; run the same command again to resume")
     if not outcome.ok:
