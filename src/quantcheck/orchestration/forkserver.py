@@ -1,12 +1,13 @@
 """One process per run that imports torch and transformers once, then forks a fresh worker for each job.
 
 Every worker used to pay its own interpreter start and imports (about 4 s of torch and transformers
-here) before loading a model: seven times for a default run with floors and two cost rounds. A child
-forked from this server starts with those modules already imported and nothing else: no model, no
-CUDA context, no thread pool of torch's, so each job still runs in its own isolated process, as
-optimum-benchmark's launchers do. Linux only (fork with these libraries is not safe on macOS), and
-only for backends that run under this interpreter; the launcher falls back to a plain process
-whenever the server is unavailable.
+here) before loading a model: four times for a default run's quality jobs (reference, two floors, a
+variant). A child forked from this server starts with those modules already imported and nothing
+else: no model, no CUDA context, no thread pool of torch's, so each job still runs in its own
+isolated process, as optimum-benchmark's launchers do. Quality jobs only (a cost job's memory is its
+process's RSS, which must not include modules its engine would not import), Linux only (fork with
+these libraries is not safe on macOS), and only for backends that run under this interpreter; the
+launcher starts a plain process whenever the server cannot serve.
 
 Protocol, one job at a time: the parent writes `{"spec": JOB.json, "log": LOG}` on a line to stdin;
 the server forks; the child sends its stderr to LOG and runs the worker, whose event lines share the

@@ -1,9 +1,10 @@
 """The parent side of the worker protocol: one fresh process per model and job, watched to the end.
 
-A job's worker is forked from the run's fork server (`forkserver.py`: torch and transformers already
-imported) when the backend runs under this interpreter, or started as a new interpreter otherwise
-(an engine in its own environment, a platform without fork, a server that failed to start). Either
-way its stdout carries event lines and its stderr goes to the job's log.
+A quality job's worker is forked from the run's fork server (`forkserver.py`: torch and transformers
+already imported) when its backend runs under this interpreter. Every other worker starts as a new
+interpreter: a cost job (its memory is measured as the process's RSS, so it must hold only what its
+own engine imports), an engine in its own environment, a platform without fork, a server that
+failed to start. Either way its stdout carries event lines and its stderr goes to the job's log.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Launcher:
         view.start_job(f"{spec.model.name} ({spec.kind})")
         interpreter = get_backend(spec.model.backend).interpreter()  # an engine may live in its own environment
         with log_path.open("a", encoding="utf-8") as log:
-            if interpreter == sys.executable and self._server_ready():
+            if spec.kind == "quality" and interpreter == sys.executable and self._server_ready():
                 returncode, interrupted = self._forked(spec_path, log_path, log, view)
             else:
                 returncode, interrupted = _spawned(interpreter, spec_path, log, view)
