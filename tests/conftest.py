@@ -51,12 +51,13 @@ def lowercase_tokenizer_copy(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
-    """A finished run: the built-in model vs `none` and `bnb-nf4`, 8 questions, every phase measured."""
+    """A finished run: the built-in model vs `none` and `bnb-nf4`, 8 questions, every phase measured (one cost round:
+    the alternating rounds have their own test, `test_cost_drift`)."""
     root = tmp_path_factory.mktemp("small-run")
     questions = write_questions(root / "questions.jsonl", 8, xss_at=2)
     out = root / "run"
     result = quantcheck("run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out),
-                        "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", *SMALL_COST)
+                        "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
