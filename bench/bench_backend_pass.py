@@ -3,7 +3,7 @@
 Prints ratios measured in one run, same threads, same token prompts, same batch plan:
 - hf: quantcheck's pass (backend request + KL/top-k bookkeeping + fsynced records) / a bare loop of
   `model(**batch)` over the same batches (target <= 1.15);
-- vllm: quantcheck's pass (full flat rows) / vLLM's bare `generate` of one token without
+- vllm: quantcheck's pass (full rows, read from the sampler in-process) / vLLM's bare `generate` of one token without
   log-probabilities on the same token prompts (target <= 1.2);
 - vllm / hf: the two passes against each other (on a CPU about parity; vLLM's kernels should win on a GPU).
 
