@@ -51,30 +51,37 @@ def _events(line: str) -> dict | None:
 
 
 class Launcher:
-    """Starts each job's worker; the fork server lives as long as this object is open (a `with` block around the run)."""
+    """Starts each job's worker. The fork server starts with the `with` block around a run that has quality jobs and is
+    stopped before the cost phase: its imports must never run beside a worker whose time and memory are measured."""
 
-    def __init__(self) -> None:
+    def __init__(self, fork: bool = True) -> None:
+        self.fork = fork and sys.platform == "linux"
         self.server: subprocess.Popen | None = None
         self.ready = False
 
     def __enter__(self) -> Launcher:
-        if sys.platform == "linux":  # started now: its imports overlap the parent's checks and the data set's loading
+        if self.fork:  # started now: its imports overlap the parent's checks and the data set's loading
             self.server = subprocess.Popen([sys.executable, "-m", "quantcheck.orchestration.forkserver"], stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=worker_environment())
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop_server()
+
+    def stop_server(self) -> None:
+        """Before the cost phase and at the end: no idle server (or one still importing) beside a measured worker."""
         if self.server is None:
             return
+        server, self.server = self.server, None
         if self.ready:
-            self.server.stdin.close()  # the server's loop ends at EOF
+            server.stdin.close()  # the server's loop ends at EOF
             try:
-                self.server.wait(timeout=10)
+                server.wait(timeout=10)
                 return
             except subprocess.TimeoutExpired:
                 pass
-        self.server.kill()
-        self.server.wait()
+        server.kill()
+        server.wait()
 
     def _server_ready(self) -> bool:
         """Wait for the server's imports; a server that died instead is dropped and jobs start as plain processes."""
