@@ -22,13 +22,9 @@ import os
 import signal
 import sys
 
-from quantcheck.jobs import EVENT_PREFIX
+from quantcheck.orchestration.worker import emit
 
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "quantcheck.backends.hf", "quantcheck.orchestration.worker")
-
-
-def announce(event: str, **fields: object) -> None:
-    print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
 
 
 def serve() -> int:
@@ -38,7 +34,7 @@ def serve() -> int:
 
     for module in PRELOAD:
         importlib.import_module(module)
-    announce("ready")
+    emit("ready")
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -48,9 +44,9 @@ def serve() -> int:
                 code = _child(request["spec"], request["log"], interrupt)
             finally:
                 os._exit(code)
-        announce("forked", pid=pid)
+        emit("forked", pid=pid)
         _, status = os.waitpid(pid, 0)
-        announce("exited", code=os.waitstatus_to_exitcode(status))
+        emit("exited", code=os.waitstatus_to_exitcode(status))
     return 0
 
 

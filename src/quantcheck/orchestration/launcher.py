@@ -69,7 +69,7 @@ class Launcher:
         self.stop_server()
 
     def stop_server(self) -> None:
-        """Before the cost phase and at the end: no idle server (or one still importing) beside a measured worker."""
+        """Before a cost job and at the end: no idle server (or one still importing) beside a measured worker."""
         if self.server is None:
             return
         server, self.server = self.server, None
@@ -101,6 +101,8 @@ class Launcher:
         log_path = folder.model_file(spec.model.folder, f"{spec.kind}.log")
         view.start_job(f"{spec.model.name} ({spec.kind})")
         interpreter = get_backend(spec.model.backend).interpreter()  # an engine may live in its own environment
+        if spec.kind == "cost":
+            self.stop_server()  # a measured worker runs with nothing of the run's beside it
         with log_path.open("a", encoding="utf-8") as log:
             if spec.kind == "quality" and interpreter == sys.executable and self._server_ready():
                 returncode, interrupted = self._forked(spec_path, log_path, log, view)

@@ -179,7 +179,6 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
-            launcher.stop_server()  # cost workers start as fresh interpreters, measured with nothing else running
             # Rounds alternate the order (ABBA): a load that builds up or fades hits the reference and the variants alike.
             for cost_round in range(1, options.cost_rounds + 1):
                 for spec in models if cost_round % 2 else models[::-1]:
