@@ -87,14 +87,8 @@ demo: $(STAMP) $(LLAMA_STAMP)
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
-# Two workers, whole files each (module fixtures are built once); the timing tests afterwards, alone.
-# Both parts always run; the target fails if either did.
-TEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
-	status=0; \
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" || status=$$?; \
-	$(BIN)/python -m pytest -q -m serial || status=$$?; \
-	exit $$status
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_backend_pass.py

@@ -7,11 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from quantcheck.data.load import load_dataset
 
@@ -51,37 +49,17 @@ def lowercase_tokenizer_copy(folder: Path) -> Path:
     return folder
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked slow first: under xdist (`make test`) the longest modules start early instead of ending the run alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
-def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """`build(folder)` once per test session, across xdist's workers too: the first to ask builds, the others wait and reuse."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    folder, done = shared / name, shared / f"{name}.done"
-    with FileLock(shared / f"{name}.lock"):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            done.touch()
-    return folder
-
-
-def _build_small_run(root: Path) -> None:
-    questions = write_questions(root / "questions.jsonl", 8, xss_at=2)
-    result = quantcheck("run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(root / "run"),
-                        "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_run(tmp_path_factory) -> Path:
     """A finished run: the built-in model vs `none` and `bnb-nf4`, 8 questions, every phase measured (one cost round:
     the alternating rounds have their own test, `test_cost_drift`)."""
-    return built_once(tmp_path_factory, "small-run", _build_small_run) / "run"
+    root = tmp_path_factory.mktemp("small-run")
+    questions = write_questions(root / "questions.jsonl", 8, xss_at=2)
+    out = root / "run"
+    result = quantcheck("run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out),
+                        "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 def read_results(run_dir: Path) -> dict:

@@ -9,12 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import SMALL_COST, read_results
 from test_resume import start
-
-pytestmark = pytest.mark.serial
 
 BUSY_SECONDS_AT_MOST = 120
 BUSY = f"import time\nend = time.monotonic() + {BUSY_SECONDS_AT_MOST}\nwhile time.monotonic() < end: pass"

@@ -16,8 +16,6 @@ from conftest import SMALL_COST, quantcheck, read_items, read_results, write_que
 from quantcheck.specs import variant_spec
 from test_cli_errors import assert_one_line_error
 
-pytestmark = pytest.mark.slow
-
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed: `make llama-cpp` builds it")
 

@@ -28,8 +28,6 @@ from quantcheck.report.markdown import parse_md_table
 from quantcheck.verdict import fail_level
 from test_cli_errors import assert_one_line_error
 
-pytestmark = pytest.mark.slow
-
 QUESTIONS = 24
 TASK = "qc_virology"
 LETTERS_TASK = "qc_letters"

@@ -24,9 +24,8 @@ from test_cli_errors import assert_one_line_error
 from test_resume import start, wait_for_lines
 
 VLLM_PYTHON = os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not Path(VLLM_PYTHON).exists(), reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)",
-)]
+pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),
+                                reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)")
 
 SERVED_NAME = "smollm2"
 START_TIMEOUT_S = 300

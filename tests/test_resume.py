@@ -18,8 +18,6 @@ import pytest
 from conftest import lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
 from quantcheck.results.folder import RunFolder
 
-pytestmark = pytest.mark.slow
-
 N_QUESTIONS = 8
 COMMON = ["--batch-size", "2", "--max-new-tokens", "4", "--gen-batch-size", "4", "--skip-cost"]
 

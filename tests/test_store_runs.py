@@ -12,8 +12,6 @@ import pytest
 
 from conftest import quantcheck, read_items, read_results
 
-pytestmark = pytest.mark.slow
-
 VARIANTS = ("bnb-nf4", "torchao-int8wo")
 N_ITEMS = 40
 VOCAB = 49_152

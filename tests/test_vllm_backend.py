@@ -18,10 +18,10 @@ from conftest import quantcheck, read_items, read_results, write_questions
 from test_cli_errors import assert_one_line_error
 from test_resume import deterministic, start, strip_seconds, wait_for_lines
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     not Path(os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")).exists(),
     reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)",
-)]
+)
 
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
 
