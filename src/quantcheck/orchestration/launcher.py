@@ -73,7 +73,7 @@ class Launcher:
         if self.server is None:
             return
         server, self.server = self.server, None
-        if self.ready:
+        if self.ready and server.poll() is None:
             server.stdin.close()  # the server's loop ends at EOF
             try:
                 server.wait(timeout=10)
@@ -84,13 +84,17 @@ class Launcher:
         server.wait()
 
     def _server_ready(self) -> bool:
-        """Wait for the server's imports; a server that died instead is dropped and jobs start as plain processes."""
+        """Wait for the server's imports. A server that died (while importing, or since its last job: the OOM killer
+        may pick it) is dropped, and jobs start as plain processes."""
         if self.server is not None and not self.ready:
             self.ready = any((event := _events(line)) and event["event"] == "ready" for line in self.server.stdout)
-            if not self.ready:
-                self.server.wait()
-                self.server = None
+        if self.server is not None and (not self.ready or self.server.poll() is not None):
+            self._drop_dead_server()
         return self.server is not None
+
+    def _drop_dead_server(self) -> None:
+        self.server.wait()
+        self.server = None
 
     def run(self, spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
         """Run one job in its own process; its stdout carries events, everything else goes to its log."""
@@ -139,8 +143,7 @@ class Launcher:
                 interrupted = True
                 if pid is not None:
                     os.kill(pid, signal.SIGINT)
-        self.server.wait()  # the server died mid-job: later jobs start as plain processes
-        self.server = None
+        self._drop_dead_server()  # it died mid-job: later jobs start as plain processes
         return 1, interrupted
 
 
