@@ -89,12 +89,8 @@ class Launcher:
         if self.server is not None and not self.ready:
             self.ready = any((event := _events(line)) and event["event"] == "ready" for line in self.server.stdout)
         if self.server is not None and (not self.ready or self.server.poll() is not None):
-            self._drop_dead_server()
+            self.stop_server()
         return self.server is not None
-
-    def _drop_dead_server(self) -> None:
-        self.server.wait()
-        self.server = None
 
     def run(self, spec: JobSpec, folder: RunFolder, view: ProgressView) -> JobOutcome:
         """Run one job in its own process; its stdout carries events, everything else goes to its log."""
@@ -143,7 +139,7 @@ class Launcher:
                 interrupted = True
                 if pid is not None:
                     os.kill(pid, signal.SIGINT)
-        self._drop_dead_server()  # it died mid-job: later jobs start as plain processes
+        self.stop_server()  # it died mid-job: later jobs start as plain processes
         return 1, interrupted
 
 
