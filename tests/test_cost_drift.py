@@ -43,6 +43,12 @@ def test_identity_latency_ratios_hold_while_a_busy_process_runs_during_part_of_t
     none = next(model for model in results["models"] if model["name"] == "none")
     rounds = {point["batch_size"]: point["round_medians_s"] for point in none["cost"]["latency"]}
     assert all(len(medians) == 2 for medians in rounds.values())
-    ratios = none["cost_vs_reference"]["latency_ratio"]
-    assert set(ratios) == {"1", "4"}
-    assert all(0.8 <= ratio <= 1.25 for ratio in ratios.values()), (ratios, rounds)
+    comparison = none["cost_vs_reference"]
+    assert set(comparison["latency_ratio"]) == {"1", "4"}
+    # Each ratio is near 1, or its batch size moved between rounds and is flagged, never called faster or slower:
+    # on a shared machine other load can disturb both of a model's rounds (CI once slowed the second one too).
+    unstable = comparison["unstable_batch_sizes"]
+    for size, ratio in comparison["latency_ratio"].items():
+        assert 0.8 <= ratio <= 1.25 or int(size) in unstable, (size, ratio, rounds)
+    notes = " ".join(none["verdict"]["reasons"])
+    assert not unstable or "not called faster or slower there" in notes, notes

@@ -9,12 +9,16 @@ from quantcheck.report import format as fmt
 from quantcheck.results.schema import (
     CostComparison,
     DivergenceSummary,
+    LatencyPoint,
+    ModelCost,
     ModelResult,
     PairedComparison,
     Phase,
     Thresholds,
     TokenAgreement,
+    WeightMemory,
 )
+from quantcheck.results.summarize import cost_comparison, merge_cost_rounds
 from quantcheck.stats.intervals import bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired
 from quantcheck.verdict import FAMILYWISE_LEVEL, RERUN_ADVICE, decide, fail_level, quality_check_count
@@ -339,6 +343,32 @@ def test_speed_is_one_line(latency: dict[int, float], note: str) -> None:
 def test_speed_within_noise_is_not_mentioned() -> None:
     verdict = decide(variant(cost_vs_reference=cost(0.6, latency={1: 1.05, 8: 0.95}, decode=1.02)), Thresholds())
     assert not any("forward pass" in r or "decode" in r for r in verdict.reasons)
+
+
+def cost_round(weight_bytes: int, medians: dict[int, float]) -> ModelCost:
+    """One model's cost round as a worker writes it: counted weights, one latency median per batch size."""
+    weights = WeightMemory(counted_bytes=weight_bytes, footprint_bytes=weight_bytes, parameters=10**6,
+                           bits_per_parameter=8 * weight_bytes / 10**6, footprint_agrees=True)
+    points = [LatencyPoint(batch_size=size, seq_len=16, status="ok", iterations=3, median_s=median) for size, median in medians.items()]
+    return ModelCost(memory_method="counted", threads=2, load_time_s=1.0, weights=weights, latency=points)
+
+
+def test_a_ratio_whose_rounds_moved_is_flagged_and_not_called_slower() -> None:
+    """CI's numbers for the identity variant: load slowed both its rounds at batch 4 (0.748 s, then 1.339 s) and
+    neither of the reference's. The ratio (2.27) is kept, flagged, and no speed claim is made from it."""
+    reference = merge_cost_rounds([cost_round(1000, {1: 0.243, 4: 0.330}), cost_round(1000, {1: 0.250, 4: 0.335})])
+    moved = merge_cost_rounds([cost_round(1000, {1: 0.243, 4: 0.748}), cost_round(1000, {1: 0.324, 4: 1.339})])
+    assert [point.round_medians_s for point in moved.latency] == [[0.243, 0.324], [0.748, 1.339]]
+    comparison = cost_comparison(reference, moved)
+    assert comparison.latency_ratio == pytest.approx({1: 1.0, 4: 0.748 / 0.330})  # each model's fastest round
+    assert comparison.unstable_batch_sizes == [1, 4]  # 0.324 / 0.243 and 1.339 / 0.748 both exceed 1.25
+    reasons = decide(variant(cost_vs_reference=comparison), Thresholds()).reasons
+    assert ("forward-pass timing moved between cost rounds at batch size 1, 4 (load on the machine): "
+            "not called faster or slower there") in reasons
+    assert not any(reason.startswith("forward pass") for reason in reasons)
+    steady = cost_comparison(reference, merge_cost_rounds([cost_round(600, {1: 0.36, 4: 0.50}), cost_round(600, {1: 0.37, 4: 0.52})]))
+    assert steady.unstable_batch_sizes == []
+    assert "forward pass 1.48\u00d7-1.52\u00d7 slower at batch sizes 1-4" in decide(variant(cost_vs_reference=steady), Thresholds()).reasons
 
 
 def compact_store(result: ModelResult, lower_values: np.ndarray) -> ModelResult:
