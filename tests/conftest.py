@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -58,6 +59,25 @@ def small_run(tmp_path_factory) -> Path:
     out = root / "run"
     result = quantcheck("run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out),
                         "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+HAS_VLLM = Path(os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")).exists()
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+GGUF_VARIANTS = ["gguf:F32", "gguf:Q8_0", "gguf:Q4_K_M"]
+
+
+@pytest.fixture(scope="session")
+def virology_engines_run(tmp_path_factory) -> Path:
+    """The 166 virology questions: the transformers fp32 reference against the same model in each engine installed,
+    vLLM fp32 and llama.cpp's F32, Q8_0 and Q4_K_M GGUFs. One reference pass serves the vLLM and llama.cpp tests."""
+    variants = (["vllm:none"] if HAS_VLLM else []) + (GGUF_VARIANTS if HAS_LLAMA_CPP else [])
+    if not variants:
+        pytest.skip("neither vLLM nor llama.cpp is installed (`make test` builds both)")
+    out = tmp_path_factory.mktemp("virology-engines") / "run"
+    quants = [argument for name in variants for argument in ("--quant", name)]
+    result = quantcheck("run", *quants, "--out", str(out), "--skip-generation", "--skip-cost", "--no-floors")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

@@ -12,14 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SMALL_COST, quantcheck, read_items, read_results, write_questions
+from conftest import GGUF_VARIANTS, HAS_LLAMA_CPP, SMALL_COST, quantcheck, read_items, read_results, write_questions
 from quantcheck.specs import variant_spec
 from test_cli_errors import assert_one_line_error
 
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="llama-cpp-python is not installed: `make llama-cpp` builds it")
-
-GGUF_VARIANTS = ["gguf:F32", "gguf:Q8_0", "gguf:Q4_K_M"]
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: `make llama-cpp` builds it")
 DECISIONS = ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")
 
 
@@ -45,25 +42,14 @@ def test_gguf_variants_parse_to_the_llamacpp_backend(tmp_path):
     assert own.tokenizer == "/reference"  # a GGUF runs on the reference's token ids
 
 
-# The README's figures are from all 166 virology questions; the test scores the first 40 (a quarter of the time).
 QUESTIONS = 166  # the whole virology subject: the GGUF issue's test
 
 
-@pytest.fixture(scope="module")
-def virology_run(tmp_path_factory) -> Path:
-    """transformers fp32 reference against three GGUF variants on the 166 virology questions."""
-    out = tmp_path_factory.mktemp("gguf-virology") / "run"
-    quants = [argument for name in GGUF_VARIANTS for argument in ("--quant", name)]
-    result = quantcheck("run", *quants, "--out", str(out), "--skip-generation", "--skip-cost", "--no-floors")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 @needs_llama_cpp
-def test_gguf_variants_end_with_verdicts_and_report(virology_run):
-    results = read_results(virology_run)
+def test_gguf_variants_end_with_verdicts_and_report(virology_engines_run):
+    results = read_results(virology_engines_run)
     assert results["finished"], results["missing"]
-    assert [entry["backend"] for entry in results["models"]] == ["hf", "llamacpp", "llamacpp", "llamacpp"]
+    assert [entry["backend"] for entry in results["models"] if entry["backend"] != "vllm"] == ["hf", "llamacpp", "llamacpp", "llamacpp"]
     for name in GGUF_VARIANTS:
         variant = model(results, name)
         assert variant["paired_loglik"]["n"] == QUESTIONS and variant["agreement"]["n"] == QUESTIONS
@@ -75,23 +61,23 @@ def test_gguf_variants_end_with_verdicts_and_report(virology_run):
     assert set(q8_types) == {"Q8_0", "F32"} and q8_types["Q8_0"] > 100 * q8_types["F32"]
     assert len(model(results, "gguf:Q4_K_M")["engine"]["precision"]["parameter_dtypes"]) >= 3
     assert not [warning for warning in results["warnings"] if warning["code"] in ("precision-mismatch", "tokenizer-mismatch")]
-    report = (virology_run / "report.md").read_text()
-    assert "gguf:Q4_K_M" in report and (virology_run / "report.html").exists()
+    report = (virology_engines_run / "report.md").read_text()
+    assert "gguf:Q4_K_M" in report and (virology_engines_run / "report.html").exists()
 
 
 @needs_llama_cpp
-def test_f32_gguf_is_the_engine_floor_against_transformers_fp32(virology_run):
-    results = read_results(virology_run)
+def test_f32_gguf_is_the_engine_floor_against_transformers_fp32(virology_engines_run):
+    results = read_results(virology_engines_run)
     floor = model(results, "gguf:F32")
-    assert mean_kl(virology_run, "gguf:F32") < 1e-3
+    assert mean_kl(virology_engines_run, "gguf:F32") < 1e-3
     paired = floor["paired_loglik"]
     assert round(paired["answer_agreement"] * QUESTIONS) >= QUESTIONS - 2, paired  # at least 164 of 166
     assert floor["agreement"]["top1_agreement"]["value"] >= 0.98
 
 
 @needs_llama_cpp
-def test_fewer_bits_diverge_more(virology_run):
-    f32, q8, q4 = (mean_kl(virology_run, name) for name in GGUF_VARIANTS)
+def test_fewer_bits_diverge_more(virology_engines_run):
+    f32, q8, q4 = (mean_kl(virology_engines_run, name) for name in GGUF_VARIANTS)
     assert f32 < q8 < q4, (f32, q8, q4)
 
 
@@ -115,13 +101,14 @@ def test_a_text_corpus_in_llama_cpp_against_the_transformers_reference(tmp_path)
 
 @pytest.fixture(scope="module")
 def gguf_reference_run(tmp_path_factory) -> Path:
-    """A GGUF reference (--backend llamacpp) against a quantized type and a user's file: every phase, 8 questions."""
+    """A GGUF reference (--backend llamacpp) against a quantized type and a user's file: every phase, 8 questions (one
+    cost round: the alternating rounds have their own test, `test_cost_drift`)."""
     root = tmp_path_factory.mktemp("gguf-reference")
     questions = write_questions(root / "q.jsonl", 8)
     out = root / "run"
     result = quantcheck("run", "--backend", "llamacpp", "--quant", "gguf:Q4_K_M", "--quant", f"gguf:{builtin_gguf()}",
                         "--dataset", str(questions), "--out", str(out), "--batch-size", "3", "--max-new-tokens", "8",
-                        "--gen-batch-size", "4", *SMALL_COST)
+                        "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -131,6 +118,8 @@ def test_gguf_reference_against_gguf_variants_with_generation_and_cost(gguf_refe
     results = read_results(gguf_reference_run)
     assert results["finished"], results["missing"]
     reference, q4, user_file = results["models"]
+    # The floors re-run the GGUF reference in llama.cpp (they once failed there, asking for a GGUF type 'none').
+    assert results["floors"]["numeric"]["n"] == 8 and results["floors"]["sampling"]["n"] == 8
     assert user_file["name"] == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert reference["engine"]["engine"] == "llama.cpp" and reference["engine"]["parallel"]["gguf_type"] == "F32"
     assert user_file["engine"]["parallel"]["gguf_type"] == "Q4_1"

@@ -81,7 +81,7 @@ def write_run(root: Path, scored: int = N_ITEMS, generated: int = N_ITEMS, cost:
     return folder
 
 
-def run_summary(root: Path) -> Results:
+def run_summary(root: Path, floors: list[ModelSpec] = ()) -> Results:
     return summarize(
         root,
         config={},
@@ -91,6 +91,7 @@ def run_summary(root: Path) -> Results:
         environment={},
         models=[ModelSpec(name="reference", role="reference", backend="hf", method="none", weights="m"),
                 ModelSpec(name=VARIANT, role="variant", backend="hf", method="bnb-int8", weights="m")],
+        floors=list(floors),
         thresholds=Thresholds(),
         seed=0,
         extra_warnings=[],
@@ -111,6 +112,20 @@ def test_complete_run_quantizes(tmp_path: Path) -> None:
     assert variant.agreement.top1_agreement.ci.method == "wilson"
     assert variant.agreement.kl.mean.ci.method.startswith("bootstrap-t")
     assert variant.verdict.fail_level == pytest.approx(0.9875) == variant.agreement.kl.mean.fail_ci.level
+
+
+def test_a_floor_that_failed_or_stopped_is_missing_not_silently_dropped(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "run")
+    numeric = ModelSpec(name="reference (batch size 1)", role="floor", backend="llamacpp", method="none", weights="m", floor="numeric")
+    sampling = numeric.model_copy(update={"name": "reference (sampled again)", "floor": "sampling"})
+    write_json_atomic(folder.model_file(numeric.folder, "quality.error.json"), {"message": "AttributeError: no GGUF type 'none'"})
+    rng = np.random.default_rng(1)
+    append_records(folder.model_file(numeric.folder, "quality.jsonl"), [_quality(numeric.name, i, rng) for i in range(N_ITEMS // 2)])
+    results = run_summary(tmp_path / "run", floors=[numeric, sampling])
+    assert results.floors.numeric is None and results.floors.sampling is None
+    assert results.missing == ["reference (batch size 1): noise floor (quality job: AttributeError: no GGUF type 'none')",
+                               "reference (sampled again): noise floor"]
+    assert not results.finished
 
 
 def test_generation_out_of_memory_is_inconclusive(tmp_path: Path) -> None:

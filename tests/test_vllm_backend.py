@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import quantcheck, read_items, read_results, write_questions
+from conftest import HAS_VLLM, quantcheck, read_items, read_results, write_questions
 from test_cli_errors import assert_one_line_error
 from test_resume import deterministic, start, strip_seconds, wait_for_lines
 
-pytestmark = pytest.mark.skipif(
-    not Path(os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")).exists(),
-    reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)",
-)
+pytestmark = pytest.mark.skipif(not HAS_VLLM, reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)")
 
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
 
@@ -30,18 +27,15 @@ def model(results: dict, name: str) -> dict:
     return next(entry for entry in results["models"] if entry["name"] == name)
 
 
-def test_vllm_fp32_matches_transformers_fp32_on_all_166_virology_questions(tmp_path):
-    """The engine-difference floor: the same fp32 weights in vLLM and in transformers."""
-    out = tmp_path / "run"
-    result = quantcheck("run", "--quant", "vllm:none", "--out", str(out), "--skip-cost", "--skip-generation", "--no-floors")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = read_results(out)
+def test_vllm_fp32_matches_transformers_fp32_on_all_166_virology_questions(virology_engines_run):
+    """The engine-difference floor: the same fp32 weights in vLLM and in transformers (in the run shared with llama.cpp's tests)."""
+    results = read_results(virology_engines_run)
     served = model(results, "vllm:none")
     assert served["backend"] == "vllm" and served["engine"]["engine"] == "vllm"
     assert model(results, "reference")["engine"]["engine"] == "transformers"
     assert served["paired_loglik"]["n"] == 166
     assert served["paired_loglik"]["answer_agreement"] == 1.0  # identical log-likelihood answers, item by item
-    items = [item for item in read_items(out) if item["model"] == "vllm:none"]
+    items = [item for item in read_items(virology_engines_run) if item["model"] == "vllm:none"]
     assert len(items) == 166
     mean_kl = sum(item["kl"] for item in items) / len(items)
     assert 0 <= mean_kl <= 1e-5, mean_kl

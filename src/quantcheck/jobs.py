@@ -93,6 +93,11 @@ class ModelSpec(BaseModel):
     def is_reference(self) -> bool:
         return self.role == "reference"
 
+    @property
+    def runs_reference_weights(self) -> bool:
+        """The reference, or a floor (the reference run again): both load the reference's own weights."""
+        return self.role != "variant"
+
 
 class JobSpec(BaseModel):
     kind: Literal["quality", "cost"]

@@ -343,14 +343,14 @@ class LlamaCppBackend(Backend):
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
         """In the parent: CPU only, the engine importable, a readable file with the reference's vocabulary or a converter."""
-        label = spec.name if not spec.is_reference else "--backend llamacpp"
+        label = spec.name if not spec.runs_reference_weights else "--backend llamacpp"
         if device != "cpu":
             raise QuantMethodError(f"{label} runs on cpu only (llama-cpp-python built for CPU): use --device cpu")
         cls.interpreter()
         if spec.checkpoint:
             check_same_vocabulary(read_gguf_header(Path(spec.weights)), spec.tokenizer or spec.weights)
             return
-        if not spec.is_reference:
+        if not spec.runs_reference_weights:
             cls.method_info(spec.method)
         if not (gguf_cache_folder(Path(spec.weights)) / "F32.gguf").exists() and not converter_script().is_file():
             raise QuantMethodError(_missing_converter(converter_script()))
@@ -360,7 +360,7 @@ class LlamaCppBackend(Backend):
         from quantcheck.models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.spec.tokenizer or self.spec.weights, job.trust_remote_code)
-        self.gguf_type = _REFERENCE_TYPE[job.dtype] if self.spec.is_reference else self.spec.method
+        self.gguf_type = _REFERENCE_TYPE[job.dtype] if self.spec.runs_reference_weights else self.spec.method
         self.path: Path | None = None
         self.llm = None
         self.scorer = None  # a second context with every position's logits, for text windows

@@ -304,8 +304,9 @@ def _compare(result: ModelResult, reference: ModelResult, records: tuple[list[It
 
 
 def _floors(folder: RunFolder, floors: list[ModelSpec], reference: tuple[list[ItemRecord], list[ItemRecord]],
-            item_ids: list[str]) -> tuple[Floors, list[ItemRecord]]:
-    """The reference's own noise, from its repeated runs; and the resampled answers, for the variants' comparison."""
+            item_ids: list[str]) -> tuple[Floors, list[ItemRecord], list[str]]:
+    """The reference's own noise, from its repeated runs; the resampled answers, for the variants' comparison; and
+    the floors not measured (a failed or unfinished re-run), for `Results.missing`."""
     result = Floors()
     resampled: list[ItemRecord] = []
     for spec in floors:
@@ -328,7 +329,15 @@ def _floors(folder: RunFolder, floors: list[ModelSpec], reference: tuple[list[It
                 result.sampling = SamplingFloor(n=len(pairs), seed=settings.seed if settings else -1, disagreements=differs, rate=differs / len(pairs))
             else:
                 resampled = []
-    return result, resampled
+    measured = {"numeric": result.numeric, "sampling": result.sampling}
+    missing = [_floor_gap(folder, spec) for spec in floors if measured[spec.floor] is None]
+    return result, resampled, missing
+
+
+def _floor_gap(folder: RunFolder, spec: ModelSpec) -> str:
+    """`NAME: noise floor`, with the job's error when it failed."""
+    error = _errors(folder, spec.folder).get("quality")
+    return f"{spec.name}: noise floor" + (f" (quality job: {error})" if error else "")
 
 
 def _against_floor(reference: list[ItemRecord], variant: list[ItemRecord], floor: list[ItemRecord]) -> SamplingComparison | None:
@@ -395,10 +404,10 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))
-    results.missing = [f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete]
-    results.finished = not results.missing
     reference = results.models[0]
-    results.floors, floor_answers = _floors(folder, floors, per_model[reference.name], item_ids)
+    results.floors, floor_answers, missing_floors = _floors(folder, floors, per_model[reference.name], item_ids)
+    results.missing = [f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete] + missing_floors
+    results.finished = not results.missing
     reference_windows = windows.get(models[0].name, [])
     spans = _span_text(folder, dataset.kind) if reference_windows else None
     if reference_windows:
