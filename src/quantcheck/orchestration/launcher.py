@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -144,17 +145,20 @@ class Launcher:
 
 
 def _spawned(interpreter: str, spec_path, log: IO[str], view: ProgressView) -> tuple[int, bool]:
-    process = subprocess.Popen([interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
-                               stdout=subprocess.PIPE, stderr=log, text=True, env=worker_environment())
-    try:
-        for _ in _follow(iter(process.stdout), view, log):
-            pass
-        return process.wait(), False
-    except KeyboardInterrupt:
-        # The worker finishes the write in progress (appends are whole batches) and exits.
-        process.send_signal(signal.SIGINT)
-        process.wait()
-        return 130, True
+    """A new interpreter with a temporary folder of its own (TMPDIR), removed when it ends: what an engine leaves
+    there (vLLM's rendezvous file) goes with it, however the worker ended (killed, or its fast exit)."""
+    with tempfile.TemporaryDirectory(prefix="quantcheck-job-", ignore_cleanup_errors=True) as scratch:
+        process = subprocess.Popen([interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
+                                   stdout=subprocess.PIPE, stderr=log, text=True, env={**worker_environment(), "TMPDIR": scratch})
+        try:
+            for _ in _follow(iter(process.stdout), view, log):
+                pass
+            return process.wait(), False
+        except KeyboardInterrupt:
+            # The worker finishes the write in progress (appends are whole batches) and exits.
+            process.send_signal(signal.SIGINT)
+            process.wait()
+            return 130, True
 
 
 def _follow(lines: Iterator[str], view: ProgressView, log: IO[str]) -> Iterator[dict]:
