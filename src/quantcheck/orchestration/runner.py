@@ -86,14 +86,9 @@ def run(options: RunOptions) -> tuple[Path, Results]:
 def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]:
     from quantcheck.environment import describe_environment
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
-    from quantcheck.results.summarize import summarize
     from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE, SAMPLING_FLOOR_SEED_OFFSET, check_specs, floor_specs, reference_spec, variant_spec
 
     _validate(options)
-    device = pick_device(options.device)
-    dtype = options.dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model = resolve_model(options.model, options.allow_pickle)
     checkpoint = lambda source: str(resolve_model(source, options.allow_pickle).path)  # noqa: E731
     unmeasured_cost = options.reference_kld is not None and options.cost
@@ -105,16 +100,23 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     corpus = corpus_job is not None
     if corpus:
         _check_text_backends(models)
+    dataset = _load(options, model.path)
+    # Input that needs no torch is checked above, in about a second; the device needs torch (seconds to import).
+    device = pick_device(options.device)
+    dtype = options.dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_specs(models, device, options.engine)
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], options.loglik, sampled) if options.floors and not corpus else []
-    dataset = _load(options, model.path)
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
+    # Imported once the input is known good (scipy takes seconds), while the fork server still imports torch.
+    from quantcheck.results.summarize import summarize
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
