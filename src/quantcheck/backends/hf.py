@@ -10,16 +10,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from quantcheck.backends.base import Backend, MethodInfo
-from quantcheck.measure.batching import left_padded
-from quantcheck.measure.throughput import explicit_generation_config, neutral_generation_defaults
-from quantcheck.measure.timing import Clock
 from quantcheck.models.quant_methods import REGISTRY, LoadRequest, QuantMethod
 from quantcheck.results.schema import EngineInfo
 
 if TYPE_CHECKING:
+    import torch
+
     from quantcheck.jobs import EngineSettings, ModelSpec
     from quantcheck.results.schema import GenerationSettings, ModelCost
 
@@ -31,14 +29,19 @@ def _keeps_last_logits_only(model) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-@torch.no_grad()  # not inference_mode: quanto int4 fails under it
 def answer_position_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-probabilities of the next token after each (left-padded) prompt, float32 on CPU."""
-    logits = model(**batch, **_keeps_last_logits_only(model)).logits[:, -1, :]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    import torch
+
+    with torch.no_grad():  # not inference_mode: quanto int4 fails under it
+        logits = model(**batch, **_keeps_last_logits_only(model)).logits[:, -1, :]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 class HFBackend(Backend):
+    """transformers in the worker's process. torch is imported where a model runs: the parent imports this module
+    only to parse and check variant names, which then fail in about a second instead of after torch's import."""
+
     name = "hf"
     engine_package = "transformers"
     install_hint = "pip install transformers"
@@ -54,6 +57,8 @@ class HFBackend(Backend):
 
     def __init__(self, job) -> None:
         super().__init__(job)
+        import torch
+
         from quantcheck.models.loading import load_tokenizer
 
         self.method = _recipe(self.spec)
@@ -86,21 +91,30 @@ class HFBackend(Backend):
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        from quantcheck.measure.batching import left_padded
+
         batch = left_padded([list(ids) for ids in prompts], self.tokenizer.pad_token_id, self.job.device)
         return answer_position_logprobs(self.model, batch).numpy()
 
-    @torch.no_grad()
     def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
         """One forward over the equal-length windows (no padding), keeping only the scored positions' logits."""
+        import torch
+
         ids = torch.tensor([list(window) for window in windows], device=self.job.device)
         width = ids.shape[1] - first
         keep = {"logits_to_keep": width} if _keeps_last_logits_only(self.model) else {}
-        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **keep).logits[:, -width:-1, :]
-        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **keep).logits[:, -width:-1, :]
+            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
         """One batch through `generate`, seeded per batch with `seeds[0]`; new ids cut at the first stop token."""
+        import torch
+
+        from quantcheck.measure.batching import left_padded
+        from quantcheck.measure.throughput import explicit_generation_config, neutral_generation_defaults
+        from quantcheck.measure.timing import Clock
+
         config = explicit_generation_config(
             self.tokenizer, do_sample=not settings.greedy, temperature=settings.temperature,
             max_new_tokens=settings.max_new_tokens, stop_token_ids=settings.stop_token_ids,
@@ -109,7 +123,7 @@ class HFBackend(Backend):
         batch.pop("position_ids")  # generate() derives them from the attention mask
         torch.manual_seed(seeds[0])
         clock = Clock(self.job.device)
-        with neutral_generation_defaults(self.model):
+        with neutral_generation_defaults(self.model), torch.no_grad():
             output = self.model.generate(**batch, generation_config=config)
         clock.now()  # waits for queued device work before the ids are read
         stops = set(settings.stop_token_ids) | {self.tokenizer.pad_token_id}
