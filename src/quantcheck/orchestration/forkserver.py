@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 
-from quantcheck.orchestration.worker import emit
+from quantcheck.orchestration.worker import emit, exit_now
 
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "quantcheck.backends.hf", "quantcheck.orchestration.worker")
 
@@ -50,13 +50,6 @@ def serve() -> int:
     return 0
 
 
-def _exit_now(code: int) -> None:
-    """End without the interpreter's teardown of torch and transformers (1.3 s here), which the parent waits for
-    at the end of every run and before each cost phase: the server holds no files, and its children are gone."""
-    sys.stdout.flush()
-    os._exit(code)
-
-
 def _child(spec: str, log: str, interrupt) -> int:
     """The worker, as `python -m quantcheck.orchestration.worker SPEC` would run it; never returns into the server's loop."""
     code = 1
@@ -76,4 +69,6 @@ def _child(spec: str, log: str, interrupt) -> int:
 
 
 if __name__ == "__main__":
-    _exit_now(serve())
+    # The worker's fast exit: the parent waits for this process at the end of every run and before each cost phase,
+    # and torch's and transformers' teardown took 1.3 s; every child has been reaped by then.
+    exit_now(serve())

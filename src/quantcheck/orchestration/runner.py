@@ -101,11 +101,11 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     if corpus:
         _check_text_backends(models)
     dataset = _load(options, model.path)
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     # Input that needs no torch is checked above, in about a second; the device needs torch (seconds to import).
     device = pick_device(options.device)
     dtype = options.dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_specs(models, device, options.engine)
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
