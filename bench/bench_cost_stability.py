@@ -1,8 +1,8 @@
 """Is the cost measurement stable? Measure the same model as reference and as variant, each round in a fresh process.
 
 The "none" variant loads exactly the reference's weights, so every latency ratio should be 1 up to
-measurement noise. The two are timed in rounds in alternating order (reference, none, none,
-reference) and merged as a run merges them (each point from its fastest round), so an order effect
+measurement noise. The two are timed in rounds in turn (reference, none, reference, none)
+and merged as a run merges them (each point from its fastest round), so an order effect
 cancels. Acceptance: the variant's median within 0.8-1.25x of the reference at every batch size.
 Each child runs the full default cost measurement (`CostSettings.for_device`), so this also prints
 how long one model's cost takes.
@@ -71,12 +71,12 @@ def main() -> None:
     from quantcheck.results.summarize import merge_cost_rounds
 
     rounds: dict[str, list[dict]] = {"reference": [], "none": []}
-    for name in ("reference", "none", "none", "reference"):  # ABBA, as a run times its models
+    for name in ("reference", "none", "reference", "none"):  # ABAB, as a run times its models
         rounds[name].append(run_child("none", args.device, args.threads))  # the reference recipe is what "none" runs
     ref_cost, var_cost = (merge_cost_rounds([ModelCost.model_validate(r["cost"]) for r in rounds[name]]).model_dump()
                           for name in ("reference", "none"))
     seconds = {name: ", ".join(f"{r['seconds']:.1f}" for r in runs) for name, runs in rounds.items()}
-    print(f"device {args.device}, threads {ref_cost['threads']}, memory {ref_cost['memory_method']}, 2 rounds each (ABBA)")
+    print(f"device {args.device}, threads {ref_cost['threads']}, memory {ref_cost['memory_method']}, 2 rounds each (ABAB)")
     print(f"whole cost measurement per model and round: reference {seconds['reference']} s, none {seconds['none']} s")
     print(f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within")
     accepted = True

@@ -53,7 +53,7 @@ def lowercase_tokenizer_copy(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
     """A finished run: the built-in model vs `none` and `bnb-nf4`, 8 questions, every phase measured (one cost round:
-    the alternating rounds have their own test, `test_cost_drift`)."""
+    the rounds have their own test, `test_cost_drift`)."""
     root = tmp_path_factory.mktemp("small-run")
     questions = write_questions(root / "questions.jsonl", 8, xss_at=2)
     out = root / "run"

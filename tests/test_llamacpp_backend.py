@@ -102,7 +102,7 @@ def test_a_text_corpus_in_llama_cpp_against_the_transformers_reference(tmp_path)
 @pytest.fixture(scope="module")
 def gguf_reference_run(tmp_path_factory) -> Path:
     """A GGUF reference (--backend llamacpp) against a quantized type and a user's file: every phase, 8 questions (one
-    cost round: the alternating rounds have their own test, `test_cost_drift`)."""
+    cost round: the rounds have their own test, `test_cost_drift`)."""
     root = tmp_path_factory.mktemp("gguf-reference")
     questions = write_questions(root / "q.jsonl", 8)
     out = root / "run"

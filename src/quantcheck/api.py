@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Comparison", "VerdictSummary", "compare", "load", "run_config"]
 
-LATENCY_COLUMNS = ["model", *(name for name in LatencyPoint.model_fields if name != "round_medians_s"), "latency_ratio", "unstable"]
+PER_ROUND_FIELDS = {"round_medians_s", "round_disturbed"}
+LATENCY_COLUMNS = ["model", *(name for name in LatencyPoint.model_fields if name not in PER_ROUND_FIELDS), "latency_ratio", "unstable"]
 
 
 class VerdictSummary(NamedTuple):
@@ -115,7 +116,7 @@ class Comparison:
         for m in self.results.models:
             against = m.cost_vs_reference
             for point in m.cost.latency if m.cost else []:
-                rows.append({"model": m.name, **point.model_dump(exclude={"round_medians_s"}),
+                rows.append({"model": m.name, **point.model_dump(exclude=PER_ROUND_FIELDS),
                              "latency_ratio": against.latency_ratio.get(point.batch_size) if against else None,
                              "unstable": point.batch_size in against.unstable_batch_sizes if against else None})
         return pandas.DataFrame(rows, columns=LATENCY_COLUMNS)

@@ -74,7 +74,7 @@ def run(
     seq_len: Annotated[Optional[int], typer.Option(help="latency sweep sequence length")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="most timed iterations per batch size")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="seconds of timing per batch size at most")] = None,
-    cost_rounds: Annotated[int, typer.Option(help="cost measured this many times per model, in alternating order (ABBA); each point keeps its fastest round")] = 2,
+    cost_rounds: Annotated[int, typer.Option(help="cost measured this many times per model, the models in turn (ABAB); each point keeps its fastest round")] = 2,
     max_memory_gb: Annotated[Optional[float], typer.Option(help="memory cap for the cost sweep: above it a batch size counts as OOM")] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
     max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,

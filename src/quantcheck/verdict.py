@@ -157,7 +157,8 @@ def _latency_note(ratios: dict[int, float]) -> str:
 
 def _speed_notes(cost: CostComparison | None) -> list[str]:
     """Forward-pass latency over all batch sizes on one line, decode throughput on another; where the
-    timing moved between cost rounds, a line that says so instead of a claim."""
+    timing was disturbed by other load (measured) or moved between cost rounds, a line that says so instead
+    of a claim."""
     if cost is None:
         return []
     notes = []
@@ -166,10 +167,12 @@ def _speed_notes(cost: CostComparison | None) -> list[str]:
         notes.append(_latency_note(stable))
     if cost.unstable_batch_sizes:
         sizes = ", ".join(str(size) for size in cost.unstable_batch_sizes)
-        notes.append(f"forward-pass timing moved between cost rounds at batch size {sizes} (load on the machine): not called faster or slower there")
+        notes.append(f"forward-pass timing at batch size {sizes} was disturbed by other load on the machine (measured, or seen as "
+                     "a move between cost rounds): not called faster or slower there")
     speedup = cost.decode_speedup
     if speedup is not None and cost.decode_unstable:
-        notes.append("decode rate moved between cost rounds (load on the machine): not called faster or slower")
+        notes.append("decode rate was disturbed by other load on the machine (measured, or seen as a move between cost rounds): "
+                     "not called faster or slower")
     elif speedup is not None and speedup < 1 / SPEED_NOTE_RATIO:
         notes.append(f"generation (decode) {fmt.ratio(1 / speedup)} slower")
     elif speedup is not None and speedup > SPEED_NOTE_RATIO:

@@ -532,12 +532,13 @@ def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracke
     """
     import llama_cpp
 
+    from quantcheck.measure.contention import other_load
     from quantcheck.results.schema import GenerationCost
 
     new_tokens = settings.generation_new_tokens
     prompts = [backend.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len] for index in range(settings.generation_prompts)]
     prefill, first, total = [], [], []
-    with tracker.phase("generation") as phase:
+    with tracker.phase("generation") as phase, other_load() as others:
         for index, ids in enumerate([prompts[0], *prompts]):
             begin = clock.now()
             logits = backend._prefill(ids, room=new_tokens)
@@ -556,7 +557,7 @@ def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracke
         raise RuntimeError("decoding took no measurable time")
     return GenerationCost(prompts=len(prompts), new_tokens=new_tokens, prefill_s=sum(prefill) / len(prefill),
                           time_to_first_token_s=sum(first) / len(first), decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
-                          tokens_per_s=len(prompts) * new_tokens / sum(total), peak_memory_bytes=phase.peak_bytes)
+                          tokens_per_s=len(prompts) * new_tokens / sum(total), peak_memory_bytes=phase.peak_bytes, **others.fields("cpu"))
 
 
 BACKEND = LlamaCppBackend

@@ -261,6 +261,7 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     from vllm import SamplingParams
 
     from quantcheck.measure.batching import fixed_length_prompts
+    from quantcheck.measure.contention import other_load
     from quantcheck.measure.cost import CostSettings
     from quantcheck.measure.latency import Repeats, repeat_timed, sweep_batch_sizes
     from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
@@ -298,7 +299,7 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
 
         latency = sweep_batch_sizes(time_batch, settings.batch_sizes, settings.seq_len, tracker_device, tracker,
                                     on_point=lambda point: on_step(f"batch {point.batch_size}"))
-        with tracker.phase("generation") as phase:
+        with tracker.phase("generation") as phase, other_load() as others:
             prompts = backend._token_prompts(prompt_ids[: settings.generation_prompts])
             first = SamplingParams(max_tokens=1, min_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
             full = SamplingParams(max_tokens=settings.generation_new_tokens, min_tokens=settings.generation_new_tokens,
@@ -320,7 +321,7 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     generation = GenerationCost(
         prompts=sequences, new_tokens=new_tokens, prefill_s=first_token, time_to_first_token_s=first_token,
         decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token), tokens_per_s=sequences * new_tokens / total,
-        peak_memory_bytes=phase.peak_bytes,
+        peak_memory_bytes=phase.peak_bytes, **others.fields(job.device),
     )
     return ModelCost(
         memory_method=tracker.method if single or job.device == "cpu" else "rss-process-tree (GPU memory of several GPUs not measured)",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from quantcheck.measure.contention import other_load
 from quantcheck.measure.memory import PeakMemoryTracker, tracking
 from quantcheck.measure.timing import Clock
 from quantcheck.results.schema import LatencyPoint
@@ -118,6 +119,8 @@ def sweep_batch_sizes(
     """One point per batch size, each in its own memory phase; an OOM ends the sweep (larger sizes 'skipped').
 
     Engine-neutral: `time_batch(batch_size, tracker)` runs and times one batch size (any backend).
+    Each point records the CPU load others put on the machine meanwhile; on CPU, a point that others
+    disturbed is marked so, and the verdict does not call a variant faster or slower from it.
     """
     device = torch.device(device)
     points: list[LatencyPoint] = []
@@ -134,13 +137,13 @@ def sweep_batch_sizes(
             add(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status="skipped", error=error))
             continue
         failure: Exception | None = None
-        with tracker.phase(f"latency-batch-{batch_size}") as phase:
+        with tracker.phase(f"latency-batch-{batch_size}") as phase, other_load() as others:
             try:
                 times = time_batch(batch_size, tracker)
             except Exception as error:  # one batch size failing must not lose the others
                 failure = error
         if failure is None:
-            add(_ok_point(batch_size, seq_len, times, phase.peak_bytes))
+            add(_ok_point(batch_size, seq_len, times, phase.peak_bytes).model_copy(update=others.fields(device)))
             continue
         oom = is_out_of_memory(failure)
         message = _first_line(failure) if oom else f"{type(failure).__name__}: {_first_line(failure)}"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quantcheck.measure.contention import other_load
 from quantcheck.measure.memory import PeakMemoryTracker, tracking
 from quantcheck.measure.timing import Clock
 from quantcheck.results.schema import GenerationCost
@@ -132,6 +133,7 @@ def measure_generation(
     with (
         tracking(model.device, tracker) as tracker,
         tracker.phase("generation") as phase,
+        other_load() as others,
         neutral_generation_defaults(model),
         torch.no_grad(),
     ):
@@ -161,4 +163,5 @@ def measure_generation(
         decode_tokens_per_s=sequences * (new_tokens - 1) / decode_time,
         tokens_per_s=sequences * new_tokens / sum(total),
         peak_memory_bytes=phase.peak_bytes,
+        **others.fields(model.device),
     )

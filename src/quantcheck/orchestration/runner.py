@@ -181,9 +181,11 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
         if options.cost and not failed_reference:
-            # Rounds alternate the order (ABBA): a load that builds up or fades hits the reference and the variants alike.
+            # Rounds repeat the same order (ABAB), so every other model runs between a model's two rounds: load that
+            # spans both of them slows another model's round too, and the drift check sees it. ABBA put a variant's
+            # two rounds side by side, where one slowdown could hit both and neither of the reference's.
             for cost_round in range(1, options.cost_rounds + 1):
-                for spec in models if cost_round % 2 else models[::-1]:
+                for spec in models:
                     if folder.cost_file(spec.folder, cost_round).exists():
                         view.skipped(f"{spec.name} cost round {cost_round}", "already measured")
                         continue

@@ -492,7 +492,7 @@ def floor_rows(results: Results) -> list[list[str]]:
         spreads = {p.batch_size: max(p.round_medians_s) / min(p.round_medians_s) for p in reference.cost.latency if len(p.round_medians_s) > 1}
         if spreads:
             rows.append([
-                "timing (drift)", f"reference's cost measured {reference.cost.rounds} times, alternating with the variants",
+                "timing (drift)", f"reference's cost measured {reference.cost.rounds} times, in turn with the variants",
                 "its forward latency moved by " + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
                 f"each variant's latency ratio (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not called faster or slower)",
             ])
@@ -564,7 +564,7 @@ def cost_row(m: ModelResult) -> list[str]:
         fmt.bits(c.weights.bits_per_parameter if c.weights else None),
         fmt.memory_vs_ref(cvr.weight_memory_ratio, cvr.memory_saving) if cvr else "reference" if m.quant is None else fmt.NA,
         f"{fmt.nbytes(top.peak_memory_bytes)} (batch {top.batch_size})" if top else fmt.NA,
-        fmt.seconds(bs1.median_s) + (" (noisy)" if bs1.noisy else "") if bs1 else fmt.NA,
+        fmt.seconds(bs1.median_s) + (" (noisy)" if bs1.noisy else "") + (" (disturbed by other load)" if bs1.disturbed else "") if bs1 else fmt.NA,
         fmt.rate(gen.decode_tokens_per_s, "tok/s") if gen else fmt.NA,
         fmt.ratio(cvr.decode_speedup) if cvr else fmt.NA,
         fmt.seconds(gen.time_to_first_token_s) if gen else fmt.NA,

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost", "corpus"]
@@ -221,7 +221,14 @@ class LatencyPoint(BaseModel):
     noisy: bool = False
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
-    round_medians_s: list[float] = Field(default_factory=list, description="this batch size's median in each cost round; the point is the fastest round's")
+    other_cpu_load: float | None = Field(
+        None, description="cores' worth of CPU time other processes and the hypervisor (steal) took while this batch size was timed: "
+        "the machine's CPU time minus this process tree's, over the window")
+    disturbed: bool = Field(False, description="on CPU, others took more than 10% of the machine's CPU time while this point was timed "
+                            "(after merging rounds: in every round)")
+    round_medians_s: list[float] = Field(default_factory=list, description="this batch size's median in each cost round; "
+                                         "the point is the fastest undisturbed round's (the fastest round's if all were disturbed)")
+    round_disturbed: list[bool] = Field(default_factory=list, description="beside round_medians_s: whether that round was disturbed")
 
 
 class GenerationCost(BaseModel):
@@ -234,7 +241,11 @@ class GenerationCost(BaseModel):
     decode_tokens_per_s: float
     tokens_per_s: float
     peak_memory_bytes: int | None = None
-    round_decode_tokens_per_s: list[float] = Field(default_factory=list, description="decode rate in each cost round; the figures are the fastest round's")
+    other_cpu_load: float | None = Field(None, description="as for a latency point: what others took while generation was timed")
+    disturbed: bool = Field(False, description="as for a latency point (after merging rounds: in every round)")
+    round_decode_tokens_per_s: list[float] = Field(default_factory=list, description="decode rate in each cost round; the figures are "
+                                                   "the fastest undisturbed round's (the fastest round's if all were disturbed)")
+    round_disturbed: list[bool] = Field(default_factory=list, description="beside round_decode_tokens_per_s: whether that round was disturbed")
 
 
 class TimingDistribution(BaseModel):
@@ -281,12 +292,13 @@ class ModelCost(BaseModel):
     latency: list[LatencyPoint] = []
     generation: GenerationCost | None = None
     serving: list[ServingPoint] = Field([], description="a served model: client-side streaming latency and throughput per concurrency level")
-    rounds: int = Field(1, description="cost rounds merged: each point is the fastest round's (load on the machine only slows)")
+    rounds: int = Field(1, description="cost rounds merged: each point is the fastest undisturbed round's (load on the machine only slows)")
 
 
 DRIFT_TOLERANCE = 1.25
-"""A batch size whose fastest and slowest cost round differ by more than this factor (either model)
-is unstable: its ratio is kept, but the verdict calls the variant neither faster nor slower there."""
+"""A batch size whose fastest and slowest undisturbed cost round differ by more than this factor, or
+that was disturbed in every round (either model), is unstable: its ratio is kept, but the verdict
+calls the variant neither faster nor slower there."""
 
 
 class CostComparison(BaseModel):
@@ -297,11 +309,12 @@ class CostComparison(BaseModel):
     weight_memory_stated: bool = Field(False, description="the reference's or the variant's weight memory was stated by the user, not measured")
     latency_ratio: dict[int, float] = Field(description="batch size -> variant / reference median latency (fastest round of each)")
     decode_speedup: float | None = None
-    decode_unstable: bool = Field(False, description="the decode rate moved by more than the drift tolerance between rounds (either model)")
+    decode_unstable: bool = Field(False, description="the decode rate was disturbed in every round, or moved by more than the drift "
+                                  "tolerance between undisturbed rounds (either model)")
     unstable_batch_sizes: list[int] = Field(
         default_factory=list,
-        description="batch sizes whose medians moved by more than the drift tolerance between cost rounds (either model): "
-        "their ratios are reported but not called faster or slower",
+        description="batch sizes whose undisturbed medians moved by more than the drift tolerance between cost rounds, or that other "
+        "load disturbed in every round (either model): their ratios are reported but not called faster or slower",
     )
 
 

@@ -107,34 +107,39 @@ def generative_quality(records: list[ItemRecord], settings: GenerationSettings) 
 
 
 def merge_cost_rounds(rounds: list[ModelCost]) -> ModelCost:
-    """One model's cost rounds as one: each latency point from its fastest round, the best decode rate.
+    """One model's cost rounds as one: each latency point from its fastest undisturbed round, the best decode rate.
 
     Load on a shared machine only ever slows a measurement down, so the fastest round is the one
-    least disturbed; every round's median is kept beside it. Memory and weights are round 1's.
+    least disturbed, and a round that others measurably disturbed is used only when every round was;
+    every round's median is kept beside it. Memory and weights are round 1's.
     """
     first = rounds[0]
     points = []
     for point in first.latency:
         ok = [p for cost in rounds for p in cost.latency if p.batch_size == point.batch_size and p.status == "ok"]
-        best = min(ok, key=lambda p: p.median_s) if ok else point
-        points.append(best.model_copy(update={"round_medians_s": [p.median_s for p in ok]}))
+        best = min(ok, key=lambda p: (p.disturbed, p.median_s)) if ok else point
+        points.append(best.model_copy(update={"round_medians_s": [p.median_s for p in ok], "round_disturbed": [p.disturbed for p in ok]}))
     generations = [cost.generation for cost in rounds if cost.generation is not None]
-    generation = max(generations, key=lambda g: g.decode_tokens_per_s) if generations else None
+    generation = max(generations, key=lambda g: (not g.disturbed, g.decode_tokens_per_s)) if generations else None
     if generation is not None:
-        generation = generation.model_copy(update={"round_decode_tokens_per_s": [g.decode_tokens_per_s for g in generations]})
+        generation = generation.model_copy(update={"round_decode_tokens_per_s": [g.decode_tokens_per_s for g in generations],
+                                                   "round_disturbed": [g.disturbed for g in generations]})
     return first.model_copy(update={"latency": points, "generation": generation, "rounds": len(rounds)})
 
 
+def _moved(disturbed: bool, rounds: list[float], round_disturbed: list[bool]) -> bool:
+    """Disturbed in every round, or the undisturbed rounds differ by more than the drift tolerance."""
+    clean = [value for value, was in zip(rounds, round_disturbed or [disturbed] * len(rounds)) if not was]
+    return disturbed or bool(clean and max(clean) > DRIFT_TOLERANCE * min(clean))
+
+
 def _unstable(*costs: ModelCost) -> list[int]:
-    return sorted({
-        point.batch_size for cost in costs for point in cost.latency
-        if len(point.round_medians_s) > 1 and max(point.round_medians_s) > DRIFT_TOLERANCE * min(point.round_medians_s)
-    })
+    return sorted({point.batch_size for cost in costs for point in cost.latency
+                   if point.status == "ok" and _moved(point.disturbed, point.round_medians_s, point.round_disturbed)})
 
 
 def _decode_unstable(*costs: ModelCost) -> bool:
-    rates = [cost.generation.round_decode_tokens_per_s for cost in costs if cost.generation is not None]
-    return any(len(r) > 1 and max(r) > DRIFT_TOLERANCE * min(r) for r in rates)
+    return any(_moved(g.disturbed, g.round_decode_tokens_per_s, g.round_disturbed) for g in (cost.generation for cost in costs) if g is not None)
 
 
 def weight_bytes(cost: ModelCost) -> int | None:
