@@ -54,6 +54,12 @@ def run_child(method: str, device: str, threads: int | None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _loads(runs: list[dict], point: dict) -> str:
+    """Each round's median at this point's batch size and the CPU others took meanwhile (a star: disturbed)."""
+    rounds = [p for run in runs for p in run["cost"]["latency"] if p["batch_size"] == point["batch_size"]]
+    return ", ".join(f"{p['median_s'] * 1000:.0f} ({p['other_cpu_load']:.2f}{'*' if p['disturbed'] else ''})" for p in rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -78,7 +84,8 @@ def main() -> None:
     seconds = {name: ", ".join(f"{r['seconds']:.1f}" for r in runs) for name, runs in rounds.items()}
     print(f"device {args.device}, threads {ref_cost['threads']}, memory {ref_cost['memory_method']}, 2 rounds each (ABAB)")
     print(f"whole cost measurement per model and round: reference {seconds['reference']} s, none {seconds['none']} s")
-    print(f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within")
+    print(f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within"
+          "  per round: median ms (others' CPU in cores), ref / none")
     accepted = True
     for ref, var in zip(ref_cost["latency"], var_cost["latency"]):
         if ref["status"] != "ok" or var["status"] != "ok":
@@ -90,7 +97,8 @@ def main() -> None:
         accepted &= within
         print(
             f"{ref['batch_size']:>5} {ref['seq_len']:>4} {ref['median_s']:>12.4f} {var['median_s']:>13.4f} "
-            f"{ratio:>6.3f} {ref['cv']:>6.3f} {var['cv']:>7.3f}  {'yes' if within else 'NO'}"
+            f"{ratio:>6.3f} {ref['cv']:>6.3f} {var['cv']:>7.3f}  {'yes' if within else 'NO ':<6}  {_loads(rounds['reference'], ref)} / "
+            f"{_loads(rounds['none'], var)}"
         )
     for name, cost in (("reference", ref_cost), ("none", var_cost)):
         generation = cost["generation"] or {}
