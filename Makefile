@@ -92,9 +92,12 @@ demo: $(STAMP) $(LLAMA_STAMP)
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
+# Two test workers on two cores: a worker's imports and process starts (one core) overlap the other's forward passes.
+TEST_WORKERS ?= 2
+
 test:
 	@$(MAKE) --no-print-directory $(ENV_JOBS) test-environments
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-environments: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
 

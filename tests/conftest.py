@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from quantcheck.data.load import load_dataset
+# OpenMP threads sleep at barriers in this process and what it starts (a vLLM server), as quantcheck's workers do:
+# spinning threads on two shared cores run 5-25x slower beside another busy process (see worker_environment).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from quantcheck.data.load import load_dataset  # noqa: E402
 
 XSS_QUESTION = "Which of these is <script>alert(1)</script> & friends?"
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
@@ -88,3 +92,39 @@ def read_results(run_dir: Path) -> dict:
 
 def read_items(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+
+
+SHARED_FIXTURE_MODULES = {
+    "small_run": ("test_api", "test_cli_errors", "test_end_to_end", "test_report_real_run"),
+    "virology_engines_run": ("test_llamacpp_backend", "test_vllm_backend"),
+}
+"""The modules that use each of our session fixtures: under `make test`'s two workers they run in one worker, so each
+fixture (a real run of minutes) runs once. Checked at collection: a module that starts using one must be listed."""
+MODULE_GROUP = {module: fixture for fixture, modules in SHARED_FIXTURE_MODULES.items() for module in modules}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    users: dict[str, set[str]] = {}
+    for item in items:
+        for name in item.fixturenames:
+            definitions = item._fixtureinfo.name2fixturedefs.get(name) or ()
+            if any(d.scope == "session" and d.baseid for d in definitions):  # ours: pytest's own have no baseid
+                users.setdefault(name, set()).add(item.module.__name__)
+    for name, modules in users.items():
+        if len(modules) > 1 and not modules <= set(SHARED_FIXTURE_MODULES.get(name, ())):
+            raise pytest.UsageError(f"the session fixture {name} is used by {', '.join(sorted(modules))}: "
+                                    "list them under it in SHARED_FIXTURE_MODULES (tests/conftest.py)")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadscope` (make test), with the modules of each SHARED_FIXTURE_MODULES entry as one scope."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return MODULE_GROUP.get(Path(module).stem, module)
+
+    return SharedFixtureScheduling(config, log)

@@ -21,15 +21,13 @@ transformers fp32 reference is the engine-difference floor.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import importlib.metadata
 import json
 import os
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -246,25 +244,16 @@ def gguf_cache_folder(reference: Path) -> Path:
     return cache_dir() / "gguf" / f"{fingerprint(reference)}-llama-cpp-python-{installed_version()}"
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One process at a time makes a folder's files: several gguf variants (or runs) convert once."""
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_gguf(reference: Path, gguf_type: str, threads: int) -> Path:
     """The cached `<TYPE>.gguf` of the reference, converting and quantizing on first use (atomically)."""
     folder = gguf_cache_folder(reference)
     target = folder / f"{gguf_type}.gguf"
     if target.exists():
         return target
+    from quantcheck.models.builtin import cache_lock
+
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / ".lock"):
+    with cache_lock(folder / ".lock"):
         full = folder / "F32.gguf"
         if not full.exists():
             _convert(reference, full)

@@ -8,10 +8,13 @@ rounding; it is a genuine trained float model for the tool's purposes, not SmolL
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from quantcheck.errors import ModelNotFoundError
@@ -34,16 +37,31 @@ def cache_dir() -> Path:
     return base / "quantcheck"
 
 
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """One process at a time makes a cache entry: runs (or test workers) started together convert once."""
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def builtin_model_dir() -> Path:
     """Return the float safetensors folder of the built-in model, converting it on first use."""
     target = cache_dir() / "models" / BUILTIN_NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    done = lambda: (target / "config.json").exists() and (target / "model.safetensors").exists()  # noqa: E731
+    if done():
         return target
     gguf_path = _find_gguf()
-    log = target.with_name(target.name + ".convert.log")
-    print(f"converting the built-in model once (about 30 s; library output in {log})", file=sys.stderr, flush=True)
-    with output_to(log):
-        _convert_gguf_to_safetensors(gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(target.with_name(target.name + ".lock")):
+        if not done():
+            log = target.with_name(target.name + ".convert.log")
+            print(f"converting the built-in model once (about 30 s; library output in {log})", file=sys.stderr, flush=True)
+            with output_to(log):
+                _convert_gguf_to_safetensors(gguf_path, target)
     return target
 
 
