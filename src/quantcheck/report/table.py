@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from quantcheck.report import format as fmt
 from quantcheck.report.data import is_text_run, reference_model, variant_models
 from quantcheck.results.corpus import DELTA_P_PERCENTILES, KL_PERCENTILES
-from quantcheck.results.schema import DRIFT_TOLERANCE, Estimate, Interval, LatencyPoint, ModelResult, Results
+from quantcheck.results.schema import DRIFT_TOLERANCE, Estimate, Interval, LatencyPoint, ModelResult, Results, undisturbed_rounds
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
 
@@ -489,11 +489,13 @@ def floor_rows(results: Results) -> list[list[str]]:
         ])
     reference = reference_model(results)
     if reference is not None and reference.cost is not None and reference.cost.rounds > 1:
-        spreads = {p.batch_size: max(p.round_medians_s) / min(p.round_medians_s) for p in reference.cost.latency if len(p.round_medians_s) > 1}
+        clean = {p.batch_size: undisturbed_rounds(p.round_medians_s, p.round_disturbed, p.disturbed) for p in reference.cost.latency}
+        spreads = {size: max(medians) / min(medians) for size, medians in clean.items() if len(medians) > 1}
         if spreads:
             rows.append([
                 "timing (drift)", f"reference's cost measured {reference.cost.rounds} times, in turn with the variants",
-                "its forward latency moved by " + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
+                "between undisturbed rounds its forward latency moved by "
+                + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
                 f"each variant's latency ratio (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not called faster or slower)",
             ])
     if sampling := results.floors.sampling:

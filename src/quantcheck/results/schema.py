@@ -301,6 +301,11 @@ that was disturbed in every round (either model), is unstable: its ratio is kept
 calls the variant neither faster nor slower there."""
 
 
+def undisturbed_rounds(values: list[float], round_disturbed: list[bool], disturbed: bool) -> list[float]:
+    """The rounds' values that other load did not disturb (results without `round_disturbed`: the merged flag for all)."""
+    return [value for value, was in zip(values, round_disturbed or [disturbed] * len(values)) if not was]
+
+
 class CostComparison(BaseModel):
     """A variant's cost relative to the reference (ratios > 1 mean the variant is larger / slower)."""
 

@@ -42,6 +42,7 @@ from quantcheck.results.schema import (
     Thresholds,
     TokenAgreement,
     WindowRecord,
+    undisturbed_rounds,
 )
 from quantcheck.results.corpus import SpanText, corpus_statistics
 from quantcheck.results.divergence import divergence_summary
@@ -129,7 +130,7 @@ def merge_cost_rounds(rounds: list[ModelCost]) -> ModelCost:
 
 def _moved(disturbed: bool, rounds: list[float], round_disturbed: list[bool]) -> bool:
     """Disturbed in every round, or the undisturbed rounds differ by more than the drift tolerance."""
-    clean = [value for value, was in zip(rounds, round_disturbed or [disturbed] * len(rounds)) if not was]
+    clean = undisturbed_rounds(rounds, round_disturbed, disturbed)
     return disturbed or bool(clean and max(clean) > DRIFT_TOLERANCE * min(clean))
 
 
