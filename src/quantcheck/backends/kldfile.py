@@ -7,11 +7,17 @@ through every variant.
 
 Format (llama.cpp tools/perplexity/perplexity.cpp): b"_logits_", uint32 n_ctx, int32 n_vocab, int32
 n_chunk, int32 tokens[n_chunk * n_ctx]; then per chunk, per scored position (n_ctx/2 .. n_ctx-2), one
-row of nv = 2*((n_vocab+1)/2) + 4 uint16: float32 scale and min_log_prob, then n_vocab uint16 q with
-log p = scale * q + min_log_prob. q = 0 marks every token more than 16 nats below the top: llama.cpp
-leaves those out of its KL, and so do we (probability 0). The decoded rows are renormalized (a
-log-softmax over the rest) before use: the uint16 rounding and the dropped tokens leave their sum a
-little off 1, and every bound here assumes a distribution.
+row of nv = 2*((n_vocab+1)/2) + 4 uint16: float32 scale and min_log_prob, then n_vocab uint16 q.
+
+Decoded as llama.cpp's own reader decodes it (`log_softmax` for `--kl-divergence`): log p = scale * q +
+min_log_prob in float32 for every q, q = 0 included (the writer clamps every token more than 16 nats below
+the top to q = 0, so q = 0 is min_log_prob, finite). The scored token's negative log-likelihood is
+-(scale * q + min_log_prob), whatever its q. llama.cpp's KL sums over the tokens whose decoded
+log-probability is above -16 (an absolute test, `p_log_base > -16.f`), so every other token gets
+probability 0 here, the scored token excepted (it keeps its decoded value, so that its NLL stays
+llama.cpp's and finite; its mass is below e^-16). The rows are then renormalized (a log-softmax over what
+is left) before use: the uint16 rounding and the dropped tokens leave their sum a little off 1, and every
+bound here assumes a distribution.
 """
 
 from __future__ import annotations
@@ -60,9 +66,23 @@ class KldBase:
         """float32 [scored, n_vocab]: one chunk's decoded, renormalized rows."""
         rows = self.rows[chunk * self.scored : (chunk + 1) * self.scored]
         scale, minimum = rows[:, :4].copy().view("<f4").T
-        levels = rows[:, 4 : 4 + self.n_vocab]
-        decoded = np.where(levels > 0, scale[:, None] * levels.astype(np.float64) + minimum[:, None], -np.inf)
-        return log_softmax(decoded, axis=-1).astype(np.float32)
+        targets = self.tokens[chunk, self.first + 1 :]
+        return decode_rows(scale, minimum, rows[:, 4 : 4 + self.n_vocab], targets)
+
+
+EXCLUDED_LOG_PROB = -16.0  # llama.cpp's KL leaves out the base's tokens at or below this log-probability
+
+
+def decode_rows(scale: np.ndarray, minimum: np.ndarray, levels: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """float32 [rows, n_vocab] log-probabilities from uint16 levels, as llama.cpp decodes them: scale * q +
+    min_log_prob (float32, q = 0 included); tokens at or below -16 left out as llama.cpp's KL leaves them
+    out, except each row's scored token (`targets`), then renormalized."""
+    decoded = scale.astype(np.float32)[:, None] * levels.astype(np.float32) + minimum.astype(np.float32)[:, None]
+    rows = np.arange(len(decoded))
+    target_values = decoded[rows, targets].copy()
+    decoded = np.where(decoded > np.float32(EXCLUDED_LOG_PROB), decoded, np.float32(-np.inf))
+    decoded[rows, targets] = target_values
+    return log_softmax(decoded.astype(np.float64), axis=-1).astype(np.float32)
 
 
 def read_kld_base(path: Path) -> KldBase:

@@ -1,9 +1,10 @@
 """Text corpora (`--dataset text:FILE`): next-token differences at every token of a text, llama.cpp-style.
 
 The text is tokenized once by the reference's tokenizer and cut into consecutive windows of
-`context` tokens, as `llama-perplexity` does: the first token of each window becomes the
-beginning-of-sequence token where the model's tokenizer adds one, and only the second half of
-each window is scored, so that every scored token has at least `context / 2` tokens before it.
+`context` tokens, as `llama-perplexity` does: where the model's tokenizer adds a beginning-of-sequence
+token, the whole text is tokenized with it (so the first window starts with it and the text's first
+token) and the first position of every later window is then overwritten with it; only the second
+half of each window is scored, so that every scored token has at least `context / 2` tokens before it.
 The windows' token ids are stored once and replayed through every variant.
 
 A corpus file is plain text, or JSONL with one {"text": ...} object per line (documents joined by
@@ -116,15 +117,19 @@ def first_scored(context: int) -> int:
 
 
 def make_windows(tokenizer, text: str, context: int, limit: int | None) -> list[list[int]]:
-    """Consecutive windows of `context` token ids (the first `limit` of them), as `llama-perplexity` cuts them."""
+    """Consecutive windows of `context` token ids (the first `limit` of them), as `llama-perplexity` cuts them: the
+    text tokenized with the beginning-of-sequence token where the tokenizer adds one (llama.cpp's `add_bos`; no
+    other special token), cut every `context` tokens, and each window's first position overwritten with it."""
+    bos = added_bos(tokenizer)
     ids = tokenizer.encode(text, add_special_tokens=False)
+    if bos is not None:
+        ids = [bos, *ids]
     count = len(ids) // context
     if count == 0:
         raise DatasetError(f"the corpus has {len(ids)} tokens, fewer than one window of --context {context}: "
                            "give a longer text or a smaller --context")
     if limit is not None:
         count = min(count, limit)
-    bos = added_bos(tokenizer)
     windows = [ids[index * context:(index + 1) * context] for index in range(count)]
     return [[bos, *window[1:]] if bos is not None else window for window in windows]
 

@@ -1,7 +1,7 @@
-"""Forward-pass latency and peak memory across batch sizes, repeated until the mean is stable.
+"""Forward-pass latency and peak memory across batch sizes, repeated until the median is stable.
 
 Each batch size gets warm-up passes, then timed passes until the relative standard error of the
-mean reaches the target (after a minimum) or the batch size's time budget is spent. Running out of
+median (the statistic reported) reaches the target (after a minimum) or the batch size's time budget is spent. Running out of
 memory at one batch size is a result ("oom"), not a crash: larger batch sizes are "skipped".
 Runs under `torch.no_grad()`, not `inference_mode()`: quanto int4 fails under inference mode.
 """
@@ -157,7 +157,7 @@ def sweep_batch_sizes(
 
 
 def repeat_timed(call: Callable[[], object], clock: Clock, repeats: Repeats, check: Callable[[], None] = lambda: None) -> list[float]:
-    """Warm up, then time `call` until the mean is stable, the budget is spent or the maximum is reached.
+    """Warm up, then time `call` until the median is stable, the budget is spent or the maximum is reached.
 
     `check` runs after every call while its result is still alive (the CPU memory cap).
     """
@@ -181,12 +181,19 @@ def repeat_timed(call: Callable[[], object], clock: Clock, repeats: Repeats, che
             return times
 
 
+MEDIAN_SE_FACTOR = math.sqrt(math.pi / 2) * 1.4826  # normal theory: SE(median) = sqrt(pi/2) sigma / sqrt(n), sigma = 1.4826 MAD
+
+
 def relative_standard_error(times: Sequence[float]) -> float:
-    """Standard error of the mean over the mean (infinite with fewer than two samples)."""
+    """Standard error of the median over the median (infinite with fewer than two samples): sqrt(pi/2) * sigma /
+    sqrt(n), with sigma estimated robustly from the median absolute deviation (1.4826 MAD), so that one slow
+    outlier, which leaves the median where it is, does not keep the repeats going as it would the mean's."""
     if len(times) < 2:
         return math.inf
-    values = np.asarray(times)
-    return float(values.std(ddof=1) / math.sqrt(len(values)) / values.mean())
+    values = np.asarray(times, dtype=np.float64)
+    median = float(np.median(values))
+    spread = float(np.median(np.abs(values - median)))
+    return MEDIAN_SE_FACTOR * spread / math.sqrt(len(values)) / median
 
 
 def _ok_point(batch_size: int, seq_len: int, times: list[float], peak: int | None) -> LatencyPoint:
@@ -205,6 +212,7 @@ def _ok_point(batch_size: int, seq_len: int, times: list[float], peak: int | Non
         noisy=cv is not None and cv > NOISY_CV,
         tokens_per_s=batch_size * seq_len / median,
         peak_memory_bytes=peak,
+        times_s=[float(t) for t in values],
     )
 
 
