@@ -8,12 +8,15 @@ with the reason, never faked.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,82 @@ class VLLMServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+
+class FaultyProxy:
+    """A pass-through proxy on 127.0.0.1 in front of the real vLLM server, which changes one thing about it:
+    `no_tokenize` answers POST /tokenize with 404 (as OpenAI, TGI and llama-server do), `no_echo` also refuses
+    completions that echo their prompt with 400 (as OpenAI's chat-era models do), `row_entries` keeps only the
+    top N log-probabilities of each row in requests for several prompts (a server that returns fewer under
+    load than when probed alone). Every other byte is the server's own answer."""
+
+    def __init__(self, upstream: str, *, no_tokenize: bool = False, no_echo: bool = False, row_entries: int | None = None) -> None:
+        import httpx
+
+        root = upstream.removesuffix("/v1")
+        client = httpx.Client(timeout=300)
+        settings = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = json.loads(body) if body else {}
+                if settings.no_tokenize and self.path == "/tokenize":
+                    return self._answer(404, b'{"detail": "Not Found"}')
+                if settings.no_echo and self.path.endswith("/completions") and request.get("echo"):
+                    return self._answer(400, b'{"error": {"message": "echo is not supported with this model"}}')
+                answer = client.request(method, root + self.path, content=body, headers={"Content-Type": "application/json"})
+                content = answer.content
+                prompts = request.get("prompt")
+                if (settings.row_entries and self.path.endswith("/completions") and answer.status_code == 200
+                        and isinstance(prompts, list) and len(prompts) > 1 and isinstance(prompts[0], list)):
+                    data = answer.json()
+                    for choice in data["choices"]:
+                        row = choice["logprobs"]["top_logprobs"][0]
+                        choice["logprobs"]["top_logprobs"][0] = dict(sorted(row.items(), key=lambda entry: -entry[1])[: settings.row_entries])
+                    content = json.dumps(data).encode()
+                self._answer(answer.status_code, content)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+        self.no_tokenize, self.no_echo, self.row_entries = no_tokenize or no_echo, no_echo, row_entries
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+        self.client = client
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.client.close()
+
+
+@pytest.fixture
+def proxies(server):
+    started: list[FaultyProxy] = []
+
+    def make(**faults) -> FaultyProxy:
+        started.append(FaultyProxy(server.url, **faults))
+        return started[-1]
+
+    yield make
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +294,50 @@ def test_a_server_with_another_tokenizer_keeps_accuracy_but_refuses_token_metric
     assert served["paired_loglik"]["n"] == 4 and served["agreement"] is None
     assert any(w["code"] == "tokenizer-mismatch" and w["model"] == served["name"] for w in results["warnings"])
     assert f"the server at {server.url} tokenizes a prompt into" in " ".join(result.stderr.split())  # the reason, as the run went
+
+
+def test_rows_with_fewer_log_probabilities_than_asked_are_refused_in_one_line(tmp_path, server, proxies):
+    """Defect 8 of issue 24: the probe gets the top 20, the batches only the top 10. Jaccard@k for k = 20
+    would be computed from ties among missing entries and labelled exact: the row is refused instead."""
+    short = proxies(row_entries=10)
+    out = tmp_path / "run"
+    result = quantcheck("run", "--limit", "4", "--store", "full", "--quant", f"url:{short.url}?top_logprobs=20", "--out", str(out),
+                        *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]  # as for any variant that fails: the run ends with what it has
+    failures = [line for line in result.stderr.splitlines() if f"url:{short.url}?top_logprobs=20 (quality) failed" in line]
+    assert len(failures) == 1, result.stderr[-3000:]
+    assert "returned 10 log-probabilities for a row where it was asked for its top 20" in failures[0]
+    assert "Traceback" not in result.stderr
+    assert not by_item(out, f"url:{short.url}?top_logprobs=20")  # no item scored on short rows
+
+
+def test_a_server_without_tokenize_is_checked_by_an_echoed_prompt(tmp_path, server, proxies):
+    """Defect 8 of issue 24: without /tokenize the server's tokenizer was not checked at all. The prompt sent as
+    text and echoed back by id shows the lower-casing tokenizer; a server that refuses both is unverified, and says so."""
+    lowercase = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
+    no_tokenize = proxies(no_tokenize=True)
+    out = tmp_path / "lower"
+    result = quantcheck("run", str(lowercase), "--limit", "4", "--quant", f"url:{no_tokenize.url}", "--out", str(out), *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = read_results(out)["models"][1]
+    assert served["paired_loglik"]["n"] == 4 and served["agreement"] is None  # token metrics refused, as with /tokenize
+    assert served["engine"]["tokenizer_verified"] is False and served["engine"]["parallel"]["tokenizer_check"] == "different (echo)"
+    assert f"the server at {no_tokenize.url} tokenizes a prompt into" in " ".join(result.stderr.split())
+
+    no_echo = proxies(no_echo=True)
+    out = tmp_path / "same"
+    result = quantcheck("run", "--limit", "4", "--quant", f"url:{server.url}", "--quant", f"url:{no_tokenize.url}",
+                        "--quant", f"url:{no_echo.url}", "--out", str(out), *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, direct, echoed, unverified = read_results(out)["models"]
+    assert reference["engine"]["tokenizer_verified"] is None  # in-process: quantcheck's own ids
+    assert direct["engine"]["tokenizer_verified"] is True and direct["engine"]["parallel"]["tokenizer_check"] == "/tokenize"
+    assert echoed["engine"]["tokenizer_verified"] is True and echoed["engine"]["parallel"]["tokenizer_check"] == "echo"
+    assert echoed["agreement"]["top1_agreement"]["value"] == 1.0
+    assert unverified["engine"]["tokenizer_verified"] is False and unverified["engine"]["parallel"]["tokenizer_check"] == "unverified"
+    stderr = " ".join(result.stderr.split())
+    assert (f"the server at {no_echo.url} could not be asked how it tokenizes (/tokenize answered HTTP 404; echo answered HTTP 400)"
+            in stderr), stderr[-3000:]
 
 
 def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrupted_run(tmp_path, server, questions, fp32_run):

@@ -116,6 +116,11 @@ class Backend(ABC):
     def describe(self) -> EngineInfo:
         """What actually runs: engine, version, precision, devices, parallel layout."""
 
+    tokenizer_verified: bool | None = None
+    """After `tokenizer_mismatch`: True where the engine's own tokenizer was shown to agree, False where it
+    disagrees or could not be asked (`tokenizer_note` then says why); None where it does not apply."""
+    tokenizer_note: str | None = None
+
     def tokenizer_mismatch(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> str | None:
         """Where the engine tokenizes by itself, whether it agrees with the ids quantcheck made for `texts`:
         a description of the first disagreement, or None. Local engines run on quantcheck's own ids."""

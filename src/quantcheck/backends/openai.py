@@ -16,7 +16,10 @@ quantcheck neither starts nor stops the server; it sends the reference's token i
   the server's memory is not visible from here and is reported as not measured.
 
 Everything the server can get wrong (wrong URL, wrong model name, no log-probabilities) is
-probed in the parent before any work (`connect`). Transient faults (timeouts, refused connections,
+probed in the parent before any work (`connect`); every row after the probe is checked again (a row
+with fewer entries than asked stops the model in one line, `_check_row`). The server's own tokenizer
+is checked on a few prompts by its /tokenize, else by a completion that echoes the prompt sent as text;
+where neither answers, the model's `EngineInfo.tokenizer_verified` is False and the run says so. Transient faults (timeouts, refused connections,
 408/429/5xx) are retried with exponential backoff a bounded number of times; then the worker stops
 with one line and the run keeps every finished batch. The API key comes from the environment
 (QUANTCHECK_API_KEY, else OPENAI_API_KEY) and is only ever put in a request header.
@@ -68,6 +71,16 @@ PROBE_PROMPT = [1, 2, 3]
 TOKENIZER_SAMPLES = 3
 """Prompts the server's own tokenizer is checked on: a different tokenizer shows on the first."""
 TOKEN_ID_PREFIX = "token_id:"
+
+
+class _NoAnswer(Exception):
+    """A server that does not say how it tokenizes in the way asked (no such route, a refusal, no token ids)."""
+
+
+def _token_ids(tokens: object, method: str) -> list[int]:
+    if not isinstance(tokens, list) or not all(isinstance(token, int) for token in tokens):
+        raise _NoAnswer(f"{method} returned no token ids")
+    return list(tokens)
 
 
 class EndpointError(QuantcheckError):
@@ -232,6 +245,19 @@ def _entries(choice: dict, url: str) -> dict[str, float]:
     return entries
 
 
+def _check_row(ids: np.ndarray, top: int | None, width: int, url: str) -> None:
+    """Every row as the probe promised: the full vocabulary, or at least the top K asked for. A shorter row
+    would leave Jaccard@k for k beyond it to ties among missing entries, and KL to a bound on other terms."""
+    wanted = width if top is None else min(top, width)
+    if len(ids) < wanted or top is None and len(ids) != width:
+        asked = "the full vocabulary" if top is None else f"its top {top}"
+        raise EndpointError(f"the server at {url} returned {len(ids)} log-probabilities for a row where it was asked for {asked} "
+                            f"({wanted}, as it returned when probed): Jaccard@k and KL cannot rest on missing entries; "
+                            f"ask it for at most {len(ids)} (url:...?top_logprobs={max(len(ids), 1)}) or fix the server")
+    if ids.max() >= width:
+        raise EndpointError(f"the server at {url} returned {len(ids)} log-probabilities up to id {ids.max()} for a vocabulary of {width}")
+
+
 def vocab_size(folder: str) -> int | None:
     """The model's vocabulary size from its config.json (the width of a full row), when the folder has one."""
     path = Path(folder) / "config.json"
@@ -338,6 +364,8 @@ class OpenAIBackend(Backend):
         self.client = Client(self.endpoint.url)
         self.width = 0
         self.server = "unknown"
+        self.tokenizer_check: str | None = None
+        """How the server's tokenizer was checked: '/tokenize', 'echo', 'different (...)', 'unverified'; None: not asked."""
 
     def load(self) -> None:
         """Check the server again (it may have changed since the parent probed it) and learn the row width."""
@@ -349,33 +377,82 @@ class OpenAIBackend(Backend):
         self.server = _server_version(self.client)
 
     def tokenizer_mismatch(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> str | None:
-        """The server's own tokenizer (POST /tokenize at its root: vLLM, SGLang) against the local one, on a
-        few prompts: a server that serves another tokenizer would make every token metric meaningless."""
+        """The server's own tokenizer against the local one, on a few prompts: a server that serves another
+        tokenizer would make every token metric meaningless. Asked of POST /tokenize at the server's root (vLLM,
+        SGLang); where that route does not answer, of a completion that echoes the prompt sent as text
+        (`echo`, its tokens returned by id). Where neither answers, the tokenizer is unverified
+        (`tokenizer_verified` False, `tokenizer_note` says why) and the run says so."""
+        samples = [(text, list(ids)) for text, ids in list(zip(texts, token_ids))[:TOKENIZER_SAMPLES]]
+        reasons = []
+        for method, server_tokens in (("/tokenize", self._tokenize_route), ("echo", self._echoed_tokens)):
+            try:
+                for text, ids in samples:
+                    tokens = server_tokens(text)
+                    if tokens != ids:
+                        self.tokenizer_verified, self.tokenizer_check = False, f"different ({method})"
+                        first = next((i for i, (a, b) in enumerate(zip(tokens, ids)) if a != b), min(len(tokens), len(ids)))
+                        return (f"the server at {self.endpoint.url} tokenizes a prompt into {len(tokens)} tokens where "
+                                f"{self.spec.weights} gives {len(ids)} (first difference at position {first}; by {method})")
+            except _NoAnswer as reason:
+                reasons.append(str(reason))
+                continue
+            self.tokenizer_verified, self.tokenizer_check = True, method
+            return None
+        self.tokenizer_verified, self.tokenizer_check = False, "unverified"
+        self.tokenizer_note = (f"the server at {self.endpoint.url} could not be asked how it tokenizes ({'; '.join(reasons)}): "
+                               f"whether it reads the token ids as {self.spec.weights}'s tokenizer does is unverified")
+        return None
+
+    def _tokenize_route(self, text: str) -> list[int]:
+        """The server's tokens for `text` from POST /tokenize at its root (vLLM, SGLang)."""
         import httpx
 
         root = self.client.root
-        for text, ids in list(zip(texts, token_ids))[:TOKENIZER_SAMPLES]:
-            try:
-                response = self.client.http.post(root + "/tokenize", json={"model": self.endpoint.model, "prompt": text})
-            except httpx.HTTPError as error:
-                raise EndpointError(f"{root}/tokenize: {transport_reason(error)}; {RUN_ADVICE}") from None
-            if response.status_code in (404, 405):
-                return None  # no such route (OpenAI, TGI, llama-server): the vocabulary-size probe is all there is
-            tokens = response.json().get("tokens") if response.status_code == 200 else None
-            if tokens is None:
-                return None
-            if list(tokens) != list(ids):
-                return (f"the server at {self.endpoint.url} tokenizes a prompt into {len(tokens)} tokens where "
-                        f"{self.spec.weights} gives {len(ids)} (first difference at position "
-                        f"{next((i for i, (a, b) in enumerate(zip(tokens, ids)) if a != b), min(len(tokens), len(ids)))})")
-        return None
+        try:
+            response = self.client.http.post(root + "/tokenize", json={"model": self.endpoint.model, "prompt": text})
+        except httpx.HTTPError as error:
+            raise EndpointError(f"{root}/tokenize: {transport_reason(error)}; {RUN_ADVICE}") from None
+        if response.status_code != 200:
+            raise _NoAnswer(f"/tokenize answered HTTP {response.status_code}")  # no such route: OpenAI, TGI, llama-server
+        try:
+            tokens = response.json().get("tokens")
+        except (ValueError, AttributeError):
+            tokens = None
+        return _token_ids(tokens, "/tokenize")
+
+    def _echoed_tokens(self, text: str) -> list[int]:
+        """The server's tokens for `text` from a one-token completion that echoes its prompt: vLLM's
+        `prompt_token_ids` (return_token_ids), else the echoed prompt's `logprobs.tokens` keyed by id."""
+        payload = {"model": self.endpoint.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1,
+                   "return_tokens_as_token_ids": True, "return_token_ids": True}
+        try:
+            answer = self.client.request("POST", "completions", payload)
+        except EndpointError as error:
+            if error.status is None:
+                raise  # the server is gone, not a refusal
+            raise _NoAnswer(f"echo answered HTTP {error.status}") from None
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        if isinstance(choice.get("prompt_token_ids"), list):
+            return _token_ids(choice["prompt_token_ids"], "echo")
+        logprobs = choice.get("logprobs")
+        tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        count = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if not isinstance(tokens, list) or not isinstance(count, int) or not all(
+                isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX) for token in tokens[:count]):
+            raise _NoAnswer("echo returned no prompt token ids")
+        return [int(token[len(TOKEN_ID_PREFIX):]) for token in tokens[:count]]
 
     def describe(self) -> EngineInfo:
         from quantcheck.results.schema import EngineInfo
 
         rows = "full vocabulary" if self.top_logprobs is None else f"top {self.top_logprobs}"
+        parallel = {"url": self.endpoint.url, "served_model": self.endpoint.model, "logprobs": rows}
+        if self.tokenizer_check is not None:
+            parallel["tokenizer_check"] = self.tokenizer_check
         return EngineInfo(engine="openai-http", version=self.server, compute_dtype="unknown", devices=["server"],
-                          parallel={"url": self.endpoint.url, "served_model": self.endpoint.model, "logprobs": rows})
+                          parallel=parallel, tokenizer_verified=self.tokenizer_verified)
 
     @property
     def vocab_width(self) -> int:
@@ -393,9 +470,7 @@ class OpenAIBackend(Backend):
         for row, choice in zip(rows, choices):
             entries = _entries(choice, self.endpoint.url)
             ids = np.fromiter((int(key[len(TOKEN_ID_PREFIX):]) for key in entries), dtype=np.int64, count=len(entries))
-            if self.top_logprobs is None and len(ids) != self.width or ids.max() >= self.width:
-                raise EndpointError(f"the server at {self.endpoint.url} returned {len(ids)} log-probabilities up to id {ids.max()} "
-                                    f"for a vocabulary of {self.width}")
+            _check_row(ids, self.top_logprobs, self.width, self.endpoint.url)
             row[ids] = np.fromiter(entries.values(), dtype=np.float32, count=len(entries))
         return rows
 

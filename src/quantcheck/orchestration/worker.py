@@ -51,6 +51,8 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
         if spec.is_reference:
             folder.write_reference_tokens(encoded.prompt_ids)
             compare_tokens = True
+            if mismatch := backend.tokenizer_mismatch([loglik_prompt(item) for item in items], encoded.prompt_ids):
+                emit("warning", code="tokenizer-mismatch", message=f"{mismatch}: the served reference reads the ids as another tokenizer would")
         else:
             compare_tokens = folder.read_reference_tokens() == encoded.prompt_ids
             mismatch = None if compare_tokens else f"{spec.name} tokenizes the prompts differently from the reference"
@@ -58,6 +60,10 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
                 compare_tokens = False
             if not compare_tokens:
                 emit("warning", code="tokenizer-mismatch", message=f"{mismatch}: KL, Jaccard and top-1 agreement are not computed; accuracy is")
+        if backend.tokenizer_verified is not None:
+            if backend.tokenizer_note:
+                emit("warning", code="tokenizer-unverified", message=backend.tokenizer_note)
+            write_json_atomic(folder.model_file(spec.folder, "engine.json"), backend.describe())  # with what the check found
         path = folder.model_file(spec.folder, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
         if spec.is_reference and reference.create(len(items), backend.vocab_width, backend.top_logprobs) and done:
