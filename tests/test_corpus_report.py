@@ -167,7 +167,8 @@ def test_worst_spans_list_bf16s_worst_prompt(prompts_dir: Path, prompts_results:
     worst = next(m for m in prompts_results.models if m.name == "bf16").corpus.worst[0]
     rows = parse_md_table((prompts_dir / "report.md").read_text(encoding="utf-8"), "Variant", with_column="Prompt")
     name = worst.name.replace("<", "&lt;")  # Markdown cells defuse tags
-    assert rows[0][:4] == ["bf16", name, str(worst.tokens), fmt.nats(worst.mean_kl)]
+    # the compact store (the default): the value is an estimate, shown with its standard error (issue #24, defect 7)
+    assert rows[0][:4] == ["bf16", name, str(worst.tokens), f"{fmt.nats(worst.mean_kl)} \u00b1 {fmt.nats(worst.mean_kl_se)}"]
     assert "**" in rows[0][-1]
     assert all(row[0] != "none" for row in rows)  # KL 0 everywhere: nothing to show
 

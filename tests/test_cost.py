@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -137,6 +138,7 @@ def test_latency_sweep_returns_ordered_positive_statistics(fp32_model, tokenizer
         assert point.p10_s <= point.median_s <= point.p90_s
         assert point.tokens_per_s == pytest.approx(point.batch_size * 8 / point.median_s)
         assert point.peak_memory_bytes > 0 and point.cv is not None
+        assert len(point.times_s) == point.iterations and point.median_s == pytest.approx(float(np.median(point.times_s)))
 
 
 def test_memory_cap_turns_a_large_batch_into_oom_and_skips_larger_ones(fp32_model, tokenizer):
@@ -158,6 +160,9 @@ def test_generation_produces_exactly_new_tokens_and_positive_rates(fp32_model, t
     assert cost.prompts == 2 and cost.new_tokens == 5
     assert cost.decode_tokens_per_s > 0 and cost.tokens_per_s > 0
     assert cost.prefill_s > 0 and cost.time_to_first_token_s > 0
+    # the decode rate's interval resamples these: per timed prompt batch, decoding seconds and tokens
+    assert sum(cost.decode_tokens) == 2 * 4 and len(cost.decode_times_s) == len(cost.decode_tokens)
+    assert cost.decode_tokens_per_s == pytest.approx(sum(cost.decode_tokens) / sum(cost.decode_times_s))
     # batched, left-padded prompts of different lengths still get exactly 5 new tokens each
     (inputs,) = prompt_batches(tokenizer, TEXTS, 3, 3, None, fp32_model.device)
     with neutral_generation_defaults(fp32_model), torch.no_grad():

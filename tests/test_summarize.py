@@ -19,6 +19,7 @@ from quantcheck.results.schema import (
     LoglikAnswer,
     ModelCost,
     ModelInfo,
+    ModelResult,
     Results,
     Thresholds,
     WeightMemory,
@@ -183,3 +184,27 @@ def test_kl_from_a_compact_store_is_summarised_with_its_bounds(tmp_path: Path) -
     records[7].kl_upper = None  # unbounded on one item: no finite mean
     path.write_text("".join(record.model_dump_json() + "\n" for record in records))
     assert run_summary(tmp_path / "run").models[1].agreement.kl.upper_mean is None
+
+
+def test_an_empty_first_answer_is_skipped_not_fatal() -> None:
+    """Defect 6 of #24: a prompts run took the interval level from the first sequence's KL, None for an empty answer
+    (a prompt the reference ends at once, recorded with no scored tokens as the scorer records it), so the intervals
+    were made at 95 % and the verdict, which needs them at its Bonferroni level, raised after all the scoring."""
+    from quantcheck.results.schema import WindowRecord
+    from quantcheck.results.summarize import variant_corpus_statistics
+    from quantcheck.verdict import decide
+
+    rng = np.random.default_rng(0)
+    reference = [WindowRecord(window=0, model="reference", nll=[])]
+    variant = [WindowRecord(window=0, model="int8", nll=[])]
+    for window in range(1, 13):
+        nll = rng.exponential(1.0, 8).tolist()
+        reference.append(WindowRecord(window=window, model="reference", nll=nll))
+        variant.append(WindowRecord(window=window, model="int8", nll=[value + 0.01 for value in nll],
+                                    kl=rng.lognormal(np.log(1e-3), 1.0, 8).tolist(), top1_agree=[True] * 8,
+                                    jaccard={k: 1.0 for k in (1, 5)}))
+    corpus, agreement = variant_corpus_statistics(reference, variant, 64, 0)
+    assert corpus.windows == 12 and agreement.n == 96 and agreement.kl.mean.units == 12
+    result = ModelResult(name="int8", description="", status="ok", corpus=corpus, agreement=agreement)
+    verdict = decide(result, Thresholds(), unit="prompts")
+    assert verdict.checks["mean KL"] == "pass" and verdict.checks["top-1 agreement"] == "pass"

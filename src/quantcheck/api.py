@@ -47,13 +47,20 @@ if TYPE_CHECKING:
 
 __all__ = ["Comparison", "VerdictSummary", "compare", "load", "run_config"]
 
-PER_ROUND_FIELDS = {"round_medians_s", "round_disturbed"}
-LATENCY_COLUMNS = ["model", *(name for name in LatencyPoint.model_fields if name not in PER_ROUND_FIELDS), "latency_ratio", "unstable"]
+PER_ROUND_FIELDS = {"round_medians_s", "round_disturbed", "times_s", "round_times_s"}
+LATENCY_COLUMNS = ["model", *(name for name in LatencyPoint.model_fields if name not in PER_ROUND_FIELDS), "latency_ratio",
+                   "latency_ratio_ci_low", "latency_ratio_ci_high", "unstable"]
 
 
 class VerdictSummary(NamedTuple):
     decision: str
     summary: str
+
+
+def _ratio_ci(against: object, batch_size: int) -> dict[str, float | None]:
+    """The latency ratio's interval at one batch size, as two columns."""
+    ci = against.latency_ratio_ci.get(batch_size) if against is not None else None
+    return {"latency_ratio_ci_low": ci.low if ci else None, "latency_ratio_ci_high": ci.high if ci else None}
 
 
 class Comparison:
@@ -82,7 +89,8 @@ class Comparison:
 
     @cached_property
     def items(self) -> pandas.DataFrame:
-        """One row per question and model, from items.jsonl (top-k ids left out), with the subject."""
+        """One row per question and model, from items.jsonl (top-k ids left out), with the subject. With the compact
+        reference store kl is an estimate: kl_se is its standard error, kl_lower and kl_upper its certain bounds."""
         import pandas
 
         from quantcheck.report.table import JACCARD_KS
@@ -98,12 +106,13 @@ class Comparison:
             rows.append({
                 "item_id": record.item_id, "model": record.model, "subject": question.subject if question else None, "answer": record.answer,
                 "loglik_pred": loglik.pred if loglik else None, "loglik_correct": loglik.correct if loglik else None,
-                "kl": record.kl, "top1_agree": record.top1_agree,
+                "kl": record.kl, "kl_se": record.kl_se, "kl_lower": record.kl_lower, "kl_upper": record.kl_upper,
+                "top1_agree": record.top1_agree,
                 **{f"jaccard_{k}": (record.jaccard or {}).get(k) for k in JACCARD_KS},
                 "generated_text": generated.text if generated else None, "generated_pred": generated.pred if generated else None,
                 "generated_correct": generated.correct if generated else None, "generated_tokens": generated.new_tokens if generated else None,
             })
-        columns = ["item_id", "model", "subject", "answer", "loglik_pred", "loglik_correct", "kl", "top1_agree",
+        columns = ["item_id", "model", "subject", "answer", "loglik_pred", "loglik_correct", "kl", "kl_se", "kl_lower", "kl_upper", "top1_agree",
                    *(f"jaccard_{k}" for k in JACCARD_KS), "generated_text", "generated_pred", "generated_correct", "generated_tokens"]
         return pandas.DataFrame(rows, columns=columns)
 
@@ -118,6 +127,7 @@ class Comparison:
             for point in m.cost.latency if m.cost else []:
                 rows.append({"model": m.name, **point.model_dump(exclude=PER_ROUND_FIELDS),
                              "latency_ratio": against.latency_ratio.get(point.batch_size) if against else None,
+                             **_ratio_ci(against, point.batch_size),
                              "unstable": point.batch_size in against.unstable_batch_sizes if against else None})
         return pandas.DataFrame(rows, columns=LATENCY_COLUMNS)
 

@@ -30,11 +30,17 @@ part of the spread the interval over items measures, so it passes as an exact KL
 only when the interval of the per-item *lower bounds* lies above the limit, which no content of
 the unstored tail could undo.
 
-The sampling floor. Answers sampled at a temperature above 0 differ between two runs of the
-reference itself. When the run measured that (the reference sampled again with another seed) and
-the variant's answers differ from the reference's no more often than that, by a one-sided exact
-test on the items where only one of the two differs, the generated-answer check passes: the
-difference is sampling, not quantization. A variant clearly above the floor is judged as usual.
+Thin evidence is never a pass. A check on fewer than MIN_UNITS questions, windows or prompts is
+unclear whatever its interval. Where the data set gives next-token checks (questions scored by
+log-likelihood, texts, prompts), QUANTIZE needs them: a variant whose KL could not be computed is
+unclear, not passed on accuracy alone.
+
+The floors. Answers sampled at a temperature above 0 differ between two runs of the reference
+itself (each model samples with its own seeds). A generated-answer check that would fail is unclear
+when the variant neither changes answers nor turns right ones wrong significantly more often than
+the reference sampled again: a floor can stop a failure, never make a check pass. Likewise a KL or
+top-1 check is unclear where the engine's numeric floor (the reference scored again with another
+batch plan) reaches NUMERIC_FLOOR_SHARE of the KL limit, or of the variant's KL when it fails.
 
 A phase that was asked for but failed or stopped part-way (a crash, out of memory, an interrupted
 pass) is named in the reasons and its checks are not judged: a partial log-likelihood pass is a
@@ -50,12 +56,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from quantcheck.report import format as fmt
 from quantcheck.results.schema import (
+    DRIFT_TOLERANCE,
     CostComparison,
     Decision,
     DivergenceSummary,
     Estimate,
+    MIN_UNITS,
     Interval,
     ModelResult,
+    NumericFloor,
     Outcome,
     PairedComparison,
     Phase,
@@ -77,7 +86,8 @@ FAMILYWISE_LEVEL = 0.95
 """The confidence with which all of a variant's 'fail' intervals hold together."""
 
 SPEED_NOTE_RATIO = 1.1
-"""Latency or throughput changes smaller than 10 % are within timing noise and not mentioned."""
+"""Latency or throughput changes smaller than 10 % are not mentioned; larger ones are claimed only where their
+whole interval clears the timing noise (`_noise_floor`), and otherwise said to be within it."""
 
 PHASE_CHECKS: dict[Phase, tuple[str, ...]] = {
     "loglik": ("log-likelihood accuracy", "mean KL", "top-1 agreement"),
@@ -143,40 +153,96 @@ def _factors(factors: list[float]) -> str:
     return high if low == high else f"{low}-{high}"
 
 
-def _latency_note(ratios: dict[int, float]) -> str:
-    """Forward-pass latency (variant / reference) over every batch size measured, on one line."""
+def _where(sizes: list[int], measured: list[int]) -> str:
+    """"batch size 1", "batch sizes 1-32" (every measured size) or "batch sizes 1, 2" (some of them)."""
+    if len(sizes) == 1:
+        return f"batch size {sizes[0]}"
+    if sizes == sorted(measured):
+        return f"batch sizes {sizes[0]}-{sizes[-1]}"
+    return "batch sizes " + ", ".join(str(size) for size in sizes)
+
+
+def _latency_note(ratios: dict[int, float], measured: list[int] | None = None, cis: dict[int, Interval] | None = None) -> str:
+    """Forward-pass latency (variant / reference) over the batch sizes claimed, on one line, with their intervals."""
     sizes = sorted(ratios)
-    where = f"batch size {sizes[0]}" if len(sizes) == 1 else f"batch sizes {sizes[0]}-{sizes[-1]}"
+    where = _where(sizes, measured if measured is not None else sizes)
     values = [ratios[size] for size in sizes]
+    cis = {size: ci for size, ci in (cis or {}).items() if size in ratios}
+    label = "95% CI" if len(sizes) == 1 else "95% CIs"
+    within = len(cis) == len(sizes)
     if min(values) >= 1:
-        return f"forward pass {_factors(values)} slower at {where}"
+        suffix = f" ({label} {fmt.ratio(min(c.low for c in cis.values()))}-{fmt.ratio(max(c.high for c in cis.values()))})" if within else ""
+        return f"forward pass {_factors(values)} slower at {where}{suffix}"
     if max(values) <= 1:
-        return f"forward pass {_factors([1 / value for value in values])} faster at {where}"
-    return f"forward pass between {fmt.ratio(1 / min(values))} faster and {fmt.ratio(max(values))} slower at {where}"
+        suffix = (f" ({label} {fmt.ratio(1 / max(c.high for c in cis.values()))}-{fmt.ratio(1 / min(c.low for c in cis.values()))})"
+                  if within else "")
+        return f"forward pass {_factors([1 / value for value in values])} faster at {where}{suffix}"
+    suffix = " (each 95% CI beyond the timing noise)" if within else ""
+    return f"forward pass between {fmt.ratio(1 / min(values))} faster and {fmt.ratio(max(values))} slower at {where}{suffix}"
+
+
+def _noise_floor(spread: float | None) -> float:
+    """The timing noise a speed claim must clear: the models' own round-to-round spread, at least the drift tolerance."""
+    return max(DRIFT_TOLERANCE, spread or 1.0)
+
+
+def _side(value: float, ci: Interval | None, floor: float) -> int:
+    """+1 where the whole interval (the value where there is none) is above `floor`, -1 where below 1 / `floor`, else 0."""
+    low, high = (ci.low, ci.high) if ci is not None else (value, value)
+    return 1 if low > floor else -1 if high < 1 / floor else 0
+
+
+def _noise_reason(floor: float) -> str:
+    return (f"not called faster or slower (a claim needs the whole 95% interval beyond {fmt.ratio(floor)}, what one model's cost "
+            "rounds can move by)")
 
 
 def _speed_notes(cost: CostComparison | None) -> list[str]:
-    """Forward-pass latency over all batch sizes on one line, decode throughput on another; where the
-    timing was disturbed by other load (measured) or moved between cost rounds, a line that says so instead
-    of a claim."""
+    """Forward-pass latency over the batch sizes where it clearly differs on one line, decode throughput on another.
+
+    A claim needs the whole 95% interval on the ratio beyond 1 by more than the timing noise: both models' spread
+    between undisturbed cost rounds, and at least the drift tolerance (what identical processes moved by between
+    rounds). A ratio outside 10% that does not clear it gets a line saying it is within timing noise; where the
+    timing was disturbed by other load (measured) or moved between cost rounds, a line says so instead of a claim."""
     if cost is None:
         return []
     notes = []
     stable = {size: ratio for size, ratio in cost.latency_ratio.items() if size not in cost.unstable_batch_sizes}
-    if any(ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO for ratio in stable.values()):
-        notes.append(_latency_note(stable))
+    floors = {size: _noise_floor(cost.latency_round_spread.get(size)) for size in stable}
+    claimed = {size: ratio for size, ratio in stable.items() if _side(ratio, cost.latency_ratio_ci.get(size), floors[size])}
+    if claimed:
+        notes.append(_latency_note(claimed, sorted(stable), cost.latency_ratio_ci))
+    noisy = sorted(size for size, ratio in stable.items()
+                   if size not in claimed and (ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO))
+    if noisy:
+        values = []
+        for size in noisy:
+            ci = cost.latency_ratio_ci.get(size)
+            values.append(f"{stable[size]:.2f} at batch {size}" + (f" (95% CI {ci.low:.2f}-{ci.high:.2f})" if ci else ""))
+        where = f"batch size {noisy[0]}" if len(noisy) == 1 else "batch sizes " + ", ".join(str(size) for size in noisy)
+        notes.append(f"forward pass within timing noise at {where}: variant / reference latency {', '.join(values)}; "
+                     + _noise_reason(max(floors[size] for size in noisy)))
     if cost.unstable_batch_sizes:
         sizes = ", ".join(str(size) for size in cost.unstable_batch_sizes)
         notes.append(f"forward-pass timing at batch size {sizes} was disturbed by other load on the machine (measured, or seen as "
                      "a move between cost rounds): not called faster or slower there")
-    speedup = cost.decode_speedup
-    if speedup is not None and cost.decode_unstable:
+    speedup, ci = cost.decode_speedup, cost.decode_speedup_ci
+    if speedup is None:
+        return notes
+    floor = _noise_floor(cost.decode_round_spread)
+    side = _side(speedup, ci, floor)
+    if cost.decode_unstable:
         notes.append("decode rate was disturbed by other load on the machine (measured, or seen as a move between cost rounds): "
                      "not called faster or slower")
-    elif speedup is not None and speedup < 1 / SPEED_NOTE_RATIO:
-        notes.append(f"generation (decode) {fmt.ratio(1 / speedup)} slower")
-    elif speedup is not None and speedup > SPEED_NOTE_RATIO:
-        notes.append(f"generation (decode) {fmt.ratio(speedup)} faster")
+    elif side < 0:
+        notes.append(f"generation (decode) {fmt.ratio(1 / speedup)} slower"
+                     + (f" (95% CI {fmt.ratio(1 / ci.high)}-{fmt.ratio(1 / ci.low)})" if ci else ""))
+    elif side > 0:
+        notes.append(f"generation (decode) {fmt.ratio(speedup)} faster" + (f" (95% CI {fmt.ratio(ci.low)}-{fmt.ratio(ci.high)})" if ci else ""))
+    elif speedup < 1 / SPEED_NOTE_RATIO or speedup > SPEED_NOTE_RATIO:
+        interval = f" (95% CI {fmt.ratio(ci.low)}-{fmt.ratio(ci.high)})" if ci else ""
+        notes.append(f"generation (decode) within timing noise: {fmt.ratio(speedup)} the reference's decode rate{interval}; "
+                     + _noise_reason(floor))
     return notes
 
 
@@ -222,10 +288,16 @@ def _interval_check(
     limit: _Limit,
     level: float,
     advice: str,
+    units: tuple[int | None, str] = (None, "items"),
     fail_label: str = "",
 ) -> Check:
-    """Pass on the 95 % interval, fail on the family-wise one (`fail_label` names it when it is another estimate's), unclear otherwise."""
+    """Pass on the 95 % interval, fail on the family-wise one (`fail_label` names it when it is another estimate's), unclear
+    otherwise, and unclear whatever the interval on fewer than MIN_UNITS independent units (`units`: their count and name)."""
     ci, stored_fail = estimate
+    count, unit = units
+    if count is not None and count < MIN_UNITS:
+        return Check(name, "unclear", f"{head}{tail}: only {count} {unit}, fewer than the {MIN_UNITS} an interval needs to be "
+                     "trusted (its simulated coverage falls short below that), so it is not judged", advice)
     if ci is None:
         return Check(name, "unclear", f"{head} without an interval (too few items){tail}", advice)
     fail = _fail_interval(stored_fail, level, name)
@@ -269,23 +341,51 @@ def accuracy_check(
         level,
         f"{paired.n} questions can only detect differences of {mde} or more: "
         f"run with more questions ({more_questions}) to decide",
+        (paired.n, "questions"),
     )
 
 
-def _within_sampling_floor(floor: SamplingComparison) -> Check:
-    """Generated answers that change no more often than sampling the reference again changes them."""
-    return Check(
-        "generated-answer accuracy",
-        "pass",
-        f"generated answers differ from the reference's on {floor.variant_disagreements} of {floor.n} questions, no more than "
-        f"the reference differs from itself sampled again ({floor.floor_disagreements} of {floor.n}; one-sided p "
-        f"{fmt.pvalue(floor.p_above_floor)}): within the sampling floor, so the generative check does not hold it back",
-    )
+def _sampling_floor(check: Check, floor: SamplingComparison | None) -> Check:
+    """A failing generated-answer check whose changes sampling alone explains is unclear; nothing else changes.
+
+    Not rejecting "no more than the reference's own resample" is no evidence of no harm, so the floor
+    can only stop a failure (the difference is within the reference's own noise), never make a check
+    pass: the paired accuracy interval always stands. It stops one only when the variant neither changes
+    answers nor turns right ones wrong significantly more often than the reference sampled again.
+    """
+    if check.outcome != "fail" or floor is None or floor.above_floor:
+        return check
+    return Check(check.name, "unclear", (
+        f"{check.reason}; but the variant changes the reference's answers no more often than the reference sampled again "
+        f"changes them ({floor.variant_disagreements} against {floor.floor_disagreements} of {floor.n}, one-sided p "
+        f"{fmt.pvalue(floor.p_above_floor)}) and turns right answers wrong no more often ({floor.variant_right_to_wrong} against "
+        f"{floor.floor_right_to_wrong}, p {fmt.pvalue(floor.p_more_right_to_wrong)}): within sampling noise, not judged a failure"),
+        "run with more questions, or --greedy, to tell the variant from sampling noise")
 
 
-def _estimate_check(
-    name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float, more: str = MORE_QUESTIONS_FLAG
-) -> Check:
+NUMERIC_FLOOR_SHARE = 0.25
+"""A KL or top-1 check is unclear where the engine's own numeric noise (the reference scored again with another
+batch plan) reaches this share of the KL limit, or of the variant's own KL when the check fails: the instrument
+is then too coarse to call the difference quantization's."""
+
+
+def _numeric_floor(check: Check, floor: NumericFloor | None, variant_kl: float, max_kl: float) -> Check:
+    """A KL or top-1 check the engine's own noise could have decided (`NUMERIC_FLOOR_SHARE`) is unclear."""
+    if floor is None or check.outcome == "unclear":
+        return check
+    coarse = floor.kl_mean >= NUMERIC_FLOOR_SHARE * max_kl
+    if not (coarse or (check.outcome == "fail" and floor.kl_mean >= NUMERIC_FLOOR_SHARE * variant_kl)):
+        return check
+    against = f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the {fmt.nats(max_kl)} nats limit" if coarse else \
+        f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the variant's own mean KL ({fmt.nats(variant_kl)} nats)"
+    return Check(check.name, "unclear", (
+        f"{check.reason}; but the engine's own numeric noise (the reference scored again at batch size {floor.batch_size}: "
+        f"mean KL {fmt.nats(floor.kl_mean)} nats) is at least {against}, so this difference cannot be told from it"),
+        "score on an engine with less numeric noise (fp32, or a fixed batch plan) to judge the next-token checks")
+
+
+def _estimate_check(name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float,
+                    more: str = MORE_QUESTIONS_FLAG, unit: str = "questions") -> Check:
     """A check on one per-item mean or share (mean KL, top-1 agreement)."""
     return _interval_check(
         name,
@@ -296,18 +396,20 @@ def _estimate_check(
         limit,
         level,
         f"run with more data ({more}) to narrow the {name} interval",
+        (estimate.units, unit),
     )
 
 
-def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float, more: str = MORE_QUESTIONS_FLAG) -> Check:
+def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float, more: str = MORE_QUESTIONS_FLAG,
+              unit: str = "questions") -> Check:
     """Mean KL. From a compact reference store the estimate passes and its lower bound fails: the
     estimate is unbiased (its sampling noise is inside the interval over items), while the lower
     bound can only understate the KL, so a 'fail' stays certain whatever the unstored tail held."""
     limit = _Limit.ceiling(thresholds.max_mean_kl, f"the {fmt.nats(thresholds.max_mean_kl)} nats limit")
     if kl.is_lower_bound:
-        return _lower_bound_check(kl.mean, limit, level)
+        return _lower_bound_check(kl.mean, limit, level, unit)
     if kl.lower is None:
-        return _estimate_check("mean KL", kl.mean, lambda v: f"{fmt.nats(v)} nats", "nats", limit, level, more)
+        return _estimate_check("mean KL", kl.mean, lambda v: f"{fmt.nats(v)} nats", "nats", limit, level, more, unit)
     return _interval_check(
         "mean KL",
         f"mean KL {fmt.nats(kl.mean.value)} nats",
@@ -317,23 +419,33 @@ def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float, more:
         limit,
         level,
         f"run with more data ({more}) to narrow the mean KL interval",
+        (kl.mean.units, unit),
         fail_label="lower bound's ",
     )
 
 
-def _lower_bound_check(estimate: Estimate, limit: _Limit, level: float) -> Check:
+def _lower_bound_check(estimate: Estimate, limit: _Limit, level: float, unit: str) -> Check:
     """Mean KL known only as a lower bound (a server's top-K rows): a bound beyond the limit fails,
     since the true KL is higher still; a bound within it proves nothing, so it never passes."""
     advice = "ask the server for every log-probability (vLLM: --max-logprobs -1) to judge mean KL"
     check = _interval_check("mean KL", f"mean KL >= {fmt.nats(estimate.value)} nats (a lower bound)", "",
-                            (estimate.ci, estimate.fail_ci), lambda ci: fmt.interval(ci, "nats"), limit, level, advice)
+                            (estimate.ci, estimate.fail_ci), lambda ci: fmt.interval(ci, "nats"), limit, level, advice,
+                            (estimate.units, unit))
     if check.outcome != "pass":
         return check
     return Check("mean KL", "unclear", f"{check.reason}, but a lower bound cannot show the true KL is within it", advice)
 
 
-def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) -> tuple[list[Check], list[str]]:
-    """The quality checks that can be judged, and a note for each that was not measured."""
+NEXT_TOKEN_CHECK = "next-token agreement"
+
+
+def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float, unit: str,
+                    numeric_floor: NumericFloor | None) -> tuple[list[Check], list[str]]:
+    """The quality checks that can be judged, and a note for each that was not measured.
+
+    Where the data set gives next-token checks (every question scored by log-likelihood, every text), they are
+    required: a variant whose KL and top-1 could not be computed (another tokenizer) is unclear, never passed
+    on accuracy alone."""
     checks: list[Check] = []
     missing: list[str] = []
     text = variant.corpus is not None or "corpus" in variant.incomplete  # a text corpus: no questions, no accuracy
@@ -346,17 +458,23 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float) 
             continue
         if paired is None:
             missing.append(f"{label} accuracy against the reference was not measured")
-        elif phase == "generation" and (floor := variant.generative_vs_floor) is not None and not floor.above_floor:
-            checks.append(_within_sampling_floor(floor))
+        elif phase == "generation":
+            checks.append(_sampling_floor(accuracy_check(label, paired, thresholds, level), variant.generative_vs_floor))
         else:
             checks.append(accuracy_check(label, paired, thresholds, level))
     agreement = variant.agreement
     if agreement is not None and agreement_phase not in variant.incomplete:
-        checks.append(_kl_check(agreement.kl, thresholds, level, more))
+        kl = _kl_check(agreement.kl, thresholds, level, more, unit)
         minimum = _Limit.floor(thresholds.min_top1_agreement, f"the {fmt.percent(thresholds.min_top1_agreement)} minimum")
-        checks.append(_estimate_check("top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level, more))
+        top1 = _estimate_check("top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level, more, unit)
+        checks += [_numeric_floor(check, numeric_floor, agreement.kl.mean.value, thresholds.max_mean_kl) for check in (kl, top1)]
     elif agreement is None and agreement_phase not in variant.incomplete:
-        missing.append("next-token agreement (KL, top-1) was not measured")
+        if text or variant.paired_loglik is not None:
+            checks.append(Check(NEXT_TOKEN_CHECK, "unclear", "next-token agreement (KL, top-1) could not be computed: the variant "
+                                "does not see the reference's token ids (another tokenizer), so accuracy alone cannot pass it",
+                                "compare a variant that shares the reference's tokenizer, or judge it on accuracy by hand"))
+        else:
+            missing.append("next-token agreement (KL, top-1) was not measured")
     return checks, missing
 
 
@@ -394,18 +512,27 @@ def _summary(name: str, decision: Decision, memory: Check, checks: list[Check], 
     return f"No verdict on {name} yet; {advice[0]}."
 
 
-def decide(variant: ModelResult, thresholds: Thresholds, unmeasured_memory: Sequence[str] = ()) -> Verdict:
+def decide(variant: ModelResult, thresholds: Thresholds, unmeasured_memory: Sequence[str] = (), *, unit: str = "questions",
+           numeric_floor: NumericFloor | None = None, unverified_tokenizers: Sequence[str] = ()) -> Verdict:
     """Apply the module's rules to one variant's measurements against the reference.
 
     `unmeasured_memory` names the models (reference or variant) whose weight memory cannot be
-    measured (served ones): the memory check is then unclear, saying why.
+    measured (served ones): the memory check is then unclear, saying why. `unit` names what the
+    intervals resample (questions, windows, prompts); `numeric_floor` is the engine's own noise;
+    `unverified_tokenizers` names the served models whose tokenizer could not be checked against the
+    local one: every comparison then may rest on other token ids, so it cannot pass.
     """
     measured = quality_check_count(
         variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
     )
     level = fail_level(measured)
     memory = _memory_check(variant.cost_vs_reference, thresholds, variant.incomplete.get("cost"), unmeasured_memory)
-    checks, missing = _quality_checks(variant, thresholds, level)
+    checks, missing = _quality_checks(variant, thresholds, level, unit, numeric_floor)
+    if unverified_tokenizers:
+        checks.append(Check("tokenizer", "unclear", f"the server's tokenizer of {' and '.join(unverified_tokenizers)} was not shown "
+                            "to match the local one (it differs, or the server answers neither /tokenize nor an echoed prompt): "
+                            "the comparisons may rest on other token ids", "serve it with /tokenize or echo enabled (vLLM and "
+                            "llama-server have both) and the model's own tokenizer"))
     outcomes = {memory.outcome, *(c.outcome for c in checks)}
     if "fail" in outcomes:
         decision: Decision = "DON'T QUANTIZE"

@@ -546,7 +546,9 @@ def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracke
         raise RuntimeError("decoding took no measurable time")
     return GenerationCost(prompts=len(prompts), new_tokens=new_tokens, prefill_s=sum(prefill) / len(prefill),
                           time_to_first_token_s=sum(first) / len(first), decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
-                          tokens_per_s=len(prompts) * new_tokens / sum(total), peak_memory_bytes=phase.peak_bytes, **others.fields("cpu"))
+                          tokens_per_s=len(prompts) * new_tokens / sum(total), peak_memory_bytes=phase.peak_bytes,
+                          decode_times_s=[whole - one for whole, one in zip(total, first)], decode_tokens=[new_tokens - 1] * len(total),
+                          **others.fields("cpu"))
 
 
 BACKEND = LlamaCppBackend

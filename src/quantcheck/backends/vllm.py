@@ -321,7 +321,8 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     generation = GenerationCost(
         prompts=sequences, new_tokens=new_tokens, prefill_s=first_token, time_to_first_token_s=first_token,
         decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token), tokens_per_s=sequences * new_tokens / total,
-        peak_memory_bytes=phase.peak_bytes, **others.fields(job.device),
+        peak_memory_bytes=phase.peak_bytes, decode_times_s=[total - first_token], decode_tokens=[sequences * (new_tokens - 1)],
+        **others.fields(job.device),
     )
     return ModelCost(
         memory_method=tracker.method if single or job.device == "cpu" else "rss-process-tree (GPU memory of several GPUs not measured)",

@@ -2,12 +2,15 @@
 
 A timing taken while something else runs is slower than the model is. Comparing rounds cannot
 always tell (load can span all of one model's rounds and none of another's), so each timed window
-records the CPU time the whole machine spent beside the CPU time of this process tree: the
-difference, plus the hypervisor's steal, is what others took.
+records the CPU time the CPUs this process may use spent (its affinity; the whole machine where that
+is unknown) beside the CPU time of this process tree: the difference, plus the hypervisor's steal, is
+what others took. It is judged against the cores the run computes on, not against every CPU of the host.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +19,27 @@ from dataclasses import dataclass
 import psutil
 
 DISTURBED_SHARE = 0.10
-"""On CPU, a window in which others took more than this share of the machine's CPU time is disturbed:
-with every core busy running the model, even a small share stalls its threads at each barrier."""
+"""On CPU, a window in which others took more than this share of the CPU time of the cores the run uses
+(`cores_in_use`) is disturbed: with every core busy running the model, even a small share stalls its
+threads at each barrier."""
+
+
+def _affinity() -> list[int] | None:
+    """The CPUs this process may run on, where the system says (None: all of them)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def cores_in_use() -> int:
+    """The cores the run computes on: the CPUs this process may use, at most torch's threads where torch is loaded
+    (the worker sets them for every engine)."""
+    cpus = _affinity()
+    cores = len(cpus) if cpus else (psutil.cpu_count() or 1)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
+    return max(1, min(cores, threads) if threads else cores)
 
 
 @dataclass
@@ -28,7 +50,7 @@ class OtherLoad:
 
     def fields(self, device: object) -> dict[str, float | bool | None]:
         """The schema's `other_cpu_load` and `disturbed` for a timing on `device` (host load is judged on CPU only)."""
-        disturbed = str(device).startswith("cpu") and self.cores is not None and self.cores > DISTURBED_SHARE * (psutil.cpu_count() or 1)
+        disturbed = str(device).startswith("cpu") and self.cores is not None and self.cores > DISTURBED_SHARE * cores_in_use()
         return {"other_cpu_load": self.cores, "disturbed": disturbed}
 
 
@@ -46,9 +68,14 @@ def _tree_cpu_seconds() -> dict[int, float]:
 
 
 def _machine_cpu_seconds() -> float:
-    """Seconds all cores spent running anything, plus what the hypervisor stole from them."""
-    times = psutil.cpu_times()
+    """Seconds the CPUs this process may use spent running anything, plus what the hypervisor stole from them
+    (all of the machine's CPUs where the affinity is unknown or the per-CPU figures do not line up with it)."""
     busy = ("user", "nice", "system", "irq", "softirq", "steal")
+    cpus = _affinity()
+    per_cpu = psutil.cpu_times(percpu=True) if cpus else None
+    if per_cpu and len(per_cpu) == (psutil.cpu_count() or 0) and max(cpus) < len(per_cpu):
+        return sum(getattr(per_cpu[cpu], name, 0.0) for cpu in cpus for name in busy)
+    times = psutil.cpu_times()
     return sum(getattr(times, name, 0.0) for name in busy)
 
 

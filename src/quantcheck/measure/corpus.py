@@ -82,6 +82,8 @@ def score_windows(
                 if isinstance(reference, CompactStore):
                     record.kl_lower = divergence.lower.tolist()
                     record.kl_upper = [finite_or_none(value) for value in divergence.upper.tolist()]
+                    if divergence.se is not None:  # None where the variant's side is a top-K lower bound
+                        record.kl_se = [finite_or_none(value) for value in divergence.se.tolist()]
                 record.top1_agree = [ref[0] == own[0] for ref, own in zip(reference_ids, own_ids)]
                 record.jaccard = {k: float(np.mean([jaccard_at_k(ref, own, k) for ref, own in zip(reference_ids, own_ids)]))
                                   for k in exact_ks}

@@ -8,6 +8,7 @@ a wrong letter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -19,6 +20,18 @@ from quantcheck.errors import QuantcheckError
 from quantcheck.measure.batching import plan_batches
 from quantcheck.metrics.answers import extract_choice
 from quantcheck.results.schema import GeneratedAnswer, GenerationSettings, ItemRecord
+
+
+def sample_seed(run_seed: int, model_name: str, item_id: str) -> int:
+    """The seed of one model's sample of one item: independent across models and items, the same on every resume.
+
+    Each model draws with its own seeds, the reference's resample included, so "the variant against the
+    reference" and "the reference against its resample" are the same kind of comparison: had the variants
+    reused the reference's seeds, their samples would agree with the reference's more often than an
+    independent draw does, and the sampling floor would flatter them. 31 bits: some servers parse int32.
+    """
+    digest = hashlib.blake2b(f"{run_seed}\0{model_name}\0{item_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def stop_token_ids(tokenizer, model_folder: str) -> list[int]:
@@ -89,7 +102,7 @@ def generate_answers(
 ) -> None:
     """Generate through the backend's request, decode and parse, and hand over each finished batch.
 
-    Seeds are per item (seed + item row), so engines that seed per request reproduce an item's
+    Seeds are per model and item (`sample_seed`), so engines that seed per request reproduce an item's
     sample whatever batch it lands in; per-batch engines use the batch's first seed. The batch's
     wall time is shared by its items.
     """
@@ -97,7 +110,7 @@ def generate_answers(
         if all(items[row].item_id in done for row in rows):
             continue
         start = time.perf_counter()
-        outputs = generate([prompt_ids[row] for row in rows], settings, [settings.seed + row for row in rows])
+        outputs = generate([prompt_ids[row] for row in rows], settings, [sample_seed(settings.seed, model_name, items[row].item_id) for row in rows])
         seconds = (time.perf_counter() - start) / len(rows)
         records = []
         for row, new_ids in zip(rows, outputs):

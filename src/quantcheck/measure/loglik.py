@@ -159,6 +159,8 @@ def score_items(
                 record.kl, record.kl_bound = float(divergence.estimate[position]), bound
                 if isinstance(reference, CompactStore):
                     record.kl_lower, record.kl_upper = float(divergence.lower[position]), finite_or_none(float(divergence.upper[position]))
+                    if divergence.se is not None:  # None where the variant's side is a top-K lower bound
+                        record.kl_se = finite_or_none(float(divergence.se[position]))
                 record.jaccard = jaccard_all_k(reference_ids[position], record.topk_ids, exact_ks)
                 record.top1_agree = reference_ids[position][0] == record.topk_ids[0]
             records.append(record)

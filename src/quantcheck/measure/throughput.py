@@ -129,6 +129,7 @@ def measure_generation(
     prefill: list[float] = []
     first_token: list[float] = []
     total: list[float] = []
+    decoded: list[int] = []
     sequences = 0
     with (
         tracking(model.device, tracker) as tracker,
@@ -152,6 +153,7 @@ def measure_generation(
             if generated != new_tokens:
                 raise RuntimeError(f"generate produced {generated} new tokens instead of {new_tokens}")
             sequences += output.shape[0]
+            decoded.append(output.shape[0] * (new_tokens - 1))
     decode_time = sum(total) - sum(first_token)
     if decode_time <= 0:
         raise RuntimeError("decoding took no measurable time (full generate was not slower than one token)")
@@ -163,5 +165,7 @@ def measure_generation(
         decode_tokens_per_s=sequences * (new_tokens - 1) / decode_time,
         tokens_per_s=sequences * new_tokens / sum(total),
         peak_memory_bytes=phase.peak_bytes,
+        decode_times_s=[whole - one for whole, one in zip(total, first_token)],
+        decode_tokens=decoded,
         **others.fields(model.device),
     )

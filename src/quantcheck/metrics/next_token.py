@@ -128,14 +128,20 @@ def jaccard_all_k(reference_top: list[int], variant_top: list[int], ks: tuple[in
 # inequality), so the first two are a lower bound. The third is estimated without bias from the
 # samples: KL(p~||q~) = E_p~[d + exp(-d) - 1] with d = log(p~/q~), since E_p~[exp(-d)] = 1; each term
 # is >= 0 and is ~d^2/2 for small d, so the sampling noise is second order (Schulman's "k3").
+#
+# Unbiased over many rows is not accurate on one row: per row the estimate's error has a standard
+# error of its own (`KLBounds.se`, see `tail_kl_standard_error`), and a tail token the sample missed
+# is invisible to it; only `lower` and `upper` are certain.
 
 
 class KLBounds(NamedTuple):
-    """Per row, in nats: the estimate and what it cannot fall below or exceed."""
+    """Per row, in nats: the estimate, what it cannot fall below or exceed, and (compact store only;
+    None otherwise) the estimate's own standard error on that row."""
 
     estimate: torch.Tensor
     lower: torch.Tensor
     upper: torch.Tensor
+    se: torch.Tensor | None = None
 
 
 def tail_log_mass(logprobs: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
@@ -199,6 +205,30 @@ def _smallest_outside(logprobs: torch.Tensor, top_ids: torch.Tensor, count: int)
     return torch.sort(torch.where(in_top, math.inf, values), dim=-1).values[..., :count]
 
 
+def tail_kl_standard_error(d: torch.Tensor, tail_mass: torch.Tensor) -> torch.Tensor:
+    """The standard error of R * mean(d + exp(-d) - 1) over a row's S tail samples, in nats.
+
+    The spread of the S terms, R * sd / sqrt(S): the independent-draw formula, which if anything
+    overstates the error of the systematic sample the store draws (it spreads the draws over the sorted
+    tail). Added in quadrature, the sample's misfit beyond its own noise: exp(-d) = q~/p~ has mean
+    exactly 1 over the whole tail and the estimate moves by exactly its sample mean's departure from 1
+    (the estimate is mean(d) + mean(exp(-d)) - 1), so a departure of more than two of its own standard
+    errors means the sample missed where the variant put its tail mass, where every drawn term is alike
+    and their spread says nothing (constructed rows with a tail token the sample missed made 400 times
+    likelier by the variant or more: the error exceeded 3 times the spread alone on 99 % of rows, 3 se
+    on none). Where the variant *removes* mass from a tail token the sample missed, or makes one 55
+    times likelier or less, neither part can see it: only the bounds hold there (`--store full` is
+    exact). An infinite d (the variant gives a drawn token probability 0) gives an undefined se.
+    """
+    count = d.shape[-1]
+    if count < 2:
+        return torch.zeros_like(tail_mass)
+    terms, ratios = d + torch.expm1(-d), torch.exp(-d)
+    spread = terms.std(dim=-1, correction=1) / math.sqrt(count)
+    misfit = ((ratios.mean(dim=-1) - 1.0).abs() - 2.0 * ratios.std(dim=-1, correction=1) / math.sqrt(count)).clamp_min(0.0)
+    return torch.where(tail_mass > 0, tail_mass * torch.sqrt(spread**2 + misfit**2), 0.0)
+
+
 def kl_from_top_k(
     top_ids: torch.Tensor,
     top_logprobs: torch.Tensor,
@@ -211,7 +241,8 @@ def kl_from_top_k(
 
     lower: top K exact + R log(R/Q) (the tail as one token; what top-K-only tools report). estimate:
     lower + R * the sampled KL(p~||q~), clamped to the bounds. upper: `tail_kl_upper`. All three are
-    clamped at 0 like `kl_divergence` (float32 rows do not sum to exactly 1).
+    clamped at 0 like `kl_divergence` (float32 rows do not sum to exactly 1). se: the estimate's
+    standard error on this row (`tail_kl_standard_error`).
     """
     reference_top = top_logprobs.double()
     exact = (reference_top.exp() * (reference_top - variant_logprobs.gather(-1, top_ids).double())).sum(dim=-1)
@@ -223,4 +254,5 @@ def kl_from_top_k(
     sampled = torch.where(has_tail, tail_mass * (d + torch.expm1(-d)).mean(dim=-1), 0.0)
     upper = exact + tail_kl_upper(variant_logprobs, top_ids, tail_mass, reference_top[..., -1].exp())
     lower, upper = coarse.clamp_min(0.0), upper.clamp_min(0.0)
-    return KLBounds(torch.minimum((coarse + sampled).clamp_min(0.0), upper), lower, upper)
+    se = tail_kl_standard_error(d, tail_mass)
+    return KLBounds(torch.minimum((coarse + sampled).clamp_min(0.0), upper), lower, upper, se)

@@ -437,14 +437,33 @@ class WorstRow:
     after: str
 
 
+def worst_estimated(results: Results) -> bool:
+    """Whether the worst spans' KL values (and so their order) are estimates from the compact store, not exact."""
+    return any(span.worst_kl_lower is not None for m in corpus_variants(results) for span in m.corpus.worst)
+
+
 def worst_columns(results: Results) -> list[str]:
+    if worst_estimated(results):
+        return ["Variant", corpus_wording(results).unit.capitalize(), "Scored tokens", "Mean KL (estimated ± s.e.)",
+                "Top-1 agreement", "Worst token's KL (estimated ± s.e., bounds)", "Text around the worst token"]
     return ["Variant", corpus_wording(results).unit.capitalize(), "Scored tokens", "Mean KL", "Top-1 agreement",
             "Worst token's KL", "Text around the worst token"]
 
 
+def _estimated_nats(value: float, se: float | None, estimated: bool, lower: float | None = None, upper: float | None = None,
+                    bounded: bool = False) -> str:
+    """An estimated KL with its standard error, and its certain bounds where given: "0.0123 ± 0.0010 [0.0101, 0.812]"."""
+    if not estimated:
+        return fmt.nats(value)
+    text = f"{fmt.nats(value)} ± {fmt.nats(se)}"
+    if bounded:
+        text += f" [{fmt.nats(lower)}, {fmt.nats(upper) if upper is not None else 'unbounded'}]"
+    return text
+
+
 def worst_rows(results: Results) -> list[WorstRow]:
     """Each variant's sequences with the highest mean KL; one with KL 0 at every token departs nowhere, so it is left out."""
-    rows = []
+    rows, estimated = [], worst_estimated(results)
     for m in corpus_variants(results):
         for span in m.corpus.worst:
             if span.worst_kl <= 0:
@@ -455,7 +474,8 @@ def worst_rows(results: Results) -> list[WorstRow]:
             trail = " " if token.endswith(" ") and core != BLANK_TOKEN else ""
             rows.append(WorstRow(
                 variant=m.name, name=span.name,
-                cells=[fmt.integer(span.tokens), fmt.nats(span.mean_kl), fmt.percent(span.top1_agreement), fmt.nats(span.worst_kl)],
+                cells=[fmt.integer(span.tokens), _estimated_nats(span.mean_kl, span.mean_kl_se, estimated), fmt.percent(span.top1_agreement),
+                       _estimated_nats(span.worst_kl, span.worst_kl_se, estimated, span.worst_kl_lower, span.worst_kl_upper, bounded=True)],
                 before=_SPACES.sub(" ", visible(span.before) + lead), token=core, after=_SPACES.sub(" ", trail + visible(span.after)),
             ))
     return rows
@@ -466,6 +486,12 @@ def worst_notes(results: Results) -> list[str]:
     w = corpus_wording(results)
     notes = [f"For each variant, the {w.units} with the highest mean KL (highest first), each with the text around its "
              "highest-KL token (marked); \u23ce is a line break"]
+    if worst_estimated(results):
+        notes.append("KL here is estimated from the reference's compact store (its top K exactly, the tail from its stored "
+                     "samples), so the values and the order are estimates: ± is each estimate's standard error, and "
+                     f"{w.units} within a few of them of each other may rank either way; brackets are the worst token's certain "
+                     "bounds. A damaged tail token that the sample missed is seen only by the bounds; "
+                     "--store full gives exact values and an exact ranking")
     still = [m.name for m in corpus_variants(results) if m.corpus.worst and all(s.worst_kl <= 0 for s in m.corpus.worst)]
     if still:
         notes.append(f"Not listed, KL 0 at every scored token: {', '.join(still)}")
@@ -496,7 +522,8 @@ def floor_rows(results: Results) -> list[list[str]]:
                 "timing (drift)", f"reference's cost measured {reference.cost.rounds} times, in turn with the variants",
                 "between undisturbed rounds its forward latency moved by "
                 + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
-                f"each variant's latency ratio (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not called faster or slower)",
+                f"each variant's latency ratio and its 95% CI (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not "
+                f"called faster or slower; elsewhere a claim needs the whole interval beyond this spread and beyond {fmt.ratio(DRIFT_TOLERANCE)})",
             ])
     if sampling := results.floors.sampling:
         rows.append([
@@ -525,8 +552,9 @@ COST_COLUMNS = [
     "vs ref",
     "Peak memory (largest ok batch)",
     "Forward latency, batch 1",
+    "Latency vs ref, batch 1 (95% CI)",
     "Decode speed",
-    "Decode speedup",
+    "Decode speedup (95% CI)",
     "Time to first token",
     "Load time",
     "Threads",
@@ -539,6 +567,13 @@ def _latency_at(points: list[LatencyPoint], batch: int) -> LatencyPoint | None:
         if p.batch_size == batch and p.status == "ok":
             return p
     return None
+
+
+def ratio_with_ci(value: float | None, ci: Interval | None) -> str:
+    """A variant/reference ratio with its interval: "0.80× (0.67×-0.96×)"."""
+    if value is None:
+        return fmt.NA
+    return fmt.ratio(value) + (f" ({fmt.ratio(ci.low)}-{fmt.ratio(ci.high)})" if ci is not None else "")
 
 
 def largest_ok_point(points: list[LatencyPoint]) -> LatencyPoint | None:
@@ -567,8 +602,9 @@ def cost_row(m: ModelResult) -> list[str]:
         fmt.memory_vs_ref(cvr.weight_memory_ratio, cvr.memory_saving) if cvr else "reference" if m.quant is None else fmt.NA,
         f"{fmt.nbytes(top.peak_memory_bytes)} (batch {top.batch_size})" if top else fmt.NA,
         fmt.seconds(bs1.median_s) + (" (noisy)" if bs1.noisy else "") + (" (disturbed by other load)" if bs1.disturbed else "") if bs1 else fmt.NA,
+        ratio_with_ci(cvr.latency_ratio.get(1), cvr.latency_ratio_ci.get(1)) if cvr else fmt.NA,
         fmt.rate(gen.decode_tokens_per_s, "tok/s") if gen else fmt.NA,
-        fmt.ratio(cvr.decode_speedup) if cvr else fmt.NA,
+        ratio_with_ci(cvr.decode_speedup, cvr.decode_speedup_ci) if cvr else fmt.NA,
         fmt.seconds(gen.time_to_first_token_s) if gen else fmt.NA,
         fmt.seconds(c.load_time_s),
         str(c.threads),
@@ -638,7 +674,8 @@ CSV_COLUMNS = [
     "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high", "rms_delta_p",
     *[f"jaccard_{k}" for k in JACCARD_KS],
     "kl_bound", "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
-    "weight_memory_ratio", "memory_saving", "decode_tokens_per_s", "decode_speedup",
+    "weight_memory_ratio", "memory_saving", "decode_tokens_per_s", "decode_speedup", "decode_speedup_ci_low", "decode_speedup_ci_high",
+    "latency_bs1_ratio", "latency_bs1_ratio_ci_low", "latency_bs1_ratio_ci_high",
     "time_to_first_token_s", "load_time_s", "load_peak_memory_bytes",
     "latency_bs1_median_s", "peak_memory_bytes_max_ok_batch", "max_ok_batch", "oom_batches", "threads",
     "compute_dtype", "offloaded",
@@ -699,6 +736,11 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "memory_saving": cvr.memory_saving if cvr else None,
         "decode_tokens_per_s": c.generation.decode_tokens_per_s if c and c.generation else None,
         "decode_speedup": cvr.decode_speedup if cvr else None,
+        "decode_speedup_ci_low": cvr.decode_speedup_ci.low if cvr and cvr.decode_speedup_ci else None,
+        "decode_speedup_ci_high": cvr.decode_speedup_ci.high if cvr and cvr.decode_speedup_ci else None,
+        "latency_bs1_ratio": cvr.latency_ratio.get(1) if cvr else None,
+        "latency_bs1_ratio_ci_low": cvr.latency_ratio_ci[1].low if cvr and 1 in cvr.latency_ratio_ci else None,
+        "latency_bs1_ratio_ci_high": cvr.latency_ratio_ci[1].high if cvr and 1 in cvr.latency_ratio_ci else None,
         "time_to_first_token_s": c.generation.time_to_first_token_s if c and c.generation else None,
         "load_time_s": c.load_time_s if c else None,
         "load_peak_memory_bytes": c.load_peak_memory_bytes if c else None,

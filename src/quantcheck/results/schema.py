@@ -11,11 +11,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost", "corpus"]
 Outcome = Literal["pass", "fail", "unclear"]
+
+
+MIN_UNITS = 10
+"""Fewest independent units (questions, windows, prompts) on which a verdict check is judged at all: below it the
+check is unclear whatever its interval says. From the coverage simulation in tests/test_stats.py: on lognormal
+per-item KL no interval here reaches 94 % coverage at 5 units, and at 2 a bootstrap has no spread to resample."""
 
 
 class Interval(BaseModel):
@@ -36,6 +42,11 @@ class Estimate(BaseModel):
         default=None,
         description="for a verdict check: the same interval at the verdict's Bonferroni level "
         "(Verdict.fail_level), the one that decides 'fail'",
+    )
+    units: int | None = Field(
+        default=None,
+        description="the independent units the interval resamples (questions, windows or prompts); a verdict check on "
+        "fewer than MIN_UNITS is unclear whatever its interval",
     )
 
 
@@ -129,6 +140,11 @@ class WorstSpan(BaseModel):
     top1_agreement: float
     worst_position: int = Field(description="the scored token (0 = the first scored) with the highest KL")
     worst_kl: float
+    mean_kl_se: float | None = Field(None, description="compact store only: the standard error of mean_kl (the tokens' own, "
+                                     "WindowRecord.kl_se, combined as independent); None where KL is exact")
+    worst_kl_se: float | None = Field(None, description="compact store only: the standard error of worst_kl")
+    worst_kl_lower: float | None = Field(None, description="compact store only: worst_kl's certain lower bound")
+    worst_kl_upper: float | None = Field(None, description="compact store only: worst_kl's certain upper bound (loose); None when unbounded")
     before: str = Field(description="the scored text just before the worst token")
     token: str
     after: str
@@ -144,6 +160,8 @@ class WindowRecord(BaseModel):
     kl: list[float] | None = None
     kl_lower: list[float] | None = None
     kl_upper: list[float | None] | None = None
+    kl_se: list[float | None] | None = Field(None, description="compact store only: the standard error of each scored token's kl "
+                                             "(ItemRecord.kl_se); None where undefined")
     kl_bound: str | None = None
     top1_agree: list[bool] | None = None
     jaccard: dict[int, float] | None = Field(None, description="top-k Jaccard averaged over the window's scored positions")
@@ -193,6 +211,9 @@ class EngineInfo(BaseModel):
     devices: list[str]
     parallel: dict[str, object] = Field(default_factory=dict, description="tensor/pipeline parallel sizes, executor")
     precision: PrecisionInfo | None = Field(None, description="parameter dtypes and offload, where the engine exposes its parameters")
+    tokenizer_verified: bool | None = Field(None, description="a served model: True when the server's own tokenizer was shown to "
+                                            "agree with the local one (its /tokenize, else an echoed prompt), False when it disagrees or "
+                                            "could not be checked; None where the engine runs on quantcheck's own ids")
 
 
 class WeightMemory(BaseModel):
@@ -223,12 +244,17 @@ class LatencyPoint(BaseModel):
     peak_memory_bytes: int | None = None
     other_cpu_load: float | None = Field(
         None, description="cores' worth of CPU time other processes and the hypervisor (steal) took while this batch size was timed: "
-        "the machine's CPU time minus this process tree's, over the window")
-    disturbed: bool = Field(False, description="on CPU, others took more than 10% of the machine's CPU time while this point was timed "
+        "the CPU time of the CPUs this process may use (its affinity; the machine's where unknown) minus this process tree's, over the window")
+    disturbed: bool = Field(False, description="on CPU, others took more than 10% of the CPU time of the cores the run uses (its "
+                            "CPU affinity, at most its torch threads) while this point was timed "
                             "(after merging rounds: in every round)")
     round_medians_s: list[float] = Field(default_factory=list, description="this batch size's median in each cost round; "
                                          "the point is the fastest undisturbed round's (the fastest round's if all were disturbed)")
     round_disturbed: list[bool] = Field(default_factory=list, description="beside round_medians_s: whether that round was disturbed")
+    times_s: list[float] = Field(default_factory=list, description="seconds of each timed iteration (the median, p10 and p90 are "
+                                 "of these); after merging rounds: the chosen round's")
+    round_times_s: list[list[float]] = Field(default_factory=list, description="beside round_medians_s: each round's timed "
+                                             "iterations (what the latency ratio's interval resamples)")
 
 
 class GenerationCost(BaseModel):
@@ -246,6 +272,13 @@ class GenerationCost(BaseModel):
     round_decode_tokens_per_s: list[float] = Field(default_factory=list, description="decode rate in each cost round; the figures are "
                                                    "the fastest undisturbed round's (the fastest round's if all were disturbed)")
     round_disturbed: list[bool] = Field(default_factory=list, description="beside round_decode_tokens_per_s: whether that round was disturbed")
+    decode_times_s: list[float] = Field(default_factory=list, description="per timed prompt batch: seconds spent decoding (the full "
+                                        "generate minus the one-token generate); decode_tokens_per_s = sum(decode_tokens) / sum(these)")
+    decode_tokens: list[int] = Field(default_factory=list, description="beside decode_times_s: tokens decoded in that batch "
+                                     "(sequences x (new_tokens - 1))")
+    round_decode_times_s: list[list[float]] = Field(default_factory=list, description="beside round_decode_tokens_per_s: each round's "
+                                                    "decode_times_s (what the decode speedup's interval resamples)")
+    round_decode_tokens: list[list[int]] = Field(default_factory=list, description="beside round_decode_times_s: each round's decode_tokens")
 
 
 class TimingDistribution(BaseModel):
@@ -298,7 +331,9 @@ class ModelCost(BaseModel):
 DRIFT_TOLERANCE = 1.25
 """A batch size whose fastest and slowest undisturbed cost round differ by more than this factor, or
 that was disturbed in every round (either model), is unstable: its ratio is kept, but the verdict
-calls the variant neither faster nor slower there."""
+calls the variant neither faster nor slower there. It is also the least timing noise assumed (what
+identical processes moved by between rounds on a VM): a speed claim needs the whole interval on the
+ratio beyond it, and beyond both models' measured round-to-round spread."""
 
 
 def undisturbed_rounds(values: list[float], round_disturbed: list[bool], disturbed: bool) -> list[float]:
@@ -321,6 +356,21 @@ class CostComparison(BaseModel):
         description="batch sizes whose undisturbed medians moved by more than the drift tolerance between cost rounds, or that other "
         "load disturbed in every round (either model): their ratios are reported but not called faster or slower",
     )
+    latency_ratio_ci: dict[int, Interval] = Field(
+        default_factory=dict,
+        description="batch size -> 95% interval on latency_ratio: a percentile bootstrap that resamples the timed iterations inside "
+        "each undisturbed round of both models, widened to cover every ratio between one undisturbed round of each (the "
+        "between-round spread as a floor)",
+    )
+    latency_round_spread: dict[int, float] = Field(
+        default_factory=dict,
+        description="batch size -> the larger of the two models' slowest / fastest undisturbed round median (1.0 with one round); "
+        "a speed claim needs the whole interval beyond this and beyond the drift tolerance",
+    )
+    decode_speedup_ci: Interval | None = Field(
+        None, description="95% interval on decode_speedup, as latency_ratio_ci but resampling each round's timed prompt batches")
+    decode_round_spread: float | None = Field(
+        None, description="the larger of the two models' fastest / slowest undisturbed round decode rate (1.0 with one round)")
 
 
 class Verdict(BaseModel):
@@ -379,6 +429,10 @@ class SamplingComparison(BaseModel):
     floor_only: int = Field(description="items where only the resampled reference differs")
     p_above_floor: float = Field(description="one-sided exact test that the variant differs more often than sampling alone")
     above_floor: bool
+    variant_right_to_wrong: int = Field(0, description="items the reference answered right and the variant wrong")
+    floor_right_to_wrong: int = Field(0, description="items the reference answered right and its resample wrong")
+    p_more_right_to_wrong: float = Field(
+        1.0, description="one-sided exact test that the variant turns right answers wrong more often than resampling does")
 
 
 class ModelResult(BaseModel):
@@ -501,6 +555,10 @@ class ItemRecord(BaseModel):
     kl_lower: float | None = Field(default=None, description="compact store only: KL is at least this (top K exact, the tail as one token)")
     kl_upper: float | None = Field(default=None, description="compact store only: KL is at most this (the unstored tail put where this "
                                    "model is least likely: certain but loose); None when unbounded (a tail token of probability 0 here)")
+    kl_se: float | None = Field(default=None, description="compact store only: the standard error of kl on this item, from its own tail "
+                                "samples (their spread and their misfit); the estimate is unbiased over items but one item's kl can be "
+                                "several se off when the damage sits on a tail token the sample missed (then only kl_lower/kl_upper hold); "
+                                "None where undefined (this model gives a drawn tail token probability 0)")
     kl_bound: str | None = Field(default=None, description="None unless kl is only a lower bound (the reference or this model was known "
                                  "only on its top K log-probabilities, a server's cap); then how the bound was computed")
     jaccard: dict[int, float] | None = None

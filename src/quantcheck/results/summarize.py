@@ -31,6 +31,7 @@ from quantcheck.results.schema import (
     LoglikAnswer,
     ModelCost,
     ModelInfo,
+    CorpusStatistics,
     ModelResult,
     NumericFloor,
     PairedComparison,
@@ -49,6 +50,7 @@ from quantcheck.results.divergence import divergence_summary
 from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.stats.intervals import accuracy, bootstrap_mean, proportion
 from quantcheck.stats.paired import compare_paired, compare_with_floor
+from quantcheck.stats.speed import decode_round_rates, decode_speedup_interval, latency_ratio_interval, latency_round_medians, spread
 from quantcheck.verdict import decide, fail_level, quality_check_count
 
 SMALL_SAMPLE = 300
@@ -112,19 +114,23 @@ def merge_cost_rounds(rounds: list[ModelCost]) -> ModelCost:
 
     Load on a shared machine only ever slows a measurement down, so the fastest round is the one
     least disturbed, and a round that others measurably disturbed is used only when every round was;
-    every round's median is kept beside it. Memory and weights are round 1's.
+    every round's median (and timed iterations, which the ratio's interval resamples) is kept beside it.
+    Memory and weights are round 1's.
     """
     first = rounds[0]
     points = []
     for point in first.latency:
         ok = [p for cost in rounds for p in cost.latency if p.batch_size == point.batch_size and p.status == "ok"]
         best = min(ok, key=lambda p: (p.disturbed, p.median_s)) if ok else point
-        points.append(best.model_copy(update={"round_medians_s": [p.median_s for p in ok], "round_disturbed": [p.disturbed for p in ok]}))
+        points.append(best.model_copy(update={"round_medians_s": [p.median_s for p in ok], "round_disturbed": [p.disturbed for p in ok],
+                                              "round_times_s": [p.times_s for p in ok]}))
     generations = [cost.generation for cost in rounds if cost.generation is not None]
     generation = max(generations, key=lambda g: (not g.disturbed, g.decode_tokens_per_s)) if generations else None
     if generation is not None:
         generation = generation.model_copy(update={"round_decode_tokens_per_s": [g.decode_tokens_per_s for g in generations],
-                                                   "round_disturbed": [g.disturbed for g in generations]})
+                                                   "round_disturbed": [g.disturbed for g in generations],
+                                                   "round_decode_times_s": [g.decode_times_s for g in generations],
+                                                   "round_decode_tokens": [g.decode_tokens for g in generations]})
     return first.model_copy(update={"latency": points, "generation": generation, "rounds": len(rounds)})
 
 
@@ -160,12 +166,21 @@ def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison 
         for point in variant.latency
         if point.status == "ok" and point.batch_size in reference_latency and point.median_s
     }
-    decode = None
+    reference_points = {point.batch_size: point for point in reference.latency if point.status == "ok"}
+    variant_points = {point.batch_size: point for point in variant.latency if point.status == "ok"}
+    latency_ci = {size: latency_ratio_interval(reference_points[size], variant_points[size], value) for size, value in latency_ratio.items()}
+    latency_spread = {size: max(spread(latency_round_medians(reference_points[size])), spread(latency_round_medians(variant_points[size])))
+                      for size in latency_ratio}
+    decode = decode_ci = decode_spread = None
     if reference.generation and variant.generation and reference.generation.decode_tokens_per_s:
         decode = variant.generation.decode_tokens_per_s / reference.generation.decode_tokens_per_s
+        decode_ci = decode_speedup_interval(reference.generation, variant.generation, decode)
+        decode_spread = max(spread(decode_round_rates(reference.generation)), spread(decode_round_rates(variant.generation)))
     return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode,
                           weight_memory_stated=reference.weights is None or variant.weights is None,
-                          unstable_batch_sizes=_unstable(reference, variant), decode_unstable=_decode_unstable(reference, variant))
+                          unstable_batch_sizes=_unstable(reference, variant), decode_unstable=_decode_unstable(reference, variant),
+                          latency_ratio_ci=latency_ci, latency_round_spread=latency_spread, decode_speedup_ci=decode_ci,
+                          decode_round_spread=decode_spread)
 
 
 def _errors(folder: RunFolder, name: str) -> dict[str, str]:
@@ -353,18 +368,28 @@ def _against_floor(reference: list[ItemRecord], variant: list[ItemRecord], floor
             if ref.item_id in variant_by_id and ref.item_id in floor_by_id]
     if not rows:
         return None
-    return compare_with_floor([r.generative.pred for r, _, _ in rows], [v.generative.pred for _, v, _ in rows],
-                              [f.generative.pred for _, _, f in rows])
+    answers = [[(record.generative.pred, record.generative.correct) for record in column] for column in zip(*rows)]
+    return compare_with_floor(*answers)
+
+
+def variant_corpus_statistics(reference: list[WindowRecord], variant: list[WindowRecord], context: int | None, seed: int,
+                              spans: SpanText | None = None) -> tuple[CorpusStatistics, TokenAgreement | None]:
+    """A variant's token-level statistics, its agreement's intervals at the verdict's level. The level counts the KL
+    check when any sequence has KL: an empty answer (a prompt the reference ended at once) has none and is skipped."""
+    level = fail_level(quality_check_count(False, False, any(window.kl is not None for window in variant)))
+    return corpus_statistics(reference, variant, context, seed, level, spans)
 
 
 FEW_WINDOWS = 30
+UNITS = {"questions": "questions", "text": "windows", "prompts": "prompts"}
+"""What a run's intervals resample, by data set kind, in the verdict's words."""
 
 
 def _warnings(results: Results, n_items: int) -> list[RunWarning]:
     warnings: list[RunWarning] = []
     reference = results.models[0]
     if results.dataset.kind != "questions":
-        unit = "windows" if results.dataset.kind == "text" else "prompts"
+        unit = UNITS[results.dataset.kind]
         if n_items < FEW_WINDOWS:
             warnings.append(RunWarning(code="small-sample", message=f"only {n_items} {unit}: the intervals, which resample whole {unit}, are wide"))
     elif n_items < SMALL_SAMPLE:
@@ -388,6 +413,10 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
             warnings.append(RunWarning(code="tokenizer-mismatch", model=result.name, message=(
                 f"{result.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement "
                 "are not computed for it (they need identical token ids); accuracy is compared")))
+        if result.engine and result.engine.parallel.get("tokenizer_check") == "unverified":
+            warnings.append(RunWarning(code="tokenizer-unverified", model=result.name, message=(
+                f"{result.name}: the server's tokenizer could not be checked against the local one (no /tokenize, no echo): "
+                "its comparisons may rest on other token ids, so no variant is judged QUANTIZE on them")))
         if result.generative and result.generative.unparsable:
             warnings.append(RunWarning(code="unparsable-answers", model=result.name, message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report"))
     return warnings
@@ -421,12 +450,13 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     for spec, result in zip(models[1:], results.models[1:]):
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         if reference_windows and (variant_windows := windows[spec.name]):
-            level = fail_level(quality_check_count(False, False, variant_windows[0].kl is not None))
-            result.corpus, result.agreement = corpus_statistics(reference_windows, variant_windows, dataset.context, seed, level, spans)
+            result.corpus, result.agreement = variant_corpus_statistics(reference_windows, variant_windows, dataset.context, seed, spans)
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
         unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
-        result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured)
+        unverified = [model.name for model in (reference, result) if model.engine and model.engine.tokenizer_verified is False]
+        result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured, unit=UNITS[dataset.kind],
+                                numeric_floor=results.floors.numeric, unverified_tokenizers=unverified)
     results.warnings = extra_warnings + _warnings(results, dataset.n_items)
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)

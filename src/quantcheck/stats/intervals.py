@@ -60,6 +60,7 @@ def proportion(
         value=hits / n,
         ci=wilson_interval(hits, n, level),
         fail_ci=None if fail_level is None else wilson_interval(hits, n, fail_level),
+        units=n,
     )
 
 
@@ -77,10 +78,10 @@ def bootstrap_mean(
         raise ValueError("cannot take the mean of no values")
     mean = float(data.mean())
     if data.size == 1:
-        return Estimate(value=mean)
+        return Estimate(value=mean, units=1)
     method = "percentile-bootstrap"
     if np.ptp(data) == 0:
-        return Estimate(value=mean, ci=Interval(low=mean, high=mean, level=level, method=method))
+        return Estimate(value=mean, ci=Interval(low=mean, high=mean, level=level, method=method), units=int(data.size))
     result = stats.bootstrap(
         (data,),
         np.mean,
@@ -94,6 +95,7 @@ def bootstrap_mean(
     return Estimate(
         value=mean,
         ci=Interval(low=float(interval.low), high=float(interval.high), level=level, method=method),
+        units=int(data.size),
     )
 
 
@@ -142,11 +144,6 @@ def _log_mean_pivots(data: np.ndarray, rng: np.random.Generator) -> np.ndarray |
     return mu + sigma2 / 2 + np.log(nonzero)
 
 
-LOGNORMAL_MIN_ITEMS = 30
-"""Below this many items the log-scale spread is too uncertain for the lognormal pivot: on 8 items
-of an identity variant (KL 1e-12..1e-7) its upper bound reached 1e67 nats. Bootstrap-t alone then."""
-
-
 def heavy_tailed_mean(
     values: Sequence[float],
     seed: int,
@@ -164,10 +161,12 @@ def heavy_tailed_mean(
 
     The lower of the two lower bounds and the higher of the two upper bounds hold whenever either
     method does. For lognormal values (log-scale spread 1.5-2) the upper bound falls below the
-    true mean in 2-3 % of samples of 50 or 166 items, where 2.5 % is nominal (percentile
-    bootstrap: 12-30 %, bootstrap-t alone: 5-16 %; simulated in tests/test_stats.py). A tail
-    heavier than lognormal still undercovers at 50 items, less than before. The price is width:
-    the upper bound sits further out, so a KL near the limit stays unclear longer. The method is
+    true mean in 1-4 % of samples of 5 to 166 items, where 2.5 % is nominal (percentile
+    bootstrap: 12-30 %, bootstrap-t alone: 11-18 % below 30 items; simulated in tests/test_stats.py).
+    The lognormal part is used from three non-zero values: on few items its bound is wide (an
+    identity variant's KL of 1e-12..1e-7 on 8 items reached 1e67 nats), which leaves the check
+    unclear, the honest answer on so little; bootstrap-t alone passed such samples too easily. The
+    price is width: the upper bound sits further out, so a KL near the limit stays unclear longer. The method is
     recorded as "bootstrap-t|delta-lognormal", or "bootstrap-t" when the lognormal part is out.
     `fail_ci` is the same interval at `fail_level` (the verdict's Bonferroni level), from the same
     draws. A constant sample gets a zero-width interval, a single value none.
@@ -179,19 +178,19 @@ def heavy_tailed_mean(
         raise ValueError("heavy_tailed_mean is for non-negative values (per-item KL)")
     mean = float(data.mean())
     if data.size == 1:
-        return Estimate(value=mean)
+        return Estimate(value=mean, units=1)
     levels = [level] if fail_level is None else [level, fail_level]
     if np.ptp(data) == 0:
         cis = [Interval(low=mean, high=mean, level=lv, method="constant") for lv in levels]
     else:
         cis = _wider_bounds(data, np.random.default_rng(seed), levels, resamples)
-    return Estimate(value=mean, ci=cis[0], fail_ci=cis[1] if fail_level is not None else None)
+    return Estimate(value=mean, ci=cis[0], fail_ci=cis[1] if fail_level is not None else None, units=int(data.size))
 
 
 def _wider_bounds(data: np.ndarray, rng: np.random.Generator, levels: list[float], resamples: int) -> list[Interval]:
     """At each level: the lower of the two methods' lower bounds and the higher of their upper bounds."""
     pivots = _studentized_pivots(data, rng, resamples)
-    log_means = _log_mean_pivots(data, rng) if data.size >= LOGNORMAL_MIN_ITEMS else None
+    log_means = _log_mean_pivots(data, rng)
     mean, standard_error = data.mean(), data.std(ddof=1) / np.sqrt(data.size)
     method = "bootstrap-t" if log_means is None else "bootstrap-t|delta-lognormal"
     intervals = []

@@ -177,23 +177,36 @@ def _differs(reference: str | None, other: str | None) -> bool:
     return reference is None or reference != other
 
 
-def compare_with_floor(reference_pred: Sequence[str | None], variant_pred: Sequence[str | None],
-                       floor_pred: Sequence[str | None], alpha: float = 0.05) -> SamplingComparison:
-    """Does the variant change the reference's generated answers more often than sampling the reference again does?
+def _one_sided_excess(mine: Sequence[bool], theirs: Sequence[bool]) -> tuple[int, int, float]:
+    """Items where only `mine` holds, where only `theirs` does, and the exact one-sided p that `mine` holds more often."""
+    only_mine = sum(m and not t for m, t in zip(mine, theirs))
+    only_theirs = sum(t and not m for m, t in zip(mine, theirs))
+    discordant = only_mine + only_theirs
+    p = float(stats.binomtest(only_mine, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0
+    return only_mine, only_theirs, p
+
+
+def compare_with_floor(reference: Sequence[tuple[str | None, bool]], variant: Sequence[tuple[str | None, bool]],
+                       floor: Sequence[tuple[str | None, bool]], alpha: float = 0.05) -> SamplingComparison:
+    """Does the variant change the reference's generated answers, or turn right ones wrong, more often than sampling
+    the reference again does? Each argument holds (answer, correct) per item, the same items in the same order.
 
     Paired on the items: only items where exactly one of the two differs from the reference carry
-    information, and a one-sided exact binomial test asks whether the variant's side is larger.
+    information, and a one-sided exact binomial test asks whether the variant's side is larger. The
+    verdict uses this only to keep a failing accuracy check from failing on sampling noise; the
+    accuracy interval itself always stands, so the floor never makes a check pass.
     """
-    n = len(reference_pred)
-    if not n or not len(variant_pred) == len(floor_pred) == n:
+    n = len(reference)
+    if not n or not len(variant) == len(floor) == n:
         raise ValueError("the floor comparison needs the same items for the reference, the variant and the floor")
-    variant = [_differs(ref, var) for ref, var in zip(reference_pred, variant_pred)]
-    floor = [_differs(ref, again) for ref, again in zip(reference_pred, floor_pred)]
-    variant_only = sum(v and not f for v, f in zip(variant, floor))
-    floor_only = sum(f and not v for v, f in zip(variant, floor))
-    discordant = variant_only + floor_only
-    p = float(stats.binomtest(variant_only, discordant, 0.5, alternative="greater").pvalue) if discordant else 1.0
+    variant_differs = [_differs(ref, var) for (ref, _), (var, _) in zip(reference, variant)]
+    floor_differs = [_differs(ref, again) for (ref, _), (again, _) in zip(reference, floor)]
+    variant_only, floor_only, p = _one_sided_excess(variant_differs, floor_differs)
+    variant_broke = [right and not var for (_, right), (_, var) in zip(reference, variant)]
+    floor_broke = [right and not again for (_, right), (_, again) in zip(reference, floor)]
+    _, _, p_broke = _one_sided_excess(variant_broke, floor_broke)
     return SamplingComparison(
-        n=n, variant_disagreements=sum(variant), floor_disagreements=sum(floor), variant_only=variant_only,
-        floor_only=floor_only, p_above_floor=p, above_floor=p < alpha,
+        n=n, variant_disagreements=sum(variant_differs), floor_disagreements=sum(floor_differs), variant_only=variant_only,
+        floor_only=floor_only, p_above_floor=p, above_floor=p < alpha or p_broke < alpha,
+        variant_right_to_wrong=sum(variant_broke), floor_right_to_wrong=sum(floor_broke), p_more_right_to_wrong=p_broke,
     )
