@@ -52,6 +52,15 @@ def test_corpus_table_has_llama_perplexity_rows_in_order(corpus_table: dict[str,
     assert results.dataset is not None and results.dataset.kind == "text" and results.dataset.n_items == WINDOWS
 
 
+def test_engine_floors_on_a_text(results: Results) -> None:
+    """Defect 3 of #24: the numeric floor is measured for text runs too, on a bounded subset of windows (all 4 here,
+    together against one at a time): transformers fp32 moves almost nothing, bf16 more."""
+    floors = {model.name: model.engine_floor for model in results.models}
+    assert all(floor is not None and floor.n == WINDOWS for floor in floors.values())
+    assert results.floors.numeric == floors["reference"] and floors["reference"].kl_mean < 1e-6
+    assert floors["bf16"].kl_mean >= floors["reference"].kl_mean
+
+
 def test_identity_variant_reads_zero_kl_and_ratio_one(corpus_table: dict[str, dict[str, str]]) -> None:
     none = {label: row["none"] for label, row in corpus_table.items()}
     assert none["Mean KLD"].split()[0] == "0"

@@ -118,8 +118,10 @@ def test_gguf_reference_against_gguf_variants_with_generation_and_cost(gguf_refe
     results = read_results(gguf_reference_run)
     assert results["finished"], results["missing"]
     reference, q4, user_file = results["models"]
-    # The floors re-run the GGUF reference in llama.cpp (they once failed there, asking for a GGUF type 'none').
+    # The floors run the GGUF reference in llama.cpp (they once failed there, asking for a GGUF type 'none'); each GGUF
+    # variant scores its own numeric floor in llama.cpp too.
     assert results["floors"]["numeric"]["n"] == 8 and results["floors"]["sampling"]["n"] == 8
+    assert all(entry["engine_floor"]["n"] == 8 for entry in results["models"])
     assert user_file["name"] == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert reference["engine"]["engine"] == "llama.cpp" and reference["engine"]["parallel"]["gguf_type"] == "F32"
     assert user_file["engine"]["parallel"]["gguf_type"] == "Q4_1"

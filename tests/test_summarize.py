@@ -117,15 +117,12 @@ def test_complete_run_quantizes(tmp_path: Path) -> None:
 
 def test_a_floor_that_failed_or_stopped_is_missing_not_silently_dropped(tmp_path: Path) -> None:
     folder = write_run(tmp_path / "run")
-    numeric = ModelSpec(name="reference (batch size 1)", role="floor", backend="llamacpp", method="none", weights="m", floor="numeric")
-    sampling = numeric.model_copy(update={"name": "reference (sampled again)", "floor": "sampling"})
-    write_json_atomic(folder.model_file(numeric.folder, "quality.error.json"), {"message": "AttributeError: no GGUF type 'none'"})
-    rng = np.random.default_rng(1)
-    append_records(folder.model_file(numeric.folder, "quality.jsonl"), [_quality(numeric.name, i, rng) for i in range(N_ITEMS // 2)])
-    results = run_summary(tmp_path / "run", floors=[numeric, sampling])
+    sampling = ModelSpec(name="reference (sampled again)", role="floor", backend="llamacpp", method="none", weights="m", floor="sampling")
+    write_json_atomic(folder.model_file(sampling.folder, "quality.error.json"), {"message": "AttributeError: no GGUF type 'none'"})
+    append_records(folder.model_file(sampling.folder, "generation.jsonl"), [_generated(sampling.name, i) for i in range(N_ITEMS // 2)])
+    results = run_summary(tmp_path / "run", floors=[sampling])
     assert results.floors.numeric is None and results.floors.sampling is None
-    assert results.missing == ["reference (batch size 1): noise floor (quality job: AttributeError: no GGUF type 'none')",
-                               "reference (sampled again): noise floor"]
+    assert results.missing == ["reference (sampled again): noise floor (quality job: AttributeError: no GGUF type 'none')"]
     assert not results.finished
 
 

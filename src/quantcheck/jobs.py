@@ -18,8 +18,10 @@ from quantcheck.data.corpus import MIN_CONTEXT
 
 EVENT_PREFIX = "@@quantcheck "
 
+RECORDED_BACKEND = "kldfile"
+"""A reference read from a llama-perplexity base file, never a variant's engine."""
 Role = Literal["reference", "variant", "floor"]
-FloorKind = Literal["numeric", "sampling"]
+FloorKind = Literal["sampling"]
 
 
 class GenerationOptions(BaseModel):
@@ -79,7 +81,7 @@ class ModelSpec(BaseModel):
     method: str = Field(description="the backend's quantization method; 'none' is the reference's own weights and precision")
     weights: str = Field(description="local folder the weights load from; for an endpoint, the folder its tokenizer, chat template and stop tokens come from")
     checkpoint: bool = Field(False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)")
-    floor: FloorKind | None = Field(None, description="for role 'floor': the reference again, scored one item at a time (numeric) or sampled with another seed (sampling)")
+    floor: FloorKind | None = Field(None, description="for role 'floor': the reference again, sampled with another seed (sampling)")
     tokenizer: str | None = Field(None, description="folder whose tokenizer and generation config make the prompts, when not `weights` "
                                   "(a GGUF file runs on the reference's token ids)")
     endpoint: Endpoint | None = Field(None, description="set when the model runs behind an OpenAI-compatible server (backend 'openai')")
@@ -92,6 +94,11 @@ class ModelSpec(BaseModel):
     @property
     def is_reference(self) -> bool:
         return self.role == "reference"
+
+    @property
+    def measures_engine_floor(self) -> bool:
+        """Its engine gives full rows of its own to score twice: not a server's top K, not a recorded file."""
+        return self.backend != RECORDED_BACKEND and (self.endpoint is None or self.endpoint.top_logprobs is None)
 
     @property
     def runs_reference_weights(self) -> bool:
@@ -115,5 +122,6 @@ class JobSpec(BaseModel):
     loglik: bool = True
     generation: GenerationOptions | None = None
     corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
+    engine_floor: bool = False  # set: also score a bounded subset twice with two batch plans (measure/engine_floor.py)
     cost: dict[str, object] | None = None  # CostSettings fields
     cost_round: int = 1

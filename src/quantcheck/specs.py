@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import EngineSettings, ModelSpec
+from quantcheck.jobs import RECORDED_BACKEND, EngineSettings, ModelSpec
 
 PRETRAINED = "pretrained"
 ENDPOINT_BACKEND = "openai"
-RECORDED_BACKEND = "kldfile"  # a reference read from a file, never a variant's engine
 
 
 def _slug(source: str) -> str:
@@ -47,19 +46,16 @@ def reference_spec(backend: str, weights: str, url: str | None = None, kld: str 
     return ModelSpec(name="reference", role="reference", backend=backend, method="none", weights=weights)
 
 
-NUMERIC_FLOOR_BATCH_SIZE = 1
 SAMPLING_FLOOR_SEED_OFFSET = 1_000_003
-"""The floors re-run the reference with one thing changed: the batch plan, or the sampling seed."""
+"""The sampling floor re-runs the reference with one thing changed: the sampling seed. (The numeric floor needs no
+second run: each model scores a few items twice with two batch plans in its own quality job, measure/engine_floor.py.)"""
 
 
-def floor_specs(reference: ModelSpec, loglik: bool, sampled_generation: bool) -> list[ModelSpec]:
-    """The reference's own noise, measured by running it again with one thing changed (see `Floors`)."""
-    floors = []
-    if loglik:
-        floors.append(reference.model_copy(update={"name": "reference (batch size 1)", "role": "floor", "floor": "numeric"}))
-    if sampled_generation:
-        floors.append(reference.model_copy(update={"name": "reference (sampled again)", "role": "floor", "floor": "sampling"}))
-    return floors
+def floor_specs(reference: ModelSpec, sampled_generation: bool) -> list[ModelSpec]:
+    """The reference's sampling noise, measured by sampling its answers again (see `Floors`)."""
+    if not sampled_generation:
+        return []
+    return [reference.model_copy(update={"name": "reference (sampled again)", "role": "floor", "floor": "sampling"})]
 
 
 def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> ModelSpec:

@@ -364,9 +364,9 @@ def _sampling_floor(check: Check, floor: SamplingComparison | None) -> Check:
 
 
 NUMERIC_FLOOR_SHARE = 0.25
-"""A KL or top-1 check is unclear where the engine's own numeric noise (the reference scored again with another
-batch plan) reaches this share of the KL limit, or of the variant's own KL when the check fails: the instrument
-is then too coarse to call the difference quantization's."""
+"""A KL or top-1 check is unclear where the engines' own numeric noise (the reference or the variant scored twice by
+its engine with two batch plans, the noisier) reaches this share of the KL limit, or of the variant's own KL when
+the check fails: the instrument is then too coarse to call the difference quantization's."""
 
 
 def _numeric_floor(check: Check, floor: NumericFloor | None, variant_kl: float, max_kl: float) -> Check:
@@ -379,8 +379,9 @@ def _numeric_floor(check: Check, floor: NumericFloor | None, variant_kl: float, 
     against = f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the {fmt.nats(max_kl)} nats limit" if coarse else \
         f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the variant's own mean KL ({fmt.nats(variant_kl)} nats)"
     return Check(check.name, "unclear", (
-        f"{check.reason}; but the engine's own numeric noise (the reference scored again at batch size {floor.batch_size}: "
-        f"mean KL {fmt.nats(floor.kl_mean)} nats) is at least {against}, so this difference cannot be told from it"),
+        f"{check.reason}; but the engine's own numeric noise ({floor.model or 'a model'} scored twice by its engine, "
+        f"{floor.batch_size} at a time and one at a time: mean KL {fmt.nats(floor.kl_mean)} nats) is at least {against}, "
+        "so this difference cannot be told from it"),
         "score on an engine with less numeric noise (fp32, or a fixed batch plan) to judge the next-token checks")
 
 

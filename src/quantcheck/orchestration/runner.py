@@ -86,7 +86,7 @@ def run(options: RunOptions) -> tuple[Path, Results]:
 def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]:
     from quantcheck.environment import describe_environment
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
-    from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE, SAMPLING_FLOOR_SEED_OFFSET, check_specs, floor_specs, reference_spec, variant_spec
+    from quantcheck.specs import SAMPLING_FLOOR_SEED_OFFSET, check_specs, floor_specs, reference_spec, variant_spec
 
     _validate(options)
     model = resolve_model(options.model, options.allow_pickle)
@@ -110,7 +110,7 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
-    floors = floor_specs(models[0], options.loglik, sampled) if options.floors and not corpus else []
+    floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
     threads = options.threads or _default_threads()
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
@@ -161,22 +161,23 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     failed_reference = None
     with view:
         if corpus_job is not None and options.loglik:
-            failed_reference = _score_corpus(launcher, models, corpus_job, base, view, out, folder)
+            failed_reference = _score_corpus(launcher, models, corpus_job, base, view, out, folder, options.floors)
         elif options.loglik or options.generation:
             for spec in [models[0], *floors, *models[1:]]:
                 if failed_reference:
                     break
-                # A floor re-runs the reference with one thing changed: the batch plan, or the sampling seed.
-                loglik = options.loglik and spec.floor != "sampling"
-                generation = options.generation if spec.floor != "numeric" else None
+                # The sampling floor re-runs the reference with its seed changed; every other model also measures its
+                # engine's numeric floor (two batch plans on a few items) in the same job.
+                loglik = options.loglik and spec.floor is None
                 todo_loglik = loglik and _count(folder, spec, "quality.jsonl") < n_items
-                todo_generation = generation is not None and _count(folder, spec, "generation.jsonl") < n_items
-                if not (todo_loglik or todo_generation):
+                todo_generation = options.generation is not None and _count(folder, spec, "generation.jsonl") < n_items
+                todo_floor = options.floors and loglik and spec.measures_engine_floor and not folder.engine_floor_file(spec.folder).exists()
+                if not (todo_loglik or todo_generation or todo_floor):
                     view.skipped(f"{spec.name} quality", "already finished")
                     continue
-                job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=generation if todo_generation else None,
-                              **{**base, "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed,
-                                 "batch_size": NUMERIC_FLOOR_BATCH_SIZE if spec.floor == "numeric" else options.batch_size})
+                job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=options.generation if todo_generation else None,
+                              engine_floor=todo_floor,
+                              **{**base, "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed})
                 outcome = _run(launcher, job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
@@ -226,13 +227,18 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
                                   "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend")
 
 
-def _score_corpus(launcher: Launcher, models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path, folder: RunFolder) -> str | None:
-    """Each model's pass over the corpus's windows, the reference first; the reference's failure message, if it failed."""
+def _score_corpus(launcher: Launcher, models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path,
+                  folder: RunFolder, floors: bool) -> str | None:
+    """Each model's pass over the corpus's windows (and its engine's numeric floor), the reference first; the reference's
+    failure message, if it failed."""
     for spec in models:
-        if folder.reference_tokens_exist() and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens()):
+        todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_file(spec.folder).exists()
+        if (folder.reference_tokens_exist() and not todo_floor
+                and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens())):
             view.skipped(f"{spec.name} corpus", "already finished")
             continue
-        outcome = _run(launcher, JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, **base), view, out, folder)
+        outcome = _run(launcher, JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, engine_floor=todo_floor, **base),
+                       view, out, folder)
         if not outcome.ok and spec.is_reference:
             return outcome.message
     return None

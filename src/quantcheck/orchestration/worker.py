@@ -44,6 +44,11 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
         run_corpus(job, folder, backend)
         return
     items = folder.read_items()
+    if job.engine_floor and _measures_engine_floor(job, folder, backend):
+        from quantcheck.measure.engine_floor import question_floor
+
+        prompts = encode_items(tokenizer, items).prompt_ids
+        write_json_atomic(folder.engine_floor_file(spec.folder), question_floor(backend.next_token_logprobs, prompts, spec.name))
 
     if job.loglik:
         encoded = encode_items(tokenizer, items)
@@ -88,6 +93,11 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
                          done=done, on_batch=_phase_sink(path, "generation", len(items), _finished(items, done)))
 
 
+def _measures_engine_floor(job: JobSpec, folder: RunFolder, backend) -> bool:
+    """Not yet measured, and the engine gives full rows of its own (not a server's top K, not a recorded file)."""
+    return job.model.measures_engine_floor and backend.top_logprobs is None and not folder.engine_floor_file(job.model.folder).exists()
+
+
 def _finished(items, done: set[str]) -> int:
     return len(done & {item.item_id for item in items})
 
@@ -125,6 +135,11 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
     keep = _phase_sink(path, job.corpus.kind, len(sequences), len(done & set(range(len(sequences)))))
     score_windows(backend.window_logprobs, spec.name, sequences, firsts, batch_size=job.batch_size, reference=reference,
                   is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
+    if job.engine_floor and _measures_engine_floor(job, folder, backend):
+        from quantcheck.measure.engine_floor import sequence_floor
+
+        if (floor := sequence_floor(backend.window_logprobs, sequences, firsts, spec.name)) is not None:
+            write_json_atomic(folder.engine_floor_file(spec.folder), floor)
 
 
 def _text_windows(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:

@@ -506,13 +506,14 @@ FLOOR_COLUMNS = ["Floor", "What changed", "Measured", "Compare with"]
 def floor_rows(results: Results) -> list[list[str]]:
     """The reference's own noise, one row per floor, then each variant against the sampling floor."""
     rows = []
-    if numeric := results.floors.numeric:
-        rows.append([
-            "numeric (batching)", f"reference scored again, batch size {numeric.batch_size}",
-            f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, top-1 {fmt.percent(numeric.top1_agreement)}, "
-            f"same answer {fmt.percent(numeric.answer_agreement)} of {fmt.integer(numeric.n)}",
-            "each variant's mean KL and top-1 agreement",
-        ])
+    for model in results.models:
+        if (numeric := model.engine_floor) is not None:
+            rows.append([
+                f"numeric (batching): {model.name}", f"{fmt.integer(numeric.n)} scored {numeric.batch_size} at a time and again one at a time",
+                f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, top-1 {fmt.percent(numeric.top1_agreement)}",
+                "its mean KL and top-1 agreement (unclear where the noisier of its and the reference's floor reaches a quarter "
+                "of the KL limit)" if model.role != "reference" else "every variant's mean KL and top-1 agreement",
+            ])
     reference = reference_model(results)
     if reference is not None and reference.cost is not None and reference.cost.rounds > 1:
         clean = {p.batch_size: undisturbed_rounds(p.round_medians_s, p.round_disturbed, p.disturbed) for p in reference.cost.latency}

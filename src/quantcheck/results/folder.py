@@ -55,6 +55,10 @@ class RunFolder:
         """Round 1 is cost.json (as before rounds existed); later rounds cost-round2.json, ..."""
         return self.model_file(model_name, "cost.json" if cost_round == 1 else f"cost-round{cost_round}.json")
 
+    def engine_floor_file(self, model_name: str) -> Path:
+        """The model scored twice by its own engine with two batch plans (`NumericFloor`)."""
+        return self.model_file(model_name, "engine-floor.json")
+
     def prepare(self, identity: dict[str, str], force: bool) -> bool:
         """Create the folder or accept it for resuming; return True when it already held this run.
 

@@ -393,14 +393,16 @@ class Verdict(BaseModel):
 
 
 class NumericFloor(BaseModel):
-    """The reference scored again with another batch plan (one item at a time): what batching alone changes."""
+    """One model scored twice by its own engine with two batch plans (measure/engine_floor.py): what the engine's
+    numerics alone change, the noise under every KL and top-1 it measures."""
 
-    n: int
-    batch_size: int
-    kl_mean: float
+    n: int = Field(description="questions, windows or prompts scored twice (a bounded subset)")
+    batch_size: int = Field(description="the batched plan's size; the other plan scores one at a time")
+    kl_mean: float = Field(description="mean over scored positions of KL(batched || alone)")
     kl_max: float
     top1_agreement: float
-    answer_agreement: float = Field(description="log-likelihood answers equal to the reference's first pass")
+    answer_agreement: float | None = Field(None, description="schema 5 and before: log-likelihood answers equal to the first pass")
+    model: str | None = Field(None, description="the model whose engine this is")
 
 
 class SamplingFloor(BaseModel):
@@ -413,7 +415,8 @@ class SamplingFloor(BaseModel):
 
 
 class Floors(BaseModel):
-    """The reference's own noise, measured: a variant is judged against these, not against zero."""
+    """The reference's own noise, measured: a variant is judged against these, not against zero (`numeric` is the
+    reference's engine floor; each variant's own is `ModelResult.engine_floor`)."""
 
     numeric: NumericFloor | None = None
     sampling: SamplingFloor | None = None
@@ -459,6 +462,8 @@ class ModelResult(BaseModel):
     paired_loglik: PairedComparison | None = None
     paired_generative: PairedComparison | None = None
     generative_vs_floor: SamplingComparison | None = Field(None, description="generated-answer disagreement against the sampling floor")
+    engine_floor: NumericFloor | None = Field(None, description="this model scored twice by its own engine with two batch plans: "
+                                              "the numeric noise under its KL and top-1")
     cost: ModelCost | None = None
     cost_vs_reference: CostComparison | None = None
     verdict: Verdict | None = None

@@ -17,7 +17,7 @@ from quantcheck import __version__
 from quantcheck.backends import get_backend
 from quantcheck.jobs import ModelSpec
 from quantcheck.results.folder import RunFolder
-from quantcheck.specs import NUMERIC_FLOOR_BATCH_SIZE, RECORDED_BACKEND
+from quantcheck.specs import RECORDED_BACKEND
 from quantcheck.results.schema import (
     DRIFT_TOLERANCE,
     CostComparison,
@@ -255,6 +255,7 @@ def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], expec
     errors = _errors(folder, name)
     result.errors = [f"{kind}: {message}" for kind, message in errors.items()]
     result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
+    result.engine_floor = _load_json(folder.engine_floor_file(name), NumericFloor)
     result.precision = result.engine.precision if result.engine else None
     rounds = [cost for cost_round in range(1, max(cost_rounds, 1) + 1)
               if (cost := _load_json(folder.cost_file(name, cost_round), ModelCost)) is not None]
@@ -326,33 +327,28 @@ def _compare(result: ModelResult, reference: ModelResult, records: tuple[list[It
 
 def _floors(folder: RunFolder, floors: list[ModelSpec], reference: tuple[list[ItemRecord], list[ItemRecord]],
             item_ids: list[str]) -> tuple[Floors, list[ItemRecord], list[str]]:
-    """The reference's own noise, from its repeated runs; the resampled answers, for the variants' comparison; and
-    the floors not measured (a failed or unfinished re-run), for `Results.missing`."""
+    """The reference's sampling noise, from its answers sampled again; the resampled answers, for the variants'
+    comparison; and the floors not measured (a failed or unfinished re-run), for `Results.missing`. (The numeric
+    floor is each model's own, `ModelResult.engine_floor`.)"""
     result = Floors()
     resampled: list[ItemRecord] = []
     for spec in floors:
-        if spec.floor == "numeric":
-            records = compared_records(_ordered(read_latest_by_id(folder.model_file(spec.folder, "quality.jsonl"), ItemRecord), item_ids))
-            pairs = _pairs(reference[0], records)
-            if pairs and len(pairs) == len(item_ids):
-                kl = [record.kl for _, record in pairs]
-                result.numeric = NumericFloor(
-                    n=len(pairs), batch_size=NUMERIC_FLOOR_BATCH_SIZE, kl_mean=statistics.fmean(kl), kl_max=max(kl),
-                    top1_agreement=statistics.fmean(float(record.top1_agree) for _, record in pairs),
-                    answer_agreement=statistics.fmean(float(ref.loglik.pred == record.loglik.pred) for ref, record in pairs),
-                )
-        elif spec.floor == "sampling":
-            resampled = _ordered(read_latest_by_id(folder.model_file(spec.folder, "generation.jsonl"), ItemRecord), item_ids)
-            pairs = _pairs(reference[1], resampled)
-            if pairs and len(pairs) == len(item_ids):
-                settings = _load_json(folder.model_file(spec.folder, "generation-settings.json"), GenerationSettings)
-                differs = sum(ref.generative.pred is None or ref.generative.pred != again.generative.pred for ref, again in pairs)
-                result.sampling = SamplingFloor(n=len(pairs), seed=settings.seed if settings else -1, disagreements=differs, rate=differs / len(pairs))
-            else:
-                resampled = []
-    measured = {"numeric": result.numeric, "sampling": result.sampling}
-    missing = [_floor_gap(folder, spec) for spec in floors if measured[spec.floor] is None]
+        resampled = _ordered(read_latest_by_id(folder.model_file(spec.folder, "generation.jsonl"), ItemRecord), item_ids)
+        pairs = _pairs(reference[1], resampled)
+        if pairs and len(pairs) == len(item_ids):
+            settings = _load_json(folder.model_file(spec.folder, "generation-settings.json"), GenerationSettings)
+            differs = sum(ref.generative.pred is None or ref.generative.pred != again.generative.pred for ref, again in pairs)
+            result.sampling = SamplingFloor(n=len(pairs), seed=settings.seed if settings else -1, disagreements=differs, rate=differs / len(pairs))
+        else:
+            resampled = []
+    missing = [_floor_gap(folder, spec) for spec in floors if result.sampling is None]
     return result, resampled, missing
+
+
+def noisier_floor(*floors: NumericFloor | None) -> NumericFloor | None:
+    """Of the reference's and a variant's engine floors, the one with the larger mean KL: the noise under their comparison."""
+    measured = [floor for floor in floors if floor is not None]
+    return max(measured, key=lambda floor: floor.kl_mean) if measured else None
 
 
 def _floor_gap(folder: RunFolder, spec: ModelSpec) -> str:
@@ -441,6 +437,7 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
         merged.extend(_merge_records(quality, generated, item_ids))
     reference = results.models[0]
     results.floors, floor_answers, missing_floors = _floors(folder, floors, per_model[reference.name], item_ids)
+    results.floors.numeric = reference.engine_floor
     results.missing = [f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete] + missing_floors
     results.finished = not results.missing
     reference_windows = windows.get(models[0].name, [])
@@ -456,7 +453,8 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
         unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
         unverified = [model.name for model in (reference, result) if model.engine and model.engine.tokenizer_verified is False]
         result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured, unit=UNITS[dataset.kind],
-                                numeric_floor=results.floors.numeric, unverified_tokenizers=unverified)
+                                numeric_floor=noisier_floor(reference.engine_floor, result.engine_floor),
+                                unverified_tokenizers=unverified)
     results.warnings = extra_warnings + _warnings(results, dataset.n_items)
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
