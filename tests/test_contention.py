@@ -28,3 +28,13 @@ def test_only_the_cpus_the_run_may_use_are_read(monkeypatch) -> None:
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 4)
     monkeypatch.setattr(contention.os, "sched_getaffinity", lambda pid: {1, 2}, raising=False)
     assert contention._machine_cpu_seconds() == (200.0 + 1.5) + (300.0 + 1.5)
+
+
+def test_load_on_cpus_the_run_leaves_idle_does_not_disturb_it(monkeypatch) -> None:
+    """16 CPUs allowed, 4 threads computing: a background job on one of the 12 idle CPUs leaves the model alone (it was
+    flagged when others' load over all 16 was compared with 10 % of the 4); load beyond the idle ones plus 10 % is not."""
+    monkeypatch.setattr(contention, "_cpus_allowed", lambda: 16)
+    monkeypatch.setattr(contention, "cores_in_use", lambda: 4)
+    assert contention.disturbance_limit() == 12 + 0.4
+    assert OtherLoad(1.0).fields("cpu")["disturbed"] is False
+    assert OtherLoad(12.5).fields("cpu")["disturbed"] is True

@@ -80,7 +80,7 @@ def test_the_issue_example_a_clear_drop_is_not_excused_by_the_floor():
     assert (comparison.variant_disagreements, comparison.floor_disagreements) == (220, 200)
     assert comparison.variant_right_to_wrong == 130 and comparison.floor_right_to_wrong == 100
     assert comparison.p_above_floor > 0.05  # changed answers alone: not above the floor
-    assert comparison.p_more_right_to_wrong < 0.05 and comparison.above_floor  # right to wrong: above it
+    assert comparison.p_less_accurate < 0.05 and comparison.above_floor  # right less often than the resample: above it
     table = (500 - 130, 130, 50, 500 - 50)
     verdict = decide(clearly_good(generative=table).model_copy(update={"generative_vs_floor": comparison}), Thresholds())
     assert verdict.checks["generated-answer accuracy"] == "fail" and verdict.decision == "DON'T QUANTIZE"
@@ -104,3 +104,19 @@ def test_each_model_samples_with_its_own_seed_per_item():
     assert len(set(seeds.values())) == len(seeds)
     assert sample_seed(0, "bnb-nf4", "q1") == seeds[("bnb-nf4", "q1")] and sample_seed(1, "bnb-nf4", "q1") != seeds[("bnb-nf4", "q1")]
     assert all(0 <= seed < 2**31 for seed in seeds.values())
+
+
+def test_a_resample_that_breaks_and_fixes_alike_does_not_mask_a_net_drop():
+    """Found in review: the resample breaks 100 right answers and fixes 100, the variant breaks 110 and fixes 20 (-9
+    points). Counting only right-to-wrong changes (110 against 100) missed it; the variant's accuracy against the
+    resample's (an exact one-sided McNemar test) does not."""
+    n = 1000
+    wrong = set(range(600, 1000))
+    reference = [("A", index not in wrong) for index in range(n)]
+    variant = _table(n, set(range(110)), set(range(600, 620)), wrong)
+    floor = _table(n, set(range(200, 300)), set(range(700, 800)), wrong)
+    comparison = compare_with_floor(reference, variant, floor)
+    assert comparison.p_above_floor > 0.05 and comparison.p_less_accurate < 1e-4 and comparison.above_floor
+    verdict = decide(clearly_good(generative=(600 - 110, 110, 20, 400 - 20)).model_copy(update={"generative_vs_floor": comparison}),
+                     Thresholds())
+    assert verdict.decision == "DON'T QUANTIZE"

@@ -368,3 +368,13 @@ def test_top1_over_few_sequences_covers_and_below_min_units_is_not_judged() -> N
     assert covered[10] >= 0.94 - 0.013 and covered[30] >= 0.94 - 0.013
     two = pooled_share([np.array([1.0, 1.0, 0.0, 1.0]), np.array([1.0, 1.0, 1.0, 1.0])], 0, None)
     assert two.units == 2 and two.ci.high - two.ci.low > 0.5  # not a point, not [min, max]
+
+
+def test_an_overflowing_upper_bound_is_capped_and_reads_back() -> None:
+    """Found in review: a few tiny, scattered KL values made the lognormal bound overflow to inf, written to results.json
+    as null, which then failed to read back. The bound is the largest float: finite, and beyond every limit."""
+    from quantcheck.results.schema import Estimate
+
+    estimate = heavy_tailed_mean([0.0] * 9 + [1e-12, 1e-7, 1e-3], 1, fail_level=0.9875)
+    assert math.isfinite(estimate.ci.high) and math.isfinite(estimate.fail_ci.high) and estimate.fail_ci.high > 1
+    assert Estimate.model_validate_json(estimate.model_dump_json()) == estimate

@@ -541,6 +541,8 @@ def test_the_numeric_floor_stops_kl_and_top1_checks_it_could_decide() -> None:
     bad = clearly_good(next_token=(small_kl(2000, 0.2), top1(2000, 1950)))
     assert decide(bad, Thresholds(), numeric_floor=quiet).checks["mean KL"] == "fail"
     assert decide(bad, Thresholds(), numeric_floor=quiet.model_copy(update={"kl_mean": 0.06})).checks["mean KL"] == "unclear"
+    # A floor that is coarse for the limit stops a pass, not a failure far beyond what the noise explains.
+    assert decide(bad, Thresholds(), numeric_floor=noisy).checks["mean KL"] == "fail"
 
 
 def test_accuracy_alone_cannot_pass_where_next_token_checks_exist() -> None:

@@ -64,7 +64,7 @@ def run(
     skip_quality: Annotated[bool, typer.Option(help="skip log-likelihood and generative scoring")] = False,
     skip_generation: Annotated[bool, typer.Option(help="skip generative scoring only")] = False,
     skip_cost: Annotated[bool, typer.Option(help="skip memory/latency/throughput measurement")] = False,
-    floors: Annotated[bool, typer.Option(help="measure the reference's own noise: scored one item at a time, and sampled again")] = True,
+    floors: Annotated[bool, typer.Option(help="measure the noise under the comparison: each model scored twice by its engine with two batch plans, and the reference sampled again")] = True,
     chat: Annotated[str, typer.Option(help="generative prompts through the chat template: auto, on, off")] = "auto",
     temperature: float = 0.1,
     greedy: Annotated[bool, typer.Option(help="greedy decoding instead of sampling at --temperature")] = False,

@@ -37,10 +37,11 @@ unclear, not passed on accuracy alone.
 
 The floors. Answers sampled at a temperature above 0 differ between two runs of the reference
 itself (each model samples with its own seeds). A generated-answer check that would fail is unclear
-when the variant neither changes answers nor turns right ones wrong significantly more often than
-the reference sampled again: a floor can stop a failure, never make a check pass. Likewise a KL or
-top-1 check is unclear where the engine's numeric floor (the reference scored again with another
-batch plan) reaches NUMERIC_FLOOR_SHARE of the KL limit, or of the variant's KL when it fails.
+when the variant neither changes answers more often than the reference sampled again nor is right
+significantly less often than it: a floor can stop a failure, never make a check pass. Likewise a KL or
+top-1 check is unclear where the engines' numeric floor (the reference or the variant scored twice by
+its engine with two batch plans, the noisier) reaches NUMERIC_FLOOR_SHARE of the KL limit when it
+passes, or of the variant's KL when it fails.
 
 A phase that was asked for but failed or stopped part-way (a crash, out of memory, an interrupted
 pass) is named in the reasons and its checks are not judged: a partial log-likelihood pass is a
@@ -351,29 +352,30 @@ def _sampling_floor(check: Check, floor: SamplingComparison | None) -> Check:
     Not rejecting "no more than the reference's own resample" is no evidence of no harm, so the floor
     can only stop a failure (the difference is within the reference's own noise), never make a check
     pass: the paired accuracy interval always stands. It stops one only when the variant neither changes
-    answers nor turns right ones wrong significantly more often than the reference sampled again.
+    answers more often than the reference sampled again nor is right significantly less often than it.
     """
     if check.outcome != "fail" or floor is None or floor.above_floor:
         return check
     return Check(check.name, "unclear", (
         f"{check.reason}; but the variant changes the reference's answers no more often than the reference sampled again "
         f"changes them ({floor.variant_disagreements} against {floor.floor_disagreements} of {floor.n}, one-sided p "
-        f"{fmt.pvalue(floor.p_above_floor)}) and turns right answers wrong no more often ({floor.variant_right_to_wrong} against "
-        f"{floor.floor_right_to_wrong}, p {fmt.pvalue(floor.p_more_right_to_wrong)}): within sampling noise, not judged a failure"),
+        f"{fmt.pvalue(floor.p_above_floor)}) and is not shown right less often than it (one-sided McNemar p "
+        f"{fmt.pvalue(floor.p_less_accurate)}): within sampling noise, not judged a failure"),
         "run with more questions, or --greedy, to tell the variant from sampling noise")
 
 
 NUMERIC_FLOOR_SHARE = 0.25
-"""A KL or top-1 check is unclear where the engines' own numeric noise (the reference or the variant scored twice by
-its engine with two batch plans, the noisier) reaches this share of the KL limit, or of the variant's own KL when
-the check fails: the instrument is then too coarse to call the difference quantization's."""
+"""A passing KL or top-1 check is unclear where the engines' own numeric noise (the reference or the variant scored
+twice by its engine with two batch plans, the noisier) reaches this share of the KL limit: the instrument is too
+coarse for the limit. A failing one is unclear where the noise reaches this share of the variant's own KL: it could
+have made the difference. A variant far beyond what the noise explains still fails."""
 
 
 def _numeric_floor(check: Check, floor: NumericFloor | None, variant_kl: float, max_kl: float) -> Check:
     """A KL or top-1 check the engine's own noise could have decided (`NUMERIC_FLOOR_SHARE`) is unclear."""
     if floor is None or check.outcome == "unclear":
         return check
-    coarse = floor.kl_mean >= NUMERIC_FLOOR_SHARE * max_kl
+    coarse = check.outcome == "pass" and floor.kl_mean >= NUMERIC_FLOOR_SHARE * max_kl
     if not (coarse or (check.outcome == "fail" and floor.kl_mean >= NUMERIC_FLOOR_SHARE * variant_kl)):
         return check
     against = f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the {fmt.nats(max_kl)} nats limit" if coarse else \

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import psutil
 
 DISTURBED_SHARE = 0.10
-"""On CPU, a window in which others took more than this share of the CPU time of the cores the run uses
-(`cores_in_use`) is disturbed: with every core busy running the model, even a small share stalls its
-threads at each barrier."""
+"""On CPU, a window in which others took more than the CPUs the run leaves idle plus this share of the cores it
+computes on (`cores_in_use`) is disturbed: with every one of its cores busy, even a small share stalls its threads
+at each barrier, while load on CPUs it does not use leaves it alone."""
 
 
 def _affinity() -> list[int] | None:
@@ -32,14 +32,26 @@ def _affinity() -> list[int] | None:
         return None
 
 
+def _cpus_allowed() -> int:
+    """How many CPUs this process may use (the ones `_machine_cpu_seconds` reads)."""
+    cpus = _affinity()
+    return len(cpus) if cpus else (psutil.cpu_count() or 1)
+
+
 def cores_in_use() -> int:
     """The cores the run computes on: the CPUs this process may use, at most torch's threads where torch is loaded
     (the worker sets them for every engine)."""
-    cpus = _affinity()
-    cores = len(cpus) if cpus else (psutil.cpu_count() or 1)
+    cores = _cpus_allowed()
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
     return max(1, min(cores, threads) if threads else cores)
+
+
+def disturbance_limit() -> float:
+    """Cores' worth of others' CPU time above which a timing is disturbed: the allowed CPUs the run leaves idle,
+    plus DISTURBED_SHARE of the ones it computes on (others' load is read over every allowed CPU)."""
+    in_use = cores_in_use()
+    return (_cpus_allowed() - in_use) + DISTURBED_SHARE * in_use
 
 
 @dataclass
@@ -50,7 +62,7 @@ class OtherLoad:
 
     def fields(self, device: object) -> dict[str, float | bool | None]:
         """The schema's `other_cpu_load` and `disturbed` for a timing on `device` (host load is judged on CPU only)."""
-        disturbed = str(device).startswith("cpu") and self.cores is not None and self.cores > DISTURBED_SHARE * cores_in_use()
+        disturbed = str(device).startswith("cpu") and self.cores is not None and self.cores > disturbance_limit()
         return {"other_cpu_load": self.cores, "disturbed": disturbed}
 
 

@@ -24,7 +24,7 @@ from quantcheck.jobs import CorpusJob, EngineSettings, GenerationOptions, JobSpe
 from quantcheck.orchestration.launcher import Launcher
 from quantcheck.orchestration.progress import ProgressView
 from quantcheck.results.folder import RunFolder
-from quantcheck.results.schema import DatasetInfo, ItemRecord, Results, RunWarning, Thresholds, WindowRecord
+from quantcheck.results.schema import SCHEMA_VERSION, DatasetInfo, ItemRecord, Results, RunWarning, Thresholds, WindowRecord
 from quantcheck.results.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
 
 
@@ -130,7 +130,10 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
         warnings.append(RunWarning(code="no-cost", message="cost was not measured: the reference is a llama-perplexity base file, "
                                                            "so there is no memory or speed to compare the variants with"))
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
+    # The results schema too: a version that scores differently (schema 6: windows cut as llama.cpp cuts them, a base
+    # file decoded as llama.cpp decodes it, a seed per model and item) recomputes what an older one stored.
     reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
+                     "results_schema": SCHEMA_VERSION,
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
     if models[0].endpoint is not None:
         reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude={"stated_weight_bytes"})
@@ -142,7 +145,7 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
         folder.reference_store().check(len(dataset.items))
     elif folder.reference_tokens_exist():  # the row count is known once the reference has made its sequences
         folder.reference_store().check(scored_count(folder.read_reference_tokens(), folder.read_scored_spans()[0]))
-    generation_key = options.generation.model_dump() if options.generation else None
+    generation_key = options.generation.model_dump() | {"results_schema": SCHEMA_VERSION} if options.generation else None
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
     if isinstance(dataset, TextCorpus):
@@ -171,7 +174,7 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
                 loglik = options.loglik and spec.floor is None
                 todo_loglik = loglik and _count(folder, spec, "quality.jsonl") < n_items
                 todo_generation = options.generation is not None and _count(folder, spec, "generation.jsonl") < n_items
-                todo_floor = options.floors and loglik and spec.measures_engine_floor and not folder.engine_floor_file(spec.folder).exists()
+                todo_floor = options.floors and loglik and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
                 if not (todo_loglik or todo_generation or todo_floor):
                     view.skipped(f"{spec.name} quality", "already finished")
                     continue
@@ -232,7 +235,7 @@ def _score_corpus(launcher: Launcher, models: list[ModelSpec], corpus_job: Corpu
     """Each model's pass over the corpus's windows (and its engine's numeric floor), the reference first; the reference's
     failure message, if it failed."""
     for spec in models:
-        todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_file(spec.folder).exists()
+        todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
         if (folder.reference_tokens_exist() and not todo_floor
                 and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens())):
             view.skipped(f"{spec.name} corpus", "already finished")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from quantcheck.errors import QuantcheckError
 from quantcheck.jobs import EVENT_PREFIX, JobSpec
-from quantcheck.results.store import append_records, read_latest_by_id, write_json_atomic
+from quantcheck.results.store import append_records, read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.results.folder import RunFolder
 
 
@@ -38,17 +38,12 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
     emit("phase", phase="load", model=spec.name)
     start = time.perf_counter()
     backend.load()
-    write_json_atomic(folder.model_file(spec.folder, "engine.json"), backend.describe())
+    write_json_atomic(folder.model_file(spec.folder, "engine.json"), _engine_info(backend, folder.model_file(spec.folder, "engine.json")))
     emit("loaded", seconds=time.perf_counter() - start)
     if job.corpus is not None:
         run_corpus(job, folder, backend)
         return
     items = folder.read_items()
-    if job.engine_floor and _measures_engine_floor(job, folder, backend):
-        from quantcheck.measure.engine_floor import question_floor
-
-        prompts = encode_items(tokenizer, items).prompt_ids
-        write_json_atomic(folder.engine_floor_file(spec.folder), question_floor(backend.next_token_logprobs, prompts, spec.name))
 
     if job.loglik:
         encoded = encode_items(tokenizer, items)
@@ -92,10 +87,47 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
         generate_answers(backend.generate, tokenizer, spec.name, items, prompts, settings, batch_size=options.batch_size,
                          done=done, on_batch=_phase_sink(path, "generation", len(items), _finished(items, done)))
 
+    if job.engine_floor:
+        from quantcheck.measure.engine_floor import floor_batch, question_floor
 
-def _measures_engine_floor(job: JobSpec, folder: RunFolder, backend) -> bool:
-    """Not yet measured, and the engine gives full rows of its own (not a server's top K, not a recorded file)."""
-    return job.model.measures_engine_floor and backend.top_logprobs is None and not folder.engine_floor_file(job.model.folder).exists()
+        prompts = encode_items(tokenizer, items).prompt_ids
+        _engine_floor(job, folder, backend, lambda: question_floor(backend.next_token_logprobs, prompts, spec.name, floor_batch(job.batch_size)))
+
+
+def _engine_info(backend, stored: Path):
+    """The engine's description; a served model's tokenizer check is kept from an earlier job of this run where this
+    one does not repeat it (a resumed generation), so a resume cannot forget that a tokenizer was never verified."""
+    from quantcheck.results.schema import EngineInfo
+
+    engine = backend.describe()
+    if engine.tokenizer_verified is None and stored.exists():
+        earlier = EngineInfo.model_validate_json(stored.read_text())
+        if earlier.tokenizer_verified is not None:
+            check = {"tokenizer_check": earlier.parallel["tokenizer_check"]} if "tokenizer_check" in earlier.parallel else {}
+            engine = engine.model_copy(update={"tokenizer_verified": earlier.tokenizer_verified, "parallel": {**engine.parallel, **check}})
+    return engine
+
+
+def _engine_floor(job: JobSpec, folder: RunFolder, backend, measure: Callable[[], object]) -> None:
+    """Measure the model's engine floor (a NumericFloor, or None: nothing to score) once. Where the engine gives no full
+    rows of its own (a server's top K), runs out of memory or has nothing to score, the reason is kept instead: the
+    floor is a check on the scoring, and its failure must not cost the scores."""
+    spec = job.model
+    if folder.engine_floor_settled(spec.folder):
+        return
+    reason = "the engine returns only its top log-probabilities" if backend.top_logprobs is not None else None
+    floor = None
+    if reason is None:
+        try:
+            floor = measure()
+        except (RuntimeError, MemoryError, ValueError) as error:  # out of memory at the batched plan, an engine's refusal
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if floor is None:
+        reason = reason or "no sequence has a token to score"
+        write_text_atomic(folder.engine_floor_skip_file(spec.folder), reason + "\n")
+        emit("warning", code="engine-floor", message=f"{spec.name}: its engine's numeric floor was not measured ({reason})")
+        return
+    write_json_atomic(folder.engine_floor_file(spec.folder), floor)
 
 
 def _finished(items, done: set[str]) -> int:
@@ -135,11 +167,10 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
     keep = _phase_sink(path, job.corpus.kind, len(sequences), len(done & set(range(len(sequences)))))
     score_windows(backend.window_logprobs, spec.name, sequences, firsts, batch_size=job.batch_size, reference=reference,
                   is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
-    if job.engine_floor and _measures_engine_floor(job, folder, backend):
+    if job.engine_floor:
         from quantcheck.measure.engine_floor import sequence_floor
 
-        if (floor := sequence_floor(backend.window_logprobs, sequences, firsts, spec.name)) is not None:
-            write_json_atomic(folder.engine_floor_file(spec.folder), floor)
+        _engine_floor(job, folder, backend, lambda: sequence_floor(backend.window_logprobs, sequences, firsts, spec.name))
 
 
 def _text_windows(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:

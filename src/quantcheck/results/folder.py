@@ -59,6 +59,14 @@ class RunFolder:
         """The model scored twice by its own engine with two batch plans (`NumericFloor`)."""
         return self.model_file(model_name, "engine-floor.json")
 
+    def engine_floor_skip_file(self, model_name: str) -> Path:
+        """Why the model's engine floor could not be measured (it ran out of memory, or had nothing to score)."""
+        return self.model_file(model_name, "engine-floor.skipped")
+
+    def engine_floor_settled(self, model_name: str) -> bool:
+        """Measured, or tried and skipped with a reason: either way a resumed run does not try again."""
+        return self.engine_floor_file(model_name).exists() or self.engine_floor_skip_file(model_name).exists()
+
     def prepare(self, identity: dict[str, str], force: bool) -> bool:
         """Create the folder or accept it for resuming; return True when it already held this run.
 

@@ -431,11 +431,11 @@ class SamplingComparison(BaseModel):
     variant_only: int = Field(description="items where only the variant differs")
     floor_only: int = Field(description="items where only the resampled reference differs")
     p_above_floor: float = Field(description="one-sided exact test that the variant differs more often than sampling alone")
-    above_floor: bool
+    above_floor: bool = Field(description="p_above_floor or p_less_accurate below 0.05: sampling does not explain the variant")
     variant_right_to_wrong: int = Field(0, description="items the reference answered right and the variant wrong")
     floor_right_to_wrong: int = Field(0, description="items the reference answered right and its resample wrong")
-    p_more_right_to_wrong: float = Field(
-        1.0, description="one-sided exact test that the variant turns right answers wrong more often than resampling does")
+    p_less_accurate: float = Field(
+        1.0, description="one-sided exact McNemar test that the variant is right less often than the reference's resample")
 
 
 class ModelResult(BaseModel):

@@ -381,7 +381,7 @@ UNITS = {"questions": "questions", "text": "windows", "prompts": "prompts"}
 """What a run's intervals resample, by data set kind, in the verdict's words."""
 
 
-def _warnings(results: Results, n_items: int) -> list[RunWarning]:
+def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: dict[str, str]) -> list[RunWarning]:
     warnings: list[RunWarning] = []
     reference = results.models[0]
     if results.dataset.kind != "questions":
@@ -413,6 +413,10 @@ def _warnings(results: Results, n_items: int) -> list[RunWarning]:
             warnings.append(RunWarning(code="tokenizer-unverified", model=result.name, message=(
                 f"{result.name}: the server's tokenizer could not be checked against the local one (no /tokenize, no echo): "
                 "its comparisons may rest on other token ids, so no variant is judged QUANTIZE on them")))
+        if (skipped := folder.engine_floor_skip_file(spec_folders[result.name])).exists():
+            warnings.append(RunWarning(code="engine-floor", model=result.name, message=(
+                f"{result.name}: its engine's numeric floor was not measured ({skipped.read_text().strip()}): its KL and top-1 "
+                "are judged without it")))
         if result.generative and result.generative.unparsable:
             warnings.append(RunWarning(code="unparsable-answers", model=result.name, message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report"))
     return warnings
@@ -455,7 +459,7 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
         result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured, unit=UNITS[dataset.kind],
                                 numeric_floor=noisier_floor(reference.engine_floor, result.engine_floor),
                                 unverified_tokenizers=unverified)
-    results.warnings = extra_warnings + _warnings(results, dataset.n_items)
+    results.warnings = extra_warnings + _warnings(results, dataset.n_items, folder, {spec.name: spec.folder for spec in models})
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
     return results

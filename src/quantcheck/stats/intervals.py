@@ -28,6 +28,9 @@ LEFT_SKEW_Z = 2.0
 """Logs skewed left by more than this many standard errors (sqrt(6/k)) reject the lognormal model
 in the direction where it overstates the mean; it is then left out (see `_log_mean_pivots`)."""
 
+MAX_BOUND = float(np.finfo(float).max)
+"""An upper bound that overflows is this: finite, so results.json reads back, and beyond any limit."""
+
 LOGNORMAL_DRAWS = 20_000
 """Monte Carlo draws of the lognormal pivotal quantity; its 99 %+ quantiles stay stable."""
 
@@ -201,5 +204,7 @@ def _wider_bounds(data: np.ndarray, rng: np.random.Generator, levels: list[float
         if log_means is not None:
             low = min(low, np.exp(np.quantile(log_means, tail)))
             high = max(high, np.exp(np.quantile(log_means, 1 - tail)))
-        intervals.append(Interval(low=max(float(low), 0.0), high=float(high), level=level, method=method))
+        # The lognormal part's bound overflows on a few tiny, scattered values (KL 0 .. 1e-12 .. 1e-3): capped to the
+        # largest float, which JSON keeps (inf would be written as null) and which no limit passes.
+        intervals.append(Interval(low=max(float(low), 0.0), high=min(float(high), MAX_BOUND), level=level, method=method))
     return intervals

@@ -188,8 +188,8 @@ def _one_sided_excess(mine: Sequence[bool], theirs: Sequence[bool]) -> tuple[int
 
 def compare_with_floor(reference: Sequence[tuple[str | None, bool]], variant: Sequence[tuple[str | None, bool]],
                        floor: Sequence[tuple[str | None, bool]], alpha: float = 0.05) -> SamplingComparison:
-    """Does the variant change the reference's generated answers, or turn right ones wrong, more often than sampling
-    the reference again does? Each argument holds (answer, correct) per item, the same items in the same order.
+    """Does the variant change the reference's generated answers more often than sampling the reference again does, or
+    is it right less often than that resample? Each argument holds (answer, correct) per item, the same items in the same order.
 
     Paired on the items: only items where exactly one of the two differs from the reference carry
     information, and a one-sided exact binomial test asks whether the variant's side is larger. The
@@ -202,11 +202,14 @@ def compare_with_floor(reference: Sequence[tuple[str | None, bool]], variant: Se
     variant_differs = [_differs(ref, var) for (ref, _), (var, _) in zip(reference, variant)]
     floor_differs = [_differs(ref, again) for (ref, _), (again, _) in zip(reference, floor)]
     variant_only, floor_only, p = _one_sided_excess(variant_differs, floor_differs)
-    variant_broke = [right and not var for (_, right), (_, var) in zip(reference, variant)]
-    floor_broke = [right and not again for (_, right), (_, again) in zip(reference, floor)]
-    _, _, p_broke = _one_sided_excess(variant_broke, floor_broke)
+    # Is the variant right less often than the resample? An exact one-sided McNemar test on the items where one of the
+    # two is right: breaking as many answers as the resample but fixing fewer is a real drop, not sampling.
+    _, _, p_less_accurate = _one_sided_excess([again and not var for (_, var), (_, again) in zip(variant, floor)],
+                                              [var and not again for (_, var), (_, again) in zip(variant, floor)])
     return SamplingComparison(
         n=n, variant_disagreements=sum(variant_differs), floor_disagreements=sum(floor_differs), variant_only=variant_only,
-        floor_only=floor_only, p_above_floor=p, above_floor=p < alpha or p_broke < alpha,
-        variant_right_to_wrong=sum(variant_broke), floor_right_to_wrong=sum(floor_broke), p_more_right_to_wrong=p_broke,
+        floor_only=floor_only, p_above_floor=p, above_floor=p < alpha or p_less_accurate < alpha,
+        variant_right_to_wrong=sum(right and not var for (_, right), (_, var) in zip(reference, variant)),
+        floor_right_to_wrong=sum(right and not again for (_, right), (_, again) in zip(reference, floor)),
+        p_less_accurate=p_less_accurate,
     )
