@@ -44,9 +44,9 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
         run_corpus(job, folder, backend)
         return
     items = folder.read_items()
+    encoded = encode_items(tokenizer, items) if job.loglik or job.engine_floor else None
 
     if job.loglik:
-        encoded = encode_items(tokenizer, items)
         reference = folder.reference_store()
         if spec.is_reference:
             folder.write_reference_tokens(encoded.prompt_ids)
@@ -90,8 +90,8 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
     if job.engine_floor:
         from quantcheck.measure.engine_floor import floor_batch, question_floor
 
-        prompts = encode_items(tokenizer, items).prompt_ids
-        _engine_floor(job, folder, backend, lambda: question_floor(backend.next_token_logprobs, prompts, spec.name, floor_batch(job.batch_size)))
+        _engine_floor(job, folder, backend,
+                      lambda: question_floor(backend.next_token_logprobs, encoded.prompt_ids, spec.name, floor_batch(job.batch_size)))
 
 
 def _engine_info(backend, stored: Path):
