@@ -7,7 +7,7 @@ too (multiply by 100 for points). Times are seconds, memory is bytes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -328,6 +328,8 @@ class ModelCost(BaseModel):
     rounds: int = Field(1, description="cost rounds merged: each point is the fastest undisturbed round's (load on the machine only slows)")
 
 
+RoundValue = TypeVar("RoundValue")
+
 DRIFT_TOLERANCE = 1.25
 """A batch size whose fastest and slowest undisturbed cost round differ by more than this factor, or
 that was disturbed in every round (either model), is unstable: its ratio is kept, but the verdict
@@ -336,8 +338,9 @@ identical processes moved by between rounds on a VM): a speed claim needs the wh
 ratio beyond it, and beyond both models' measured round-to-round spread."""
 
 
-def undisturbed_rounds(values: list[float], round_disturbed: list[bool], disturbed: bool) -> list[float]:
-    """The rounds' values that other load did not disturb (results without `round_disturbed`: the merged flag for all)."""
+def undisturbed_rounds(values: list[RoundValue], round_disturbed: list[bool], disturbed: bool) -> list[RoundValue]:
+    """The rounds' values (medians, or anything kept per round) that other load did not disturb (results without
+    `round_disturbed`: the merged flag for all)."""
     return [value for value, was in zip(values, round_disturbed or [disturbed] * len(values)) if not was]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quantcheck.results.schema import GenerationCost, Interval, LatencyPoint
+from quantcheck.results.schema import GenerationCost, Interval, LatencyPoint, undisturbed_rounds
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -29,9 +29,7 @@ DECODE_METHOD = ("percentile bootstrap of each undisturbed cost round's timed pr
 
 def _clean(rounds: list, disturbed: list[bool], merged_disturbed: bool) -> list:
     """The undisturbed rounds' entries; every round's where all were disturbed (the merged point is then disturbed)."""
-    flags = disturbed if len(disturbed) == len(rounds) else [merged_disturbed] * len(rounds)
-    clean = [entry for entry, was in zip(rounds, flags) if not was]
-    return clean or list(rounds)
+    return undisturbed_rounds(rounds, disturbed, merged_disturbed) or list(rounds)
 
 
 def spread(values: Sequence[float]) -> float:
