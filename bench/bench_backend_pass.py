@@ -27,8 +27,9 @@ ROUNDS = 2
 
 
 def _job(backend: str, device: str, threads: int, dtype: str, run_dir: str):
-    from quantcheck.jobs import JobSpec, ModelSpec
     from quantcheck.models.builtin import builtin_model_dir
+    from quantcheck.schema.jobs import JobSpec
+    from quantcheck.schema.models import ModelSpec
 
     spec = ModelSpec(name="reference", role="reference", backend=backend, method="none", weights=str(builtin_model_dir()))
     return JobSpec(kind="quality", run_dir=run_dir, model=spec, device=device, dtype=dtype, threads=threads, seed=0, batch_size=BATCH_SIZE)
@@ -42,9 +43,9 @@ def measure(backend_name: str, device: str, threads: int, questions: str) -> dic
     import torch
 
     from quantcheck.backends import get_backend
-    from quantcheck.measure.loglik import encode_items, model_batches, score_items
-    from quantcheck.results.folder import RunFolder
-    from quantcheck.results.store import FullStore, append_records
+    from quantcheck.scoring.loglik import encode_items, model_batches, score_items
+    from quantcheck.storage.folder import RunFolder
+    from quantcheck.storage.store import FullStore, append_records
 
     torch.set_num_threads(threads)
     dtype = "float32" if device == "cpu" else "bfloat16"
@@ -87,7 +88,7 @@ def _bare_call(backend_name: str, backend):
         import torch
 
         from quantcheck.backends.hf import _keeps_last_logits_only
-        from quantcheck.measure.batching import left_padded
+        from quantcheck.data.batching import left_padded
 
         extra = _keeps_last_logits_only(backend.model)
 
@@ -125,7 +126,7 @@ def main() -> int:
         print(json.dumps(measure(args.measure, args.device, args.threads, args.questions)))
         return 0
     from quantcheck.data.load import load_dataset
-    from quantcheck.results.folder import RunFolder
+    from quantcheck.storage.folder import RunFolder
 
     with tempfile.TemporaryDirectory() as questions:
         RunFolder(Path(questions)).write_dataset(load_dataset("mmlu:virology"))

@@ -35,10 +35,11 @@ def main() -> None:
 
     from quantcheck.backends.hf import HFBackend
     from quantcheck.data.corpus import first_scored, load_corpus, make_windows, scored_per_window
-    from quantcheck.jobs import JobSpec, ModelSpec
-    from quantcheck.measure.corpus import score_windows
     from quantcheck.models.builtin import builtin_model_dir
-    from quantcheck.results.store import CompactStore, StoreSettings, append_records
+    from quantcheck.schema.jobs import JobSpec
+    from quantcheck.schema.models import ModelSpec
+    from quantcheck.scoring.corpus import score_windows
+    from quantcheck.storage.store import CompactStore, StoreSettings, append_records
 
     def backend(name: str, method: str, run_dir: str) -> HFBackend:
         spec = ModelSpec(name=name, role="reference" if method == "none" else "variant", backend="hf", method=method,

@@ -25,8 +25,8 @@ def child(method: str, device: str, threads: int | None) -> None:
     """Measure one model in this (fresh) process and print its ModelCost as JSON on the last line."""
     import torch
 
+    from quantcheck.cost.scenario import CostSettings, measure_cost
     from quantcheck.data.load import load_dataset
-    from quantcheck.measure.cost import CostSettings, measure_cost
     from quantcheck.models.builtin import builtin_model_dir
     from quantcheck.models.loading import default_dtype, load_model, load_tokenizer
     from quantcheck.models.quant_methods import LoadRequest, get_method
@@ -73,8 +73,8 @@ def main() -> None:
     if args.child:
         child(args.child, args.device, args.threads)
         return
-    from quantcheck.results.schema import ModelCost
-    from quantcheck.results.summarize import merge_cost_rounds
+    from quantcheck.analysis.summarize import merge_cost_rounds
+    from quantcheck.schema.results import ModelCost
 
     rounds: dict[str, list[dict]] = {"reference": [], "none": []}
     for name in ("reference", "none", "reference", "none"):  # ABAB, as a run times its models

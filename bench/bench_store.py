@@ -30,7 +30,7 @@ LLAMA_CPP_BYTES = 2  # uint16 per vocabulary entry
 
 
 def sizes() -> None:
-    from quantcheck.results.store import CompactStore, FullStore, StoreSettings
+    from quantcheck.storage.store import CompactStore, FullStore, StoreSettings
 
     settings = StoreSettings()
     compact, full = CompactStore(Path("."), settings.top_k, settings.tail_samples), FullStore(Path("."))
@@ -45,8 +45,9 @@ def sizes() -> None:
 def _loaded(method: str, run_dir: str, threads: int):
     """The built-in model through the transformers backend, quantized by `method`, on the CPU in fp32."""
     from quantcheck.backends.hf import HFBackend
-    from quantcheck.jobs import JobSpec, ModelSpec
     from quantcheck.models.builtin import builtin_model_dir
+    from quantcheck.schema.jobs import JobSpec
+    from quantcheck.schema.models import ModelSpec
 
     spec = ModelSpec(name=method, role="variant", backend="hf", method=method, weights=str(builtin_model_dir()))
     backend = HFBackend(JobSpec(kind="quality", run_dir=run_dir, model=spec, device="cpu", dtype="float32", threads=threads,
@@ -56,7 +57,7 @@ def _loaded(method: str, run_dir: str, threads: int):
 
 
 def _stores(run_dir: str) -> dict[str, object]:
-    from quantcheck.results.store import CompactStore, FullStore, StoreSettings
+    from quantcheck.storage.store import CompactStore, FullStore, StoreSettings
 
     settings = StoreSettings()
     return {"compact": CompactStore(Path(run_dir) / "compact", settings.top_k, settings.tail_samples), "full": FullStore(Path(run_dir) / "full")}
@@ -66,8 +67,8 @@ def passes(limit: int | None, threads: int) -> None:
     import torch
 
     from quantcheck.data.load import load_dataset
-    from quantcheck.measure.loglik import compare_with_reference, encode_items, model_batches, score_items
-    from quantcheck.results.store import append_records
+    from quantcheck.scoring.loglik import compare_with_reference, encode_items, model_batches, score_items
+    from quantcheck.storage.store import append_records
 
     torch.set_num_threads(threads)
     items = load_dataset("mmlu:virology", limit, 0).items
@@ -108,7 +109,7 @@ def accuracy(methods: list[str], limit: int | None, threads: int) -> None:
     import torch
 
     from quantcheck.data.load import load_dataset
-    from quantcheck.measure.loglik import compare_with_reference, encode_items, model_batches, reference_rows
+    from quantcheck.scoring.loglik import compare_with_reference, encode_items, model_batches, reference_rows
 
     torch.set_num_threads(threads)
     items = load_dataset("mmlu:virology", limit, 0).items

@@ -17,7 +17,7 @@ import math
 import random
 from pathlib import Path
 
-from quantcheck.results.schema import (
+from quantcheck.schema.results import (
     Accuracy,
     CostComparison,
     DatasetInfo,

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import quantcheck as quantcheck_cli
+from conftest import read_items, read_results
 
 import quantcheck
 import quantcheck.api
-from conftest import quantcheck as quantcheck_cli, read_items, read_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # What differs between two runs of the same settings: when, how fast, and where.

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import quantcheck
+
 from quantcheck.errors import QuantMethodError
 from quantcheck.models.quant_methods import REGISTRY, QuantMethod
 

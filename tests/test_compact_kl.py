@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from quantcheck.metrics.next_token import TOP_K, kl_divergence, kl_from_top_k, tail_kl_upper, tail_log_mass, tail_samples, top_k_ids
+from quantcheck.metrics.next_token import (
+    TOP_K,
+    kl_divergence,
+    kl_from_top_k,
+    tail_kl_upper,
+    tail_log_mass,
+    tail_samples,
+    top_k_ids,
+)
 
 VOCAB = 4096
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_compact_kl import VOCAB, compact, rows
 
 from quantcheck.errors import ResultsFolderError
 from quantcheck.metrics.next_token import kl_from_top_k, top_k_ids
-from quantcheck.results.store import CompactStore, FullStore, StoreSettings
-from test_compact_kl import VOCAB, compact, rows
+from quantcheck.storage.store import CompactStore, FullStore, StoreSettings
 
 LLAMA_CPP_BYTES_PER_TOKEN = 2  # llama.cpp's --kl-divergence-base file: uint16 per vocabulary entry
 
@@ -25,7 +25,7 @@ def test_store_sizes_per_position():
 
 
 def test_compact_rows_round_trip_through_the_file(tmp_path):
-    from quantcheck.measure.loglik import reference_rows
+    from quantcheck.scoring.loglik import reference_rows
 
     reference, variant = rows(5, 3.0, 0.3)
     store = CompactStore(tmp_path, 64, 128)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import typer
-from pydantic import BaseModel
-
 from conftest import quantcheck
+from pydantic import BaseModel
+from test_cli_errors import assert_one_line_error
+
 from quantcheck.cli import CONFIG_KEYS, NOT_IN_CONFIG, app
 from quantcheck.config import RunConfig, key_path, parse_config, resolved_toml, tomllib
 from quantcheck.errors import QuantcheckError
-from test_cli_errors import assert_one_line_error
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import psutil
 
-from quantcheck.measure import contention
-from quantcheck.measure.contention import OtherLoad
+from quantcheck.cost import contention
+from quantcheck.cost.contention import OtherLoad
 
 
 def test_disturbed_is_judged_against_the_cores_the_run_uses(monkeypatch) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import quantcheck, read_results
 
 WINDOWS, CONTEXT = 6, 256

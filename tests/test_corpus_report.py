@@ -8,14 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import quantcheck
+
+from quantcheck.analysis import format as fmt
 from quantcheck.cli import _print_summary
-from quantcheck.report import format as fmt
 from quantcheck.report import render_report
 from quantcheck.report.markdown import parse_md_table
 from quantcheck.report.table import CORPUS_ROWS
-from quantcheck.results.schema import Results
+from quantcheck.schema.results import Results
 
 CONTEXT = 64
 WINDOWS = 4

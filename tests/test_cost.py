@@ -7,10 +7,15 @@ import psutil
 import pytest
 import torch
 
-from quantcheck.measure.cost import CostSettings, measure_cost
-from quantcheck.measure.latency import latency_sweep
-from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
-from quantcheck.measure.throughput import fixed_length_config, measure_generation, neutral_generation_defaults, prompt_batches
+from quantcheck.cost.latency import latency_sweep
+from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
+from quantcheck.cost.scenario import CostSettings, measure_cost
+from quantcheck.cost.throughput import (
+    fixed_length_config,
+    measure_generation,
+    neutral_generation_defaults,
+    prompt_batches,
+)
 from quantcheck.models.builtin import builtin_model_dir
 from quantcheck.models.loading import load_model, load_tokenizer
 from quantcheck.models.quant_methods import LoadRequest, get_method

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import read_items, read_results
 
+from quantcheck.analysis.verdict import decide
 from quantcheck.data.items import LETTERS
 from quantcheck.models.builtin import builtin_model_dir
-from quantcheck.results.schema import ModelResult, Thresholds
-from quantcheck.verdict import decide
-from conftest import read_items, read_results
+from quantcheck.schema.results import ModelResult, Thresholds
 
 
 def by_model(items: list[dict], name: str) -> list[dict]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from quantcheck.stats.paired import compare_with_floor
-from quantcheck.verdict import decide
-from quantcheck.results.schema import Thresholds
 from test_verdict import clearly_good
+
+from quantcheck.analysis.verdict import decide
+from quantcheck.schema.results import Thresholds
+from quantcheck.stats.paired import compare_with_floor
 
 
 def answers(n: int, differing: set[int], base: str = "A", other: str = "B") -> list[tuple[str, bool]]:
@@ -97,7 +98,7 @@ def test_small_sample_within_the_floor_is_not_quantize():
 
 def test_each_model_samples_with_its_own_seed_per_item():
     """The reference, its resample and each variant draw independent seeds (one per model and item), stable on resume."""
-    from quantcheck.measure.generative import sample_seed
+    from quantcheck.scoring.generative import sample_seed
 
     seeds = {(model, item): sample_seed(0, model, item) for model in ("reference", "reference (resampled)", "bnb-nf4")
              for item in ("q1", "q2")}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from quantcheck.jobs import EVENT_PREFIX, JobSpec
+from quantcheck.backends.variants import reference_spec
 from quantcheck.orchestration.launcher import Launcher, worker_environment
 from quantcheck.orchestration.progress import ProgressView
-from quantcheck.results.folder import RunFolder
-from quantcheck.specs import reference_spec
+from quantcheck.schema.jobs import EVENT_PREFIX, JobSpec
+from quantcheck.storage.folder import RunFolder
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux only")
 

@@ -8,17 +8,17 @@ import json
 
 import numpy as np
 import torch
-
-from quantcheck.data.items import Item
-from quantcheck.measure.loglik import EncodedItems, score_items
-from quantcheck.metrics.next_token import kl_divergence, kl_from_top_k
-from quantcheck.report import format as fmt
-from quantcheck.report import table
-from quantcheck.results.corpus import SpanText, worst_spans
-from quantcheck.results.schema import CorpusStatistics, Estimate, ItemRecord, WindowRecord
-from quantcheck.results.store import CompactStore, FullStore
 from report_fixture import build_results
 from test_compact_kl import VOCAB, compact, rows
+
+from quantcheck.analysis import format as fmt
+from quantcheck.analysis.corpus import SpanText, worst_spans
+from quantcheck.data.items import Item
+from quantcheck.metrics.next_token import kl_divergence, kl_from_top_k
+from quantcheck.report import table
+from quantcheck.schema.results import CorpusStatistics, Estimate, ItemRecord, WindowRecord
+from quantcheck.scoring.loglik import EncodedItems, score_items
+from quantcheck.storage.store import CompactStore, FullStore
 
 N = 64
 

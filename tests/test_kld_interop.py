@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import quantcheck, read_results
 
 BASE = Path(__file__).parent / "data" / "smollm2-f32-c16.kld.gz"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from quantcheck.measure.latency import Repeats, relative_standard_error, repeat_timed
+from quantcheck.cost.latency import Repeats, relative_standard_error, repeat_timed
 
 
 class FakeClock:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import GGUF_VARIANTS, HAS_LLAMA_CPP, SMALL_COST, quantcheck, read_items, read_results, write_questions
-from quantcheck.specs import variant_spec
 from test_cli_errors import assert_one_line_error
+
+from quantcheck.backends.variants import variant_spec
 
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: `make llama-cpp` builds it")
 DECISIONS = ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from scipy import stats
-
 from conftest import quantcheck, write_questions
+from scipy import stats
+from test_cli_errors import assert_one_line_error
+
+from quantcheck.analysis.verdict import fail_level
 from quantcheck.data.load import load_dataset
 from quantcheck.interop.lmeval_export import lmeval_doc
 from quantcheck.report.markdown import parse_md_table
-from quantcheck.verdict import fail_level
-from test_cli_errors import assert_one_line_error
 
 QUESTIONS = 24
 TASK = "qc_virology"

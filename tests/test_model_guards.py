@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from quantcheck.backends.variants import variant_spec
 from quantcheck.errors import QuantcheckError
 from quantcheck.models.loading import load_model, precision_info
 from quantcheck.models.quant_methods import LoadRequest, QuantMethod
-from quantcheck.specs import variant_spec
 
 
 def tiny_model(device_map: dict[str, object] | None) -> LlamaForCausalLM:

@@ -20,11 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL_COST, lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
-from quantcheck.models.loading import resolve_model
 from test_cli_errors import assert_one_line_error
 from test_resume import start, wait_for_lines
+
+from quantcheck.models.loading import resolve_model
 
 VLLM_PYTHON = os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")
 pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),

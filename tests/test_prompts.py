@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import lowercase_tokenizer_copy, quantcheck, read_results
 
 CHATS = [

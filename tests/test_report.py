@@ -16,15 +16,22 @@ import pytest
 from markupsafe import escape
 from report_fixture import XSS_QUESTION_MARKER, build_partial_run_folder, build_run_folder
 
+from quantcheck.analysis import format as fmt
+from quantcheck.analysis.verdict import decide, fail_level, quality_check_count
 from quantcheck.errors import ResultsFolderError
 from quantcheck.report import ReportFiles, render_report
-from quantcheck.report import format as fmt
 from quantcheck.report.markdown import parse_md_table
 from quantcheck.report.plots import FIGURES, model_colors, tradeoff_figure
-from quantcheck.results.schema import CostComparison, DivergenceSummary, ModelResult, Results, Thresholds, TokenAgreement
+from quantcheck.schema.results import (
+    CostComparison,
+    DivergenceSummary,
+    ModelResult,
+    Results,
+    Thresholds,
+    TokenAgreement,
+)
 from quantcheck.stats.intervals import heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired
-from quantcheck.verdict import decide, fail_level, quality_check_count
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

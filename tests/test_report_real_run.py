@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import XSS_QUESTION, quantcheck, read_results
+
 from quantcheck.report.markdown import parse_md_table
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
-from quantcheck.results.folder import RunFolder
+
+from quantcheck.storage.folder import RunFolder
 
 N_QUESTIONS = 8
 COMMON = ["--batch-size", "2", "--max-new-tokens", "4", "--gen-batch-size", "4", "--skip-cost"]

@@ -351,8 +351,8 @@ def test_top1_over_few_sequences_covers_and_below_min_units_is_not_judged() -> N
     """Top-1 agreement over a text's windows: the cluster-robust t widening covers where the percentile bootstrap did not
     (about [min, max] at two windows); below MIN_UNITS (10) the verdict does not judge at all, since at 5 windows even
     the widened interval covered only about 91 %."""
-    from quantcheck.results.corpus import pooled_share
-    from quantcheck.results.schema import MIN_UNITS
+    from quantcheck.analysis.corpus import pooled_share
+    from quantcheck.schema.results import MIN_UNITS
 
     assert MIN_UNITS == 10
     covered = {}
@@ -373,7 +373,7 @@ def test_top1_over_few_sequences_covers_and_below_min_units_is_not_judged() -> N
 def test_an_overflowing_upper_bound_is_capped_and_reads_back() -> None:
     """Found in review: a few tiny, scattered KL values made the lognormal bound overflow to inf, written to results.json
     as null, which then failed to read back. The bound is the largest float: finite, and beyond every limit."""
-    from quantcheck.results.schema import Estimate
+    from quantcheck.schema.results import Estimate
 
     estimate = heavy_tailed_mean([0.0] * 9 + [1e-12, 1e-7, 1e-3], 1, fail_level=0.9875)
     assert math.isfinite(estimate.ci.high) and math.isfinite(estimate.fail_ci.high) and estimate.fail_ci.high > 1

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import quantcheck, read_items, read_results
 
 VARIANTS = ("bnb-nf4", "torchao-int8wo")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantcheck.jobs import ModelSpec
-from quantcheck.results.folder import RunFolder
-from quantcheck.results.schema import (
+from quantcheck.analysis.summarize import summarize
+from quantcheck.schema.models import ModelSpec
+from quantcheck.schema.results import (
     DatasetInfo,
     GeneratedAnswer,
     GenerationSettings,
@@ -24,8 +24,8 @@ from quantcheck.results.schema import (
     Thresholds,
     WeightMemory,
 )
-from quantcheck.results.store import append_records, read_records, write_json_atomic
-from quantcheck.results.summarize import summarize
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import append_records, read_records, write_json_atomic
 
 N_ITEMS = 400
 VARIANT = "int8"
@@ -187,9 +187,9 @@ def test_an_empty_first_answer_is_skipped_not_fatal() -> None:
     """Defect 6 of #24: a prompts run took the interval level from the first sequence's KL, None for an empty answer
     (a prompt the reference ends at once, recorded with no scored tokens as the scorer records it), so the intervals
     were made at 95 % and the verdict, which needs them at its Bonferroni level, raised after all the scoring."""
-    from quantcheck.results.schema import WindowRecord
-    from quantcheck.results.summarize import variant_corpus_statistics
-    from quantcheck.verdict import decide
+    from quantcheck.analysis.summarize import variant_corpus_statistics
+    from quantcheck.analysis.verdict import decide
+    from quantcheck.schema.results import WindowRecord
 
     rng = np.random.default_rng(0)
     reference = [WindowRecord(window=0, model="reference", nll=[])]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcheck.report import format as fmt
-from quantcheck.results.schema import (
+from quantcheck.analysis import format as fmt
+from quantcheck.analysis.summarize import cost_comparison, merge_cost_rounds
+from quantcheck.analysis.verdict import FAMILYWISE_LEVEL, RERUN_ADVICE, decide, fail_level, quality_check_count
+from quantcheck.schema.results import (
     CostComparison,
     DivergenceSummary,
     GenerationCost,
@@ -19,10 +21,8 @@ from quantcheck.results.schema import (
     TokenAgreement,
     WeightMemory,
 )
-from quantcheck.results.summarize import cost_comparison, merge_cost_rounds
 from quantcheck.stats.intervals import bootstrap_mean, heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired
-from quantcheck.verdict import FAMILYWISE_LEVEL, RERUN_ADVICE, decide, fail_level, quality_check_count
 
 SEED = 1234
 Table = tuple[int, int, int, int]
@@ -527,7 +527,7 @@ def test_four_questions_are_inconclusive_however_clean() -> None:
 def test_the_numeric_floor_stops_kl_and_top1_checks_it_could_decide() -> None:
     """Defect 3: the numeric floor was measured but never read. Where the engine's own noise reaches a quarter of the KL
     limit, the KL and top-1 checks are unclear; a floor far below it changes nothing."""
-    from quantcheck.results.schema import NumericFloor
+    from quantcheck.schema.results import NumericFloor
 
     good = clearly_good()
     assert decide(good, Thresholds()).decision == "QUANTIZE"

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import HAS_VLLM, quantcheck, read_items, read_results, write_questions
 from test_cli_errors import assert_one_line_error
 from test_resume import deterministic, start, strip_seconds, wait_for_lines
@@ -46,8 +45,8 @@ ROWS_CHECK = """
 import json, sys
 import numpy as np
 from quantcheck.backends.vllm import VllmBackend
-from quantcheck.jobs import JobSpec
-from quantcheck.specs import variant_spec
+from quantcheck.schema.jobs import JobSpec
+from quantcheck.backends.variants import variant_spec
 weights, prompts, run_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 job = JobSpec(kind="quality", run_dir=run_dir, model=variant_spec("vllm:bf16", weights, str), device="cpu", dtype="float32",
               threads=2, seed=0, batch_size=len(prompts))

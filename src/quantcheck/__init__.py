@@ -4,9 +4,7 @@ From Python: `quantcheck.compare(variants=[...])` runs what `quantcheck run` run
 `Comparison`; `quantcheck.load(run_dir)` reads a run folder back without torch (see `quantcheck.api`).
 """
 
-__version__ = "0.1.0"
-
-# After __version__: the modules below import it.
-from quantcheck.api import Comparison, compare, load  # noqa: E402
+from quantcheck.api import Comparison, compare, load
+from quantcheck.schema.results import QUANTCHECK_VERSION as __version__
 
 __all__ = ["Comparison", "__version__", "compare", "load"]

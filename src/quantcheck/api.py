@@ -40,7 +40,7 @@ from quantcheck.config import CONFIG_FILE, RunConfig, key_path, parse_config, re
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.report import HTML_FILE, MARKDOWN_FILE
 from quantcheck.report.data import DATASET_FILE, ITEMS_FILE, load_dataset, load_items, load_results
-from quantcheck.results.schema import LatencyPoint, Results
+from quantcheck.schema.results import LatencyPoint, Results
 
 if TYPE_CHECKING:
     import pandas
@@ -173,9 +173,9 @@ def compare(model: str | os.PathLike | None = None, variants: Sequence[str] = ()
 
 def run_config(config: RunConfig) -> Comparison:
     """Run (or resume) `config`, then write RUN_DIR/config.toml and the report: all of `quantcheck run` but the terminal."""
-    from quantcheck.report import render_report
-    from quantcheck.results.store import write_text_atomic
     from quantcheck.orchestration.runner import run
+    from quantcheck.report import render_report
+    from quantcheck.storage.store import write_text_atomic
 
     folder, results = run(config.options())
     write_text_atomic(folder / CONFIG_FILE, resolved_toml(config, results.config))

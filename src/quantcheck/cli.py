@@ -170,7 +170,7 @@ def _print_summary(results, quiet: bool) -> None:
 
 
 def _question_summary(results) -> Table:
-    from quantcheck.report.format import memory_vs_ref, nats, percent, points_ci
+    from quantcheck.analysis.format import memory_vs_ref, nats, percent, points_ci
 
     table = Table(title="quantcheck summary")
     for column in ("model", "acc (loglik)", "Δ acc (95% CI)", "acc (gen)", "mean KL", "top-1 agree", "weights vs ref", "verdict"):
@@ -192,8 +192,7 @@ def _question_summary(results) -> Table:
 
 def _text_summary(results) -> Table:
     """A text or prompts run has no accuracy: perplexity and its ratio to the reference's stand in its place."""
-    from quantcheck.report.format import memory_vs_ref, nats, number, number_ci, percent
-
+    from quantcheck.analysis.format import memory_vs_ref, nats, number, number_ci, percent
     from quantcheck.report.table import corpus_wording
 
     table = Table(title=f"quantcheck summary: {corpus_wording(results).size}")
@@ -291,7 +290,7 @@ def compare_lmeval(
     """Compare two lm-eval runs document by document: paired difference, flips, McNemar, verdict per task."""
     from quantcheck.interop.lmeval import compare_runs, read_run
     from quantcheck.interop.lmeval_report import COLUMNS, comparison_file, headline, not_compared, row, write_comparison
-    from quantcheck.results.schema import Thresholds
+    from quantcheck.schema.results import Thresholds
 
     try:
         if not 0 <= max_accuracy_drop <= 100:
@@ -336,7 +335,7 @@ def schema() -> None:
     """Print the JSON Schema of results.json (one line per item of items.jsonl: ItemRecord in $defs)."""
     import json
 
-    from quantcheck.results.schema import ItemRecord, Results
+    from quantcheck.schema.results import ItemRecord, Results
 
     document = Results.model_json_schema()
     document.setdefault("$defs", {})["ItemRecord"] = ItemRecord.model_json_schema()

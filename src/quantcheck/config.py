@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from quantcheck.backends import DEFAULT_BACKEND
-from quantcheck.data.corpus import MIN_CONTEXT, TEXT_PREFIX
+from quantcheck.data.corpus import TEXT_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import EngineSettings, GenerationOptions
-from quantcheck.results.schema import Thresholds
-from quantcheck.results.store import StoreSettings
+from quantcheck.schema.jobs import EngineSettings
+from quantcheck.schema.models import MIN_CONTEXT, GenerationOptions
+from quantcheck.schema.results import Thresholds
+from quantcheck.storage.store import StoreSettings
 
 if TYPE_CHECKING:
     from quantcheck.orchestration.runner import RunOptions
@@ -231,7 +232,7 @@ def _absolute_dataset(dataset: str) -> str:
 
 def _absolute_checkpoint(variant: str) -> str:
     """'vllm:pretrained:./awq' -> 'vllm:pretrained:/abs/awq'; other variants as they are."""
-    from quantcheck.specs import PRETRAINED
+    from quantcheck.backends.variants import PRETRAINED
 
     head, marker, source = variant.partition(f"{PRETRAINED}:")
     return head + marker + _absolute(source) if marker and source else variant

@@ -32,8 +32,9 @@ from quantcheck.errors import QuantMethodError
 if TYPE_CHECKING:
     import numpy as np
 
-    from quantcheck.jobs import EngineSettings, JobSpec, ModelSpec
-    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.jobs import EngineSettings, JobSpec
+    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 
 @dataclass(frozen=True)

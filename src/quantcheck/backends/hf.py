@@ -13,13 +13,14 @@ import numpy as np
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.models.quant_methods import REGISTRY, LoadRequest, QuantMethod
-from quantcheck.results.schema import EngineInfo
+from quantcheck.schema.results import EngineInfo
 
 if TYPE_CHECKING:
     import torch
 
-    from quantcheck.jobs import EngineSettings, ModelSpec
-    from quantcheck.results.schema import GenerationSettings, ModelCost
+    from quantcheck.schema.jobs import EngineSettings
+    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.results import GenerationSettings, ModelCost
 
 
 def _keeps_last_logits_only(model) -> dict[str, int]:
@@ -91,7 +92,7 @@ class HFBackend(Backend):
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        from quantcheck.measure.batching import left_padded
+        from quantcheck.data.batching import left_padded
 
         batch = left_padded([list(ids) for ids in prompts], self.tokenizer.pad_token_id, self.job.device)
         return answer_position_logprobs(self.model, batch).numpy()
@@ -111,9 +112,9 @@ class HFBackend(Backend):
         """One batch through `generate`, seeded per batch with `seeds[0]`; new ids cut at the first stop token."""
         import torch
 
-        from quantcheck.measure.batching import left_padded
-        from quantcheck.measure.throughput import explicit_generation_config, neutral_generation_defaults
-        from quantcheck.measure.timing import Clock
+        from quantcheck.cost.throughput import explicit_generation_config, neutral_generation_defaults
+        from quantcheck.cost.timing import Clock
+        from quantcheck.data.batching import left_padded
 
         config = explicit_generation_config(
             self.tokenizer, do_sample=not settings.greedy, temperature=settings.temperature,
@@ -134,7 +135,7 @@ class HFBackend(Backend):
         return new_ids
 
     def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
-        from quantcheck.measure.cost import measure_cost
+        from quantcheck.cost.scenario import measure_cost
 
         return measure_cost(self._build, self.tokenizer, texts, settings, self.job.device, on_step=on_step)
 

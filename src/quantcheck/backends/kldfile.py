@@ -31,10 +31,11 @@ import numpy as np
 from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
+from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, added_bos
 from quantcheck.errors import QuantcheckError
 
 if TYPE_CHECKING:
-    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 MAGIC = b"_logits_"
 HEADER = np.dtype([("magic", "S8"), ("n_ctx", "<u4"), ("n_vocab", "<i4"), ("n_chunk", "<i4")])
@@ -109,6 +110,16 @@ def read_kld_base(path: Path) -> KldBase:
     return KldBase(path=path, n_ctx=n_ctx, n_vocab=n_vocab, tokens=tokens, rows=rows)
 
 
+def recorded_corpus(spec: str, tokenizer_folder: Path, trust_remote_code: bool) -> TextCorpus:
+    """A llama-perplexity base file's windows as text (their tokens decoded), for the report and the cost phase;
+    the windows themselves are replayed as recorded."""
+    from quantcheck.models.loading import load_tokenizer
+
+    base = read_kld_base(Path(spec.removeprefix(KLD_PREFIX)))
+    text = load_tokenizer(str(tokenizer_folder), trust_remote_code).decode(base.tokens.ravel().tolist())
+    return TextCorpus(spec=spec, source=f"llama-perplexity base file {base.path} ({len(base.tokens)} windows of {base.n_ctx} tokens)", text=text)
+
+
 class KldFileBackend(Backend):
     """The reference as llama-perplexity recorded it: rows read, nothing run (no generation, no cost)."""
 
@@ -139,14 +150,12 @@ class KldFileBackend(Backend):
     def recorded_windows(self) -> list[list[int]]:
         """The file's windows as the base model saw them: llama.cpp puts the beginning-of-sequence token first where the
         tokenizer adds one, and records the text's own first token."""
-        from quantcheck.data.corpus import added_bos
-
         bos = added_bos(self.tokenizer)
         windows = self.base.tokens.tolist()
         return [[bos, *window[1:]] for window in windows] if bos is not None else windows
 
     def describe(self) -> EngineInfo:
-        from quantcheck.results.schema import EngineInfo
+        from quantcheck.schema.results import EngineInfo
 
         return EngineInfo(engine="llama-perplexity base file", version="kl-divergence-base", compute_dtype="unknown", devices=[],
                           parallel={"file": str(self.base.path), "n_ctx": self.base.n_ctx, "chunks": len(self.base.tokens)})

@@ -39,8 +39,9 @@ from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
 
 if TYPE_CHECKING:
-    from quantcheck.jobs import EngineSettings, ModelSpec
-    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.jobs import EngineSettings
+    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 PREFIX = "gguf"
 CONVERTER_VARIABLE = "QUANTCHECK_LLAMA_CPP_CONVERTER"
@@ -319,7 +320,7 @@ class LlamaCppBackend(Backend):
     @classmethod
     def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
         """`gguf:FILE.gguf` (any path) is a user's file; a name without a path is a type for `method_info`."""
-        from quantcheck.jobs import ModelSpec
+        from quantcheck.schema.models import ModelSpec
 
         if rest.startswith("pretrained:"):
             raise QuantMethodError(f"{PREFIX}:pretrained:PATH is not a form: name a GGUF file as {PREFIX}:FILE.gguf")
@@ -378,7 +379,7 @@ class LlamaCppBackend(Backend):
     def describe(self) -> EngineInfo:
         import llama_cpp
 
-        from quantcheck.results.schema import EngineInfo, PrecisionInfo
+        from quantcheck.schema.results import EngineInfo, PrecisionInfo
 
         header = read_gguf_header(self.path)
         precision = PrecisionInfo(parameter_dtypes=header.tensor_types, devices=["cpu"], compute_dtype="float32", offloaded=False)
@@ -471,15 +472,14 @@ def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_s
     - latency: see `LATENCY_METHOD`; generation: fixed-length greedy decoding per prompt.
     """
     import llama_cpp
-
-    from quantcheck.measure.batching import fixed_length_prompts
-    from quantcheck.measure.cost import CostSettings
     import torch
 
-    from quantcheck.measure.latency import Repeats, check_cpu_cap, repeat_timed, sweep_batch_sizes
-    from quantcheck.measure.memory import PeakMemoryTracker
-    from quantcheck.measure.timing import Clock
-    from quantcheck.results.schema import ModelCost, WeightMemory
+    from quantcheck.cost.latency import Repeats, check_cpu_cap, repeat_timed, sweep_batch_sizes
+    from quantcheck.cost.memory import PeakMemoryTracker
+    from quantcheck.cost.scenario import CostSettings
+    from quantcheck.cost.timing import Clock
+    from quantcheck.data.batching import fixed_length_prompts
+    from quantcheck.schema.results import ModelCost, WeightMemory
 
     settings = CostSettings(**settings) if isinstance(settings, dict) else settings
     path = backend.gguf_file()
@@ -521,8 +521,8 @@ def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracke
     """
     import llama_cpp
 
-    from quantcheck.measure.contention import other_load
-    from quantcheck.results.schema import GenerationCost
+    from quantcheck.cost.contention import other_load
+    from quantcheck.schema.results import GenerationCost
 
     new_tokens = settings.generation_new_tokens
     prompts = [backend.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len] for index in range(settings.generation_prompts)]

@@ -34,8 +34,9 @@ from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
 
 if TYPE_CHECKING:
-    from quantcheck.jobs import EngineSettings, ModelSpec
-    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.jobs import EngineSettings
+    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 INTERPRETER_VARIABLE = "QUANTCHECK_VLLM_PYTHON"
 INSTALL_HINT = (
@@ -168,7 +169,7 @@ class VllmBackend(Backend):
     def describe(self) -> EngineInfo:
         import vllm
 
-        from quantcheck.results.schema import EngineInfo
+        from quantcheck.schema.results import EngineInfo
 
         engine = self.job.engine
         config = self.llm.llm_engine.model_config
@@ -260,13 +261,13 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     """
     from vllm import SamplingParams
 
-    from quantcheck.measure.batching import fixed_length_prompts
-    from quantcheck.measure.contention import other_load
-    from quantcheck.measure.cost import CostSettings
-    from quantcheck.measure.latency import Repeats, repeat_timed, sweep_batch_sizes
-    from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
-    from quantcheck.measure.timing import Clock
-    from quantcheck.results.schema import GenerationCost, ModelCost
+    from quantcheck.cost.contention import other_load
+    from quantcheck.cost.latency import Repeats, repeat_timed, sweep_batch_sizes
+    from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
+    from quantcheck.cost.scenario import CostSettings
+    from quantcheck.cost.timing import Clock
+    from quantcheck.data.batching import fixed_length_prompts
+    from quantcheck.schema.results import GenerationCost, ModelCost
 
     settings = CostSettings(**settings) if isinstance(settings, dict) else settings
     job = backend.job

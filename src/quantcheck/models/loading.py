@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from quantcheck.errors import ModelNotFoundError, QuantcheckError
 from quantcheck.models.builtin import BUILTIN_NAME, BUILTIN_NOTE, builtin_model_dir
 from quantcheck.models.quant_methods import LoadRequest, QuantMethod
-from quantcheck.results.schema import ModelInfo, PrecisionInfo
+from quantcheck.schema.results import ModelInfo, PrecisionInfo
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from quantcheck.jobs import EVENT_PREFIX, JobSpec
 from quantcheck.orchestration.progress import ProgressView
-from quantcheck.results.folder import RunFolder
-from quantcheck.results.store import write_json_atomic
+from quantcheck.schema.jobs import EVENT_PREFIX, JobSpec
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import write_json_atomic
 
 
 @dataclass

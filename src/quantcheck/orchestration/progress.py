@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class ProgressView:
@@ -74,28 +76,3 @@ class ProgressView:
         # one line however narrow the terminal: a log or a grep sees the whole message
         self.progress.console.print(f"[red]{escape(label)} failed[/red]: {escape(message)}", soft_wrap=True)
         self.console.quiet = self.quiet
-
-
-@contextmanager
-def output_to(log: Path) -> Iterator[None]:
-    """Send everything written to stdout and stderr, by Python or by native code, to `log` meanwhile.
-
-    Libraries print at the file-descriptor level (torchao's "Failed to load ... .so", tqdm bars,
-    torch warnings); the terminal keeps quantcheck's own lines and the log keeps theirs.
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with log.open("ab") as handle:
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for descriptor in saved:
-                os.close(descriptor)

@@ -13,19 +13,28 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
-from quantcheck import __version__
 from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
-from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, is_corpus, load_corpus, recorded_corpus, scored_count
+from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, is_corpus, load_corpus, scored_count
 from quantcheck.data.items import Dataset
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import CorpusJob, EngineSettings, GenerationOptions, JobSpec, ModelSpec
 from quantcheck.orchestration.launcher import Launcher
 from quantcheck.orchestration.progress import ProgressView
-from quantcheck.results.folder import RunFolder
-from quantcheck.results.schema import SCHEMA_VERSION, DatasetInfo, ItemRecord, Results, RunWarning, Thresholds, WindowRecord
-from quantcheck.results.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
+from quantcheck.schema.jobs import EngineSettings, JobSpec
+from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
+from quantcheck.schema.results import (
+    QUANTCHECK_VERSION,
+    SCHEMA_VERSION,
+    DatasetInfo,
+    ItemRecord,
+    Results,
+    RunWarning,
+    Thresholds,
+    WindowRecord,
+)
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
 
 
 class Interrupted(QuantcheckError):
@@ -84,9 +93,16 @@ def run(options: RunOptions) -> tuple[Path, Results]:
 
 
 def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]:
-    from quantcheck.environment import describe_environment
+    from quantcheck.backends.variants import (
+        SAMPLING_FLOOR_SEED_OFFSET,
+        check_specs,
+        describe,
+        floor_specs,
+        reference_spec,
+        variant_spec,
+    )
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
-    from quantcheck.specs import SAMPLING_FLOOR_SEED_OFFSET, check_specs, floor_specs, reference_spec, variant_spec
+    from quantcheck.orchestration.environment import describe_environment
 
     _validate(options)
     model = resolve_model(options.model, options.allow_pickle)
@@ -116,7 +132,7 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
     # Imported once the input is known good (scipy takes seconds), while the fork server still imports torch.
-    from quantcheck.results.summarize import summarize
+    from quantcheck.analysis.summarize import summarize
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
@@ -132,7 +148,7 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
     # The results schema too: a version that scores differently (schema 6: windows cut as llama.cpp cuts them, a base
     # file decoded as llama.cpp decodes it, a seed per model and item) recomputes what an older one stored.
-    reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": __version__,
+    reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": QUANTCHECK_VERSION,
                      "results_schema": SCHEMA_VERSION,
                      "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
     if models[0].endpoint is not None:
@@ -199,7 +215,8 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
     results = summarize(
         out, config=config, model=model.info(dtype, device), dataset=dataset_info,
-        environment=describe_environment(device, threads), models=models, floors=floors, cost_rounds=options.cost_rounds if options.cost else 0,
+        environment=describe_environment(device, threads), models=models,
+        descriptions={spec.name: describe(spec) for spec in models}, floors=floors, cost_rounds=options.cost_rounds if options.cost else 0,
         thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
         expected={"loglik": options.loglik and not corpus, "generation": options.generation is not None, "cost": options.cost,
                   "corpus": options.loglik and corpus},
@@ -259,6 +276,8 @@ def _recorded_text(options: RunOptions) -> RunOptions:
 
 def _load(options: RunOptions, model_path: Path) -> Dataset | TextCorpus | PromptSet:
     if options.dataset.startswith(KLD_PREFIX):
+        from quantcheck.backends.kldfile import recorded_corpus
+
         return recorded_corpus(options.dataset, model_path, options.trust_remote_code)
     if is_corpus(options.dataset):
         return load_corpus(options.dataset)
@@ -285,7 +304,7 @@ def _dataset_info(dataset: Dataset | TextCorpus | PromptSet, folder: RunFolder, 
 
 def _cost_settings(device: str, overrides: dict[str, object], threads: int) -> dict[str, object]:
     """The device defaults with the user's overrides; `--iterations N` caps the minimum too."""
-    from quantcheck.measure.cost import CostSettings
+    from quantcheck.cost.scenario import CostSettings
 
     merged = {**CostSettings.for_device(device).model_dump(), **overrides, "threads": threads}
     merged["min_iterations"] = min(merged["min_iterations"], merged["max_iterations"])
@@ -306,7 +325,7 @@ def _require_chat_template(path: Path, trust_remote_code: bool) -> None:
 
 
 def _default_threads() -> int:
-    from quantcheck.measure.cost import default_threads
+    from quantcheck.cost.scenario import default_threads
 
     return default_threads()
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import EVENT_PREFIX, JobSpec
-from quantcheck.results.store import append_records, read_latest_by_id, write_json_atomic, write_text_atomic
-from quantcheck.results.folder import RunFolder
+from quantcheck.schema.jobs import EVENT_PREFIX, JobSpec
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import append_records, read_latest_by_id, write_json_atomic, write_text_atomic
 
 
 def emit(event: str, **fields: object) -> None:
@@ -27,10 +27,15 @@ def emit(event: str, **fields: object) -> None:
 
 def run_quality(job: JobSpec, folder: RunFolder) -> None:
     from quantcheck.backends import get_backend
-    from quantcheck.measure.generative import encode_generation_prompts, generate_answers, resolve_settings, stop_token_ids
     from quantcheck.data.prompts import loglik_prompt
-    from quantcheck.measure.loglik import encode_items, score_items
-    from quantcheck.results.schema import ItemRecord
+    from quantcheck.schema.results import ItemRecord
+    from quantcheck.scoring.generative import (
+        encode_generation_prompts,
+        generate_answers,
+        resolve_settings,
+        stop_token_ids,
+    )
+    from quantcheck.scoring.loglik import encode_items, score_items
 
     spec = job.model
     backend = get_backend(spec.backend)(job)
@@ -88,7 +93,7 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
                          done=done, on_batch=_phase_sink(path, "generation", len(items), _finished(items, done)))
 
     if job.engine_floor:
-        from quantcheck.measure.engine_floor import floor_batch, question_floor
+        from quantcheck.scoring.engine_floor import floor_batch, question_floor
 
         _engine_floor(job, folder, backend,
                       lambda: question_floor(backend.next_token_logprobs, encoded.prompt_ids, spec.name, floor_batch(job.batch_size)))
@@ -97,7 +102,7 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
 def _engine_info(backend, stored: Path):
     """The engine's description; a served model's tokenizer check is kept from an earlier job of this run where this
     one does not repeat it (a resumed generation), so a resume cannot forget that a tokenizer was never verified."""
-    from quantcheck.results.schema import EngineInfo
+    from quantcheck.schema.results import EngineInfo
 
     engine = backend.describe()
     if engine.tokenizer_verified is None and stored.exists():
@@ -138,8 +143,8 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
     """Every token of the run's sequences through one model: the reference makes them (a text's windows, or
     its answers to the prompts) and fills the store; a variant replays them."""
     from quantcheck.data.corpus import scored_count
-    from quantcheck.measure.corpus import score_windows
-    from quantcheck.results.schema import WindowRecord
+    from quantcheck.schema.results import WindowRecord
+    from quantcheck.scoring.corpus import score_windows
 
     spec = job.model
     sequences, firsts = (_prompt_sequences if job.corpus.kind == "prompts" else _text_windows)(job, folder, backend)
@@ -168,7 +173,7 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
     score_windows(backend.window_logprobs, spec.name, sequences, firsts, batch_size=job.batch_size, reference=reference,
                   is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
     if job.engine_floor:
-        from quantcheck.measure.engine_floor import sequence_floor
+        from quantcheck.scoring.engine_floor import sequence_floor
 
         _engine_floor(job, folder, backend, lambda: sequence_floor(backend.window_logprobs, sequences, firsts, spec.name))
 
@@ -194,7 +199,7 @@ def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[li
     variant see the same ones); a variant encodes the prompts itself, so another tokenizer shows as a mismatch.
     A prompt the reference answers with nothing at once has no token to score.
     """
-    from quantcheck.measure.generative import encode_chats, resolve_settings, stop_token_ids
+    from quantcheck.scoring.generative import encode_chats, resolve_settings, stop_token_ids
 
     spec, options = job.model, job.corpus
     tokenizer = backend.tokenizer
@@ -227,7 +232,7 @@ def _phase_sink(path: Path, phase: str, total: int, done: int) -> Callable[[list
 
 def run_cost(job: JobSpec, folder: RunFolder) -> None:
     from quantcheck.backends import get_backend
-    from quantcheck.measure.cost import CostSettings
+    from quantcheck.cost.scenario import CostSettings
 
     backend = get_backend(job.model.backend)(job)
     settings = CostSettings(**(job.cost or {}))

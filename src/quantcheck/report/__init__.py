@@ -50,10 +50,10 @@ def render_report(run_dir: Path) -> ReportFiles:
     # Imported here so `import quantcheck.report` stays cheap (matplotlib loads only to render).
     from quantcheck.report import plots
     from quantcheck.report.data import load_run
-    from quantcheck.results.store import write_text_atomic
     from quantcheck.report.html import render_html
     from quantcheck.report.markdown import render_markdown
     from quantcheck.report.table import metrics_csv
+    from quantcheck.storage.store import write_text_atomic
 
     start = time.perf_counter()
     run_dir = Path(run_dir)

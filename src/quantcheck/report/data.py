@@ -16,7 +16,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from quantcheck.errors import ResultsFolderError
-from quantcheck.results.schema import ItemRecord, ModelResult, Results, WindowRecord
+from quantcheck.schema.results import ItemRecord, ModelResult, Results, WindowRecord
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"

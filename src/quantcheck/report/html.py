@@ -18,7 +18,7 @@ from quantcheck.report import table
 from quantcheck.report.data import RunData
 from quantcheck.report.plots import FigureSpec
 from quantcheck.report.sections import config_rows, environment_rows, missing_notes, run_title, warning_rows
-from quantcheck.results.schema import ItemRecord
+from quantcheck.schema.results import ItemRecord
 
 TEMPLATES = Path(__file__).parent / "templates"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -24,11 +24,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from quantcheck.report import format as fmt  # noqa: E402
+from quantcheck.analysis import format as fmt  # noqa: E402
 from quantcheck.report.data import RunData, reference_model  # noqa: E402
 from quantcheck.report.table import corpus_wording  # noqa: E402
-from quantcheck.results.store import write_bytes_atomic  # noqa: E402
-from quantcheck.results.schema import ItemRecord, ModelResult, Results, WindowRecord  # noqa: E402
+from quantcheck.schema.results import ItemRecord, ModelResult, Results, WindowRecord  # noqa: E402
+from quantcheck.storage.store import write_bytes_atomic  # noqa: E402
 
 DPI = 110
 FIGURES_DIR = "figures"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from quantcheck.report import format as fmt
+from quantcheck.analysis import format as fmt
 from quantcheck.report.data import DATASET_FILE, ITEMS_FILE, RunData
 from quantcheck.report.table import corpus_wording
-from quantcheck.results.schema import SCHEMA_VERSION, GenerationSettings, Results
+from quantcheck.schema.results import SCHEMA_VERSION, GenerationSettings, Results
 
 
 @dataclass

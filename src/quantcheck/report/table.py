@@ -11,10 +11,18 @@ import io
 import re
 from dataclasses import dataclass, field
 
-from quantcheck.report import format as fmt
+from quantcheck.analysis import format as fmt
+from quantcheck.analysis.corpus import DELTA_P_PERCENTILES, KL_PERCENTILES
 from quantcheck.report.data import is_text_run, reference_model, variant_models
-from quantcheck.results.corpus import DELTA_P_PERCENTILES, KL_PERCENTILES
-from quantcheck.results.schema import DRIFT_TOLERANCE, Estimate, Interval, LatencyPoint, ModelResult, Results, undisturbed_rounds
+from quantcheck.schema.results import (
+    DRIFT_TOLERANCE,
+    Estimate,
+    Interval,
+    LatencyPoint,
+    ModelResult,
+    Results,
+    undisturbed_rounds,
+)
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
 

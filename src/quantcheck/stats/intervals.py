@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from quantcheck.results.schema import Accuracy, Estimate, Interval
+from quantcheck.schema.results import Accuracy, Estimate, Interval
 
 RESAMPLE_CELLS = 4_000_000
 """Values drawn per bootstrap chunk: bounds memory on a full MMLU run (14k items) to ~32 MB."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from scipy import optimize, stats
 
-from quantcheck.results.schema import Interval, PairedComparison, SamplingComparison
+from quantcheck.schema.results import Interval, PairedComparison, SamplingComparison
 from quantcheck.stats.intervals import wilson_interval
 
 MIN_DISCORDANT_FRACTION = 0.02

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quantcheck.results.schema import GenerationCost, Interval, LatencyPoint, undisturbed_rounds
+from quantcheck.schema.results import GenerationCost, Interval, LatencyPoint, undisturbed_rounds
 
 LEVEL = 0.95
 RESAMPLES = 2000

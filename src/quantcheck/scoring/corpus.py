@@ -17,10 +17,16 @@ import numpy as np
 import torch
 
 from quantcheck.data.corpus import scored_positions
-from quantcheck.measure.loglik import compare_with_reference, finite_or_none, kl_lower_bound_method, reference_rows, reference_top
 from quantcheck.metrics.next_token import TOP_K, exact_top_k, jaccard_at_k, top_k_ids
-from quantcheck.results.schema import WindowRecord
-from quantcheck.results.store import CompactStore, ReferenceStore
+from quantcheck.schema.results import WindowRecord
+from quantcheck.scoring.loglik import (
+    compare_with_reference,
+    finite_or_none,
+    kl_lower_bound_method,
+    reference_rows,
+    reference_top,
+)
+from quantcheck.storage.store import CompactStore, ReferenceStore
 
 
 def _batches(todo: list[int], sequences: Sequence[Sequence[int]], firsts: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from quantcheck.results.schema import NumericFloor
+from quantcheck.schema.results import NumericFloor
 
 FLOOR_QUESTIONS = 32
 FLOOR_SEQUENCES = 4

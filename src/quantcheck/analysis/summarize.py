@@ -13,13 +13,14 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quantcheck import __version__
-from quantcheck.backends import get_backend
-from quantcheck.jobs import ModelSpec
-from quantcheck.results.folder import RunFolder
-from quantcheck.specs import RECORDED_BACKEND
-from quantcheck.results.schema import (
+from quantcheck.analysis.corpus import SpanText, corpus_statistics
+from quantcheck.analysis.divergence import divergence_summary
+from quantcheck.analysis.verdict import decide, fail_level, quality_check_count
+from quantcheck.schema.models import ModelSpec
+from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
+    QUANTCHECK_VERSION,
+    CorpusStatistics,
     CostComparison,
     DatasetInfo,
     EngineInfo,
@@ -31,7 +32,6 @@ from quantcheck.results.schema import (
     LoglikAnswer,
     ModelCost,
     ModelInfo,
-    CorpusStatistics,
     ModelResult,
     NumericFloor,
     PairedComparison,
@@ -45,13 +45,17 @@ from quantcheck.results.schema import (
     WindowRecord,
     undisturbed_rounds,
 )
-from quantcheck.results.corpus import SpanText, corpus_statistics
-from quantcheck.results.divergence import divergence_summary
-from quantcheck.results.store import read_latest_by_id, write_json_atomic, write_text_atomic
 from quantcheck.stats.intervals import accuracy, bootstrap_mean, proportion
 from quantcheck.stats.paired import compare_paired, compare_with_floor
-from quantcheck.stats.speed import decode_round_rates, decode_speedup_interval, latency_ratio_interval, latency_round_medians, spread
-from quantcheck.verdict import decide, fail_level, quality_check_count
+from quantcheck.stats.speed import (
+    decode_round_rates,
+    decode_speedup_interval,
+    latency_ratio_interval,
+    latency_round_medians,
+    spread,
+)
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import read_latest_by_id, write_json_atomic, write_text_atomic
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
@@ -215,18 +219,6 @@ def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], ge
     return gaps
 
 
-def _description(spec: ModelSpec) -> str:
-    if spec.endpoint is not None:
-        rows = "full vocabulary" if spec.endpoint.top_logprobs is None else f"top-{spec.endpoint.top_logprobs} log-probabilities"
-        return f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model} served at {spec.endpoint.url} ({rows})"
-    if spec.backend == RECORDED_BACKEND:
-        return f"the reference as llama-perplexity recorded it in {spec.weights}"
-    if spec.is_reference:
-        return f"the reference model at its recorded precision ({spec.backend})"
-    if spec.checkpoint:
-        return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
-    method = get_backend(spec.backend).methods()[spec.method]
-    return method.description if spec.backend == "hf" else f"{method.description} [{spec.backend}]"
 
 
 def read_windows(folder: RunFolder, spec: ModelSpec) -> list[WindowRecord]:
@@ -244,14 +236,14 @@ def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
     return SpanText(names, token_texts)
 
 
-def _model_result(folder: RunFolder, spec: ModelSpec, item_ids: list[str], expected: dict[str, bool], cost_rounds: int,
+def _model_result(folder: RunFolder, spec: ModelSpec, description: str, item_ids: list[str], expected: dict[str, bool], cost_rounds: int,
                   windows: tuple[int, int] = (0, 0)) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
     """One model's own numbers; `windows`: the sequences it scored of a text or prompts run, and the run's sequences."""
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
     result = ModelResult(name=spec.name, role=spec.role, backend=spec.backend, quant=None if spec.is_reference else spec.method,
-                         description=_description(spec))
+                         description=description)
     errors = _errors(folder, name)
     result.errors = [f"{kind}: {message}" for kind, message in errors.items()]
     result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
@@ -423,18 +415,19 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
 
 
 def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, dataset: DatasetInfo, environment: dict[str, object],
-              models: list[ModelSpec], floors: list[ModelSpec] = (), cost_rounds: int = 1, thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
-    """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now."""
+              models: list[ModelSpec], descriptions: dict[str, str], floors: list[ModelSpec] = (), cost_rounds: int = 1, thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
+    """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now. `descriptions`: each model's
+    name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine."""
     folder = RunFolder(root)
     corpus = dataset.kind in ("text", "prompts")
     item_ids = [] if corpus else [item.item_id for item in folder.read_items()]
-    results = Results(tool_version=__version__, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results = Results(tool_version=QUANTCHECK_VERSION, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
     windows = {spec.name: read_windows(folder, spec) for spec in models} if corpus else {}
     for spec in models:
-        result, quality, generated = _model_result(folder, spec, item_ids, expected, cost_rounds,
+        result, quality, generated = _model_result(folder, spec, descriptions[spec.name], item_ids, expected, cost_rounds,
                                                    (len(windows[spec.name]) if expected.get("corpus") else 0, dataset.n_items))
         results.models.append(result)
         per_model[spec.name] = (quality, generated)

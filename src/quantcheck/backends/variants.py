@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import RECORDED_BACKEND, EngineSettings, ModelSpec
+from quantcheck.schema.jobs import EngineSettings
+from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
 
 PRETRAINED = "pretrained"
 ENDPOINT_BACKEND = "openai"
@@ -37,7 +38,7 @@ def reference_spec(backend: str, weights: str, url: str | None = None, kld: str 
     if url is not None:
         if backend != DEFAULT_BACKEND:
             raise QuantcheckError(f"--reference-url and --backend {backend} name two engines for the reference: give one")
-        from quantcheck.backends.openai import endpoint_spec
+        from quantcheck.backends.openai.backend import endpoint_spec
 
         return endpoint_spec(url, "reference", weights)
     if backend not in engines:
@@ -83,3 +84,18 @@ def check_specs(specs: list[ModelSpec], device: str, engine: EngineSettings) -> 
         raise QuantcheckError("each --quant may be named once")
     for spec in specs:
         get_backend(spec.backend).check(spec, device, engine)
+
+
+def describe(spec: ModelSpec) -> str:
+    """What a compared model is, in the words of its engine (results.json's `description`)."""
+    if spec.endpoint is not None:
+        rows = "full vocabulary" if spec.endpoint.top_logprobs is None else f"top-{spec.endpoint.top_logprobs} log-probabilities"
+        return f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model} served at {spec.endpoint.url} ({rows})"
+    if spec.backend == RECORDED_BACKEND:
+        return f"the reference as llama-perplexity recorded it in {spec.weights}"
+    if spec.is_reference:
+        return f"the reference model at its recorded precision ({spec.backend})"
+    if spec.checkpoint:
+        return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
+    method = get_backend(spec.backend).methods()[spec.method]
+    return method.description if spec.backend == "hf" else f"{method.description} [{spec.backend}]"

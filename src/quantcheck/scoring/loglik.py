@@ -15,15 +15,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from quantcheck.data.batching import plan_batches
 from quantcheck.data.items import LETTERS, Item
 from quantcheck.data.prompts import answer_continuations, loglik_prompt
 from quantcheck.errors import QuantcheckError
-from quantcheck.measure.batching import plan_batches
 from quantcheck.metrics.next_token import (
-    TOP_K, KLBounds, exact_top_k, jaccard_all_k, kl_divergence, kl_from_top_k, kl_lower_bound, tail_log_mass, tail_samples, top_k_ids,
+    TOP_K,
+    KLBounds,
+    exact_top_k,
+    jaccard_all_k,
+    kl_divergence,
+    kl_from_top_k,
+    kl_lower_bound,
+    tail_log_mass,
+    tail_samples,
+    top_k_ids,
 )
-from quantcheck.results.schema import ItemRecord, LoglikAnswer
-from quantcheck.results.store import CompactStore, ReferenceStore
+from quantcheck.schema.results import ItemRecord, LoglikAnswer
+from quantcheck.storage.store import CompactStore, ReferenceStore
 
 
 @dataclass(frozen=True)

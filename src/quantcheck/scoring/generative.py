@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from quantcheck.data.batching import plan_batches
 from quantcheck.data.items import LETTERS, Item
 from quantcheck.data.prompts import GENERATION_INSTRUCTION, generation_prompt
 from quantcheck.errors import QuantcheckError
-from quantcheck.measure.batching import plan_batches
 from quantcheck.metrics.answers import extract_choice
-from quantcheck.results.schema import GeneratedAnswer, GenerationSettings, ItemRecord
+from quantcheck.schema.results import GeneratedAnswer, GenerationSettings, ItemRecord
 
 
 def sample_seed(run_seed: int, model_name: str, item_id: str) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from quantcheck.results.schema import Interval
+from quantcheck.schema.results import Interval
 
 NA = "n/a"
 

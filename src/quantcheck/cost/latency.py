@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from quantcheck.measure.contention import other_load
-from quantcheck.measure.memory import PeakMemoryTracker, tracking
-from quantcheck.measure.timing import Clock
-from quantcheck.results.schema import LatencyPoint
+from quantcheck.cost.contention import other_load
+from quantcheck.cost.memory import PeakMemoryTracker, tracking
+from quantcheck.cost.timing import Clock
+from quantcheck.schema.results import LatencyPoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

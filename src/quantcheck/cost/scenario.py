@@ -15,11 +15,11 @@ import psutil
 import torch
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
-from quantcheck.measure.latency import DEFAULT_BATCH_SIZES, batch_inputs, is_out_of_memory, latency_sweep
-from quantcheck.measure.memory import PeakMemoryTracker, count_weight_bytes
-from quantcheck.measure.throughput import measure_generation
-from quantcheck.measure.timing import Clock
-from quantcheck.results.schema import GenerationCost, ModelCost
+from quantcheck.cost.latency import DEFAULT_BATCH_SIZES, batch_inputs, is_out_of_memory, latency_sweep
+from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
+from quantcheck.cost.throughput import measure_generation
+from quantcheck.cost.timing import Clock
+from quantcheck.schema.results import GenerationCost, ModelCost
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

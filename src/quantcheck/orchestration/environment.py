@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-from quantcheck import __version__
+from quantcheck.schema.results import QUANTCHECK_VERSION
 
 _LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "hqq", "safetensors", "numpy")
 
@@ -24,7 +24,7 @@ def describe_environment(device: str, threads: int) -> dict[str, object]:
     import torch
 
     info: dict[str, object] = {
-        "quantcheck": __version__,
+        "quantcheck": QUANTCHECK_VERSION,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -10,7 +10,13 @@ from quantcheck.data.chats import PromptSet, last_user_message, read_prompt_line
 from quantcheck.data.corpus import TextCorpus
 from quantcheck.data.items import Dataset, Item, item_from_json
 from quantcheck.errors import ResultsFolderError
-from quantcheck.results.store import ReferenceStore, StoreSettings, open_reference_store, write_json_atomic, write_text_atomic
+from quantcheck.storage.store import (
+    ReferenceStore,
+    StoreSettings,
+    open_reference_store,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class RunFolder:

@@ -55,14 +55,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from quantcheck.report import format as fmt
-from quantcheck.results.schema import (
+
+from quantcheck.analysis import format as fmt
+from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
+    MIN_UNITS,
     CostComparison,
     Decision,
     DivergenceSummary,
     Estimate,
-    MIN_UNITS,
     Interval,
     ModelResult,
     NumericFloor,

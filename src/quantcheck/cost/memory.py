@@ -20,7 +20,7 @@ import psutil
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from quantcheck.results.schema import WeightMemory
+from quantcheck.schema.results import WeightMemory
 
 if TYPE_CHECKING:
     from torch import nn

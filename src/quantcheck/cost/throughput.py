@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantcheck.measure.contention import other_load
-from quantcheck.measure.memory import PeakMemoryTracker, tracking
-from quantcheck.measure.timing import Clock
-from quantcheck.results.schema import GenerationCost
+from quantcheck.cost.contention import other_load
+from quantcheck.cost.memory import PeakMemoryTracker, tracking
+from quantcheck.cost.timing import Clock
+from quantcheck.schema.results import GenerationCost
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase

@@ -12,7 +12,7 @@ quantcheck neither starts nor stops the server; it sends the reference's token i
 - Generation: one request per item with the run's explicit settings, `stop_token_ids` and
   `return_token_ids` (vLLM's extra fields), every sampling knob sent, so the server's own defaults
   (vLLM applies the model's generation_config.json) never apply.
-- Cost: what a client sees, streaming at each concurrency level (`quantcheck.measure.serving`);
+- Cost: what a client sees, streaming at each concurrency level (`quantcheck.backends.openai.serving`);
   the server's memory is not visible from here and is reported as not measured.
 
 Everything the server can get wrong (wrong URL, wrong model name, no log-probabilities) is
@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,33 +38,31 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from quantcheck.backends.base import Backend, MethodInfo
+from quantcheck.backends.openai.client import (
+    API_KEY_VARIABLES,
+    CONNECT_TIMEOUT_S,
+    MAX_CONCURRENCY,
+    RUN_ADVICE,
+    Client,
+    EndpointError,
+    transport_reason,
+)
 from quantcheck.errors import QuantcheckError
-from quantcheck.jobs import Endpoint
+from quantcheck.schema.models import Endpoint
 
 if TYPE_CHECKING:
-    import httpx
 
-    from quantcheck.jobs import EngineSettings, ModelSpec
-    from quantcheck.results.schema import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.jobs import EngineSettings
+    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
-API_KEY_VARIABLES = ("QUANTCHECK_API_KEY", "OPENAI_API_KEY")
 PREFIX = "url"
 SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K][&weight_gb=G]"
 OPTIONS = ("top_logprobs", "weight_gb")
 FALLBACK_TOP_LOGPROBS = (20, 5)
 """Asked for in turn when a server refuses the full vocabulary: OpenAI's chat and legacy limits."""
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-RETRIES = 4
-"""Tries after the first for a transient fault: waits of 1, 2, 4, 8 s (15 s) before giving up."""
 PROBE_RETRIES = 1
 PROBE_ADVICE = "is a server listening at that address?"
-RUN_ADVICE = "finished work is kept: run the same command again once the server is back"
-BACKOFF_S = 1.0
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 300.0
-"""A full-vocabulary row is ~2 MB of JSON (1-3 s on 2 CPU cores); queued behind others it takes longer."""
-MAX_CONCURRENCY = 8
-"""Single-prompt requests in flight at once (generation, cost): enough to fill a server's batch, bounded for shared servers."""
 PROBE_PROMPT = [1, 2, 3]
 TOKENIZER_SAMPLES = 3
 """Prompts the server's own tokenizer is checked on: a different tokenizer shows on the first."""
@@ -81,14 +77,6 @@ def _token_ids(tokens: object, method: str) -> list[int]:
     if not isinstance(tokens, list) or not all(isinstance(token, int) for token in tokens):
         raise _NoAnswer(f"{method} returned no token ids")
     return list(tokens)
-
-
-class EndpointError(QuantcheckError):
-    """A server fault or refusal, in one line; `status` is the HTTP status of a refusal."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def parse_endpoint(text: str) -> tuple[str, str | None, dict[str, str]]:
@@ -128,101 +116,6 @@ def _weight_bytes(options: dict[str, str], text: str) -> int | None:
     if gigabytes is not None and not (gigabytes > 0 and math.isfinite(gigabytes)):
         raise QuantcheckError(f"weight_gb must be a positive number of GiB (the served model's weight memory), got {value!r} in {text!r}")
     return None if gigabytes is None else round(gigabytes * 2**30)
-
-
-def _api_key() -> str | None:
-    return next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None)
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(text.split())[:limit]
-
-
-def server_message(response: httpx.Response) -> str:
-    """The server's error message (OpenAI's {"error": {"message"}} or vLLM's {"message"}), else the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        return _one_line(response.text) or response.reason_phrase
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        message = error.get("message") if isinstance(error, dict) else error
-        if message:
-            return _one_line(str(message))
-    return _one_line(response.text)
-
-
-def transport_reason(error: Exception) -> str:
-    import httpx
-
-    if isinstance(error, httpx.TimeoutException):
-        return f"no answer within {READ_TIMEOUT_S:.0f} s" if isinstance(error, httpx.ReadTimeout) else "connection timed out"
-    if isinstance(error, httpx.ConnectError):
-        return "connection refused" if "refused" in str(error).lower() else f"cannot connect ({_one_line(str(error), 120)})"
-    if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError)):
-        return "the server closed the connection mid-request"
-    return f"{type(error).__name__}: {_one_line(str(error), 120)}"
-
-
-class Client:
-    """One server: httpx with the API key header, bounded retries with backoff, one-line errors."""
-
-    def __init__(self, url: str, retries: int = RETRIES, advice: str = RUN_ADVICE) -> None:
-        import httpx
-
-        self.url = url
-        self.retries = retries
-        self.advice = advice
-        key = _api_key()
-        self.http = httpx.Client(
-            base_url=url + "/", headers={"Authorization": f"Bearer {key}"} if key else {},
-            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=MAX_CONCURRENCY), follow_redirects=False,
-        )
-
-    @property
-    def root(self) -> str:
-        """The server's root, where vLLM and SGLang answer /version and /tokenize (outside /v1)."""
-        return self.url.removesuffix("/v1")
-
-    def request(self, method: str, path: str, payload: dict[str, object] | None = None) -> dict:
-        """The JSON answer; transient faults are retried, anything else raises at once."""
-        import httpx
-
-        start, reason = time.monotonic(), ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-            try:
-                response = self.http.request(method, path, json=payload)
-            except httpx.TransportError as error:
-                reason = transport_reason(error)
-                continue
-            if response.status_code in TRANSIENT_STATUS:
-                reason = f"HTTP {response.status_code}: {server_message(response)}"
-                continue
-            if response.status_code >= 400:
-                hint = " (the base URL of an OpenAI-compatible API usually ends in /v1)" if response.status_code == 404 else ""
-                raise EndpointError(f"{self.url}/{path} answered HTTP {response.status_code}: {server_message(response)}{hint}",
-                                    response.status_code)
-            try:
-                return response.json()
-            except ValueError:
-                raise EndpointError(f"{self.url}/{path} did not answer JSON: is {self.url} the base URL of an OpenAI-compatible API (usually ending in /v1)?") from None
-        tries = f"{self.retries + 1} tries over {time.monotonic() - start:.0f} s"
-        raise EndpointError(f"{self.url}: {reason} ({tries}); {self.advice}")
-
-    def completions(self, payload: dict[str, object], count: int = 1) -> list[dict]:
-        """The `count` choices of `POST /completions` (one per prompt), in prompt order; one line when they are not there."""
-        answer = self.request("POST", "completions", payload)
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if not isinstance(choices, list) or len(choices) != count:
-            raise EndpointError(f"{self.url}/completions answered {len(choices) if isinstance(choices, list) else 'no'} choices "
-                                f"for {count} prompts: {_one_line(json.dumps(answer), 200)}")
-        return sorted(choices, key=lambda choice: choice.get("index", 0))
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def _row_request(model: str, prompts: Sequence[Sequence[int]], logprobs: int) -> dict[str, object]:
@@ -321,7 +214,7 @@ def connect(text: str, folder: str) -> Endpoint:
 
 def endpoint_spec(text: str, role: str, tokenizer_folder: str) -> ModelSpec:
     """A served model: `text` is URL[#MODEL][?top_logprobs=K]; the server is probed here, before any work."""
-    from quantcheck.jobs import ModelSpec
+    from quantcheck.schema.models import ModelSpec
 
     endpoint = connect(text, tokenizer_folder)
     url, model, _ = parse_endpoint(text)
@@ -445,7 +338,7 @@ class OpenAIBackend(Backend):
         return [int(token[len(TOKEN_ID_PREFIX):]) for token in tokens[:count]]
 
     def describe(self) -> EngineInfo:
-        from quantcheck.results.schema import EngineInfo
+        from quantcheck.schema.results import EngineInfo
 
         rows = "full vocabulary" if self.top_logprobs is None else f"top {self.top_logprobs}"
         parallel = {"url": self.endpoint.url, "served_model": self.endpoint.model, "logprobs": rows}
@@ -496,7 +389,7 @@ class OpenAIBackend(Backend):
             return list(pool.map(one, range(len(prompts))))
 
     def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
-        from quantcheck.measure.serving import measure_serving_cost
+        from quantcheck.backends.openai.serving import measure_serving_cost
 
         self.load()
         on_step("load")

@@ -7,11 +7,18 @@ too (multiply by 100 for points). Times are seconds, memory is bytes.
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
 SCHEMA_VERSION = 6
+
+try:
+    QUANTCHECK_VERSION = importlib.metadata.version("quantcheck")
+    """The one source is pyproject.toml's version, as installed."""
+except importlib.metadata.PackageNotFoundError:  # the source tree on sys.path without an install
+    QUANTCHECK_VERSION = "unknown"
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost", "corpus"]

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
-from quantcheck.backends.openai import MAX_CONCURRENCY, Client, EndpointError, server_message, transport_reason
+from quantcheck.backends.openai.client import MAX_CONCURRENCY, Client, EndpointError, server_message, transport_reason
 
 if TYPE_CHECKING:
-    from quantcheck.jobs import Endpoint
-    from quantcheck.results.schema import ModelCost, ServingPoint, TimingDistribution
+    from quantcheck.schema.models import Endpoint
+    from quantcheck.schema.results import ModelCost, ServingPoint, TimingDistribution
 
 REQUESTS_PER_SLOT = 2
 NOT_MEASURED = "not measured: a served model's memory is the server's, not visible to a client"
@@ -79,7 +79,7 @@ def stream_request(client: Client, payload: dict[str, object]) -> RequestTiming:
 
 
 def distribution(values: Sequence[float]) -> TimingDistribution | None:
-    from quantcheck.results.schema import TimingDistribution
+    from quantcheck.schema.results import TimingDistribution
 
     if not values:
         return None
@@ -91,7 +91,7 @@ def distribution(values: Sequence[float]) -> TimingDistribution | None:
 def sweep_level(send: Callable[[int], RequestTiming], concurrency: int, time_budget_s: float,
                 prompt_tokens: int, new_tokens: int) -> ServingPoint:
     """Keep `concurrency` requests in flight until REQUESTS_PER_SLOT x concurrency were sent or time is up."""
-    from quantcheck.results.schema import ServingPoint
+    from quantcheck.schema.results import ServingPoint
 
     total = REQUESTS_PER_SLOT * concurrency
     counter, lock = itertools.count(), threading.Lock()
@@ -137,9 +137,9 @@ def concurrency_levels(batch_sizes: Sequence[int]) -> list[int]:
 def measure_serving_cost(endpoint: Endpoint, tokenizer, texts: Sequence[str], settings, threads: int,
                          on_step: Callable[[str], None]) -> ModelCost:
     """Warm-up requests, then one `ServingPoint` per concurrency level; refused when every request failed."""
-    from quantcheck.measure.batching import fixed_length_prompts
-    from quantcheck.measure.cost import CostSettings
-    from quantcheck.results.schema import ModelCost
+    from quantcheck.cost.scenario import CostSettings
+    from quantcheck.data.batching import fixed_length_prompts
+    from quantcheck.schema.results import ModelCost
 
     settings = CostSettings(**settings) if isinstance(settings, dict) else settings
     levels = concurrency_levels(settings.batch_sizes)

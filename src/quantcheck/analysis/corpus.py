@@ -15,8 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from quantcheck.results.divergence import divergence_summary
-from quantcheck.results.schema import CorpusStatistics, Estimate, Interval, TokenAgreement, WindowRecord, WorstSpan
+from quantcheck.analysis.divergence import divergence_summary
+from quantcheck.schema.results import CorpusStatistics, Estimate, Interval, TokenAgreement, WindowRecord, WorstSpan
 from quantcheck.stats.intervals import bootstrap_mean
 
 KL_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "95": 95.0, "90": 90.0, "median": 50.0, "10": 10.0, "5": 5.0, "1": 1.0,

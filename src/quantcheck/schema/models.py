@@ -1,11 +1,7 @@
-"""What the parent asks a worker process to do: one model, one kind of work, in a fresh process.
+"""The compared models and the options every model shares: `ModelSpec` is the one description of a compared model.
 
-Like optimum-benchmark's launcher/scenario split: the parent never loads a model, so no model's
-weights or allocator state can leak into another's numbers, and a crash or OOM in one worker is
-recorded for that model while the run goes on.
-
-`ModelSpec` is the one description of a compared model. It is parsed and validated once in the
-parent (`quantcheck.specs`) and then flows unchanged into every job, results.json and the report.
+It is parsed and validated once in the parent (`quantcheck.backends.variants`) and then flows unchanged into every
+job, results.json and the report.
 """
 
 from __future__ import annotations
@@ -14,9 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from quantcheck.data.corpus import MIN_CONTEXT
-
-EVENT_PREFIX = "@@quantcheck "
+MIN_CONTEXT = 16
+"""The shortest text window scored: shorter ones have too few positions for a stable KL."""
 
 RECORDED_BACKEND = "kldfile"
 """A reference read from a llama-perplexity base file, never a variant's engine."""
@@ -48,16 +43,6 @@ class CorpusJob(BaseModel):
     recorded: bool = Field(False, description="text: the reference's windows come recorded with it (--reference-kld); every model replays them")
 
 
-class EngineSettings(BaseModel):
-    """Settings passed through to a serving engine (vLLM); ignored by engines without the notion."""
-
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    distributed_executor_backend: Literal["mp", "ray"] | None = None
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int = Field(2048, ge=16)
-    enforce_eager: bool = True
-    cpu_kv_cache_bytes: int = Field(1 << 30, gt=0, description="KV cache reserved by vLLM on CPU (its default asks for more than most machines have)")
 
 
 class Endpoint(BaseModel):
@@ -106,22 +91,3 @@ class ModelSpec(BaseModel):
         return self.role != "variant"
 
 
-class JobSpec(BaseModel):
-    kind: Literal["quality", "cost"]
-    run_dir: str
-    model: ModelSpec
-    device: str
-    dtype: str
-    threads: int
-    seed: int
-    batch_size: int
-    engine: EngineSettings = EngineSettings()
-    trust_remote_code: bool = False
-    allow_offload: bool = False
-    allow_pickle: bool = False
-    loglik: bool = True
-    generation: GenerationOptions | None = None
-    corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
-    engine_floor: bool = False  # set: also score a bounded subset twice with two batch plans (measure/engine_floor.py)
-    cost: dict[str, object] | None = None  # CostSettings fields
-    cost_round: int = 1

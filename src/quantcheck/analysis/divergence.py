@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from quantcheck.results.schema import DivergenceSummary
+from quantcheck.schema.results import DivergenceSummary
 from quantcheck.stats.intervals import heavy_tailed_mean
 
 COMPACT_KL_METHOD = ("estimated from the compact reference store: its top K exactly plus the tail from its samples (unbiased), "

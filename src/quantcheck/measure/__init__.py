@@ -1,1 +1,0 @@
-"""Consideration 1, cost: weight bytes, peak memory, forward latency and generation throughput."""
