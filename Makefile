@@ -97,6 +97,7 @@ TEST_WORKERS ?= 2
 
 test:
 	@$(MAKE) --no-print-directory $(ENV_JOBS) test-environments
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-environments: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser

@@ -31,8 +31,19 @@ def _job(backend: str, device: str, threads: int, dtype: str, run_dir: str):
     from quantcheck.schema.jobs import JobSpec
     from quantcheck.schema.models import ModelSpec
 
-    spec = ModelSpec(name="reference", role="reference", backend=backend, method="none", weights=str(builtin_model_dir()))
-    return JobSpec(kind="quality", run_dir=run_dir, model=spec, device=device, dtype=dtype, threads=threads, seed=0, batch_size=BATCH_SIZE)
+    spec = ModelSpec(
+        name="reference", role="reference", backend=backend, method="none", weights=str(builtin_model_dir())
+    )
+    return JobSpec(
+        kind="quality",
+        run_dir=run_dir,
+        model=spec,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        seed=0,
+        batch_size=BATCH_SIZE,
+    )
 
 
 def measure(backend_name: str, device: str, threads: int, questions: str) -> dict[str, float]:
@@ -62,9 +73,18 @@ def measure(backend_name: str, device: str, threads: int, questions: str) -> dic
         def scoring_pass(round_dir: Path) -> None:
             reference = FullStore(round_dir)
             reference.create(len(items), backend.vocab_width)
-            score_items(backend.next_token_logprobs, "reference", items, encoded, batch_size=BATCH_SIZE, reference=reference,
-                        is_reference=True, compare_tokens=True, done=set(),
-                        on_batch=lambda records: append_records(round_dir / "quality.jsonl", records))
+            score_items(
+                backend.next_token_logprobs,
+                "reference",
+                items,
+                encoded,
+                batch_size=BATCH_SIZE,
+                reference=reference,
+                is_reference=True,
+                compare_tokens=True,
+                done=set(),
+                on_batch=lambda records: append_records(round_dir / "quality.jsonl", records),
+            )
 
         for prompts in batches[:2]:
             bare(prompts)  # warm-up
@@ -108,8 +128,24 @@ def _in_subprocess(backend: str, device: str, threads: int, questions: str) -> d
     from quantcheck.orchestration.launcher import worker_environment
 
     interpreter = get_backend(backend).interpreter()
-    output = subprocess.run([interpreter, __file__, "--measure", backend, "--device", device, "--threads", str(threads), "--questions", questions],
-                            capture_output=True, text=True, env=worker_environment(), check=False)
+    output = subprocess.run(
+        [
+            interpreter,
+            __file__,
+            "--measure",
+            backend,
+            "--device",
+            device,
+            "--threads",
+            str(threads),
+            "--questions",
+            questions,
+        ],
+        capture_output=True,
+        text=True,
+        env=worker_environment(),
+        check=False,
+    )
     if output.returncode != 0:
         raise SystemExit(f"{backend} measurement failed:\n{output.stderr[-3000:]}")
     return json.loads(output.stdout.strip().splitlines()[-1])
@@ -134,7 +170,9 @@ def main() -> int:
         vllm = _in_subprocess("vllm", args.device, args.threads, questions)
     print(f"{hf['items']} questions, batch {BATCH_SIZE}, {args.threads} threads, {args.device}, best of {ROUNDS}")
     print(f"hf:   bare forward {hf['bare_s']:.2f} s   quantcheck pass {hf['pass_s']:.2f} s   load {hf['load_s']:.1f} s")
-    print(f"vllm: bare generate {vllm['bare_s']:.2f} s   quantcheck pass {vllm['pass_s']:.2f} s   engine start {vllm['load_s']:.1f} s")
+    print(
+        f"vllm: bare generate {vllm['bare_s']:.2f} s   quantcheck pass {vllm['pass_s']:.2f} s   engine start {vllm['load_s']:.1f} s"
+    )
     hf_ratio, vllm_ratio = hf["pass_s"] / hf["bare_s"], vllm["pass_s"] / vllm["bare_s"]
     print(f"ratio hf pass / bare forward       = {hf_ratio:.3f}  (target <= 1.15)")
     print(f"ratio vllm pass / bare generate    = {vllm_ratio:.3f}  (target <= 1.2)")

@@ -42,10 +42,23 @@ def main() -> None:
     from quantcheck.storage.store import CompactStore, StoreSettings, append_records
 
     def backend(name: str, method: str, run_dir: str) -> HFBackend:
-        spec = ModelSpec(name=name, role="reference" if method == "none" else "variant", backend="hf", method=method,
-                         weights=str(builtin_model_dir()))
-        job = JobSpec(kind="quality", run_dir=run_dir, model=spec, device="cpu", dtype="float32", threads=args.threads, seed=0,
-                      batch_size=BATCH_SIZE)
+        spec = ModelSpec(
+            name=name,
+            role="reference" if method == "none" else "variant",
+            backend="hf",
+            method=method,
+            weights=str(builtin_model_dir()),
+        )
+        job = JobSpec(
+            kind="quality",
+            run_dir=run_dir,
+            model=spec,
+            device="cpu",
+            dtype="float32",
+            threads=args.threads,
+            seed=0,
+            batch_size=BATCH_SIZE,
+        )
         engine = HFBackend(job)
         engine.load()
         return engine
@@ -57,8 +70,18 @@ def main() -> None:
         settings = StoreSettings()
         store = CompactStore(Path(run_dir), settings.top_k, settings.tail_samples)
         store.create(len(windows) * scored, reference.vocab_width)
-        score_windows(reference.window_logprobs, "reference", windows, firsts, batch_size=BATCH_SIZE, reference=store, is_reference=True,
-                      compare_tokens=True, done=set(), on_batch=lambda records: None)
+        score_windows(
+            reference.window_logprobs,
+            "reference",
+            windows,
+            firsts,
+            batch_size=BATCH_SIZE,
+            reference=store,
+            is_reference=True,
+            compare_tokens=True,
+            done=set(),
+            on_batch=lambda records: None,
+        )
         del reference
         variant = backend(args.variant, args.variant, run_dir)
         batches = [windows[start : start + BATCH_SIZE] for start in range(0, len(windows), BATCH_SIZE)]
@@ -70,8 +93,18 @@ def main() -> None:
 
         def quantcheck_pass(round_index: int) -> None:
             records = Path(run_dir) / f"corpus-{round_index}.jsonl"
-            score_windows(variant.window_logprobs, args.variant, windows, firsts, batch_size=BATCH_SIZE, reference=store, is_reference=False,
-                          compare_tokens=True, done=set(), on_batch=lambda batch: append_records(records, batch))
+            score_windows(
+                variant.window_logprobs,
+                args.variant,
+                windows,
+                firsts,
+                batch_size=BATCH_SIZE,
+                reference=store,
+                is_reference=False,
+                compare_tokens=True,
+                done=set(),
+                on_batch=lambda batch: append_records(records, batch),
+            )
 
         bare()  # warm-up
         bare_times, pass_times = [], []
@@ -85,13 +118,17 @@ def main() -> None:
         tokens = len(windows) * scored
         per_thousand = lambda seconds: 1000 * seconds / tokens  # noqa: E731
         bare_s, pass_s = min(bare_times), min(pass_times)
-        print(f"text:builtin, {len(windows)} windows of {args.context} tokens ({tokens} scored), {args.variant} against the fp32 "
-              f"reference's compact store, {args.threads} threads, best of {ROUNDS}")
+        print(
+            f"text:builtin, {len(windows)} windows of {args.context} tokens ({tokens} scored), {args.variant} against the fp32 "
+            f"reference's compact store, {args.threads} threads, best of {ROUNDS}"
+        )
         print(f"bare forward:     {per_thousand(bare_s):.3f} s per 1,000 scored tokens")
         print(f"quantcheck pass:  {per_thousand(pass_s):.3f} s per 1,000 scored tokens")
         print(f"ratio:            {pass_s / bare_s:.2f}x (target <= 1.2)")
-        print(f"store:            {store.bytes_per_row(variant.vocab_width):,} bytes per scored position "
-              f"(llama.cpp's base file: {2 * variant.vocab_width + 8:,}, {(2 * variant.vocab_width + 8) / store.bytes_per_row(variant.vocab_width):.0f}x more)")
+        print(
+            f"store:            {store.bytes_per_row(variant.vocab_width):,} bytes per scored position "
+            f"(llama.cpp's base file: {2 * variant.vocab_width + 8:,}, {(2 * variant.vocab_width + 8) / store.bytes_per_row(variant.vocab_width):.0f}x more)"
+        )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def run_child(method: str, device: str, threads: int | None) -> dict:
 def _loads(runs: list[dict], point: dict) -> str:
     """Each round's median at this point's batch size and the CPU others took meanwhile (a star: disturbed)."""
     rounds = [p for run in runs for p in run["cost"]["latency"] if p["batch_size"] == point["batch_size"]]
-    return ", ".join(f"{p['median_s'] * 1000:.0f} ({p['other_cpu_load']:.2f}{'*' if p['disturbed'] else ''})" for p in rounds)
+    return ", ".join(
+        f"{p['median_s'] * 1000:.0f} ({p['other_cpu_load']:.2f}{'*' if p['disturbed'] else ''})" for p in rounds
+    )
 
 
 def main() -> None:
@@ -79,13 +81,19 @@ def main() -> None:
     rounds: dict[str, list[dict]] = {"reference": [], "none": []}
     for name in ("reference", "none", "reference", "none"):  # ABAB, as a run times its models
         rounds[name].append(run_child("none", args.device, args.threads))  # the reference recipe is what "none" runs
-    ref_cost, var_cost = (merge_cost_rounds([ModelCost.model_validate(r["cost"]) for r in rounds[name]]).model_dump()
-                          for name in ("reference", "none"))
+    ref_cost, var_cost = (
+        merge_cost_rounds([ModelCost.model_validate(r["cost"]) for r in rounds[name]]).model_dump()
+        for name in ("reference", "none")
+    )
     seconds = {name: ", ".join(f"{r['seconds']:.1f}" for r in runs) for name, runs in rounds.items()}
-    print(f"device {args.device}, threads {ref_cost['threads']}, memory {ref_cost['memory_method']}, 2 rounds each (ABAB)")
+    print(
+        f"device {args.device}, threads {ref_cost['threads']}, memory {ref_cost['memory_method']}, 2 rounds each (ABAB)"
+    )
     print(f"whole cost measurement per model and round: reference {seconds['reference']} s, none {seconds['none']} s")
-    print(f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within"
-          "  per round: median ms (others' CPU in cores), ref / none")
+    print(
+        f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within"
+        "  per round: median ms (others' CPU in cores), ref / none"
+    )
     accepted = True
     for ref, var in zip(ref_cost["latency"], var_cost["latency"]):
         if ref["status"] != "ok" or var["status"] != "ok":

@@ -36,10 +36,12 @@ def sizes() -> None:
     compact, full = CompactStore(Path("."), settings.top_k, settings.tail_samples), FullStore(Path("."))
     for vocab in (49_152, 128_256):
         llama = LLAMA_CPP_BYTES * vocab
-        print(f"vocabulary {vocab:,}: compact {compact.bytes_per_row(vocab):,} B/position (1/{llama / compact.bytes_per_row(vocab):.0f} of "
-              f"llama.cpp's uint16 {llama:,} B; target <= 1/50), full float32 {full.bytes_per_row(vocab):,} B/position; "
-              f"MMLU {MMLU_QUESTIONS:,} questions: compact {MMLU_QUESTIONS * compact.bytes_per_row(vocab) / 1e6:.1f} MB, "
-              f"full {MMLU_QUESTIONS * full.bytes_per_row(vocab) / 1e9:.2f} GB")
+        print(
+            f"vocabulary {vocab:,}: compact {compact.bytes_per_row(vocab):,} B/position (1/{llama / compact.bytes_per_row(vocab):.0f} of "
+            f"llama.cpp's uint16 {llama:,} B; target <= 1/50), full float32 {full.bytes_per_row(vocab):,} B/position; "
+            f"MMLU {MMLU_QUESTIONS:,} questions: compact {MMLU_QUESTIONS * compact.bytes_per_row(vocab) / 1e6:.1f} MB, "
+            f"full {MMLU_QUESTIONS * full.bytes_per_row(vocab) / 1e9:.2f} GB"
+        )
 
 
 def _loaded(method: str, run_dir: str, threads: int):
@@ -50,8 +52,18 @@ def _loaded(method: str, run_dir: str, threads: int):
     from quantcheck.schema.models import ModelSpec
 
     spec = ModelSpec(name=method, role="variant", backend="hf", method=method, weights=str(builtin_model_dir()))
-    backend = HFBackend(JobSpec(kind="quality", run_dir=run_dir, model=spec, device="cpu", dtype="float32", threads=threads,
-                                seed=0, batch_size=BATCH_SIZE))
+    backend = HFBackend(
+        JobSpec(
+            kind="quality",
+            run_dir=run_dir,
+            model=spec,
+            device="cpu",
+            dtype="float32",
+            threads=threads,
+            seed=0,
+            batch_size=BATCH_SIZE,
+        )
+    )
     backend.load()
     return backend
 
@@ -60,7 +72,10 @@ def _stores(run_dir: str) -> dict[str, object]:
     from quantcheck.storage.store import CompactStore, FullStore, StoreSettings
 
     settings = StoreSettings()
-    return {"compact": CompactStore(Path(run_dir) / "compact", settings.top_k, settings.tail_samples), "full": FullStore(Path(run_dir) / "full")}
+    return {
+        "compact": CompactStore(Path(run_dir) / "compact", settings.top_k, settings.tail_samples),
+        "full": FullStore(Path(run_dir) / "full"),
+    }
 
 
 def passes(limit: int | None, threads: int) -> None:
@@ -79,16 +94,34 @@ def passes(limit: int | None, threads: int) -> None:
 
         def scoring_pass(store, is_reference: bool, records: Path) -> float:
             start = time.perf_counter()
-            score_items(backend.next_token_logprobs, "none", items, encoded, batch_size=BATCH_SIZE, reference=store, is_reference=is_reference,
-                        compare_tokens=True, done=set(), on_batch=lambda batch: append_records(records, batch))
+            score_items(
+                backend.next_token_logprobs,
+                "none",
+                items,
+                encoded,
+                batch_size=BATCH_SIZE,
+                reference=store,
+                is_reference=is_reference,
+                compare_tokens=True,
+                done=set(),
+                on_batch=lambda batch: append_records(records, batch),
+            )
             return time.perf_counter() - start
 
         for name, store in stores.items():
             store.create(len(items), backend.vocab_width)
             scoring_pass(store, True, Path(run_dir) / f"reference-{name}.jsonl")
-        variant_rows = [(rows, torch.from_numpy(backend.next_token_logprobs(prompts))) for rows, prompts in model_batches(encoded, BATCH_SIZE)]
-        timings = {name: min(scoring_pass(store, False, Path(run_dir) / f"variant-{name}-{round_index}.jsonl") for round_index in range(ROUNDS))
-                   for name, store in stores.items()}
+        variant_rows = [
+            (rows, torch.from_numpy(backend.next_token_logprobs(prompts)))
+            for rows, prompts in model_batches(encoded, BATCH_SIZE)
+        ]
+        timings = {
+            name: min(
+                scoring_pass(store, False, Path(run_dir) / f"variant-{name}-{round_index}.jsonl")
+                for round_index in range(ROUNDS)
+            )
+            for name, store in stores.items()
+        }
         compare = {}
         for name, store in stores.items():
             start = time.perf_counter()
@@ -96,10 +129,14 @@ def passes(limit: int | None, threads: int) -> None:
                 compare_with_reference(store, rows, logprobs)
             compare[name] = time.perf_counter() - start
     print(f"{len(items)} questions, batch {BATCH_SIZE}, {threads} threads, cpu, best of {ROUNDS}")
-    print(f"variant pass: compact {timings['compact']:.2f} s   full {timings['full']:.2f} s   "
-          f"ratio compact / full = {timings['compact'] / timings['full']:.3f}")
-    print(f"comparison alone (read rows, KL and bounds): compact {compare['compact']:.3f} s   full {compare['full']:.3f} s   "
-          f"ratio compact / full = {compare['compact'] / compare['full']:.3f}")
+    print(
+        f"variant pass: compact {timings['compact']:.2f} s   full {timings['full']:.2f} s   "
+        f"ratio compact / full = {timings['compact'] / timings['full']:.3f}"
+    )
+    print(
+        f"comparison alone (read rows, KL and bounds): compact {compare['compact']:.3f} s   full {compare['full']:.3f} s   "
+        f"ratio compact / full = {compare['compact'] / compare['full']:.3f}"
+    )
 
 
 def accuracy(methods: list[str], limit: int | None, threads: int) -> None:
@@ -125,7 +162,9 @@ def accuracy(methods: list[str], limit: int | None, threads: int) -> None:
             for store in stores.values():
                 store.write_rows(rows, reference_rows(store, rows, logprobs))
         del reference
-        print(f"{len(items)} questions, compact store top {stores['compact'].top_k} + {stores['compact'].tail_samples} tail samples")
+        print(
+            f"{len(items)} questions, compact store top {stores['compact'].top_k} + {stores['compact'].tail_samples} tail samples"
+        )
         for method in methods:
             variant = _loaded(method, run_dir, threads)
             estimate, lower, upper, exact = [], [], [], []
@@ -140,18 +179,22 @@ def accuracy(methods: list[str], limit: int | None, threads: int) -> None:
             del variant
             errors = [(e - x) / x for e, x in zip(estimate, exact)]
             wrong = sum(not (lo <= x + 1e-9 and x <= up + 1e-9) for lo, x, up in zip(lower, exact, upper))
-            print(f"{method}: mean KL full {statistics.fmean(exact):.5f}, compact {statistics.fmean(estimate):.5f} "
-                  f"(ratio {statistics.fmean(estimate) / statistics.fmean(exact):.4f}); per item: signed error {statistics.fmean(errors):+.2%}, "
-                  f"|error| {statistics.fmean(map(abs, errors)):.2%} (max {max(map(abs, errors)):.1%}); lower bound mean {statistics.fmean(lower):.5f} "
-                  f"({statistics.fmean(lo / x - 1 for lo, x in zip(lower, exact)):+.1%} per item), upper bound mean {statistics.fmean(upper):.4f}; "
-                  f"bounds on the wrong side: {wrong}")
+            print(
+                f"{method}: mean KL full {statistics.fmean(exact):.5f}, compact {statistics.fmean(estimate):.5f} "
+                f"(ratio {statistics.fmean(estimate) / statistics.fmean(exact):.4f}); per item: signed error {statistics.fmean(errors):+.2%}, "
+                f"|error| {statistics.fmean(map(abs, errors)):.2%} (max {max(map(abs, errors)):.1%}); lower bound mean {statistics.fmean(lower):.5f} "
+                f"({statistics.fmean(lo / x - 1 for lo, x in zip(lower, exact)):+.1%} per item), upper bound mean {statistics.fmean(upper):.4f}; "
+                f"bounds on the wrong side: {wrong}"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=None, help="questions (default: all 166 virology questions)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--accuracy", help="comma-separated methods: compare their KL from both stores instead of timing the pass")
+    parser.add_argument(
+        "--accuracy", help="comma-separated methods: compare their KL from both stores instead of timing the pass"
+    )
     args = parser.parse_args()
     sizes()
     if args.accuracy:

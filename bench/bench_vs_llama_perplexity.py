@@ -70,21 +70,56 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="qc-vs-llama-") as scratch:
         out = Path(scratch) / "run"
-        run([sys.executable, "-m", "quantcheck.cli", "run", "--backend", "llamacpp", "--dataset", "text:builtin", "--limit", str(args.chunks),
-             "--context", str(args.context), "--threads", str(args.threads), "--store", "full", "--skip-cost", "--quiet", "--out", str(out),
-             *(part for gguf_type in args.types for part in ("--quant", f"gguf:{gguf_type}"))])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "quantcheck.cli",
+                "run",
+                "--backend",
+                "llamacpp",
+                "--dataset",
+                "text:builtin",
+                "--limit",
+                str(args.chunks),
+                "--context",
+                str(args.context),
+                "--threads",
+                str(args.threads),
+                "--store",
+                "full",
+                "--skip-cost",
+                "--quiet",
+                "--out",
+                str(out),
+                *(part for gguf_type in args.types for part in ("--quant", f"gguf:{gguf_type}")),
+            ]
+        )
         results = json.loads((out / "results.json").read_text())
         files = {model["name"]: model["engine"]["parallel"]["file"] for model in results["models"]}
         corpus, base = out / "corpus.txt", Path(scratch) / "base.kld"
         common = ["-f", str(corpus), "-c", str(args.context), "--chunks", str(args.chunks), "-t", str(args.threads)]
         run([str(args.llama_perplexity), "-m", files["reference"], *common, "--kl-divergence-base", str(base)])
-        print(f"quantcheck vs llama-perplexity --kl-divergence: text:builtin, {args.chunks} chunks of {args.context} tokens, "
-              f"{args.threads} threads, the same GGUF files (reference F32)")
+        print(
+            f"quantcheck vs llama-perplexity --kl-divergence: text:builtin, {args.chunks} chunks of {args.context} tokens, "
+            f"{args.threads} threads, the same GGUF files (reference F32)"
+        )
         print(f"{'type':8} {'statistic':24} {'llama-perplexity':>17} {'quantcheck':>12} {'difference':>11}")
         failed = []
         for model in results["models"][1:]:
-            llama = llama_statistics(run([str(args.llama_perplexity), "-m", files[model["name"]], *common,
-                                          "--kl-divergence-base", str(base), "--kl-divergence"]))
+            llama = llama_statistics(
+                run(
+                    [
+                        str(args.llama_perplexity),
+                        "-m",
+                        files[model["name"]],
+                        *common,
+                        "--kl-divergence-base",
+                        str(base),
+                        "--kl-divergence",
+                    ]
+                )
+            )
             for label, (path, scale) in LLAMA_ROWS.items():
                 if label not in llama:
                     continue

@@ -47,9 +47,18 @@ def write_task(folder: Path) -> Path:
     questions = folder / "questions.jsonl"
     questions.write_text("".join(json.dumps(lmeval_doc(item)) + "\n" for item in load_dataset("mmlu:virology").items))
     task = [
-        "task: qc_letters", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {questions}", "test_split: test",
-        "output_type: multiple_choice", "doc_to_target: answer", f"doc_to_text: {json.dumps(LETTERS_PROMPT)}",
-        'doc_to_choice: ["A", "B", "C", "D"]', "metric_list:", "  - metric: acc",
+        "task: qc_letters",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {questions}",
+        "test_split: test",
+        "output_type: multiple_choice",
+        "doc_to_target: answer",
+        f"doc_to_text: {json.dumps(LETTERS_PROMPT)}",
+        'doc_to_choice: ["A", "B", "C", "D"]',
+        "metric_list:",
+        "  - metric: acc",
     ]
     (folder / "qc_letters.yaml").write_text("\n".join(task) + "\n")
     return folder
@@ -70,9 +79,29 @@ def save_variant(folder: Path) -> Path:
 
 
 def lm_eval(model: Path, tasks: Path, out: Path) -> tuple[float, list[int]]:
-    seconds = timed([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-                     "--tasks", "qc_letters", "--include_path", str(tasks), "--log_samples", "--output_path", str(out),
-                     "--device", "cpu", "--batch_size", "8"], cwd=out.parent)
+    seconds = timed(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model},dtype=float32",
+            "--tasks",
+            "qc_letters",
+            "--include_path",
+            str(tasks),
+            "--log_samples",
+            "--output_path",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "8",
+        ],
+        cwd=out.parent,
+    )
     (samples,) = out.rglob("samples_qc_letters_*.jsonl")
     rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda row: row["doc_id"])
     return seconds, [max(range(4), key=lambda choice: float(row["filtered_resps"][choice][0])) for row in rows]
@@ -93,12 +122,16 @@ def breakdown(run: Path) -> list[tuple[str, float]]:
     steps, previous = [], mtime(run / "dataset.jsonl")
     for model in sorted((run / "models").iterdir(), key=lambda folder: mtime(folder / "quality.job.json")):
         started, loaded, scored = (mtime(model / name) for name in ("quality.job.json", "engine.json", "quality.jsonl"))
-        steps += [(f"{model.name}: parent until the job starts", started - previous),
-                  (f"{model.name}: worker start, imports and load", loaded - started),
-                  (f"{model.name}: scoring pass", scored - loaded)]
+        steps += [
+            (f"{model.name}: parent until the job starts", started - previous),
+            (f"{model.name}: worker start, imports and load", loaded - started),
+            (f"{model.name}: scoring pass", scored - loaded),
+        ]
         previous = scored
-    steps += [("summary (results.json)", mtime(run / "results.json") - previous),
-              ("report (report.html, plots)", mtime(run / "report.html") - mtime(run / "results.json"))]
+    steps += [
+        ("summary (results.json)", mtime(run / "results.json") - previous),
+        ("report (report.html, plots)", mtime(run / "report.html") - mtime(run / "results.json")),
+    ]
     return steps
 
 
@@ -106,17 +139,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         run, floors_run = root / "qc", root / "qc-floors"
-        command = [sys.executable, "-m", "quantcheck.cli", "run", "--quant", VARIANT, "--skip-cost", "--skip-generation", "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "quantcheck.cli",
+            "run",
+            "--quant",
+            VARIANT,
+            "--skip-cost",
+            "--skip-generation",
+            "--quiet",
+        ]
         quantcheck_s = timed([*command, "--no-floors", "--out", str(run)])
         floors_s = timed([*command, "--out", str(floors_run)])
         tasks = write_task(root / "tasks")
         reference_s, reference_answers = lm_eval(Path(_builtin()), tasks, root / "lm-reference")
         variant_s, variant_answers = lm_eval(save_variant(root / "nf4-dq"), tasks, root / "lm-variant")
         lmeval_s = reference_s + variant_s
-        same = (quantcheck_answers(run, "reference") == reference_answers, quantcheck_answers(run, VARIANT) == variant_answers)
+        same = (
+            quantcheck_answers(run, "reference") == reference_answers,
+            quantcheck_answers(run, VARIANT) == variant_answers,
+        )
         print(f"quantcheck (--no-floors): {quantcheck_s:.1f} s; with the noise floors: {floors_s:.1f} s")
-        print(f"lm-eval: {lmeval_s:.1f} s ({reference_s:.1f} s reference + {variant_s:.1f} s {VARIANT}, model saving not counted)")
-        print(f"ratio quantcheck / lm-eval: {quantcheck_s / lmeval_s:.2f} (target <= 0.7); with floors {floors_s / lmeval_s:.2f}")
+        print(
+            f"lm-eval: {lmeval_s:.1f} s ({reference_s:.1f} s reference + {variant_s:.1f} s {VARIANT}, model saving not counted)"
+        )
+        print(
+            f"ratio quantcheck / lm-eval: {quantcheck_s / lmeval_s:.2f} (target <= 0.7); with floors {floors_s / lmeval_s:.2f}"
+        )
         print(f"answers identical item by item: reference {same[0]}, {VARIANT} {same[1]}")
         print("where quantcheck's time goes (--no-floors):")
         for step, seconds in breakdown(run):

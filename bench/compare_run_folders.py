@@ -68,7 +68,11 @@ def differences(before: object, after: object, path: str = "") -> list[str]:
         before, after = _steady(before, path), _steady(after, path)
         if len(before) != len(after):
             return [f"{path}: {len(before)} entries before, {len(after)} after"]
-        return [line for index, (one, two) in enumerate(zip(before, after)) for line in differences(one, two, f"{path}.{index}")]
+        return [
+            line
+            for index, (one, two) in enumerate(zip(before, after))
+            for line in differences(one, two, f"{path}.{index}")
+        ]
     return [] if before == after else [f"{path}: {before!r} before, {after!r} after"]
 
 
@@ -77,11 +81,16 @@ def _records(path: Path) -> list[object]:
 
 
 def compare(before: Path, after: Path) -> list[str]:
-    found = differences(json.loads((before / "results.json").read_text()), json.loads((after / "results.json").read_text()))
+    found = differences(
+        json.loads((before / "results.json").read_text()), json.loads((after / "results.json").read_text())
+    )
     for model in sorted(path.name for path in (before / "models").iterdir()):
         for name in RECORD_FILES:
-            found += differences(_records(before / "models" / model / name), _records(after / "models" / model / name),
-                                 f"models/{model}/{name}")
+            found += differences(
+                _records(before / "models" / model / name),
+                _records(after / "models" / model / name),
+                f"models/{model}/{name}",
+            )
     found += differences(_records(before / "items.jsonl"), _records(after / "items.jsonl"), "items.jsonl")
     for stored in sorted(path.name for path in (before / "reference").glob("*")):
         if (before / "reference" / stored).read_bytes() != (after / "reference" / stored).read_bytes():

@@ -20,7 +20,19 @@ import time
 from pathlib import Path
 
 BUDGET_S = 8 * 60
-COMMON = ["--device", "cuda", "--limit", "32", "--cost-rounds", "1", "--batch-sizes", "1,8,32", "--time-budget", "5", "--quiet"]
+COMMON = [
+    "--device",
+    "cuda",
+    "--limit",
+    "32",
+    "--cost-rounds",
+    "1",
+    "--batch-sizes",
+    "1,8,32",
+    "--time-budget",
+    "5",
+    "--quiet",
+]
 
 
 def _step(title: str, command: list[str], deadline: float) -> subprocess.CompletedProcess | None:
@@ -47,11 +59,13 @@ def _summary(run_dir: Path) -> None:
         cost = model.get("cost") or {}
         latency = {point["batch_size"]: point.get("median_s") for point in cost.get("latency", [])}
         agreement = model.get("agreement") or {}
-        print(f"  {model['name']:<24} engine {(model.get('engine') or {}).get('engine')} {(model.get('engine') or {}).get('compute_dtype')}"
-              f"  weights {cost.get('weights', {}).get('counted_bytes')}  memory {cost.get('memory_method')}"
-              f"  latency {latency}  decode tok/s {(cost.get('generation') or {}).get('decode_tokens_per_s')}"
-              f"  KL {((agreement.get('kl') or {}).get('mean') or {}).get('value')}"
-              f"  verdict {(model.get('verdict') or {}).get('decision')}")
+        print(
+            f"  {model['name']:<24} engine {(model.get('engine') or {}).get('engine')} {(model.get('engine') or {}).get('compute_dtype')}"
+            f"  weights {cost.get('weights', {}).get('counted_bytes')}  memory {cost.get('memory_method')}"
+            f"  latency {latency}  decode tok/s {(cost.get('generation') or {}).get('decode_tokens_per_s')}"
+            f"  KL {((agreement.get('kl') or {}).get('mean') or {}).get('value')}"
+            f"  verdict {(model.get('verdict') or {}).get('decision')}"
+        )
 
 
 def main() -> int:
@@ -65,7 +79,13 @@ def main() -> int:
     cli = [sys.executable, "-m", "quantcheck.cli", "run"]
     with tempfile.TemporaryDirectory() as folder:
         hf_dir = Path(folder) / "hf"
-        if (result := _step("hf backend on CUDA", [*cli, "--quant", "bnb-nf4-dq", "--quant", "torchao-int8wo", "--out", str(hf_dir), *COMMON], deadline)) and result.returncode == 0:
+        if (
+            result := _step(
+                "hf backend on CUDA",
+                [*cli, "--quant", "bnb-nf4-dq", "--quant", "torchao-int8wo", "--out", str(hf_dir), *COMMON],
+                deadline,
+            )
+        ) and result.returncode == 0:
             _summary(hf_dir)
         from quantcheck.backends import get_backend
         from quantcheck.errors import QuantcheckError
@@ -76,11 +96,28 @@ def main() -> int:
             print(f"\n== vLLM backend on CUDA\nskipped: {error}")
             return 0
         vllm_dir = Path(folder) / "vllm"
-        vllm_run = [*cli, "--backend", "vllm", "--quant", "vllm:fp8", "--quant", "vllm:bitsandbytes", "--out", str(vllm_dir), *COMMON,
-                    "--enforce-eager", "--gpu-memory-utilization", "0.4"]
+        vllm_run = [
+            *cli,
+            "--backend",
+            "vllm",
+            "--quant",
+            "vllm:fp8",
+            "--quant",
+            "vllm:bitsandbytes",
+            "--out",
+            str(vllm_dir),
+            *COMMON,
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.4",
+        ]
         if (result := _step("vLLM backend on CUDA", vllm_run, deadline)) and result.returncode == 0:
             _summary(vllm_dir)
-        if (result := _step("backend pass benchmark on CUDA", [sys.executable, str(Path(__file__).with_name("bench_backend_pass.py")), "--device", "cuda"], deadline)):
+        if result := _step(
+            "backend pass benchmark on CUDA",
+            [sys.executable, str(Path(__file__).with_name("bench_backend_pass.py")), "--device", "cuda"],
+            deadline,
+        ):
             print(result.stdout[-1500:])
     return 0
 

@@ -22,11 +22,17 @@ XSS_QUESTION = "Which of these is <script>alert(1)</script> & friends?"
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
 
 
-def quantcheck(*args: str, env: dict[str, str] | None = None, timeout: float = 1800, **kwargs) -> subprocess.CompletedProcess:
+def quantcheck(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 1800, **kwargs
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "quantcheck.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        **kwargs,
     )
 
 
@@ -35,8 +41,17 @@ def write_questions(path: Path, count: int, xss_at: int | None = None) -> Path:
     lines = []
     for index, item in enumerate(load_dataset("mmlu:virology").items[:count]):
         question = XSS_QUESTION if index == xss_at else item.question
-        lines.append(json.dumps({"id": item.item_id, "subject": item.subject, "question": question,
-                                 "choices": list(item.choices), "answer": item.answer_letter}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": item.item_id,
+                    "subject": item.subject,
+                    "question": question,
+                    "choices": list(item.choices),
+                    "answer": item.answer_letter,
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -47,7 +62,9 @@ def lowercase_tokenizer_copy(folder: Path) -> Path:
 
     folder.mkdir()
     for path in builtin_model_dir().iterdir():
-        (folder / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(path, folder / path.name)
+        (folder / path.name).symlink_to(path) if path.suffix == ".safetensors" else shutil.copy(
+            path, folder / path.name
+        )
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["normalizer"] = {"type": "Lowercase"}
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
@@ -61,8 +78,26 @@ def small_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small-run")
     questions = write_questions(root / "questions.jsonl", 8, xss_at=2)
     out = root / "run"
-    result = quantcheck("run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out),
-                        "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
+    result = quantcheck(
+        "run",
+        "--quant",
+        "none",
+        "--quant",
+        "bnb-nf4",
+        "--dataset",
+        str(questions),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--gen-batch-size",
+        "4",
+        "--cost-rounds",
+        "1",
+        *SMALL_COST,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -112,8 +147,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 users.setdefault(name, set()).add(item.module.__name__)
     for name, modules in users.items():
         if len(modules) > 1 and not modules <= set(SHARED_FIXTURE_MODULES.get(name, ())):
-            raise pytest.UsageError(f"the session fixture {name} is used by {', '.join(sorted(modules))}: "
-                                    "list them under it in SHARED_FIXTURE_MODULES (tests/conftest.py)")
+            raise pytest.UsageError(
+                f"the session fixture {name} is used by {', '.join(sorted(modules))}: "
+                "list them under it in SHARED_FIXTURE_MODULES (tests/conftest.py)"
+            )
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

@@ -70,7 +70,7 @@ DATASET = [
             "Which defense stops the script from running?"
         ),
         "choices": [
-            "Escaping <, > & \" before inserting user text into HTML",
+            'Escaping <, > & " before inserting user text into HTML',
             "Using HTTPS & HSTS",
             "Hashing passwords with bcrypt",
             "Rate limiting the login form",
@@ -140,6 +140,7 @@ PARAMS = 1_100_048_384
 
 # ------------------------------------------------------------------------------------ statistics
 
+
 def wilson(correct: int, n: int, z: float = 1.959964) -> Interval:
     if n == 0:
         return Interval(low=0.0, high=1.0, method="wilson")
@@ -207,6 +208,7 @@ def quantile(values: list[float], q: float) -> float:
 
 # --------------------------------------------------------------------------------------- builders
 
+
 def _jaccard_per_item(kl_values: list[float]) -> list[dict[int, float]]:
     """Plausible Jaccard@k per item: more divergence, less overlap; deeper k, less overlap."""
     out = []
@@ -230,9 +232,7 @@ def _agreement(name: str) -> tuple[TokenAgreement, list[dict[int, float]], list[
     agreement = TokenAgreement(
         n=n,
         jaccard={k: bootstrap_mean([j[k] for j in jac], seed=k) for k in KS},
-        top1_agreement=Estimate(
-            value=sum(top1) / n, ci=wilson(sum(top1), n)
-        ),
+        top1_agreement=Estimate(value=sum(top1) / n, ci=wilson(sum(top1), n)),
         kl=DivergenceSummary(
             mean=bootstrap_mean(kl, seed=99), median=quantile(kl, 0.5), p90=quantile(kl, 0.9), max=max(kl)
         ),
@@ -271,13 +271,17 @@ def _generative(name: str) -> GenerativeQuality:
     )
 
 
-def _latency(medians: list[float], peaks: list[float], statuses: list[str], noisy_at: int | None = None) -> list[LatencyPoint]:
+def _latency(
+    medians: list[float], peaks: list[float], statuses: list[str], noisy_at: int | None = None
+) -> list[LatencyPoint]:
     pts = []
     for bs, med, peak, status in zip((1, 2, 4, 8), medians, peaks, statuses):
         if status == "oom":
             pts.append(
                 LatencyPoint(
-                    batch_size=bs, seq_len=512, status="oom",
+                    batch_size=bs,
+                    seq_len=512,
+                    status="oom",
                     error="CUDA out of memory. Tried to allocate 1.20 GiB (GPU 0; 22.19 GiB total capacity)",
                 )
             )
@@ -286,9 +290,17 @@ def _latency(medians: list[float], peaks: list[float], statuses: list[str], nois
         spread = 0.25 if noisy else 0.04
         pts.append(
             LatencyPoint(
-                batch_size=bs, seq_len=512, status="ok", iterations=30, median_s=med,
-                p10_s=med * (1 - spread / 2), p90_s=med * (1 + spread), cv=spread / 2, noisy=noisy,
-                tokens_per_s=bs * 512 / med, peak_memory_bytes=int(peak * GIB),
+                batch_size=bs,
+                seq_len=512,
+                status="ok",
+                iterations=30,
+                median_s=med,
+                p10_s=med * (1 - spread / 2),
+                p90_s=med * (1 + spread),
+                cv=spread / 2,
+                noisy=noisy,
+                tokens_per_s=bs * 512 / med,
+                peak_memory_bytes=int(peak * GIB),
             )
         )
     return pts
@@ -309,8 +321,13 @@ def _cost(weight_bytes: int, bits: float, medians, peaks, statuses, decode_tps: 
         ),
         latency=_latency(medians, peaks, statuses, noisy_at),
         generation=GenerationCost(
-            prompts=8, new_tokens=64, prefill_s=0.09, time_to_first_token_s=0.11,
-            decode_tokens_per_s=decode_tps, tokens_per_s=decode_tps * 0.93, peak_memory_bytes=int(peaks[0] * GIB),
+            prompts=8,
+            new_tokens=64,
+            prefill_s=0.09,
+            time_to_first_token_s=0.11,
+            decode_tokens_per_s=decode_tps,
+            tokens_per_s=decode_tps * 0.93,
+            peak_memory_bytes=int(peaks[0] * GIB),
         ),
     )
 
@@ -320,8 +337,12 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
     ok = {m: [p == a for p, a in zip(preds, answers)] for m, preds in LOGLIK.items()}
 
     ref_cost = _cost(2 * PARAMS, 16.0, [0.021, 0.038, 0.071, 0.139], [2.31, 2.52, 2.95, 3.81], ["ok"] * 4, 41.3)
-    int8_cost = _cost(int(1.13 * PARAMS), 8.22, [0.026, 0.044, 0.083, 0.171], [1.33, 1.55, 1.98, 2.86], ["ok"] * 4, 33.8, noisy_at=8)
-    nf4_cost = _cost(int(0.62 * PARAMS), 4.51, [0.034, 0.061, 0.118, 0.0], [0.86, 1.31, 2.44, 0.0], ["ok", "ok", "ok", "oom"], 29.1)
+    int8_cost = _cost(
+        int(1.13 * PARAMS), 8.22, [0.026, 0.044, 0.083, 0.171], [1.33, 1.55, 1.98, 2.86], ["ok"] * 4, 33.8, noisy_at=8
+    )
+    nf4_cost = _cost(
+        int(0.62 * PARAMS), 4.51, [0.034, 0.061, 0.118, 0.0], [0.86, 1.31, 2.44, 0.0], ["ok", "ok", "ok", "oom"], 29.1
+    )
 
     def cvr(cost: ModelCost) -> CostComparison:
         ratio = cost.weights.counted_bytes / ref_cost.weights.counted_bytes
@@ -345,7 +366,9 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
         quant=None,
         description="TinyLlama-1.1B-Chat in bfloat16 (no quantization)",
         status="ok",
-        precision=PrecisionInfo(parameter_dtypes={"bfloat16": PARAMS}, devices=["cuda:0"], compute_dtype="bfloat16", offloaded=False),
+        precision=PrecisionInfo(
+            parameter_dtypes={"bfloat16": PARAMS}, devices=["cuda:0"], compute_dtype="bfloat16", offloaded=False
+        ),
         loglik=accuracy(ok["reference"]),
         generative=_generative("reference"),
         cost=ref_cost,
@@ -356,8 +379,10 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
         description="torchao int8 weight-only, bfloat16 activations",
         status="ok",
         precision=PrecisionInfo(
-            parameter_dtypes={"int8": 968_884_224, "bfloat16": 131_164_160}, devices=["cuda:0"],
-            compute_dtype="bfloat16", offloaded=False,
+            parameter_dtypes={"int8": 968_884_224, "bfloat16": 131_164_160},
+            devices=["cuda:0"],
+            compute_dtype="bfloat16",
+            offloaded=False,
         ),
         loglik=accuracy(ok["int8-wo"]),
         generative=_generative("int8-wo"),
@@ -366,7 +391,8 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
         paired_generative=paired(
             [p == a for p, a in zip(GEN_PRED["reference"], answers)],
             [p == a for p, a in zip(GEN_PRED["int8-wo"], answers)],
-            GEN_PRED["reference"], GEN_PRED["int8-wo"],
+            GEN_PRED["reference"],
+            GEN_PRED["int8-wo"],
         ),
         cost=int8_cost,
         cost_vs_reference=cvr(int8_cost),
@@ -379,8 +405,13 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
             ],
             summary="int8 weight-only keeps the reference's answers and halves weight memory.",
             fail_level=1 - 0.05 / 4,
-            checks={"memory": "pass", "log-likelihood accuracy": "pass", "generated-answer accuracy": "pass",
-                    "mean KL": "pass", "top-1 agreement": "pass"},
+            checks={
+                "memory": "pass",
+                "log-likelihood accuracy": "pass",
+                "generated-answer accuracy": "pass",
+                "mean KL": "pass",
+                "top-1 agreement": "pass",
+            },
         ),
     )
     nf4 = ModelResult(
@@ -390,8 +421,10 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
         status="partial",
         errors=["generative scoring skipped: the run was interrupted (SIGTERM) before the generation pass"],
         precision=PrecisionInfo(
-            parameter_dtypes={"uint8": 484_442_112, "bfloat16": 131_164_160}, devices=["cuda:0"],
-            compute_dtype="bfloat16", offloaded=False,
+            parameter_dtypes={"uint8": 484_442_112, "bfloat16": 131_164_160},
+            devices=["cuda:0"],
+            compute_dtype="bfloat16",
+            offloaded=False,
         ),
         loglik=accuracy(ok["nf4"]),
         agreement=nf4_agree,
@@ -432,8 +465,13 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
             "gpu": "NVIDIA A10G (22.19 GiB)",
             "cuda": "12.1",
         },
-        config={"seed": 1234, "batch_sizes": [1, 2, 4, 8], "seq_len": 512, "bootstrap": 2000,
-                "variants": ["int8-wo", "nf4", "hqq-2bit"]},
+        config={
+            "seed": 1234,
+            "batch_sizes": [1, 2, 4, 8],
+            "seq_len": 512,
+            "bootstrap": 2000,
+            "variants": ["int8-wo", "nf4", "hqq-2bit"],
+        },
         model=ModelInfo(
             name="TinyLlama-1.1B-Chat-v1.0",
             source="hub",
@@ -483,7 +521,10 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
                 text = GENERATED[name][i]
                 toks = max(1, int(len(text.split()) * 1.4))
                 rec.generative = GeneratedAnswer(
-                    text=text, pred=gp, correct=gp == d["answer"], new_tokens=toks,
+                    text=text,
+                    pred=gp,
+                    correct=gp == d["answer"],
+                    new_tokens=toks,
                     seconds=0.05 + SECONDS_PER_TOKEN[name] * toks,
                 )
             if name in agree_info:
@@ -511,8 +552,7 @@ def build_partial_run_folder(path: Path) -> Path:
     full, _ = build_results()
     ref = full.models[0].model_copy(update={"loglik": None, "generative": None, "status": "partial"})
     pending = [
-        ModelResult(name=m.name, quant=m.quant, description=m.description, status="pending")
-        for m in full.models[1:]
+        ModelResult(name=m.name, quant=m.quant, description=m.description, status="pending") for m in full.models[1:]
     ]
     results = full.model_copy(
         update={

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import quantcheck as quantcheck_cli
-from conftest import read_items, read_results
 
 import quantcheck
 import quantcheck.api
+from conftest import quantcheck as quantcheck_cli
+from conftest import read_items, read_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # What differs between two runs of the same settings: when, how fast, and where.
@@ -43,8 +43,14 @@ def notebook_run(tmp_path_factory) -> Path:
     """The README's notebook example as a notebook runs it: a fresh Python in a fresh folder."""
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     root = tmp_path_factory.mktemp("notebook")
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=1500,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "{'bnb-nf4': VerdictSummary(decision=" in result.stdout  # print(c.verdicts)
     return root / "runs" / "notebook"
@@ -54,8 +60,12 @@ def notebook_run(tmp_path_factory) -> Path:
 def cli_run(tmp_path_factory) -> Path:
     """The same run from the command line: typed options override the file's limit and max_new_tokens."""
     root = tmp_path_factory.mktemp("cli")
-    (root / "run.toml").write_text('variants = ["bnb-nf4"]\nlimit = 50\nskip_cost = true\nfloors = false\n\n[generation]\nmax_new_tokens = 16\n')
-    result = quantcheck_cli("run", "--config", str(root / "run.toml"), "--limit", "4", "--max-new-tokens", "4", "--out", str(root / "run"))
+    (root / "run.toml").write_text(
+        'variants = ["bnb-nf4"]\nlimit = 50\nskip_cost = true\nfloors = false\n\n[generation]\nmax_new_tokens = 16\n'
+    )
+    result = quantcheck_cli(
+        "run", "--config", str(root / "run.toml"), "--limit", "4", "--max-new-tokens", "4", "--out", str(root / "run")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"report: {root / 'run' / 'report.html'}" in result.stdout
     return root / "run"
@@ -73,7 +83,9 @@ def replayed_run(cli_run, tmp_path_factory) -> Path:
 def test_the_api_and_the_cli_write_the_same_results(notebook_run, cli_run):
     api, cli = read_results(notebook_run), read_results(cli_run)
     assert [m["name"] for m in cli["models"]] == ["reference", "bnb-nf4"]
-    assert cli["dataset"]["n_items"] == 4 and cli["config"]["generation"]["max_new_tokens"] == 4  # typed over the file's 50 and 16
+    assert (
+        cli["dataset"]["n_items"] == 4 and cli["config"]["generation"]["max_new_tokens"] == 4
+    )  # typed over the file's 50 and 16
     assert cli["models"][1]["agreement"]["kl"]["mean"]["value"] > 0  # a real 4-bit variant, really scored
     assert stable(api) == stable(cli)
     assert stable(read_items(notebook_run)) == stable(read_items(cli_run))
@@ -83,7 +95,9 @@ def test_the_api_and_the_cli_write_the_same_results(notebook_run, cli_run):
 def test_a_runs_config_toml_runs_it_again(cli_run, replayed_run):
     first, again = read_results(cli_run), read_results(replayed_run)
     assert [(m["name"], m["verdict"]) for m in again["models"]] == [(m["name"], m["verdict"]) for m in first["models"]]
-    answers = lambda run: [(i["item_id"], i["model"], i["loglik"]["pred"], i["generative"]["text"]) for i in read_items(run)]  # noqa: E731
+    answers = lambda run: [
+        (i["item_id"], i["model"], i["loglik"]["pred"], i["generative"]["text"]) for i in read_items(run)
+    ]  # noqa: E731
     assert answers(replayed_run) == answers(cli_run)
     assert stable(again) == stable(first)
     assert settings_lines(replayed_run) == settings_lines(cli_run)
@@ -113,10 +127,12 @@ def test_the_tables_hold_the_numbers_of_results_json(notebook_run):
 
 
 def test_load_reads_a_run_without_torch(notebook_run):
-    code = ("import sys, quantcheck\n"
-            f"c = quantcheck.load({str(notebook_run)!r})\n"
-            "rows = [len(c.models), len(c.items), len(c.latency), len(c._repr_html_()) > 0]\n"
-            "print(rows, [name for name in ('torch', 'transformers') if name in sys.modules])\n")
+    code = (
+        "import sys, quantcheck\n"
+        f"c = quantcheck.load({str(notebook_run)!r})\n"
+        "rows = [len(c.models), len(c.items), len(c.latency), len(c._repr_html_()) > 0]\n"
+        "print(rows, [name for name in ('torch', 'transformers') if name in sys.modules])\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[2, 8, 0, True] []", result.stdout

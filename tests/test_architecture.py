@@ -93,8 +93,11 @@ def test_the_package_top_holds_only_entry_points():
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_go_down_the_layers(module):
-    upward = [target for target in sorted(imports_of(module))
-              if _package(target) != _package(module) and layer_of(target) >= layer_of(module)]
+    upward = [
+        target
+        for target in sorted(imports_of(module))
+        if _package(target) != _package(module) and layer_of(target) >= layer_of(module)
+    ]
     assert not upward, f"{module} (layer {layer_of(module)}) imports {upward}, not below it"
 
 
@@ -129,8 +132,10 @@ def test_no_import_circles():
 
 def test_the_checker_sees_imports_hidden_in_functions_and_type_checking_blocks():
     """The rules above can fail: the analysis layer reaching up into the report, in a function body or for a type only."""
-    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..report import table\n"
-              "def late():\n    import quantcheck.orchestration.runner\n")
+    source = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..report import table\n"
+        "def late():\n    import quantcheck.orchestration.runner\n"
+    )
     found = imports_in(source, "quantcheck.analysis.verdict", "quantcheck.analysis")
     assert found == {"quantcheck.report.table", "quantcheck.orchestration.runner"}
     assert all(layer_of(target) > layer_of("quantcheck.analysis.verdict") for target in found)

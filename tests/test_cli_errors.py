@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import quantcheck
 
+from conftest import quantcheck
 from quantcheck.errors import QuantMethodError
 from quantcheck.models.quant_methods import REGISTRY, QuantMethod
 
@@ -36,34 +36,87 @@ GOOD_ROW = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": "A"}
         (lambda tmp: ["--quant", "bnb-nf5"], ["unknown quantization method 'bnb-nf5'", "bnb-nf4", "torchao-int8wo"]),
         (lambda tmp: ["--quant", "none", "--device", "cuda"], ["no CUDA GPU", "--device cpu"]),
         (lambda tmp: [str(tmp / "no-such-model"), "--quant", "none"], ["does not exist"]),
-        (lambda tmp: ["someone/no-such-model-xyz", "--quant", "none"], ["cannot fetch someone/no-such-model-xyz", "local model folder"]),
+        (
+            lambda tmp: ["someone/no-such-model-xyz", "--quant", "none"],
+            ["cannot fetch someone/no-such-model-xyz", "local model folder"],
+        ),
         (lambda tmp: [str(tmp), "--quant", "none"], ["is not a model folder"]),
-        (lambda tmp: ["--quant", "none", "--dataset", "mmlu:virologyy"], ["unknown MMLU subject 'virologyy'", "virology"]),
+        (
+            lambda tmp: ["--quant", "none", "--dataset", "mmlu:virologyy"],
+            ["unknown MMLU subject 'virologyy'", "virology"],
+        ),
         (lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, "")], ["has no questions"]),
-        (lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, GOOD_ROW, "{broken")], ["q.jsonl:2", "not valid JSON"]),
-        (lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, {**GOOD_ROW, "answer": "F"})], ["q.jsonl:1", "out of range"]),
+        (
+            lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, GOOD_ROW, "{broken")],
+            ["q.jsonl:2", "not valid JSON"],
+        ),
+        (
+            lambda tmp: ["--quant", "none", "--dataset", jsonl(tmp, {**GOOD_ROW, "answer": "F"})],
+            ["q.jsonl:1", "out of range"],
+        ),
         (lambda tmp: ["--quant", "none", "--limit", "0"], ["--limit: Input should be greater than 0"]),
         (lambda tmp: ["--quant", "none", "--limit", "-3"], ["--limit: Input should be greater than 0"]),
-        (lambda tmp: ["--quant", "none", "--temperature", "-0.5"], ["--temperature: Input should be greater than or equal to 0"]),
-        (lambda tmp: ["--quant", "none", "--max-new-tokens", "0"], ["--max-new-tokens: Input should be greater than 0"]),
+        (
+            lambda tmp: ["--quant", "none", "--temperature", "-0.5"],
+            ["--temperature: Input should be greater than or equal to 0"],
+        ),
+        (
+            lambda tmp: ["--quant", "none", "--max-new-tokens", "0"],
+            ["--max-new-tokens: Input should be greater than 0"],
+        ),
         (lambda tmp: ["--quant", "none", "--min-top1", "1.5"], ["--min-top1: Input should be less than or equal to 1"]),
-        (lambda tmp: ["--quant", "none", "--max-accuracy-drop", "-1"], ["--max-accuracy-drop: Input should be greater than or equal to 0"]),
+        (
+            lambda tmp: ["--quant", "none", "--max-accuracy-drop", "-1"],
+            ["--max-accuracy-drop: Input should be greater than or equal to 0"],
+        ),
         (lambda tmp: ["--quant", "none", "--batch-sizes", "1,x"], ["--batch-sizes must be comma-separated"]),
         (lambda tmp: ["--quant", "none", "--chat", "maybe"], ["--chat: Input should be 'auto', 'on' or 'off'"]),
         (lambda tmp: [], ["name at least one variant with --quant"]),
         (lambda tmp: ["--quant", "none", "--store", "tiny"], ["--store: Input should be 'compact' or 'full'"]),
-        (lambda tmp: ["--quant", "none", "--store-top-k", "10"], ["--store-top-k: Input should be greater than or equal to 20"]),
+        (
+            lambda tmp: ["--quant", "none", "--store-top-k", "10"],
+            ["--store-top-k: Input should be greater than or equal to 20"],
+        ),
         # checked before any connection is tried (nothing listens on port 9)
         (lambda tmp: ["--quant", "url:ftp://127.0.0.1:9/v1"], ["is not an http(s) URL"]),
-        (lambda tmp: ["--quant", "url:http://127.0.0.1:9/v1?weight_gb=-2"], ["weight_gb must be a positive number of GiB"]),
-        (lambda tmp: ["--quant", "url:http://127.0.0.1:9/v1?top_k=5"], ["unknown option 'top_k'", "top_logprobs, weight_gb"]),
-        (lambda tmp: ["--quant", "url:http://user:secret@127.0.0.1:9/v1"], ["carries credentials", "QUANTCHECK_API_KEY"]),
+        (
+            lambda tmp: ["--quant", "url:http://127.0.0.1:9/v1?weight_gb=-2"],
+            ["weight_gb must be a positive number of GiB"],
+        ),
+        (
+            lambda tmp: ["--quant", "url:http://127.0.0.1:9/v1?top_k=5"],
+            ["unknown option 'top_k'", "top_logprobs, weight_gb"],
+        ),
+        (
+            lambda tmp: ["--quant", "url:http://user:secret@127.0.0.1:9/v1"],
+            ["carries credentials", "QUANTCHECK_API_KEY"],
+        ),
     ],
     ids=[
-        "unknown-quant", "cuda-missing", "missing-folder", "hub-offline", "not-a-model", "unknown-subject", "empty-dataset",
-        "malformed-jsonl", "answer-out-of-range", "limit-zero", "limit-negative", "negative-temperature",
-        "max-new-tokens-zero", "threshold-range", "threshold-negative", "bad-batch-sizes", "bad-chat", "no-quant", "bad-store",
-        "store-top-k-too-small", "url-scheme", "url-weight-gb", "url-unknown-option", "url-credentials",
+        "unknown-quant",
+        "cuda-missing",
+        "missing-folder",
+        "hub-offline",
+        "not-a-model",
+        "unknown-subject",
+        "empty-dataset",
+        "malformed-jsonl",
+        "answer-out-of-range",
+        "limit-zero",
+        "limit-negative",
+        "negative-temperature",
+        "max-new-tokens-zero",
+        "threshold-range",
+        "threshold-negative",
+        "bad-batch-sizes",
+        "bad-chat",
+        "no-quant",
+        "bad-store",
+        "store-top-k-too-small",
+        "url-scheme",
+        "url-weight-gb",
+        "url-unknown-option",
+        "url-credentials",
     ],
 )
 def test_bad_input_is_one_line(tmp_path, make_args, fragments):
@@ -97,7 +150,14 @@ def test_method_on_an_unsupported_device_is_refused_before_loading():
 
 
 def test_method_with_a_missing_library_says_what_to_install():
-    missing = QuantMethod("needs-lib", "test entry", frozenset({"cpu"}), ("no_such_quant_library",), "'quantcheck[x]'", REGISTRY["none"].recipe)
+    missing = QuantMethod(
+        "needs-lib",
+        "test entry",
+        frozenset({"cpu"}),
+        ("no_such_quant_library",),
+        "'quantcheck[x]'",
+        REGISTRY["none"].recipe,
+    )
     with pytest.raises(QuantMethodError, match=r"needs no_such_quant_library .*pip install 'quantcheck\[x\]'"):
         missing.check_runnable("cpu")
 
@@ -113,7 +173,11 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
         assert name in result.stdout
     assert "yes (cpu)" in result.stdout
     # Each backend's own-checkpoint row, written once with its prefix.
-    assert "vllm:pretrained:PATH" in result.stdout and "gguf:FILE.gguf" in result.stdout and "gguf:gguf:" not in result.stdout
+    assert (
+        "vllm:pretrained:PATH" in result.stdout
+        and "gguf:FILE.gguf" in result.stdout
+        and "gguf:gguf:" not in result.stdout
+    )
 
 
 def test_chat_forced_on_for_a_model_without_a_chat_template(tmp_path):
@@ -144,8 +208,19 @@ def test_schema_command_prints_the_results_json_schema(small_run):
 def test_the_terminal_shows_quantcheck_lines_and_library_noise_goes_to_logs(tmp_path):
     """A first run on a fresh cache converts the built-in model: torchao/tqdm/torch chatter stays in log files."""
     cache = tmp_path / "cache"
-    result = quantcheck("run", "--quant", "none", "--limit", "2", "--skip-cost", "--skip-generation", "--no-floors",
-                        "--out", str(tmp_path / "run"), env={"QUANTCHECK_CACHE": str(cache)})
+    result = quantcheck(
+        "run",
+        "--quant",
+        "none",
+        "--limit",
+        "2",
+        "--skip-cost",
+        "--skip-generation",
+        "--no-floors",
+        "--out",
+        str(tmp_path / "run"),
+        env={"QUANTCHECK_CACHE": str(cache)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     terminal = result.stdout + result.stderr
     for noise in ("Failed to load", "Converting and de-quantizing", "it/s]", "_pytree", "Warning"):

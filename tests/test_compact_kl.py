@@ -77,7 +77,9 @@ def test_a_tail_of_one_token_makes_every_figure_exact():
     exact = kl_divergence(reference, variant)
     for figure in (bounds.estimate, bounds.lower, bounds.upper):
         np.testing.assert_allclose(figure.numpy(), exact.numpy(), rtol=1e-9)
-    np.testing.assert_allclose(bounds.se.numpy(), 0.0, atol=1e-12)  # every draw is the one tail token: nothing is sampled
+    np.testing.assert_allclose(
+        bounds.se.numpy(), 0.0, atol=1e-12
+    )  # every draw is the one tail token: nothing is sampled
 
 
 def test_the_upper_bound_is_reached_by_the_worst_tail():
@@ -90,7 +92,9 @@ def test_the_upper_bound_is_reached_by_the_worst_tail():
     probabilities[least_likely] = torch.tensor([cap, cap, cap, tail_mass - 3 * cap], dtype=torch.float64)
     probabilities[:10] = (1 - tail_mass) / 10
     worst = probabilities.log()[None]
-    upper = tail_kl_upper(variant, top, torch.tensor([tail_mass], dtype=torch.float64), torch.tensor([cap], dtype=torch.float64))
+    upper = tail_kl_upper(
+        variant, top, torch.tensor([tail_mass], dtype=torch.float64), torch.tensor([cap], dtype=torch.float64)
+    )
     tail_terms = probabilities[10:] * (worst[0, 10:] - variant[0, 10:].double())
     assert upper.item() == pytest.approx(torch.nansum(tail_terms).item(), rel=1e-12)
 
@@ -113,7 +117,9 @@ def test_systematic_tail_samples_draw_each_token_in_proportion():
 def test_the_stored_top_k_starts_with_the_top_20_the_metrics_use():
     """Jaccard@k and top-1 come from the stored ids: the tie order must be the one top_k_ids gives for 20."""
     generator = torch.Generator().manual_seed(1)
-    reference = torch.log_softmax(torch.randn(32, VOCAB, generator=generator).bfloat16().float(), -1)  # bf16 logits tie often
+    reference = torch.log_softmax(
+        torch.randn(32, VOCAB, generator=generator).bfloat16().float(), -1
+    )  # bf16 logits tie often
     assert torch.equal(top_k_ids(reference, 64)[:, : max(TOP_K)], top_k_ids(reference, max(TOP_K)))
 
 
@@ -122,7 +128,11 @@ def test_the_stored_top_k_starts_with_the_top_20_the_metrics_use():
 # row on peaked rows, 7 % and up to 43 % on flat ones, where the lower bound is 5-12 % of the exact KL.
 
 
-@pytest.mark.parametrize("spread, noise", [(3.0, 0.3), (3.0, 0.05), (1.0, 0.3), (0.5, 0.3)], ids=["peaked", "peaked-close", "flat", "flatter"])
+@pytest.mark.parametrize(
+    "spread, noise",
+    [(3.0, 0.3), (3.0, 0.05), (1.0, 0.3), (0.5, 0.3)],
+    ids=["peaked", "peaked-close", "flat", "flatter"],
+)
 def test_each_rows_estimate_carries_a_standard_error_that_covers_its_error(spread, noise):
     for seed in range(3):
         reference, variant = rows(200, spread, noise, seed=seed)
@@ -131,7 +141,9 @@ def test_each_rows_estimate_carries_a_standard_error_that_covers_its_error(sprea
         assert bounds.se is not None and (bounds.se > 0).all()
         error = (bounds.estimate - exact).abs()
         assert (error <= 3 * bounds.se).double().mean() >= 0.97, seed  # normal: 99.7 %; measured 98-100 %
-        assert (bounds.se / exact).median() < 0.2  # and not by being vacuous: about 3 % of KL on peaked rows, 11 % on flat
+        assert (
+            bounds.se / exact
+        ).median() < 0.2  # and not by being vacuous: about 3 % of KL on peaked rows, 11 % on flat
 
 
 def tail_token_made_likelier(n: int, lift: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

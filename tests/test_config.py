@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import quantcheck
 from pydantic import BaseModel
-from test_cli_errors import assert_one_line_error
 
+from conftest import quantcheck
 from quantcheck.cli import CONFIG_KEYS, NOT_IN_CONFIG, app
 from quantcheck.config import RunConfig, key_path, parse_config, resolved_toml, tomllib
 from quantcheck.errors import QuantcheckError
+from test_cli_errors import assert_one_line_error
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,19 +31,41 @@ def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
 @pytest.mark.parametrize(
     "text, fragments",
     [
-        ('variants = ["none"]\n[thresholds]\nmax_kl = "low"\n', ["run.toml: thresholds.max_kl: Input should be a valid number"]),
-        ('variants = ["none"]\n[generation]\ntemprature = 0.2\n', ["run.toml: generation.temprature: unknown key", "temperature, greedy"]),
+        (
+            'variants = ["none"]\n[thresholds]\nmax_kl = "low"\n',
+            ["run.toml: thresholds.max_kl: Input should be a valid number"],
+        ),
+        (
+            'variants = ["none"]\n[generation]\ntemprature = 0.2\n',
+            ["run.toml: generation.temprature: unknown key", "temperature, greedy"],
+        ),
         ('variants = ["none"]\nquants = ["bnb-nf4"]\n', ["run.toml: quants: unknown key", "variants"]),
         ('variants = "none"\n', ["run.toml: variants: Input should be a valid list"]),
         ('variants = ["none", 4]\n', ["run.toml: variants[1]: Input should be a valid string"]),
         ('variants = ["none"]\ngeneration = 3\n', ["run.toml: generation: Input should be a valid dictionary"]),
-        ('variants = ["none"]\n[cost]\nbatch_sizes = [1, 0]\n', ["run.toml: cost.batch_sizes[1]: Input should be greater than 0"]),
+        (
+            'variants = ["none"]\n[cost]\nbatch_sizes = [1, 0]\n',
+            ["run.toml: cost.batch_sizes[1]: Input should be greater than 0"],
+        ),
         ('variants = ["none"]\ndevice = "tpu"\n', ["run.toml: device: Input should be 'auto', 'cpu' or 'cuda'"]),
         ('variants = ["none"]\nlimit 4\n', ["run.toml: not valid TOML", "line 2"]),
-        ('variants = ["none"]\n[store]\ntop_k = 10\n', ["run.toml: store.top_k: Input should be greater than or equal to 20"]),
+        (
+            'variants = ["none"]\n[store]\ntop_k = 10\n',
+            ["run.toml: store.top_k: Input should be greater than or equal to 20"],
+        ),
     ],
-    ids=["wrong-type", "unknown-nested-key", "unknown-top-key", "list-expected", "list-item", "table-expected",
-         "out-of-range-item", "bad-choice", "not-toml", "store-top-k"],
+    ids=[
+        "wrong-type",
+        "unknown-nested-key",
+        "unknown-top-key",
+        "list-expected",
+        "list-item",
+        "table-expected",
+        "out-of-range-item",
+        "bad-choice",
+        "not-toml",
+        "store-top-k",
+    ],
 )
 def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, text, fragments):
     write(tmp_path, text)
@@ -52,25 +74,37 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, text, fragments)
 
 
 def test_a_missing_config_file_is_one_line(tmp_path):
-    assert_one_line_error(quantcheck("run", "--config", str(tmp_path / "nope.toml")), "nope.toml: cannot read the config file")
+    assert_one_line_error(
+        quantcheck("run", "--config", str(tmp_path / "nope.toml")), "nope.toml: cannot read the config file"
+    )
 
 
 def test_an_option_typed_over_the_file_wins_and_is_named_in_errors(tmp_path):
     config = write(tmp_path, 'variants = ["none"]\nlimit = 4\n')
     # The typed value replaced the file's valid one, so the error is the option's, not the file's.
-    assert_one_line_error(quantcheck("run", "--config", str(config), "--limit", "0"), "--limit: Input should be greater than 0")
+    assert_one_line_error(
+        quantcheck("run", "--config", str(config), "--limit", "0"), "--limit: Input should be greater than 0"
+    )
     # A typed dataset reaches the run: the file alone names a valid one.
-    assert_one_line_error(quantcheck("run", "--config", str(config), "--dataset", "mmlu:virologyy", "--out", str(tmp_path / "out")),
-                          "unknown MMLU subject 'virologyy'")
+    assert_one_line_error(
+        quantcheck("run", "--config", str(config), "--dataset", "mmlu:virologyy", "--out", str(tmp_path / "out")),
+        "unknown MMLU subject 'virologyy'",
+    )
     # A default the user did not type leaves the file alone: limit stays the file's bad value.
     bad = write(tmp_path, 'variants = ["none"]\nlimit = 0\n', "bad.toml")
-    assert_one_line_error(quantcheck("run", "--config", str(bad), "--seed", "3"), f"{bad}: limit: Input should be greater than 0")
+    assert_one_line_error(
+        quantcheck("run", "--config", str(bad), "--seed", "3"), f"{bad}: limit: Input should be greater than 0"
+    )
 
 
 def _leaf_keys(table: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in table.model_fields.items():  # a table's default is its model with defaults
-        keys |= _leaf_keys(type(field.default), f"{prefix}{name}.") if isinstance(field.default, BaseModel) else {prefix + name}
+        keys |= (
+            _leaf_keys(type(field.default), f"{prefix}{name}.")
+            if isinstance(field.default, BaseModel)
+            else {prefix + name}
+        )
     return keys
 
 
@@ -98,14 +132,30 @@ def test_every_run_option_is_a_config_key_with_the_same_default():
 def test_resolved_toml_reads_back_as_the_same_config(tmp_path):
     odd = tmp_path / 'qu"est\\ions ü 🙂\x7f.jsonl'
     odd.write_text("")
-    config = RunConfig(variants=["bnb-nf4", "vllm:pretrained:./nowhere"], dataset=odd, limit=4, skip_cost=True, force=True,
-                       generation={"max_new_tokens": 4, "chat": "off"}, cost={"batch_sizes": [1, 8]},
-                       engine={"distributed_executor_backend": "ray", "cpu_kv_cache_gb": 0.5}, thresholds={"max_kl": math.inf})
+    config = RunConfig(
+        variants=["bnb-nf4", "vllm:pretrained:./nowhere"],
+        dataset=odd,
+        limit=4,
+        skip_cost=True,
+        force=True,
+        generation={"max_new_tokens": 4, "chat": "off"},
+        cost={"batch_sizes": [1, 8]},
+        engine={"distributed_executor_backend": "ray", "cpu_kv_cache_gb": 0.5},
+        thresholds={"max_kl": math.inf},
+    )
     used = {"out": str(tmp_path / "run"), "device": "cpu", "dtype": "float32", "threads": 2}
     text = resolved_toml(config, used)
     again = parse_config(tomllib.loads(text), key_path)
-    expected = config.model_copy(update={"out": (tmp_path / "run").resolve(), "dataset": str(odd.resolve()), "device": "cpu",
-                                         "dtype": "float32", "threads": 2, "force": False})
+    expected = config.model_copy(
+        update={
+            "out": (tmp_path / "run").resolve(),
+            "dataset": str(odd.resolve()),
+            "device": "cpu",
+            "dtype": "float32",
+            "threads": 2,
+            "force": False,
+        }
+    )
     assert again == expected
     assert again.thresholds.max_kl == math.inf and again.engine.distributed_executor_backend == "ray"
     assert not {"force", "quiet"} & set(tomllib.loads(text))  # how to treat a folder and the terminal is not the run
@@ -139,5 +189,7 @@ def test_compare_names_a_bad_keyword_before_anything_runs():
         quantcheck.compare(variants=["none"], temprature=0.1)
     with pytest.raises(QuantcheckError, match=r"^variants: Input should be a valid list"):
         quantcheck.compare(variants="bnb-nf4")
-    with pytest.raises(QuantcheckError, match=r"^thresholds.max_accuracy_drop: Input should be less than or equal to 100"):
+    with pytest.raises(
+        QuantcheckError, match=r"^thresholds.max_accuracy_drop: Input should be less than or equal to 100"
+    ):
         quantcheck.compare(variants=["none"], thresholds={"max_accuracy_drop": 150})

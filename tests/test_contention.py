@@ -23,7 +23,10 @@ def test_disturbed_is_judged_against_the_cores_the_run_uses(monkeypatch) -> None
 
 def test_only_the_cpus_the_run_may_use_are_read(monkeypatch) -> None:
     """What others took is read from the CPUs in the process's affinity: work on the host's other CPUs does not count."""
-    per_cpu = [SimpleNamespace(user=100.0 * (cpu + 1), nice=0.0, system=1.0, irq=0.0, softirq=0.0, steal=0.5) for cpu in range(4)]
+    per_cpu = [
+        SimpleNamespace(user=100.0 * (cpu + 1), nice=0.0, system=1.0, irq=0.0, softirq=0.0, steal=0.5)
+        for cpu in range(4)
+    ]
     monkeypatch.setattr(psutil, "cpu_times", lambda percpu=False: per_cpu if percpu else None)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 4)
     monkeypatch.setattr(contention.os, "sched_getaffinity", lambda pid: {1, 2}, raising=False)

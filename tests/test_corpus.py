@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from conftest import quantcheck, read_results
 
 WINDOWS, CONTEXT = 6, 256
@@ -17,8 +18,20 @@ VARIANTS = ["none", "bf16", "torchao-int8wo"]
 
 
 def corpus_run(out: Path, *extra: str) -> Path:
-    result = quantcheck("run", "--dataset", "text:builtin", "--limit", str(WINDOWS), "--context", str(CONTEXT), "--skip-cost",
-                        "--out", str(out), *(arg for name in VARIANTS for arg in ("--quant", name)), *extra)
+    result = quantcheck(
+        "run",
+        "--dataset",
+        "text:builtin",
+        "--limit",
+        str(WINDOWS),
+        "--context",
+        str(CONTEXT),
+        "--skip-cost",
+        "--out",
+        str(out),
+        *(arg for name in VARIANTS for arg in ("--quant", name)),
+        *extra,
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     return out
 
@@ -97,12 +110,22 @@ def test_compact_store_kl_within_one_percent_of_the_full_store(runs):
         exact = np.array([r["kl"] for r in windows(runs["full"], variant)])
         compact = windows(runs["compact"], variant)
         estimate = np.array([r["kl"] for r in compact])
-        lower, upper = np.array([r["kl_lower"] for r in compact]), np.array([r["kl_upper"] for r in compact], dtype=float)
+        lower, upper = (
+            np.array([r["kl_lower"] for r in compact]),
+            np.array([r["kl_upper"] for r in compact], dtype=float),
+        )
         assert abs(estimate.mean() / exact.mean() - 1) < 0.01, (variant, estimate.mean(), exact.mean())
-        assert (lower <= exact + 1e-9).all() and (exact <= upper + 1e-9).all(), (variant, (lower - exact).max(), (exact - upper).max())
+        assert (lower <= exact + 1e-9).all() and (exact <= upper + 1e-9).all(), (
+            variant,
+            (lower - exact).max(),
+            (exact - upper).max(),
+        )
         compact_result = by_name(read_results(runs["compact"]))[variant]
         assert compact_result["agreement"]["kl"]["store"] == "compact"
-        assert compact_result["corpus"]["same_top1"]["value"] == by_name(read_results(runs["full"]))[variant]["corpus"]["same_top1"]["value"]
+        assert (
+            compact_result["corpus"]["same_top1"]["value"]
+            == by_name(read_results(runs["full"]))[variant]["corpus"]["same_top1"]["value"]
+        )
 
 
 def test_verdict_judges_kl_and_top1_on_the_text(runs):
@@ -118,13 +141,36 @@ def test_a_finished_corpus_run_is_kept_and_a_truncated_store_refused(runs, tmp_p
 
     run = shutil.copytree(runs["compact"], tmp_path / "run")
     before = (run / "models" / "bf16" / "corpus.jsonl").read_text()
-    again = quantcheck("run", "--dataset", "text:builtin", "--limit", str(WINDOWS), "--context", str(CONTEXT), "--skip-cost",
-                       "--out", str(run), *(arg for name in VARIANTS for arg in ("--quant", name)))
+    again = quantcheck(
+        "run",
+        "--dataset",
+        "text:builtin",
+        "--limit",
+        str(WINDOWS),
+        "--context",
+        str(CONTEXT),
+        "--skip-cost",
+        "--out",
+        str(run),
+        *(arg for name in VARIANTS for arg in ("--quant", name)),
+    )
     assert again.returncode == 0 and (again.stdout + again.stderr).count("already finished") == 1 + len(VARIANTS)
     store = run / "reference" / "compact.npy"
     store.write_bytes(store.read_bytes()[: store.stat().st_size // 2])
-    refused = quantcheck("run", "--dataset", "text:builtin", "--limit", str(WINDOWS), "--context", str(CONTEXT), "--skip-cost",
-                         "--out", str(run), "--quant", "none")
+    refused = quantcheck(
+        "run",
+        "--dataset",
+        "text:builtin",
+        "--limit",
+        str(WINDOWS),
+        "--context",
+        str(CONTEXT),
+        "--skip-cost",
+        "--out",
+        str(run),
+        "--quant",
+        "none",
+    )
     assert refused.returncode == 2
     message = refused.stderr.strip() + refused.stdout.strip()
     assert "compact.npy is not this run's compact reference store" in message and "Traceback" not in message
@@ -138,18 +184,35 @@ def test_a_foreign_store_is_refused(runs, tmp_path):
     run = shutil.copytree(runs["full"], tmp_path / "run")
     store = run / "reference" / "logprobs.npy"
     np.save(store, np.load(store)[:-1])
-    refused = quantcheck("run", "--dataset", "text:builtin", "--limit", str(WINDOWS), "--context", str(CONTEXT), "--skip-cost",
-                         "--out", str(run), "--quant", "none", "--store", "full")
+    refused = quantcheck(
+        "run",
+        "--dataset",
+        "text:builtin",
+        "--limit",
+        str(WINDOWS),
+        "--context",
+        str(CONTEXT),
+        "--skip-cost",
+        "--out",
+        str(run),
+        "--quant",
+        "none",
+        "--store",
+        "full",
+    )
     assert refused.returncode == 2
     assert "logprobs.npy is not this run's full reference store" in refused.stderr + refused.stdout
     assert "Traceback" not in refused.stderr
 
 
-@pytest.mark.parametrize(("content", "suffix", "message"), [
-    ('{"text": "fine"}\nnot json\n', ".jsonl", ":2: not valid JSON"),
-    ('{"title": "no text"}\n', ".jsonl", ':1: expected an object with a "text" string'),
-    ("   \n", ".txt", "the corpus has no text"),
-])
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        ('{"text": "fine"}\nnot json\n', ".jsonl", ":2: not valid JSON"),
+        ('{"title": "no text"}\n', ".jsonl", ':1: expected an object with a "text" string'),
+        ("   \n", ".txt", "the corpus has no text"),
+    ],
+)
 def test_bad_corpus_files_are_one_line_errors(tmp_path, content, suffix, message):
     path = tmp_path / f"corpus{suffix}"
     path.write_text(content)
@@ -161,7 +224,9 @@ def test_bad_corpus_files_are_one_line_errors(tmp_path, content, suffix, message
 def test_a_text_shorter_than_one_window_says_so(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("A few words only.")
-    result = quantcheck("run", "--dataset", f"text:{path}", "--quant", "none", "--skip-cost", "--out", str(tmp_path / "out"))
+    result = quantcheck(
+        "run", "--dataset", f"text:{path}", "--quant", "none", "--skip-cost", "--out", str(tmp_path / "out")
+    )
     assert result.returncode == 2 and "fewer than one window of --context 512" in result.stderr
 
 

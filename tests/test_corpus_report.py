@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import quantcheck
 
+from conftest import quantcheck
 from quantcheck.analysis import format as fmt
 from quantcheck.cli import _print_summary
 from quantcheck.report import render_report
@@ -26,8 +26,23 @@ HOSTILE = "<script>alert(1)</script>"
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real run through the CLI: the identity variant (none) and bf16 on four windows of the built-in text."""
     out = tmp_path_factory.mktemp("corpus") / "run"
-    proc = quantcheck("run", "--dataset", "text:builtin", "--limit", str(WINDOWS), "--context", str(CONTEXT), "--quant", "none",
-                      "--quant", "bf16", "--skip-cost", "--out", str(out), "--force")
+    proc = quantcheck(
+        "run",
+        "--dataset",
+        "text:builtin",
+        "--limit",
+        str(WINDOWS),
+        "--context",
+        str(CONTEXT),
+        "--quant",
+        "none",
+        "--quant",
+        "bf16",
+        "--skip-cost",
+        "--out",
+        str(out),
+        "--force",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -47,7 +62,9 @@ def corpus_table(run_dir: Path) -> dict[str, dict[str, str]]:
     return {row[0]: dict(zip(columns, row)) for row in rows}
 
 
-def test_corpus_table_has_llama_perplexity_rows_in_order(corpus_table: dict[str, dict[str, str]], results: Results) -> None:
+def test_corpus_table_has_llama_perplexity_rows_in_order(
+    corpus_table: dict[str, dict[str, str]], results: Results
+) -> None:
     assert list(corpus_table) == [label for label, _, _ in CORPUS_ROWS]
     assert results.dataset is not None and results.dataset.kind == "text" and results.dataset.n_items == WINDOWS
 
@@ -84,7 +101,9 @@ def test_bf16_cells_are_the_results_formatted(corpus_table: dict[str, dict[str, 
 
 def test_section_header_names_windows_context_and_tokens(run_dir: Path, results: Results) -> None:
     tokens = results.models[0].corpus.tokens
-    heading = f"Text corpus: {WINDOWS} windows of {CONTEXT} tokens, the second half of each scored: {tokens} scored tokens"
+    heading = (
+        f"Text corpus: {WINDOWS} windows of {CONTEXT} tokens, the second half of each scored: {tokens} scored tokens"
+    )
     assert f"## {heading}" in (run_dir / "report.md").read_text(encoding="utf-8")
     assert heading in (run_dir / "report.html").read_text(encoding="utf-8")
 
@@ -134,19 +153,36 @@ def test_torn_or_missing_corpus_records(run_dir: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ prompts run
 
+
 @pytest.fixture(scope="module")
 def prompts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real prompts run through the CLI: three chats, one of them hostile in its id and its text."""
     folder = tmp_path_factory.mktemp("prompts")
     chats = [
-        {"id": "capital", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]},
+        {
+            "id": "capital",
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        },
         {"id": HOSTILE, "messages": [{"role": "user", "content": f"Repeat this exactly: {HOSTILE}"}]},
         [{"role": "user", "content": "List three primary colors."}],
     ]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats), encoding="utf-8")
     out = folder / "run"
-    proc = quantcheck("run", "--dataset", f"prompts:{folder / 'prompts.jsonl'}", "--quant", "none", "--quant", "bf16", "--skip-cost",
-                      "--max-new-tokens", "24", "--out", str(out), "--force")
+    proc = quantcheck(
+        "run",
+        "--dataset",
+        f"prompts:{folder / 'prompts.jsonl'}",
+        "--quant",
+        "none",
+        "--quant",
+        "bf16",
+        "--skip-cost",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+        "--force",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -177,7 +213,12 @@ def test_worst_spans_list_bf16s_worst_prompt(prompts_dir: Path, prompts_results:
     rows = parse_md_table((prompts_dir / "report.md").read_text(encoding="utf-8"), "Variant", with_column="Prompt")
     name = worst.name.replace("<", "&lt;")  # Markdown cells defuse tags
     # the compact store (the default): the value is an estimate, shown with its standard error (issue #24, defect 7)
-    assert rows[0][:4] == ["bf16", name, str(worst.tokens), f"{fmt.nats(worst.mean_kl)} \u00b1 {fmt.nats(worst.mean_kl_se)}"]
+    assert rows[0][:4] == [
+        "bf16",
+        name,
+        str(worst.tokens),
+        f"{fmt.nats(worst.mean_kl)} \u00b1 {fmt.nats(worst.mean_kl_se)}",
+    ]
     assert "**" in rows[0][-1]
     assert all(row[0] != "none" for row in rows)  # KL 0 everywhere: nothing to show
 

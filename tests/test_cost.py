@@ -133,7 +133,15 @@ def test_peak_tracker_sees_an_allocation_and_resets_between_phases():
 
 def test_latency_sweep_returns_ordered_positive_statistics(fp32_model, tokenizer):
     points = latency_sweep(
-        fp32_model, tokenizer, TEXTS, batch_sizes=(1, 2), seq_len=8, warmup=1, min_iterations=3, max_iterations=6, time_budget_s=2.0
+        fp32_model,
+        tokenizer,
+        TEXTS,
+        batch_sizes=(1, 2),
+        seq_len=8,
+        warmup=1,
+        min_iterations=3,
+        max_iterations=6,
+        time_budget_s=2.0,
     )
     assert [p.batch_size for p in points] == [1, 2]
     for point in points:
@@ -143,7 +151,9 @@ def test_latency_sweep_returns_ordered_positive_statistics(fp32_model, tokenizer
         assert point.p10_s <= point.median_s <= point.p90_s
         assert point.tokens_per_s == pytest.approx(point.batch_size * 8 / point.median_s)
         assert point.peak_memory_bytes > 0 and point.cv is not None
-        assert len(point.times_s) == point.iterations and point.median_s == pytest.approx(float(np.median(point.times_s)))
+        assert len(point.times_s) == point.iterations and point.median_s == pytest.approx(
+            float(np.median(point.times_s))
+        )
 
 
 def test_memory_cap_turns_a_large_batch_into_oom_and_skips_larger_ones(fp32_model, tokenizer):
@@ -199,8 +209,14 @@ def test_model_generation_defaults_do_not_leak_into_greedy_generation(fp32_model
 def test_measure_cost_tracks_every_phase(tokenizer):
     rss_before = psutil.Process().memory_info().rss
     settings = CostSettings(
-        batch_sizes=(1, 2), seq_len=8, warmup=0, min_iterations=2, max_iterations=2,
-        generation_prompts=1, generation_new_tokens=3, threads=1,
+        batch_sizes=(1, 2),
+        seq_len=8,
+        warmup=0,
+        min_iterations=2,
+        max_iterations=2,
+        generation_prompts=1,
+        generation_new_tokens=3,
+        threads=1,
     )
     torch.set_num_threads(2)
     cost = measure_cost(lambda: _load("none"), tokenizer, TEXTS, settings, "cpu")

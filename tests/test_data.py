@@ -66,10 +66,16 @@ def test_jsonl_file_with_letters_and_indices(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"question": "q", "choices": ["a", "b"], "answer": "B"}\n{"question": "q2", "choices": ["a"], "answer": 0}\n', r"mine.jsonl:2: needs 2 to 10 choices"),
+        (
+            '{"question": "q", "choices": ["a", "b"], "answer": "B"}\n{"question": "q2", "choices": ["a"], "answer": 0}\n',
+            r"mine.jsonl:2: needs 2 to 10 choices",
+        ),
         ('{"question": "q", "choices": ["a", "b"]}\n', r"mine.jsonl:1: missing answer"),
         ("not json\n", r"mine.jsonl:1: not valid JSON"),
-        ('{"question": "q", "choices": ["a", "b"], "answer": "E"}\n', r"mine.jsonl:1: answer 'E' is out of range for 2 choices"),
+        (
+            '{"question": "q", "choices": ["a", "b"], "answer": "E"}\n',
+            r"mine.jsonl:1: answer 'E' is out of range for 2 choices",
+        ),
         ('{"question": "q", "choices": ["a", "b"], "answer": 5}\n', r"mine.jsonl:1: answer 5 is out of range"),
     ],
 )

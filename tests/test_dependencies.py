@@ -49,8 +49,14 @@ def test_installed_transformers_loads_at_the_requested_dtype(tmp_path):
     """A float32 checkpoint loaded with the code's keywords comes back in bfloat16, not float32."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, **load_kwargs())
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import read_items, read_results
 
+from conftest import read_items, read_results
 from quantcheck.analysis.verdict import decide
 from quantcheck.data.items import LETTERS
 from quantcheck.models.builtin import builtin_model_dir
@@ -122,9 +122,28 @@ def test_out_of_memory_at_a_large_batch_is_recorded_and_the_run_finishes(small_r
     small_peaks = [point["peak_memory_bytes"] for point in read_results(small_run)["models"][0]["cost"]["latency"]]
     cap_gb = (max(small_peaks) + 150 * 2**20) / 2**30
     out = tmp_path / "run"
-    result = quantcheck("run", "--quant", "none", "--limit", "4", "--skip-quality", "--out", str(out), "--batch-sizes", "1,32,64",
-                        "--seq-len", "64", "--time-budget", "0.5", "--iterations", "2", "--max-memory-gb", f"{cap_gb:.3f}",
-                        "--cost-rounds", "1")
+    result = quantcheck(
+        "run",
+        "--quant",
+        "none",
+        "--limit",
+        "4",
+        "--skip-quality",
+        "--out",
+        str(out),
+        "--batch-sizes",
+        "1,32,64",
+        "--seq-len",
+        "64",
+        "--time-budget",
+        "0.5",
+        "--iterations",
+        "2",
+        "--max-memory-gb",
+        f"{cap_gb:.3f}",
+        "--cost-rounds",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     results = read_results(out)
     for model in results["models"]:

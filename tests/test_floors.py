@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from test_verdict import clearly_good
-
 from quantcheck.analysis.verdict import decide
 from quantcheck.schema.results import Thresholds
 from quantcheck.stats.paired import compare_with_floor
+from test_verdict import clearly_good
 
 
 def answers(n: int, differing: set[int], base: str = "A", other: str = "B") -> list[tuple[str, bool]]:
@@ -35,8 +34,11 @@ def test_a_variant_far_above_the_floor_is_flagged_with_the_exact_one_sided_p():
 
 
 def test_unparsable_answers_count_as_differing():
-    comparison = compare_with_floor([("A", True), (None, False), ("C", False)], [("A", True), (None, False), ("C", False)],
-                                    [("A", True), ("B", False), ("C", False)])
+    comparison = compare_with_floor(
+        [("A", True), (None, False), ("C", False)],
+        [("A", True), (None, False), ("C", False)],
+        [("A", True), ("B", False), ("C", False)],
+    )
     assert comparison.variant_disagreements == 1 and comparison.floor_disagreements == 1
 
 
@@ -57,8 +59,13 @@ def test_the_floor_never_makes_a_failing_check_pass():
     assert decide(worse.model_copy(update={"generative_vs_floor": above}), Thresholds()).decision == "DON'T QUANTIZE"
 
 
-def _table(n: int, right_to_wrong: set[int], wrong_to_right: set[int], wrong: set[int],
-           wrong_to_wrong: frozenset[int] = frozenset()) -> list[tuple[str, bool]]:
+def _table(
+    n: int,
+    right_to_wrong: set[int],
+    wrong_to_right: set[int],
+    wrong: set[int],
+    wrong_to_wrong: frozenset[int] = frozenset(),
+) -> list[tuple[str, bool]]:
     """Answers against a reference that is right except on `wrong`: flips either way change the answer, as does
     another wrong answer on `wrong_to_wrong`."""
     out = []
@@ -83,7 +90,9 @@ def test_the_issue_example_a_clear_drop_is_not_excused_by_the_floor():
     assert comparison.p_above_floor > 0.05  # changed answers alone: not above the floor
     assert comparison.p_less_accurate < 0.05 and comparison.above_floor  # right less often than the resample: above it
     table = (500 - 130, 130, 50, 500 - 50)
-    verdict = decide(clearly_good(generative=table).model_copy(update={"generative_vs_floor": comparison}), Thresholds())
+    verdict = decide(
+        clearly_good(generative=table).model_copy(update={"generative_vs_floor": comparison}), Thresholds()
+    )
     assert verdict.checks["generated-answer accuracy"] == "fail" and verdict.decision == "DON'T QUANTIZE"
 
 
@@ -92,7 +101,9 @@ def test_small_sample_within_the_floor_is_not_quantize():
     n = 40
     reference = answers(n, set())
     comparison = compare_with_floor(reference, answers(n, set(range(6))), answers(n, {20, 21}))
-    verdict = decide(clearly_good(generative=(34, 6, 0, 0)).model_copy(update={"generative_vs_floor": comparison}), Thresholds())
+    verdict = decide(
+        clearly_good(generative=(34, 6, 0, 0)).model_copy(update={"generative_vs_floor": comparison}), Thresholds()
+    )
     assert verdict.decision != "QUANTIZE" and verdict.checks["generated-answer accuracy"] != "pass"
 
 
@@ -100,10 +111,16 @@ def test_each_model_samples_with_its_own_seed_per_item():
     """The reference, its resample and each variant draw independent seeds (one per model and item), stable on resume."""
     from quantcheck.scoring.generative import sample_seed
 
-    seeds = {(model, item): sample_seed(0, model, item) for model in ("reference", "reference (resampled)", "bnb-nf4")
-             for item in ("q1", "q2")}
+    seeds = {
+        (model, item): sample_seed(0, model, item)
+        for model in ("reference", "reference (resampled)", "bnb-nf4")
+        for item in ("q1", "q2")
+    }
     assert len(set(seeds.values())) == len(seeds)
-    assert sample_seed(0, "bnb-nf4", "q1") == seeds[("bnb-nf4", "q1")] and sample_seed(1, "bnb-nf4", "q1") != seeds[("bnb-nf4", "q1")]
+    assert (
+        sample_seed(0, "bnb-nf4", "q1") == seeds[("bnb-nf4", "q1")]
+        and sample_seed(1, "bnb-nf4", "q1") != seeds[("bnb-nf4", "q1")]
+    )
     assert all(0 <= seed < 2**31 for seed in seeds.values())
 
 
@@ -118,6 +135,8 @@ def test_a_resample_that_breaks_and_fixes_alike_does_not_mask_a_net_drop():
     floor = _table(n, set(range(200, 300)), set(range(700, 800)), wrong)
     comparison = compare_with_floor(reference, variant, floor)
     assert comparison.p_above_floor > 0.05 and comparison.p_less_accurate < 1e-4 and comparison.above_floor
-    verdict = decide(clearly_good(generative=(600 - 110, 110, 20, 400 - 20)).model_copy(update={"generative_vs_floor": comparison}),
-                     Thresholds())
+    verdict = decide(
+        clearly_good(generative=(600 - 110, 110, 20, 400 - 20)).model_copy(update={"generative_vs_floor": comparison}),
+        Thresholds(),
+    )
     assert verdict.decision == "DON'T QUANTIZE"

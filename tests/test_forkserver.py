@@ -32,13 +32,26 @@ def events(server: subprocess.Popen, until: str) -> list[dict]:
 
 def failing_job(folder: Path) -> JobSpec:
     """A quality job whose model folder does not exist: its worker starts, fails and writes why."""
-    return JobSpec(kind="quality", run_dir=str(folder), model=reference_spec("hf", str(folder / "no-such-model")),
-                   device="cpu", dtype="float32", threads=1, seed=0, batch_size=1)
+    return JobSpec(
+        kind="quality",
+        run_dir=str(folder),
+        model=reference_spec("hf", str(folder / "no-such-model")),
+        device="cpu",
+        dtype="float32",
+        threads=1,
+        seed=0,
+        batch_size=1,
+    )
 
 
 def test_each_job_is_a_forked_child_and_the_server_outlives_a_failed_one(tmp_path: Path):
-    server = subprocess.Popen([sys.executable, "-m", "quantcheck.orchestration.forkserver"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=worker_environment())
+    server = subprocess.Popen(
+        [sys.executable, "-m", "quantcheck.orchestration.forkserver"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=worker_environment(),
+    )
     try:
         events(server, "ready")
         pids = []
@@ -52,7 +65,10 @@ def test_each_job_is_a_forked_child_and_the_server_outlives_a_failed_one(tmp_pat
             seen = events(server, "exited")
             forked = next(event for event in seen if event["event"] == "forked")
             assert forked["pid"] not in (server.pid, os.getpid())
-            assert seen[-1]["code"] not in (0, 130)  # the model folder does not exist: the worker fails, the server goes on
+            assert seen[-1]["code"] not in (
+                0,
+                130,
+            )  # the model folder does not exist: the worker fails, the server goes on
             error = json.loads((folder / "models" / "reference" / "quality.error.json").read_text())
             assert "no-such-model" in error["message"]
             assert log_path.exists()  # the child's stderr went to the job's log

@@ -91,7 +91,9 @@ def test_q0_decodes_finite_as_llama_cpp_and_kl_drops_by_the_absolute_test(tmp_pa
             log_z = np.log(np.exp(log_p[kept].astype(np.float64)).sum())
             # the scored token's NLL is llama.cpp's -(scale * q + min_log_prob), up to the renormalization
             assert np.isclose(-decoded[position, target], -(log_p[target] - log_z), rtol=1e-6, atol=0)
-            assert np.isfinite(decoded[position, target]) and np.allclose(decoded[position][kept], log_p[kept] - log_z, atol=1e-6)
+            assert np.isfinite(decoded[position, target]) and np.allclose(
+                decoded[position][kept], log_p[kept] - log_z, atol=1e-6
+            )
             assert np.isneginf(decoded[position][~kept]).all()
     # the rows that carry defect 5, checked for what they were built to show
     q = lambda chunk, position, token: rows[chunk * scored + position][4 + token]  # noqa: E731
@@ -101,4 +103,8 @@ def test_q0_decodes_finite_as_llama_cpp_and_kl_drops_by_the_absolute_test(tmp_pa
     assert q(0, 1, low) > 0 and llama_cpp_decoded(rows[1])[0][low] <= -16 and np.isneginf(base.logprobs(0)[1, low])
     for position, lowest in enumerate((tokens[1, FIRST + 1], (tokens[1, FIRST + 2] + 4) % N_VOCAB)):
         log_p = llama_cpp_decoded(rows[scored + position])[0]
-        assert q(1, position, lowest) == 0 and -16 < log_p[lowest] < -10 and np.isfinite(base.logprobs(1)[position, lowest])
+        assert (
+            q(1, position, lowest) == 0
+            and -16 < log_p[lowest] < -10
+            and np.isfinite(base.logprobs(1)[position, lowest])
+        )

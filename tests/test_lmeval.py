@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import quantcheck, write_questions
 from scipy import stats
-from test_cli_errors import assert_one_line_error
 
+from conftest import quantcheck, write_questions
 from quantcheck.analysis.verdict import fail_level
 from quantcheck.data.load import load_dataset
 from quantcheck.interop.lmeval_export import lmeval_doc
 from quantcheck.report.markdown import parse_md_table
+from test_cli_errors import assert_one_line_error
 
 QUESTIONS = 24
 TASK = "qc_virology"
@@ -42,9 +42,17 @@ LETTERS_PROMPT = (
 def task_yaml(name: str, questions: Path, prompt: str, choices: str | list[str], metrics: list[str]) -> str:
     """An lm-eval multiple-choice task over a local JSONL file (JSON strings are YAML strings)."""
     lines = [
-        f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {questions}",
-        "test_split: test", "output_type: multiple_choice", "doc_to_target: answer",
-        f"doc_to_text: {json.dumps(prompt)}", f"doc_to_choice: {json.dumps(choices)}", "metric_list:",
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {questions}",
+        "test_split: test",
+        "output_type: multiple_choice",
+        "doc_to_target: answer",
+        f"doc_to_text: {json.dumps(prompt)}",
+        f"doc_to_choice: {json.dumps(choices)}",
+        "metric_list:",
     ]
     return "\n".join(lines + [f"  - metric: {metric}" for metric in metrics]) + "\n"
 
@@ -68,20 +76,50 @@ def write_task(folder: Path, count: int, changed_at: int | None = None) -> Path:
         lines.append(json.dumps(doc) + "\n")
     questions = folder / "questions.jsonl"
     questions.write_text("".join(lines))
-    (folder / f"{TASK}.yaml").write_text(task_yaml(TASK, questions, "Question: {{question.strip()}}\nAnswer:", "{{choices}}", ["acc", "acc_norm"]))
-    (folder / f"{LETTERS_TASK}.yaml").write_text(task_yaml(LETTERS_TASK, questions, LETTERS_PROMPT, ["A", "B", "C", "D"], ["acc"]))
+    (folder / f"{TASK}.yaml").write_text(
+        task_yaml(TASK, questions, "Question: {{question.strip()}}\nAnswer:", "{{choices}}", ["acc", "acc_norm"])
+    )
+    (folder / f"{LETTERS_TASK}.yaml").write_text(
+        task_yaml(LETTERS_TASK, questions, LETTERS_PROMPT, ["A", "B", "C", "D"], ["acc"])
+    )
     return folder
 
 
 def lm_eval(model: Path, tasks: str, include: Path, out: Path) -> Path:
     """A real `lm_eval --log_samples` run on CPU, offline, on one thread (two run side by side)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out.parent / f"hf-datasets-{out.name}"),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(out.parent / f"hf-datasets-{out.name}"),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-         "--tasks", tasks, "--include_path", str(include), "--log_samples", "--output_path", str(out),
-         "--device", "cpu", "--batch_size", "8"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=out.parent,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model},dtype=float32",
+            "--tasks",
+            tasks,
+            "--include_path",
+            str(include),
+            "--log_samples",
+            "--output_path",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=out.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -111,9 +149,15 @@ def lmeval_runs(tmp_path_factory) -> LmEvalRuns:
     other_tasks = write_task(root / "other-tasks", 6, changed_at=2)
     model, nf4 = builtin_model_dir(), save_nf4_copy(root / "nf4")
     both = f"{TASK},{LETTERS_TASK}"
-    runs = [(model, both, tasks, root / "reference"), (model, both, tasks, root / "rerun"),
-            (nf4, TASK, tasks, root / "variant"), (model, TASK, other_tasks, root / "other")]
-    with ThreadPoolExecutor(max_workers=2) as pool:  # most of a run is lm-eval's single-threaded start-up: two at a time
+    runs = [
+        (model, both, tasks, root / "reference"),
+        (model, both, tasks, root / "rerun"),
+        (nf4, TASK, tasks, root / "variant"),
+        (model, TASK, other_tasks, root / "other"),
+    ]
+    with ThreadPoolExecutor(
+        max_workers=2
+    ) as pool:  # most of a run is lm-eval's single-threaded start-up: two at a time
         return LmEvalRuns(*pool.map(lambda run: lm_eval(*run), runs))
 
 
@@ -137,14 +181,23 @@ def test_two_runs_of_the_same_model_flip_nothing(lmeval_runs: LmEvalRuns, tmp_pa
     document = compare(lmeval_runs.reference, lmeval_runs.rerun, tmp_path)
     results = document["tasks"] + [document["pooled"]]
     assert [(r["task"], r["metric"], r["paired"]["n"]) for r in results] == [
-        (LETTERS_TASK, "acc", QUESTIONS), (TASK, "acc", QUESTIONS), ("all tasks (pooled)", "acc", 2 * QUESTIONS)]
+        (LETTERS_TASK, "acc", QUESTIONS),
+        (TASK, "acc", QUESTIONS),
+        ("all tasks (pooled)", "acc", 2 * QUESTIONS),
+    ]
     for result in results:
         paired = result["paired"]
         assert (paired["right_to_wrong"], paired["wrong_to_right"], paired["mcnemar_p"]) == (0, 0, 1.0)
         assert paired["difference"] == 0 and paired["answer_agreement"] == 1.0
-    assert document["tasks"][1]["paired"]["reference_accuracy"] == pytest.approx(lmeval_accuracy(lmeval_runs.reference, TASK, "acc"))
+    assert document["tasks"][1]["paired"]["reference_accuracy"] == pytest.approx(
+        lmeval_accuracy(lmeval_runs.reference, TASK, "acc")
+    )
     rows = parse_md_table((tmp_path / "report.md").read_text(), "Task")
-    assert [(row[0], row[2], row[6]) for row in rows] == [(LETTERS_TASK, "24", "0 / 0"), (TASK, "24", "0 / 0"), ("all tasks (pooled)", "48", "0 / 0")]
+    assert [(row[0], row[2], row[6]) for row in rows] == [
+        (LETTERS_TASK, "24", "0 / 0"),
+        (TASK, "24", "0 / 0"),
+        ("all tasks (pooled)", "48", "0 / 0"),
+    ]
 
 
 @pytest.mark.parametrize("metric", [None, "acc_norm"])
@@ -176,7 +229,13 @@ def test_nf4_changes_some_answers(lmeval_runs: LmEvalRuns, tmp_path: Path) -> No
 
 
 def test_runs_on_other_documents_are_refused(lmeval_runs: LmEvalRuns) -> None:
-    result = quantcheck("compare-lmeval", str(lmeval_runs.reference), str(lmeval_runs.other), "--out", str(lmeval_runs.other.parent / "refused"))
+    result = quantcheck(
+        "compare-lmeval",
+        str(lmeval_runs.reference),
+        str(lmeval_runs.other),
+        "--out",
+        str(lmeval_runs.other.parent / "refused"),
+    )
     assert_one_line_error(result, f"{TASK}: the document of doc_id 2 differs between the runs")
 
 
@@ -202,13 +261,33 @@ def test_same_documents_asked_differently_are_refused(lmeval_runs: LmEvalRuns, t
     [
         (lambda runs, tmp: (tmp / "missing", runs.rerun), ["RUN_A", "is not a folder"]),
         (lambda runs, tmp: (runs.reference, tmp), ["RUN_B", "holds no lm-eval samples files", "--log_samples"]),
-        (lambda runs, tmp: (copy_samples(runs.reference, LETTERS_TASK, tmp / "a"), runs.variant), ["share no task", LETTERS_TASK, TASK]),
-        (lambda runs, tmp: (runs.reference, copy_samples(runs.rerun, TASK, tmp / "b", keep=20)), ["different documents", "24 in the reference, 20 in the variant"]),
-        (lambda runs, tmp: (runs.reference, runs.variant, "--metric", "exact_match"), ["no 0/1 per-sample metric 'exact_match'", "acc, acc_norm"]),
-        (lambda runs, tmp: (runs.reference, runs.variant, "--max-accuracy-drop", "-1"), ["--max-accuracy-drop must be between 0 and 100"]),
+        (
+            lambda runs, tmp: (copy_samples(runs.reference, LETTERS_TASK, tmp / "a"), runs.variant),
+            ["share no task", LETTERS_TASK, TASK],
+        ),
+        (
+            lambda runs, tmp: (runs.reference, copy_samples(runs.rerun, TASK, tmp / "b", keep=20)),
+            ["different documents", "24 in the reference, 20 in the variant"],
+        ),
+        (
+            lambda runs, tmp: (runs.reference, runs.variant, "--metric", "exact_match"),
+            ["no 0/1 per-sample metric 'exact_match'", "acc, acc_norm"],
+        ),
+        (
+            lambda runs, tmp: (runs.reference, runs.variant, "--max-accuracy-drop", "-1"),
+            ["--max-accuracy-drop must be between 0 and 100"],
+        ),
         (lambda runs, tmp: (runs.reference.parent, runs.variant), ["holds runs of several models"]),
     ],
-    ids=["not-a-folder", "no-samples", "no-common-task", "other-limit", "unknown-metric", "bad-threshold", "several-models"],
+    ids=[
+        "not-a-folder",
+        "no-samples",
+        "no-common-task",
+        "other-limit",
+        "unknown-metric",
+        "bad-threshold",
+        "several-models",
+    ],
 )
 def test_bad_input_gets_one_line(lmeval_runs: LmEvalRuns, tmp_path: Path, make_runs, fragments: list[str]) -> None:
     args = [str(arg) for arg in make_runs(lmeval_runs, tmp_path)]
@@ -230,7 +309,9 @@ def quantcheck_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("quantcheck-run")
     questions = write_questions(root / "questions.jsonl", QUESTIONS)
     out = root / "run"
-    result = quantcheck("run", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out), "--skip-cost", "--skip-generation")
+    result = quantcheck(
+        "run", "--quant", "bnb-nf4", "--dataset", str(questions), "--out", str(out), "--skip-cost", "--skip-generation"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -259,12 +340,18 @@ def test_export_pairs_with_a_real_lmeval_run(quantcheck_run: Path, lmeval_runs: 
     export(quantcheck_run, tmp_path / "export")
     document = compare(tmp_path / "export" / "reference", lmeval_runs.reference, tmp_path / "compared")
     (result,) = document["tasks"]
-    assert (result["task"], result["paired"]["n"], result["paired"]["answer_agreement"]) == (LETTERS_TASK, QUESTIONS, 1.0)
+    assert (result["task"], result["paired"]["n"], result["paired"]["answer_agreement"]) == (
+        LETTERS_TASK,
+        QUESTIONS,
+        1.0,
+    )
     assert (result["paired"]["right_to_wrong"], result["paired"]["wrong_to_right"]) == (0, 0)
     exported = samples(tmp_path / "export" / "reference", LETTERS_TASK)
     real = samples(lmeval_runs.reference, LETTERS_TASK)
     for ours, theirs in zip(exported, real, strict=True):
-        assert [float(lp) for lp, _ in ours["filtered_resps"]] == pytest.approx([float(lp) for lp, _ in theirs["filtered_resps"]], abs=1e-4)
+        assert [float(lp) for lp, _ in ours["filtered_resps"]] == pytest.approx(
+            [float(lp) for lp, _ in theirs["filtered_resps"]], abs=1e-4
+        )
         assert [greedy for _, greedy in ours["filtered_resps"]] == [greedy for _, greedy in theirs["filtered_resps"]]
 
 

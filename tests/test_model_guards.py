@@ -13,7 +13,9 @@ from quantcheck.models.quant_methods import LoadRequest, QuantMethod
 
 
 def tiny_model(device_map: dict[str, object] | None) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
     model = LlamaForCausalLM(config)
     if device_map is not None:
         model.hf_device_map = device_map
@@ -49,17 +51,33 @@ def test_meta_parameters_count_as_offloaded():
 
 def test_load_request_places_the_whole_model_on_one_device():
     kwargs = LoadRequest(path="p", device="cuda", dtype=torch.bfloat16).from_pretrained_kwargs()
-    assert kwargs["device_map"] == {"": "cuda"} and kwargs["dtype"] is torch.bfloat16 and kwargs["use_safetensors"] is True
+    assert (
+        kwargs["device_map"] == {"": "cuda"} and kwargs["dtype"] is torch.bfloat16 and kwargs["use_safetensors"] is True
+    )
     assert kwargs["trust_remote_code"] is False
-    assert LoadRequest(path="p", device="cuda", dtype=torch.bfloat16, allow_offload=True).from_pretrained_kwargs()["device_map"] == "auto"
+    assert (
+        LoadRequest(path="p", device="cuda", dtype=torch.bfloat16, allow_offload=True).from_pretrained_kwargs()[
+            "device_map"
+        ]
+        == "auto"
+    )
 
 
 def test_pretrained_checkpoints_are_variants_with_their_own_folder():
     spec = variant_spec("pretrained:TheBloke/Llama-2-7B-GPTQ", "/reference", lambda source: f"/cache/{source}")
-    assert spec.name == "pretrained-Llama-2-7B-GPTQ" and spec.checkpoint and spec.weights == "/cache/TheBloke/Llama-2-7B-GPTQ"
+    assert (
+        spec.name == "pretrained-Llama-2-7B-GPTQ"
+        and spec.checkpoint
+        and spec.weights == "/cache/TheBloke/Llama-2-7B-GPTQ"
+    )
     assert spec.backend == "hf" and spec.role == "variant"
     served = variant_spec("vllm:pretrained:org/model-AWQ", "/reference", lambda source: "/awq")
-    assert (served.name, served.backend, served.folder, served.weights) == ("vllm:pretrained-model-AWQ", "vllm", "vllm-pretrained-model-AWQ", "/awq")
+    assert (served.name, served.backend, served.folder, served.weights) == (
+        "vllm:pretrained-model-AWQ",
+        "vllm",
+        "vllm-pretrained-model-AWQ",
+        "/awq",
+    )
 
 
 def test_a_variant_names_its_backend_and_method():
@@ -67,4 +85,9 @@ def test_a_variant_names_its_backend_and_method():
     assert (hf.name, hf.backend, hf.method, hf.weights) == ("torchao-int8wo", "hf", "torchao-int8wo", "/reference")
     assert variant_spec("hf:bnb-nf4", "/reference", str).name == "bnb-nf4"
     served = variant_spec("vllm:fp8_per_channel", "/reference", str)
-    assert (served.name, served.backend, served.method, served.folder) == ("vllm:fp8_per_channel", "vllm", "fp8_per_channel", "vllm-fp8_per_channel")
+    assert (served.name, served.backend, served.method, served.folder) == (
+        "vllm:fp8_per_channel",
+        "vllm",
+        "fp8_per_channel",
+        "vllm-fp8_per_channel",
+    )

@@ -20,15 +20,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from conftest import SMALL_COST, lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
+from quantcheck.models.loading import resolve_model
 from test_cli_errors import assert_one_line_error
 from test_resume import start, wait_for_lines
 
-from quantcheck.models.loading import resolve_model
-
 VLLM_PYTHON = os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")
-pytestmark = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),
-                                reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)")
+pytestmark = pytest.mark.skipif(
+    not Path(VLLM_PYTHON).exists(),
+    reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)",
+)
 
 SERVED_NAME = "smollm2"
 START_TIMEOUT_S = 300
@@ -53,18 +55,48 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, max_logprobs: int = -1) -> None:
-        command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--served-model-name", SERVED_NAME,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-                   "--max-logprobs", str(max_logprobs), "--kv-cache-memory-bytes", str(1 << 30), "--seed", "0"]
+        command = [
+            VLLM_PYTHON,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            SERVED_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "1024",
+            "--enforce-eager",
+            "--max-logprobs",
+            str(max_logprobs),
+            "--kv-cache-memory-bytes",
+            str(1 << 30),
+            "--seed",
+            "0",
+        ]
         # The engine in the server's process (healthy after about 60 s here instead of 85), both cores for it.
-        environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                       "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+        environment = {
+            **os.environ,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+        }
         with self.log.open("a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"the vLLM server exited with {self.process.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as answer:
                     if answer.status == 200:
@@ -72,7 +104,9 @@ class VLLMServer:
             except OSError:
                 time.sleep(1)
         self.stop()
-        raise RuntimeError(f"the vLLM server was not healthy within {START_TIMEOUT_S} s: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(
+            f"the vLLM server was not healthy within {START_TIMEOUT_S} s: {self.log.read_text()[-2000:]}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Signal the server's process group (its engine runs in child processes) and wait for it."""
@@ -93,7 +127,9 @@ class FaultyProxy:
     top N log-probabilities of each row in requests for several prompts (a server that returns fewer under
     load than when probed alone). Every other byte is the server's own answer."""
 
-    def __init__(self, upstream: str, *, no_tokenize: bool = False, no_echo: bool = False, row_entries: int | None = None) -> None:
+    def __init__(
+        self, upstream: str, *, no_tokenize: bool = False, no_echo: bool = False, row_entries: int | None = None
+    ) -> None:
         import httpx
 
         root = upstream.removesuffix("/v1")
@@ -118,15 +154,25 @@ class FaultyProxy:
                     return self._answer(404, b'{"detail": "Not Found"}')
                 if settings.no_echo and self.path.endswith("/completions") and request.get("echo"):
                     return self._answer(400, b'{"error": {"message": "echo is not supported with this model"}}')
-                answer = client.request(method, root + self.path, content=body, headers={"Content-Type": "application/json"})
+                answer = client.request(
+                    method, root + self.path, content=body, headers={"Content-Type": "application/json"}
+                )
                 content = answer.content
                 prompts = request.get("prompt")
-                if (settings.row_entries and self.path.endswith("/completions") and answer.status_code == 200
-                        and isinstance(prompts, list) and len(prompts) > 1 and isinstance(prompts[0], list)):
+                if (
+                    settings.row_entries
+                    and self.path.endswith("/completions")
+                    and answer.status_code == 200
+                    and isinstance(prompts, list)
+                    and len(prompts) > 1
+                    and isinstance(prompts[0], list)
+                ):
                     data = answer.json()
                     for choice in data["choices"]:
                         row = choice["logprobs"]["top_logprobs"][0]
-                        choice["logprobs"]["top_logprobs"][0] = dict(sorted(row.items(), key=lambda entry: -entry[1])[: settings.row_entries])
+                        choice["logprobs"]["top_logprobs"][0] = dict(
+                            sorted(row.items(), key=lambda entry: -entry[1])[: settings.row_entries]
+                        )
                     content = json.dumps(data).encode()
                 self._answer(answer.status_code, content)
 
@@ -186,8 +232,21 @@ QUALITY_ONLY = ["--skip-cost", "--skip-generation", "--no-floors"]
 def fp32_run(tmp_path_factory, server, questions) -> Path:
     """In-process transformers fp32 reference against the same weights served by vLLM, full rows; every phase."""
     out = tmp_path_factory.mktemp("served") / "run"
-    result = quantcheck("run", "--dataset", str(questions), "--quant", f"url:{server.url}", "--out", str(out), "--no-floors",
-                        "--max-new-tokens", "8", "--cost-rounds", "1", *SMALL_COST)
+    result = quantcheck(
+        "run",
+        "--dataset",
+        str(questions),
+        "--quant",
+        f"url:{server.url}",
+        "--out",
+        str(out),
+        "--no-floors",
+        "--max-new-tokens",
+        "8",
+        "--cost-rounds",
+        "1",
+        *SMALL_COST,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -206,7 +265,11 @@ def test_served_fp32_equals_in_process_transformers_fp32(fp32_run, server):
     assert not served["agreement"]["kl"]["is_lower_bound"]
     # Generation over HTTP: the same token ids, the same seeded settings, answers parsed as in-process.
     assert served["generative"]["accuracy"]["n"] == N_QUESTIONS
-    generated = [item["generative"] for item in read_items(fp32_run) if item["model"] == served["name"] and item.get("generative")]
+    generated = [
+        item["generative"]
+        for item in read_items(fp32_run)
+        if item["model"] == served["name"] and item.get("generative")
+    ]
     assert len(generated) == N_QUESTIONS and all(answer["new_tokens"] <= 8 for answer in generated)
     # Cost from the client's side: streaming latency per concurrency level; memory is the server's, not measured.
     cost = served["cost"]
@@ -224,12 +287,28 @@ def test_top_20_bound_is_below_the_exact_kl_on_every_item_and_jaccard_is_exact(t
     server asked for its top 20 gives the bound, compared item by item (the full store keeps KL exact)."""
     out = tmp_path / "run"
     full, top20 = f"url:{server.url}", f"url:{server.url}?top_logprobs=20"
-    result = quantcheck("run", "--dataset", str(questions), "--dtype", "bfloat16", "--store", "full", "--quant", full, "--quant", top20,
-                        "--out", str(out), *QUALITY_ONLY)
+    result = quantcheck(
+        "run",
+        "--dataset",
+        str(questions),
+        "--dtype",
+        "bfloat16",
+        "--store",
+        "full",
+        "--quant",
+        full,
+        "--quant",
+        top20,
+        "--out",
+        str(out),
+        *QUALITY_ONLY,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     exact, bounded = by_item(out, full), by_item(out, top20)
     assert set(exact) == set(bounded) and len(exact) == N_QUESTIONS
-    assert sum(item["kl"] for item in exact.values()) / N_QUESTIONS > 1e-4  # bf16 against fp32: a real difference to bound
+    assert (
+        sum(item["kl"] for item in exact.values()) / N_QUESTIONS > 1e-4
+    )  # bf16 against fp32: a real difference to bound
     for item_id, item in exact.items():
         assert item["kl_bound"] is None
         assert bounded[item_id]["kl_bound"].startswith("lower bound from the variant's top 20")
@@ -248,13 +327,19 @@ def test_top_20_bound_is_below_the_exact_kl_on_every_item_and_jaccard_is_exact(t
 
 def test_wrong_url_and_wrong_model_name_are_one_line_errors_before_any_work(tmp_path, server):
     out = tmp_path / "run"
-    refused = quantcheck("run", "--limit", "2", "--quant", f"url:http://127.0.0.1:{_free_port()}/v1", "--out", str(out), timeout=120)
+    refused = quantcheck(
+        "run", "--limit", "2", "--quant", f"url:http://127.0.0.1:{_free_port()}/v1", "--out", str(out), timeout=120
+    )
     assert_one_line_error(refused, "connection refused")
     assert not out.exists()
-    wrong_model = quantcheck("run", "--limit", "2", "--quant", f"url:{server.url}#no-such-model", "--out", str(out), timeout=120)
+    wrong_model = quantcheck(
+        "run", "--limit", "2", "--quant", f"url:{server.url}#no-such-model", "--out", str(out), timeout=120
+    )
     assert_one_line_error(wrong_model, f"does not serve 'no-such-model'; it serves: {SERVED_NAME}")
     assert not out.exists()
-    not_api = quantcheck("run", "--limit", "2", "--quant", f"url:{server.url.removesuffix('/v1')}", "--out", str(out), timeout=120)
+    not_api = quantcheck(
+        "run", "--limit", "2", "--quant", f"url:{server.url.removesuffix('/v1')}", "--out", str(out), timeout=120
+    )
     assert_one_line_error(not_api, "/v1")
     assert not out.exists()
 
@@ -264,21 +349,50 @@ def test_all_served_reference_and_variant(tmp_path, server):
     known only on its top K cannot (one line before any work) unless the store is full."""
     out = tmp_path / "run"
     # weight_gb: what the user knows of each server's memory (a client cannot see it), named as stated.
-    result = quantcheck("run", "--limit", "8", "--reference-url", f"{server.url}?weight_gb=0.5", "--quant",
-                        f"url:{server.url}?top_logprobs=20&weight_gb=0.25", "--out", str(out), "--skip-generation", "--no-floors",
-                        *SMALL_COST, "--batch-sizes", "1", "--cost-rounds", "1")
+    result = quantcheck(
+        "run",
+        "--limit",
+        "8",
+        "--reference-url",
+        f"{server.url}?weight_gb=0.5",
+        "--quant",
+        f"url:{server.url}?top_logprobs=20&weight_gb=0.25",
+        "--out",
+        str(out),
+        "--skip-generation",
+        "--no-floors",
+        *SMALL_COST,
+        "--batch-sizes",
+        "1",
+        "--cost-rounds",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reference, variant = read_results(out)["models"]
     assert variant["name"] == f"url:{server.url}?top_logprobs=20"  # the stated memory is not part of the name
     assert variant["cost"]["stated_weight_bytes"] == 2**28 and variant["cost"]["weights"] is None
     assert variant["cost_vs_reference"]["memory_saving"] == 0.5 and variant["cost_vs_reference"]["weight_memory_stated"]
     memory = next(reason for reason in variant["verdict"]["reasons"] if "weight memory" in reason)
-    assert "saves 50% of weight memory (a served model's weight memory as stated with weight_gb, not measured)" in memory
+    assert (
+        "saves 50% of weight memory (a served model's weight memory as stated with weight_gb, not measured)" in memory
+    )
     assert reference["backend"] == variant["backend"] == "openai"
-    assert variant["paired_loglik"]["answer_agreement"] == 1.0 and variant["agreement"]["top1_agreement"]["value"] == 1.0
+    assert (
+        variant["paired_loglik"]["answer_agreement"] == 1.0 and variant["agreement"]["top1_agreement"]["value"] == 1.0
+    )
     assert variant["agreement"]["kl"]["is_lower_bound"] and variant["agreement"]["kl"]["mean"]["value"] <= 1e-6
-    refused = quantcheck("run", "--limit", "8", "--reference-url", f"{server.url}?top_logprobs=20", "--quant", f"url:{server.url}",
-                         "--out", str(tmp_path / "top"), timeout=120)
+    refused = quantcheck(
+        "run",
+        "--limit",
+        "8",
+        "--reference-url",
+        f"{server.url}?top_logprobs=20",
+        "--quant",
+        f"url:{server.url}",
+        "--out",
+        str(tmp_path / "top"),
+        timeout=120,
+    )
     assert_one_line_error(refused, "only its top 20 log-probabilities", "--store full")
 
 
@@ -287,13 +401,17 @@ def test_a_server_with_another_tokenizer_keeps_accuracy_but_refuses_token_metric
     are the reference's, so accuracy stands, but KL, Jaccard and top-1 would compare different texts."""
     lowercase = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
     out = tmp_path / "run"
-    result = quantcheck("run", str(lowercase), "--limit", "4", "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY)
+    result = quantcheck(
+        "run", str(lowercase), "--limit", "4", "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = read_results(out)
     served = results["models"][1]
     assert served["paired_loglik"]["n"] == 4 and served["agreement"] is None
     assert any(w["code"] == "tokenizer-mismatch" and w["model"] == served["name"] for w in results["warnings"])
-    assert f"the server at {server.url} tokenizes a prompt into" in " ".join(result.stderr.split())  # the reason, as the run went
+    assert f"the server at {server.url} tokenizes a prompt into" in " ".join(
+        result.stderr.split()
+    )  # the reason, as the run went
 
 
 def test_rows_with_fewer_log_probabilities_than_asked_are_refused_in_one_line(tmp_path, server, proxies):
@@ -301,10 +419,22 @@ def test_rows_with_fewer_log_probabilities_than_asked_are_refused_in_one_line(tm
     would be computed from ties among missing entries and labelled exact: the row is refused instead."""
     short = proxies(row_entries=10)
     out = tmp_path / "run"
-    result = quantcheck("run", "--limit", "4", "--store", "full", "--quant", f"url:{short.url}?top_logprobs=20", "--out", str(out),
-                        *QUALITY_ONLY)
+    result = quantcheck(
+        "run",
+        "--limit",
+        "4",
+        "--store",
+        "full",
+        "--quant",
+        f"url:{short.url}?top_logprobs=20",
+        "--out",
+        str(out),
+        *QUALITY_ONLY,
+    )
     assert result.returncode == 0, result.stderr[-3000:]  # as for any variant that fails: the run ends with what it has
-    failures = [line for line in result.stderr.splitlines() if f"url:{short.url}?top_logprobs=20 (quality) failed" in line]
+    failures = [
+        line for line in result.stderr.splitlines() if f"url:{short.url}?top_logprobs=20 (quality) failed" in line
+    ]
     assert len(failures) == 1, result.stderr[-3000:]
     assert "returned 10 log-probabilities for a row where it was asked for its top 20" in failures[0]
     assert "Traceback" not in result.stderr
@@ -317,30 +447,57 @@ def test_a_server_without_tokenize_is_checked_by_an_echoed_prompt(tmp_path, serv
     lowercase = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
     no_tokenize = proxies(no_tokenize=True)
     out = tmp_path / "lower"
-    result = quantcheck("run", str(lowercase), "--limit", "4", "--quant", f"url:{no_tokenize.url}", "--out", str(out), *QUALITY_ONLY)
+    result = quantcheck(
+        "run", str(lowercase), "--limit", "4", "--quant", f"url:{no_tokenize.url}", "--out", str(out), *QUALITY_ONLY
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     served = read_results(out)["models"][1]
     assert served["paired_loglik"]["n"] == 4 and served["agreement"] is None  # token metrics refused, as with /tokenize
-    assert served["engine"]["tokenizer_verified"] is False and served["engine"]["parallel"]["tokenizer_check"] == "different (echo)"
+    assert (
+        served["engine"]["tokenizer_verified"] is False
+        and served["engine"]["parallel"]["tokenizer_check"] == "different (echo)"
+    )
     assert f"the server at {no_tokenize.url} tokenizes a prompt into" in " ".join(result.stderr.split())
 
     no_echo = proxies(no_echo=True)
     out = tmp_path / "same"
-    result = quantcheck("run", "--limit", "4", "--quant", f"url:{server.url}", "--quant", f"url:{no_tokenize.url}",
-                        "--quant", f"url:{no_echo.url}", "--out", str(out), *QUALITY_ONLY)
+    result = quantcheck(
+        "run",
+        "--limit",
+        "4",
+        "--quant",
+        f"url:{server.url}",
+        "--quant",
+        f"url:{no_tokenize.url}",
+        "--quant",
+        f"url:{no_echo.url}",
+        "--out",
+        str(out),
+        *QUALITY_ONLY,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reference, direct, echoed, unverified = read_results(out)["models"]
     assert reference["engine"]["tokenizer_verified"] is None  # in-process: quantcheck's own ids
-    assert direct["engine"]["tokenizer_verified"] is True and direct["engine"]["parallel"]["tokenizer_check"] == "/tokenize"
+    assert (
+        direct["engine"]["tokenizer_verified"] is True
+        and direct["engine"]["parallel"]["tokenizer_check"] == "/tokenize"
+    )
     assert echoed["engine"]["tokenizer_verified"] is True and echoed["engine"]["parallel"]["tokenizer_check"] == "echo"
     assert echoed["agreement"]["top1_agreement"]["value"] == 1.0
-    assert unverified["engine"]["tokenizer_verified"] is False and unverified["engine"]["parallel"]["tokenizer_check"] == "unverified"
+    assert (
+        unverified["engine"]["tokenizer_verified"] is False
+        and unverified["engine"]["parallel"]["tokenizer_check"] == "unverified"
+    )
     stderr = " ".join(result.stderr.split())
-    assert (f"the server at {no_echo.url} could not be asked how it tokenizes (/tokenize answered HTTP 404; echo answered HTTP 400)"
-            in stderr), stderr[-3000:]
+    assert (
+        f"the server at {no_echo.url} could not be asked how it tokenizes (/tokenize answered HTTP 404; echo answered HTTP 400)"
+        in stderr
+    ), stderr[-3000:]
 
 
-def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrupted_run(tmp_path, server, questions, fp32_run):
+def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrupted_run(
+    tmp_path, server, questions, fp32_run
+):
     out = tmp_path / "run"
     args = ["run", "--dataset", str(questions), "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY]
     process = start(args)
@@ -362,7 +519,10 @@ def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrup
     resumed, uninterrupted = by_item(out, f"url:{server.url}"), by_item(fp32_run, f"url:{server.url}")
     assert set(resumed) == set(uninterrupted)
     for item_id, item in resumed.items():
-        assert item["loglik"] == uninterrupted[item_id]["loglik"] and item["topk_ids"] == uninterrupted[item_id]["topk_ids"]
+        assert (
+            item["loglik"] == uninterrupted[item_id]["loglik"]
+            and item["topk_ids"] == uninterrupted[item_id]["topk_ids"]
+        )
         assert item["kl"] == pytest.approx(uninterrupted[item_id]["kl"], abs=1e-9)
 
 

@@ -8,14 +8,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import lowercase_tokenizer_copy, quantcheck, read_results
 
 CHATS = [
-    {"id": "capital", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]},
-    {"id": "haiku", "messages": [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Write a haiku about the sea."}]},
+    {
+        "id": "capital",
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    },
+    {
+        "id": "haiku",
+        "messages": [
+            {"role": "system", "content": "You are a poet."},
+            {"role": "user", "content": "Write a haiku about the sea."},
+        ],
+    },
     [{"role": "user", "content": "List three primary colors."}],
-    {"id": "math", "messages": [{"role": "user", "content": "What is 12 times 7?"}, {"role": "assistant", "content": "84."},
-                                {"role": "user", "content": "And 84 divided by 4?"}]},
+    {
+        "id": "math",
+        "messages": [
+            {"role": "user", "content": "What is 12 times 7?"},
+            {"role": "assistant", "content": "84."},
+            {"role": "user", "content": "And 84 divided by 4?"},
+        ],
+    },
 ]
 MAX_NEW_TOKENS = 24
 
@@ -26,8 +42,17 @@ def write_prompts(path: Path, chats: list) -> Path:
 
 
 def prompts_run(out: Path, prompts: Path, *quants: str) -> object:
-    return quantcheck("run", "--dataset", f"prompts:{prompts}", "--max-new-tokens", str(MAX_NEW_TOKENS), "--skip-cost", "--out", str(out),
-                      *(part for name in quants for part in ("--quant", name)))
+    return quantcheck(
+        "run",
+        "--dataset",
+        f"prompts:{prompts}",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--skip-cost",
+        "--out",
+        str(out),
+        *(part for name in quants for part in ("--quant", name)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +93,9 @@ def test_identity_variant_is_exact_and_bf16_departs(run):
     results = read_results(run)
     identity, bf16 = model(results, "none")["corpus"], model(results, "bf16")["corpus"]
     assert identity["perplexity_ratio"]["value"] == 1.0 and identity["kl"]["mean"]["value"] == 0.0
-    assert identity["same_top1"]["value"] == 1.0 and all(estimate["value"] == 0.0 for estimate in identity["delta_p"].values())
+    assert identity["same_top1"]["value"] == 1.0 and all(
+        estimate["value"] == 0.0 for estimate in identity["delta_p"].values()
+    )
     assert 0 < bf16["kl"]["mean"]["value"] < 0.05
     records = [json.loads(line) for line in (run / "models" / "bf16" / "corpus.jsonl").read_text().splitlines()]
     per_prompt = [np.mean(record["kl"]) for record in records]
@@ -101,13 +128,19 @@ def test_a_variant_with_another_tokenizer_fails_alone_in_one_line(run, tmp_path)
     assert model(results, "none")["corpus"]["kl"]["mean"]["value"] == 0.0
 
 
-@pytest.mark.parametrize(("lines", "message"), [
-    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'], ":1: the last message must be the user's"),
-    (['{"messages": [{"role": "robot", "content": "hi"}]}'], ":1: every message needs a role"),
-    (['{"messages": [{"role": "user", "content": "hi"}]}', "{oops"], ":2: not valid JSON"),
-    (['{"id": "a", "messages": [{"role": "user", "content": "hi"}]}'] * 2, "prompt ids must be unique"),
-    ([""], "no prompts"),
-])
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'],
+            ":1: the last message must be the user's",
+        ),
+        (['{"messages": [{"role": "robot", "content": "hi"}]}'], ":1: every message needs a role"),
+        (['{"messages": [{"role": "user", "content": "hi"}]}', "{oops"], ":2: not valid JSON"),
+        (['{"id": "a", "messages": [{"role": "user", "content": "hi"}]}'] * 2, "prompt ids must be unique"),
+        ([""], "no prompts"),
+    ],
+)
 def test_bad_prompt_files_are_one_line_errors(tmp_path, lines, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(lines) + "\n")

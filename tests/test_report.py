@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from markupsafe import escape
-from report_fixture import XSS_QUESTION_MARKER, build_partial_run_folder, build_run_folder
 
 from quantcheck.analysis import format as fmt
 from quantcheck.analysis.verdict import decide, fail_level, quality_check_count
@@ -32,6 +31,7 @@ from quantcheck.schema.results import (
 )
 from quantcheck.stats.intervals import heavy_tailed_mean, proportion
 from quantcheck.stats.paired import compare_paired
+from report_fixture import XSS_QUESTION_MARKER, build_partial_run_folder, build_run_folder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -265,8 +265,12 @@ def kl_rejected_run() -> Results:
             n=n,
             jaccard={},
             top1_agreement=proportion([True] * 1960 + [False] * 40, fail_level=level),
-            kl=DivergenceSummary(mean=heavy_tailed_mean(kl, seed=0, fail_level=level), median=float(np.median(kl)),
-                                 p90=float(np.quantile(kl, 0.9)), max=float(kl.max())),
+            kl=DivergenceSummary(
+                mean=heavy_tailed_mean(kl, seed=0, fail_level=level),
+                median=float(np.median(kl)),
+                p90=float(np.quantile(kl, 0.9)),
+                max=float(kl.max()),
+            ),
         ),
         cost_vs_reference=CostComparison(weight_memory_ratio=0.3, memory_saving=0.7, latency_ratio={1: 1.2}),
     )
@@ -280,7 +284,12 @@ def test_tradeoff_chart_shows_a_kl_rejected_variant_as_rejected() -> None:
     results = kl_rejected_run()
     verdict = results.models[1].verdict
     assert verdict.decision == "DON'T QUANTIZE"
-    assert verdict.checks == {"memory": "pass", "log-likelihood accuracy": "pass", "mean KL": "fail", "top-1 agreement": "pass"}
+    assert verdict.checks == {
+        "memory": "pass",
+        "log-likelihood accuracy": "pass",
+        "mean KL": "fail",
+        "top-1 agreement": "pass",
+    }
     fig = tradeoff_figure(results, model_colors(results))
     ax = fig.axes[0]
     texts = [text.get_text() for text in ax.texts]

@@ -14,9 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from report_fixture import XSS_QUESTION_MARKER, build_partial_run_folder, build_run_folder
 
 from quantcheck.report import render_report
+from report_fixture import XSS_QUESTION_MARKER, build_partial_run_folder, build_run_folder
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import XSS_QUESTION, quantcheck, read_results
 
+from conftest import XSS_QUESTION, quantcheck, read_results
 from quantcheck.report.markdown import parse_md_table
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,8 +48,17 @@ def test_real_report_in_chromium(small_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu",
-                                             "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1366, "height": 900})
         errors, dialogs = [], []
         page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
 
+from conftest import lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
 from quantcheck.storage.folder import RunFolder
 
 N_QUESTIONS = 8
@@ -23,7 +23,15 @@ COMMON = ["--batch-size", "2", "--max-new-tokens", "4", "--gen-batch-size", "4",
 
 
 def run_args(questions: Path, out: Path, *quants: str) -> list[str]:
-    return ["run", *[arg for quant in quants for arg in ("--quant", quant)], "--dataset", str(questions), "--out", str(out), *COMMON]
+    return [
+        "run",
+        *[arg for quant in quants for arg in ("--quant", quant)],
+        "--dataset",
+        str(questions),
+        "--out",
+        str(out),
+        *COMMON,
+    ]
 
 
 def line_count(path: Path) -> int:
@@ -36,9 +44,15 @@ def start(args: list[str]) -> subprocess.Popen:
     SIGINT is set back to its default first: a suite started in the background (`make test &`)
     inherits it ignored, and Python then never raises KeyboardInterrupt, as a user's terminal would.
     """
-    return subprocess.Popen([sys.executable, "-m", "quantcheck.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantcheck.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for_lines(process: subprocess.Popen, path: Path, at_least: int, timeout: float = 600) -> None:
@@ -156,7 +170,9 @@ def test_a_different_experiment_in_the_same_folder_is_refused(tmp_path, question
     shutil.copy(clean_run / "run.json", out / "run.json")
     refused = quantcheck("run", "--quant", "none", "--dataset", "mmlu:anatomy", "--out", str(out), "--skip-cost")
     assert refused.returncode == 2
-    assert "holds a different run" in refused.stderr and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert (
+        "holds a different run" in refused.stderr and "--force" in refused.stderr and "Traceback" not in refused.stderr
+    )
     assert json.loads((out / "run.json").read_text()) == json.loads((clean_run / "run.json").read_text())
 
 
@@ -179,11 +195,19 @@ def test_a_write_error_during_the_run_is_one_line_and_the_run_resumes(tmp_path, 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    failed = subprocess.run([sys.executable, "-m", "quantcheck.cli", *run_args(questions, out, "none"), "--store", "full"], capture_output=True,
-                            text=True, preexec_fn=small_files, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    failed = subprocess.run(
+        [sys.executable, "-m", "quantcheck.cli", *run_args(questions, out, "none"), "--store", "full"],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
     assert failed.returncode == 2, failed.stderr[-2000:]
     last = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert len(last) == 1 and "cannot write" in last[0] and "logprobs.npy" in last[0] and "Traceback" not in failed.stderr
+    assert (
+        len(last) == 1 and "cannot write" in last[0] and "logprobs.npy" in last[0] and "Traceback" not in failed.stderr
+    )
     assert (out / "dataset.jsonl").exists() and (out / "run.json").exists()
     resumed = quantcheck(*run_args(questions, out, "none"), "--store", "full")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -194,8 +218,19 @@ def test_a_variant_with_another_tokenizer_keeps_accuracy_but_refuses_token_metri
     """A pre-quantized checkpoint may bring its own tokenizer; here one that lower-cases every prompt."""
     variant = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
     out = tmp_path / "run"
-    result = quantcheck("run", "--quant", f"pretrained:{variant}", "--dataset", str(questions), "--limit", "4", "--out", str(out),
-                        "--skip-cost", "--skip-generation")
+    result = quantcheck(
+        "run",
+        "--quant",
+        f"pretrained:{variant}",
+        "--dataset",
+        str(questions),
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+        "--skip-cost",
+        "--skip-generation",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     results = read_results(out)
     checkpoint = results["models"][1]
@@ -216,8 +251,21 @@ def test_a_variant_that_crashes_is_recorded_and_the_run_goes_on(tmp_path, questi
         shutil.copy(builtin_model_dir() / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     out = tmp_path / "run"
-    result = quantcheck("run", "--quant", f"pretrained:{broken}", "--quant", "none", "--dataset", str(questions), "--limit", "2",
-                        "--out", str(out), "--skip-cost", "--skip-generation")
+    result = quantcheck(
+        "run",
+        "--quant",
+        f"pretrained:{broken}",
+        "--quant",
+        "none",
+        "--dataset",
+        str(questions),
+        "--limit",
+        "2",
+        "--out",
+        str(out),
+        "--skip-cost",
+        "--skip-generation",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pretrained-broken-checkpoint (quality) failed" in result.stderr
     models = {model["name"]: model for model in read_results(out)["models"]}

@@ -160,9 +160,7 @@ def test_mean_kl_zeros_and_degenerate_samples() -> None:
 # --- Newcombe paired interval ----------------------------------------------------------------
 
 
-def reference_newcombe(
-    a: int, b: int, c: int, d: int, alpha: float = 0.05
-) -> tuple[float, float]:
+def reference_newcombe(a: int, b: int, c: int, d: int, alpha: float = 0.05) -> tuple[float, float]:
     """Newcombe (1998) method 10 written out from the paper's formulas, for p1 - p2 with
     p1 = (a+b)/n, p2 = (a+c)/n; statsmodels provides the Wilson limits."""
     n = a + b + c + d
@@ -196,9 +194,7 @@ PUBLISHED = [
 
 
 @pytest.mark.parametrize(("table", "limits"), PUBLISHED)
-def test_newcombe_published_values(
-    table: tuple[int, int, int, int], limits: tuple[float, float]
-) -> None:
+def test_newcombe_published_values(table: tuple[int, int, int, int], limits: tuple[float, float]) -> None:
     a, b, c, d = table
     # Newcombe's p1 plays the variant: b = only the variant right, c = only the reference right.
     interval = paired_difference_interval(a, c, b, d)

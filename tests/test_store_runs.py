@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import quantcheck, read_items, read_results
 
 VARIANTS = ("bnb-nf4", "torchao-int8wo")
@@ -19,7 +20,18 @@ COMPACT_ROW_BYTES = 64 * (4 + 4) + 8 + 128 * (4 + 4)
 
 def run_args(out: Path, *extra: str) -> list[str]:
     quants = [arg for quant in VARIANTS for arg in ("--quant", quant)]
-    return ["run", *quants, "--limit", str(N_ITEMS), "--out", str(out), "--skip-generation", "--skip-cost", "--no-floors", *extra]
+    return [
+        "run",
+        *quants,
+        "--limit",
+        str(N_ITEMS),
+        "--out",
+        str(out),
+        "--skip-generation",
+        "--skip-cost",
+        "--no-floors",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +65,17 @@ def test_compact_kl_matches_the_full_store_item_by_item_and_its_bounds_hold(runs
         assert record["kl_lower"] <= truth + 1e-9 <= record["kl_upper"] + 2e-9, item_id
         assert record["kl_lower"] <= record["kl"] <= record["kl_upper"]
         # Jaccard@k, top-1 and the answers come from the stored top K: identical to the full store's.
-        assert (record["jaccard"], record["top1_agree"], record["loglik"]) == (exact[item_id]["jaccard"], exact[item_id]["top1_agree"], exact[item_id]["loglik"])
+        assert (record["jaccard"], record["top1_agree"], record["loglik"]) == (
+            exact[item_id]["jaccard"],
+            exact[item_id]["top1_agree"],
+            exact[item_id]["loglik"],
+        )
     relative = [(record["kl"] - exact[item_id]["kl"]) / exact[item_id]["kl"] for item_id, record in estimated.items()]
     assert abs(statistics.fmean(relative)) < 0.01  # within 1 % item by item on average
     assert statistics.fmean(abs(error) for error in relative) < 0.03
-    lower_only = [(record["kl_lower"] - exact[item_id]["kl"]) / exact[item_id]["kl"] for item_id, record in estimated.items()]
+    lower_only = [
+        (record["kl_lower"] - exact[item_id]["kl"]) / exact[item_id]["kl"] for item_id, record in estimated.items()
+    ]
     assert statistics.fmean(lower_only) < -0.05  # the tail seen as one token alone understates KL on this model
 
     summary = {model["name"]: model for model in read_results(compact)["models"]}[variant]["agreement"]["kl"]
@@ -69,6 +87,7 @@ def test_compact_kl_matches_the_full_store_item_by_item_and_its_bounds_hold(runs
 
 def test_store_sizes_on_disk(runs):
     compact, full, _ = runs
+
     def data_bytes(path: Path) -> int:
         return path.stat().st_size - np.load(path, mmap_mode="r").offset  # less the .npy header
 
@@ -82,8 +101,10 @@ def test_store_sizes_on_disk(runs):
 
 def test_changing_the_store_recomputes_and_says_why(runs):
     _, _, stderr = runs
-    assert ("stored outputs were computed under another setting (reference_store {'kind': 'compact', 'top_k': 64, 'tail_samples': 128} "
-            "-> {'kind': 'full'}): recomputing") in stderr.replace("\n", "")  # the terminal wraps long lines
+    assert (
+        "stored outputs were computed under another setting (reference_store {'kind': 'compact', 'top_k': 64, 'tail_samples': 128} "
+        "-> {'kind': 'full'}): recomputing"
+    ) in stderr.replace("\n", "")  # the terminal wraps long lines
     assert "reference (quality): loaded" in stderr
 
 
@@ -103,4 +124,6 @@ def test_a_damaged_store_is_refused_in_one_line_before_any_model_loads(runs, tmp
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in refused.stderr and "loaded" not in refused.stderr
     expected = "cut short or unreadable" if damage == "truncated" else f"holds ({N_ITEMS}, {VOCAB}) rows of float32"
-    assert expected in errors[0] and f"delete the folder {out / 'reference'} and run the same command again" in refused.stderr.replace("\n", "")
+    assert expected in errors[
+        0
+    ] and f"delete the folder {out / 'reference'} and run the same command again" in refused.stderr.replace("\n", "")

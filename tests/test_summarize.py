@@ -36,7 +36,9 @@ def _quality(model: str, item: int, rng: np.random.Generator) -> ItemRecord:
     """Both models answer item i the same way (right on 3 items in 5); the variant's KL is small."""
     pred = "A" if item % 5 < 3 else "B"
     record = ItemRecord(
-        item_id=f"q{item:04d}", model=model, answer="A",
+        item_id=f"q{item:04d}",
+        model=model,
+        answer="A",
         loglik=LoglikAnswer(pred=pred, correct=pred == "A", choice_logprobs=[-0.1, -2.0, -3.0, -4.0]),
     )
     if model != "reference":
@@ -53,27 +55,56 @@ def _generated(model: str, item: int) -> ItemRecord:
 
 
 def _cost(weight_bytes: int) -> ModelCost:
-    weights = WeightMemory(counted_bytes=weight_bytes, footprint_bytes=weight_bytes, parameters=10**6,
-                           bits_per_parameter=8 * weight_bytes / 10**6, footprint_agrees=True)
+    weights = WeightMemory(
+        counted_bytes=weight_bytes,
+        footprint_bytes=weight_bytes,
+        parameters=10**6,
+        bits_per_parameter=8 * weight_bytes / 10**6,
+        footprint_agrees=True,
+    )
     return ModelCost(memory_method="counted", threads=2, load_time_s=1.0, weights=weights)
 
 
-def write_run(root: Path, scored: int = N_ITEMS, generated: int = N_ITEMS, cost: bool = True,
-              quality_error: str | None = None, cost_error: str | None = None) -> RunFolder:
+def write_run(
+    root: Path,
+    scored: int = N_ITEMS,
+    generated: int = N_ITEMS,
+    cost: bool = True,
+    quality_error: str | None = None,
+    cost_error: str | None = None,
+) -> RunFolder:
     """A run folder as the workers leave it; the variant stops after `scored` / `generated` items."""
     folder = RunFolder(root)
     root.mkdir(parents=True)
-    folder.dataset_file.write_text("".join(
-        json.dumps({"item_id": f"q{i:04d}", "subject": "s", "question": f"question {i}", "choices": ["w", "x", "y", "z"], "answer": "A"}) + "\n"
-        for i in range(N_ITEMS)
-    ))
-    settings = GenerationSettings(prompt_style="plain", temperature=0.0, greedy=True, max_new_tokens=8, seed=0, instruction="Answer.")
+    folder.dataset_file.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "item_id": f"q{i:04d}",
+                    "subject": "s",
+                    "question": f"question {i}",
+                    "choices": ["w", "x", "y", "z"],
+                    "answer": "A",
+                }
+            )
+            + "\n"
+            for i in range(N_ITEMS)
+        )
+    )
+    settings = GenerationSettings(
+        prompt_style="plain", temperature=0.0, greedy=True, max_new_tokens=8, seed=0, instruction="Answer."
+    )
     rng = np.random.default_rng(0)
-    for model, n_scored, n_generated, weight_bytes in (("reference", N_ITEMS, N_ITEMS, 2000), (VARIANT, scored, generated, 1000)):
+    for model, n_scored, n_generated, weight_bytes in (
+        ("reference", N_ITEMS, N_ITEMS, 2000),
+        (VARIANT, scored, generated, 1000),
+    ):
         append_records(folder.model_file(model, "quality.jsonl"), [_quality(model, i, rng) for i in range(n_scored)])
         write_json_atomic(folder.model_file(model, "generation-settings.json"), settings)
         if n_generated:
-            append_records(folder.model_file(model, "generation.jsonl"), [_generated(model, i) for i in range(n_generated)])
+            append_records(
+                folder.model_file(model, "generation.jsonl"), [_generated(model, i) for i in range(n_generated)]
+            )
         if cost or model == "reference":
             write_json_atomic(folder.model_file(model, "cost.json"), _cost(weight_bytes))
     for kind, message in (("quality", quality_error), ("cost", cost_error)):
@@ -87,11 +118,20 @@ def run_summary(root: Path, floors: list[ModelSpec] = ()) -> Results:
         root,
         config={},
         model=ModelInfo(name="m", source="local", path="m", reference_dtype="bfloat16", device="cpu"),
-        dataset=DatasetInfo(spec="test", n_items=N_ITEMS, subjects=["s"], source="test", content_hash="0",
-                            prompt_format="test", answer_continuations=[" A", " B", " C", " D"]),
+        dataset=DatasetInfo(
+            spec="test",
+            n_items=N_ITEMS,
+            subjects=["s"],
+            source="test",
+            content_hash="0",
+            prompt_format="test",
+            answer_continuations=[" A", " B", " C", " D"],
+        ),
         environment={},
-        models=[ModelSpec(name="reference", role="reference", backend="hf", method="none", weights="m"),
-                ModelSpec(name=VARIANT, role="variant", backend="hf", method="bnb-int8", weights="m")],
+        models=[
+            ModelSpec(name="reference", role="reference", backend="hf", method="none", weights="m"),
+            ModelSpec(name=VARIANT, role="variant", backend="hf", method="bnb-int8", weights="m"),
+        ],
         floors=list(floors),
         thresholds=Thresholds(),
         seed=0,
@@ -117,12 +157,21 @@ def test_complete_run_quantizes(tmp_path: Path) -> None:
 
 def test_a_floor_that_failed_or_stopped_is_missing_not_silently_dropped(tmp_path: Path) -> None:
     folder = write_run(tmp_path / "run")
-    sampling = ModelSpec(name="reference (sampled again)", role="floor", backend="llamacpp", method="none", weights="m", floor="sampling")
-    write_json_atomic(folder.model_file(sampling.folder, "quality.error.json"), {"message": "AttributeError: no GGUF type 'none'"})
-    append_records(folder.model_file(sampling.folder, "generation.jsonl"), [_generated(sampling.name, i) for i in range(N_ITEMS // 2)])
+    sampling = ModelSpec(
+        name="reference (sampled again)", role="floor", backend="llamacpp", method="none", weights="m", floor="sampling"
+    )
+    write_json_atomic(
+        folder.model_file(sampling.folder, "quality.error.json"), {"message": "AttributeError: no GGUF type 'none'"}
+    )
+    append_records(
+        folder.model_file(sampling.folder, "generation.jsonl"),
+        [_generated(sampling.name, i) for i in range(N_ITEMS // 2)],
+    )
     results = run_summary(tmp_path / "run", floors=[sampling])
     assert results.floors.numeric is None and results.floors.sampling is None
-    assert results.missing == ["reference (sampled again): noise floor (quality job: AttributeError: no GGUF type 'none')"]
+    assert results.missing == [
+        "reference (sampled again): noise floor (quality job: AttributeError: no GGUF type 'none')"
+    ]
     assert not results.finished
 
 
@@ -134,7 +183,10 @@ def test_generation_out_of_memory_is_inconclusive(tmp_path: Path) -> None:
     assert variant.status == "partial"
     assert variant.incomplete == {"generation": f"generative scoring has no results (quality job: {OOM})"}
     assert variant.verdict.decision == "INCONCLUSIVE"
-    assert f"generative scoring has no results (quality job: {OOM}): not judged (generated-answer accuracy)" in variant.verdict.reasons
+    assert (
+        f"generative scoring has no results (quality job: {OOM}): not judged (generated-answer accuracy)"
+        in variant.verdict.reasons
+    )
     assert results.missing == [f"{VARIANT}: generative scoring"] and not results.finished
 
 
@@ -197,9 +249,16 @@ def test_an_empty_first_answer_is_skipped_not_fatal() -> None:
     for window in range(1, 13):
         nll = rng.exponential(1.0, 8).tolist()
         reference.append(WindowRecord(window=window, model="reference", nll=nll))
-        variant.append(WindowRecord(window=window, model="int8", nll=[value + 0.01 for value in nll],
-                                    kl=rng.lognormal(np.log(1e-3), 1.0, 8).tolist(), top1_agree=[True] * 8,
-                                    jaccard={k: 1.0 for k in (1, 5)}))
+        variant.append(
+            WindowRecord(
+                window=window,
+                model="int8",
+                nll=[value + 0.01 for value in nll],
+                kl=rng.lognormal(np.log(1e-3), 1.0, 8).tolist(),
+                top1_agree=[True] * 8,
+                jaccard={k: 1.0 for k in (1, 5)},
+            )
+        )
     corpus, agreement = variant_corpus_statistics(reference, variant, 64, 0)
     assert corpus.windows == 12 and agreement.n == 96 and agreement.kl.mean.units == 12
     result = ModelResult(name="int8", description="", status="ok", corpus=corpus, agreement=agreement)

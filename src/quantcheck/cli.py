@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,71 +20,152 @@ from quantcheck.errors import QuantcheckError
 if TYPE_CHECKING:
     from quantcheck.config import RunConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Should I serve the quantized version? Compare an LLM with its quantized variants.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Should I serve the quantized version? Compare an LLM with its quantized variants.",
+)
 console = Console(stderr=True)
 
 
 def _fail(error: QuantcheckError, debug: bool) -> None:
     if debug:
         raise error
-    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)  # "[vllm]" is text, not markup
+    console.print(
+        f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
+    )  # "[vllm]" is text, not markup
     raise typer.Exit(error.exit_code)
 
 
 @app.command()
 def run(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")] = None,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, url:URL[#MODEL]; see `quantcheck quants`")] = None,
-    backend: Annotated[str, typer.Option(help="engine that runs the reference: hf (transformers), vllm or llamacpp")] = "hf",
-    reference_url: Annotated[Optional[str], typer.Option(help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY")] = None,
-    reference_kld: Annotated[Optional[Path], typer.Option(help="the reference as a llama-perplexity --kl-divergence-base file recorded it "
-                                                          "(MODEL gives its tokenizer): variants are scored on its windows, nothing of the reference runs")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")
+    ] = None,
+    quant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quant",
+            "-q",
+            help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, url:URL[#MODEL]; see `quantcheck quants`",
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="engine that runs the reference: hf (transformers), vllm or llamacpp")
+    ] = "hf",
+    reference_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY"
+        ),
+    ] = None,
+    reference_kld: Annotated[
+        Path | None,
+        typer.Option(
+            help="the reference as a llama-perplexity --kl-divergence-base file recorded it "
+            "(MODEL gives its tokenizer): variants are scored on its windows, nothing of the reference runs"
+        ),
+    ] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model (tensor parallel)")] = 1,
-    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")] = 1,
-    distributed_executor_backend: Annotated[Optional[str], typer.Option(help="vLLM: mp (one node) or ray (several nodes)")] = None,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM: fraction of GPU memory the engine may take")] = 0.85,
+    pipeline_parallel_size: Annotated[
+        int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")
+    ] = 1,
+    distributed_executor_backend: Annotated[
+        str | None, typer.Option(help="vLLM: mp (one node) or ray (several nodes)")
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(help="vLLM: fraction of GPU memory the engine may take")
+    ] = 0.85,
     max_model_len: Annotated[int, typer.Option(help="vLLM: longest sequence the engine plans for")] = 2048,
     enforce_eager: Annotated[bool, typer.Option(help="vLLM: no CUDA graphs (faster start, slower decode)")] = True,
     cpu_kv_cache_gb: Annotated[float, typer.Option(help="vLLM on CPU: KV cache size in GiB")] = 1.0,
-    dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, text:FILE (a text corpus "
-                                                "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl (your chats, scored on the reference's answers)")] = "mmlu:virology",
-    limit: Annotated[Optional[int], typer.Option(help="score a seeded random sample of N questions (a text corpus: its first N windows)")] = None,
-    context: Annotated[int, typer.Option(help="text corpus: tokens per window; the second half of each is scored (llama-perplexity's -c)")] = 512,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, text:FILE (a text corpus "
+            "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl (your chats, scored on the reference's answers)"
+        ),
+    ] = "mmlu:virology",
+    limit: Annotated[
+        int | None,
+        typer.Option(help="score a seeded random sample of N questions (a text corpus: its first N windows)"),
+    ] = None,
+    context: Annotated[
+        int,
+        typer.Option(help="text corpus: tokens per window; the second half of each is scored (llama-perplexity's -c)"),
+    ] = 512,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option(help="reference precision: float32, bfloat16, float16 (default fp32 on CPU, bf16 on CUDA)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="results folder; the same folder resumes a run")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="reference precision: float32, bfloat16, float16 (default fp32 on CPU, bf16 on CUDA)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="results folder; the same folder resumes a run")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="items per forward pass in quality scoring")] = 8,
-    store: Annotated[str, typer.Option(help="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) or full (every log-probability, exact KL)")] = "compact",
-    store_top_k: Annotated[int, typer.Option(help="compact store: the reference's most likely tokens kept exactly (at least 20)")] = 64,
-    store_tail_samples: Annotated[int, typer.Option(help="compact store: tail tokens kept, drawn in proportion to their probability")] = 128,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads, the same for every model (default: physical cores)")] = None,
+    store: Annotated[
+        str,
+        typer.Option(
+            help="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) or full (every log-probability, exact KL)"
+        ),
+    ] = "compact",
+    store_top_k: Annotated[
+        int, typer.Option(help="compact store: the reference's most likely tokens kept exactly (at least 20)")
+    ] = 64,
+    store_tail_samples: Annotated[
+        int, typer.Option(help="compact store: tail tokens kept, drawn in proportion to their probability")
+    ] = 128,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads, the same for every model (default: physical cores)")
+    ] = None,
     skip_quality: Annotated[bool, typer.Option(help="skip log-likelihood and generative scoring")] = False,
     skip_generation: Annotated[bool, typer.Option(help="skip generative scoring only")] = False,
     skip_cost: Annotated[bool, typer.Option(help="skip memory/latency/throughput measurement")] = False,
-    floors: Annotated[bool, typer.Option(help="measure the noise under the comparison: each model scored twice by its engine with two batch plans, and the reference sampled again")] = True,
+    floors: Annotated[
+        bool,
+        typer.Option(
+            help="measure the noise under the comparison: each model scored twice by its engine with two batch plans, and the reference sampled again"
+        ),
+    ] = True,
     chat: Annotated[str, typer.Option(help="generative prompts through the chat template: auto, on, off")] = "auto",
     temperature: float = 0.1,
     greedy: Annotated[bool, typer.Option(help="greedy decoding instead of sampling at --temperature")] = False,
     max_new_tokens: int = 32,
     gen_batch_size: int = 16,
-    batch_sizes: Annotated[Optional[str], typer.Option(help="latency sweep batch sizes, e.g. 1,2,4,8,16,32")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="latency sweep sequence length")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="most timed iterations per batch size")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="seconds of timing per batch size at most")] = None,
-    cost_rounds: Annotated[int, typer.Option(help="cost measured this many times per model, the models in turn (ABAB); each point keeps its fastest round")] = 2,
-    max_memory_gb: Annotated[Optional[float], typer.Option(help="memory cap for the cost sweep: above it a batch size counts as OOM")] = None,
+    batch_sizes: Annotated[str | None, typer.Option(help="latency sweep batch sizes, e.g. 1,2,4,8,16,32")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="latency sweep sequence length")] = None,
+    iterations: Annotated[int | None, typer.Option(help="most timed iterations per batch size")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="seconds of timing per batch size at most")] = None,
+    cost_rounds: Annotated[
+        int,
+        typer.Option(
+            help="cost measured this many times per model, the models in turn (ABAB); each point keeps its fastest round"
+        ),
+    ] = 2,
+    max_memory_gb: Annotated[
+        float | None, typer.Option(help="memory cap for the cost sweep: above it a batch size counts as OOM")
+    ] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
     max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,
     min_top1: Annotated[float, typer.Option(help="smallest acceptable top-1 agreement, 0-1")] = 0.90,
     min_memory_saving: Annotated[float, typer.Option(help="weight memory a variant must save, 0-1")] = 0.20,
     force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")] = False,
-    allow_offload: Annotated[bool, typer.Option(help="allow device_map offload to CPU/disk; cost figures are then marked offloaded")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints, which can run code when loaded")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file holding any of these options (RUN_DIR/config.toml runs a run again); options typed here override it")] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")
+    ] = False,
+    allow_offload: Annotated[
+        bool, typer.Option(help="allow device_map offload to CPU/disk; cost figures are then marked offloaded")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="allow pickle (.bin) checkpoints, which can run code when loaded")
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file holding any of these options (RUN_DIR/config.toml runs a run again); options typed here override it"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
@@ -105,12 +186,26 @@ def run(
 
 # Each `run` option's key in a config file: its own name at the top level unless listed here.
 CONFIG_KEYS = {
-    "quant": "variants", "gen_batch_size": "generation.batch_size", "cost_rounds": "cost.rounds",
-    "store": "store.kind", "store_top_k": "store.top_k", "store_tail_samples": "store.tail_samples",
+    "quant": "variants",
+    "gen_batch_size": "generation.batch_size",
+    "cost_rounds": "cost.rounds",
+    "store": "store.kind",
+    "store_top_k": "store.top_k",
+    "store_tail_samples": "store.tail_samples",
     **{name: f"generation.{name}" for name in ("chat", "temperature", "greedy", "max_new_tokens")},
     **{name: f"cost.{name}" for name in ("batch_sizes", "seq_len", "iterations", "time_budget", "max_memory_gb")},
-    **{name: f"engine.{name}" for name in ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-                                           "gpu_memory_utilization", "max_model_len", "enforce_eager", "cpu_kv_cache_gb")},
+    **{
+        name: f"engine.{name}"
+        for name in (
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "distributed_executor_backend",
+            "gpu_memory_utilization",
+            "max_model_len",
+            "enforce_eager",
+            "cpu_kv_cache_gb",
+        )
+    },
     **{name: f"thresholds.{name}" for name in ("max_accuracy_drop", "max_kl", "min_top1", "min_memory_saving")},
 }
 NOT_IN_CONFIG = ("config", "debug")
@@ -128,7 +223,9 @@ def _settings(ctx: typer.Context, config_file: Path | None) -> RunConfig:
             continue
         path = CONFIG_KEYS.get(name, name)
         table, _, key = path.rpartition(".")
-        (settings.setdefault(table, {}) if table else settings)[key] = _batch_sizes(value) if name == "batch_sizes" else value
+        (settings.setdefault(table, {}) if table else settings)[key] = (
+            _batch_sizes(value) if name == "batch_sizes" else value
+        )
         typed[path] = "MODEL" if name == "model" else "--" + name.replace("_", "-")
 
     def where(location: tuple[str | int, ...]) -> str:
@@ -173,7 +270,16 @@ def _question_summary(results) -> Table:
     from quantcheck.analysis.format import memory_vs_ref, nats, percent, points_ci
 
     table = Table(title="quantcheck summary")
-    for column in ("model", "acc (loglik)", "Δ acc (95% CI)", "acc (gen)", "mean KL", "top-1 agree", "weights vs ref", "verdict"):
+    for column in (
+        "model",
+        "acc (loglik)",
+        "Δ acc (95% CI)",
+        "acc (gen)",
+        "mean KL",
+        "top-1 agree",
+        "weights vs ref",
+        "verdict",
+    ):
         table.add_column(column)
     for result in results.models:
         paired, agreement, cost = result.paired_loglik, result.agreement, result.cost_vs_reference
@@ -216,7 +322,9 @@ def _text_summary(results) -> Table:
 def _print_files(folder: Path, took: str = "") -> None:
     from quantcheck.report import HTML_FILE, MARKDOWN_FILE
 
-    _stdout().print(f"report: {folder / HTML_FILE}{took}\nmarkdown: {folder / MARKDOWN_FILE}\nresults: {folder / 'results.json'}")
+    _stdout().print(
+        f"report: {folder / HTML_FILE}{took}\nmarkdown: {folder / MARKDOWN_FILE}\nresults: {folder / 'results.json'}"
+    )
 
 
 @app.command()
@@ -258,7 +366,9 @@ def quants() -> None:
             table.add_row(prefix + method.name, method.description, ", ".join(sorted(method.devices)), status)
         syntax, description = backend.checkpoint_row()
         devices = sorted(set().union(*(method.devices for method in backend.methods().values())))
-        table.add_row(prefix + syntax, description, ", ".join(devices), "yes" if not engine_missing else f"no: {engine_missing}")
+        table.add_row(
+            prefix + syntax, description, ", ".join(devices), "yes" if not engine_missing else f"no: {engine_missing}"
+        )
     Console().print(table)
 
 
@@ -280,10 +390,15 @@ def report(
 
 @app.command("compare-lmeval")
 def compare_lmeval(
-    run_a: Annotated[Path, typer.Argument(help="reference: an lm_eval --output_path (or its model folder) written with --log_samples")],
+    run_a: Annotated[
+        Path,
+        typer.Argument(help="reference: an lm_eval --output_path (or its model folder) written with --log_samples"),
+    ],
     run_b: Annotated[Path, typer.Argument(help="variant: the same tasks and documents, another model")],
     out: Annotated[Path, typer.Option(help="folder for report.md and comparison.json")] = Path("lmeval-comparison"),
-    metric: Annotated[Optional[str], typer.Option(help="per-sample 0/1 metric (default: acc when logged, else the first 0/1 one)")] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="per-sample 0/1 metric (default: acc when logged, else the first 0/1 one)")
+    ] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
     debug: bool = False,
 ) -> None:
@@ -295,7 +410,12 @@ def compare_lmeval(
     try:
         if not 0 <= max_accuracy_drop <= 100:
             raise QuantcheckError(f"--max-accuracy-drop must be between 0 and 100 points, got {max_accuracy_drop}")
-        comparison = compare_runs(read_run(run_a, "RUN_A"), read_run(run_b, "RUN_B"), metric, Thresholds(max_accuracy_drop=max_accuracy_drop / 100))
+        comparison = compare_runs(
+            read_run(run_a, "RUN_A"),
+            read_run(run_b, "RUN_B"),
+            metric,
+            Thresholds(max_accuracy_drop=max_accuracy_drop / 100),
+        )
         document = comparison_file(comparison)
         markdown, json_file = write_comparison(document, out)
         table = Table(title="lm-eval comparison (B against A)")
@@ -317,7 +437,9 @@ def compare_lmeval(
 def export_lmeval(
     run_dir: Annotated[Path, typer.Argument(help="a quantcheck results folder")],
     out: Annotated[Path, typer.Argument(help="folder for <model>/samples_<task>_<time>.jsonl")],
-    task: Annotated[str, typer.Option(help="task name in the file names, as an lm-eval task of the same questions would be called")] = "quantcheck",
+    task: Annotated[
+        str, typer.Option(help="task name in the file names, as an lm-eval task of the same questions would be called")
+    ] = "quantcheck",
     debug: bool = False,
 ) -> None:
     """Write each model's per-question answers as lm-eval --log_samples output (readable by compare-lmeval)."""

@@ -76,9 +76,13 @@ class CostConfig(_Table):
 
     def overrides(self) -> dict[str, object]:
         """The `CostSettings` fields the user set, in its names and units."""
-        values = {"batch_sizes": sorted(set(self.batch_sizes)) if self.batch_sizes else None, "seq_len": self.seq_len,
-                  "max_iterations": self.iterations, "time_budget_s": self.time_budget,
-                  "max_memory_bytes": int(self.max_memory_gb * GIB) if self.max_memory_gb else None}
+        values = {
+            "batch_sizes": sorted(set(self.batch_sizes)) if self.batch_sizes else None,
+            "seq_len": self.seq_len,
+            "max_iterations": self.iterations,
+            "time_budget_s": self.time_budget,
+            "max_memory_bytes": int(self.max_memory_gb * GIB) if self.max_memory_gb else None,
+        }
         return {name: value for name, value in values.items() if value is not None}
 
 
@@ -94,7 +98,9 @@ class EngineConfig(_Table):
     cpu_kv_cache_gb: PositiveFloat = 1.0
 
     def settings(self) -> EngineSettings:
-        return EngineSettings(**self.model_dump(exclude={"cpu_kv_cache_gb"}), cpu_kv_cache_bytes=int(self.cpu_kv_cache_gb * GIB))
+        return EngineSettings(
+            **self.model_dump(exclude={"cpu_kv_cache_gb"}), cpu_kv_cache_bytes=int(self.cpu_kv_cache_gb * GIB)
+        )
 
 
 class ThresholdConfig(_Table):
@@ -106,8 +112,12 @@ class ThresholdConfig(_Table):
     min_memory_saving: float = Field(0.20, ge=0, le=1)
 
     def thresholds(self) -> Thresholds:
-        return Thresholds(max_accuracy_drop=self.max_accuracy_drop / 100, max_mean_kl=self.max_kl,
-                          min_top1_agreement=self.min_top1, min_memory_saving=self.min_memory_saving)
+        return Thresholds(
+            max_accuracy_drop=self.max_accuracy_drop / 100,
+            max_mean_kl=self.max_kl,
+            min_top1_agreement=self.min_top1,
+            min_memory_saving=self.min_memory_saving,
+        )
 
 
 class RunConfig(_Table):
@@ -148,12 +158,34 @@ class RunConfig(_Table):
 
         quality = not self.skip_quality
         return RunOptions(
-            model=self.model, backend=self.backend, reference_url=self.reference_url, reference_kld=self.reference_kld, quants=self.variants, engine=self.engine.settings(), dataset=self.dataset,
-            limit=self.limit, context=self.context, device=self.device, dtype=self.dtype, out=self.out, seed=self.seed, batch_size=self.batch_size,
-            store=self.store, threads=self.threads, loglik=quality, generation=self.generation if quality and not self.skip_generation else None,
-            cost=not self.skip_cost, cost_settings=self.cost.overrides(), floors=self.floors, cost_rounds=self.cost.rounds,
-            thresholds=self.thresholds.thresholds(), force=self.force, trust_remote_code=self.trust_remote_code,
-            allow_offload=self.allow_offload, allow_pickle=self.allow_pickle, quiet=self.quiet,
+            model=self.model,
+            backend=self.backend,
+            reference_url=self.reference_url,
+            reference_kld=self.reference_kld,
+            quants=self.variants,
+            engine=self.engine.settings(),
+            dataset=self.dataset,
+            limit=self.limit,
+            context=self.context,
+            device=self.device,
+            dtype=self.dtype,
+            out=self.out,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            store=self.store,
+            threads=self.threads,
+            loglik=quality,
+            generation=self.generation if quality and not self.skip_generation else None,
+            cost=not self.skip_cost,
+            cost_settings=self.cost.overrides(),
+            floors=self.floors,
+            cost_rounds=self.cost.rounds,
+            thresholds=self.thresholds.thresholds(),
+            force=self.force,
+            trust_remote_code=self.trust_remote_code,
+            allow_offload=self.allow_offload,
+            allow_pickle=self.allow_pickle,
+            quiet=self.quiet,
         )
 
 
@@ -200,14 +232,23 @@ def resolved_toml(config: RunConfig, used: Mapping[str, object]) -> str:
     config) records. `force` and `quiet` are left out: they say how to treat a folder and the terminal,
     not what is measured, and a replay should never overwrite a folder unasked.
     """
-    resolved = config.model_copy(update={
-        "model": _absolute(config.model), "dataset": _absolute_dataset(config.dataset), "reference_kld": _absolute(config.reference_kld), "out": Path(str(used["out"])).resolve(),
-        "variants": [_absolute_checkpoint(variant) for variant in config.variants],
-        "device": used["device"], "dtype": used["dtype"], "threads": used["threads"],
-    })
+    resolved = config.model_copy(
+        update={
+            "model": _absolute(config.model),
+            "dataset": _absolute_dataset(config.dataset),
+            "reference_kld": _absolute(config.reference_kld),
+            "out": Path(str(used["out"])).resolve(),
+            "variants": [_absolute_checkpoint(variant) for variant in config.variants],
+            "device": used["device"],
+            "dtype": used["dtype"],
+            "threads": used["threads"],
+        }
+    )
     data = resolved.model_dump(exclude_none=True, exclude={"force", "quiet"})
-    lines = ["# The settings of this run, as resolved. Run it again into another folder:",
-             f"#   quantcheck run --config {CONFIG_FILE} --out NEW_FOLDER"]
+    lines = [
+        "# The settings of this run, as resolved. Run it again into another folder:",
+        f"#   quantcheck run --config {CONFIG_FILE} --out NEW_FOLDER",
+    ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict)]
     for table, values in data.items():
         if isinstance(values, dict):

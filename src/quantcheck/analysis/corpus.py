@@ -19,39 +19,85 @@ from quantcheck.analysis.divergence import divergence_summary
 from quantcheck.schema.results import CorpusStatistics, Estimate, Interval, TokenAgreement, WindowRecord, WorstSpan
 from quantcheck.stats.intervals import bootstrap_mean
 
-KL_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "95": 95.0, "90": 90.0, "median": 50.0, "10": 10.0, "5": 5.0, "1": 1.0,
-                  "0.1": 0.1, "min": 0.0}
-DELTA_P_PERCENTILES = {"max": 100.0, "99.9": 99.9, "99": 99.0, "95": 95.0, "90": 90.0, "75": 75.0, "median": 50.0, "25": 25.0,
-                       "10": 10.0, "5": 5.0, "1": 1.0, "0.1": 0.1, "min": 0.0}
+KL_PERCENTILES = {
+    "max": 100.0,
+    "99.9": 99.9,
+    "99": 99.0,
+    "95": 95.0,
+    "90": 90.0,
+    "median": 50.0,
+    "10": 10.0,
+    "5": 5.0,
+    "1": 1.0,
+    "0.1": 0.1,
+    "min": 0.0,
+}
+DELTA_P_PERCENTILES = {
+    "max": 100.0,
+    "99.9": 99.9,
+    "99": 99.0,
+    "95": 95.0,
+    "90": 90.0,
+    "75": 75.0,
+    "median": 50.0,
+    "25": 25.0,
+    "10": 10.0,
+    "5": 5.0,
+    "1": 1.0,
+    "0.1": 0.1,
+    "min": 0.0,
+}
 """llama-perplexity's rows, in its order."""
 RESAMPLES = 1000
 METHOD = "percentile bootstrap over windows"
 
 
-def window_bootstrap(groups: list[np.ndarray], statistic: Callable[[np.ndarray], Sequence[float]], seed: int,
-                     levels: tuple[float, ...]) -> tuple[np.ndarray, list[list[Interval]]]:
+def window_bootstrap(
+    groups: list[np.ndarray], statistic: Callable[[np.ndarray], Sequence[float]], seed: int, levels: tuple[float, ...]
+) -> tuple[np.ndarray, list[list[Interval]]]:
     """`statistic` (a vector) of the pooled values of every group (window or prompt), and its intervals at each
     level per entry, resampling whole groups. A single group has no spread to resample: no interval."""
     value = np.asarray(statistic(np.concatenate(groups)), dtype=float)
     if len(groups) < 2:
         return value, [[] for _ in value]
     rng = np.random.default_rng(seed)
-    draws = np.stack([statistic(np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])) for _ in range(RESAMPLES)])
+    draws = np.stack(
+        [
+            statistic(np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))]))
+            for _ in range(RESAMPLES)
+        ]
+    )
     intervals = []
     for column in range(value.size):
-        intervals.append([Interval(low=float(np.percentile(draws[:, column], 50 * (1 - level))),
-                                   high=float(np.percentile(draws[:, column], 50 * (1 + level))), level=level, method=METHOD)
-                          for level in levels])
+        intervals.append(
+            [
+                Interval(
+                    low=float(np.percentile(draws[:, column], 50 * (1 - level))),
+                    high=float(np.percentile(draws[:, column], 50 * (1 + level))),
+                    level=level,
+                    method=METHOD,
+                )
+                for level in levels
+            ]
+        )
     return value, intervals
 
 
-def _estimates(groups: list[np.ndarray], statistic: Callable[[np.ndarray], Sequence[float]], names: list[str], seed: int,
-               fail_level: float | None = None) -> dict[str, Estimate]:
+def _estimates(
+    groups: list[np.ndarray],
+    statistic: Callable[[np.ndarray], Sequence[float]],
+    names: list[str],
+    seed: int,
+    fail_level: float | None = None,
+) -> dict[str, Estimate]:
     levels = (0.95,) if fail_level is None else (0.95, fail_level)
     values, intervals = window_bootstrap(groups, statistic, seed, levels)
-    return {name: Estimate(value=float(value), ci=cis[0] if cis else None, fail_ci=cis[1] if len(cis) > 1 else None,
-                           units=len(groups))
-            for name, value, cis in zip(names, values, intervals)}
+    return {
+        name: Estimate(
+            value=float(value), ci=cis[0] if cis else None, fail_ci=cis[1] if len(cis) > 1 else None, units=len(groups)
+        )
+        for name, value, cis in zip(names, values, intervals)
+    }
 
 
 def pooled_share(groups: list[np.ndarray], seed: int, fail_level: float | None) -> Estimate:
@@ -71,8 +117,12 @@ def pooled_share(groups: list[np.ndarray], seed: int, fail_level: float | None) 
         if ci is None:
             return None
         half = stats.t.ppf(0.5 + ci.level / 2, count - 1) * standard_error
-        return Interval(low=max(min(ci.low, estimate.value - half), 0.0), high=min(max(ci.high, estimate.value + half), 1.0),
-                        level=ci.level, method=f"{METHOD}|cluster-robust t")
+        return Interval(
+            low=max(min(ci.low, estimate.value - half), 0.0),
+            high=min(max(ci.high, estimate.value + half), 1.0),
+            level=ci.level,
+            method=f"{METHOD}|cluster-robust t",
+        )
 
     return estimate.model_copy(update={"ci": widened(estimate.ci), "fail_ci": widened(estimate.fail_ci)})
 
@@ -81,16 +131,30 @@ def _groups(records: list[WindowRecord], field: str) -> list[np.ndarray]:
     return [np.asarray(getattr(record, field), dtype=float) for record in records]
 
 
-def corpus_statistics(reference: list[WindowRecord], variant: list[WindowRecord] | None, context: int | None, seed: int,
-                      fail_level: float | None = None, spans: SpanText | None = None) -> tuple[CorpusStatistics, TokenAgreement | None]:
+def corpus_statistics(
+    reference: list[WindowRecord],
+    variant: list[WindowRecord] | None,
+    context: int | None,
+    seed: int,
+    fail_level: float | None = None,
+    spans: SpanText | None = None,
+) -> tuple[CorpusStatistics, TokenAgreement | None]:
     """The statistics of one model (the reference when `variant` is None) on the sequences both scored, and for a
     variant compared on the reference's token ids the next-token agreement the verdict judges. `spans` gives the
     text of the scored tokens, for the sequences where the variant departs most."""
     by_sequence = {record.window: record for record in reference if record.nll}
-    own = [record for record in (variant if variant is not None else reference) if record.window in by_sequence and record.nll]
+    own = [
+        record
+        for record in (variant if variant is not None else reference)
+        if record.window in by_sequence and record.nll
+    ]
     nll = _groups(own, "nll")
-    result = CorpusStatistics(windows=len(own), context=context, tokens=int(sum(group.size for group in nll)),
-                              perplexity=_estimates(nll, lambda x: [np.exp(x.mean())], ["ppl"], seed)["ppl"])
+    result = CorpusStatistics(
+        windows=len(own),
+        context=context,
+        tokens=int(sum(group.size for group in nll)),
+        perplexity=_estimates(nll, lambda x: [np.exp(x.mean())], ["ppl"], seed)["ppl"],
+    )
     if variant is None or not own or own[0].kl is None:
         return result, None
     reference_nll = [np.asarray(by_sequence[record.window].nll, dtype=float) for record in own]
@@ -98,11 +162,18 @@ def corpus_statistics(reference: list[WindowRecord], variant: list[WindowRecord]
     ratio = _estimates(difference, lambda x: [x.mean(), np.exp(x.mean())], ["log", "ratio"], seed)
     result.mean_log_ratio, result.perplexity_ratio = ratio["log"], ratio["ratio"]
     delta_p = [np.exp(-mine) - np.exp(-theirs) for mine, theirs in zip(nll, reference_nll)]
-    result.delta_p = _estimates(delta_p, lambda x: [x.mean(), np.sqrt((x**2).mean()), *np.percentile(x, list(DELTA_P_PERCENTILES.values()))],
-                                ["mean", "rms", *DELTA_P_PERCENTILES], seed)
+    result.delta_p = _estimates(
+        delta_p,
+        lambda x: [x.mean(), np.sqrt((x**2).mean()), *np.percentile(x, list(DELTA_P_PERCENTILES.values()))],
+        ["mean", "rms", *DELTA_P_PERCENTILES],
+        seed,
+    )
     agreement = _agreement(own, seed, fail_level)
     kl = _groups(own, "kl")
-    result.kl = {"mean": agreement.kl.mean, **_estimates(kl, lambda x: np.percentile(x, list(KL_PERCENTILES.values())), list(KL_PERCENTILES), seed)}
+    result.kl = {
+        "mean": agreement.kl.mean,
+        **_estimates(kl, lambda x: np.percentile(x, list(KL_PERCENTILES.values())), list(KL_PERCENTILES), seed),
+    }
     result.same_top1 = agreement.top1_agreement
     if spans is not None:
         result.worst = worst_spans(own, spans)
@@ -132,16 +203,33 @@ def worst_spans(records: list[WindowRecord], spans: SpanText) -> list[WorstSpan]
         position = int(np.argmax(record.kl))
         texts = spans.token_texts[record.window]
         estimated = {}
-        if record.kl_se is not None and None not in record.kl_se:  # tokens' errors are independent: their own tail draws
-            estimated = {"mean_kl_se": float(np.sqrt(np.sum(np.square(record.kl_se)))) / len(record.kl_se),
-                         "worst_kl_se": float(record.kl_se[position])}
+        if (
+            record.kl_se is not None and None not in record.kl_se
+        ):  # tokens' errors are independent: their own tail draws
+            estimated = {
+                "mean_kl_se": float(np.sqrt(np.sum(np.square(record.kl_se)))) / len(record.kl_se),
+                "worst_kl_se": float(record.kl_se[position]),
+            }
         if record.kl_lower is not None and record.kl_upper is not None:
-            estimated |= {"worst_kl_lower": float(record.kl_lower[position]), "worst_kl_upper": record.kl_upper[position]}
-        worst.append(WorstSpan(sequence=record.window, name=spans.names[record.window], tokens=len(record.kl),
-                               mean_kl=float(np.mean(record.kl)), top1_agreement=float(np.mean(record.top1_agree)),
-                               worst_position=position, worst_kl=float(record.kl[position]), **estimated,
-                               before="".join(texts[max(position - BEFORE, 0) : position]), token=texts[position],
-                               after="".join(texts[position + 1 : position + 1 + AFTER])))
+            estimated |= {
+                "worst_kl_lower": float(record.kl_lower[position]),
+                "worst_kl_upper": record.kl_upper[position],
+            }
+        worst.append(
+            WorstSpan(
+                sequence=record.window,
+                name=spans.names[record.window],
+                tokens=len(record.kl),
+                mean_kl=float(np.mean(record.kl)),
+                top1_agreement=float(np.mean(record.top1_agree)),
+                worst_position=position,
+                worst_kl=float(record.kl[position]),
+                **estimated,
+                before="".join(texts[max(position - BEFORE, 0) : position]),
+                token=texts[position],
+                after="".join(texts[position + 1 : position + 1 + AFTER]),
+            )
+        )
     return worst
 
 
@@ -157,7 +245,13 @@ def _agreement(records: list[WindowRecord], seed: int, fail_level: float | None)
         n=int(pooled.size),
         jaccard={k: bootstrap_mean([record.jaccard[k] for record in records], seed) for k in records[0].jaccard},
         top1_agreement=pooled_share(_groups(records, "top1_agree"), seed, fail_level),
-        kl=divergence_summary([group.mean() for group in kl], pooled,
-                              [group.mean() for group in _groups(records, "kl_lower")] if bounded else None,
-                              uppers, records[0].kl_bound, seed, fail_level),
+        kl=divergence_summary(
+            [group.mean() for group in kl],
+            pooled,
+            [group.mean() for group in _groups(records, "kl_lower")] if bounded else None,
+            uppers,
+            records[0].kl_bound,
+            seed,
+            fail_level,
+        ),
     )

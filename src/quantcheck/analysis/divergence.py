@@ -10,12 +10,21 @@ import numpy as np
 from quantcheck.schema.results import DivergenceSummary
 from quantcheck.stats.intervals import heavy_tailed_mean
 
-COMPACT_KL_METHOD = ("estimated from the compact reference store: its top K exactly plus the tail from its samples (unbiased), "
-                     "between per-item lower and upper bounds")
+COMPACT_KL_METHOD = (
+    "estimated from the compact reference store: its top K exactly plus the tail from its samples (unbiased), "
+    "between per-item lower and upper bounds"
+)
 
 
-def divergence_summary(unit_kl: Sequence[float], pooled_kl: Sequence[float], unit_lower: Sequence[float] | None,
-                       uppers: Sequence[float | None], bound_method: str | None, seed: int, level: float | None) -> DivergenceSummary:
+def divergence_summary(
+    unit_kl: Sequence[float],
+    pooled_kl: Sequence[float],
+    unit_lower: Sequence[float] | None,
+    uppers: Sequence[float | None],
+    bound_method: str | None,
+    seed: int,
+    level: float | None,
+) -> DivergenceSummary:
     """Mean KL with intervals over the units the verdict resamples (questions; or windows and prompts, by their
     means), median, p90 and max over every compared position.
 

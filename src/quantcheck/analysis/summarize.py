@@ -59,7 +59,12 @@ from quantcheck.storage.store import read_latest_by_id, write_json_atomic, write
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
-PHASE_LABELS = {"loglik": "log-likelihood scoring", "generation": "generative scoring", "cost": "cost", "corpus": "token scoring (text or prompts)"}
+PHASE_LABELS = {
+    "loglik": "log-likelihood scoring",
+    "generation": "generative scoring",
+    "cost": "cost",
+    "corpus": "token scoring (text or prompts)",
+}
 
 
 def _ordered(records: dict[str, ItemRecord], item_ids: list[str]) -> list[ItemRecord]:
@@ -89,11 +94,21 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
     lower_bound_method = next((record.kl_bound for record in compared if record.kl_bound), None)
     return TokenAgreement(
         n=len(compared),
-        jaccard={k: bootstrap_mean([record.jaccard[k] for record in compared], seed) for k in compared[0].jaccard
-                 if all(k in record.jaccard for record in compared)},
+        jaccard={
+            k: bootstrap_mean([record.jaccard[k] for record in compared], seed)
+            for k in compared[0].jaccard
+            if all(k in record.jaccard for record in compared)
+        },
         top1_agreement=proportion([bool(record.top1_agree) for record in compared], fail_level=level),
-        kl=divergence_summary(kl, kl, [record.kl_lower for record in compared] if bounded else None,
-                              [record.kl_upper for record in compared], lower_bound_method, seed, level),
+        kl=divergence_summary(
+            kl,
+            kl,
+            [record.kl_lower for record in compared] if bounded else None,
+            [record.kl_upper for record in compared],
+            lower_bound_method,
+            seed,
+            level,
+        ),
     )
 
 
@@ -126,15 +141,26 @@ def merge_cost_rounds(rounds: list[ModelCost]) -> ModelCost:
     for point in first.latency:
         ok = [p for cost in rounds for p in cost.latency if p.batch_size == point.batch_size and p.status == "ok"]
         best = min(ok, key=lambda p: (p.disturbed, p.median_s)) if ok else point
-        points.append(best.model_copy(update={"round_medians_s": [p.median_s for p in ok], "round_disturbed": [p.disturbed for p in ok],
-                                              "round_times_s": [p.times_s for p in ok]}))
+        points.append(
+            best.model_copy(
+                update={
+                    "round_medians_s": [p.median_s for p in ok],
+                    "round_disturbed": [p.disturbed for p in ok],
+                    "round_times_s": [p.times_s for p in ok],
+                }
+            )
+        )
     generations = [cost.generation for cost in rounds if cost.generation is not None]
     generation = max(generations, key=lambda g: (not g.disturbed, g.decode_tokens_per_s)) if generations else None
     if generation is not None:
-        generation = generation.model_copy(update={"round_decode_tokens_per_s": [g.decode_tokens_per_s for g in generations],
-                                                   "round_disturbed": [g.disturbed for g in generations],
-                                                   "round_decode_times_s": [g.decode_times_s for g in generations],
-                                                   "round_decode_tokens": [g.decode_tokens for g in generations]})
+        generation = generation.model_copy(
+            update={
+                "round_decode_tokens_per_s": [g.decode_tokens_per_s for g in generations],
+                "round_disturbed": [g.disturbed for g in generations],
+                "round_decode_times_s": [g.decode_times_s for g in generations],
+                "round_decode_tokens": [g.decode_tokens for g in generations],
+            }
+        )
     return first.model_copy(update={"latency": points, "generation": generation, "rounds": len(rounds)})
 
 
@@ -145,12 +171,22 @@ def _moved(disturbed: bool, rounds: list[float], round_disturbed: list[bool]) ->
 
 
 def _unstable(*costs: ModelCost) -> list[int]:
-    return sorted({point.batch_size for cost in costs for point in cost.latency
-                   if point.status == "ok" and _moved(point.disturbed, point.round_medians_s, point.round_disturbed)})
+    return sorted(
+        {
+            point.batch_size
+            for cost in costs
+            for point in cost.latency
+            if point.status == "ok" and _moved(point.disturbed, point.round_medians_s, point.round_disturbed)
+        }
+    )
 
 
 def _decode_unstable(*costs: ModelCost) -> bool:
-    return any(_moved(g.disturbed, g.round_decode_tokens_per_s, g.round_disturbed) for g in (cost.generation for cost in costs) if g is not None)
+    return any(
+        _moved(g.disturbed, g.round_decode_tokens_per_s, g.round_disturbed)
+        for g in (cost.generation for cost in costs)
+        if g is not None
+    )
 
 
 def weight_bytes(cost: ModelCost) -> int | None:
@@ -172,19 +208,36 @@ def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison 
     }
     reference_points = {point.batch_size: point for point in reference.latency if point.status == "ok"}
     variant_points = {point.batch_size: point for point in variant.latency if point.status == "ok"}
-    latency_ci = {size: latency_ratio_interval(reference_points[size], variant_points[size], value) for size, value in latency_ratio.items()}
-    latency_spread = {size: max(spread(latency_round_medians(reference_points[size])), spread(latency_round_medians(variant_points[size])))
-                      for size in latency_ratio}
+    latency_ci = {
+        size: latency_ratio_interval(reference_points[size], variant_points[size], value)
+        for size, value in latency_ratio.items()
+    }
+    latency_spread = {
+        size: max(
+            spread(latency_round_medians(reference_points[size])), spread(latency_round_medians(variant_points[size]))
+        )
+        for size in latency_ratio
+    }
     decode = decode_ci = decode_spread = None
     if reference.generation and variant.generation and reference.generation.decode_tokens_per_s:
         decode = variant.generation.decode_tokens_per_s / reference.generation.decode_tokens_per_s
         decode_ci = decode_speedup_interval(reference.generation, variant.generation, decode)
-        decode_spread = max(spread(decode_round_rates(reference.generation)), spread(decode_round_rates(variant.generation)))
-    return CostComparison(weight_memory_ratio=ratio, memory_saving=1 - ratio, latency_ratio=latency_ratio, decode_speedup=decode,
-                          weight_memory_stated=reference.weights is None or variant.weights is None,
-                          unstable_batch_sizes=_unstable(reference, variant), decode_unstable=_decode_unstable(reference, variant),
-                          latency_ratio_ci=latency_ci, latency_round_spread=latency_spread, decode_speedup_ci=decode_ci,
-                          decode_round_spread=decode_spread)
+        decode_spread = max(
+            spread(decode_round_rates(reference.generation)), spread(decode_round_rates(variant.generation))
+        )
+    return CostComparison(
+        weight_memory_ratio=ratio,
+        memory_saving=1 - ratio,
+        latency_ratio=latency_ratio,
+        decode_speedup=decode,
+        weight_memory_stated=reference.weights is None or variant.weights is None,
+        unstable_batch_sizes=_unstable(reference, variant),
+        decode_unstable=_decode_unstable(reference, variant),
+        latency_ratio_ci=latency_ci,
+        latency_round_spread=latency_spread,
+        decode_speedup_ci=decode_ci,
+        decode_round_spread=decode_spread,
+    )
 
 
 def _errors(folder: RunFolder, name: str) -> dict[str, str]:
@@ -195,8 +248,15 @@ def _errors(folder: RunFolder, name: str) -> dict[str, str]:
     }
 
 
-def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], generated: list[ItemRecord],
-          cost: ModelCost | None, errors: dict[str, str], windows: tuple[int, int] = (0, 0)) -> dict[Phase, str]:
+def _gaps(
+    expected: dict[str, bool],
+    n_items: int,
+    quality: list[ItemRecord],
+    generated: list[ItemRecord],
+    cost: ModelCost | None,
+    errors: dict[str, str],
+    windows: tuple[int, int] = (0, 0),
+) -> dict[Phase, str]:
     """The phases that were asked for but failed or stopped part-way, each with what happened.
 
     `windows`: a text corpus's windows scored by this model, and its windows (0 when the reference never cut them)."""
@@ -204,21 +264,24 @@ def _gaps(expected: dict[str, bool], n_items: int, quality: list[ItemRecord], ge
     quality_error = f" (quality job: {errors['quality']})" if "quality" in errors else ""
     scored, total = windows
     if expected.get("corpus") and (scored < total or not total):
-        gaps["corpus"] = (f"{PHASE_LABELS['corpus']} stopped after {scored} of {total} sequences{quality_error}" if scored
-                          else f"{PHASE_LABELS['corpus']} has no results{quality_error}")
+        gaps["corpus"] = (
+            f"{PHASE_LABELS['corpus']} stopped after {scored} of {total} sequences{quality_error}"
+            if scored
+            else f"{PHASE_LABELS['corpus']} has no results{quality_error}"
+        )
     for phase, records in (("loglik", quality), ("generation", generated)):
         if not expected.get(phase) or len(records) >= n_items:
             continue
         if records:
-            gaps[phase] = (f"{PHASE_LABELS[phase]} stopped after {len(records)} of {n_items} questions{quality_error}, "
-                           "a biased subset (the longest questions are scored first)")
+            gaps[phase] = (
+                f"{PHASE_LABELS[phase]} stopped after {len(records)} of {n_items} questions{quality_error}, "
+                "a biased subset (the longest questions are scored first)"
+            )
         else:
             gaps[phase] = f"{PHASE_LABELS[phase]} has no results{quality_error}"
     if expected.get("cost") and cost is None:
         gaps["cost"] = "cost was not measured" + (f" (cost job: {errors['cost']})" if "cost" in errors else "")
     return gaps
-
-
 
 
 def read_windows(folder: RunFolder, spec: ModelSpec) -> list[WindowRecord]:
@@ -236,21 +299,36 @@ def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
     return SpanText(names, token_texts)
 
 
-def _model_result(folder: RunFolder, spec: ModelSpec, description: str, item_ids: list[str], expected: dict[str, bool], cost_rounds: int,
-                  windows: tuple[int, int] = (0, 0)) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
+def _model_result(
+    folder: RunFolder,
+    spec: ModelSpec,
+    description: str,
+    item_ids: list[str],
+    expected: dict[str, bool],
+    cost_rounds: int,
+    windows: tuple[int, int] = (0, 0),
+) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
     """One model's own numbers; `windows`: the sequences it scored of a text or prompts run, and the run's sequences."""
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
-    result = ModelResult(name=spec.name, role=spec.role, backend=spec.backend, quant=None if spec.is_reference else spec.method,
-                         description=description)
+    result = ModelResult(
+        name=spec.name,
+        role=spec.role,
+        backend=spec.backend,
+        quant=None if spec.is_reference else spec.method,
+        description=description,
+    )
     errors = _errors(folder, name)
     result.errors = [f"{kind}: {message}" for kind, message in errors.items()]
     result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
     result.engine_floor = _load_json(folder.engine_floor_file(name), NumericFloor)
     result.precision = result.engine.precision if result.engine else None
-    rounds = [cost for cost_round in range(1, max(cost_rounds, 1) + 1)
-              if (cost := _load_json(folder.cost_file(name, cost_round), ModelCost)) is not None]
+    rounds = [
+        cost
+        for cost_round in range(1, max(cost_rounds, 1) + 1)
+        if (cost := _load_json(folder.cost_file(name, cost_round), ModelCost)) is not None
+    ]
     result.cost = merge_cost_rounds(rounds) if rounds else None
     if quality:
         result.loglik = accuracy([record.loglik.correct for record in quality])
@@ -286,8 +364,11 @@ def _pairs(reference: list[ItemRecord], variant: list[ItemRecord]) -> list[tuple
     return [(by_id[record.item_id], record) for record in variant if record.item_id in by_id]
 
 
-def _paired(pairs: list[tuple[ItemRecord, ItemRecord]], answer: Callable[[ItemRecord], LoglikAnswer | GeneratedAnswer],
-            level: float) -> PairedComparison | None:
+def _paired(
+    pairs: list[tuple[ItemRecord, ItemRecord]],
+    answer: Callable[[ItemRecord], LoglikAnswer | GeneratedAnswer],
+    level: float,
+) -> PairedComparison | None:
     if not pairs:
         return None
     return compare_paired(
@@ -299,8 +380,13 @@ def _paired(pairs: list[tuple[ItemRecord, ItemRecord]], answer: Callable[[ItemRe
     )
 
 
-def _compare(result: ModelResult, reference: ModelResult, records: tuple[list[ItemRecord], list[ItemRecord]],
-             reference_records: tuple[list[ItemRecord], list[ItemRecord]], seed: int) -> None:
+def _compare(
+    result: ModelResult,
+    reference: ModelResult,
+    records: tuple[list[ItemRecord], list[ItemRecord]],
+    reference_records: tuple[list[ItemRecord], list[ItemRecord]],
+    seed: int,
+) -> None:
     """A variant against the reference: paired accuracy and agreement at the verdict's level, the
     reference's gaps (they bias the comparison too), cost ratios."""
     loglik_pairs = _pairs(reference_records[0], records[0])
@@ -317,20 +403,30 @@ def _compare(result: ModelResult, reference: ModelResult, records: tuple[list[It
         result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
 
 
-def _floors(folder: RunFolder, floors: list[ModelSpec], reference: tuple[list[ItemRecord], list[ItemRecord]],
-            item_ids: list[str]) -> tuple[Floors, list[ItemRecord], list[str]]:
+def _floors(
+    folder: RunFolder,
+    floors: list[ModelSpec],
+    reference: tuple[list[ItemRecord], list[ItemRecord]],
+    item_ids: list[str],
+) -> tuple[Floors, list[ItemRecord], list[str]]:
     """The reference's sampling noise, from its answers sampled again; the resampled answers, for the variants'
     comparison; and the floors not measured (a failed or unfinished re-run), for `Results.missing`. (The numeric
     floor is each model's own, `ModelResult.engine_floor`.)"""
     result = Floors()
     resampled: list[ItemRecord] = []
     for spec in floors:
-        resampled = _ordered(read_latest_by_id(folder.model_file(spec.folder, "generation.jsonl"), ItemRecord), item_ids)
+        resampled = _ordered(
+            read_latest_by_id(folder.model_file(spec.folder, "generation.jsonl"), ItemRecord), item_ids
+        )
         pairs = _pairs(reference[1], resampled)
         if pairs and len(pairs) == len(item_ids):
             settings = _load_json(folder.model_file(spec.folder, "generation-settings.json"), GenerationSettings)
-            differs = sum(ref.generative.pred is None or ref.generative.pred != again.generative.pred for ref, again in pairs)
-            result.sampling = SamplingFloor(n=len(pairs), seed=settings.seed if settings else -1, disagreements=differs, rate=differs / len(pairs))
+            differs = sum(
+                ref.generative.pred is None or ref.generative.pred != again.generative.pred for ref, again in pairs
+            )
+            result.sampling = SamplingFloor(
+                n=len(pairs), seed=settings.seed if settings else -1, disagreements=differs, rate=differs / len(pairs)
+            )
         else:
             resampled = []
     missing = [_floor_gap(folder, spec) for spec in floors if result.sampling is None]
@@ -349,19 +445,29 @@ def _floor_gap(folder: RunFolder, spec: ModelSpec) -> str:
     return f"{spec.name}: noise floor" + (f" (quality job: {error})" if error else "")
 
 
-def _against_floor(reference: list[ItemRecord], variant: list[ItemRecord], floor: list[ItemRecord]) -> SamplingComparison | None:
+def _against_floor(
+    reference: list[ItemRecord], variant: list[ItemRecord], floor: list[ItemRecord]
+) -> SamplingComparison | None:
     """The variant's generated-answer disagreement against the reference's own, on the items all three answered."""
     variant_by_id, floor_by_id = {r.item_id: r for r in variant}, {r.item_id: r for r in floor}
-    rows = [(ref, variant_by_id[ref.item_id], floor_by_id[ref.item_id]) for ref in reference
-            if ref.item_id in variant_by_id and ref.item_id in floor_by_id]
+    rows = [
+        (ref, variant_by_id[ref.item_id], floor_by_id[ref.item_id])
+        for ref in reference
+        if ref.item_id in variant_by_id and ref.item_id in floor_by_id
+    ]
     if not rows:
         return None
     answers = [[(record.generative.pred, record.generative.correct) for record in column] for column in zip(*rows)]
     return compare_with_floor(*answers)
 
 
-def variant_corpus_statistics(reference: list[WindowRecord], variant: list[WindowRecord], context: int | None, seed: int,
-                              spans: SpanText | None = None) -> tuple[CorpusStatistics, TokenAgreement | None]:
+def variant_corpus_statistics(
+    reference: list[WindowRecord],
+    variant: list[WindowRecord],
+    context: int | None,
+    seed: int,
+    spans: SpanText | None = None,
+) -> tuple[CorpusStatistics, TokenAgreement | None]:
     """A variant's token-level statistics, its agreement's intervals at the verdict's level. The level counts the KL
     check when any sequence has KL: an empty answer (a prompt the reference ended at once) has none and is skipped."""
     level = fail_level(quality_check_count(False, False, any(window.kl is not None for window in variant)))
@@ -379,63 +485,161 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
     if results.dataset.kind != "questions":
         unit = UNITS[results.dataset.kind]
         if n_items < FEW_WINDOWS:
-            warnings.append(RunWarning(code="small-sample", message=f"only {n_items} {unit}: the intervals, which resample whole {unit}, are wide"))
+            warnings.append(
+                RunWarning(
+                    code="small-sample",
+                    message=f"only {n_items} {unit}: the intervals, which resample whole {unit}, are wide",
+                )
+            )
     elif n_items < SMALL_SAMPLE:
-        warnings.append(RunWarning(code="small-sample", message=f"only {n_items} questions: accuracy intervals are wide (see each variant's minimum detectable difference)"))
+        warnings.append(
+            RunWarning(
+                code="small-sample",
+                message=f"only {n_items} questions: accuracy intervals are wide (see each variant's minimum detectable difference)",
+            )
+        )
     for result in results.models:
         if result.precision and result.precision.offloaded:
-            warnings.append(RunWarning(code="offloaded", model=result.name, message=f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): its cost figures do not describe a model on one device"))
-        if (result is not reference and result.engine and reference.engine and result.engine.compute_dtype != reference.engine.compute_dtype
-                and "unknown" not in (result.engine.compute_dtype, reference.engine.compute_dtype)):  # a server does not say
-            warnings.append(RunWarning(code="precision-mismatch", model=result.name, message=(
-                f"{result.name} computes in {result.engine.compute_dtype}, the reference in {reference.engine.compute_dtype}: "
-                "part of any speed or quality difference comes from that, not from quantization")))
+            warnings.append(
+                RunWarning(
+                    code="offloaded",
+                    model=result.name,
+                    message=f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): its cost figures do not describe a model on one device",
+                )
+            )
+        if (
+            result is not reference
+            and result.engine
+            and reference.engine
+            and result.engine.compute_dtype != reference.engine.compute_dtype
+            and "unknown" not in (result.engine.compute_dtype, reference.engine.compute_dtype)
+        ):  # a server does not say
+            warnings.append(
+                RunWarning(
+                    code="precision-mismatch",
+                    model=result.name,
+                    message=(
+                        f"{result.name} computes in {result.engine.compute_dtype}, the reference in {reference.engine.compute_dtype}: "
+                        "part of any speed or quality difference comes from that, not from quantization"
+                    ),
+                )
+            )
         for point in result.cost.latency if result.cost else []:
             if point.noisy:
-                warnings.append(RunWarning(code="noisy-timing", model=result.name, message=f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} (coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care"))
+                warnings.append(
+                    RunWarning(
+                        code="noisy-timing",
+                        model=result.name,
+                        message=f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} (coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care",
+                    )
+                )
         if result is not reference and result.corpus and result.agreement is None:
-            warnings.append(RunWarning(code="tokenizer-mismatch", model=result.name, message=(
-                f"{result.name} tokenizes the corpus differently from the reference: KL, top-1 agreement and delta-p are not "
-                "computed for it (they need identical token ids); its perplexity is, on its own tokens")))
+            warnings.append(
+                RunWarning(
+                    code="tokenizer-mismatch",
+                    model=result.name,
+                    message=(
+                        f"{result.name} tokenizes the corpus differently from the reference: KL, top-1 agreement and delta-p are not "
+                        "computed for it (they need identical token ids); its perplexity is, on its own tokens"
+                    ),
+                )
+            )
         if result is not reference and result.loglik and result.agreement is None:
-            warnings.append(RunWarning(code="tokenizer-mismatch", model=result.name, message=(
-                f"{result.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement "
-                "are not computed for it (they need identical token ids); accuracy is compared")))
+            warnings.append(
+                RunWarning(
+                    code="tokenizer-mismatch",
+                    model=result.name,
+                    message=(
+                        f"{result.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement "
+                        "are not computed for it (they need identical token ids); accuracy is compared"
+                    ),
+                )
+            )
         if result.engine and result.engine.parallel.get("tokenizer_check") == "unverified":
-            warnings.append(RunWarning(code="tokenizer-unverified", model=result.name, message=(
-                f"{result.name}: the server's tokenizer could not be checked against the local one (no /tokenize, no echo): "
-                "its comparisons may rest on other token ids, so no variant is judged QUANTIZE on them")))
+            warnings.append(
+                RunWarning(
+                    code="tokenizer-unverified",
+                    model=result.name,
+                    message=(
+                        f"{result.name}: the server's tokenizer could not be checked against the local one (no /tokenize, no echo): "
+                        "its comparisons may rest on other token ids, so no variant is judged QUANTIZE on them"
+                    ),
+                )
+            )
         if (skipped := folder.engine_floor_skip_file(spec_folders[result.name])).exists():
-            warnings.append(RunWarning(code="engine-floor", model=result.name, message=(
-                f"{result.name}: its engine's numeric floor was not measured ({skipped.read_text().strip()}): its KL and top-1 "
-                "are judged without it")))
+            warnings.append(
+                RunWarning(
+                    code="engine-floor",
+                    model=result.name,
+                    message=(
+                        f"{result.name}: its engine's numeric floor was not measured ({skipped.read_text().strip()}): its KL and top-1 "
+                        "are judged without it"
+                    ),
+                )
+            )
         if result.generative and result.generative.unparsable:
-            warnings.append(RunWarning(code="unparsable-answers", model=result.name, message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report"))
+            warnings.append(
+                RunWarning(
+                    code="unparsable-answers",
+                    model=result.name,
+                    message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report",
+                )
+            )
     return warnings
 
 
-def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, dataset: DatasetInfo, environment: dict[str, object],
-              models: list[ModelSpec], descriptions: dict[str, str], floors: list[ModelSpec] = (), cost_rounds: int = 1, thresholds: Thresholds, seed: int, extra_warnings: list[RunWarning], expected: dict[str, bool]) -> Results:
+def summarize(
+    root: Path,
+    *,
+    config: dict[str, object],
+    model: ModelInfo,
+    dataset: DatasetInfo,
+    environment: dict[str, object],
+    models: list[ModelSpec],
+    descriptions: dict[str, str],
+    floors: list[ModelSpec] = (),
+    cost_rounds: int = 1,
+    thresholds: Thresholds,
+    seed: int,
+    extra_warnings: list[RunWarning],
+    expected: dict[str, bool],
+) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now. `descriptions`: each model's
     name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine."""
     folder = RunFolder(root)
     corpus = dataset.kind in ("text", "prompts")
     item_ids = [] if corpus else [item.item_id for item in folder.read_items()]
-    results = Results(tool_version=QUANTCHECK_VERSION, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      environment=environment, config=config, model=model, dataset=dataset, thresholds=thresholds)
+    results = Results(
+        tool_version=QUANTCHECK_VERSION,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        environment=environment,
+        config=config,
+        model=model,
+        dataset=dataset,
+        thresholds=thresholds,
+    )
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
     windows = {spec.name: read_windows(folder, spec) for spec in models} if corpus else {}
     for spec in models:
-        result, quality, generated = _model_result(folder, spec, descriptions[spec.name], item_ids, expected, cost_rounds,
-                                                   (len(windows[spec.name]) if expected.get("corpus") else 0, dataset.n_items))
+        result, quality, generated = _model_result(
+            folder,
+            spec,
+            descriptions[spec.name],
+            item_ids,
+            expected,
+            cost_rounds,
+            (len(windows[spec.name]) if expected.get("corpus") else 0, dataset.n_items),
+        )
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))
     reference = results.models[0]
     results.floors, floor_answers, missing_floors = _floors(folder, floors, per_model[reference.name], item_ids)
     results.floors.numeric = reference.engine_floor
-    results.missing = [f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete] + missing_floors
+    results.missing = [
+        f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete
+    ] + missing_floors
     results.finished = not results.missing
     reference_windows = windows.get(models[0].name, [])
     spans = _span_text(folder, dataset.kind) if reference_windows else None
@@ -444,15 +648,30 @@ def summarize(root: Path, *, config: dict[str, object], model: ModelInfo, datase
     for spec, result in zip(models[1:], results.models[1:]):
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         if reference_windows and (variant_windows := windows[spec.name]):
-            result.corpus, result.agreement = variant_corpus_statistics(reference_windows, variant_windows, dataset.context, seed, spans)
+            result.corpus, result.agreement = variant_corpus_statistics(
+                reference_windows, variant_windows, dataset.context, seed, spans
+            )
         if floor_answers and per_model[result.name][1]:
-            result.generative_vs_floor = _against_floor(per_model[reference.name][1], per_model[result.name][1], floor_answers)
-        unmeasured = [model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None]
-        unverified = [model.name for model in (reference, result) if model.engine and model.engine.tokenizer_verified is False]
-        result.verdict = decide(result, thresholds, unmeasured_memory=unmeasured, unit=UNITS[dataset.kind],
-                                numeric_floor=noisier_floor(reference.engine_floor, result.engine_floor),
-                                unverified_tokenizers=unverified)
-    results.warnings = extra_warnings + _warnings(results, dataset.n_items, folder, {spec.name: spec.folder for spec in models})
+            result.generative_vs_floor = _against_floor(
+                per_model[reference.name][1], per_model[result.name][1], floor_answers
+            )
+        unmeasured = [
+            model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None
+        ]
+        unverified = [
+            model.name for model in (reference, result) if model.engine and model.engine.tokenizer_verified is False
+        ]
+        result.verdict = decide(
+            result,
+            thresholds,
+            unmeasured_memory=unmeasured,
+            unit=UNITS[dataset.kind],
+            numeric_floor=noisier_floor(reference.engine_floor, result.engine_floor),
+            unverified_tokenizers=unverified,
+        )
+    results.warnings = extra_warnings + _warnings(
+        results, dataset.n_items, folder, {spec.name: spec.folder for spec in models}
+    )
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
     return results

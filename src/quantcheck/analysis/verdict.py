@@ -80,9 +80,7 @@ MORE_QUESTIONS_FLAG = "--dataset mmlu:all"
 MORE_TEXT = "a longer text, or more of it with a higher --limit"
 """The same advice for a text corpus."""
 
-RERUN_ADVICE = (
-    "fix what stopped it and run the same command again: finished work is kept and only the rest is measured"
-)
+RERUN_ADVICE = "fix what stopped it and run the same command again: finished work is kept and only the rest is measured"
 
 FAMILYWISE_LEVEL = 0.95
 """The confidence with which all of a variant's 'fail' intervals hold together."""
@@ -120,14 +118,20 @@ def fail_level(checks: int) -> float:
     return 1 - (1 - FAMILYWISE_LEVEL) / max(checks, 1)
 
 
-def _memory_check(cost: CostComparison | None, thresholds: Thresholds, gap: str | None, unmeasured: Sequence[str] = ()) -> Check:
+def _memory_check(
+    cost: CostComparison | None, thresholds: Thresholds, gap: str | None, unmeasured: Sequence[str] = ()
+) -> Check:
     if cost is None:
         if gap:
             return Check("memory", "unclear", f"{gap}: the memory saving is not known", RERUN_ADVICE)
         if unmeasured:
-            return Check("memory", "unclear", f"weight memory was not measured for {' and '.join(unmeasured)}: "
-                         "a served model's memory is the server's, not visible to a client",
-                         "state it where you know it (e.g. from the server's log): url:URL?weight_gb=G")
+            return Check(
+                "memory",
+                "unclear",
+                f"weight memory was not measured for {' and '.join(unmeasured)}: "
+                "a served model's memory is the server's, not visible to a client",
+                "state it where you know it (e.g. from the server's log): url:URL?weight_gb=G",
+            )
         return Check(
             "memory",
             "unclear",
@@ -156,7 +160,7 @@ def _factors(factors: list[float]) -> str:
 
 
 def _where(sizes: list[int], measured: list[int]) -> str:
-    """"batch size 1", "batch sizes 1-32" (every measured size) or "batch sizes 1, 2" (some of them)."""
+    """ "batch size 1", "batch sizes 1-32" (every measured size) or "batch sizes 1, 2" (some of them)."""
     if len(sizes) == 1:
         return f"batch size {sizes[0]}"
     if sizes == sorted(measured):
@@ -164,7 +168,9 @@ def _where(sizes: list[int], measured: list[int]) -> str:
     return "batch sizes " + ", ".join(str(size) for size in sizes)
 
 
-def _latency_note(ratios: dict[int, float], measured: list[int] | None = None, cis: dict[int, Interval] | None = None) -> str:
+def _latency_note(
+    ratios: dict[int, float], measured: list[int] | None = None, cis: dict[int, Interval] | None = None
+) -> str:
     """Forward-pass latency (variant / reference) over the batch sizes claimed, on one line, with their intervals."""
     sizes = sorted(ratios)
     where = _where(sizes, measured if measured is not None else sizes)
@@ -173,11 +179,18 @@ def _latency_note(ratios: dict[int, float], measured: list[int] | None = None, c
     label = "95% CI" if len(sizes) == 1 else "95% CIs"
     within = len(cis) == len(sizes)
     if min(values) >= 1:
-        suffix = f" ({label} {fmt.ratio(min(c.low for c in cis.values()))}-{fmt.ratio(max(c.high for c in cis.values()))})" if within else ""
+        suffix = (
+            f" ({label} {fmt.ratio(min(c.low for c in cis.values()))}-{fmt.ratio(max(c.high for c in cis.values()))})"
+            if within
+            else ""
+        )
         return f"forward pass {_factors(values)} slower at {where}{suffix}"
     if max(values) <= 1:
-        suffix = (f" ({label} {fmt.ratio(1 / max(c.high for c in cis.values()))}-{fmt.ratio(1 / min(c.low for c in cis.values()))})"
-                  if within else "")
+        suffix = (
+            f" ({label} {fmt.ratio(1 / max(c.high for c in cis.values()))}-{fmt.ratio(1 / min(c.low for c in cis.values()))})"
+            if within
+            else ""
+        )
         return f"forward pass {_factors([1 / value for value in values])} faster at {where}{suffix}"
     suffix = " (each 95% CI beyond the timing noise)" if within else ""
     return f"forward pass between {fmt.ratio(1 / min(values))} faster and {fmt.ratio(max(values))} slower at {where}{suffix}"
@@ -195,8 +208,10 @@ def _side(value: float, ci: Interval | None, floor: float) -> int:
 
 
 def _noise_reason(floor: float) -> str:
-    return (f"not called faster or slower (a claim needs the whole 95% interval beyond {fmt.ratio(floor)}, what one model's cost "
-            "rounds can move by)")
+    return (
+        f"not called faster or slower (a claim needs the whole 95% interval beyond {fmt.ratio(floor)}, what one model's cost "
+        "rounds can move by)"
+    )
 
 
 def _speed_notes(cost: CostComparison | None) -> list[str]:
@@ -211,40 +226,60 @@ def _speed_notes(cost: CostComparison | None) -> list[str]:
     notes = []
     stable = {size: ratio for size, ratio in cost.latency_ratio.items() if size not in cost.unstable_batch_sizes}
     floors = {size: _noise_floor(cost.latency_round_spread.get(size)) for size in stable}
-    claimed = {size: ratio for size, ratio in stable.items() if _side(ratio, cost.latency_ratio_ci.get(size), floors[size])}
+    claimed = {
+        size: ratio for size, ratio in stable.items() if _side(ratio, cost.latency_ratio_ci.get(size), floors[size])
+    }
     if claimed:
         notes.append(_latency_note(claimed, sorted(stable), cost.latency_ratio_ci))
-    noisy = sorted(size for size, ratio in stable.items()
-                   if size not in claimed and (ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO))
+    noisy = sorted(
+        size
+        for size, ratio in stable.items()
+        if size not in claimed and (ratio > SPEED_NOTE_RATIO or ratio < 1 / SPEED_NOTE_RATIO)
+    )
     if noisy:
         values = []
         for size in noisy:
             ci = cost.latency_ratio_ci.get(size)
-            values.append(f"{stable[size]:.2f} at batch {size}" + (f" (95% CI {ci.low:.2f}-{ci.high:.2f})" if ci else ""))
+            values.append(
+                f"{stable[size]:.2f} at batch {size}" + (f" (95% CI {ci.low:.2f}-{ci.high:.2f})" if ci else "")
+            )
         where = f"batch size {noisy[0]}" if len(noisy) == 1 else "batch sizes " + ", ".join(str(size) for size in noisy)
-        notes.append(f"forward pass within timing noise at {where}: variant / reference latency {', '.join(values)}; "
-                     + _noise_reason(max(floors[size] for size in noisy)))
+        notes.append(
+            f"forward pass within timing noise at {where}: variant / reference latency {', '.join(values)}; "
+            + _noise_reason(max(floors[size] for size in noisy))
+        )
     if cost.unstable_batch_sizes:
         sizes = ", ".join(str(size) for size in cost.unstable_batch_sizes)
-        notes.append(f"forward-pass timing at batch size {sizes} was disturbed by other load on the machine (measured, or seen as "
-                     "a move between cost rounds): not called faster or slower there")
+        notes.append(
+            f"forward-pass timing at batch size {sizes} was disturbed by other load on the machine (measured, or seen as "
+            "a move between cost rounds): not called faster or slower there"
+        )
     speedup, ci = cost.decode_speedup, cost.decode_speedup_ci
     if speedup is None:
         return notes
     floor = _noise_floor(cost.decode_round_spread)
     side = _side(speedup, ci, floor)
     if cost.decode_unstable:
-        notes.append("decode rate was disturbed by other load on the machine (measured, or seen as a move between cost rounds): "
-                     "not called faster or slower")
+        notes.append(
+            "decode rate was disturbed by other load on the machine (measured, or seen as a move between cost rounds): "
+            "not called faster or slower"
+        )
     elif side < 0:
-        notes.append(f"generation (decode) {fmt.ratio(1 / speedup)} slower"
-                     + (f" (95% CI {fmt.ratio(1 / ci.high)}-{fmt.ratio(1 / ci.low)})" if ci else ""))
+        notes.append(
+            f"generation (decode) {fmt.ratio(1 / speedup)} slower"
+            + (f" (95% CI {fmt.ratio(1 / ci.high)}-{fmt.ratio(1 / ci.low)})" if ci else "")
+        )
     elif side > 0:
-        notes.append(f"generation (decode) {fmt.ratio(speedup)} faster" + (f" (95% CI {fmt.ratio(ci.low)}-{fmt.ratio(ci.high)})" if ci else ""))
+        notes.append(
+            f"generation (decode) {fmt.ratio(speedup)} faster"
+            + (f" (95% CI {fmt.ratio(ci.low)}-{fmt.ratio(ci.high)})" if ci else "")
+        )
     elif speedup < 1 / SPEED_NOTE_RATIO or speedup > SPEED_NOTE_RATIO:
         interval = f" (95% CI {fmt.ratio(ci.low)}-{fmt.ratio(ci.high)})" if ci else ""
-        notes.append(f"generation (decode) within timing noise: {fmt.ratio(speedup)} the reference's decode rate{interval}; "
-                     + _noise_reason(floor))
+        notes.append(
+            f"generation (decode) within timing noise: {fmt.ratio(speedup)} the reference's decode rate{interval}; "
+            + _noise_reason(floor)
+        )
     return notes
 
 
@@ -298,8 +333,13 @@ def _interval_check(
     ci, stored_fail = estimate
     count, unit = units
     if count is not None and count < MIN_UNITS:
-        return Check(name, "unclear", f"{head}{tail}: only {count} {unit}, fewer than the {MIN_UNITS} an interval needs to be "
-                     "trusted (its simulated coverage falls short below that), so it is not judged", advice)
+        return Check(
+            name,
+            "unclear",
+            f"{head}{tail}: only {count} {unit}, fewer than the {MIN_UNITS} an interval needs to be "
+            "trusted (its simulated coverage falls short below that), so it is not judged",
+            advice,
+        )
     if ci is None:
         return Check(name, "unclear", f"{head} without an interval (too few items){tail}", advice)
     fail = _fail_interval(stored_fail, level, name)
@@ -309,7 +349,9 @@ def _interval_check(
     if not limit.beyond(ci):
         return Check(name, "unclear", f"{found}: {limit.unclear_words}", advice)
     if fail.level != ci.level:
-        found = f"{head} ({fmt.level(ci.level)} CI {show(ci)}; {fail_label}{fmt.level(fail.level)} CI {show(fail)}){tail}"
+        found = (
+            f"{head} ({fmt.level(ci.level)} CI {show(ci)}; {fail_label}{fmt.level(fail.level)} CI {show(fail)}){tail}"
+        )
     if limit.beyond(fail):
         return Check(name, "fail", f"{found}: {limit.fail_words}")
     return Check(
@@ -321,7 +363,11 @@ def _interval_check(
 
 
 def accuracy_check(
-    label: str, paired: PairedComparison, thresholds: Thresholds, level: float, more_questions: str = MORE_QUESTIONS_FLAG
+    label: str,
+    paired: PairedComparison,
+    thresholds: Thresholds,
+    level: float,
+    more_questions: str = MORE_QUESTIONS_FLAG,
 ) -> Check:
     """The accuracy-difference rule (also for two lm-eval runs); `more_questions` says how to get more questions."""
     drop = fmt.points(thresholds.max_accuracy_drop).lstrip("+")
@@ -357,12 +403,17 @@ def _sampling_floor(check: Check, floor: SamplingComparison | None) -> Check:
     """
     if check.outcome != "fail" or floor is None or floor.above_floor:
         return check
-    return Check(check.name, "unclear", (
-        f"{check.reason}; but the variant changes the reference's answers no more often than the reference sampled again "
-        f"changes them ({floor.variant_disagreements} against {floor.floor_disagreements} of {floor.n}, one-sided p "
-        f"{fmt.pvalue(floor.p_above_floor)}) and is not shown right less often than it (one-sided McNemar p "
-        f"{fmt.pvalue(floor.p_less_accurate)}): within sampling noise, not judged a failure"),
-        "run with more questions, or --greedy, to tell the variant from sampling noise")
+    return Check(
+        check.name,
+        "unclear",
+        (
+            f"{check.reason}; but the variant changes the reference's answers no more often than the reference sampled again "
+            f"changes them ({floor.variant_disagreements} against {floor.floor_disagreements} of {floor.n}, one-sided p "
+            f"{fmt.pvalue(floor.p_above_floor)}) and is not shown right less often than it (one-sided McNemar p "
+            f"{fmt.pvalue(floor.p_less_accurate)}): within sampling noise, not judged a failure"
+        ),
+        "run with more questions, or --greedy, to tell the variant from sampling noise",
+    )
 
 
 NUMERIC_FLOOR_SHARE = 0.25
@@ -379,17 +430,33 @@ def _numeric_floor(check: Check, floor: NumericFloor | None, variant_kl: float, 
     coarse = check.outcome == "pass" and floor.kl_mean >= NUMERIC_FLOOR_SHARE * max_kl
     if not (coarse or (check.outcome == "fail" and floor.kl_mean >= NUMERIC_FLOOR_SHARE * variant_kl)):
         return check
-    against = f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the {fmt.nats(max_kl)} nats limit" if coarse else \
-        f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the variant's own mean KL ({fmt.nats(variant_kl)} nats)"
-    return Check(check.name, "unclear", (
-        f"{check.reason}; but the engine's own numeric noise ({floor.model or 'a model'} scored twice by its engine, "
-        f"{floor.batch_size} at a time and one at a time: mean KL {fmt.nats(floor.kl_mean)} nats) is at least {against}, "
-        "so this difference cannot be told from it"),
-        "score on an engine with less numeric noise (fp32, or a fixed batch plan) to judge the next-token checks")
+    against = (
+        f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the {fmt.nats(max_kl)} nats limit"
+        if coarse
+        else f"{fmt.percent(NUMERIC_FLOOR_SHARE, 0)} of the variant's own mean KL ({fmt.nats(variant_kl)} nats)"
+    )
+    return Check(
+        check.name,
+        "unclear",
+        (
+            f"{check.reason}; but the engine's own numeric noise ({floor.model or 'a model'} scored twice by its engine, "
+            f"{floor.batch_size} at a time and one at a time: mean KL {fmt.nats(floor.kl_mean)} nats) is at least {against}, "
+            "so this difference cannot be told from it"
+        ),
+        "score on an engine with less numeric noise (fp32, or a fixed batch plan) to judge the next-token checks",
+    )
 
 
-def _estimate_check(name: str, estimate: Estimate, show: Callable[[float], str], kind: str, limit: _Limit, level: float,
-                    more: str = MORE_QUESTIONS_FLAG, unit: str = "questions") -> Check:
+def _estimate_check(
+    name: str,
+    estimate: Estimate,
+    show: Callable[[float], str],
+    kind: str,
+    limit: _Limit,
+    level: float,
+    more: str = MORE_QUESTIONS_FLAG,
+    unit: str = "questions",
+) -> Check:
     """A check on one per-item mean or share (mean KL, top-1 agreement)."""
     return _interval_check(
         name,
@@ -404,8 +471,13 @@ def _estimate_check(name: str, estimate: Estimate, show: Callable[[float], str],
     )
 
 
-def _kl_check(kl: DivergenceSummary, thresholds: Thresholds, level: float, more: str = MORE_QUESTIONS_FLAG,
-              unit: str = "questions") -> Check:
+def _kl_check(
+    kl: DivergenceSummary,
+    thresholds: Thresholds,
+    level: float,
+    more: str = MORE_QUESTIONS_FLAG,
+    unit: str = "questions",
+) -> Check:
     """Mean KL. From a compact reference store the estimate passes and its lower bound fails: the
     estimate is unbiased (its sampling noise is inside the interval over items), while the lower
     bound can only understate the KL, so a 'fail' stays certain whatever the unstored tail held."""
@@ -432,19 +504,30 @@ def _lower_bound_check(estimate: Estimate, limit: _Limit, level: float, unit: st
     """Mean KL known only as a lower bound (a server's top-K rows): a bound beyond the limit fails,
     since the true KL is higher still; a bound within it proves nothing, so it never passes."""
     advice = "ask the server for every log-probability (vLLM: --max-logprobs -1) to judge mean KL"
-    check = _interval_check("mean KL", f"mean KL >= {fmt.nats(estimate.value)} nats (a lower bound)", "",
-                            (estimate.ci, estimate.fail_ci), lambda ci: fmt.interval(ci, "nats"), limit, level, advice,
-                            (estimate.units, unit))
+    check = _interval_check(
+        "mean KL",
+        f"mean KL >= {fmt.nats(estimate.value)} nats (a lower bound)",
+        "",
+        (estimate.ci, estimate.fail_ci),
+        lambda ci: fmt.interval(ci, "nats"),
+        limit,
+        level,
+        advice,
+        (estimate.units, unit),
+    )
     if check.outcome != "pass":
         return check
-    return Check("mean KL", "unclear", f"{check.reason}, but a lower bound cannot show the true KL is within it", advice)
+    return Check(
+        "mean KL", "unclear", f"{check.reason}, but a lower bound cannot show the true KL is within it", advice
+    )
 
 
 NEXT_TOKEN_CHECK = "next-token agreement"
 
 
-def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float, unit: str,
-                    numeric_floor: NumericFloor | None) -> tuple[list[Check], list[str]]:
+def _quality_checks(
+    variant: ModelResult, thresholds: Thresholds, level: float, unit: str, numeric_floor: NumericFloor | None
+) -> tuple[list[Check], list[str]]:
     """The quality checks that can be judged, and a note for each that was not measured.
 
     Where the data set gives next-token checks (every question scored by log-likelihood, every text), they are
@@ -463,20 +546,35 @@ def _quality_checks(variant: ModelResult, thresholds: Thresholds, level: float, 
         if paired is None:
             missing.append(f"{label} accuracy against the reference was not measured")
         elif phase == "generation":
-            checks.append(_sampling_floor(accuracy_check(label, paired, thresholds, level), variant.generative_vs_floor))
+            checks.append(
+                _sampling_floor(accuracy_check(label, paired, thresholds, level), variant.generative_vs_floor)
+            )
         else:
             checks.append(accuracy_check(label, paired, thresholds, level))
     agreement = variant.agreement
     if agreement is not None and agreement_phase not in variant.incomplete:
         kl = _kl_check(agreement.kl, thresholds, level, more, unit)
-        minimum = _Limit.floor(thresholds.min_top1_agreement, f"the {fmt.percent(thresholds.min_top1_agreement)} minimum")
-        top1 = _estimate_check("top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level, more, unit)
-        checks += [_numeric_floor(check, numeric_floor, agreement.kl.mean.value, thresholds.max_mean_kl) for check in (kl, top1)]
+        minimum = _Limit.floor(
+            thresholds.min_top1_agreement, f"the {fmt.percent(thresholds.min_top1_agreement)} minimum"
+        )
+        top1 = _estimate_check(
+            "top-1 agreement", agreement.top1_agreement, fmt.percent, "percent", minimum, level, more, unit
+        )
+        checks += [
+            _numeric_floor(check, numeric_floor, agreement.kl.mean.value, thresholds.max_mean_kl)
+            for check in (kl, top1)
+        ]
     elif agreement is None and agreement_phase not in variant.incomplete:
         if text or variant.paired_loglik is not None:
-            checks.append(Check(NEXT_TOKEN_CHECK, "unclear", "next-token agreement (KL, top-1) could not be computed: the variant "
-                                "does not see the reference's token ids (another tokenizer), so accuracy alone cannot pass it",
-                                "compare a variant that shares the reference's tokenizer, or judge it on accuracy by hand"))
+            checks.append(
+                Check(
+                    NEXT_TOKEN_CHECK,
+                    "unclear",
+                    "next-token agreement (KL, top-1) could not be computed: the variant "
+                    "does not see the reference's token ids (another tokenizer), so accuracy alone cannot pass it",
+                    "compare a variant that shares the reference's tokenizer, or judge it on accuracy by hand",
+                )
+            )
         else:
             missing.append("next-token agreement (KL, top-1) was not measured")
     return checks, missing
@@ -502,10 +600,7 @@ def _familywise_note(measured: int, level: float) -> str:
 
 def _summary(name: str, decision: Decision, memory: Check, checks: list[Check], advice: list[str]) -> str:
     if decision == "QUANTIZE":
-        return (
-            f"Quantize to {name}: it {memory.reason} and every measured quality check "
-            "stays within its limits."
-        )
+        return f"Quantize to {name}: it {memory.reason} and every measured quality check stays within its limits."
     if decision == "DON'T QUANTIZE":
         if memory.outcome == "fail":
             return f"Don't quantize to {name}: it {memory.reason}."
@@ -516,8 +611,15 @@ def _summary(name: str, decision: Decision, memory: Check, checks: list[Check], 
     return f"No verdict on {name} yet; {advice[0]}."
 
 
-def decide(variant: ModelResult, thresholds: Thresholds, unmeasured_memory: Sequence[str] = (), *, unit: str = "questions",
-           numeric_floor: NumericFloor | None = None, unverified_tokenizers: Sequence[str] = ()) -> Verdict:
+def decide(
+    variant: ModelResult,
+    thresholds: Thresholds,
+    unmeasured_memory: Sequence[str] = (),
+    *,
+    unit: str = "questions",
+    numeric_floor: NumericFloor | None = None,
+    unverified_tokenizers: Sequence[str] = (),
+) -> Verdict:
     """Apply the module's rules to one variant's measurements against the reference.
 
     `unmeasured_memory` names the models (reference or variant) whose weight memory cannot be
@@ -533,10 +635,17 @@ def decide(variant: ModelResult, thresholds: Thresholds, unmeasured_memory: Sequ
     memory = _memory_check(variant.cost_vs_reference, thresholds, variant.incomplete.get("cost"), unmeasured_memory)
     checks, missing = _quality_checks(variant, thresholds, level, unit, numeric_floor)
     if unverified_tokenizers:
-        checks.append(Check("tokenizer", "unclear", f"the server's tokenizer of {' and '.join(unverified_tokenizers)} was not shown "
-                            "to match the local one (it differs, or the server answers neither /tokenize nor an echoed prompt): "
-                            "the comparisons may rest on other token ids", "serve it with /tokenize or echo enabled (vLLM and "
-                            "llama-server have both) and the model's own tokenizer"))
+        checks.append(
+            Check(
+                "tokenizer",
+                "unclear",
+                f"the server's tokenizer of {' and '.join(unverified_tokenizers)} was not shown "
+                "to match the local one (it differs, or the server answers neither /tokenize nor an echoed prompt): "
+                "the comparisons may rest on other token ids",
+                "serve it with /tokenize or echo enabled (vLLM and "
+                "llama-server have both) and the model's own tokenizer",
+            )
+        )
     outcomes = {memory.outcome, *(c.outcome for c in checks)}
     if "fail" in outcomes:
         decision: Decision = "DON'T QUANTIZE"

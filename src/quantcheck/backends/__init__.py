@@ -12,8 +12,13 @@ import importlib
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantMethodError
 
-_MODULES = {"hf": "quantcheck.backends.hf", "vllm": "quantcheck.backends.vllm", "llamacpp": "quantcheck.backends.llamacpp",
-            "openai": "quantcheck.backends.openai.backend", "kldfile": "quantcheck.backends.kldfile"}
+_MODULES = {
+    "hf": "quantcheck.backends.hf",
+    "vllm": "quantcheck.backends.vllm",
+    "llamacpp": "quantcheck.backends.llamacpp",
+    "openai": "quantcheck.backends.openai.backend",
+    "kldfile": "quantcheck.backends.kldfile",
+}
 DEFAULT_BACKEND = "hf"
 BACKEND_NAMES = tuple(_MODULES)
 # What users write before a variant when it is not the backend's name: `--quant gguf:Q4_K_M` runs in llama.cpp,

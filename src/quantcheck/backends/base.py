@@ -83,7 +83,9 @@ class Backend(ABC):
             return methods[method]
         prefix, engine = ("", "") if cls.name == "hf" else (f"{cls.name}:", f"{cls.name} ")
         valid = ", ".join(prefix + name for name in methods)
-        raise QuantMethodError(f"unknown {engine}quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>")
+        raise QuantMethodError(
+            f"unknown {engine}quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>"
+        )
 
     @classmethod
     def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
@@ -99,7 +101,9 @@ class Backend(ABC):
     def interpreter(cls) -> str:
         """The Python that runs this backend's workers: this one, when the engine is importable here."""
         if importlib.util.find_spec(cls.engine_package) is None:
-            raise QuantMethodError(f"the {cls.name} backend needs {cls.engine_package}, which is not installed: {cls.install_hint}")
+            raise QuantMethodError(
+                f"the {cls.name} backend needs {cls.engine_package}, which is not installed: {cls.install_hint}"
+            )
         return sys.executable
 
     @classmethod
@@ -152,7 +156,9 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> list[list[int]]:
         """New token ids per prompt (stop token excluded), decoded under exactly `settings`.
 
         `seeds[i]` seeds prompt i where the engine seeds per request; engines that seed per batch

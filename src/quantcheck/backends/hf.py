@@ -50,7 +50,9 @@ class HFBackend(Backend):
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
-        return {name: MethodInfo(m.name, m.description, m.devices, m.requires, m.install) for name, m in REGISTRY.items()}
+        return {
+            name: MethodInfo(m.name, m.description, m.devices, m.requires, m.install) for name, m in REGISTRY.items()
+        }
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
@@ -64,8 +66,12 @@ class HFBackend(Backend):
 
         self.method = _recipe(self.spec)
         self.request = LoadRequest(
-            path=self.spec.weights, device=job.device, dtype=getattr(torch, job.dtype), trust_remote_code=job.trust_remote_code,
-            allow_offload=job.allow_offload, allow_pickle=job.allow_pickle,
+            path=self.spec.weights,
+            device=job.device,
+            dtype=getattr(torch, job.dtype),
+            trust_remote_code=job.trust_remote_code,
+            allow_offload=job.allow_offload,
+            allow_pickle=job.allow_pickle,
         )
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.model = None
@@ -84,8 +90,14 @@ class HFBackend(Backend):
         from quantcheck.models.loading import precision_info
 
         precision = precision_info(self.model, self.method.compute_dtype(self.request))
-        return EngineInfo(engine="transformers", version=transformers.__version__, compute_dtype=precision.compute_dtype,
-                          devices=precision.devices, parallel={}, precision=precision)
+        return EngineInfo(
+            engine="transformers",
+            version=transformers.__version__,
+            compute_dtype=precision.compute_dtype,
+            devices=precision.devices,
+            parallel={},
+            precision=precision,
+        )
 
     @property
     def vocab_width(self) -> int:
@@ -108,7 +120,9 @@ class HFBackend(Backend):
             logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **keep).logits[:, -width:-1, :]
             return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> list[list[int]]:
         """One batch through `generate`, seeded per batch with `seeds[0]`; new ids cut at the first stop token."""
         import torch
 
@@ -117,8 +131,11 @@ class HFBackend(Backend):
         from quantcheck.data.batching import left_padded
 
         config = explicit_generation_config(
-            self.tokenizer, do_sample=not settings.greedy, temperature=settings.temperature,
-            max_new_tokens=settings.max_new_tokens, stop_token_ids=settings.stop_token_ids,
+            self.tokenizer,
+            do_sample=not settings.greedy,
+            temperature=settings.temperature,
+            max_new_tokens=settings.max_new_tokens,
+            stop_token_ids=settings.stop_token_ids,
         )
         batch = left_padded([list(ids) for ids in prompts], self.tokenizer.pad_token_id, self.job.device)
         batch.pop("position_ids")  # generate() derives them from the attention mask

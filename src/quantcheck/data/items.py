@@ -57,7 +57,9 @@ def parse_answer(raw: object, n_choices: int, where: str) -> int:
     elif isinstance(raw, str) and raw.strip().upper() in LETTERS and len(raw.strip()) == 1:
         index = LETTERS.index(raw.strip().upper())
     else:
-        raise DatasetError(f"{where}: answer must be a letter A-{LETTERS[n_choices - 1]} or a 0-based index, got {raw!r}")
+        raise DatasetError(
+            f"{where}: answer must be a letter A-{LETTERS[n_choices - 1]} or a 0-based index, got {raw!r}"
+        )
     if not 0 <= index < n_choices:
         raise DatasetError(f"{where}: answer {raw!r} is out of range for {n_choices} choices")
     return index
@@ -77,4 +79,10 @@ def make_item(item_id: str, subject: str, question: object, choices: list[object
 def item_from_json(record: dict[str, object]) -> Item:
     """Read back a `dataset.jsonl` line (the inverse of `Item.to_json`)."""
     choices = tuple(str(choice) for choice in record["choices"])  # type: ignore[union-attr]
-    return Item(str(record["item_id"]), str(record["subject"]), str(record["question"]), choices, LETTERS.index(str(record["answer"])))
+    return Item(
+        str(record["item_id"]),
+        str(record["subject"]),
+        str(record["question"]),
+        choices,
+        LETTERS.index(str(record["answer"])),
+    )

@@ -22,7 +22,9 @@ def load_dataset(spec: str = DEFAULT_DATASET, limit: int | None = None, seed: in
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise DatasetError(f"dataset {spec!r} is neither an existing file nor mmlu:<subject>[,<subject>...] or mmlu:all")
+            raise DatasetError(
+                f"dataset {spec!r} is neither an existing file nor mmlu:<subject>[,<subject>...] or mmlu:all"
+            )
         items, source = read_file(path), f"file {path.resolve()}"
     if not items:
         raise DatasetError(f"dataset {spec} has no questions: check the file or the subject")

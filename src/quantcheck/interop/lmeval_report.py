@@ -27,8 +27,17 @@ AccuracyVerdict = Literal["KEEPS ACCURACY", "LOSES ACCURACY", "INCONCLUSIVE"]
 VERDICTS: dict[str, AccuracyVerdict] = {"pass": "KEEPS ACCURACY", "fail": "LOSES ACCURACY", "unclear": "INCONCLUSIVE"}
 
 COLUMNS = [
-    "Task", "Metric", "n", "Reference", "Variant", "\u0394 [95% CI]", "Right\u2192wrong / wrong\u2192right",
-    "McNemar p", "Same answer", "Detectable \u0394 (80% power)", "Verdict",
+    "Task",
+    "Metric",
+    "n",
+    "Reference",
+    "Variant",
+    "\u0394 [95% CI]",
+    "Right\u2192wrong / wrong\u2192right",
+    "McNemar p",
+    "Same answer",
+    "Detectable \u0394 (80% power)",
+    "Verdict",
 ]
 
 
@@ -60,7 +69,9 @@ class LmEvalComparisonFile(BaseModel):
     reference: RunSource
     variant: RunSource
     max_accuracy_drop: float = Field(description="the accuracy-drop limit of the verdicts, as a fraction")
-    verdict: AccuracyVerdict | None = Field(description="of the pooled row, or of the only task; None when tasks must be read one by one")
+    verdict: AccuracyVerdict | None = Field(
+        description="of the pooled row, or of the only task; None when tasks must be read one by one"
+    )
     tasks: list[TaskResult]
     pooled: TaskResult | None
     skipped: list[str] = Field(description="shared tasks not compared, and why")
@@ -87,9 +98,15 @@ def _task_result(comparison: Comparison, task: TaskComparison, pooled: bool) -> 
         return None if pooled else str(run.tasks[(task.task, task.filter)].path)
 
     return TaskResult(
-        task=task.task, filter=task.filter, metric=task.metric, verdict=VERDICTS[task.check.outcome],
-        reason=task.check.reason, advice=task.check.advice, paired=task.paired,
-        reference_file=file(comparison.reference), variant_file=file(comparison.variant),
+        task=task.task,
+        filter=task.filter,
+        metric=task.metric,
+        verdict=VERDICTS[task.check.outcome],
+        reason=task.check.reason,
+        advice=task.check.advice,
+        paired=task.paired,
+        reference_file=file(comparison.reference),
+        variant_file=file(comparison.variant),
     )
 
 
@@ -115,9 +132,16 @@ def row(result: TaskResult) -> list[str]:
     """One table row, every number formatted as in quantcheck's own report."""
     p = result.paired
     return [
-        task_label(result.task, result.filter), result.metric, fmt.integer(p.n), fmt.percent(p.reference_accuracy), fmt.percent(p.variant_accuracy),
-        fmt.points_ci(p.difference, p.difference_ci), f"{p.right_to_wrong} / {p.wrong_to_right}",
-        fmt.pvalue(p.mcnemar_p), fmt.percent(p.answer_agreement), f"\u00b1{fmt.number(p.min_detectable_difference * 100)} pts",
+        task_label(result.task, result.filter),
+        result.metric,
+        fmt.integer(p.n),
+        fmt.percent(p.reference_accuracy),
+        fmt.percent(p.variant_accuracy),
+        fmt.points_ci(p.difference, p.difference_ci),
+        f"{p.right_to_wrong} / {p.wrong_to_right}",
+        fmt.pvalue(p.mcnemar_p),
+        fmt.percent(p.answer_agreement),
+        f"\u00b1{fmt.number(p.min_detectable_difference * 100)} pts",
         result.verdict,
     ]
 
@@ -159,10 +183,13 @@ def render_markdown(document: LmEvalComparisonFile) -> str:
     if notes:
         out += ["## Not compared", ""] + [f"- {md_text(note)}" for note in notes] + [""]
     out += ["## Runs", ""]
-    out += md_table(["Run", "Model", "Folder"], [
-        ["reference (A)", document.reference.model, document.reference.folder],
-        ["variant (B)", document.variant.model, document.variant.folder],
-    ])
+    out += md_table(
+        ["Run", "Model", "Folder"],
+        [
+            ["reference (A)", document.reference.model, document.reference.folder],
+            ["variant (B)", document.variant.model, document.variant.folder],
+        ],
+    )
     out += ["", f"_quantcheck {document.tool_version}, {document.created_at}; every number is in `{JSON_FILE}`._", ""]
     return "\n".join(out)
 

@@ -50,7 +50,9 @@ def _patterns(allowed: str) -> list[re.Pattern[str]]:
 def _option_lines(allowed: str) -> re.Pattern[str]:
     """A line that opens with an option label: "A. 100", "B) Norway", "(C) ...", "**D.** ..."."""
     upper = re.escape(allowed.upper())
-    return re.compile(rf"^[ \t]*[(\[]?(?:\*\*)?(?P<label>[{upper}])(?:\*\*)?[)\].:](?:\*\*)?(?:[ \t].*)?$", re.MULTILINE)
+    return re.compile(
+        rf"^[ \t]*[(\[]?(?:\*\*)?(?P<label>[{upper}])(?:\*\*)?[)\].:](?:\*\*)?(?:[ \t].*)?$", re.MULTILINE
+    )
 
 
 def _without_option_list(text: str, allowed: str) -> str:
@@ -80,15 +82,12 @@ def _choice_text(text: str, choices: Sequence[str], allowed: str) -> str | None:
     found = {
         letter
         for letter, choice in zip(allowed, choices)
-        if choice.strip()
-        and re.search(rf"(?<!\w){re.escape(choice.strip().casefold())}(?!\w)", text.casefold())
+        if choice.strip() and re.search(rf"(?<!\w){re.escape(choice.strip().casefold())}(?!\w)", text.casefold())
     }
     return found.pop() if len(found) == 1 else None
 
 
-def extract_choice(
-    text: str, choices: Sequence[str], letters: str = string.ascii_uppercase
-) -> str | None:
+def extract_choice(text: str, choices: Sequence[str], letters: str = string.ascii_uppercase) -> str | None:
     """The upper-case letter of the option `text` chose among `choices`, or None if unparsable.
 
     Letters run from A up to the number of choices; any other letter is not an answer. A list of

@@ -44,8 +44,9 @@ def _remainder(logprobs: torch.Tensor, known: torch.Tensor, top: int | None) -> 
     return (rest - ROUNDING_ALLOWANCE).clamp(0.0, 1.0), (rest + ROUNDING_ALLOWANCE).clamp(0.0, 1.0)
 
 
-def kl_lower_bound(reference_logprobs: torch.Tensor, variant_logprobs: torch.Tensor,
-                   reference_top: int | None, variant_top: int | None) -> torch.Tensor:
+def kl_lower_bound(
+    reference_logprobs: torch.Tensor, variant_logprobs: torch.Tensor, reference_top: int | None, variant_top: int | None
+) -> torch.Tensor:
     """A lower bound on KL(reference || variant) per row when either side holds only its top K.
 
     `*_top` is None for a full row, K for a top-K row (-inf outside its K known entries). Tokens
@@ -69,8 +70,11 @@ def kl_lower_bound(reference_logprobs: torch.Tensor, variant_logprobs: torch.Ten
     _, q_high = _remainder(var, known, variant_top)
     # P log(P/Q) falls as Q grows and, in P, is smallest at P = Q/e: the minimum over the box.
     p_rest = torch.minimum(torch.maximum(q_high / torch.e, p_low), p_high)
-    rest = torch.where(p_rest > 0, p_rest * (p_rest.log() - q_high.clamp_min(torch.finfo(torch.float64).tiny).log()),
-                       torch.zeros_like(p_rest))
+    rest = torch.where(
+        p_rest > 0,
+        p_rest * (p_rest.log() - q_high.clamp_min(torch.finfo(torch.float64).tiny).log()),
+        torch.zeros_like(p_rest),
+    )
     return (terms + rest).clamp_min(0.0)
 
 
@@ -168,13 +172,17 @@ def tail_samples(logprobs: torch.Tensor, top_ids: torch.Tensor, count: int, seed
     rest = logprobs.double().scatter(-1, top_ids, -math.inf)
     values, order = torch.sort(rest, dim=-1, descending=True, stable=True)
     cumulative = torch.cumsum((values - values[..., :1]).exp(), dim=-1)
-    offsets = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds])
+    offsets = torch.stack(
+        [torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds]
+    )
     points = (offsets + torch.arange(count, dtype=torch.float64)) / count * cumulative[..., -1:]
     positions = torch.searchsorted(cumulative, points, right=True).clamp_max(rest.shape[-1] - top_ids.shape[-1] - 1)
     return order.gather(-1, positions)
 
 
-def tail_kl_upper(variant_logprobs: torch.Tensor, top_ids: torch.Tensor, tail_mass: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+def tail_kl_upper(
+    variant_logprobs: torch.Tensor, top_ids: torch.Tensor, tail_mass: torch.Tensor, cap: torch.Tensor
+) -> torch.Tensor:
     """The largest sum_tail p log(p/q) any reference tail could give: the worst case, certain but loose.
 
     All that is known of the reference's tail (the tokens outside `top_ids`) is that it sums to
@@ -189,7 +197,9 @@ def tail_kl_upper(variant_logprobs: torch.Tensor, top_ids: torch.Tensor, tail_ma
     count = full.long()
     needed = min(int(count.max()) + 1, tail_size)
     ascending = _smallest_outside(variant_logprobs, top_ids, needed).double()
-    full_sum = torch.where(count > 0, torch.cumsum(ascending, dim=-1).gather(-1, (count - 1).clamp_min(0)[..., None]).squeeze(-1), 0.0)
+    full_sum = torch.where(
+        count > 0, torch.cumsum(ascending, dim=-1).gather(-1, (count - 1).clamp_min(0)[..., None]).squeeze(-1), 0.0
+    )
     remainder = (tail_mass - full * cap).clamp_min(0.0)
     next_logprob = ascending.gather(-1, count.clamp_max(tail_size - 1)[..., None]).squeeze(-1)
     rest = torch.where(remainder > 0, remainder * (remainder.log() - next_logprob), 0.0)
@@ -225,7 +235,9 @@ def tail_kl_standard_error(d: torch.Tensor, tail_mass: torch.Tensor) -> torch.Te
         return torch.zeros_like(tail_mass)
     terms, ratios = d + torch.expm1(-d), torch.exp(-d)
     spread = terms.std(dim=-1, correction=1) / math.sqrt(count)
-    misfit = ((ratios.mean(dim=-1) - 1.0).abs() - 2.0 * ratios.std(dim=-1, correction=1) / math.sqrt(count)).clamp_min(0.0)
+    misfit = ((ratios.mean(dim=-1) - 1.0).abs() - 2.0 * ratios.std(dim=-1, correction=1) / math.sqrt(count)).clamp_min(
+        0.0
+    )
     return torch.where(tail_mass > 0, tail_mass * torch.sqrt(spread**2 + misfit**2), 0.0)
 
 
@@ -250,7 +262,9 @@ def kl_from_top_k(
     log_variant_tail = tail_log_mass(variant_logprobs, top_ids)
     has_tail = tail_mass > 0
     coarse = exact + torch.where(has_tail, tail_mass * (log_tail_mass - log_variant_tail), 0.0)
-    d = (sample_logprobs.double() - log_tail_mass[..., None]) - (variant_logprobs.gather(-1, sample_ids).double() - log_variant_tail[..., None])
+    d = (sample_logprobs.double() - log_tail_mass[..., None]) - (
+        variant_logprobs.gather(-1, sample_ids).double() - log_variant_tail[..., None]
+    )
     sampled = torch.where(has_tail, tail_mass * (d + torch.expm1(-d)).mean(dim=-1), 0.0)
     upper = exact + tail_kl_upper(variant_logprobs, top_ids, tail_mass, reference_top[..., -1].exp())
     lower, upper = coarse.clamp_min(0.0), upper.clamp_min(0.0)

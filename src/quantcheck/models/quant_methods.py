@@ -172,29 +172,76 @@ def _register(method: QuantMethod) -> None:
     REGISTRY[method.name] = method
 
 
-_register(QuantMethod("none", "the reference itself again: a sanity check (expect identical outputs)", _BOTH, (), "", _reference))
+_register(
+    QuantMethod(
+        "none", "the reference itself again: a sanity check (expect identical outputs)", _BOTH, (), "", _reference
+    )
+)
 _register(QuantMethod("bf16", "plain cast to bfloat16", _BOTH, (), "", _cast("bfloat16"), lambda r: "bfloat16"))
 _register(QuantMethod("fp16", "plain cast to float16", _BOTH, (), "", _cast("float16"), lambda r: "float16"))
 _bnb_compute_name = lambda r: _dtype_name(_bnb_compute_dtype(r))  # noqa: E731
 for _name, _kind, _dq, _text in [
     ("bnb-nf4", "nf4", False, "bitsandbytes 4-bit NormalFloat"),
-    ("bnb-nf4-dq", "nf4", True, "bitsandbytes NF4 + double quantization, bf16 compute on CUDA (the original experiment)"),
+    (
+        "bnb-nf4-dq",
+        "nf4",
+        True,
+        "bitsandbytes NF4 + double quantization, bf16 compute on CUDA (the original experiment)",
+    ),
     ("bnb-fp4", "fp4", False, "bitsandbytes 4-bit float"),
 ]:
-    _register(QuantMethod(_name, _text, _BOTH, ("bitsandbytes",), "'quantcheck[bnb]'", _bnb_4bit(_kind, _dq), _bnb_compute_name))
-_register(QuantMethod("bnb-int8", "bitsandbytes LLM.int8() 8-bit weights", _BOTH, ("bitsandbytes",), "'quantcheck[bnb]'", _bnb_int8))
+    _register(
+        QuantMethod(
+            _name, _text, _BOTH, ("bitsandbytes",), "'quantcheck[bnb]'", _bnb_4bit(_kind, _dq), _bnb_compute_name
+        )
+    )
 _register(
     QuantMethod(
-        "torchao-int8wo", "torchao int8 weight-only", _BOTH, ("torchao",), "'quantcheck[torchao]'", _torchao_int8_weight_only
+        "bnb-int8", "bitsandbytes LLM.int8() 8-bit weights", _BOTH, ("bitsandbytes",), "'quantcheck[bnb]'", _bnb_int8
+    )
+)
+_register(
+    QuantMethod(
+        "torchao-int8wo",
+        "torchao int8 weight-only",
+        _BOTH,
+        ("torchao",),
+        "'quantcheck[torchao]'",
+        _torchao_int8_weight_only,
     )
 )
 for _weights in ("int8", "int4"):
     _register(
-        QuantMethod(f"quanto-{_weights}", f"optimum-quanto {_weights} weights", _BOTH, ("optimum.quanto",), "'quantcheck[quanto]'", _quanto(_weights))
+        QuantMethod(
+            f"quanto-{_weights}",
+            f"optimum-quanto {_weights} weights",
+            _BOTH,
+            ("optimum.quanto",),
+            "'quantcheck[quanto]'",
+            _quanto(_weights),
+        )
     )
-_register(QuantMethod("quanto-fp8", "optimum-quanto float8 weights", _BOTH, ("optimum.quanto",), "'quantcheck[quanto]'", _quanto("float8")))
+_register(
+    QuantMethod(
+        "quanto-fp8",
+        "optimum-quanto float8 weights",
+        _BOTH,
+        ("optimum.quanto",),
+        "'quantcheck[quanto]'",
+        _quanto("float8"),
+    )
+)
 for _bits in (4, 8):
-    _register(QuantMethod(f"hqq-{_bits}bit", f"HQQ {_bits}-bit, group size 64, no calibration", _BOTH, ("hqq",), "'quantcheck[hqq]'", _hqq(_bits)))
+    _register(
+        QuantMethod(
+            f"hqq-{_bits}bit",
+            f"HQQ {_bits}-bit, group size 64, no calibration",
+            _BOTH,
+            ("hqq",),
+            "'quantcheck[hqq]'",
+            _hqq(_bits),
+        )
+    )
 
 
 def get_method(name: str) -> QuantMethod:

@@ -7,7 +7,17 @@ import platform
 
 from quantcheck.schema.results import QUANTCHECK_VERSION
 
-_LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "hqq", "safetensors", "numpy")
+_LIBRARIES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "torchao",
+    "optimum-quanto",
+    "hqq",
+    "safetensors",
+    "numpy",
+)
 
 
 def library_versions() -> dict[str, str | None]:

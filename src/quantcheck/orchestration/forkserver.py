@@ -24,7 +24,13 @@ import sys
 
 from quantcheck.orchestration.worker import emit, exit_now
 
-PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "quantcheck.backends.hf", "quantcheck.orchestration.worker")
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "quantcheck.backends.hf",
+    "quantcheck.orchestration.worker",
+)
 
 
 def serve() -> int:

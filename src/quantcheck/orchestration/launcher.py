@@ -42,7 +42,14 @@ def worker_environment() -> dict[str, str]:
     libgomp reads it once at start-up, hence here and not in the worker. A value the user set is kept.
     """
     env = dict(os.environ)
-    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
@@ -62,8 +69,14 @@ class Launcher:
 
     def __enter__(self) -> Launcher:
         if self.fork:  # started now: its imports overlap the parent's checks and the data set's loading
-            self.server = subprocess.Popen([sys.executable, "-m", "quantcheck.orchestration.forkserver"], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=worker_environment())
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "quantcheck.orchestration.forkserver"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=worker_environment(),
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,8 +161,13 @@ def _spawned(interpreter: str, spec_path, log: IO[str], view: ProgressView) -> t
     """A new interpreter with a temporary folder of its own (TMPDIR), removed when it ends: what an engine leaves
     there (vLLM's rendezvous file) goes with it, however the worker ended (killed, or its fast exit)."""
     with tempfile.TemporaryDirectory(prefix="quantcheck-job-", ignore_cleanup_errors=True) as scratch:
-        process = subprocess.Popen([interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
-                                   stdout=subprocess.PIPE, stderr=log, text=True, env={**worker_environment(), "TMPDIR": scratch})
+        process = subprocess.Popen(
+            [interpreter, "-m", "quantcheck.orchestration.worker", str(spec_path)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**worker_environment(), "TMPDIR": scratch},
+        )
         try:
             for _ in _follow(iter(process.stdout), view, log):
                 pass

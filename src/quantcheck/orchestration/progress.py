@@ -50,7 +50,9 @@ class ProgressView:
         if kind == "phase" and "total" in event:
             self._finish_task()
             description = f"{self._label} {event['phase']}"
-            self._task = self.progress.add_task(description, total=int(event["total"]), completed=int(event.get("done", 0)))
+            self._task = self.progress.add_task(
+                description, total=int(event["total"]), completed=int(event.get("done", 0))
+            )
             if not self.console.is_terminal:  # logs get no live bars: say when each phase starts
                 self.line(f"{description}: {event.get('done', 0)}/{event['total']} done, starting")
         elif kind == "advance" and self._task is not None:

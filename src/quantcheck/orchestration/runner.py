@@ -123,7 +123,11 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     device = pick_device(options.device)
     dtype = options.dtype or default_dtype(device)
     check_specs(models, device, options.engine)
-    if (served := models[0].endpoint) is not None and served.top_logprobs is not None and options.store.kind == "compact":
+    if (
+        (served := models[0].endpoint) is not None
+        and served.top_logprobs is not None
+        and options.store.kind == "compact"
+    ):
         raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
@@ -136,21 +140,39 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
-    identity = {"model": model.name, "model_revision": model.revision or "", "dataset": dataset.spec, "dataset_hash": dataset.content_hash()}
+    identity = {
+        "model": model.name,
+        "model_revision": model.revision or "",
+        "dataset": dataset.spec,
+        "dataset_hash": dataset.content_hash(),
+    }
     resumed = folder.prepare(identity, options.force)
     view = ProgressView(options.quiet)
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
     if unmeasured_cost:
-        warnings.append(RunWarning(code="no-cost", message="cost was not measured: the reference is a llama-perplexity base file, "
-                                                           "so there is no memory or speed to compare the variants with"))
+        warnings.append(
+            RunWarning(
+                code="no-cost",
+                message="cost was not measured: the reference is a llama-perplexity base file, "
+                "so there is no memory or speed to compare the variants with",
+            )
+        )
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
     # The results schema too: a version that scores differently (schema 6: windows cut as llama.cpp cuts them, a base
     # file decoded as llama.cpp decodes it, a seed per model and item) recomputes what an older one stored.
-    reference_key = {**identity, "dtype": dtype, "device": device, "prompt_format": LOGLIK_FORMAT, "tool_version": QUANTCHECK_VERSION,
-                     "results_schema": SCHEMA_VERSION,
-                     "reference_backend": options.backend, "batch_size": options.batch_size, "reference_store": options.store.key()}
+    reference_key = {
+        **identity,
+        "dtype": dtype,
+        "device": device,
+        "prompt_format": LOGLIK_FORMAT,
+        "tool_version": QUANTCHECK_VERSION,
+        "results_schema": SCHEMA_VERSION,
+        "reference_backend": options.backend,
+        "batch_size": options.batch_size,
+        "reference_store": options.store.key(),
+    }
     if models[0].endpoint is not None:
         reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude={"stated_weight_bytes"})
     if corpus_job is not None:
@@ -161,7 +183,9 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
         folder.reference_store().check(len(dataset.items))
     elif folder.reference_tokens_exist():  # the row count is known once the reference has made its sequences
         folder.reference_store().check(scored_count(folder.read_reference_tokens(), folder.read_scored_spans()[0]))
-    generation_key = options.generation.model_dump() | {"results_schema": SCHEMA_VERSION} if options.generation else None
+    generation_key = (
+        options.generation.model_dump() | {"results_schema": SCHEMA_VERSION} if options.generation else None
+    )
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
     if isinstance(dataset, TextCorpus):
@@ -173,9 +197,18 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
 
-    base = dict(run_dir=str(out), device=device, dtype=dtype, threads=threads, seed=options.seed, engine=options.engine,
-                batch_size=options.batch_size, trust_remote_code=options.trust_remote_code,
-                allow_offload=options.allow_offload, allow_pickle=options.allow_pickle)
+    base = dict(
+        run_dir=str(out),
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        seed=options.seed,
+        engine=options.engine,
+        batch_size=options.batch_size,
+        trust_remote_code=options.trust_remote_code,
+        allow_offload=options.allow_offload,
+        allow_pickle=options.allow_pickle,
+    )
     n_items = 0 if corpus else len(dataset.items)
     failed_reference = None
     with view:
@@ -190,13 +223,26 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
                 loglik = options.loglik and spec.floor is None
                 todo_loglik = loglik and _count(folder, spec, "quality.jsonl") < n_items
                 todo_generation = options.generation is not None and _count(folder, spec, "generation.jsonl") < n_items
-                todo_floor = options.floors and loglik and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
+                todo_floor = (
+                    options.floors
+                    and loglik
+                    and spec.measures_engine_floor
+                    and not folder.engine_floor_settled(spec.folder)
+                )
                 if not (todo_loglik or todo_generation or todo_floor):
                     view.skipped(f"{spec.name} quality", "already finished")
                     continue
-                job = JobSpec(kind="quality", model=spec, loglik=todo_loglik, generation=options.generation if todo_generation else None,
-                              engine_floor=todo_floor,
-                              **{**base, "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed})
+                job = JobSpec(
+                    kind="quality",
+                    model=spec,
+                    loglik=todo_loglik,
+                    generation=options.generation if todo_generation else None,
+                    engine_floor=todo_floor,
+                    **{
+                        **base,
+                        "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed,
+                    },
+                )
                 outcome = _run(launcher, job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
@@ -209,20 +255,42 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
                     if folder.cost_file(spec.folder, cost_round).exists():
                         view.skipped(f"{spec.name} cost round {cost_round}", "already measured")
                         continue
-                    _run(launcher, JobSpec(kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base), view, out, folder)
+                    _run(
+                        launcher,
+                        JobSpec(
+                            kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base
+                        ),
+                        view,
+                        out,
+                        folder,
+                    )
 
     dataset_info = _dataset_info(dataset, folder, corpus_job)
     config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
     results = summarize(
-        out, config=config, model=model.info(dtype, device), dataset=dataset_info,
-        environment=describe_environment(device, threads), models=models,
-        descriptions={spec.name: describe(spec) for spec in models}, floors=floors, cost_rounds=options.cost_rounds if options.cost else 0,
-        thresholds=options.thresholds, seed=options.seed, extra_warnings=warnings,
-        expected={"loglik": options.loglik and not corpus, "generation": options.generation is not None, "cost": options.cost,
-                  "corpus": options.loglik and corpus},
+        out,
+        config=config,
+        model=model.info(dtype, device),
+        dataset=dataset_info,
+        environment=describe_environment(device, threads),
+        models=models,
+        descriptions={spec.name: describe(spec) for spec in models},
+        floors=floors,
+        cost_rounds=options.cost_rounds if options.cost else 0,
+        thresholds=options.thresholds,
+        seed=options.seed,
+        extra_warnings=warnings,
+        expected={
+            "loglik": options.loglik and not corpus,
+            "generation": options.generation is not None,
+            "cost": options.cost,
+            "corpus": options.loglik and corpus,
+        },
     )
     if failed_reference:
-        raise QuantcheckError(f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})")
+        raise QuantcheckError(
+            f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})"
+        )
     return out, results
 
 
@@ -232,8 +300,11 @@ def _token_job(options: RunOptions) -> tuple[RunOptions, CorpusJob | None]:
     if not (is_corpus(options.dataset) or is_prompts(options.dataset)):
         return options, None
     answers = options.generation or GenerationOptions()
-    job = (CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens) if is_prompts(options.dataset)
-           else CorpusJob(context=options.context, max_windows=options.limit, recorded=options.reference_kld is not None))
+    job = (
+        CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens)
+        if is_prompts(options.dataset)
+        else CorpusJob(context=options.context, max_windows=options.limit, recorded=options.reference_kld is not None)
+    )
     return options.model_copy(update={"generation": None}), job
 
 
@@ -243,22 +314,40 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
 
     for spec in models:
         if not get_backend(spec.backend).scores_text:
-            raise QuantcheckError(f"{spec.name} runs in the {spec.backend} backend, which cannot score every token of a text or of answers yet "
-                                  "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend")
+            raise QuantcheckError(
+                f"{spec.name} runs in the {spec.backend} backend, which cannot score every token of a text or of answers yet "
+                "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend"
+            )
 
 
-def _score_corpus(launcher: Launcher, models: list[ModelSpec], corpus_job: CorpusJob, base: dict, view: ProgressView, out: Path,
-                  folder: RunFolder, floors: bool) -> str | None:
+def _score_corpus(
+    launcher: Launcher,
+    models: list[ModelSpec],
+    corpus_job: CorpusJob,
+    base: dict,
+    view: ProgressView,
+    out: Path,
+    folder: RunFolder,
+    floors: bool,
+) -> str | None:
     """Each model's pass over the corpus's windows (and its engine's numeric floor), the reference first; the reference's
     failure message, if it failed."""
     for spec in models:
         todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
-        if (folder.reference_tokens_exist() and not todo_floor
-                and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens())):
+        if (
+            folder.reference_tokens_exist()
+            and not todo_floor
+            and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens())
+        ):
             view.skipped(f"{spec.name} corpus", "already finished")
             continue
-        outcome = _run(launcher, JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, engine_floor=todo_floor, **base),
-                       view, out, folder)
+        outcome = _run(
+            launcher,
+            JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, engine_floor=todo_floor, **base),
+            view,
+            out,
+            folder,
+        )
         if not outcome.ok and spec.is_reference:
             return outcome.message
     return None
@@ -286,20 +375,44 @@ def _load(options: RunOptions, model_path: Path) -> Dataset | TextCorpus | Promp
     return load_dataset(options.dataset, options.limit, options.seed)
 
 
-def _dataset_info(dataset: Dataset | TextCorpus | PromptSet, folder: RunFolder, corpus_job: CorpusJob | None) -> DatasetInfo:
+def _dataset_info(
+    dataset: Dataset | TextCorpus | PromptSet, folder: RunFolder, corpus_job: CorpusJob | None
+) -> DatasetInfo:
     if corpus_job is None:
-        return DatasetInfo(spec=dataset.spec, n_items=len(dataset.items), subjects=dataset.subjects, source=dataset.source,
-                           content_hash=dataset.content_hash(), prompt_format=LOGLIK_FORMAT,
-                           answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)))
+        return DatasetInfo(
+            spec=dataset.spec,
+            n_items=len(dataset.items),
+            subjects=dataset.subjects,
+            source=dataset.source,
+            content_hash=dataset.content_hash(),
+            prompt_format=LOGLIK_FORMAT,
+            answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)),
+        )
     if corpus_job.kind == "prompts":
-        return DatasetInfo(spec=dataset.spec, kind="prompts", n_items=len(dataset.chats), subjects=[], source=dataset.source,
-                           content_hash=dataset.content_hash(), answer_continuations=[],
-                           prompt_format=f"each chat through the chat template (--chat {corpus_job.chat}), answered greedily by the reference "
-                                         f"(at most {corpus_job.max_new_tokens} tokens); every model scored on the answer's tokens")
+        return DatasetInfo(
+            spec=dataset.spec,
+            kind="prompts",
+            n_items=len(dataset.chats),
+            subjects=[],
+            source=dataset.source,
+            content_hash=dataset.content_hash(),
+            answer_continuations=[],
+            prompt_format=f"each chat through the chat template (--chat {corpus_job.chat}), answered greedily by the reference "
+            f"(at most {corpus_job.max_new_tokens} tokens); every model scored on the answer's tokens",
+        )
     windows = len(folder.read_reference_tokens()) if folder.reference_tokens_exist() else 0
-    return DatasetInfo(spec=dataset.spec, kind="text", n_items=windows, subjects=[], source=dataset.source, content_hash=dataset.content_hash(),
-                       prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, the second half of each scored "
-                                     "(llama-perplexity)", answer_continuations=[], context=corpus_job.context)
+    return DatasetInfo(
+        spec=dataset.spec,
+        kind="text",
+        n_items=windows,
+        subjects=[],
+        source=dataset.source,
+        content_hash=dataset.content_hash(),
+        prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, the second half of each scored "
+        "(llama-perplexity)",
+        answer_continuations=[],
+        context=corpus_job.context,
+    )
 
 
 def _cost_settings(device: str, overrides: dict[str, object], threads: int) -> dict[str, object]:
@@ -321,7 +434,9 @@ def _require_chat_template(path: Path, trust_remote_code: bool) -> None:
     from quantcheck.models.loading import load_tokenizer
 
     if not getattr(load_tokenizer(str(path), trust_remote_code), "chat_template", None):
-        raise QuantcheckError(f"--chat on was asked for but {path.name} has no chat template: use --chat auto (plain prompts) or off")
+        raise QuantcheckError(
+            f"--chat on was asked for but {path.name} has no chat template: use --chat auto (plain prompts) or off"
+        )
 
 
 def _default_threads() -> int:

@@ -43,7 +43,10 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
     emit("phase", phase="load", model=spec.name)
     start = time.perf_counter()
     backend.load()
-    write_json_atomic(folder.model_file(spec.folder, "engine.json"), _engine_info(backend, folder.model_file(spec.folder, "engine.json")))
+    write_json_atomic(
+        folder.model_file(spec.folder, "engine.json"),
+        _engine_info(backend, folder.model_file(spec.folder, "engine.json")),
+    )
     emit("loaded", seconds=time.perf_counter() - start)
     if job.corpus is not None:
         run_corpus(job, folder, backend)
@@ -57,18 +60,30 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
             folder.write_reference_tokens(encoded.prompt_ids)
             compare_tokens = True
             if mismatch := backend.tokenizer_mismatch([loglik_prompt(item) for item in items], encoded.prompt_ids):
-                emit("warning", code="tokenizer-mismatch", message=f"{mismatch}: the served reference reads the ids as another tokenizer would")
+                emit(
+                    "warning",
+                    code="tokenizer-mismatch",
+                    message=f"{mismatch}: the served reference reads the ids as another tokenizer would",
+                )
         else:
             compare_tokens = folder.read_reference_tokens() == encoded.prompt_ids
             mismatch = None if compare_tokens else f"{spec.name} tokenizes the prompts differently from the reference"
-            if compare_tokens and (mismatch := backend.tokenizer_mismatch([loglik_prompt(item) for item in items], encoded.prompt_ids)):
+            if compare_tokens and (
+                mismatch := backend.tokenizer_mismatch([loglik_prompt(item) for item in items], encoded.prompt_ids)
+            ):
                 compare_tokens = False
             if not compare_tokens:
-                emit("warning", code="tokenizer-mismatch", message=f"{mismatch}: KL, Jaccard and top-1 agreement are not computed; accuracy is")
+                emit(
+                    "warning",
+                    code="tokenizer-mismatch",
+                    message=f"{mismatch}: KL, Jaccard and top-1 agreement are not computed; accuracy is",
+                )
         if backend.tokenizer_verified is not None:
             if backend.tokenizer_note:
                 emit("warning", code="tokenizer-unverified", message=backend.tokenizer_note)
-            write_json_atomic(folder.model_file(spec.folder, "engine.json"), backend.describe())  # with what the check found
+            write_json_atomic(
+                folder.model_file(spec.folder, "engine.json"), backend.describe()
+            )  # with what the check found
         path = folder.model_file(spec.folder, "quality.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
         if spec.is_reference and reference.create(len(items), backend.vocab_width, backend.top_logprobs) and done:
@@ -76,27 +91,57 @@ def run_quality(job: JobSpec, folder: RunFolder) -> None:
             path.unlink()
             done = set()
         score_items(
-            backend.next_token_logprobs, spec.name, items, encoded, batch_size=job.batch_size, reference=reference,
-            is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=_phase_sink(path, "loglik", len(items), _finished(items, done)),
+            backend.next_token_logprobs,
+            spec.name,
+            items,
+            encoded,
+            batch_size=job.batch_size,
+            reference=reference,
+            is_reference=spec.is_reference,
+            compare_tokens=compare_tokens,
+            done=done,
+            on_batch=_phase_sink(path, "loglik", len(items), _finished(items, done)),
             top_logprobs=backend.top_logprobs,
         )
 
     if job.generation is not None:
         options = job.generation
-        settings = resolve_settings(tokenizer, options.chat, options.temperature, options.greedy, options.max_new_tokens, job.seed,
-                                    stop_token_ids(tokenizer, spec.tokenizer or spec.weights))
+        settings = resolve_settings(
+            tokenizer,
+            options.chat,
+            options.temperature,
+            options.greedy,
+            options.max_new_tokens,
+            job.seed,
+            stop_token_ids(tokenizer, spec.tokenizer or spec.weights),
+        )
         write_json_atomic(folder.model_file(spec.folder, "generation-settings.json"), settings)
         path = folder.model_file(spec.folder, "generation.jsonl")
         done = set(read_latest_by_id(path, ItemRecord))
         prompts = encode_generation_prompts(tokenizer, items, settings)
-        generate_answers(backend.generate, tokenizer, spec.name, items, prompts, settings, batch_size=options.batch_size,
-                         done=done, on_batch=_phase_sink(path, "generation", len(items), _finished(items, done)))
+        generate_answers(
+            backend.generate,
+            tokenizer,
+            spec.name,
+            items,
+            prompts,
+            settings,
+            batch_size=options.batch_size,
+            done=done,
+            on_batch=_phase_sink(path, "generation", len(items), _finished(items, done)),
+        )
 
     if job.engine_floor:
         from quantcheck.scoring.engine_floor import floor_batch, question_floor
 
-        _engine_floor(job, folder, backend,
-                      lambda: question_floor(backend.next_token_logprobs, encoded.prompt_ids, spec.name, floor_batch(job.batch_size)))
+        _engine_floor(
+            job,
+            folder,
+            backend,
+            lambda: question_floor(
+                backend.next_token_logprobs, encoded.prompt_ids, spec.name, floor_batch(job.batch_size)
+            ),
+        )
 
 
 def _engine_info(backend, stored: Path):
@@ -108,8 +153,14 @@ def _engine_info(backend, stored: Path):
     if engine.tokenizer_verified is None and stored.exists():
         earlier = EngineInfo.model_validate_json(stored.read_text())
         if earlier.tokenizer_verified is not None:
-            check = {"tokenizer_check": earlier.parallel["tokenizer_check"]} if "tokenizer_check" in earlier.parallel else {}
-            engine = engine.model_copy(update={"tokenizer_verified": earlier.tokenizer_verified, "parallel": {**engine.parallel, **check}})
+            check = (
+                {"tokenizer_check": earlier.parallel["tokenizer_check"]}
+                if "tokenizer_check" in earlier.parallel
+                else {}
+            )
+            engine = engine.model_copy(
+                update={"tokenizer_verified": earlier.tokenizer_verified, "parallel": {**engine.parallel, **check}}
+            )
     return engine
 
 
@@ -125,12 +176,20 @@ def _engine_floor(job: JobSpec, folder: RunFolder, backend, measure: Callable[[]
     if reason is None:
         try:
             floor = measure()
-        except (RuntimeError, MemoryError, ValueError) as error:  # out of memory at the batched plan, an engine's refusal
+        except (
+            RuntimeError,
+            MemoryError,
+            ValueError,
+        ) as error:  # out of memory at the batched plan, an engine's refusal
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if floor is None:
         reason = reason or "no sequence has a token to score"
         write_text_atomic(folder.engine_floor_skip_file(spec.folder), reason + "\n")
-        emit("warning", code="engine-floor", message=f"{spec.name}: its engine's numeric floor was not measured ({reason})")
+        emit(
+            "warning",
+            code="engine-floor",
+            message=f"{spec.name}: its engine's numeric floor was not measured ({reason})",
+        )
         return
     write_json_atomic(folder.engine_floor_file(spec.folder), floor)
 
@@ -152,15 +211,24 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
     compare_tokens = True
     if spec.is_reference:
         folder.write_reference_tokens(sequences)
-        texts = [[backend.tokenizer.decode([token]) for token in sequence[first + 1 :]] for sequence, first in zip(sequences, firsts)]
+        texts = [
+            [backend.tokenizer.decode([token]) for token in sequence[first + 1 :]]
+            for sequence, first in zip(sequences, firsts)
+        ]
         folder.write_scored_spans(firsts, texts)
     elif folder.read_reference_tokens() != sequences:
         if job.corpus.kind == "prompts":
-            raise QuantcheckError(f"{spec.name} tokenizes the prompts differently from the reference: the reference's answer tokens "
-                                  "cannot be replayed through it (compare it on a text corpus or on questions instead)")
+            raise QuantcheckError(
+                f"{spec.name} tokenizes the prompts differently from the reference: the reference's answer tokens "
+                "cannot be replayed through it (compare it on a text corpus or on questions instead)"
+            )
         compare_tokens = False
-        emit("warning", code="tokenizer-mismatch", message=f"{spec.name} tokenizes the {job.corpus.kind} differently from the reference: "
-                                                            "KL, top-1 agreement and delta-p are not computed; its perplexity is")
+        emit(
+            "warning",
+            code="tokenizer-mismatch",
+            message=f"{spec.name} tokenizes the {job.corpus.kind} differently from the reference: "
+            "KL, top-1 agreement and delta-p are not computed; its perplexity is",
+        )
     path = folder.model_file(spec.folder, "corpus.jsonl")
     done = set(read_latest_by_id(path, WindowRecord, key="window"))
     rows = scored_count(sequences, firsts)
@@ -170,12 +238,25 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
     elif not spec.is_reference:
         reference.check(rows, backend.vocab_width)
     keep = _phase_sink(path, job.corpus.kind, len(sequences), len(done & set(range(len(sequences)))))
-    score_windows(backend.window_logprobs, spec.name, sequences, firsts, batch_size=job.batch_size, reference=reference,
-                  is_reference=spec.is_reference, compare_tokens=compare_tokens, done=done, on_batch=keep, top_logprobs=backend.top_logprobs)
+    score_windows(
+        backend.window_logprobs,
+        spec.name,
+        sequences,
+        firsts,
+        batch_size=job.batch_size,
+        reference=reference,
+        is_reference=spec.is_reference,
+        compare_tokens=compare_tokens,
+        done=done,
+        on_batch=keep,
+        top_logprobs=backend.top_logprobs,
+    )
     if job.engine_floor:
         from quantcheck.scoring.engine_floor import sequence_floor
 
-        _engine_floor(job, folder, backend, lambda: sequence_floor(backend.window_logprobs, sequences, firsts, spec.name))
+        _engine_floor(
+            job, folder, backend, lambda: sequence_floor(backend.window_logprobs, sequences, firsts, spec.name)
+        )
 
 
 def _text_windows(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:
@@ -203,8 +284,15 @@ def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[li
 
     spec, options = job.model, job.corpus
     tokenizer = backend.tokenizer
-    settings = resolve_settings(tokenizer, options.chat, 0.0, True, options.max_new_tokens, job.seed,
-                                stop_token_ids(tokenizer, spec.tokenizer or spec.weights))
+    settings = resolve_settings(
+        tokenizer,
+        options.chat,
+        0.0,
+        True,
+        options.max_new_tokens,
+        job.seed,
+        stop_token_ids(tokenizer, spec.tokenizer or spec.weights),
+    )
     prompt_ids = encode_chats(tokenizer, folder.read_prompts()[1], settings)
     answers_file = folder.reference_dir / "answers.json"
     if spec.is_reference and not answers_file.exists():
@@ -212,7 +300,9 @@ def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[li
         answers = []
         for start in range(0, len(prompt_ids), job.batch_size):
             batch = prompt_ids[start : start + job.batch_size]
-            answers += backend.generate(batch, settings, [settings.seed + start + offset for offset in range(len(batch))])
+            answers += backend.generate(
+                batch, settings, [settings.seed + start + offset for offset in range(len(batch))]
+            )
             emit("advance", phase="answers", count=len(batch))
         write_json_atomic(answers_file, {"settings": settings.model_dump(), "answers": answers})
     answers = json.loads(answers_file.read_text())["answers"]
@@ -262,7 +352,11 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # recorded for this model; the run goes on with the others
         traceback.print_exc(file=sys.stderr)
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        kind = "out of memory" if "out of memory" in first_line.lower() or isinstance(error, MemoryError) else type(error).__name__
+        kind = (
+            "out of memory"
+            if "out of memory" in first_line.lower() or isinstance(error, MemoryError)
+            else type(error).__name__
+        )
         write_json_atomic(error_file, {"message": f"{kind}: {first_line}"})
         return 1
 

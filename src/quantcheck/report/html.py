@@ -127,7 +127,9 @@ def item_table(data: RunData, max_rows: int = MAX_ITEM_ROWS) -> ItemTable | None
                 item_id=item_id,
                 subject=ds.subject if ds else "",
                 question=ds.question if ds else "",
-                choices=[(LETTERS[i] if i < len(LETTERS) else str(i + 1), c) for i, c in enumerate(ds.choices)] if ds else [],
+                choices=[(LETTERS[i] if i < len(LETTERS) else str(i + 1), c) for i, c in enumerate(ds.choices)]
+                if ds
+                else [],
                 answer=(ds.answer if ds and ds.answer else any_rec.answer),
                 reference=_cell(ref_name, ref_rec, False) if ref_rec is not None else None,
                 variants=[_cell(v, recs.get(v), v in differs) for v in variants],

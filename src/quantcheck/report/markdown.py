@@ -115,7 +115,12 @@ def render_markdown(
         out += md_table(table.SERVING_COLUMNS, serving) + [""]
     gen = table.generation_rows(r)
     if gen:
-        out += ["### Generation speed", "", "End-to-end words per minute include prefill and batching and depend on answer length; decode-only words per minute come from the cost phase's fixed-length decode rate.", ""]
+        out += [
+            "### Generation speed",
+            "",
+            "End-to-end words per minute include prefill and batching and depend on answer length; decode-only words per minute come from the cost phase's fixed-length decode rate.",
+            "",
+        ]
         out += md_table(table.GENERATION_COLUMNS, gen) + [""]
 
     if figures:
@@ -144,9 +149,17 @@ def render_markdown(
     out += ["## Environment", ""]
     out += md_table(["Setting", "Value"], [[k, v] for k, v in environment_rows(data)])
     if data.is_text:
-        out += ["", "_Full report: `report.html` in the run folder; raw numbers: `metrics.csv`; per-token records: `models/<model>/corpus.jsonl`._", ""]
+        out += [
+            "",
+            "_Full report: `report.html` in the run folder; raw numbers: `metrics.csv`; per-token records: `models/<model>/corpus.jsonl`._",
+            "",
+        ]
     else:
-        out += ["", "_Full report with per-item answers: `report.html` in the run folder; raw numbers: `metrics.csv`._", ""]
+        out += [
+            "",
+            "_Full report with per-item answers: `report.html` in the run folder; raw numbers: `metrics.csv`._",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -164,7 +177,9 @@ def _corpus_section(data: RunData) -> list[str]:
     if worst:
         out += ["### Where the variants depart most", ""]
         out += md_table(table.worst_columns(r), [])
-        out += [f"| {' | '.join(md_cell(c) for c in [w.variant, w.name, *w.cells])} | {_md_snippet(w)} |" for w in worst] + [""]
+        out += [
+            f"| {' | '.join(md_cell(c) for c in [w.variant, w.name, *w.cells])} | {_md_snippet(w)} |" for w in worst
+        ] + [""]
         out += [f"- {md_text(note)}." for note in table.worst_notes(r)] + [""]
     return out
 

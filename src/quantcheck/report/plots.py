@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -106,6 +106,7 @@ def _styled(fn: Callable[..., Path | None]) -> Callable[..., Path | None]:
 
 # ------------------------------------------------------------------------- (1) memory & latency
 
+
 @_styled
 def plot_cost(results: Results, out_dir: Path, colors: dict[str, str]) -> Path | None:
     """Peak memory and median forward latency vs batch size, one line per model, OOM marked X."""
@@ -135,8 +136,14 @@ def plot_cost(results: Results, out_dir: Path, colors: dict[str, str]) -> Path |
             lo = np.array([(p.p10_s if p.p10_s is not None else p.median_s) * 1000 for p in lat])
             hi = np.array([(p.p90_s if p.p90_s is not None else p.median_s) * 1000 for p in lat])
             ax_lat.errorbar(
-                x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], marker="o",
-                color=color, label=m.name, lw=2, capsize=3,
+                x,
+                y,
+                yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)],
+                marker="o",
+                color=color,
+                label=m.name,
+                lw=2,
+                capsize=3,
             )
             noisy = [(p.batch_size, p.median_s * 1000) for p in lat if p.noisy]
             if noisy:
@@ -161,11 +168,28 @@ def plot_cost(results: Results, out_dir: Path, colors: dict[str, str]) -> Path |
             row = rows.setdefault(name, len(rows))
             y = 0.95 - 0.085 * row
             color = colors.get(name, REFERENCE_COLOR)
-            ax.scatter([batch], [y], marker="X" if kind == "OOM" else "x", s=110, color=color,
-                       transform=ax.get_xaxis_transform(), zorder=5, clip_on=False, linewidths=1.5)
-            ax.annotate(f"{kind}: {name}", (batch, y), xycoords=ax.get_xaxis_transform(),
-                        xytext=(-8, 0), textcoords="offset points", ha="right", va="center",
-                        fontsize=8.5, color=color)
+            ax.scatter(
+                [batch],
+                [y],
+                marker="X" if kind == "OOM" else "x",
+                s=110,
+                color=color,
+                transform=ax.get_xaxis_transform(),
+                zorder=5,
+                clip_on=False,
+                linewidths=1.5,
+            )
+            ax.annotate(
+                f"{kind}: {name}",
+                (batch, y),
+                xycoords=ax.get_xaxis_transform(),
+                xytext=(-8, 0),
+                textcoords="offset points",
+                ha="right",
+                va="center",
+                fontsize=8.5,
+                color=color,
+            )
     ax_mem.set_ylabel("peak memory (GiB)")
     ax_mem.set_title("Peak memory vs batch size")
     ax_lat.set_ylabel("median forward latency (ms), p10\u2013p90 bars")
@@ -187,6 +211,7 @@ def plot_cost(results: Results, out_dir: Path, colors: dict[str, str]) -> Path |
 
 
 # ------------------------------------------------------------------------------- (2) Jaccard@k
+
 
 @_styled
 def plot_jaccard(results: Results, out_dir: Path, colors: dict[str, str]) -> Path | None:
@@ -228,6 +253,7 @@ def plot_jaccard(results: Results, out_dir: Path, colors: dict[str, str]) -> Pat
 
 # ------------------------------------------------------------------------------------ (3) KL
 
+
 @_styled
 def plot_kl(results: Results, items: list[ItemRecord], out_dir: Path, colors: dict[str, str]) -> Path | None:
     """Distribution of per-item KL(reference || variant) per variant, log scale."""
@@ -251,8 +277,15 @@ def plot_kl(results: Results, items: list[ItemRecord], out_dir: Path, colors: di
     height = 1.9 + 0.8 * len(order)
     fig, (ax,) = _new_figure(9.0, height)
     positions = np.arange(1, len(order) + 1)
-    bp = ax.boxplot(data, positions=positions, widths=0.55, showfliers=False, patch_artist=True,
-                    medianprops={"color": "black", "lw": 1.5}, **_HORIZONTAL)
+    bp = ax.boxplot(
+        data,
+        positions=positions,
+        widths=0.55,
+        showfliers=False,
+        patch_artist=True,
+        medianprops={"color": "black", "lw": 1.5},
+        **_HORIZONTAL,
+    )
     rng = np.random.default_rng(0)
     for i, (name, values) in enumerate(zip(order, data)):
         color = colors.get(name, "C0")
@@ -260,16 +293,37 @@ def plot_kl(results: Results, items: list[ItemRecord], out_dir: Path, colors: di
         bp["boxes"][i].set_alpha(0.35)
         shown = values if len(values) <= 2000 else rng.choice(values, 2000, replace=False)
         jitter = rng.uniform(-0.18, 0.18, size=len(shown))
-        ax.scatter(shown, positions[i] + jitter, s=20, color=color, alpha=0.7 if len(shown) < 200 else 0.25,
-                   lw=0, zorder=3, rasterized=len(shown) > 500)
-        ax.scatter([values.mean()], [positions[i]], marker="D", s=55, color="white", edgecolors="black",
-                   zorder=4, label="mean" if i == 0 else None)
+        ax.scatter(
+            shown,
+            positions[i] + jitter,
+            s=20,
+            color=color,
+            alpha=0.7 if len(shown) < 200 else 0.25,
+            lw=0,
+            zorder=3,
+            rasterized=len(shown) > 500,
+        )
+        ax.scatter(
+            [values.mean()],
+            [positions[i]],
+            marker="D",
+            s=55,
+            color="white",
+            edgecolors="black",
+            zorder=4,
+            label="mean" if i == 0 else None,
+        )
     ax.set_yticks(positions)
     ax.set_yticklabels([f"{n}\n(n={len(v)})" for n, v in zip(order, data)])
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.axvline(results.thresholds.max_mean_kl, color="#b22222", ls="--", lw=1.2,
-               label=f"max mean KL threshold ({fmt.nats(results.thresholds.max_mean_kl)})")
+    ax.axvline(
+        results.thresholds.max_mean_kl,
+        color="#b22222",
+        ls="--",
+        lw=1.2,
+        label=f"max mean KL threshold ({fmt.nats(results.thresholds.max_mean_kl)})",
+    )
     floor_note = f"; values < {KL_FLOOR:g} drawn at {KL_FLOOR:g}" if floored else ""
     ax.set_xlabel(f"KL(reference \u2016 variant) per item, nats (log scale{floor_note})")
     ax.set_title("Per-item KL divergence from the reference at the answer position")
@@ -280,9 +334,11 @@ def plot_kl(results: Results, items: list[ItemRecord], out_dir: Path, colors: di
 
 # ----------------------------------------------------------------------------- (3b) corpus KL
 
+
 @_styled
-def plot_corpus_kl(results: Results, windows: dict[str, list[WindowRecord]], out_dir: Path,
-                   colors: dict[str, str]) -> Path | None:
+def plot_corpus_kl(
+    results: Results, windows: dict[str, list[WindowRecord]], out_dir: Path, colors: dict[str, str]
+) -> Path | None:
     """Per-token KL(reference || variant) along the text or the answers, sequence after sequence: where a variant
     departs from the reference, which the table's percentiles cannot say. Sequences lie end to end (answers differ
     in length); the legend's mean is the sequences' mean, as the table's Mean KLD (each prompt counts once)."""
@@ -309,14 +365,32 @@ def plot_corpus_kl(results: Results, windows: dict[str, list[WindowRecord]], out
         kl = np.concatenate([np.asarray(r.kl, dtype=float) for r in records])
         floored = floored or bool((kl < KL_FLOOR).any())
         color = colors.get(name, "C0")
-        ax.plot(x, np.maximum(kl, KL_FLOOR), ls="none", marker=".", ms=2.5, color=color, alpha=0.25,
-                rasterized=len(kl) > 2000)
+        ax.plot(
+            x,
+            np.maximum(kl, KL_FLOOR),
+            ls="none",
+            marker=".",
+            ms=2.5,
+            color=color,
+            alpha=0.25,
+            rasterized=len(kl) > 2000,
+        )
         span = min(ROLLING_TOKENS, len(kl))
         rolling = np.convolve(kl, np.ones(span) / span, mode="valid")
-        ax.plot(x[span - 1:] - (span - 1) / 2, np.maximum(rolling, KL_FLOOR), color=color, lw=1.8,
-                label=f"{name} (mean {fmt.nats(float(np.mean([np.mean(r.kl) for r in records])))})")
-    ax.axhline(results.thresholds.max_mean_kl, color="#b22222", ls="--", lw=1.2,
-               label=f"max mean KL threshold ({fmt.nats(results.thresholds.max_mean_kl)})")
+        ax.plot(
+            x[span - 1 :] - (span - 1) / 2,
+            np.maximum(rolling, KL_FLOOR),
+            color=color,
+            lw=1.8,
+            label=f"{name} (mean {fmt.nats(float(np.mean([np.mean(r.kl) for r in records])))})",
+        )
+    ax.axhline(
+        results.thresholds.max_mean_kl,
+        color="#b22222",
+        ls="--",
+        lw=1.2,
+        label=f"max mean KL threshold ({fmt.nats(results.thresholds.max_mean_kl)})",
+    )
     ax.set_yscale("log")
     ax.set_xlim(0, total)
     unit = wording.unit
@@ -333,12 +407,15 @@ def plot_corpus_kl(results: Results, windows: dict[str, list[WindowRecord]], out
 def corpus_kl_caption(results: Results) -> str:
     """The caption names the run's own sequences: a text's windows or the answers to users' prompts."""
     wording = corpus_wording(results)
-    return (f"KL(reference \u2016 variant) at every scored token {wording.along}, {wording.unit} by {wording.unit} "
-            f"(light points), with its mean over {ROLLING_TOKENS} consecutive tokens (line); faint vertical lines separate "
-            f"the {wording.units}. Log scale: a KL below {KL_FLOOR:g} (an identical prediction) is drawn at {KL_FLOOR:g}.")
+    return (
+        f"KL(reference \u2016 variant) at every scored token {wording.along}, {wording.unit} by {wording.unit} "
+        f"(light points), with its mean over {ROLLING_TOKENS} consecutive tokens (line); faint vertical lines separate "
+        f"the {wording.units}. Log scale: a KL below {KL_FLOOR:g} (an identical prediction) is drawn at {KL_FLOOR:g}."
+    )
 
 
 # ------------------------------------------------------------------------ (4) accuracy & speed
+
 
 @_styled
 def plot_accuracy(results: Results, out_dir: Path, colors: dict[str, str], n_choices: int | None = None) -> Path | None:
@@ -353,34 +430,62 @@ def plot_accuracy(results: Results, out_dir: Path, colors: dict[str, str], n_cho
     all_vals: list[float] = []
     for x, m in zip(xs, models):
         color = colors.get(m.name, "C0")
-        for method, acc in (("log-likelihood", m.loglik), ("generative", m.generative.accuracy if m.generative else None)):
+        for method, acc in (
+            ("log-likelihood", m.loglik),
+            ("generative", m.generative.accuracy if m.generative else None),
+        ):
             if acc is None:
                 continue
             marker, dx = method_style[method]
             y = acc.accuracy * 100
             lo, hi = acc.ci.low * 100, acc.ci.high * 100
-            ax.errorbar([x + dx], [y], yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], marker=marker, ms=8,
-                        color=color, capsize=4, lw=2, mfc=color if method == "log-likelihood" else "white", mew=2)
+            ax.errorbar(
+                [x + dx],
+                [y],
+                yerr=[[max(y - lo, 0)], [max(hi - y, 0)]],
+                marker=marker,
+                ms=8,
+                color=color,
+                capsize=4,
+                lw=2,
+                mfc=color if method == "log-likelihood" else "white",
+                mew=2,
+            )
             all_vals.extend([lo, hi])
     if n_choices and n_choices > 1:
         chance = 100 / n_choices
         ax.axhline(chance, color="gray", ls=":", lw=1.2)
-        ax.annotate(f"chance ({chance:.0f}%)", (1.0, chance), xycoords=("axes fraction", "data"),
-                    xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8.5, color="gray")
+        ax.annotate(
+            f"chance ({chance:.0f}%)",
+            (1.0, chance),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, 3),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8.5,
+            color="gray",
+        )
         all_vals.append(chance)
     lo_lim = max(0.0, min(all_vals) - 8)
     hi_lim = min(100.0, max(all_vals) + 8)
     ax.set_ylim(lo_lim, hi_lim)
     ax.set_xticks(xs)
-    ax.set_xticklabels([m.name for m in models], rotation=20 if len(models) > 4 else 0, ha="right" if len(models) > 4 else "center")
+    ax.set_xticklabels(
+        [m.name for m in models], rotation=20 if len(models) > 4 else 0, ha="right" if len(models) > 4 else "center"
+    )
     ax.set_xlim(-0.6, len(models) - 0.4)
     ax.set_ylabel("accuracy (%), 95% interval")
     ax.set_title("Multiple-choice accuracy per model")
     ax.grid(axis="x", visible=False)
     ax.legend(
-        [Line2D([], [], marker="o", color="gray", ls="none", ms=8),
-         Line2D([], [], marker="s", color="gray", mfc="white", mew=2, ls="none", ms=8)],
-        ["log-likelihood scoring", "generative (parsed answer)"], loc="lower left", frameon=True, framealpha=0.9,
+        [
+            Line2D([], [], marker="o", color="gray", ls="none", ms=8),
+            Line2D([], [], marker="s", color="gray", mfc="white", mew=2, ls="none", ms=8),
+        ],
+        ["log-likelihood scoring", "generative (parsed answer)"],
+        loc="lower left",
+        frameon=True,
+        framealpha=0.9,
     )
 
     gen_models = [m for m in models if m.generative is not None]
@@ -389,17 +494,33 @@ def plot_accuracy(results: Results, out_dir: Path, colors: dict[str, str], n_cho
         wpm = [m.generative.words_per_minute for m in gen_models]
         bars = ax_wpm.bar(gx, wpm, color=[colors.get(m.name, "C0") for m in gen_models], width=0.6, alpha=0.85)
         for bar, m in zip(bars, gen_models):
-            ax_wpm.annotate(f"{m.generative.words_per_minute:.0f} wpm\n{m.generative.mean_output_words:.1f} words avg",
-                            (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 3),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=8.5)
+            ax_wpm.annotate(
+                f"{m.generative.words_per_minute:.0f} wpm\n{m.generative.mean_output_words:.1f} words avg",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8.5,
+            )
         ax_wpm.set_ylim(0, max(wpm) * 1.3 if max(wpm) > 0 else 1)
         ax_wpm.set_xticks(gx)
-        ax_wpm.set_xticklabels([m.name for m in gen_models], rotation=20 if len(gen_models) > 4 else 0,
-                               ha="right" if len(gen_models) > 4 else "center")
+        ax_wpm.set_xticklabels(
+            [m.name for m in gen_models],
+            rotation=20 if len(gen_models) > 4 else 0,
+            ha="right" if len(gen_models) > 4 else "center",
+        )
         ax_wpm.grid(axis="x", visible=False)
     else:
-        ax_wpm.text(0.5, 0.5, "generative scoring not measured", ha="center", va="center",
-                    transform=ax_wpm.transAxes, color="gray")
+        ax_wpm.text(
+            0.5,
+            0.5,
+            "generative scoring not measured",
+            ha="center",
+            va="center",
+            transform=ax_wpm.transAxes,
+            color="gray",
+        )
         ax_wpm.set_xticks([])
     ax_wpm.set_ylabel("words per minute (generation)")
     ax_wpm.set_title("Generation speed (confounded by answer length)")
@@ -450,7 +571,10 @@ def tradeoff_figure(results: Results, colors: dict[str, str]) -> Figure | None:
     labels: list[tuple[str, float, float, str]] = []
     for m in pts:
         color = colors.get(m.name, "C0")
-        style = {"ms": 10, **DECISION_MARKERS.get(m.verdict.decision if m.verdict else "", {"marker": "o", "mfc": "gray"})}
+        style = {
+            "ms": 10,
+            **DECISION_MARKERS.get(m.verdict.decision if m.verdict else "", {"marker": "o", "mfc": "gray"}),
+        }
         x = m.cost_vs_reference.memory_saving * 100
         if use_accuracy:
             pl = m.paired_loglik
@@ -484,14 +608,30 @@ def tradeoff_figure(results: Results, colors: dict[str, str]) -> Figure | None:
     ax.set_ylim(y_lo, y_hi)
     for text, x, y, color in labels:  # labels grow towards the middle, so they stay inside the axes
         right = x > (x_lo + x_hi) / 2
-        ax.annotate(text, (x, y), xytext=(-9 if right else 9, 7), textcoords="offset points", fontsize=9.5,
-                    color=color, fontweight="bold", ha="right" if right else "left")
+        ax.annotate(
+            text,
+            (x, y),
+            xytext=(-9 if right else 9, 7),
+            textcoords="offset points",
+            fontsize=9.5,
+            color=color,
+            fontweight="bold",
+            ha="right" if right else "left",
+        )
     ax.axvline(x_thr, color="#2e7d32", ls="--", lw=1.1)
     ax.axhline(y_thr, color="#2e7d32", ls="--", lw=1.1)
     ax.fill_between([x_thr, x_hi], [y_lo, y_lo], [y_thr, y_thr], color="#2e7d32", alpha=0.08, lw=0)
     drawn = "accuracy" if use_accuracy else "mean-KL"
-    ax.annotate(f"memory and {drawn} limits only; the marker shows the verdict", (x_hi, y_lo),
-                xytext=(-6, 6), textcoords="offset points", ha="right", va="bottom", fontsize=8.5, color="#2e7d32")
+    ax.annotate(
+        f"memory and {drawn} limits only; the marker shows the verdict",
+        (x_hi, y_lo),
+        xytext=(-6, 6),
+        textcoords="offset points",
+        ha="right",
+        va="bottom",
+        fontsize=8.5,
+        color="#2e7d32",
+    )
     if use_accuracy:
         ax.axhline(0, color="gray", lw=0.8)
     decisions = list(dict.fromkeys(m.verdict.decision for m in pts if m.verdict))
@@ -517,6 +657,7 @@ def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Pa
 
 # ---------------------------------------------------------------------------------- registry
 
+
 @dataclass(frozen=True)
 class FigureSpec:
     key: str
@@ -534,7 +675,9 @@ class FigureSpec:
 
 FIGURES: list[FigureSpec] = [
     FigureSpec(
-        "tradeoff", "tradeoff.png", "Trade-off: memory saved vs quality lost",
+        "tradeoff",
+        "tradeoff.png",
+        "Trade-off: memory saved vs quality lost",
         "Each point is a variant: weight memory saved (x) against accuracy lost on the log-likelihood task "
         "(y, percentage points with 95% interval; mean KL when accuracy was not measured). The marker shows the "
         "verdict (filled: quantize, cross: don't, hollow: inconclusive) and the label names the checks that "
@@ -543,31 +686,42 @@ FIGURES: list[FigureSpec] = [
         "needs cost_vs_reference and paired_loglik (or agreement) for at least one variant",
     ),
     FigureSpec(
-        "corpus_kl", "corpus_kl.png", "KL divergence per scored token", corpus_kl_caption,
+        "corpus_kl",
+        "corpus_kl.png",
+        "KL divergence per scored token",
+        corpus_kl_caption,
         "needs per-token kl values in models/<model>/corpus.jsonl for at least one variant",
         kinds=("text",),
     ),
     FigureSpec(
-        "cost", "cost.png", "Peak memory and forward latency vs batch size",
+        "cost",
+        "cost.png",
+        "Peak memory and forward latency vs batch size",
         "Peak memory and median forward latency (p10\u2013p90 bars; circled points are noisy) per batch size; "
         "an X marks a batch size that ran out of memory.",
         "needs cost.latency points for at least one model",
     ),
     FigureSpec(
-        "accuracy", "accuracy.png", "Accuracy and generation speed",
+        "accuracy",
+        "accuracy.png",
+        "Accuracy and generation speed",
         "Accuracy with 95% Wilson intervals for log-likelihood scoring (filled) and generative scoring (hollow). "
         "Words per minute depends on how long each model's answers are, so mean output words are shown with it.",
         "needs loglik or generative accuracy for at least one model",
         kinds=("questions",),
     ),
     FigureSpec(
-        "jaccard", "jaccard.png", "Next-token agreement: Jaccard@k",
+        "jaccard",
+        "jaccard.png",
+        "Next-token agreement: Jaccard@k",
         "Overlap of the top-k next-token sets of each variant and the reference (1 = identical), "
         "with 95% bootstrap bands.",
         "needs agreement.jaccard for at least one variant",
     ),
     FigureSpec(
-        "kl", "kl.png", "KL divergence per item",
+        "kl",
+        "kl.png",
+        "KL divergence per item",
         "Per-item KL(reference \u2016 variant) over the full vocabulary at the answer position; boxes show quartiles, "
         "diamonds the mean, the dashed line the mean-KL threshold.",
         "needs per-item kl values in items.jsonl",

@@ -43,7 +43,9 @@ def missing_notes(data: RunData, skipped_figures: dict[str, str] | None = None) 
             )
         )
     if not r.finished:
-        notes.append(MissingNote("The run is not finished (results.json says finished: false); numbers may still change."))
+        notes.append(
+            MissingNote("The run is not finished (results.json says finished: false); numbers may still change.")
+        )
     for section in r.missing:
         notes.append(MissingNote(f"Section not computed: {section}"))
     if not r.models:
@@ -52,7 +54,9 @@ def missing_notes(data: RunData, skipped_figures: dict[str, str] | None = None) 
         if m.status == "failed":
             notes.append(MissingNote(f"Model {m.name} failed.", list(m.errors) or ["(no error message recorded)"]))
         elif m.status in ("pending", "partial"):
-            notes.append(MissingNote(f"Model {m.name} is {m.status}: some of its measurements are absent.", list(m.errors)))
+            notes.append(
+                MissingNote(f"Model {m.name} is {m.status}: some of its measurements are absent.", list(m.errors))
+            )
         elif m.errors:
             notes.append(MissingNote(f"Model {m.name} reported errors.", list(m.errors)))
     if r.model is None:
@@ -117,7 +121,12 @@ def environment_rows(data: RunData) -> list[tuple[str, str]]:
     if costs:
         threads = sorted({c.threads for _, c in costs})
         rows.append(
-            ("Threads", ", ".join(str(t) for t in threads) if len(threads) == 1 else "; ".join(f"{n}: {c.threads}" for n, c in costs))
+            (
+                "Threads",
+                ", ".join(str(t) for t in threads)
+                if len(threads) == 1
+                else "; ".join(f"{n}: {c.threads}" for n, c in costs),
+            )
         )
         methods = sorted({c.memory_method for _, c in costs})
         rows.append(("Memory measured with", ", ".join(methods)))

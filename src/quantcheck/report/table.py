@@ -77,7 +77,9 @@ class VerdictRow:
             self.top1,
             self.jaccard,
         ]
-        return [cell for cell, column in zip(cells, VERDICT_COLUMNS) if not (text_run and column in QUESTION_ONLY_COLUMNS)]
+        return [
+            cell for cell, column in zip(cells, VERDICT_COLUMNS) if not (text_run and column in QUESTION_ONLY_COLUMNS)
+        ]
 
 
 def decision_text(m: ModelResult) -> tuple[str, str]:
@@ -199,13 +201,16 @@ def headline(results: Results) -> str:
 
     if by_decision["DON'T QUANTIZE"]:
         return (
-            "To quantize or not: don't \u2014 no variant meets the thresholds; keep serving the reference."
-            + unfinished
+            "To quantize or not: don't \u2014 no variant meets the thresholds; keep serving the reference." + unfinished
         )
 
     if not variants:
         return "To quantize or not: no verdict \u2014 the run has no quantized variant." + unfinished
-    why = f"missing: {', '.join(results.missing)}" if results.missing else f"{len(no_verdict)} variant(s) without a verdict"
+    why = (
+        f"missing: {', '.join(results.missing)}"
+        if results.missing
+        else f"{len(no_verdict)} variant(s) without a verdict"
+    )
     state = "partial" if (results.missing or not results.finished) else "incomplete"
     return f"To quantize or not: no verdict yet \u2014 the run is {state} ({why})."
 
@@ -250,6 +255,7 @@ def accuracy_rows(results: Results) -> list[list[str]]:
 
 # ------------------------------------------------------------------------------ token agreement
 
+
 def agreement_columns(text_run: bool = False) -> list[str]:
     """A text run compares every scored token, a question run one position per question."""
     return [
@@ -284,6 +290,7 @@ def agreement_rows(results: Results) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------------- text corpus
+
 
 def _stat_label(key: str) -> str:
     """llama-perplexity's name of a statistic: "99" -> "99.0%", "median" -> "Median"."""
@@ -336,8 +343,12 @@ def _statistic(m: ModelResult, reference: ModelResult | None, kind: str, key: st
         return reference.corpus.perplexity if reference is not None and reference.corpus is not None else None
     if kind in ("kl", "delta_p"):
         return getattr(corpus, kind).get(key)
-    return {"ppl": corpus.perplexity, "log_ratio": corpus.mean_log_ratio, "ratio": corpus.perplexity_ratio,
-            "same_top1": corpus.same_top1}[kind]
+    return {
+        "ppl": corpus.perplexity,
+        "log_ratio": corpus.mean_log_ratio,
+        "ratio": corpus.perplexity_ratio,
+        "same_top1": corpus.same_top1,
+    }[kind]
 
 
 def corpus_variants(results: Results) -> list[ModelResult]:
@@ -369,7 +380,12 @@ def corpus_wording(results: Results) -> CorpusWording:
     tokens = reference.corpus.tokens if reference is not None and reference.corpus is not None else None
     n = ds.n_items if ds is not None else None
     if ds is not None and ds.kind == "prompts":
-        unit, title, how, along = "prompt", "Your prompts", "the reference's greedy answers scored", "along the reference's answers"
+        unit, title, how, along = (
+            "prompt",
+            "Your prompts",
+            "the reference's greedy answers scored",
+            "along the reference's answers",
+        )
         size = f"{fmt.integer(n)} prompt{'' if n == 1 else 's'}"
     else:
         unit, title, how, along = "window", "Text corpus", "the second half of each scored", "along the text"
@@ -393,9 +409,13 @@ def corpus_rows(results: Results) -> list[list[str]]:
         for m in variants:
             estimate = _statistic(m, reference, kind, key)
             text = _format_statistic(kind, estimate.value if estimate else None, estimate.ci if estimate else None)
-            cells.append(_bound_mark(m.agreement, text) if kind == "kl" and m.agreement is not None and estimate else text)
+            cells.append(
+                _bound_mark(m.agreement, text) if kind == "kl" and m.agreement is not None and estimate else text
+            )
         published = PUBLISHED_LLAMA3_8B.get(label)
-        rows.append([label, *cells, " / ".join(_format_statistic(kind, v, None) for v in published) if published else ""])
+        rows.append(
+            [label, *cells, " / ".join(_format_statistic(kind, v, None) for v in published) if published else ""]
+        )
     return rows
 
 
@@ -409,13 +429,20 @@ def corpus_notes(results: Results) -> list[str]:
         "actual next token, in percent of probability; PPL(base) is the reference's",
     ]
     if w.unit == "prompt":
-        notes.append("Mean KLD averages each prompt's own mean, so every prompt counts once whatever its answer's length; "
-                     "the other statistics pool every scored token")
+        notes.append(
+            "Mean KLD averages each prompt's own mean, so every prompt counts once whatever its answer's length; "
+            "the other statistics pool every scored token"
+        )
     if any(m.agreement is not None and m.agreement.kl.store == "compact" for m in corpus_variants(results)):
-        notes.append("KL per token is estimated from the reference's compact store: its top K exactly, the tail from "
-                     "its stored samples")
-    short = [f"{m.name} ({fmt.integer(m.corpus.windows)})" for m in corpus_variants(results)
-             if results.dataset is not None and m.corpus.windows != results.dataset.n_items]
+        notes.append(
+            "KL per token is estimated from the reference's compact store: its top K exactly, the tail from "
+            "its stored samples"
+        )
+    short = [
+        f"{m.name} ({fmt.integer(m.corpus.windows)})"
+        for m in corpus_variants(results)
+        if results.dataset is not None and m.corpus.windows != results.dataset.n_items
+    ]
     if short:
         notes.append(f"Scored on fewer {w.units} than the run holds: " + ", ".join(short))
     notes.append(PUBLISHED_NOTE)
@@ -452,14 +479,34 @@ def worst_estimated(results: Results) -> bool:
 
 def worst_columns(results: Results) -> list[str]:
     if worst_estimated(results):
-        return ["Variant", corpus_wording(results).unit.capitalize(), "Scored tokens", "Mean KL (estimated ± s.e.)",
-                "Top-1 agreement", "Worst token's KL (estimated ± s.e., bounds)", "Text around the worst token"]
-    return ["Variant", corpus_wording(results).unit.capitalize(), "Scored tokens", "Mean KL", "Top-1 agreement",
-            "Worst token's KL", "Text around the worst token"]
+        return [
+            "Variant",
+            corpus_wording(results).unit.capitalize(),
+            "Scored tokens",
+            "Mean KL (estimated ± s.e.)",
+            "Top-1 agreement",
+            "Worst token's KL (estimated ± s.e., bounds)",
+            "Text around the worst token",
+        ]
+    return [
+        "Variant",
+        corpus_wording(results).unit.capitalize(),
+        "Scored tokens",
+        "Mean KL",
+        "Top-1 agreement",
+        "Worst token's KL",
+        "Text around the worst token",
+    ]
 
 
-def _estimated_nats(value: float, se: float | None, estimated: bool, lower: float | None = None, upper: float | None = None,
-                    bounded: bool = False) -> str:
+def _estimated_nats(
+    value: float,
+    se: float | None,
+    estimated: bool,
+    lower: float | None = None,
+    upper: float | None = None,
+    bounded: bool = False,
+) -> str:
     """An estimated KL with its standard error, and its certain bounds where given: "0.0123 ± 0.0010 [0.0101, 0.812]"."""
     if not estimated:
         return fmt.nats(value)
@@ -480,27 +527,49 @@ def worst_rows(results: Results) -> list[WorstRow]:
             core = token.strip(" ") or BLANK_TOKEN
             lead = " " if token.startswith(" ") else ""
             trail = " " if token.endswith(" ") and core != BLANK_TOKEN else ""
-            rows.append(WorstRow(
-                variant=m.name, name=span.name,
-                cells=[fmt.integer(span.tokens), _estimated_nats(span.mean_kl, span.mean_kl_se, estimated), fmt.percent(span.top1_agreement),
-                       _estimated_nats(span.worst_kl, span.worst_kl_se, estimated, span.worst_kl_lower, span.worst_kl_upper, bounded=True)],
-                before=_SPACES.sub(" ", visible(span.before) + lead), token=core, after=_SPACES.sub(" ", trail + visible(span.after)),
-            ))
+            rows.append(
+                WorstRow(
+                    variant=m.name,
+                    name=span.name,
+                    cells=[
+                        fmt.integer(span.tokens),
+                        _estimated_nats(span.mean_kl, span.mean_kl_se, estimated),
+                        fmt.percent(span.top1_agreement),
+                        _estimated_nats(
+                            span.worst_kl,
+                            span.worst_kl_se,
+                            estimated,
+                            span.worst_kl_lower,
+                            span.worst_kl_upper,
+                            bounded=True,
+                        ),
+                    ],
+                    before=_SPACES.sub(" ", visible(span.before) + lead),
+                    token=core,
+                    after=_SPACES.sub(" ", trail + visible(span.after)),
+                )
+            )
     return rows
 
 
 def worst_notes(results: Results) -> list[str]:
     """How to read the worst-spans table, and which variants it leaves out for never departing."""
     w = corpus_wording(results)
-    notes = [f"For each variant, the {w.units} with the highest mean KL (highest first), each with the text around its "
-             "highest-KL token (marked); \u23ce is a line break"]
+    notes = [
+        f"For each variant, the {w.units} with the highest mean KL (highest first), each with the text around its "
+        "highest-KL token (marked); \u23ce is a line break"
+    ]
     if worst_estimated(results):
-        notes.append("KL here is estimated from the reference's compact store (its top K exactly, the tail from its stored "
-                     "samples), so the values and the order are estimates: ± is each estimate's standard error, and "
-                     f"{w.units} within a few of them of each other may rank either way; brackets are the worst token's certain "
-                     "bounds. A damaged tail token that the sample missed is seen only by the bounds; "
-                     "--store full gives exact values and an exact ranking")
-    still = [m.name for m in corpus_variants(results) if m.corpus.worst and all(s.worst_kl <= 0 for s in m.corpus.worst)]
+        notes.append(
+            "KL here is estimated from the reference's compact store (its top K exactly, the tail from its stored "
+            "samples), so the values and the order are estimates: ± is each estimate's standard error, and "
+            f"{w.units} within a few of them of each other may rank either way; brackets are the worst token's certain "
+            "bounds. A damaged tail token that the sample missed is seen only by the bounds; "
+            "--store full gives exact values and an exact ranking"
+        )
+    still = [
+        m.name for m in corpus_variants(results) if m.corpus.worst and all(s.worst_kl <= 0 for s in m.corpus.worst)
+    ]
     if still:
         notes.append(f"Not listed, KL 0 at every scored token: {', '.join(still)}")
     return notes
@@ -516,39 +585,56 @@ def floor_rows(results: Results) -> list[list[str]]:
     rows = []
     for model in results.models:
         if (numeric := model.engine_floor) is not None:
-            rows.append([
-                f"numeric (batching): {model.name}", f"{fmt.integer(numeric.n)} scored {numeric.batch_size} at a time and again one at a time",
-                f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, top-1 {fmt.percent(numeric.top1_agreement)}",
-                "its mean KL and top-1 agreement (unclear where the noisier of its and the reference's floor reaches a quarter "
-                "of the KL limit)" if model.role != "reference" else "every variant's mean KL and top-1 agreement",
-            ])
+            rows.append(
+                [
+                    f"numeric (batching): {model.name}",
+                    f"{fmt.integer(numeric.n)} scored {numeric.batch_size} at a time and again one at a time",
+                    f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, top-1 {fmt.percent(numeric.top1_agreement)}",
+                    "its mean KL and top-1 agreement (unclear where the noisier of its and the reference's floor reaches a quarter "
+                    "of the KL limit)"
+                    if model.role != "reference"
+                    else "every variant's mean KL and top-1 agreement",
+                ]
+            )
     reference = reference_model(results)
     if reference is not None and reference.cost is not None and reference.cost.rounds > 1:
-        clean = {p.batch_size: undisturbed_rounds(p.round_medians_s, p.round_disturbed, p.disturbed) for p in reference.cost.latency}
+        clean = {
+            p.batch_size: undisturbed_rounds(p.round_medians_s, p.round_disturbed, p.disturbed)
+            for p in reference.cost.latency
+        }
         spreads = {size: max(medians) / min(medians) for size, medians in clean.items() if len(medians) > 1}
         if spreads:
-            rows.append([
-                "timing (drift)", f"reference's cost measured {reference.cost.rounds} times, in turn with the variants",
-                "between undisturbed rounds its forward latency moved by "
-                + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
-                f"each variant's latency ratio and its 95% CI (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not "
-                f"called faster or slower; elsewhere a claim needs the whole interval beyond this spread and beyond {fmt.ratio(DRIFT_TOLERANCE)})",
-            ])
+            rows.append(
+                [
+                    "timing (drift)",
+                    f"reference's cost measured {reference.cost.rounds} times, in turn with the variants",
+                    "between undisturbed rounds its forward latency moved by "
+                    + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
+                    f"each variant's latency ratio and its 95% CI (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not "
+                    f"called faster or slower; elsewhere a claim needs the whole interval beyond this spread and beyond {fmt.ratio(DRIFT_TOLERANCE)})",
+                ]
+            )
     if sampling := results.floors.sampling:
-        rows.append([
-            "sampling", f"reference's answers generated again, seed {sampling.seed}",
-            f"{fmt.integer(sampling.disagreements)} of {fmt.integer(sampling.n)} answers differ ({fmt.percent(sampling.rate)})",
-            "each variant's generated-answer disagreement",
-        ])
+        rows.append(
+            [
+                "sampling",
+                f"reference's answers generated again, seed {sampling.seed}",
+                f"{fmt.integer(sampling.disagreements)} of {fmt.integer(sampling.n)} answers differ ({fmt.percent(sampling.rate)})",
+                "each variant's generated-answer disagreement",
+            ]
+        )
         for m in variant_models(results):
             if floor := m.generative_vs_floor:
                 side = "above the floor" if floor.above_floor else "within the floor"
-                rows.append([
-                    f"{m.name} vs sampling", "variant's generated answers against the reference's",
-                    f"{fmt.integer(floor.variant_disagreements)} of {fmt.integer(floor.n)} differ (only the variant: {floor.variant_only}, "
-                    f"only the resample: {floor.floor_only}), one-sided p {fmt.pvalue(floor.p_above_floor)}",
-                    side,
-                ])
+                rows.append(
+                    [
+                        f"{m.name} vs sampling",
+                        "variant's generated answers against the reference's",
+                        f"{fmt.integer(floor.variant_disagreements)} of {fmt.integer(floor.n)} differ (only the variant: {floor.variant_only}, "
+                        f"only the resample: {floor.floor_only}), one-sided p {fmt.pvalue(floor.p_above_floor)}",
+                        side,
+                    ]
+                )
     return rows
 
 
@@ -603,14 +689,24 @@ def cost_row(m: ModelResult) -> list[str]:
     elif c.weights is None:
         footprint = "not measured (served)"
     else:
-        footprint = fmt.nbytes(c.weights.counted_bytes) + ("" if c.weights.footprint_agrees else " (footprint disagrees)")
+        footprint = fmt.nbytes(c.weights.counted_bytes) + (
+            "" if c.weights.footprint_agrees else " (footprint disagrees)"
+        )
     return [
         m.name,
         footprint,
         fmt.bits(c.weights.bits_per_parameter if c.weights else None),
-        fmt.memory_vs_ref(cvr.weight_memory_ratio, cvr.memory_saving) if cvr else "reference" if m.quant is None else fmt.NA,
+        fmt.memory_vs_ref(cvr.weight_memory_ratio, cvr.memory_saving)
+        if cvr
+        else "reference"
+        if m.quant is None
+        else fmt.NA,
         f"{fmt.nbytes(top.peak_memory_bytes)} (batch {top.batch_size})" if top else fmt.NA,
-        fmt.seconds(bs1.median_s) + (" (noisy)" if bs1.noisy else "") + (" (disturbed by other load)" if bs1.disturbed else "") if bs1 else fmt.NA,
+        fmt.seconds(bs1.median_s)
+        + (" (noisy)" if bs1.noisy else "")
+        + (" (disturbed by other load)" if bs1.disturbed else "")
+        if bs1
+        else fmt.NA,
         ratio_with_ci(cvr.latency_ratio.get(1), cvr.latency_ratio_ci.get(1)) if cvr else fmt.NA,
         fmt.rate(gen.decode_tokens_per_s, "tok/s") if gen else fmt.NA,
         ratio_with_ci(cvr.decode_speedup, cvr.decode_speedup_ci) if cvr else fmt.NA,
@@ -627,8 +723,15 @@ def cost_rows(results: Results) -> list[list[str]]:
 
 # ------------------------------------------------------------------------------------ serving
 
-SERVING_COLUMNS = ["Model", "Concurrency", "Requests (failed)", "TTFT median / p90", "Inter-token median / p90",
-                   "End-to-end median / p90", "Output tokens / s"]
+SERVING_COLUMNS = [
+    "Model",
+    "Concurrency",
+    "Requests (failed)",
+    "TTFT median / p90",
+    "Inter-token median / p90",
+    "End-to-end median / p90",
+    "Output tokens / s",
+]
 
 
 def serving_rows(results: Results) -> list[list[str]]:
@@ -636,17 +739,33 @@ def serving_rows(results: Results) -> list[list[str]]:
     rows = []
     for m in results.models:
         for point in m.cost.serving if m.cost else []:
-            pairs = [(d.median_s, d.p90_s) if d else (None, None)
-                     for d in (point.time_to_first_token, point.inter_token_latency, point.end_to_end)]
-            rows.append([m.name, str(point.concurrency), f"{point.requests} ({point.failed})",
-                         *[f"{fmt.seconds(median)} / {fmt.seconds(p90)}" for median, p90 in pairs],
-                         fmt.rate(point.output_tokens_per_s, "tok/s")])
+            pairs = [
+                (d.median_s, d.p90_s) if d else (None, None)
+                for d in (point.time_to_first_token, point.inter_token_latency, point.end_to_end)
+            ]
+            rows.append(
+                [
+                    m.name,
+                    str(point.concurrency),
+                    f"{point.requests} ({point.failed})",
+                    *[f"{fmt.seconds(median)} / {fmt.seconds(p90)}" for median, p90 in pairs],
+                    fmt.rate(point.output_tokens_per_s, "tok/s"),
+                ]
+            )
     return rows
 
 
 # ------------------------------------------------------------------------------------ generation
 
-GENERATION_COLUMNS = ["Model", "Words / minute (end to end)", "Words / minute (decode only)", "Tokens / s (end to end)", "Mean output words", "Mean output tokens", "Unparsable"]
+GENERATION_COLUMNS = [
+    "Model",
+    "Words / minute (end to end)",
+    "Words / minute (decode only)",
+    "Tokens / s (end to end)",
+    "Mean output words",
+    "Mean output tokens",
+    "Unparsable",
+]
 
 
 def generation_rows(results: Results) -> list[list[str]]:
@@ -740,7 +859,9 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "footprint_bytes": c.weights.footprint_bytes if c and c.weights else None,
         "parameters": c.weights.parameters if c and c.weights else None,
         "bits_per_parameter": c.weights.bits_per_parameter if c and c.weights else None,
-        "kl_bound": ("lower" if ag.kl.is_lower_bound else "estimate" if ag.kl.lower is not None else "exact") if ag else None,
+        "kl_bound": ("lower" if ag.kl.is_lower_bound else "estimate" if ag.kl.lower is not None else "exact")
+        if ag
+        else None,
         "weight_memory_ratio": cvr.weight_memory_ratio if cvr else None,
         "memory_saving": cvr.memory_saving if cvr else None,
         "decode_tokens_per_s": c.generation.decode_tokens_per_s if c and c.generation else None,

@@ -27,7 +27,11 @@ class EngineSettings(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     max_model_len: int = Field(2048, ge=16)
     enforce_eager: bool = True
-    cpu_kv_cache_bytes: int = Field(1 << 30, gt=0, description="KV cache reserved by vLLM on CPU (its default asks for more than most machines have)")
+    cpu_kv_cache_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="KV cache reserved by vLLM on CPU (its default asks for more than most machines have)",
+    )
 
 
 class JobSpec(BaseModel):
@@ -46,6 +50,6 @@ class JobSpec(BaseModel):
     loglik: bool = True
     generation: GenerationOptions | None = None
     corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
-    engine_floor: bool = False  # set: also score a bounded subset twice with two batch plans (measure/engine_floor.py)
+    engine_floor: bool = False  # set: also score a bounded subset twice with two batch plans (scoring/engine_floor.py)
     cost: dict[str, object] | None = None  # CostSettings fields
     cost_round: int = 1

@@ -40,9 +40,10 @@ class CorpusJob(BaseModel):
     max_windows: int | None = Field(None, ge=1, description="text: score only the first N windows (--limit)")
     chat: Literal["auto", "on", "off"] = Field("auto", description="prompts: through the chat template")
     max_new_tokens: PositiveInt = Field(32, description="prompts: longest reference answer")
-    recorded: bool = Field(False, description="text: the reference's windows come recorded with it (--reference-kld); every model replays them")
-
-
+    recorded: bool = Field(
+        False,
+        description="text: the reference's windows come recorded with it (--reference-kld); every model replays them",
+    )
 
 
 class Endpoint(BaseModel):
@@ -51,25 +52,47 @@ class Endpoint(BaseModel):
 
     url: str = Field(description="base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
     model: str = Field(description="served model name (the only one /v1/models lists, or the one named after '#')")
-    top_logprobs: int | None = Field(None, ge=1, description="None: full-vocabulary rows; K: the server returns only the top K "
-                                                              "log-probabilities, so KL is a lower bound and Jaccard@k exact for k <= K")
-    stated_weight_bytes: int | None = Field(None, description="the served model's weight memory as the user stated it "
-                                            "(url:...&weight_gb=G): a server's memory is not visible to a client")
+    top_logprobs: int | None = Field(
+        None,
+        ge=1,
+        description="None: full-vocabulary rows; K: the server returns only the top K "
+        "log-probabilities, so KL is a lower bound and Jaccard@k exact for k <= K",
+    )
+    stated_weight_bytes: int | None = Field(
+        None,
+        description="the served model's weight memory as the user stated it "
+        "(url:...&weight_gb=G): a server's memory is not visible to a client",
+    )
 
 
 class ModelSpec(BaseModel):
     """One compared model: its role, the engine that runs it, how it is built, and from which weights."""
 
-    name: str = Field(description="display name, unique in the run: 'reference', 'torchao-int8wo', 'vllm:fp8_per_channel'")
+    name: str = Field(
+        description="display name, unique in the run: 'reference', 'torchao-int8wo', 'vllm:fp8_per_channel'"
+    )
     role: Role
     backend: str = Field(description="engine that runs it: hf (transformers), vllm, llamacpp, openai (a server)")
-    method: str = Field(description="the backend's quantization method; 'none' is the reference's own weights and precision")
-    weights: str = Field(description="local folder the weights load from; for an endpoint, the folder its tokenizer, chat template and stop tokens come from")
-    checkpoint: bool = Field(False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)")
-    floor: FloorKind | None = Field(None, description="for role 'floor': the reference again, sampled with another seed (sampling)")
-    tokenizer: str | None = Field(None, description="folder whose tokenizer and generation config make the prompts, when not `weights` "
-                                  "(a GGUF file runs on the reference's token ids)")
-    endpoint: Endpoint | None = Field(None, description="set when the model runs behind an OpenAI-compatible server (backend 'openai')")
+    method: str = Field(
+        description="the backend's quantization method; 'none' is the reference's own weights and precision"
+    )
+    weights: str = Field(
+        description="local folder the weights load from; for an endpoint, the folder its tokenizer, chat template and stop tokens come from"
+    )
+    checkpoint: bool = Field(
+        False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)"
+    )
+    floor: FloorKind | None = Field(
+        None, description="for role 'floor': the reference again, sampled with another seed (sampling)"
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="folder whose tokenizer and generation config make the prompts, when not `weights` "
+        "(a GGUF file runs on the reference's token ids)",
+    )
+    endpoint: Endpoint | None = Field(
+        None, description="set when the model runs behind an OpenAI-compatible server (backend 'openai')"
+    )
 
     @property
     def folder(self) -> str:
@@ -89,5 +112,3 @@ class ModelSpec(BaseModel):
     def runs_reference_weights(self) -> bool:
         """The reference, or a floor (the reference run again): both load the reference's own weights."""
         return self.role != "variant"
-
-

@@ -95,15 +95,28 @@ class DivergenceSummary(BaseModel):
     median: float
     p90: float
     max: float
-    store: Literal["full", "compact"] = Field("full", description="full: every KL is exact; compact: estimated from the reference's "
-                                              "top K and tail samples, with per-item bounds (ItemRecord.kl_lower, kl_upper)")
-    lower: Estimate | None = Field(None, description="compact store: the mean of the per-item lower bounds with its intervals; "
-                                   "the verdict's 'fail' needs its fail_ci above the limit")
-    upper_mean: float | None = Field(None, description="compact store: the mean of the per-item upper bounds (worst case, loose); "
-                                     "None when some item is unbounded")
-    is_lower_bound: bool = Field(False, description="every number here is a lower bound on the true KL: the reference or the variant "
-                                 "was known only on its top K log-probabilities (a server's cap)")
+    store: Literal["full", "compact"] = Field(
+        "full",
+        description="full: every KL is exact; compact: estimated from the reference's "
+        "top K and tail samples, with per-item bounds (ItemRecord.kl_lower, kl_upper)",
+    )
+    lower: Estimate | None = Field(
+        None,
+        description="compact store: the mean of the per-item lower bounds with its intervals; "
+        "the verdict's 'fail' needs its fail_ci above the limit",
+    )
+    upper_mean: float | None = Field(
+        None,
+        description="compact store: the mean of the per-item upper bounds (worst case, loose); "
+        "None when some item is unbounded",
+    )
+    is_lower_bound: bool = Field(
+        False,
+        description="every number here is a lower bound on the true KL: the reference or the variant "
+        "was known only on its top K log-probabilities (a server's cap)",
+    )
     method: str = Field("exact over the full vocabulary", description="how the per-item values were computed")
+
 
 class TokenAgreement(BaseModel):
     """Raw next-token differences on identical token ids (llama.cpp's two-pass protocol): one position per
@@ -125,15 +138,26 @@ class CorpusStatistics(BaseModel):
     """
 
     windows: int = Field(description="sequences scored: windows of a text, or prompts")
-    context: int | None = Field(description="a text: tokens per window (the second half of each is scored); None for prompts")
+    context: int | None = Field(
+        description="a text: tokens per window (the second half of each is scored); None for prompts"
+    )
     tokens: int = Field(description="scored tokens")
     perplexity: Estimate = Field(description="exp(mean negative log-likelihood of the actual next token)")
     perplexity_ratio: Estimate | None = Field(None, description="PPL(variant) / PPL(reference); None for the reference")
-    mean_log_ratio: Estimate | None = Field(None, description="mean ln(PPL(variant) / PPL(reference)): the mean per-token NLL difference")
-    kl: dict[str, Estimate] = Field({}, description="KL(reference || variant) per token: 'mean' and percentiles; "
-                                    "from the compact store each is the estimate (exact over the top K + the tail from its samples)")
-    same_top1: Estimate | None = Field(None, description="share of tokens where both models' most likely next token is the same")
-    delta_p: dict[str, Estimate] = Field({}, description="p_variant - p_reference of the actual next token: 'mean', 'rms' and percentiles")
+    mean_log_ratio: Estimate | None = Field(
+        None, description="mean ln(PPL(variant) / PPL(reference)): the mean per-token NLL difference"
+    )
+    kl: dict[str, Estimate] = Field(
+        {},
+        description="KL(reference || variant) per token: 'mean' and percentiles; "
+        "from the compact store each is the estimate (exact over the top K + the tail from its samples)",
+    )
+    same_top1: Estimate | None = Field(
+        None, description="share of tokens where both models' most likely next token is the same"
+    )
+    delta_p: dict[str, Estimate] = Field(
+        {}, description="p_variant - p_reference of the actual next token: 'mean', 'rms' and percentiles"
+    )
     worst: list[WorstSpan] = Field([], description="the sequences with the highest mean KL, highest first")
 
 
@@ -147,11 +171,16 @@ class WorstSpan(BaseModel):
     top1_agreement: float
     worst_position: int = Field(description="the scored token (0 = the first scored) with the highest KL")
     worst_kl: float
-    mean_kl_se: float | None = Field(None, description="compact store only: the standard error of mean_kl (the tokens' own, "
-                                     "WindowRecord.kl_se, combined as independent); None where KL is exact")
+    mean_kl_se: float | None = Field(
+        None,
+        description="compact store only: the standard error of mean_kl (the tokens' own, "
+        "WindowRecord.kl_se, combined as independent); None where KL is exact",
+    )
     worst_kl_se: float | None = Field(None, description="compact store only: the standard error of worst_kl")
     worst_kl_lower: float | None = Field(None, description="compact store only: worst_kl's certain lower bound")
-    worst_kl_upper: float | None = Field(None, description="compact store only: worst_kl's certain upper bound (loose); None when unbounded")
+    worst_kl_upper: float | None = Field(
+        None, description="compact store only: worst_kl's certain upper bound (loose); None when unbounded"
+    )
     before: str = Field(description="the scored text just before the worst token")
     token: str
     after: str
@@ -167,11 +196,16 @@ class WindowRecord(BaseModel):
     kl: list[float] | None = None
     kl_lower: list[float] | None = None
     kl_upper: list[float | None] | None = None
-    kl_se: list[float | None] | None = Field(None, description="compact store only: the standard error of each scored token's kl "
-                                             "(ItemRecord.kl_se); None where undefined")
+    kl_se: list[float | None] | None = Field(
+        None,
+        description="compact store only: the standard error of each scored token's kl "
+        "(ItemRecord.kl_se); None where undefined",
+    )
     kl_bound: str | None = None
     top1_agree: list[bool] | None = None
-    jaccard: dict[int, float] | None = Field(None, description="top-k Jaccard averaged over the window's scored positions")
+    jaccard: dict[int, float] | None = Field(
+        None, description="top-k Jaccard averaged over the window's scored positions"
+    )
 
 
 class GenerationSettings(BaseModel):
@@ -183,7 +217,10 @@ class GenerationSettings(BaseModel):
     max_new_tokens: int
     seed: int
     instruction: str
-    stop_token_ids: list[int] = Field(default_factory=list, description="every stop token of the model (its generation_config's eos list and the tokenizer's eos)")
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        description="every stop token of the model (its generation_config's eos list and the tokenizer's eos)",
+    )
 
 
 class GenerativeQuality(BaseModel):
@@ -191,10 +228,14 @@ class GenerativeQuality(BaseModel):
 
     accuracy: Accuracy
     unparsable: int
-    words_per_minute: float = Field(description="end to end: all answer words over the wall time of every generation batch (prefill, batching and padding included)")
+    words_per_minute: float = Field(
+        description="end to end: all answer words over the wall time of every generation batch (prefill, batching and padding included)"
+    )
     tokens_per_second: float = Field(description="end to end, as words_per_minute")
     decode_words_per_minute: float | None = Field(
-        None, description="decode only: the cost phase's measured decode rate (tokens/s) times this model's words per answer token; None without cost")
+        None,
+        description="decode only: the cost phase's measured decode rate (tokens/s) times this model's words per answer token; None without cost",
+    )
     mean_output_tokens: float
     mean_output_words: float
     settings: GenerationSettings
@@ -217,10 +258,15 @@ class EngineInfo(BaseModel):
     compute_dtype: str
     devices: list[str]
     parallel: dict[str, object] = Field(default_factory=dict, description="tensor/pipeline parallel sizes, executor")
-    precision: PrecisionInfo | None = Field(None, description="parameter dtypes and offload, where the engine exposes its parameters")
-    tokenizer_verified: bool | None = Field(None, description="a served model: True when the server's own tokenizer was shown to "
-                                            "agree with the local one (its /tokenize, else an echoed prompt), False when it disagrees or "
-                                            "could not be checked; None where the engine runs on quantcheck's own ids")
+    precision: PrecisionInfo | None = Field(
+        None, description="parameter dtypes and offload, where the engine exposes its parameters"
+    )
+    tokenizer_verified: bool | None = Field(
+        None,
+        description="a served model: True when the server's own tokenizer was shown to "
+        "agree with the local one (its /tokenize, else an echoed prompt), False when it disagrees or "
+        "could not be checked; None where the engine runs on quantcheck's own ids",
+    )
 
 
 class WeightMemory(BaseModel):
@@ -250,18 +296,34 @@ class LatencyPoint(BaseModel):
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
     other_cpu_load: float | None = Field(
-        None, description="cores' worth of CPU time other processes and the hypervisor (steal) took while this batch size was timed: "
-        "the CPU time of the CPUs this process may use (its affinity; the machine's where unknown) minus this process tree's, over the window")
-    disturbed: bool = Field(False, description="on CPU, others took more than 10% of the CPU time of the cores the run uses (its "
-                            "CPU affinity, at most its torch threads) while this point was timed "
-                            "(after merging rounds: in every round)")
-    round_medians_s: list[float] = Field(default_factory=list, description="this batch size's median in each cost round; "
-                                         "the point is the fastest undisturbed round's (the fastest round's if all were disturbed)")
-    round_disturbed: list[bool] = Field(default_factory=list, description="beside round_medians_s: whether that round was disturbed")
-    times_s: list[float] = Field(default_factory=list, description="seconds of each timed iteration (the median, p10 and p90 are "
-                                 "of these); after merging rounds: the chosen round's")
-    round_times_s: list[list[float]] = Field(default_factory=list, description="beside round_medians_s: each round's timed "
-                                             "iterations (what the latency ratio's interval resamples)")
+        None,
+        description="cores' worth of CPU time other processes and the hypervisor (steal) took while this batch size was timed: "
+        "the CPU time of the CPUs this process may use (its affinity; the machine's where unknown) minus this process tree's, over the window",
+    )
+    disturbed: bool = Field(
+        False,
+        description="on CPU, others took more than 10% of the CPU time of the cores the run uses (its "
+        "CPU affinity, at most its torch threads) while this point was timed "
+        "(after merging rounds: in every round)",
+    )
+    round_medians_s: list[float] = Field(
+        default_factory=list,
+        description="this batch size's median in each cost round; "
+        "the point is the fastest undisturbed round's (the fastest round's if all were disturbed)",
+    )
+    round_disturbed: list[bool] = Field(
+        default_factory=list, description="beside round_medians_s: whether that round was disturbed"
+    )
+    times_s: list[float] = Field(
+        default_factory=list,
+        description="seconds of each timed iteration (the median, p10 and p90 are "
+        "of these); after merging rounds: the chosen round's",
+    )
+    round_times_s: list[list[float]] = Field(
+        default_factory=list,
+        description="beside round_medians_s: each round's timed "
+        "iterations (what the latency ratio's interval resamples)",
+    )
 
 
 class GenerationCost(BaseModel):
@@ -274,18 +336,35 @@ class GenerationCost(BaseModel):
     decode_tokens_per_s: float
     tokens_per_s: float
     peak_memory_bytes: int | None = None
-    other_cpu_load: float | None = Field(None, description="as for a latency point: what others took while generation was timed")
+    other_cpu_load: float | None = Field(
+        None, description="as for a latency point: what others took while generation was timed"
+    )
     disturbed: bool = Field(False, description="as for a latency point (after merging rounds: in every round)")
-    round_decode_tokens_per_s: list[float] = Field(default_factory=list, description="decode rate in each cost round; the figures are "
-                                                   "the fastest undisturbed round's (the fastest round's if all were disturbed)")
-    round_disturbed: list[bool] = Field(default_factory=list, description="beside round_decode_tokens_per_s: whether that round was disturbed")
-    decode_times_s: list[float] = Field(default_factory=list, description="per timed prompt batch: seconds spent decoding (the full "
-                                        "generate minus the one-token generate); decode_tokens_per_s = sum(decode_tokens) / sum(these)")
-    decode_tokens: list[int] = Field(default_factory=list, description="beside decode_times_s: tokens decoded in that batch "
-                                     "(sequences x (new_tokens - 1))")
-    round_decode_times_s: list[list[float]] = Field(default_factory=list, description="beside round_decode_tokens_per_s: each round's "
-                                                    "decode_times_s (what the decode speedup's interval resamples)")
-    round_decode_tokens: list[list[int]] = Field(default_factory=list, description="beside round_decode_times_s: each round's decode_tokens")
+    round_decode_tokens_per_s: list[float] = Field(
+        default_factory=list,
+        description="decode rate in each cost round; the figures are "
+        "the fastest undisturbed round's (the fastest round's if all were disturbed)",
+    )
+    round_disturbed: list[bool] = Field(
+        default_factory=list, description="beside round_decode_tokens_per_s: whether that round was disturbed"
+    )
+    decode_times_s: list[float] = Field(
+        default_factory=list,
+        description="per timed prompt batch: seconds spent decoding (the full "
+        "generate minus the one-token generate); decode_tokens_per_s = sum(decode_tokens) / sum(these)",
+    )
+    decode_tokens: list[int] = Field(
+        default_factory=list,
+        description="beside decode_times_s: tokens decoded in that batch (sequences x (new_tokens - 1))",
+    )
+    round_decode_times_s: list[list[float]] = Field(
+        default_factory=list,
+        description="beside round_decode_tokens_per_s: each round's "
+        "decode_times_s (what the decode speedup's interval resamples)",
+    )
+    round_decode_tokens: list[list[int]] = Field(
+        default_factory=list, description="beside round_decode_times_s: each round's decode_tokens"
+    )
 
 
 class TimingDistribution(BaseModel):
@@ -322,17 +401,32 @@ class ModelCost(BaseModel):
     memory_method: str
     threads: int
     engine: str = "transformers"
-    latency_method: str = Field("one forward pass over the whole batch (logits, no KV cache)", description="what one timed latency iteration runs")
-    load_time_s: float | None = Field(description="from the start of loading to a model ready to answer; for serving engines this includes "
-                                                  "engine start-up; None for a model behind a server started outside quantcheck")
+    latency_method: str = Field(
+        "one forward pass over the whole batch (logits, no KV cache)",
+        description="what one timed latency iteration runs",
+    )
+    load_time_s: float | None = Field(
+        description="from the start of loading to a model ready to answer; for serving engines this includes "
+        "engine start-up; None for a model behind a server started outside quantcheck"
+    )
     load_peak_memory_bytes: int | None = None
-    weights: WeightMemory | None = Field(description="None: not measured (a served model's memory is the server's, not visible to a client)")
-    stated_weight_bytes: int | None = Field(None, description="a served model's weight memory as the user stated it (url:...&weight_gb=G); "
-                                            "never measured, and named as stated wherever it is used")
+    weights: WeightMemory | None = Field(
+        description="None: not measured (a served model's memory is the server's, not visible to a client)"
+    )
+    stated_weight_bytes: int | None = Field(
+        None,
+        description="a served model's weight memory as the user stated it (url:...&weight_gb=G); "
+        "never measured, and named as stated wherever it is used",
+    )
     latency: list[LatencyPoint] = []
     generation: GenerationCost | None = None
-    serving: list[ServingPoint] = Field([], description="a served model: client-side streaming latency and throughput per concurrency level")
-    rounds: int = Field(1, description="cost rounds merged: each point is the fastest undisturbed round's (load on the machine only slows)")
+    serving: list[ServingPoint] = Field(
+        [], description="a served model: client-side streaming latency and throughput per concurrency level"
+    )
+    rounds: int = Field(
+        1,
+        description="cost rounds merged: each point is the fastest undisturbed round's (load on the machine only slows)",
+    )
 
 
 RoundValue = TypeVar("RoundValue")
@@ -356,11 +450,18 @@ class CostComparison(BaseModel):
 
     weight_memory_ratio: float
     memory_saving: float = Field(description="1 - weight_memory_ratio")
-    weight_memory_stated: bool = Field(False, description="the reference's or the variant's weight memory was stated by the user, not measured")
-    latency_ratio: dict[int, float] = Field(description="batch size -> variant / reference median latency (fastest round of each)")
+    weight_memory_stated: bool = Field(
+        False, description="the reference's or the variant's weight memory was stated by the user, not measured"
+    )
+    latency_ratio: dict[int, float] = Field(
+        description="batch size -> variant / reference median latency (fastest round of each)"
+    )
     decode_speedup: float | None = None
-    decode_unstable: bool = Field(False, description="the decode rate was disturbed in every round, or moved by more than the drift "
-                                  "tolerance between undisturbed rounds (either model)")
+    decode_unstable: bool = Field(
+        False,
+        description="the decode rate was disturbed in every round, or moved by more than the drift "
+        "tolerance between undisturbed rounds (either model)",
+    )
     unstable_batch_sizes: list[int] = Field(
         default_factory=list,
         description="batch sizes whose undisturbed medians moved by more than the drift tolerance between cost rounds, or that other "
@@ -378,9 +479,13 @@ class CostComparison(BaseModel):
         "a speed claim needs the whole interval beyond this and beyond the drift tolerance",
     )
     decode_speedup_ci: Interval | None = Field(
-        None, description="95% interval on decode_speedup, as latency_ratio_ci but resampling each round's timed prompt batches")
+        None,
+        description="95% interval on decode_speedup, as latency_ratio_ci but resampling each round's timed prompt batches",
+    )
     decode_round_spread: float | None = Field(
-        None, description="the larger of the two models' fastest / slowest undisturbed round decode rate (1.0 with one round)")
+        None,
+        description="the larger of the two models' fastest / slowest undisturbed round decode rate (1.0 with one round)",
+    )
 
 
 class Verdict(BaseModel):
@@ -398,12 +503,13 @@ class Verdict(BaseModel):
         "checks (Bonferroni); None when no quality check was measured",
     )
     checks: dict[str, Outcome] = Field(
-        default={}, description="outcome of each judged check: memory, accuracy per scoring mode, mean KL, top-1 agreement"
+        default={},
+        description="outcome of each judged check: memory, accuracy per scoring mode, mean KL, top-1 agreement",
     )
 
 
 class NumericFloor(BaseModel):
-    """One model scored twice by its own engine with two batch plans (measure/engine_floor.py): what the engine's
+    """One model scored twice by its own engine with two batch plans (scoring/engine_floor.py): what the engine's
     numerics alone change, the noise under every KL and top-1 it measures."""
 
     n: int = Field(description="questions, windows or prompts scored twice (a bounded subset)")
@@ -411,7 +517,9 @@ class NumericFloor(BaseModel):
     kl_mean: float = Field(description="mean over scored positions of KL(batched || alone)")
     kl_max: float
     top1_agreement: float
-    answer_agreement: float | None = Field(None, description="schema 5 and before: log-likelihood answers equal to the first pass")
+    answer_agreement: float | None = Field(
+        None, description="schema 5 and before: log-likelihood answers equal to the first pass"
+    )
     model: str | None = Field(None, description="the model whose engine this is")
 
 
@@ -440,12 +548,18 @@ class SamplingComparison(BaseModel):
     floor_disagreements: int = Field(description="items where the reference sampled again differs from itself")
     variant_only: int = Field(description="items where only the variant differs")
     floor_only: int = Field(description="items where only the resampled reference differs")
-    p_above_floor: float = Field(description="one-sided exact test that the variant differs more often than sampling alone")
-    above_floor: bool = Field(description="p_above_floor or p_less_accurate below 0.05: sampling does not explain the variant")
+    p_above_floor: float = Field(
+        description="one-sided exact test that the variant differs more often than sampling alone"
+    )
+    above_floor: bool = Field(
+        description="p_above_floor or p_less_accurate below 0.05: sampling does not explain the variant"
+    )
     variant_right_to_wrong: int = Field(0, description="items the reference answered right and the variant wrong")
     floor_right_to_wrong: int = Field(0, description="items the reference answered right and its resample wrong")
     p_less_accurate: float = Field(
-        1.0, description="one-sided exact McNemar test that the variant is right less often than the reference's resample")
+        1.0,
+        description="one-sided exact McNemar test that the variant is right less often than the reference's resample",
+    )
 
 
 class ModelResult(BaseModel):
@@ -468,12 +582,19 @@ class ModelResult(BaseModel):
     loglik: Accuracy | None = None
     generative: GenerativeQuality | None = None
     agreement: TokenAgreement | None = None
-    corpus: CorpusStatistics | None = Field(None, description="a text-corpus run (--dataset text:FILE): perplexity, KL and delta-p statistics")
+    corpus: CorpusStatistics | None = Field(
+        None, description="a text-corpus run (--dataset text:FILE): perplexity, KL and delta-p statistics"
+    )
     paired_loglik: PairedComparison | None = None
     paired_generative: PairedComparison | None = None
-    generative_vs_floor: SamplingComparison | None = Field(None, description="generated-answer disagreement against the sampling floor")
-    engine_floor: NumericFloor | None = Field(None, description="this model scored twice by its own engine with two batch plans: "
-                                              "the numeric noise under its KL and top-1")
+    generative_vs_floor: SamplingComparison | None = Field(
+        None, description="generated-answer disagreement against the sampling floor"
+    )
+    engine_floor: NumericFloor | None = Field(
+        None,
+        description="this model scored twice by its own engine with two batch plans: "
+        "the numeric noise under its KL and top-1",
+    )
     cost: ModelCost | None = None
     cost_vs_reference: CostComparison | None = None
     verdict: Verdict | None = None
@@ -499,8 +620,11 @@ class ModelInfo(BaseModel):
 
 class DatasetInfo(BaseModel):
     spec: str
-    kind: Literal["questions", "text", "prompts"] = Field("questions", description="multiple-choice questions, a text corpus scored at every "
-                                                          "token, or users' prompts scored on the reference's answers")
+    kind: Literal["questions", "text", "prompts"] = Field(
+        "questions",
+        description="multiple-choice questions, a text corpus scored at every "
+        "token, or users' prompts scored on the reference's answers",
+    )
     n_items: int = Field(description="questions, windows of a text corpus, or prompts")
     subjects: list[str]
     source: str
@@ -532,7 +656,9 @@ class Results(BaseModel):
     dataset: DatasetInfo | None = None
     thresholds: Thresholds = Thresholds()
     models: list[ModelResult] = []
-    floors: Floors = Field(default_factory=Floors, description="the reference's own noise: batching (numeric) and sampling")
+    floors: Floors = Field(
+        default_factory=Floors, description="the reference's own noise: batching (numeric) and sampling"
+    )
     warnings: list[RunWarning] = []
     missing: list[str] = Field(default=[], description="sections not (yet) computed, for partial runs")
 
@@ -552,7 +678,9 @@ class GeneratedAnswer(BaseModel):
     pred: str | None
     correct: bool
     new_tokens: int
-    seconds: float = Field(description="its batch's wall time divided by the batch size: a share of a batched run, not this item's latency")
+    seconds: float = Field(
+        description="its batch's wall time divided by the batch size: a share of a batched run, not this item's latency"
+    )
 
 
 class ItemRecord(BaseModel):
@@ -564,18 +692,32 @@ class ItemRecord(BaseModel):
     loglik: LoglikAnswer | None = None
     topk_ids: list[int] = []
     topk_logprobs: list[float] = []
-    kl: float | None = Field(default=None, description="KL(reference || this model) in nats: exact with the full reference store; "
-                             "with the compact store exact over the reference's top K plus its tail estimated from the stored tail samples "
-                             "(unbiased), between kl_lower and kl_upper")
-    kl_lower: float | None = Field(default=None, description="compact store only: KL is at least this (top K exact, the tail as one token)")
-    kl_upper: float | None = Field(default=None, description="compact store only: KL is at most this (the unstored tail put where this "
-                                   "model is least likely: certain but loose); None when unbounded (a tail token of probability 0 here)")
-    kl_se: float | None = Field(default=None, description="compact store only: the standard error of kl on this item, from its own tail "
-                                "samples (their spread and their misfit); the estimate is unbiased over items but one item's kl can be "
-                                "several se off when the damage sits on a tail token the sample missed (then only kl_lower/kl_upper hold); "
-                                "None where undefined (this model gives a drawn tail token probability 0)")
-    kl_bound: str | None = Field(default=None, description="None unless kl is only a lower bound (the reference or this model was known "
-                                 "only on its top K log-probabilities, a server's cap); then how the bound was computed")
+    kl: float | None = Field(
+        default=None,
+        description="KL(reference || this model) in nats: exact with the full reference store; "
+        "with the compact store exact over the reference's top K plus its tail estimated from the stored tail samples "
+        "(unbiased), between kl_lower and kl_upper",
+    )
+    kl_lower: float | None = Field(
+        default=None, description="compact store only: KL is at least this (top K exact, the tail as one token)"
+    )
+    kl_upper: float | None = Field(
+        default=None,
+        description="compact store only: KL is at most this (the unstored tail put where this "
+        "model is least likely: certain but loose); None when unbounded (a tail token of probability 0 here)",
+    )
+    kl_se: float | None = Field(
+        default=None,
+        description="compact store only: the standard error of kl on this item, from its own tail "
+        "samples (their spread and their misfit); the estimate is unbiased over items but one item's kl can be "
+        "several se off when the damage sits on a tail token the sample missed (then only kl_lower/kl_upper hold); "
+        "None where undefined (this model gives a drawn tail token probability 0)",
+    )
+    kl_bound: str | None = Field(
+        default=None,
+        description="None unless kl is only a lower bound (the reference or this model was known "
+        "only on its top K log-probabilities, a server's cap); then how the bound was computed",
+    )
     jaccard: dict[int, float] | None = None
     top1_agree: bool | None = None
     generative: GeneratedAnswer | None = None

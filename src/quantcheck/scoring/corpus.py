@@ -29,12 +29,18 @@ from quantcheck.scoring.loglik import (
 from quantcheck.storage.store import CompactStore, ReferenceStore
 
 
-def _batches(todo: list[int], sequences: Sequence[Sequence[int]], firsts: Sequence[int], batch_size: int) -> list[list[int]]:
+def _batches(
+    todo: list[int], sequences: Sequence[Sequence[int]], firsts: Sequence[int], batch_size: int
+) -> list[list[int]]:
     """Consecutive sequences of one length and start, up to `batch_size` per forward (a text's windows all share them)."""
     batches: list[list[int]] = []
     for index in todo:
         shape = (len(sequences[index]), firsts[index])
-        if batches and len(batches[-1]) < batch_size and (len(sequences[batches[-1][0]]), firsts[batches[-1][0]]) == shape:
+        if (
+            batches
+            and len(batches[-1]) < batch_size
+            and (len(sequences[batches[-1][0]]), firsts[batches[-1][0]]) == shape
+        ):
             batches[-1].append(index)
         else:
             batches.append([index])
@@ -60,7 +66,9 @@ def score_windows(
     Sequence i's scored positions are store rows offsets[i] .. offsets[i+1]; a sequence with nothing to
     score (an empty answer) gets a record with empty lists.
     """
-    offsets = np.cumsum([0, *(scored_positions(sequence, first) for sequence, first in zip(sequences, firsts))]).tolist()
+    offsets = np.cumsum(
+        [0, *(scored_positions(sequence, first) for sequence, first in zip(sequences, firsts))]
+    ).tolist()
     exact_ks = exact_top_k(None if is_reference else reference_top(reference), top_logprobs)
     bound = None if is_reference else kl_lower_bound_method(reference, top_logprobs)
     todo = [index for index in range(len(sequences)) if index not in done]
@@ -91,7 +99,9 @@ def score_windows(
                     if divergence.se is not None:  # None where the variant's side is a top-K lower bound
                         record.kl_se = [finite_or_none(value) for value in divergence.se.tolist()]
                 record.top1_agree = [ref[0] == own[0] for ref, own in zip(reference_ids, own_ids)]
-                record.jaccard = {k: float(np.mean([jaccard_at_k(ref, own, k) for ref, own in zip(reference_ids, own_ids)]))
-                                  for k in exact_ks}
+                record.jaccard = {
+                    k: float(np.mean([jaccard_at_k(ref, own, k) for ref, own in zip(reference_ids, own_ids)]))
+                    for k in exact_ks
+                }
             records.append(record)
         on_batch(records)

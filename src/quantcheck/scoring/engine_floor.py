@@ -38,22 +38,38 @@ def floor_batch(run_batch_size: int) -> int:
 
 
 def _floor(kl: np.ndarray, top1: np.ndarray, units: int, batch: int, model: str) -> NumericFloor:
-    return NumericFloor(n=units, batch_size=batch, kl_mean=float(kl.mean()), kl_max=float(kl.max()),
-                        top1_agreement=float(top1.mean()), model=model)
+    return NumericFloor(
+        n=units,
+        batch_size=batch,
+        kl_mean=float(kl.mean()),
+        kl_max=float(kl.max()),
+        top1_agreement=float(top1.mean()),
+        model=model,
+    )
 
 
-def question_floor(next_token_logprobs: Callable[[Sequence[Sequence[int]]], np.ndarray], prompts: Sequence[Sequence[int]],
-                   model: str, batch: int) -> NumericFloor:
+def question_floor(
+    next_token_logprobs: Callable[[Sequence[Sequence[int]]], np.ndarray],
+    prompts: Sequence[Sequence[int]],
+    model: str,
+    batch: int,
+) -> NumericFloor:
     """The first FLOOR_QUESTIONS prompts' next-token rows, `batch` at a time against one at a time in reverse order."""
     subset = list(prompts[:FLOOR_QUESTIONS])
-    together = np.concatenate([next_token_logprobs(subset[start : start + batch]) for start in range(0, len(subset), batch)])
+    together = np.concatenate(
+        [next_token_logprobs(subset[start : start + batch]) for start in range(0, len(subset), batch)]
+    )
     alone = np.stack([next_token_logprobs([prompt])[0] for prompt in reversed(subset)])[::-1]
     kl, top1 = _divergence(together, alone)
     return _floor(kl, top1, len(subset), batch, model)
 
 
-def sequence_floor(window_logprobs: Callable[[Sequence[Sequence[int]], int], np.ndarray], sequences: Sequence[Sequence[int]],
-                   firsts: Sequence[int], model: str) -> NumericFloor | None:
+def sequence_floor(
+    window_logprobs: Callable[[Sequence[Sequence[int]], int], np.ndarray],
+    sequences: Sequence[Sequence[int]],
+    firsts: Sequence[int],
+    model: str,
+) -> NumericFloor | None:
     """The first FLOOR_SEQUENCES sequences with tokens to score, each in a batch (with the chosen ones of its shape, a
     text's windows; or beside a copy of itself, a prompt of its own length) against alone; mean KL over their tokens.
     None when no sequence has a token to score (every answer empty)."""

@@ -50,11 +50,15 @@ def stop_token_ids(tokenizer, model_folder: str) -> list[int]:
     return sorted(set(stops))
 
 
-def resolve_settings(tokenizer, chat: str, temperature: float, greedy: bool, max_new_tokens: int, seed: int, stops: list[int]) -> GenerationSettings:
+def resolve_settings(
+    tokenizer, chat: str, temperature: float, greedy: bool, max_new_tokens: int, seed: int, stops: list[int]
+) -> GenerationSettings:
     """`chat` is auto|on|off; "on" for a model without a chat template is an error, not a silent fallback."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "on" and not has_template:
-        raise QuantcheckError("--chat on was asked for but this model's tokenizer has no chat template: use --chat auto or off")
+        raise QuantcheckError(
+            "--chat on was asked for but this model's tokenizer has no chat template: use --chat auto or off"
+        )
     use_chat = has_template and chat != "off"
     return GenerationSettings(
         prompt_style="chat-template" if use_chat else "plain",
@@ -72,7 +76,9 @@ def encode_generation_prompts(tokenizer, items: tuple[Item, ...], settings: Gene
     for item in items:
         text = generation_prompt(item)
         if settings.prompt_style == "chat-template":
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
             prompts.append(tokenizer.encode(rendered, add_special_tokens=False))
         else:
             prompts.append(tokenizer.encode(text + "\nAnswer:"))
@@ -83,7 +89,9 @@ def encode_chats(tokenizer, chats: list[tuple[dict[str, str], ...]], settings: G
     """Users' chats as the model is prompted with them: its chat template with the assistant's turn opened,
     or (no template, or --chat off) the turns' texts one after the other."""
     if settings.prompt_style == "chat-template":
-        rendered = [tokenizer.apply_chat_template(list(chat), add_generation_prompt=True, tokenize=False) for chat in chats]
+        rendered = [
+            tokenizer.apply_chat_template(list(chat), add_generation_prompt=True, tokenize=False) for chat in chats
+        ]
         return [tokenizer.encode(text, add_special_tokens=False) for text in rendered]
     return [tokenizer.encode("\n\n".join(message["content"] for message in chat) + "\n\n") for chat in chats]
 
@@ -110,7 +118,11 @@ def generate_answers(
         if all(items[row].item_id in done for row in rows):
             continue
         start = time.perf_counter()
-        outputs = generate([prompt_ids[row] for row in rows], settings, [sample_seed(settings.seed, model_name, items[row].item_id) for row in rows])
+        outputs = generate(
+            [prompt_ids[row] for row in rows],
+            settings,
+            [sample_seed(settings.seed, model_name, items[row].item_id) for row in rows],
+        )
         seconds = (time.perf_counter() - start) / len(rows)
         records = []
         for row, new_ids in zip(rows, outputs):
@@ -122,7 +134,13 @@ def generate_answers(
                     item_id=item.item_id,
                     model=model_name,
                     answer=item.answer_letter,
-                    generative=GeneratedAnswer(text=text, pred=pred, correct=pred == item.answer_letter, new_tokens=len(new_ids), seconds=seconds),
+                    generative=GeneratedAnswer(
+                        text=text,
+                        pred=pred,
+                        correct=pred == item.answer_letter,
+                        new_tokens=len(new_ids),
+                        seconds=seconds,
+                    ),
                 )
             )
         on_batch(records)

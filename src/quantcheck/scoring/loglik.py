@@ -50,12 +50,16 @@ def encode_items(tokenizer, items: tuple[Item, ...]) -> EncodedItems:
     for text in answer_continuations(n_choices):
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise QuantcheckError(f"the tokenizer splits {text!r} into {len(ids)} tokens; log-likelihood scoring needs one token per answer letter")
+            raise QuantcheckError(
+                f"the tokenizer splits {text!r} into {len(ids)} tokens; log-likelihood scoring needs one token per answer letter"
+            )
         continuation_ids.append(ids[0])
     prompt_ids = [tokenizer.encode(loglik_prompt(item)) for item in items]
     joined = tokenizer.encode(loglik_prompt(items[0]) + answer_continuations(1)[0])
     if joined != prompt_ids[0] + continuation_ids[:1]:
-        raise QuantcheckError("the tokenizer merges the answer letter with the prompt; log-likelihood scoring cannot separate them")
+        raise QuantcheckError(
+            "the tokenizer merges the answer letter with the prompt; log-likelihood scoring cannot separate them"
+        )
     return EncodedItems(prompt_ids, continuation_ids)
 
 
@@ -78,8 +82,9 @@ def reference_rows(store: ReferenceStore, rows: list[int], logprobs: torch.Tenso
     return kept
 
 
-def compare_with_reference(store: ReferenceStore, rows: list[int], logprobs: torch.Tensor,
-                            top_logprobs: int | None = None) -> tuple[KLBounds, torch.Tensor]:
+def compare_with_reference(
+    store: ReferenceStore, rows: list[int], logprobs: torch.Tensor, top_logprobs: int | None = None
+) -> tuple[KLBounds, torch.Tensor]:
     """KL against the stored rows and the reference's top 20 ids.
 
     Exact from the full store (bounds equal to it); from the compact store an estimate between
@@ -101,8 +106,14 @@ def compare_with_reference(store: ReferenceStore, rows: list[int], logprobs: tor
         known = torch.full_like(logprobs, -torch.inf, dtype=torch.float32).scatter(-1, top_ids, field("top_logprobs"))
         lower = kl_lower_bound(known, logprobs, store.top_k, top_logprobs)
         return KLBounds(lower, lower, torch.full_like(lower, torch.inf)), top_ids[:, : max(TOP_K)]
-    bounds = kl_from_top_k(top_ids, field("top_logprobs"), field("log_tail_mass"), field("sample_ids").long(),
-                           field("sample_logprobs"), logprobs)
+    bounds = kl_from_top_k(
+        top_ids,
+        field("top_logprobs"),
+        field("log_tail_mass"),
+        field("sample_ids").long(),
+        field("sample_logprobs"),
+        logprobs,
+    )
     return bounds, top_ids[:, : max(TOP_K)]
 
 
@@ -115,7 +126,11 @@ def kl_lower_bound_method(store: ReferenceStore, top_logprobs: int | None) -> st
     """How KL is bounded when a side is known only on its top K, in words for results.json; None when it is not."""
     if top_logprobs is None and store.top_logprobs is None:
         return None
-    sides = [f"the {side}'s top {top}" for side, top in (("reference", reference_top(store)), ("variant", top_logprobs)) if top is not None]
+    sides = [
+        f"the {side}'s top {top}"
+        for side, top in (("reference", reference_top(store)), ("variant", top_logprobs))
+        if top is not None
+    ]
     return f"lower bound from {' and '.join(sides)} log-probabilities (exact shared terms + log-sum inequality on the rest)"
 
 
@@ -160,14 +175,19 @@ def score_items(
                 item_id=item.item_id,
                 model=model_name,
                 answer=item.answer_letter,
-                loglik=loglik_answer(logprobs[position], encoded.continuation_ids[: len(item.choices)], item, top_logprobs),
+                loglik=loglik_answer(
+                    logprobs[position], encoded.continuation_ids[: len(item.choices)], item, top_logprobs
+                ),
                 topk_ids=top[position].tolist(),
                 topk_logprobs=logprobs[position, top[position]].tolist(),
             )
             if not is_reference and compare_tokens:
                 record.kl, record.kl_bound = float(divergence.estimate[position]), bound
                 if isinstance(reference, CompactStore):
-                    record.kl_lower, record.kl_upper = float(divergence.lower[position]), finite_or_none(float(divergence.upper[position]))
+                    record.kl_lower, record.kl_upper = (
+                        float(divergence.lower[position]),
+                        finite_or_none(float(divergence.upper[position])),
+                    )
                     if divergence.se is not None:  # None where the variant's side is a top-K lower bound
                         record.kl_se = finite_or_none(float(divergence.se[position]))
                 record.jaccard = jaccard_all_k(reference_ids[position], record.topk_ids, exact_ks)
@@ -190,7 +210,9 @@ def loglik_answer(row: torch.Tensor, continuation_ids: list[int], item: Item, to
     if top_logprobs is not None:
         listed = torch.isfinite(choice_logprobs)
         if not bool(listed.any()):
-            raise QuantcheckError(f"no answer letter is among the top {top_logprobs} log-probabilities the server returned for "
-                                  f"{item.item_id}: ask it for more (url:...?top_logprobs=N) or for the full vocabulary")
+            raise QuantcheckError(
+                f"no answer letter is among the top {top_logprobs} log-probabilities the server returned for "
+                f"{item.item_id}: ask it for more (url:...?top_logprobs=N) or for the full vocabulary"
+            )
         choice_logprobs = torch.where(listed, choice_logprobs, row[torch.isfinite(row)].min())
     return LoglikAnswer(pred=LETTERS[pred], correct=pred == item.answer, choice_logprobs=choice_logprobs.tolist())

@@ -53,9 +53,7 @@ def accuracy(correct: Sequence[bool]) -> Accuracy:
     return Accuracy(n=n, correct=hits, accuracy=hits / n, ci=ci)
 
 
-def proportion(
-    flags: Sequence[bool], level: float = 0.95, fail_level: float | None = None
-) -> Estimate:
+def proportion(flags: Sequence[bool], level: float = 0.95, fail_level: float | None = None) -> Estimate:
     """Share of true flags with a Wilson interval (and one at `fail_level` for the verdict)."""
     n = len(flags)
     hits = sum(bool(flag) for flag in flags)
@@ -67,9 +65,7 @@ def proportion(
     )
 
 
-def bootstrap_mean(
-    values: Sequence[float], seed: int, resamples: int = 2000, level: float = 0.95
-) -> Estimate:
+def bootstrap_mean(values: Sequence[float], seed: int, resamples: int = 2000, level: float = 0.95) -> Estimate:
     """Mean with a percentile-bootstrap interval, reproducible for a given seed.
 
     For bounded values that the verdict does not judge (top-k Jaccard). A constant sample has no
@@ -206,5 +202,7 @@ def _wider_bounds(data: np.ndarray, rng: np.random.Generator, levels: list[float
             high = max(high, np.exp(np.quantile(log_means, 1 - tail)))
         # The lognormal part's bound overflows on a few tiny, scattered values (KL 0 .. 1e-12 .. 1e-3): capped to the
         # largest float, which JSON keeps (inf would be written as null) and which no limit passes.
-        intervals.append(Interval(low=max(float(low), 0.0), high=min(float(high), MAX_BOUND), level=level, method=method))
+        intervals.append(
+            Interval(low=max(float(low), 0.0), high=min(float(high), MAX_BOUND), level=level, method=method)
+        )
     return intervals

@@ -36,9 +36,7 @@ def mcnemar_exact_p(right_to_wrong: int, wrong_to_right: int) -> float:
     return float(stats.binomtest(right_to_wrong, discordant, 0.5).pvalue)
 
 
-def _corrected_phi(
-    both_right: int, variant_only: int, reference_only: int, both_wrong: int
-) -> float:
+def _corrected_phi(both_right: int, variant_only: int, reference_only: int, both_wrong: int) -> float:
     """Newcombe's continuity-corrected correlation between the two models' correctness.
 
     Zero when any margin is empty (the correlation is undefined); a positive association
@@ -102,9 +100,7 @@ def _required_pairs(delta: float, discordant: float, z_alpha: float, z_power: fl
     return (z_alpha * math.sqrt(discordant) + z_power * spread) ** 2 / delta**2
 
 
-def min_detectable_difference(
-    n: int, discordant_fraction: float, alpha: float = 0.05, power: float = 0.8
-) -> float:
+def min_detectable_difference(n: int, discordant_fraction: float, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest |accuracy difference| a two-sided McNemar test on `n` pairs detects at `power`.
 
     Solves Connor's sample-size formula n = (z_{a/2} sqrt(p_d) + z_b sqrt(p_d - d^2))^2 / d^2
@@ -151,9 +147,7 @@ def compare_paired(
     ref_only = sum(1 for ref, var in pairs if ref and not var)
     variant_only = sum(1 for ref, var in pairs if var and not ref)
     both_wrong = n - both_right - ref_only - variant_only
-    agreeing = sum(
-        1 for ref, var in zip(reference_pred, variant_pred) if ref is not None and ref == var
-    )
+    agreeing = sum(1 for ref, var in zip(reference_pred, variant_pred) if ref is not None and ref == var)
     reference_accuracy = (both_right + ref_only) / n
     variant_accuracy = (both_right + variant_only) / n
     table = (both_right, ref_only, variant_only, both_wrong)
@@ -186,8 +180,12 @@ def _one_sided_excess(mine: Sequence[bool], theirs: Sequence[bool]) -> tuple[int
     return only_mine, only_theirs, p
 
 
-def compare_with_floor(reference: Sequence[tuple[str | None, bool]], variant: Sequence[tuple[str | None, bool]],
-                       floor: Sequence[tuple[str | None, bool]], alpha: float = 0.05) -> SamplingComparison:
+def compare_with_floor(
+    reference: Sequence[tuple[str | None, bool]],
+    variant: Sequence[tuple[str | None, bool]],
+    floor: Sequence[tuple[str | None, bool]],
+    alpha: float = 0.05,
+) -> SamplingComparison:
     """Does the variant change the reference's generated answers more often than sampling the reference again does, or
     is it right less often than that resample? Each argument holds (answer, correct) per item, the same items in the same order.
 
@@ -204,11 +202,18 @@ def compare_with_floor(reference: Sequence[tuple[str | None, bool]], variant: Se
     variant_only, floor_only, p = _one_sided_excess(variant_differs, floor_differs)
     # Is the variant right less often than the resample? An exact one-sided McNemar test on the items where one of the
     # two is right: breaking as many answers as the resample but fixing fewer is a real drop, not sampling.
-    _, _, p_less_accurate = _one_sided_excess([again and not var for (_, var), (_, again) in zip(variant, floor)],
-                                              [var and not again for (_, var), (_, again) in zip(variant, floor)])
+    _, _, p_less_accurate = _one_sided_excess(
+        [again and not var for (_, var), (_, again) in zip(variant, floor)],
+        [var and not again for (_, var), (_, again) in zip(variant, floor)],
+    )
     return SamplingComparison(
-        n=n, variant_disagreements=sum(variant_differs), floor_disagreements=sum(floor_differs), variant_only=variant_only,
-        floor_only=floor_only, p_above_floor=p, above_floor=p < alpha or p_less_accurate < alpha,
+        n=n,
+        variant_disagreements=sum(variant_differs),
+        floor_disagreements=sum(floor_differs),
+        variant_only=variant_only,
+        floor_only=floor_only,
+        p_above_floor=p,
+        above_floor=p < alpha or p_less_accurate < alpha,
         variant_right_to_wrong=sum(right and not var for (_, right), (_, var) in zip(reference, variant)),
         floor_right_to_wrong=sum(right and not again for (_, right), (_, again) in zip(reference, floor)),
         p_less_accurate=p_less_accurate,

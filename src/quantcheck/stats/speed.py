@@ -20,11 +20,15 @@ from quantcheck.schema.results import GenerationCost, Interval, LatencyPoint, un
 LEVEL = 0.95
 RESAMPLES = 2000
 SEED = 20240
-LATENCY_METHOD = ("percentile bootstrap of each undisturbed cost round's timed iterations (fastest round's median per model, "
-                  f"{RESAMPLES} resamples), widened to every ratio between one undisturbed round of each model")
+LATENCY_METHOD = (
+    "percentile bootstrap of each undisturbed cost round's timed iterations (fastest round's median per model, "
+    f"{RESAMPLES} resamples), widened to every ratio between one undisturbed round of each model"
+)
 ROUNDS_ONLY_METHOD = "every ratio between one undisturbed round of each model (no timed iterations stored to resample)"
-DECODE_METHOD = ("percentile bootstrap of each undisturbed cost round's timed prompt batches (fastest round's pooled decode rate "
-                 f"per model, {RESAMPLES} resamples), widened to every ratio between one undisturbed round of each model")
+DECODE_METHOD = (
+    "percentile bootstrap of each undisturbed cost round's timed prompt batches (fastest round's pooled decode rate "
+    f"per model, {RESAMPLES} resamples), widened to every ratio between one undisturbed round of each model"
+)
 
 
 def _clean(rounds: list, disturbed: list[bool], merged_disturbed: bool) -> list:
@@ -40,7 +44,11 @@ def spread(values: Sequence[float]) -> float:
 def _latency_rounds(point: LatencyPoint) -> list[tuple[float, list[float]]]:
     """(median, timed iterations) of each round the ratio may use."""
     if point.round_medians_s:
-        times = point.round_times_s if len(point.round_times_s) == len(point.round_medians_s) else [[]] * len(point.round_medians_s)
+        times = (
+            point.round_times_s
+            if len(point.round_times_s) == len(point.round_medians_s)
+            else [[]] * len(point.round_medians_s)
+        )
         rounds = list(zip(point.round_medians_s, times))
     else:
         rounds = [(point.median_s, point.times_s)]
@@ -68,7 +76,9 @@ def _resampled_medians(rounds: list[tuple[float, list[float]]], rng: np.random.G
 def _hull(point: float, boot: np.ndarray, cross: list[float], method: str) -> Interval:
     alpha = (1 - LEVEL) / 2
     low, high = np.quantile(boot, [alpha, 1 - alpha]) if boot.size else (point, point)
-    return Interval(low=float(min(low, point, *cross)), high=float(max(high, point, *cross)), level=LEVEL, method=method)
+    return Interval(
+        low=float(min(low, point, *cross)), high=float(max(high, point, *cross)), level=LEVEL, method=method
+    )
 
 
 def latency_ratio_interval(reference: LatencyPoint, variant: LatencyPoint, ratio: float) -> Interval:

@@ -82,17 +82,27 @@ class RunFolder:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ResultsFolderError(f"cannot create --out {self.root}: {error.strerror}; choose a writable folder") from None
+            raise ResultsFolderError(
+                f"cannot create --out {self.root}: {error.strerror}; choose a writable folder"
+            ) from None
         if self.run_file.exists():
             previous = json.loads(self.run_file.read_text())
             if previous == identity:
                 return True
             if not force:
-                changed = ", ".join(f"{key} {previous.get(key)!r} -> {value!r}" for key, value in identity.items() if previous.get(key) != value)
-                raise ResultsFolderError(f"{self.root} holds a different run ({changed}): choose another --out, or pass --force to overwrite it")
+                changed = ", ".join(
+                    f"{key} {previous.get(key)!r} -> {value!r}"
+                    for key, value in identity.items()
+                    if previous.get(key) != value
+                )
+                raise ResultsFolderError(
+                    f"{self.root} holds a different run ({changed}): choose another --out, or pass --force to overwrite it"
+                )
             self.clear()
         elif any(self.root.iterdir()) and not force:
-            raise ResultsFolderError(f"{self.root} is not empty and is not a quantcheck run: choose another --out, or pass --force")
+            raise ResultsFolderError(
+                f"{self.root} is not empty and is not a quantcheck run: choose another --out, or pass --force"
+            )
         write_json_atomic(self.run_file, identity)
         return False
 
@@ -107,7 +117,11 @@ class RunFolder:
         if key_file.exists():
             previous = json.loads(key_file.read_text())
             if previous != key:
-                changed = [f"{name} {previous.get(name)!r} -> {value!r}" for name, value in key.items() if previous.get(name) != value]
+                changed = [
+                    f"{name} {previous.get(name)!r} -> {value!r}"
+                    for name, value in key.items()
+                    if previous.get(name) != value
+                ]
                 reason = "stored outputs were computed under another setting (" + ", ".join(changed) + "): recomputing"
                 shutil.rmtree(self.reference_dir)
                 shutil.rmtree(self.models_dir, ignore_errors=True)
@@ -119,15 +133,24 @@ class RunFolder:
         key_file = self.root / "generation-key.json"
         reason = None
         if key_file.exists() and (previous := json.loads(key_file.read_text())) != key:
-            changed = [f"{name} {previous.get(name)!r} -> {value!r}" for name, value in key.items() if previous.get(name) != value]
+            changed = [
+                f"{name} {previous.get(name)!r} -> {value!r}"
+                for name, value in key.items()
+                if previous.get(name) != value
+            ]
             reason = "generated answers were made under other settings (" + ", ".join(changed) + "): generating again"
-            for path in [*self.models_dir.glob("*/generation.jsonl"), *self.models_dir.glob("*/generation-settings.json")]:
+            for path in [
+                *self.models_dir.glob("*/generation.jsonl"),
+                *self.models_dir.glob("*/generation-settings.json"),
+            ]:
                 path.unlink()
         write_json_atomic(key_file, key)
         return reason
 
     def write_dataset(self, dataset: Dataset) -> None:
-        write_text_atomic(self.dataset_file, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in dataset.items))
+        write_text_atomic(
+            self.dataset_file, "".join(json.dumps(item.to_json(), ensure_ascii=False) + "\n" for item in dataset.items)
+        )
 
     def write_corpus(self, corpus: TextCorpus) -> None:
         write_text_atomic(self.corpus_file, corpus.text)
@@ -149,7 +172,11 @@ class RunFolder:
         if not self.corpus_file.exists():
             return [item.question for item in self.read_items()]
         text = self.read_corpus()
-        return [piece for start in range(0, min(len(text), count * characters), characters) if (piece := text[start : start + characters].strip())]
+        return [
+            piece
+            for start in range(0, min(len(text), count * characters), characters)
+            if (piece := text[start : start + characters].strip())
+        ]
 
     def read_items(self) -> tuple[Item, ...]:
         with self.dataset_file.open(encoding="utf-8") as handle:
@@ -160,7 +187,10 @@ class RunFolder:
 
     def write_scored_spans(self, firsts: list[int], token_texts: list[list[str]]) -> None:
         """Where scoring starts in each sequence of tokens.json, and the text of each scored token (for the report's worst spans)."""
-        write_text_atomic(self.reference_dir / "scored.json", json.dumps({"first": firsts, "token_texts": token_texts}, ensure_ascii=False))
+        write_text_atomic(
+            self.reference_dir / "scored.json",
+            json.dumps({"first": firsts, "token_texts": token_texts}, ensure_ascii=False),
+        )
 
     def read_scored_spans(self) -> tuple[list[int], list[list[str]]]:
         spans = json.loads((self.reference_dir / "scored.json").read_text(encoding="utf-8"))

@@ -49,7 +49,9 @@ def _fsync_directory(folder: Path) -> None:
 
 def _write_error(path: Path, error: OSError) -> ResultsFolderError:
     what = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-    return ResultsFolderError(f"cannot write {path}: {what}; finished work is kept, free space and run the same command to resume")
+    return ResultsFolderError(
+        f"cannot write {path}: {what}; finished work is kept, free space and run the same command to resume"
+    )
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> Path:
@@ -116,8 +118,12 @@ class StoreSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # also the [store] table of a config file
     kind: Literal["compact", "full"] = "compact"
-    top_k: int = Field(64, ge=20, description="compact: the reference's most likely tokens kept exactly (Jaccard@20 needs 20)")
-    tail_samples: int = Field(128, ge=1, description="compact: tail tokens kept, drawn in proportion to their probability")
+    top_k: int = Field(
+        64, ge=20, description="compact: the reference's most likely tokens kept exactly (Jaccard@20 needs 20)"
+    )
+    tail_samples: int = Field(
+        128, ge=1, description="compact: tail tokens kept, drawn in proportion to their probability"
+    )
 
     def key(self) -> dict[str, object]:
         """What identifies the stored rows: K and S matter to the compact store only."""
@@ -161,10 +167,16 @@ class ReferenceStore(ABC):
             problem = "it is cut short or unreadable"
         else:
             row_shape = self.row_shape(vocab_size or 0)
-            if array.dtype == self.row_dtype() and array.ndim == 1 + len(row_shape) and array.shape[0] == n_items and (
-                    vocab_size is None or array.shape[1:] == row_shape):
+            if (
+                array.dtype == self.row_dtype()
+                and array.ndim == 1 + len(row_shape)
+                and array.shape[0] == n_items
+                and (vocab_size is None or array.shape[1:] == row_shape)
+            ):
                 return
-            problem = f"it holds {array.shape} rows of {array.dtype}; this run needs {n_items} rows of {self.describe_row()}"
+            problem = (
+                f"it holds {array.shape} rows of {array.dtype}; this run needs {n_items} rows of {self.describe_row()}"
+            )
         raise ResultsFolderError(
             f"{self.path} is not this run's {self.kind} reference store ({problem}): "
             f"delete the folder {self.path.parent} and run the same command again to score the reference afresh"
@@ -189,7 +201,9 @@ class ReferenceStore(ABC):
             descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             os.close(descriptor)
             try:
-                np.lib.format.open_memmap(temporary, mode="w+", dtype=self.row_dtype(), shape=(n_items, *self.row_shape(vocab_size))).flush()
+                np.lib.format.open_memmap(
+                    temporary, mode="w+", dtype=self.row_dtype(), shape=(n_items, *self.row_shape(vocab_size))
+                ).flush()
                 os.chmod(temporary, 0o644)
                 os.replace(temporary, self.path)
             except BaseException:
@@ -265,10 +279,15 @@ class CompactStore(ReferenceStore):
         self.tail_samples = tail_samples
 
     def row_dtype(self) -> np.dtype:
-        return np.dtype([
-            ("top_ids", "<i4", (self.top_k,)), ("top_logprobs", "<f4", (self.top_k,)), ("log_tail_mass", "<f8"),
-            ("sample_ids", "<i4", (self.tail_samples,)), ("sample_logprobs", "<f4", (self.tail_samples,)),
-        ])
+        return np.dtype(
+            [
+                ("top_ids", "<i4", (self.top_k,)),
+                ("top_logprobs", "<f4", (self.top_k,)),
+                ("log_tail_mass", "<f8"),
+                ("sample_ids", "<i4", (self.tail_samples,)),
+                ("sample_logprobs", "<f4", (self.tail_samples,)),
+            ]
+        )
 
     def describe_row(self) -> str:
         return f"top {self.top_k} + {self.tail_samples} tail samples"
@@ -277,14 +296,18 @@ class CompactStore(ReferenceStore):
         if top_logprobs is not None:
             raise QuantcheckError(refuse_top_k_reference(top_logprobs))
         if self.top_k >= vocab_size:
-            raise QuantcheckError(f"--store-top-k {self.top_k} leaves no tail in a vocabulary of {vocab_size}: choose a smaller one, or --store full")
+            raise QuantcheckError(
+                f"--store-top-k {self.top_k} leaves no tail in a vocabulary of {vocab_size}: choose a smaller one, or --store full"
+            )
         return super().create(n_items, vocab_size)
 
 
 def refuse_top_k_reference(top_logprobs: int) -> str:
     """Why a reference known only on its top K cannot fill the compact store (it needs the tail), and what to do."""
-    return (f"the reference's server returns only its top {top_logprobs} log-probabilities, and the compact reference store needs "
-            "full rows: serve the reference with all of them (vLLM: --max-logprobs -1), or run with --store full")
+    return (
+        f"the reference's server returns only its top {top_logprobs} log-probabilities, and the compact reference store needs "
+        "full rows: serve the reference with all of them (vLLM: --max-logprobs -1), or run with --store full"
+    )
 
 
 def open_reference_store(folder: Path, settings: StoreSettings) -> ReferenceStore:

@@ -51,7 +51,6 @@ from quantcheck.errors import QuantcheckError
 from quantcheck.schema.models import Endpoint
 
 if TYPE_CHECKING:
-
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
@@ -90,7 +89,9 @@ def parse_endpoint(text: str) -> tuple[str, str | None, dict[str, str]]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise QuantcheckError(f"{SYNTAX}: {text!r} is not an http(s) URL (e.g. url:http://127.0.0.1:8000/v1)")
     if parts.username or parts.password:
-        raise QuantcheckError(f"the URL for {parts.hostname} carries credentials (not repeated here): put the API key in {API_KEY_VARIABLES[0]} instead")
+        raise QuantcheckError(
+            f"the URL for {parts.hostname} carries credentials (not repeated here): put the API key in {API_KEY_VARIABLES[0]} instead"
+        )
     options = {name: values[-1] for name, values in parse_qs(query, keep_blank_values=True).items()}
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -114,15 +115,24 @@ def _weight_bytes(options: dict[str, str], text: str) -> int | None:
     except ValueError:
         gigabytes = -1.0
     if gigabytes is not None and not (gigabytes > 0 and math.isfinite(gigabytes)):
-        raise QuantcheckError(f"weight_gb must be a positive number of GiB (the served model's weight memory), got {value!r} in {text!r}")
+        raise QuantcheckError(
+            f"weight_gb must be a positive number of GiB (the served model's weight memory), got {value!r} in {text!r}"
+        )
     return None if gigabytes is None else round(gigabytes * 2**30)
 
 
 def _row_request(model: str, prompts: Sequence[Sequence[int]], logprobs: int) -> dict[str, object]:
     """One request for a whole batch: the server schedules the batch as sent, so a resumed run that
     resends a batch gets the same numbers (concurrent single requests would batch as they arrive)."""
-    return {"model": model, "prompt": [list(prompt) for prompt in prompts], "max_tokens": 1, "temperature": 0.0, "top_p": 1.0,
-            "logprobs": logprobs, "return_tokens_as_token_ids": True}
+    return {
+        "model": model,
+        "prompt": [list(prompt) for prompt in prompts],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "logprobs": logprobs,
+        "return_tokens_as_token_ids": True,
+    }
 
 
 def _entries(choice: dict, url: str) -> dict[str, float]:
@@ -130,11 +140,15 @@ def _entries(choice: dict, url: str) -> dict[str, float]:
     logprobs = choice.get("logprobs") or {}
     top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
     if not top or not top[0]:
-        raise EndpointError(f"the server at {url} returns no log-probabilities: quantcheck needs them for KL, Jaccard and the log-likelihood answer")
+        raise EndpointError(
+            f"the server at {url} returns no log-probabilities: quantcheck needs them for KL, Jaccard and the log-likelihood answer"
+        )
     entries = top[0]
     if not all(key.startswith(TOKEN_ID_PREFIX) for key in entries):
-        raise EndpointError(f"the server at {url} keys log-probabilities by token text, not by id (vLLM's return_tokens_as_token_ids): "
-                            "distinct tokens with the same text would collide")
+        raise EndpointError(
+            f"the server at {url} keys log-probabilities by token text, not by id (vLLM's return_tokens_as_token_ids): "
+            "distinct tokens with the same text would collide"
+        )
     return entries
 
 
@@ -144,11 +158,15 @@ def _check_row(ids: np.ndarray, top: int | None, width: int, url: str) -> None:
     wanted = width if top is None else min(top, width)
     if len(ids) < wanted or top is None and len(ids) != width:
         asked = "the full vocabulary" if top is None else f"its top {top}"
-        raise EndpointError(f"the server at {url} returned {len(ids)} log-probabilities for a row where it was asked for {asked} "
-                            f"({wanted}, as it returned when probed): Jaccard@k and KL cannot rest on missing entries; "
-                            f"ask it for at most {len(ids)} (url:...?top_logprobs={max(len(ids), 1)}) or fix the server")
+        raise EndpointError(
+            f"the server at {url} returned {len(ids)} log-probabilities for a row where it was asked for {asked} "
+            f"({wanted}, as it returned when probed): Jaccard@k and KL cannot rest on missing entries; "
+            f"ask it for at most {len(ids)} (url:...?top_logprobs={max(len(ids), 1)}) or fix the server"
+        )
     if ids.max() >= width:
-        raise EndpointError(f"the server at {url} returned {len(ids)} log-probabilities up to id {ids.max()} for a vocabulary of {width}")
+        raise EndpointError(
+            f"the server at {url} returned {len(ids)} log-probabilities up to id {ids.max()} for a vocabulary of {width}"
+        )
 
 
 def vocab_size(folder: str) -> int | None:
@@ -162,11 +180,15 @@ def vocab_size(folder: str) -> int | None:
 
 
 def _served_model(client: Client, model: str | None) -> str:
-    served = [str(entry.get("id")) for entry in client.request("GET", "models").get("data", []) if isinstance(entry, dict)]
+    served = [
+        str(entry.get("id")) for entry in client.request("GET", "models").get("data", []) if isinstance(entry, dict)
+    ]
     if model is None:
         if len(served) == 1:
             return served[0]
-        raise EndpointError(f"{client.url} serves {len(served)} models ({', '.join(served) or 'none'}): name one as url:{client.url}#MODEL")
+        raise EndpointError(
+            f"{client.url} serves {len(served)} models ({', '.join(served) or 'none'}): name one as url:{client.url}#MODEL"
+        )
     if model not in served:
         raise EndpointError(f"{client.url} does not serve {model!r}; it serves: {', '.join(served) or 'nothing'}")
     return model
@@ -188,14 +210,20 @@ def _row_width(client: Client, model: str, top: int | None, folder: str) -> tupl
         width = expected or len(entries)
         if asked == -1:
             if expected is not None and len(entries) != expected:
-                raise EndpointError(f"the server at {client.url} returned {len(entries)} log-probabilities for logprobs=-1, "
-                                    f"but {folder} has a vocabulary of {expected}: is it serving the same model?")
+                raise EndpointError(
+                    f"the server at {client.url} returned {len(entries)} log-probabilities for logprobs=-1, "
+                    f"but {folder} has a vocabulary of {expected}: is it serving the same model?"
+                )
             return None, width
         if len(entries) < min(asked, width):
-            raise EndpointError(f"the server at {client.url} returned {len(entries)} log-probabilities for logprobs={asked}")
+            raise EndpointError(
+                f"the server at {client.url} returned {len(entries)} log-probabilities for logprobs={asked}"
+            )
         return asked, width
-    raise EndpointError(f"the server at {client.url} returns no log-probabilities ({'; '.join(refusals)}); "
-                        "vLLM: start it with --max-logprobs -1 for full rows")
+    raise EndpointError(
+        f"the server at {client.url} returns no log-probabilities ({'; '.join(refusals)}); "
+        "vLLM: start it with --max-logprobs -1 for full rows"
+    )
 
 
 def connect(text: str, folder: str) -> Endpoint:
@@ -219,10 +247,23 @@ def endpoint_spec(text: str, role: str, tokenizer_folder: str) -> ModelSpec:
     endpoint = connect(text, tokenizer_folder)
     url, model, _ = parse_endpoint(text)
     # The name (and so the model's folder) leaves out weight_gb: stating it later keeps the finished work.
-    name = "reference" if role == "reference" else (
-        f"{PREFIX}:{url}" + (f"#{model}" if model else "") + (f"?top_logprobs={endpoint.top_logprobs}" if "top_logprobs=" in text else ""))
-    return ModelSpec(name=name, role=role, backend=OpenAIBackend.name, method="none" if role == "reference" else "served",
-                     weights=tokenizer_folder, endpoint=endpoint)
+    name = (
+        "reference"
+        if role == "reference"
+        else (
+            f"{PREFIX}:{url}"
+            + (f"#{model}" if model else "")
+            + (f"?top_logprobs={endpoint.top_logprobs}" if "top_logprobs=" in text else "")
+        )
+    )
+    return ModelSpec(
+        name=name,
+        role=role,
+        backend=OpenAIBackend.name,
+        method="none" if role == "reference" else "served",
+        weights=tokenizer_folder,
+        endpoint=endpoint,
+    )
 
 
 class OpenAIBackend(Backend):
@@ -265,8 +306,10 @@ class OpenAIBackend(Backend):
         _served_model(self.client, self.endpoint.model)
         top, self.width = _row_width(self.client, self.endpoint.model, self.endpoint.top_logprobs, self.spec.weights)
         if top != self.endpoint.top_logprobs:
-            raise EndpointError(f"the server at {self.endpoint.url} now returns {'full rows' if top is None else f'the top {top}'} "
-                                "log-probabilities, not what the run started with: run the same command again")
+            raise EndpointError(
+                f"the server at {self.endpoint.url} now returns {'full rows' if top is None else f'the top {top}'} "
+                "log-probabilities, not what the run started with: run the same command again"
+            )
         self.server = _server_version(self.client)
 
     def tokenizer_mismatch(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> str | None:
@@ -283,17 +326,23 @@ class OpenAIBackend(Backend):
                     tokens = server_tokens(text)
                     if tokens != ids:
                         self.tokenizer_verified, self.tokenizer_check = False, f"different ({method})"
-                        first = next((i for i, (a, b) in enumerate(zip(tokens, ids)) if a != b), min(len(tokens), len(ids)))
-                        return (f"the server at {self.endpoint.url} tokenizes a prompt into {len(tokens)} tokens where "
-                                f"{self.spec.weights} gives {len(ids)} (first difference at position {first}; by {method})")
+                        first = next(
+                            (i for i, (a, b) in enumerate(zip(tokens, ids)) if a != b), min(len(tokens), len(ids))
+                        )
+                        return (
+                            f"the server at {self.endpoint.url} tokenizes a prompt into {len(tokens)} tokens where "
+                            f"{self.spec.weights} gives {len(ids)} (first difference at position {first}; by {method})"
+                        )
             except _NoAnswer as reason:
                 reasons.append(str(reason))
                 continue
             self.tokenizer_verified, self.tokenizer_check = True, method
             return None
         self.tokenizer_verified, self.tokenizer_check = False, "unverified"
-        self.tokenizer_note = (f"the server at {self.endpoint.url} could not be asked how it tokenizes ({'; '.join(reasons)}): "
-                               f"whether it reads the token ids as {self.spec.weights}'s tokenizer does is unverified")
+        self.tokenizer_note = (
+            f"the server at {self.endpoint.url} could not be asked how it tokenizes ({'; '.join(reasons)}): "
+            f"whether it reads the token ids as {self.spec.weights}'s tokenizer does is unverified"
+        )
         return None
 
     def _tokenize_route(self, text: str) -> list[int]:
@@ -306,7 +355,9 @@ class OpenAIBackend(Backend):
         except httpx.HTTPError as error:
             raise EndpointError(f"{root}/tokenize: {transport_reason(error)}; {RUN_ADVICE}") from None
         if response.status_code != 200:
-            raise _NoAnswer(f"/tokenize answered HTTP {response.status_code}")  # no such route: OpenAI, TGI, llama-server
+            raise _NoAnswer(
+                f"/tokenize answered HTTP {response.status_code}"
+            )  # no such route: OpenAI, TGI, llama-server
         try:
             tokens = response.json().get("tokens")
         except (ValueError, AttributeError):
@@ -316,8 +367,16 @@ class OpenAIBackend(Backend):
     def _echoed_tokens(self, text: str) -> list[int]:
         """The server's tokens for `text` from a one-token completion that echoes its prompt: vLLM's
         `prompt_token_ids` (return_token_ids), else the echoed prompt's `logprobs.tokens` keyed by id."""
-        payload = {"model": self.endpoint.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1,
-                   "return_tokens_as_token_ids": True, "return_token_ids": True}
+        payload = {
+            "model": self.endpoint.model,
+            "prompt": text,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,
+        }
         try:
             answer = self.client.request("POST", "completions", payload)
         except EndpointError as error:
@@ -332,10 +391,13 @@ class OpenAIBackend(Backend):
         tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
         usage = answer.get("usage") if isinstance(answer, dict) else None
         count = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        if not isinstance(tokens, list) or not isinstance(count, int) or not all(
-                isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX) for token in tokens[:count]):
+        if (
+            not isinstance(tokens, list)
+            or not isinstance(count, int)
+            or not all(isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX) for token in tokens[:count])
+        ):
             raise _NoAnswer("echo returned no prompt token ids")
-        return [int(token[len(TOKEN_ID_PREFIX):]) for token in tokens[:count]]
+        return [int(token[len(TOKEN_ID_PREFIX) :]) for token in tokens[:count]]
 
     def describe(self) -> EngineInfo:
         from quantcheck.schema.results import EngineInfo
@@ -344,8 +406,14 @@ class OpenAIBackend(Backend):
         parallel = {"url": self.endpoint.url, "served_model": self.endpoint.model, "logprobs": rows}
         if self.tokenizer_check is not None:
             parallel["tokenizer_check"] = self.tokenizer_check
-        return EngineInfo(engine="openai-http", version=self.server, compute_dtype="unknown", devices=["server"],
-                          parallel=parallel, tokenizer_verified=self.tokenizer_verified)
+        return EngineInfo(
+            engine="openai-http",
+            version=self.server,
+            compute_dtype="unknown",
+            devices=["server"],
+            parallel=parallel,
+            tokenizer_verified=self.tokenizer_verified,
+        )
 
     @property
     def vocab_width(self) -> int:
@@ -362,27 +430,41 @@ class OpenAIBackend(Backend):
         rows = np.full((len(prompts), self.width), -np.inf, dtype=np.float32)
         for row, choice in zip(rows, choices):
             entries = _entries(choice, self.endpoint.url)
-            ids = np.fromiter((int(key[len(TOKEN_ID_PREFIX):]) for key in entries), dtype=np.int64, count=len(entries))
+            ids = np.fromiter((int(key[len(TOKEN_ID_PREFIX) :]) for key in entries), dtype=np.int64, count=len(entries))
             _check_row(ids, self.top_logprobs, self.width, self.endpoint.url)
             row[ids] = np.fromiter(entries.values(), dtype=np.float32, count=len(entries))
         return rows
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> list[list[int]]:
         """One request per prompt (a request has one seed; items are seeded apart), at most MAX_CONCURRENCY
         in flight; every sampling knob explicit, new ids returned as ids."""
         stops = set(settings.stop_token_ids)
 
         def one(index: int) -> list[int]:
             payload = {
-                "model": self.endpoint.model, "prompt": list(prompts[index]), "max_tokens": settings.max_new_tokens,
-                "temperature": 0.0 if settings.greedy else settings.temperature, "top_p": 1.0, "seed": seeds[index],
-                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                "stop_token_ids": sorted(stops), "return_token_ids": True, "n": 1,
+                "model": self.endpoint.model,
+                "prompt": list(prompts[index]),
+                "max_tokens": settings.max_new_tokens,
+                "temperature": 0.0 if settings.greedy else settings.temperature,
+                "top_p": 1.0,
+                "seed": seeds[index],
+                "top_k": -1,
+                "min_p": 0.0,
+                "repetition_penalty": 1.0,
+                "presence_penalty": 0.0,
+                "frequency_penalty": 0.0,
+                "stop_token_ids": sorted(stops),
+                "return_token_ids": True,
+                "n": 1,
             }
             choice = self.client.completions(payload)[0]
             if not isinstance(choice.get("token_ids"), list):
-                raise EndpointError(f"the server at {self.endpoint.url} returns generated text without token ids "
-                                    "(vLLM's return_token_ids); run with --skip-generation")
+                raise EndpointError(
+                    f"the server at {self.endpoint.url} returns generated text without token ids "
+                    "(vLLM's return_token_ids); run with --skip-generation"
+                )
             return [token for token in choice["token_ids"] if token not in stops]
 
         with ThreadPoolExecutor(max_workers=min(MAX_CONCURRENCY, len(prompts))) as pool:

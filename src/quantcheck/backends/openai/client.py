@@ -60,9 +60,15 @@ def transport_reason(error: Exception) -> str:
     import httpx
 
     if isinstance(error, httpx.TimeoutException):
-        return f"no answer within {READ_TIMEOUT_S:.0f} s" if isinstance(error, httpx.ReadTimeout) else "connection timed out"
+        return (
+            f"no answer within {READ_TIMEOUT_S:.0f} s"
+            if isinstance(error, httpx.ReadTimeout)
+            else "connection timed out"
+        )
     if isinstance(error, httpx.ConnectError):
-        return "connection refused" if "refused" in str(error).lower() else f"cannot connect ({one_line(str(error), 120)})"
+        return (
+            "connection refused" if "refused" in str(error).lower() else f"cannot connect ({one_line(str(error), 120)})"
+        )
     if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError)):
         return "the server closed the connection mid-request"
     return f"{type(error).__name__}: {one_line(str(error), 120)}"
@@ -79,9 +85,11 @@ class Client:
         self.advice = advice
         key = api_key()
         self.http = httpx.Client(
-            base_url=url + "/", headers={"Authorization": f"Bearer {key}"} if key else {},
+            base_url=url + "/",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
             timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=MAX_CONCURRENCY), follow_redirects=False,
+            limits=httpx.Limits(max_connections=MAX_CONCURRENCY),
+            follow_redirects=False,
         )
 
     @property
@@ -106,13 +114,21 @@ class Client:
                 reason = f"HTTP {response.status_code}: {server_message(response)}"
                 continue
             if response.status_code >= 400:
-                hint = " (the base URL of an OpenAI-compatible API usually ends in /v1)" if response.status_code == 404 else ""
-                raise EndpointError(f"{self.url}/{path} answered HTTP {response.status_code}: {server_message(response)}{hint}",
-                                    response.status_code)
+                hint = (
+                    " (the base URL of an OpenAI-compatible API usually ends in /v1)"
+                    if response.status_code == 404
+                    else ""
+                )
+                raise EndpointError(
+                    f"{self.url}/{path} answered HTTP {response.status_code}: {server_message(response)}{hint}",
+                    response.status_code,
+                )
             try:
                 return response.json()
             except ValueError:
-                raise EndpointError(f"{self.url}/{path} did not answer JSON: is {self.url} the base URL of an OpenAI-compatible API (usually ending in /v1)?") from None
+                raise EndpointError(
+                    f"{self.url}/{path} did not answer JSON: is {self.url} the base URL of an OpenAI-compatible API (usually ending in /v1)?"
+                ) from None
         tries = f"{self.retries + 1} tries over {time.monotonic() - start:.0f} s"
         raise EndpointError(f"{self.url}: {reason} ({tries}); {self.advice}")
 
@@ -121,8 +137,10 @@ class Client:
         answer = self.request("POST", "completions", payload)
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != count:
-            raise EndpointError(f"{self.url}/completions answered {len(choices) if isinstance(choices, list) else 'no'} choices "
-                                f"for {count} prompts: {one_line(json.dumps(answer), 200)}")
+            raise EndpointError(
+                f"{self.url}/completions answered {len(choices) if isinstance(choices, list) else 'no'} choices "
+                f"for {count} prompts: {one_line(json.dumps(answer), 200)}"
+            )
         return sorted(choices, key=lambda choice: choice.get("index", 0))
 
     def close(self) -> None:

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 REQUESTS_PER_SLOT = 2
 NOT_MEASURED = "not measured: a served model's memory is the server's, not visible to a client"
-LATENCY_METHOD = "client-side streaming /v1/completions at each concurrency level (network, queueing and scheduler included)"
+LATENCY_METHOD = (
+    "client-side streaming /v1/completions at each concurrency level (network, queueing and scheduler included)"
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def stream_request(client: Client, payload: dict[str, object]) -> RequestTiming:
             for line in response.iter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     break
                 choice = (json.loads(data).get("choices") or [{}])[0]
@@ -84,12 +86,18 @@ def distribution(values: Sequence[float]) -> TimingDistribution | None:
     if not values:
         return None
     p10, p90 = np.percentile(values, [10, 90])
-    return TimingDistribution(n=len(values), mean_s=statistics.fmean(values), median_s=statistics.median(values),
-                              p10_s=float(p10), p90_s=float(p90))
+    return TimingDistribution(
+        n=len(values),
+        mean_s=statistics.fmean(values),
+        median_s=statistics.median(values),
+        p10_s=float(p10),
+        p90_s=float(p90),
+    )
 
 
-def sweep_level(send: Callable[[int], RequestTiming], concurrency: int, time_budget_s: float,
-                prompt_tokens: int, new_tokens: int) -> ServingPoint:
+def sweep_level(
+    send: Callable[[int], RequestTiming], concurrency: int, time_budget_s: float, prompt_tokens: int, new_tokens: int
+) -> ServingPoint:
     """Keep `concurrency` requests in flight until REQUESTS_PER_SLOT x concurrency were sent or time is up."""
     from quantcheck.schema.results import ServingPoint
 
@@ -119,12 +127,18 @@ def sweep_level(send: Callable[[int], RequestTiming], concurrency: int, time_bud
     wall = time.perf_counter() - begin
     tokens = sum(timing.tokens for timing in timings)
     return ServingPoint(
-        concurrency=concurrency, requests=len(timings) + len(failures), failed=len(failures), error=failures[0] if failures else None,
-        prompt_tokens=prompt_tokens, new_tokens=new_tokens, wall_s=wall,
+        concurrency=concurrency,
+        requests=len(timings) + len(failures),
+        failed=len(failures),
+        error=failures[0] if failures else None,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        wall_s=wall,
         time_to_first_token=distribution([timing.first_token_s for timing in timings]),
         inter_token_latency=distribution([gap for timing in timings for gap in timing.gaps_s]),
         end_to_end=distribution([timing.end_to_end_s for timing in timings]),
-        output_tokens_per_s=tokens / wall if timings else None, requests_per_s=len(timings) / wall if timings else None,
+        output_tokens_per_s=tokens / wall if timings else None,
+        requests_per_s=len(timings) / wall if timings else None,
     )
 
 
@@ -134,8 +148,9 @@ def concurrency_levels(batch_sizes: Sequence[int]) -> list[int]:
     return [size for size in batch_sizes if size <= MAX_CONCURRENCY] or [1]
 
 
-def measure_serving_cost(endpoint: Endpoint, tokenizer, texts: Sequence[str], settings, threads: int,
-                         on_step: Callable[[str], None]) -> ModelCost:
+def measure_serving_cost(
+    endpoint: Endpoint, tokenizer, texts: Sequence[str], settings, threads: int, on_step: Callable[[str], None]
+) -> ModelCost:
     """Warm-up requests, then one `ServingPoint` per concurrency level; refused when every request failed."""
     from quantcheck.cost.scenario import CostSettings
     from quantcheck.data.batching import fixed_length_prompts
@@ -148,8 +163,16 @@ def measure_serving_cost(endpoint: Endpoint, tokenizer, texts: Sequence[str], se
     client = Client(endpoint.url)
 
     def send(index: int) -> RequestTiming:
-        payload = {"model": endpoint.model, "prompt": prompts[index % len(prompts)], "max_tokens": new_tokens, "min_tokens": new_tokens,
-                   "ignore_eos": True, "temperature": 0.0, "top_p": 1.0, "return_token_ids": True}
+        payload = {
+            "model": endpoint.model,
+            "prompt": prompts[index % len(prompts)],
+            "max_tokens": new_tokens,
+            "min_tokens": new_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "return_token_ids": True,
+        }
         return stream_request(client, payload)
 
     try:
@@ -163,5 +186,13 @@ def measure_serving_cost(endpoint: Endpoint, tokenizer, texts: Sequence[str], se
         client.close()
     if all(point.failed == point.requests for point in points):
         raise EndpointError(f"{endpoint.url}: every streamed request failed ({points[0].error})")
-    return ModelCost(memory_method=NOT_MEASURED, threads=threads, engine="openai-http", latency_method=LATENCY_METHOD,
-                     load_time_s=None, weights=None, stated_weight_bytes=endpoint.stated_weight_bytes, serving=points)
+    return ModelCost(
+        memory_method=NOT_MEASURED,
+        threads=threads,
+        engine="openai-http",
+        latency_method=LATENCY_METHOD,
+        load_time_s=None,
+        weights=None,
+        stated_weight_bytes=endpoint.stated_weight_bytes,
+        serving=points,
+    )
