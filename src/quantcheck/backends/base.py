@@ -52,7 +52,8 @@ class MethodInfo:
         if device not in self.devices:
             label = self.name if backend == "hf" else f"{backend}:{self.name}"
             raise QuantMethodError(
-                f"{label} does not run on {device} (runs on: {', '.join(sorted(self.devices))}); choose another --quant or --device"
+                f"{label} does not run on {device} (runs on: {', '.join(sorted(self.devices))}); "
+                "choose another --quant or --device"
             )
 
 
@@ -64,6 +65,8 @@ class Backend(ABC):
     install_hint: ClassVar[str]
     quant_syntax: ClassVar[str] = ""  # set by a backend whose models are named by address, not by a method table
     scores_text: ClassVar[bool] = False  # answers `window_logprobs` (text corpora)
+    variant_options: ClassVar[dict[str, str]] = {}
+    """The `?key=value` options this engine's variants take (`backends.variants.GRAMMAR`), each with what it means."""
 
     def __init__(self, job: JobSpec) -> None:
         self.job = job
@@ -88,8 +91,9 @@ class Backend(ABC):
         )
 
     @classmethod
-    def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
-        """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and pretrained:PATH."""
+    def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+        """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and pretrained:PATH.
+        `options` are known to be among `variant_options`."""
         return None
 
     @classmethod

@@ -198,7 +198,8 @@ def read_gguf_header(path: Path) -> GgufHeader:
         data_start = -(-handle.tell() // alignment) * alignment
     if data_start + data_end > size:
         raise GgufFileError(
-            f"{path} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}; download or convert it again"
+            f"{path} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}; "
+            "download or convert it again"
         )
     return header
 
@@ -212,7 +213,8 @@ def check_same_vocabulary(header: GgufHeader, reference_folder: str) -> None:
     tokens = header.tokens
     if width is not None and len(tokens) != width:
         raise GgufFileError(
-            f"{header.path.name} has {len(tokens)} tokens but the reference's vocabulary has {width}: quantcheck feeds every model "
+            f"{header.path.name} has {len(tokens)} tokens but the reference's vocabulary has {width}: "
+            "quantcheck feeds every model "
             "the reference's token ids, so a GGUF must come from the same model family"
         )
     reference = {token_id: token for token, token_id in load_tokenizer(reference_folder).get_vocab().items()}
@@ -245,7 +247,8 @@ def converter_script() -> Path:
 
 
 def gguf_cache_folder(reference: Path) -> Path:
-    """One folder per reference (content fingerprint) and llama-cpp-python version (its converter and quantizer write the bytes)."""
+    """One folder per reference (content fingerprint) and llama-cpp-python version (its converter and quantizer write
+    the bytes)."""
     from quantcheck.models.builtin import cache_dir
     from quantcheck.models.loading import fingerprint
 
@@ -332,7 +335,7 @@ class LlamaCppBackend(Backend):
         return "FILE.gguf", "a GGUF file made elsewhere, run by llama.cpp (its vocabulary must be the reference's)"
 
     @classmethod
-    def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
+    def parse_variant(cls, rest: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
         """`gguf:FILE.gguf` (any path) is a user's file; a name without a path is a type for `method_info`."""
         from quantcheck.schema.models import ModelSpec
 
@@ -353,7 +356,8 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
-        """In the parent: CPU only, the engine importable, a readable file with the reference's vocabulary or a converter."""
+        """In the parent: CPU only, the engine importable, a readable file with the reference's vocabulary or a
+        converter."""
         label = spec.name if not spec.runs_reference_weights else "--backend llamacpp"
         if device != "cpu":
             raise QuantMethodError(f"{label} runs on cpu only (llama-cpp-python built for CPU): use --device cpu")

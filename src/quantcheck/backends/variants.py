@@ -10,9 +10,16 @@ Syntax (shown by `quantcheck quants`):
     --backend vllm                  the reference itself runs in vLLM (--backend llamacpp: as a GGUF in llama.cpp)
     --quant url:URL[#MODEL][?top_logprobs=K]   a model behind an OpenAI-compatible server
     --reference-url URL[#MODEL][?top_logprobs=K]   the reference itself is served there (MODEL: its tokenizer)
+
+Every form is one grammar, `GRAMMAR`: an optional backend (or its prefix: `gguf`, `url`), the method (a method name,
+`pretrained:PATH`, a file, a URL), and options after `?` that the backend declares in `Backend.variant_options`.
+One parser (`parse_variant_text`) and one error format serve them all.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
@@ -21,6 +28,51 @@ from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
 
 PRETRAINED = "pretrained"
 ENDPOINT_BACKEND = "openai"
+GRAMMAR = "[backend:]method[?key=value&...]"
+
+
+@dataclass(frozen=True)
+class VariantText:
+    """One --quant value split by `GRAMMAR`: the engine, what the engine reads (`body`), and the options."""
+
+    text: str
+    backend: str
+    body: str
+    options: dict[str, str]
+
+
+def parse_variant_text(text: str, backend: str | None = None) -> VariantText:
+    """Split `text` by `GRAMMAR` (`backend`: the engine is known already, as for --reference-url); every option must be
+    one the engine declares."""
+    if backend is None:
+        backend, body = DEFAULT_BACKEND, text
+        head, _, tail = text.partition(":")
+        head = PREFIXES.get(head, head)
+        if head in BACKEND_NAMES and head != RECORDED_BACKEND and tail:
+            backend, body = head, tail
+    else:
+        body = text
+    body, marked, query = body.partition("?")
+    # A URL's #MODEL may follow its options (`URL?top_logprobs=5#MODEL`): it belongs to the body.
+    query, _, fragment = query.partition("#")
+    body += f"#{fragment}" if fragment else ""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise QuantcheckError(f"{text!r}: options are key=value pairs joined by '&' ({GRAMMAR})") from None
+    if marked and not pairs:
+        raise QuantcheckError(f"{text!r}: nothing follows '?'; give key=value options or leave the '?' out ({GRAMMAR})")
+    options = dict(pairs)
+    if len(options) != len(pairs):
+        raise QuantcheckError(f"{text!r}: an option is given twice ({GRAMMAR})")
+    declared = get_backend(backend).variant_options
+    for key in options:
+        if key not in declared:
+            valid = ", ".join(declared) if declared else "none"
+            raise QuantcheckError(
+                f"unknown option {key!r} in {text!r}; the {backend} backend's options: {valid} ({GRAMMAR})"
+            )
+    return VariantText(text=text, backend=backend, body=body, options=options)
 
 
 def _slug(source: str) -> str:
@@ -52,7 +104,8 @@ def reference_spec(backend: str, weights: str, url: str | None = None, kld: str 
             )
         from quantcheck.backends.openai.backend import endpoint_spec
 
-        return endpoint_spec(url, "reference", weights)
+        served = parse_variant_text(url, backend=ENDPOINT_BACKEND)
+        return endpoint_spec(served.body, served.options, "reference", weights)
     if backend not in engines:
         hint = ": a served reference is given with --reference-url URL" if backend == ENDPOINT_BACKEND else ""
         raise QuantcheckError(f"--backend must be one of {', '.join(engines)}, got {backend!r}{hint}")
@@ -61,7 +114,8 @@ def reference_spec(backend: str, weights: str, url: str | None = None, kld: str 
 
 SAMPLING_FLOOR_SEED_OFFSET = 1_000_003
 """The sampling floor re-runs the reference with one thing changed: the sampling seed. (The numeric floor needs no
-second run: each model scores a few items twice with two batch plans in its own quality job, scoring/engine_floor.py.)"""
+second run: each model scores a few items twice with two batch plans in its own quality job,
+scoring/engine_floor.py.)"""
 
 
 def floor_specs(reference: ModelSpec, sampled_generation: bool) -> list[ModelSpec]:
@@ -73,13 +127,10 @@ def floor_specs(reference: ModelSpec, sampled_generation: bool) -> list[ModelSpe
 
 def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> ModelSpec:
     """Parse one --quant value. `resolve_checkpoint(source)` turns a pretrained source into a local folder."""
-    backend, rest = DEFAULT_BACKEND, text
-    head, _, tail = text.partition(":")
-    head = PREFIXES.get(head, head)
-    if head in BACKEND_NAMES and head != RECORDED_BACKEND and tail:
-        backend, rest = head, tail
+    variant = parse_variant_text(text)
+    backend, rest = variant.backend, variant.body
     prefix = quant_prefix(backend)
-    if (own := get_backend(backend).parse_variant(rest, reference_weights)) is not None:
+    if (own := get_backend(backend).parse_variant(rest, variant.options, reference_weights)) is not None:
         return own
     if rest.startswith(PRETRAINED + ":") and len(rest) > len(PRETRAINED) + 1:
         source = rest[len(PRETRAINED) + 1 :]
@@ -112,7 +163,8 @@ def describe(spec: ModelSpec) -> str:
             if spec.endpoint.top_logprobs is None
             else f"top-{spec.endpoint.top_logprobs} log-probabilities"
         )
-        return f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model} served at {spec.endpoint.url} ({rows})"
+        who = f"{'the reference ' if spec.is_reference else ''}{spec.endpoint.model}"
+        return f"{who} served at {spec.endpoint.url} ({rows})"
     if spec.backend == RECORDED_BACKEND:
         return f"the reference as llama-perplexity recorded it in {spec.weights}"
     if spec.is_reference:

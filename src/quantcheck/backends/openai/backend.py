@@ -19,9 +19,9 @@ Everything the server can get wrong (wrong URL, wrong model name, no log-probabi
 probed in the parent before any work (`connect`); every row after the probe is checked again (a row
 with fewer entries than asked stops the model in one line, `_check_row`). The server's own tokenizer
 is checked on a few prompts by its /tokenize, else by a completion that echoes the prompt sent as text;
-where neither answers, the model's `EngineInfo.tokenizer_verified` is False and the run says so. Transient faults (timeouts, refused connections,
-408/429/5xx) are retried with exponential backoff a bounded number of times; then the worker stops
-with one line and the run keeps every finished batch. The API key comes from the environment
+where neither answers, the model's `EngineInfo.tokenizer_verified` is False and the run says so. Transient faults
+(timeouts, refused connections, 408/429/5xx) are retried with exponential backoff a bounded number of times; then
+the worker stops with one line and the run keeps every finished batch. The API key comes from the environment
 (QUANTCHECK_API_KEY, else OPENAI_API_KEY) and is only ever put in a request header.
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -57,7 +57,10 @@ if TYPE_CHECKING:
 
 PREFIX = "url"
 SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K][&weight_gb=G]"
-OPTIONS = ("top_logprobs", "weight_gb")
+OPTIONS = {
+    "top_logprobs": "K: the server returns only the top K log-probabilities (KL is then a lower bound)",
+    "weight_gb": "G: the served model's weight memory in GiB, as you know it (a server's memory is not visible here)",
+}
 FALLBACK_TOP_LOGPROBS = (20, 5)
 """Asked for in turn when a server refuses the full vocabulary: OpenAI's chat and legacy limits."""
 PROBE_RETRIES = 1
@@ -78,26 +81,17 @@ def _token_ids(tokens: object, method: str) -> list[int]:
     return list(tokens)
 
 
-def parse_endpoint(text: str) -> tuple[str, str | None, dict[str, str]]:
-    """`URL[#MODEL][?top_logprobs=K][&weight_gb=G]` -> (base URL, served model name or None, options).
-
-    The query may come before or after the fragment; it is quantcheck's and never sent.
-    """
+def parse_endpoint(text: str) -> tuple[str, str | None]:
+    """`URL[#MODEL]` (its options already split off by `backends.variants`) -> (base URL, served model name or None)."""
     parts = urlsplit(text)
-    fragment, _, fragment_query = parts.fragment.partition("?")
-    query = "&".join(filter(None, (parts.query, fragment_query)))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise QuantcheckError(f"{SYNTAX}: {text!r} is not an http(s) URL (e.g. url:http://127.0.0.1:8000/v1)")
     if parts.username or parts.password:
         raise QuantcheckError(
-            f"the URL for {parts.hostname} carries credentials (not repeated here): put the API key in {API_KEY_VARIABLES[0]} instead"
+            f"the URL for {parts.hostname} carries credentials (not repeated here): "
+            f"put the API key in {API_KEY_VARIABLES[0]} instead"
         )
-    options = {name: values[-1] for name, values in parse_qs(query, keep_blank_values=True).items()}
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise QuantcheckError(f"unknown option {unknown[0]!r} in {text!r}; valid: {', '.join(OPTIONS)} ({SYNTAX})")
-    base = parts._replace(query="", fragment="").geturl().rstrip("/")
-    return base, fragment or None, options
+    return parts._replace(query="", fragment="").geturl().rstrip("/"), parts.fragment or None
 
 
 def _top_logprobs(options: dict[str, str], text: str) -> int | None:
@@ -141,7 +135,8 @@ def _entries(choice: dict, url: str) -> dict[str, float]:
     top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
     if not top or not top[0]:
         raise EndpointError(
-            f"the server at {url} returns no log-probabilities: quantcheck needs them for KL, Jaccard and the log-likelihood answer"
+            f"the server at {url} returns no log-probabilities: "
+            "quantcheck needs them for KL, Jaccard and the log-likelihood answer"
         )
     entries = top[0]
     if not all(key.startswith(TOKEN_ID_PREFIX) for key in entries):
@@ -165,7 +160,8 @@ def _check_row(ids: np.ndarray, top: int | None, width: int, url: str) -> None:
         )
     if ids.max() >= width:
         raise EndpointError(
-            f"the server at {url} returned {len(ids)} log-probabilities up to id {ids.max()} for a vocabulary of {width}"
+            f"the server at {url} returned {len(ids)} log-probabilities up to id {ids.max()} "
+            f"for a vocabulary of {width}"
         )
 
 
@@ -187,7 +183,8 @@ def _served_model(client: Client, model: str | None) -> str:
         if len(served) == 1:
             return served[0]
         raise EndpointError(
-            f"{client.url} serves {len(served)} models ({', '.join(served) or 'none'}): name one as url:{client.url}#MODEL"
+            f"{client.url} serves {len(served)} models ({', '.join(served) or 'none'}): "
+            f"name one as url:{client.url}#MODEL"
         )
     if model not in served:
         raise EndpointError(f"{client.url} does not serve {model!r}; it serves: {', '.join(served) or 'nothing'}")
@@ -226,10 +223,10 @@ def _row_width(client: Client, model: str, top: int | None, folder: str) -> tupl
     )
 
 
-def connect(text: str, folder: str) -> Endpoint:
+def connect(text: str, options: dict[str, str], folder: str) -> Endpoint:
     """Everything about a server that can be refused before any work: `text` well formed, the server
     reachable, serving the model, returning log-probabilities keyed by token id (full rows, else the top K)."""
-    url, model, options = parse_endpoint(text)
+    url, model = parse_endpoint(text)
     top_logprobs, weight_bytes = _top_logprobs(options, text), _weight_bytes(options, text)
     client = Client(url, retries=PROBE_RETRIES, advice=PROBE_ADVICE)
     try:
@@ -240,12 +237,13 @@ def connect(text: str, folder: str) -> Endpoint:
     return Endpoint(url=url, model=served, top_logprobs=top, stated_weight_bytes=weight_bytes)
 
 
-def endpoint_spec(text: str, role: str, tokenizer_folder: str) -> ModelSpec:
-    """A served model: `text` is URL[#MODEL][?top_logprobs=K]; the server is probed here, before any work."""
+def endpoint_spec(text: str, options: dict[str, str], role: str, tokenizer_folder: str) -> ModelSpec:
+    """A served model: `text` is URL[#MODEL], `options` its top_logprobs and weight_gb; the server is probed here,
+    before any work."""
     from quantcheck.schema.models import ModelSpec
 
-    endpoint = connect(text, tokenizer_folder)
-    url, model, _ = parse_endpoint(text)
+    endpoint = connect(text, options, tokenizer_folder)
+    url, model = parse_endpoint(text)
     # The name (and so the model's folder) leaves out weight_gb: stating it later keeps the finished work.
     name = (
         "reference"
@@ -253,7 +251,7 @@ def endpoint_spec(text: str, role: str, tokenizer_folder: str) -> ModelSpec:
         else (
             f"{PREFIX}:{url}"
             + (f"#{model}" if model else "")
-            + (f"?top_logprobs={endpoint.top_logprobs}" if "top_logprobs=" in text else "")
+            + (f"?top_logprobs={endpoint.top_logprobs}" if "top_logprobs" in options else "")
         )
     )
     return ModelSpec(
@@ -273,15 +271,17 @@ class OpenAIBackend(Backend):
     engine_package = "httpx"
     install_hint = "pip install httpx"
     quant_syntax = SYNTAX
+    variant_options = OPTIONS
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
         return {}  # the server decides how its model is built; quantcheck only compares it
 
     @classmethod
-    def parse_variant(cls, rest: str, reference_weights: str) -> ModelSpec | None:
-        """`url:URL[#MODEL][?top_logprobs=K]`: the reference's folder gives the tokenizer, the chat template and the stop tokens."""
-        return endpoint_spec(rest, "variant", reference_weights)
+    def parse_variant(cls, rest: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+        """`url:URL[#MODEL][?top_logprobs=K]`: the reference's folder gives the tokenizer, the chat template and the
+        stop tokens."""
+        return endpoint_spec(rest, options, "variant", reference_weights)
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
@@ -299,7 +299,8 @@ class OpenAIBackend(Backend):
         self.width = 0
         self.server = "unknown"
         self.tokenizer_check: str | None = None
-        """How the server's tokenizer was checked: '/tokenize', 'echo', 'different (...)', 'unverified'; None: not asked."""
+        """How the server's tokenizer was checked: '/tokenize', 'echo', 'different (...)', 'unverified'; None: not
+        asked."""
 
     def load(self) -> None:
         """Check the server again (it may have changed since the parent probed it) and learn the row width."""

@@ -1,0 +1,74 @@
+"""One grammar for every --quant value, `[backend:]method[?key=value&...]`: one parser, one error format, options
+declared by the backend that reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import quantcheck
+from quantcheck.backends import get_backend
+from quantcheck.backends.variants import GRAMMAR, parse_variant_text
+from quantcheck.errors import QuantcheckError
+
+URL = "http://127.0.0.1:9/v1"
+
+
+@pytest.mark.parametrize(
+    ("text", "backend", "body", "options"),
+    [
+        ("bnb-nf4", "hf", "bnb-nf4", {}),
+        ("hf:bnb-nf4", "hf", "bnb-nf4", {}),
+        ("vllm:fp8_per_channel", "vllm", "fp8_per_channel", {}),
+        ("vllm:pretrained:/models/awq", "vllm", "pretrained:/models/awq", {}),
+        ("gguf:Q4_K_M", "llamacpp", "Q4_K_M", {}),
+        ("gguf:/tmp/x.gguf", "llamacpp", "/tmp/x.gguf", {}),
+        (f"url:{URL}", "openai", URL, {}),
+        (f"url:{URL}#served?top_logprobs=5", "openai", f"{URL}#served", {"top_logprobs": "5"}),
+        # the model's name may also follow the options, as a URL's fragment follows its query
+        (
+            f"url:{URL}?top_logprobs=5&weight_gb=0.5#served",
+            "openai",
+            f"{URL}#served",
+            {"top_logprobs": "5", "weight_gb": "0.5"},
+        ),
+    ],
+)
+def test_every_form_splits_into_backend_body_and_options(text, backend, body, options):
+    parsed = parse_variant_text(text)
+    assert (parsed.backend, parsed.body, parsed.options) == (backend, body, options)
+
+
+def test_options_are_the_backends_own_declaration():
+    assert set(get_backend("openai").variant_options) == {"top_logprobs", "weight_gb"}
+    assert get_backend("hf").variant_options == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bnb-nf4?keep=0,1", "unknown option 'keep' in 'bnb-nf4?keep=0,1'; the hf backend's options: none"),
+        (
+            "vllm:none?kv_cache=fp8",
+            "unknown option 'kv_cache' in 'vllm:none?kv_cache=fp8'; the vllm backend's options: none",
+        ),
+        (f"url:{URL}?top_k=5", "the openai backend's options: top_logprobs, weight_gb"),
+        (f"url:{URL}?top_logprobs", "options are key=value pairs joined by '&'"),
+        ("bnb-nf4?", "nothing follows '?'"),
+        (f"url:{URL}?top_logprobs=5&top_logprobs=6", "an option is given twice"),
+    ],
+)
+def test_one_error_format_names_the_value_and_the_grammar(text, message):
+    with pytest.raises(QuantcheckError) as error:
+        parse_variant_text(text)
+    assert message in str(error.value)
+    assert str(error.value).endswith(f"({GRAMMAR})")
+    assert "\n" not in str(error.value)
+
+
+def test_the_command_line_refuses_an_unknown_option_in_one_line_before_loading(tmp_path):
+    result = quantcheck("run", "--quant", "bnb-nf4?keep=0", "--out", str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: unknown option 'keep' in 'bnb-nf4?keep=0'; the hf backend's options: none ({GRAMMAR})"
+    )
+    assert not (tmp_path / "run").exists()
