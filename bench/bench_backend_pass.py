@@ -171,7 +171,8 @@ def main() -> int:
     print(f"{hf['items']} questions, batch {BATCH_SIZE}, {args.threads} threads, {args.device}, best of {ROUNDS}")
     print(f"hf:   bare forward {hf['bare_s']:.2f} s   quantcheck pass {hf['pass_s']:.2f} s   load {hf['load_s']:.1f} s")
     print(
-        f"vllm: bare generate {vllm['bare_s']:.2f} s   quantcheck pass {vllm['pass_s']:.2f} s   engine start {vllm['load_s']:.1f} s"
+        f"vllm: bare generate {vllm['bare_s']:.2f} s   quantcheck pass {vllm['pass_s']:.2f} s   "
+        f"engine start {vllm['load_s']:.1f} s"
     )
     hf_ratio, vllm_ratio = hf["pass_s"] / hf["bare_s"], vllm["pass_s"] / vllm["bare_s"]
     print(f"ratio hf pass / bare forward       = {hf_ratio:.3f}  (target <= 1.15)")

@@ -119,7 +119,8 @@ def main() -> None:
         per_thousand = lambda seconds: 1000 * seconds / tokens  # noqa: E731
         bare_s, pass_s = min(bare_times), min(pass_times)
         print(
-            f"text:builtin, {len(windows)} windows of {args.context} tokens ({tokens} scored), {args.variant} against the fp32 "
+            f"text:builtin, {len(windows)} windows of {args.context} tokens ({tokens} scored), "
+            f"{args.variant} against the fp32 "
             f"reference's compact store, {args.threads} threads, best of {ROUNDS}"
         )
         print(f"bare forward:     {per_thousand(bare_s):.3f} s per 1,000 scored tokens")
@@ -127,7 +128,8 @@ def main() -> None:
         print(f"ratio:            {pass_s / bare_s:.2f}x (target <= 1.2)")
         print(
             f"store:            {store.bytes_per_row(variant.vocab_width):,} bytes per scored position "
-            f"(llama.cpp's base file: {2 * variant.vocab_width + 8:,}, {(2 * variant.vocab_width + 8) / store.bytes_per_row(variant.vocab_width):.0f}x more)"
+            f"(llama.cpp's base file: {2 * variant.vocab_width + 8:,}, "
+            f"{(2 * variant.vocab_width + 8) / store.bytes_per_row(variant.vocab_width):.0f}x more)"
         )
 
 

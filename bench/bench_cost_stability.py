@@ -91,7 +91,8 @@ def main() -> None:
     )
     print(f"whole cost measurement per model and round: reference {seconds['reference']} s, none {seconds['none']} s")
     print(
-        f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} {'ratio':>6} {'ref cv':>6} {'none cv':>7}  within"
+        f"{'batch':>5} {'seq':>4} {'ref median s':>12} {'none median s':>13} "
+        f"{'ratio':>6} {'ref cv':>6} {'none cv':>7}  within"
         "  per round: median ms (others' CPU in cores), ref / none"
     )
     accepted = True
@@ -105,7 +106,8 @@ def main() -> None:
         accepted &= within
         print(
             f"{ref['batch_size']:>5} {ref['seq_len']:>4} {ref['median_s']:>12.4f} {var['median_s']:>13.4f} "
-            f"{ratio:>6.3f} {ref['cv']:>6.3f} {var['cv']:>7.3f}  {'yes' if within else 'NO ':<6}  {_loads(rounds['reference'], ref)} / "
+            f"{ratio:>6.3f} {ref['cv']:>6.3f} {var['cv']:>7.3f}  {'yes' if within else 'NO ':<6}  "
+            f"{_loads(rounds['reference'], ref)} / "
             f"{_loads(rounds['none'], var)}"
         )
     for name, cost in (("reference", ref_cost), ("none", var_cost)):

@@ -37,7 +37,8 @@ def sizes() -> None:
     for vocab in (49_152, 128_256):
         llama = LLAMA_CPP_BYTES * vocab
         print(
-            f"vocabulary {vocab:,}: compact {compact.bytes_per_row(vocab):,} B/position (1/{llama / compact.bytes_per_row(vocab):.0f} of "
+            f"vocabulary {vocab:,}: compact {compact.bytes_per_row(vocab):,} B/position "
+            f"(1/{llama / compact.bytes_per_row(vocab):.0f} of "
             f"llama.cpp's uint16 {llama:,} B; target <= 1/50), full float32 {full.bytes_per_row(vocab):,} B/position; "
             f"MMLU {MMLU_QUESTIONS:,} questions: compact {MMLU_QUESTIONS * compact.bytes_per_row(vocab) / 1e6:.1f} MB, "
             f"full {MMLU_QUESTIONS * full.bytes_per_row(vocab) / 1e9:.2f} GB"
@@ -134,7 +135,8 @@ def passes(limit: int | None, threads: int) -> None:
         f"ratio compact / full = {timings['compact'] / timings['full']:.3f}"
     )
     print(
-        f"comparison alone (read rows, KL and bounds): compact {compare['compact']:.3f} s   full {compare['full']:.3f} s   "
+        f"comparison alone (read rows, KL and bounds): compact {compare['compact']:.3f} s   "
+        f"full {compare['full']:.3f} s   "
         f"ratio compact / full = {compare['compact'] / compare['full']:.3f}"
     )
 
@@ -163,7 +165,8 @@ def accuracy(methods: list[str], limit: int | None, threads: int) -> None:
                 store.write_rows(rows, reference_rows(store, rows, logprobs))
         del reference
         print(
-            f"{len(items)} questions, compact store top {stores['compact'].top_k} + {stores['compact'].tail_samples} tail samples"
+            f"{len(items)} questions, compact store top {stores['compact'].top_k} + "
+            f"{stores['compact'].tail_samples} tail samples"
         )
         for method in methods:
             variant = _loaded(method, run_dir, threads)
@@ -181,9 +184,12 @@ def accuracy(methods: list[str], limit: int | None, threads: int) -> None:
             wrong = sum(not (lo <= x + 1e-9 and x <= up + 1e-9) for lo, x, up in zip(lower, exact, upper))
             print(
                 f"{method}: mean KL full {statistics.fmean(exact):.5f}, compact {statistics.fmean(estimate):.5f} "
-                f"(ratio {statistics.fmean(estimate) / statistics.fmean(exact):.4f}); per item: signed error {statistics.fmean(errors):+.2%}, "
-                f"|error| {statistics.fmean(map(abs, errors)):.2%} (max {max(map(abs, errors)):.1%}); lower bound mean {statistics.fmean(lower):.5f} "
-                f"({statistics.fmean(lo / x - 1 for lo, x in zip(lower, exact)):+.1%} per item), upper bound mean {statistics.fmean(upper):.4f}; "
+                f"(ratio {statistics.fmean(estimate) / statistics.fmean(exact):.4f}); "
+                f"per item: signed error {statistics.fmean(errors):+.2%}, "
+                f"|error| {statistics.fmean(map(abs, errors)):.2%} (max {max(map(abs, errors)):.1%}); "
+                f"lower bound mean {statistics.fmean(lower):.5f} "
+                f"({statistics.fmean(lo / x - 1 for lo, x in zip(lower, exact)):+.1%} per item), "
+                f"upper bound mean {statistics.fmean(upper):.4f}; "
                 f"bounds on the wrong side: {wrong}"
             )
 

@@ -101,7 +101,8 @@ def main() -> None:
         common = ["-f", str(corpus), "-c", str(args.context), "--chunks", str(args.chunks), "-t", str(args.threads)]
         run([str(args.llama_perplexity), "-m", files["reference"], *common, "--kl-divergence-base", str(base)])
         print(
-            f"quantcheck vs llama-perplexity --kl-divergence: text:builtin, {args.chunks} chunks of {args.context} tokens, "
+            "quantcheck vs llama-perplexity --kl-divergence: text:builtin, "
+            f"{args.chunks} chunks of {args.context} tokens, "
             f"{args.threads} threads, the same GGUF files (reference F32)"
         )
         print(f"{'type':8} {'statistic':24} {'llama-perplexity':>17} {'quantcheck':>12} {'difference':>11}")

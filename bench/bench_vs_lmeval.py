@@ -65,7 +65,8 @@ def write_task(folder: Path) -> Path:
 
 
 def save_variant(folder: Path) -> Path:
-    """The NF4-DQ variant as quantcheck's registry makes it, saved for lm-eval (transformers 5 refuses load_in_4bit=True)."""
+    """The NF4-DQ variant as quantcheck's registry makes it, saved for lm-eval (transformers 5 refuses
+    load_in_4bit=True)."""
     import torch
 
     from quantcheck.models.builtin import builtin_model_dir
@@ -162,10 +163,12 @@ def main() -> None:
         )
         print(f"quantcheck (--no-floors): {quantcheck_s:.1f} s; with the noise floors: {floors_s:.1f} s")
         print(
-            f"lm-eval: {lmeval_s:.1f} s ({reference_s:.1f} s reference + {variant_s:.1f} s {VARIANT}, model saving not counted)"
+            f"lm-eval: {lmeval_s:.1f} s ({reference_s:.1f} s reference + {variant_s:.1f} s {VARIANT}, "
+            "model saving not counted)"
         )
         print(
-            f"ratio quantcheck / lm-eval: {quantcheck_s / lmeval_s:.2f} (target <= 0.7); with floors {floors_s / lmeval_s:.2f}"
+            f"ratio quantcheck / lm-eval: {quantcheck_s / lmeval_s:.2f} (target <= 0.7); "
+            f"with floors {floors_s / lmeval_s:.2f}"
         )
         print(f"answers identical item by item: reference {same[0]}, {VARIANT} {same[1]}")
         print("where quantcheck's time goes (--no-floors):")

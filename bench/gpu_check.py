@@ -60,7 +60,8 @@ def _summary(run_dir: Path) -> None:
         latency = {point["batch_size"]: point.get("median_s") for point in cost.get("latency", [])}
         agreement = model.get("agreement") or {}
         print(
-            f"  {model['name']:<24} engine {(model.get('engine') or {}).get('engine')} {(model.get('engine') or {}).get('compute_dtype')}"
+            f"  {model['name']:<24} engine {(model.get('engine') or {}).get('engine')} "
+            f"{(model.get('engine') or {}).get('compute_dtype')}"
             f"  weights {cost.get('weights', {}).get('counted_bytes')}  memory {cost.get('memory_method')}"
             f"  latency {latency}  decode tok/s {(cost.get('generation') or {}).get('decode_tokens_per_s')}"
             f"  KL {((agreement.get('kl') or {}).get('mean') or {}).get('value')}"

@@ -57,7 +57,8 @@ def write_questions(path: Path, count: int, xss_at: int | None = None) -> Path:
 
 
 def lowercase_tokenizer_copy(folder: Path) -> Path:
-    """The built-in model's weights (linked) with a tokenizer that lower-cases every prompt: another tokenizer, same model."""
+    """The built-in model's weights (linked) with a tokenizer that lower-cases every prompt: another tokenizer, same
+    model."""
     from quantcheck.models.builtin import builtin_model_dir
 
     folder.mkdir()

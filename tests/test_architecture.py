@@ -131,7 +131,7 @@ def test_no_import_circles():
 
 
 def test_the_checker_sees_imports_hidden_in_functions_and_type_checking_blocks():
-    """The rules above can fail: the analysis layer reaching up into the report, in a function body or for a type only."""
+    """The rules above can fail: the analysis layer reaching up into the report, in a function body or for a type."""
     source = (
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..report import table\n"
         "def late():\n    import quantcheck.orchestration.runner\n"

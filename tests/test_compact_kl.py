@@ -83,7 +83,8 @@ def test_a_tail_of_one_token_makes_every_figure_exact():
 
 
 def test_the_upper_bound_is_reached_by_the_worst_tail():
-    """The bound is the maximum: a reference whose tail sits at the cap on the variant's least likely tokens attains it."""
+    """The bound is the maximum: a reference whose tail sits at the cap on the variant's least likely tokens attains
+    it."""
     _, variant = rows(1, 3.0, 0.5, seed=3)
     top = torch.arange(10)[None]
     cap, tail_mass = 0.01, 0.035  # 3 tokens at the cap, 0.005 on a fourth
@@ -123,7 +124,7 @@ def test_the_stored_top_k_starts_with_the_top_20_the_metrics_use():
     assert torch.equal(top_k_ids(reference, 64)[:, : max(TOP_K)], top_k_ids(reference, max(TOP_K)))
 
 
-# --- defect 7 of issue #24: each row's estimate carries its own standard error -----------------------------------------
+# --- defect 7 of issue #24: each row's estimate carries its own standard error ----------------------------------------
 # Unbiased on average is not accurate on one row: on these rows the estimate is off by 2 % (median) and up to 14 % per
 # row on peaked rows, 7 % and up to 43 % on flat ones, where the lower bound is 5-12 % of the exact KL.
 
@@ -158,9 +159,10 @@ def tail_token_made_likelier(n: int, lift: float, seed: int) -> tuple[torch.Tens
 
 @pytest.mark.parametrize("lift", [6.0, 12.0])
 def test_a_variant_that_moves_its_tail_mass_onto_a_missed_token_gets_a_standard_error_that_says_so(lift):
-    """Every drawn term is then alike (their spread is tiny) while the estimate is far off; the drawn ratios q~/p~, whose
-    mean over the whole tail is exactly 1, are then far from 1 beyond their own noise, and the standard error says so.
-    A token made only 55 times likelier (lift 4) is not told apart from the sample's own noise: the README says so."""
+    """Every drawn term is then alike (their spread is tiny) while the estimate is far off; the drawn ratios q~/p~,
+    whose mean over the whole tail is exactly 1, are then far from 1 beyond their own noise, and the standard error says
+    so. A token made only 55 times likelier (lift 4) is not told apart from the sample's own noise: the README says
+    so."""
     reference, variant = tail_token_made_likelier(300, lift, seed=6)
     exact = kl_divergence(reference, variant)
     bounds = kl_from_top_k(*compact(reference, 64, 128), variant)

@@ -22,7 +22,8 @@ def test_disturbed_is_judged_against_the_cores_the_run_uses(monkeypatch) -> None
 
 
 def test_only_the_cpus_the_run_may_use_are_read(monkeypatch) -> None:
-    """What others took is read from the CPUs in the process's affinity: work on the host's other CPUs does not count."""
+    """What others took is read from the CPUs in the process's affinity: work on the host's other CPUs does not
+    count."""
     per_cpu = [
         SimpleNamespace(user=100.0 * (cpu + 1), nice=0.0, system=1.0, irq=0.0, softirq=0.0, steal=0.5)
         for cpu in range(4)
@@ -35,7 +36,8 @@ def test_only_the_cpus_the_run_may_use_are_read(monkeypatch) -> None:
 
 def test_load_on_cpus_the_run_leaves_idle_does_not_disturb_it(monkeypatch) -> None:
     """16 CPUs allowed, 4 threads computing: a background job on one of the 12 idle CPUs leaves the model alone (it was
-    flagged when others' load over all 16 was compared with 10 % of the 4); load beyond the idle ones plus 10 % is not."""
+    flagged when others' load over all 16 was compared with 10 % of the 4); load beyond the idle ones plus 10 % is
+    not."""
     monkeypatch.setattr(contention, "_cpus_allowed", lambda: 16)
     monkeypatch.setattr(contention, "cores_in_use", lambda: 4)
     assert contention.disturbance_limit() == 12 + 0.4

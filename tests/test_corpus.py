@@ -65,7 +65,8 @@ def test_identity_variant_gives_kl_zero_and_ppl_ratio_one_exactly(runs, store):
 
 
 def test_reference_perplexity_equals_an_independent_forward(runs):
-    """PPL from the stored windows, recomputed here with transformers: the windows and NLLs are what llama-perplexity defines."""
+    """PPL from the stored windows, recomputed here with transformers: the windows and NLLs are what llama-perplexity
+    defines."""
     from transformers import AutoModelForCausalLM
 
     from quantcheck.models.builtin import builtin_model_dir

@@ -67,7 +67,8 @@ def test_jsonl_file_with_letters_and_indices(tmp_path):
     "content, message",
     [
         (
-            '{"question": "q", "choices": ["a", "b"], "answer": "B"}\n{"question": "q2", "choices": ["a"], "answer": 0}\n',
+            '{"question": "q", "choices": ["a", "b"], "answer": "B"}\n'
+            '{"question": "q2", "choices": ["a"], "answer": 0}\n',
             r"mine.jsonl:2: needs 2 to 10 choices",
         ),
         ('{"question": "q", "choices": ["a", "b"]}\n', r"mine.jsonl:1: missing answer"),

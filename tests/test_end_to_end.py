@@ -63,7 +63,10 @@ def test_reference_accuracy_equals_an_independent_loglikelihood_computation(smal
     predictions = {}
     for question in questions:
         options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(question["choices"]))
-        context = f"The following are multiple choice questions (with answers) about virology.\n\n{question['question']}\n{options}\nAnswer:"
+        context = (
+            "The following are multiple choice questions (with answers) about virology.\n\n"
+            f"{question['question']}\n{options}\nAnswer:"
+        )
         context_ids = tokenizer(context, return_tensors="pt").input_ids
         scores = []
         for letter in LETTERS[: len(question["choices"])]:
@@ -154,8 +157,8 @@ def test_out_of_memory_at_a_large_batch_is_recorded_and_the_run_finishes(small_r
 
 
 def test_each_model_measures_its_engines_numeric_floor(small_run):
-    """Defect 3 of #24: each model is scored twice by its own engine (at most 8 at a time, here the run's --batch-size 3,
-    then one at a time) on a bounded subset; the verdict reads the noisier of the reference's and the variant's.
+    """Defect 3 of #24: each model is scored twice by its own engine (at most 8 at a time, here the run's --batch-size
+    3, then one at a time) on a bounded subset; the verdict reads the noisier of the reference's and the variant's.
     transformers fp32 moves almost nothing."""
     results = read_results(small_run)
     floors = {entry["name"]: entry["engine_floor"] for entry in results["models"]}

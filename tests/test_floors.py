@@ -108,7 +108,8 @@ def test_small_sample_within_the_floor_is_not_quantize():
 
 
 def test_each_model_samples_with_its_own_seed_per_item():
-    """The reference, its resample and each variant draw independent seeds (one per model and item), stable on resume."""
+    """The reference, its resample and each variant draw independent seeds (one per model and item), stable on
+    resume."""
     from quantcheck.scoring.generative import sample_seed
 
     seeds = {

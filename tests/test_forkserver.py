@@ -1,4 +1,5 @@
-"""The fork server: quality workers forked with torch and transformers imported, one job at a time, each its own process."""
+"""The fork server: quality workers forked with torch and transformers imported, one job at a time, each its own
+process."""
 
 from __future__ import annotations
 

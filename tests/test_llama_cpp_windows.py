@@ -11,8 +11,8 @@ from quantcheck.data.corpus import first_scored, load_corpus, make_windows, scor
 def llama_perplexity_windows(
     tokenizer, text: str, n_ctx: int, n_chunks: int, add_bos: bool
 ) -> list[tuple[list[int], list[int]]]:
-    """tools/perplexity/perplexity.cpp, `perplexity()` with --kl-divergence-base (and `kl_divergence()` reading it back):
-    `tokens = common_tokenize(ctx, params.prompt, true)` (BOS first where the vocabulary adds one), n_chunk =
+    """tools/perplexity/perplexity.cpp, `perplexity()` with --kl-divergence-base (and `kl_divergence()` reading it
+    back): `tokens = common_tokenize(ctx, params.prompt, true)` (BOS first where the vocabulary adds one), n_chunk =
     min(--chunks, tokens.size() / n_ctx), chunk i is tokens[i*n_ctx, (i+1)*n_ctx) with its first position set to
     BOS when add_bos, and the logits at first = n_ctx/2 .. n_ctx-2 score tokens first+1 .. n_ctx-1.
     Returns each window's ids and the ids it scores."""

@@ -443,7 +443,8 @@ def test_rows_with_fewer_log_probabilities_than_asked_are_refused_in_one_line(tm
 
 def test_a_server_without_tokenize_is_checked_by_an_echoed_prompt(tmp_path, server, proxies):
     """Defect 8 of issue 24: without /tokenize the server's tokenizer was not checked at all. The prompt sent as
-    text and echoed back by id shows the lower-casing tokenizer; a server that refuses both is unverified, and says so."""
+    text and echoed back by id shows the lower-casing tokenizer; a server that refuses both is unverified, and says
+    so."""
     lowercase = lowercase_tokenizer_copy(tmp_path / "lowercase-tokenizer")
     no_tokenize = proxies(no_tokenize=True)
     out = tmp_path / "lower"
@@ -490,8 +491,8 @@ def test_a_server_without_tokenize_is_checked_by_an_echoed_prompt(tmp_path, serv
     )
     stderr = " ".join(result.stderr.split())
     assert (
-        f"the server at {no_echo.url} could not be asked how it tokenizes (/tokenize answered HTTP 404; echo answered HTTP 400)"
-        in stderr
+        f"the server at {no_echo.url} could not be asked how it tokenizes "
+        "(/tokenize answered HTTP 404; echo answered HTTP 400)" in stderr
     ), stderr[-3000:]
 
 

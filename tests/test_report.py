@@ -309,8 +309,10 @@ def test_report_states_the_familywise_level(run_dir: Path, rendered: ReportFiles
     md = rendered.markdown.read_text(encoding="utf-8")
     page = rendered.html.read_text(encoding="utf-8")
     sentence = (
-        "fails it only when its interval at 1 \u2212 0.05/m (Bonferroni over its m quality checks: 98.33%, 98.75% here) "
-        "lies beyond it, so the intervals that can reject a variant hold together with at least 95% confidence (family-wise)."
+        "fails it only when its interval at 1 \u2212 0.05/m "
+        "(Bonferroni over its m quality checks: 98.33%, 98.75% here) "
+        "lies beyond it, so the intervals that can reject a variant hold together with at least 95% confidence "
+        "(family-wise)."
     )
     assert sentence in md
     assert str(escape(sentence)) in page

@@ -344,9 +344,9 @@ def test_mean_kl_coverage_from_five_to_a_hundred_units(n: int) -> None:
 
 
 def test_top1_over_few_sequences_covers_and_below_min_units_is_not_judged() -> None:
-    """Top-1 agreement over a text's windows: the cluster-robust t widening covers where the percentile bootstrap did not
-    (about [min, max] at two windows); below MIN_UNITS (10) the verdict does not judge at all, since at 5 windows even
-    the widened interval covered only about 91 %."""
+    """Top-1 agreement over a text's windows: the cluster-robust t widening covers where the percentile bootstrap did
+    not (about [min, max] at two windows); below MIN_UNITS (10) the verdict does not judge at all, since at 5 windows
+    even the widened interval covered only about 91 %."""
     from quantcheck.analysis.corpus import pooled_share
     from quantcheck.schema.results import MIN_UNITS
 
@@ -367,8 +367,9 @@ def test_top1_over_few_sequences_covers_and_below_min_units_is_not_judged() -> N
 
 
 def test_an_overflowing_upper_bound_is_capped_and_reads_back() -> None:
-    """Found in review: a few tiny, scattered KL values made the lognormal bound overflow to inf, written to results.json
-    as null, which then failed to read back. The bound is the largest float: finite, and beyond every limit."""
+    """Found in review: a few tiny, scattered KL values made the lognormal bound overflow to inf, written to
+    results.json as null, which then failed to read back. The bound is the largest float: finite, and beyond every
+    limit."""
     from quantcheck.schema.results import Estimate
 
     estimate = heavy_tailed_mean([0.0] * 9 + [1e-12, 1e-7, 1e-3], 1, fail_level=0.9875)

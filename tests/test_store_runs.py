@@ -102,7 +102,8 @@ def test_store_sizes_on_disk(runs):
 def test_changing_the_store_recomputes_and_says_why(runs):
     _, _, stderr = runs
     assert (
-        "stored outputs were computed under another setting (reference_store {'kind': 'compact', 'top_k': 64, 'tail_samples': 128} "
+        "stored outputs were computed under another setting "
+        "(reference_store {'kind': 'compact', 'top_k': 64, 'tail_samples': 128} "
         "-> {'kind': 'full'}): recomputing"
     ) in stderr.replace("\n", "")  # the terminal wraps long lines
     assert "reference (quality): loaded" in stderr

@@ -132,6 +132,7 @@ def run_summary(root: Path, floors: list[ModelSpec] = ()) -> Results:
             ModelSpec(name="reference", role="reference", backend="hf", method="none", weights="m"),
             ModelSpec(name=VARIANT, role="variant", backend="hf", method="bnb-int8", weights="m"),
         ],
+        descriptions={"reference": "the reference", VARIANT: "bitsandbytes int8"},
         floors=list(floors),
         thresholds=Thresholds(),
         seed=0,

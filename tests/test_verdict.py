@@ -418,7 +418,8 @@ def test_a_ratio_whose_rounds_moved_is_flagged_and_not_called_slower() -> None:
     assert comparison.unstable_batch_sizes == [1, 4]  # 0.324 / 0.243 and 1.339 / 0.748 both exceed 1.25
     reasons = decide(variant(cost_vs_reference=comparison), Thresholds()).reasons
     assert (
-        "forward-pass timing at batch size 1, 4 was disturbed by other load on the machine (measured, or seen as a move between "
+        "forward-pass timing at batch size 1, 4 was disturbed by other load on the machine "
+        "(measured, or seen as a move between "
         "cost rounds): not called faster or slower there"
     ) in reasons
     assert not any(reason.startswith("forward pass") for reason in reasons)
@@ -503,10 +504,13 @@ def test_a_speed_claim_needs_more_than_the_drift_tolerance() -> None:
     assert not any("1.14" in reason and "timing noise" not in reason for reason in reasons), reasons
     assert not any(reason.startswith("generation (decode) 1.12") for reason in reasons), reasons
     assert speed_reasons(cost(0.6, latency={1: 1.15, 2: 1 / 1.2}, decode=1.2)) == [
-        "forward pass within timing noise at batch sizes 1, 2: variant / reference latency 1.15 at batch 1, 0.83 at batch 2; "
-        "not called faster or slower (a claim needs the whole 95% interval beyond 1.25\u00d7, what one model's cost rounds "
+        "forward pass within timing noise at batch sizes 1, 2: "
+        "variant / reference latency 1.15 at batch 1, 0.83 at batch 2; "
+        "not called faster or slower (a claim needs the whole 95% interval beyond 1.25\u00d7, "
+        "what one model's cost rounds "
         "can move by)",
-        "generation (decode) within timing noise: 1.20\u00d7 the reference's decode rate; not called faster or slower (a claim "
+        "generation (decode) within timing noise: 1.20\u00d7 the reference's decode rate; "
+        "not called faster or slower (a claim "
         "needs the whole 95% interval beyond 1.25\u00d7, what one model's cost rounds can move by)",
     ]
 
@@ -644,7 +648,8 @@ def test_the_numeric_floor_stops_kl_and_top1_checks_it_could_decide() -> None:
 
 
 def test_accuracy_alone_cannot_pass_where_next_token_checks_exist() -> None:
-    """Defect 8: where the tokenizers differ on questions, KL and top-1 are not measured and QUANTIZE rested on accuracy."""
+    """Defect 8: where the tokenizers differ on questions, KL and top-1 are not measured and QUANTIZE rested on
+    accuracy."""
     no_tokens = clearly_good(next_token=None)
     verdict = decide(no_tokens, Thresholds())
     assert verdict.decision == "INCONCLUSIVE" and verdict.checks["next-token agreement"] == "unclear"

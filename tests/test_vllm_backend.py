@@ -30,7 +30,8 @@ def model(results: dict, name: str) -> dict:
 
 
 def test_vllm_fp32_matches_transformers_fp32_on_all_166_virology_questions(virology_engines_run):
-    """The engine-difference floor: the same fp32 weights in vLLM and in transformers (in the run shared with llama.cpp's tests)."""
+    """The engine-difference floor: the same fp32 weights in vLLM and in transformers (in the run shared with
+    llama.cpp's tests)."""
     results = read_results(virology_engines_run)
     served = model(results, "vllm:none")
     assert served["backend"] == "vllm" and served["engine"]["engine"] == "vllm"
@@ -51,18 +52,22 @@ from quantcheck.backends.vllm import VllmBackend
 from quantcheck.schema.jobs import JobSpec
 from quantcheck.backends.variants import variant_spec
 weights, prompts, run_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-job = JobSpec(kind="quality", run_dir=run_dir, model=variant_spec("vllm:bf16", weights, str), device="cpu", dtype="float32",
+job = JobSpec(kind="quality", run_dir=run_dir, model=variant_spec("vllm:bf16", weights, str), \
+device="cpu", dtype="float32",
               threads=2, seed=0, batch_size=len(prompts))
 backend = VllmBackend(job)
 backend.load()
 captured, flat = backend._captured_rows(prompts), backend._flat_rows(prompts)
-print(json.dumps({"captures": backend.captures_rows, "shape": list(captured.shape), "equal": bool(np.array_equal(captured, flat)),
-                  "sums": np.exp(captured.astype(np.float64)).sum(axis=1).tolist(), "top": captured.argmax(axis=1).tolist()}))
+print(json.dumps({"captures": backend.captures_rows, "shape": list(captured.shape), \
+"equal": bool(np.array_equal(captured, flat)),
+                  "sums": np.exp(captured.astype(np.float64)).sum(axis=1).tolist(), \
+"top": captured.argmax(axis=1).tolist()}))
 """
 
 
 def test_rows_read_from_the_sampler_equal_vllms_own_logprobs_bit_for_bit(tmp_path):
-    """The in-process engine's rows come from a logits processor; they must be exactly what vLLM's logprobs output gives."""
+    """The in-process engine's rows come from a logits processor; they must be exactly what vLLM's logprobs output
+    gives."""
     from quantcheck.models.builtin import builtin_model_dir
     from quantcheck.models.loading import load_tokenizer
 
@@ -227,7 +232,8 @@ def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions
 
 
 def without_cost(results: dict) -> list[dict]:
-    """What a run with --skip-cost --no-floors shares with one that measured both: everything but cost, floors and what they feed."""
+    """What a run with --skip-cost --no-floors shares with one that measured both: everything but cost, floors and what
+    they feed."""
     models = []
     for entry in deterministic(results):
         generative = {**entry["generative"], "decode_words_per_minute": None}

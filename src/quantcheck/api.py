@@ -226,7 +226,8 @@ def compare(
 
 
 def run_config(config: RunConfig) -> Comparison:
-    """Run (or resume) `config`, then write RUN_DIR/config.toml and the report: all of `quantcheck run` but the terminal."""
+    """Run (or resume) `config`, then write RUN_DIR/config.toml and the report: all of `quantcheck run` but the
+    terminal."""
     from quantcheck.orchestration.runner import run
     from quantcheck.report import render_report
     from quantcheck.storage.store import write_text_atomic

@@ -49,7 +49,8 @@ def run(
         typer.Option(
             "--quant",
             "-q",
-            help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, url:URL[#MODEL]; see `quantcheck quants`",
+            help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, "
+            "url:URL[#MODEL]; see `quantcheck quants`",
         ),
     ] = None,
     backend: Annotated[
@@ -58,7 +59,8 @@ def run(
     reference_url: Annotated[
         str | None,
         typer.Option(
-            help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY"
+            help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; "
+            "MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY"
         ),
     ] = None,
     reference_kld: Annotated[
@@ -85,7 +87,8 @@ def run(
         str,
         typer.Option(
             help="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, text:FILE (a text corpus "
-            "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl (your chats, scored on the reference's answers)"
+            "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl "
+            "(your chats, scored on the reference's answers)"
         ),
     ] = "mmlu:virology",
     limit: Annotated[
@@ -107,7 +110,8 @@ def run(
     store: Annotated[
         str,
         typer.Option(
-            help="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) or full (every log-probability, exact KL)"
+            help="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) "
+            "or full (every log-probability, exact KL)"
         ),
     ] = "compact",
     store_top_k: Annotated[
@@ -125,7 +129,8 @@ def run(
     floors: Annotated[
         bool,
         typer.Option(
-            help="measure the noise under the comparison: each model scored twice by its engine with two batch plans, and the reference sampled again"
+            help="measure the noise under the comparison: each model scored twice by its engine with two batch plans, "
+            "and the reference sampled again"
         ),
     ] = True,
     chat: Annotated[str, typer.Option(help="generative prompts through the chat template: auto, on, off")] = "auto",
@@ -140,7 +145,8 @@ def run(
     cost_rounds: Annotated[
         int,
         typer.Option(
-            help="cost measured this many times per model, the models in turn (ABAB); each point keeps its fastest round"
+            help="cost measured this many times per model, the models in turn (ABAB); "
+            "each point keeps its fastest round"
         ),
     ] = 2,
     max_memory_gb: Annotated[
@@ -163,7 +169,8 @@ def run(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="TOML file holding any of these options (RUN_DIR/config.toml runs a run again); options typed here override it"
+            help="TOML file holding any of these options (RUN_DIR/config.toml runs a run again); "
+            "options typed here override it"
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,

@@ -6,8 +6,10 @@ guesses `max_kl`); options that belong together sit in a table:
 
     model = "smollm2-135m"                  # hub id or local folder; left out: the built-in model
     backend = "hf"                          # the reference's engine
-    reference_url = "http://127.0.0.1:8000/v1#MODEL"  # or: the reference is served there (MODEL's folder gives its tokenizer)
-    reference_kld = "base.kld"              # or: read from a llama-perplexity --kl-divergence-base file (its text's windows)
+    reference_url = "http://127.0.0.1:8000/v1#MODEL"  # or: the reference is served there
+                                            # (MODEL's folder gives its tokenizer)
+    reference_kld = "base.kld"              # or: read from a llama-perplexity --kl-divergence-base file
+                                            # (its text's windows)
     variants = ["bnb-nf4-dq", "vllm:bf16"]  # --quant, once per variant
     dataset = "mmlu:virology"               # or "text:FILE", a text corpus scored at every token
     limit = 200

@@ -103,8 +103,8 @@ def _estimates(
 def pooled_share(groups: list[np.ndarray], seed: int, fail_level: float | None) -> Estimate:
     """The share of true flags over every token (top-1 agreement), each bound the wider of the percentile bootstrap over
     sequences and a cluster-robust Student-t interval (the ratio estimator's variance over G sequences, G - 1 degrees of
-    freedom). On few sequences the percentile bootstrap spans little more than the sequences' own range (about [min, max]
-    at two) and undercovers; the t interval widens with the t quantile, as a verdict on thin evidence should."""
+    freedom). On few sequences the percentile bootstrap spans little more than the sequences' own range (about [min,
+    max] at two) and undercovers; the t interval widens with the t quantile, as a verdict on thin evidence should."""
     estimate = _estimates(groups, lambda x: [x.mean()], ["share"], seed, fail_level)["share"]
     if estimate.ci is None:
         return estimate
@@ -236,7 +236,8 @@ def worst_spans(records: list[WindowRecord], spans: SpanText) -> list[WorstSpan]
 def _agreement(records: list[WindowRecord], seed: int, fail_level: float | None) -> TokenAgreement:
     """KL, top-1 and Jaccard@k over every scored token, with intervals over whole sequences (see the module docstring).
 
-    Mean KL is the mean of the sequences' means: the mean over tokens for a text's equal windows; each prompt counted once."""
+    Mean KL is the mean of the sequences' means: the mean over tokens for a text's equal windows; each prompt counted
+    once."""
     kl = _groups(records, "kl")
     pooled = np.concatenate(kl)
     bounded = records[0].kl_lower is not None

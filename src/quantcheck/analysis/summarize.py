@@ -434,7 +434,8 @@ def _floors(
 
 
 def noisier_floor(*floors: NumericFloor | None) -> NumericFloor | None:
-    """Of the reference's and a variant's engine floors, the one with the larger mean KL: the noise under their comparison."""
+    """Of the reference's and a variant's engine floors, the one with the larger mean KL: the noise under their
+    comparison."""
     measured = [floor for floor in floors if floor is not None]
     return max(measured, key=lambda floor: floor.kl_mean) if measured else None
 
@@ -495,7 +496,10 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
         warnings.append(
             RunWarning(
                 code="small-sample",
-                message=f"only {n_items} questions: accuracy intervals are wide (see each variant's minimum detectable difference)",
+                message=(
+                    f"only {n_items} questions: accuracy intervals are wide "
+                    "(see each variant's minimum detectable difference)"
+                ),
             )
         )
     for result in results.models:
@@ -504,7 +508,10 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                 RunWarning(
                     code="offloaded",
                     model=result.name,
-                    message=f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): its cost figures do not describe a model on one device",
+                    message=(
+                        f"{result.name} is partly offloaded ({', '.join(result.precision.devices)}): "
+                        "its cost figures do not describe a model on one device"
+                    ),
                 )
             )
         if (
@@ -519,7 +526,8 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                     code="precision-mismatch",
                     model=result.name,
                     message=(
-                        f"{result.name} computes in {result.engine.compute_dtype}, the reference in {reference.engine.compute_dtype}: "
+                        f"{result.name} computes in {result.engine.compute_dtype}, "
+                        f"the reference in {reference.engine.compute_dtype}: "
                         "part of any speed or quality difference comes from that, not from quantization"
                     ),
                 )
@@ -530,7 +538,10 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                     RunWarning(
                         code="noisy-timing",
                         model=result.name,
-                        message=f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} (coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care",
+                        message=(
+                            f"{result.name} latency at batch {point.batch_size} varies by {point.cv:.0%} "
+                            f"(coefficient of variation > {NOISY_CV:.0%}): treat its ratio with care"
+                        ),
                     )
                 )
         if result is not reference and result.corpus and result.agreement is None:
@@ -539,8 +550,9 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                     code="tokenizer-mismatch",
                     model=result.name,
                     message=(
-                        f"{result.name} tokenizes the corpus differently from the reference: KL, top-1 agreement and delta-p are not "
-                        "computed for it (they need identical token ids); its perplexity is, on its own tokens"
+                        f"{result.name} tokenizes the corpus differently from the reference: "
+                        "KL, top-1 agreement and delta-p are not computed for it (they need identical token ids); "
+                        "its perplexity is, on its own tokens"
                     ),
                 )
             )
@@ -550,8 +562,9 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                     code="tokenizer-mismatch",
                     model=result.name,
                     message=(
-                        f"{result.name} tokenizes the prompts differently from the reference: KL, Jaccard and top-1 agreement "
-                        "are not computed for it (they need identical token ids); accuracy is compared"
+                        f"{result.name} tokenizes the prompts differently from the reference: "
+                        "KL, Jaccard and top-1 agreement are not computed for it (they need identical token ids); "
+                        "accuracy is compared"
                     ),
                 )
             )
@@ -561,8 +574,9 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                     code="tokenizer-unverified",
                     model=result.name,
                     message=(
-                        f"{result.name}: the server's tokenizer could not be checked against the local one (no /tokenize, no echo): "
-                        "its comparisons may rest on other token ids, so no variant is judged QUANTIZE on them"
+                        f"{result.name}: the server's tokenizer could not be checked against the local one "
+                        "(no /tokenize, no echo): its comparisons may rest on other token ids, "
+                        "so no variant is judged QUANTIZE on them"
                     ),
                 )
             )
@@ -572,8 +586,8 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                     code="engine-floor",
                     model=result.name,
                     message=(
-                        f"{result.name}: its engine's numeric floor was not measured ({skipped.read_text().strip()}): its KL and top-1 "
-                        "are judged without it"
+                        f"{result.name}: its engine's numeric floor was not measured ({skipped.read_text().strip()}): "
+                        "its KL and top-1 are judged without it"
                     ),
                 )
             )
@@ -582,7 +596,10 @@ def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: d
                 RunWarning(
                     code="unparsable-answers",
                     model=result.name,
-                    message=f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; they count as wrong and are listed in the report",
+                    message=(
+                        f"{result.name}: {result.generative.unparsable} generated answers could not be parsed; "
+                        "they count as wrong and are listed in the report"
+                    ),
                 )
             )
     return warnings
@@ -604,8 +621,8 @@ def summarize(
     extra_warnings: list[RunWarning],
     expected: dict[str, bool],
 ) -> Results:
-    """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now. `descriptions`: each model's
-    name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine."""
+    """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now. `descriptions`: each
+    model's name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine."""
     folder = RunFolder(root)
     corpus = dataset.kind in ("text", "prompts")
     item_ids = [] if corpus else [item.item_id for item in folder.read_items()]

@@ -187,30 +187,36 @@ def _latency_note(
         return f"forward pass {_factors(values)} slower at {where}{suffix}"
     if max(values) <= 1:
         suffix = (
-            f" ({label} {fmt.ratio(1 / max(c.high for c in cis.values()))}-{fmt.ratio(1 / min(c.low for c in cis.values()))})"
+            f" ({label} {fmt.ratio(1 / max(c.high for c in cis.values()))}"
+            f"-{fmt.ratio(1 / min(c.low for c in cis.values()))})"
             if within
             else ""
         )
         return f"forward pass {_factors([1 / value for value in values])} faster at {where}{suffix}"
     suffix = " (each 95% CI beyond the timing noise)" if within else ""
-    return f"forward pass between {fmt.ratio(1 / min(values))} faster and {fmt.ratio(max(values))} slower at {where}{suffix}"
+    return (
+        f"forward pass between {fmt.ratio(1 / min(values))} faster and {fmt.ratio(max(values))} slower "
+        f"at {where}{suffix}"
+    )
 
 
 def _noise_floor(spread: float | None) -> float:
-    """The timing noise a speed claim must clear: the models' own round-to-round spread, at least the drift tolerance."""
+    """The timing noise a speed claim must clear: the models' own round-to-round spread, at least the drift
+    tolerance."""
     return max(DRIFT_TOLERANCE, spread or 1.0)
 
 
 def _side(value: float, ci: Interval | None, floor: float) -> int:
-    """+1 where the whole interval (the value where there is none) is above `floor`, -1 where below 1 / `floor`, else 0."""
+    """+1 where the whole interval (the value where there is none) is above `floor`, -1 where below 1 / `floor`,
+    else 0."""
     low, high = (ci.low, ci.high) if ci is not None else (value, value)
     return 1 if low > floor else -1 if high < 1 / floor else 0
 
 
 def _noise_reason(floor: float) -> str:
     return (
-        f"not called faster or slower (a claim needs the whole 95% interval beyond {fmt.ratio(floor)}, what one model's cost "
-        "rounds can move by)"
+        f"not called faster or slower (a claim needs the whole 95% interval beyond {fmt.ratio(floor)}, "
+        "what one model's cost rounds can move by)"
     )
 
 
@@ -251,8 +257,8 @@ def _speed_notes(cost: CostComparison | None) -> list[str]:
     if cost.unstable_batch_sizes:
         sizes = ", ".join(str(size) for size in cost.unstable_batch_sizes)
         notes.append(
-            f"forward-pass timing at batch size {sizes} was disturbed by other load on the machine (measured, or seen as "
-            "a move between cost rounds): not called faster or slower there"
+            f"forward-pass timing at batch size {sizes} was disturbed by other load on the machine "
+            "(measured, or seen as a move between cost rounds): not called faster or slower there"
         )
     speedup, ci = cost.decode_speedup, cost.decode_speedup_ci
     if speedup is None:
@@ -328,8 +334,9 @@ def _interval_check(
     units: tuple[int | None, str] = (None, "items"),
     fail_label: str = "",
 ) -> Check:
-    """Pass on the 95 % interval, fail on the family-wise one (`fail_label` names it when it is another estimate's), unclear
-    otherwise, and unclear whatever the interval on fewer than MIN_UNITS independent units (`units`: their count and name)."""
+    """Pass on the 95 % interval, fail on the family-wise one (`fail_label` names it when it is another estimate's),
+    unclear otherwise, and unclear whatever the interval on fewer than MIN_UNITS independent units (`units`: their count
+    and name)."""
     ci, stored_fail = estimate
     count, unit = units
     if count is not None and count < MIN_UNITS:
@@ -407,10 +414,10 @@ def _sampling_floor(check: Check, floor: SamplingComparison | None) -> Check:
         check.name,
         "unclear",
         (
-            f"{check.reason}; but the variant changes the reference's answers no more often than the reference sampled again "
-            f"changes them ({floor.variant_disagreements} against {floor.floor_disagreements} of {floor.n}, one-sided p "
-            f"{fmt.pvalue(floor.p_above_floor)}) and is not shown right less often than it (one-sided McNemar p "
-            f"{fmt.pvalue(floor.p_less_accurate)}): within sampling noise, not judged a failure"
+            f"{check.reason}; but the variant changes the reference's answers no more often than the reference "
+            f"sampled again changes them ({floor.variant_disagreements} against {floor.floor_disagreements} "
+            f"of {floor.n}, one-sided p {fmt.pvalue(floor.p_above_floor)}) and is not shown right less often than it "
+            f"(one-sided McNemar p {fmt.pvalue(floor.p_less_accurate)}): within sampling noise, not judged a failure"
         ),
         "run with more questions, or --greedy, to tell the variant from sampling noise",
     )
@@ -439,9 +446,9 @@ def _numeric_floor(check: Check, floor: NumericFloor | None, variant_kl: float, 
         check.name,
         "unclear",
         (
-            f"{check.reason}; but the engine's own numeric noise ({floor.model or 'a model'} scored twice by its engine, "
-            f"{floor.batch_size} at a time and one at a time: mean KL {fmt.nats(floor.kl_mean)} nats) is at least {against}, "
-            "so this difference cannot be told from it"
+            f"{check.reason}; but the engine's own numeric noise ({floor.model or 'a model'} scored twice by its "
+            f"engine, {floor.batch_size} at a time and one at a time: mean KL {fmt.nats(floor.kl_mean)} nats) is at "
+            f"least {against}, so this difference cannot be told from it"
         ),
         "score on an engine with less numeric noise (fp32, or a fixed batch plan) to judge the next-token checks",
     )

@@ -92,8 +92,8 @@ class Backend(ABC):
 
     @classmethod
     def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
-        """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and pretrained:PATH.
-        `options` are known to be among `variant_options`."""
+        """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and
+        pretrained:PATH. `options` are known to be among `variant_options`."""
         return None
 
     @classmethod
@@ -150,7 +150,8 @@ class Backend(ABC):
         raise NotImplementedError(f"the {self.name} backend does not score text corpora")
 
     def recorded_windows(self) -> list[list[int]] | None:
-        """The token windows a recorded reference brings with it (a llama-perplexity base file); None: the text is cut here."""
+        """The token windows a recorded reference brings with it (a llama-perplexity base file); None: the text is cut
+        here."""
         return None
 
     @property

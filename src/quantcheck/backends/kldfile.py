@@ -158,7 +158,8 @@ class KldFileBackend(Backend):
         self.base = read_kld_base(Path(self.spec.weights))
         if len(self.tokenizer) > self.base.n_vocab:
             raise KldFileError(
-                f"{self.spec.weights} was written by a model with {self.base.n_vocab:,} tokens, fewer than this tokenizer's "
+                f"{self.spec.weights} was written by a model with {self.base.n_vocab:,} tokens, "
+                "fewer than this tokenizer's "
                 f"{len(self.tokenizer):,}: give the model whose tokenizer wrote it"
             )
         self._chunks = {tuple(window): chunk for chunk, window in enumerate(self.recorded_windows())}

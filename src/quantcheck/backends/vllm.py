@@ -129,15 +129,18 @@ class VllmBackend(Backend):
         cls.interpreter()
         if device == "cpu" and engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
             raise QuantcheckError(
-                "--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; use --device cuda"
+                "--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; "
+                "use --device cuda"
             )
         if engine.distributed_executor_backend == "ray":
             return  # a Ray cluster's GPUs are not visible from here: vLLM checks the placement when it starts
         needed, available = engine.tensor_parallel_size * engine.pipeline_parallel_size, _device_count(device)
         if needed > available:
             raise QuantcheckError(
-                f"--tensor-parallel-size {engine.tensor_parallel_size} x --pipeline-parallel-size {engine.pipeline_parallel_size} "
-                f"needs {needed} GPUs but {available} are visible: lower the sizes, or use --distributed-executor-backend ray across nodes"
+                f"--tensor-parallel-size {engine.tensor_parallel_size} x "
+                f"--pipeline-parallel-size {engine.pipeline_parallel_size} "
+                f"needs {needed} GPUs but {available} are visible: lower the sizes, "
+                "or use --distributed-executor-backend ray across nodes"
             )
 
     def __init__(self, job) -> None:

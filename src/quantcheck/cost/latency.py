@@ -1,8 +1,8 @@
 """Forward-pass latency and peak memory across batch sizes, repeated until the median is stable.
 
 Each batch size gets warm-up passes, then timed passes until the relative standard error of the
-median (the statistic reported) reaches the target (after a minimum) or the batch size's time budget is spent. Running out of
-memory at one batch size is a result ("oom"), not a crash: larger batch sizes are "skipped".
+median (the statistic reported) reaches the target (after a minimum) or the batch size's time budget is spent. Running
+out of memory at one batch size is a result ("oom"), not a crash: larger batch sizes are "skipped".
 Runs under `torch.no_grad()`, not `inference_mode()`: quanto int4 fails under inference mode.
 """
 

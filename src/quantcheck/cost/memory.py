@@ -185,8 +185,8 @@ class PeakMemoryTracker:
     On CPU the peak is the whole process's resident memory (weights, activations, the Python runtime),
     sampled every 5 ms and reset at each phase start; `ru_maxrss` cannot be reset, so it is not used.
     Each phase starts by collecting garbage and, on CPU, handing freed heap memory back to the OS
-    (glibc keeps it otherwise), so that leftovers of an earlier phase, such as the float weights freed after quantizing, are not
-    counted again. Use as a context manager so the sampling thread stops.
+    (glibc keeps it otherwise), so that leftovers of an earlier phase, such as the float weights freed after quantizing,
+    are not counted again. Use as a context manager so the sampling thread stops.
     """
 
     def __init__(

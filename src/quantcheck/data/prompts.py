@@ -19,7 +19,10 @@ GENERATION_INSTRUCTION = "Answer with the letter of the correct option only."
 def _body(item: Item) -> str:
     subject = item.subject.replace("_", " ")
     options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
-    return f"The following are multiple choice questions (with answers) about {subject}.\n\n{item.question.strip()}\n{options}\n"
+    return (
+        f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        f"{item.question.strip()}\n{options}\n"
+    )
 
 
 def loglik_prompt(item: Item) -> str:

@@ -135,7 +135,8 @@ def read_samples_file(path: Path, task: str) -> Iterator[TaskSamples]:
             _, samples = by_filter.setdefault(filter_name, (metrics, {}))
             if sample.doc_id in samples:
                 raise LmEvalError(
-                    f"{path}:{lineno}: doc_id {sample.doc_id} appears twice for filter {filter_name!r}: one lm_eval run per file"
+                    f"{path}:{lineno}: doc_id {sample.doc_id} appears twice for filter {filter_name!r}: "
+                    "one lm_eval run per file"
                 )
             samples[sample.doc_id] = sample
     for filter_name, (metrics, samples) in by_filter.items():
@@ -167,7 +168,8 @@ def read_run(folder: Path, role: str) -> LmEvalRun:
                 newest[match["task"]] = (match["stamp"], path)
     if not newest:
         raise LmEvalError(
-            f"{role} {folder} holds no lm-eval samples files (samples_<task>_<time>.jsonl): run lm_eval with --log_samples"
+            f"{role} {folder} holds no lm-eval samples files (samples_<task>_<time>.jsonl): "
+            "run lm_eval with --log_samples"
         )
     if len(parents) > 1:
         raise LmEvalError(

@@ -2,8 +2,8 @@
 
 Each model with log-likelihood answers becomes `OUT/<model>/samples_<task>_<time>.jsonl`, one line
 per question, as `lm_eval --log_samples` writes a zero-shot multiple-choice task scored on the
-answer letters: the document (with the fields of lm-eval's MMLU documents), the gold index as target, one request per letter (the prompt and
-" A".." D"), `[log-likelihood, is_greedy]` per letter, `acc`, and the SHA-256 hashes of document,
+answer letters: the document (with the fields of lm-eval's MMLU documents), the gold index as target, one request per
+letter (the prompt and " A".." D"), `[log-likelihood, is_greedy]` per letter, `acc`, and the SHA-256 hashes of document,
 prompt and target computed as lm-eval computes them, so that a real lm-eval run of the same
 questions with quantcheck's prompt pairs with the export document by document.
 """
@@ -86,7 +86,8 @@ def export_run(run_dir: Path, out: Path, task: str) -> list[Path]:
         for doc_id, item, answer, topk_logprobs in sorted(rows, key=lambda row: row[0]):
             if not topk_logprobs:
                 raise ResultsFolderError(
-                    f"{run_dir / ITEMS_FILE}: {model} on {item.item_id} has no top-k log-probabilities to tell greedy answers"
+                    f"{run_dir / ITEMS_FILE}: {model} on {item.item_id} "
+                    "has no top-k log-probabilities to tell greedy answers"
                 )
             lines.append(json.dumps(sample_line(doc_id, item, answer, topk_logprobs[0]), ensure_ascii=False) + "\n")
         written.append(write_text_atomic(out / model / f"samples_{task}_{stamp}.jsonl", "".join(lines)))

@@ -150,7 +150,10 @@ def headline(document: LmEvalComparisonFile) -> str:
     """One line: what the comparison as a whole shows."""
     single = document.main
     if single is None:
-        return f"{document.variant.model} against {document.reference.model}: {len(document.tasks)} tasks, read each verdict below"
+        return (
+            f"{document.variant.model} against {document.reference.model}: {len(document.tasks)} tasks, "
+            "read each verdict below"
+        )
     return f"{document.variant.model} against {document.reference.model}: {single.verdict} \u2014 {single.reason}"
 
 

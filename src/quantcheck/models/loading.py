@@ -59,7 +59,8 @@ def resolve_model(spec: str | None, allow_pickle: bool = False) -> ResolvedModel
         return ResolvedModel(folder.resolve().name, "local", folder.resolve(), fingerprint(folder))
     if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelNotFoundError(
-            f"model folder {spec} does not exist: pass an existing folder, a hub id like org/name, or omit MODEL for the built-in {BUILTIN_NAME}"
+            f"model folder {spec} does not exist: pass an existing folder, a hub id like org/name, "
+            f"or omit MODEL for the built-in {BUILTIN_NAME}"
         )
     path, revision = _download_from_hub(spec, allow_pickle)
     _check_model_folder(path, allow_pickle)
@@ -139,7 +140,8 @@ def load_model(method: QuantMethod, request: LoadRequest) -> PreTrainedModel:
     if precision.offloaded and not request.allow_offload:
         raise QuantcheckError(
             f"{method.name}: parts of the model are on {', '.join(precision.devices)} instead of {request.device} "
-            "(offloaded: every cost figure would be wrong); use a bigger device, or pass --allow-offload to measure it anyway"
+            "(offloaded: every cost figure would be wrong); "
+            "use a bigger device, or pass --allow-offload to measure it anyway"
         )
     return model
 

@@ -57,7 +57,8 @@ def serve() -> int:
 
 
 def _child(spec: str, log: str, interrupt) -> int:
-    """The worker, as `python -m quantcheck.orchestration.worker SPEC` would run it; never returns into the server's loop."""
+    """The worker, as `python -m quantcheck.orchestration.worker SPEC` would run it; never returns into the server's
+    loop."""
     code = 1
     try:
         signal.signal(signal.SIGINT, interrupt)

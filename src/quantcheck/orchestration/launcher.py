@@ -149,7 +149,8 @@ class Launcher:
                         return event["code"], interrupted
                 break
             except KeyboardInterrupt:
-                # The worker finishes the write in progress (appends are whole batches) and exits; the server reports it.
+                # The worker finishes the write in progress (appends are whole batches) and exits; the server
+                # reports it.
                 interrupted = True
                 if pid is not None:
                     os.kill(pid, signal.SIGINT)

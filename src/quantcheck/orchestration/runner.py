@@ -42,7 +42,8 @@ class Interrupted(QuantcheckError):
 
 
 class RunOptions(BaseModel):
-    """Everything `quantcheck run` takes, as the runner uses it (built by `RunConfig.options`); recorded in results.json as the run's config."""
+    """Everything `quantcheck run` takes, as the runner uses it (built by `RunConfig.options`); recorded in
+    results.json as the run's config."""
 
     model: str | None = None
     backend: str = "hf"
@@ -315,8 +316,10 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
     for spec in models:
         if not get_backend(spec.backend).scores_text:
             raise QuantcheckError(
-                f"{spec.name} runs in the {spec.backend} backend, which cannot score every token of a text or of answers yet "
-                "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf or llamacpp backend"
+                f"{spec.name} runs in the {spec.backend} backend, "
+                "which cannot score every token of a text or of answers yet "
+                "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), "
+                "or use the hf or llamacpp backend"
             )
 
 
@@ -330,8 +333,8 @@ def _score_corpus(
     folder: RunFolder,
     floors: bool,
 ) -> str | None:
-    """Each model's pass over the corpus's windows (and its engine's numeric floor), the reference first; the reference's
-    failure message, if it failed."""
+    """Each model's pass over the corpus's windows (and its engine's numeric floor), the reference first; the
+    reference's failure message, if it failed."""
     for spec in models:
         todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
         if (
@@ -397,7 +400,8 @@ def _dataset_info(
             source=dataset.source,
             content_hash=dataset.content_hash(),
             answer_continuations=[],
-            prompt_format=f"each chat through the chat template (--chat {corpus_job.chat}), answered greedily by the reference "
+            prompt_format=f"each chat through the chat template (--chat {corpus_job.chat}), "
+            "answered greedily by the reference "
             f"(at most {corpus_job.max_new_tokens} tokens); every model scored on the answer's tokens",
         )
     windows = len(folder.read_reference_tokens()) if folder.reference_tokens_exist() else 0
@@ -408,7 +412,8 @@ def _dataset_info(
         subjects=[],
         source=dataset.source,
         content_hash=dataset.content_hash(),
-        prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, the second half of each scored "
+        prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, "
+        "the second half of each scored "
         "(llama-perplexity)",
         answer_continuations=[],
         context=corpus_job.context,

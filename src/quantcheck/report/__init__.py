@@ -2,7 +2,8 @@
 
 Reads only the files of the run folder (results.json, items.jsonl, dataset.jsonl, a text corpus's
 models/*/corpus.jsonl) with the shared pydantic schema; never imports torch or transformers, so it
-renders in about a second and works on a machine without the model. Partial runs render too: the report says what is missing.
+renders in about a second and works on a machine without the model. Partial runs render too: the report says what is
+missing.
 
     from quantcheck.report import render_report
     files = render_report(Path("runs/my-run"))

@@ -128,7 +128,8 @@ def _read_jsonl_lines(path: Path, problems: list[str]) -> list[tuple[int, str]]:
 
 
 def _load_records(path: Path, name: str, model: type[Record], what: str, problems: list[str]) -> list[Record]:
-    """The valid lines of a JSONL file (`name` in messages); an invalid one (a torn last line) is a problem, not an error."""
+    """The valid lines of a JSONL file (`name` in messages); an invalid one (a torn last line) is a problem, not an
+    error."""
     records: list[Record] = []
     bad = 0
     for lineno, line in _read_jsonl_lines(path, problems):

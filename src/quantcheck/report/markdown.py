@@ -118,7 +118,8 @@ def render_markdown(
         out += [
             "### Generation speed",
             "",
-            "End-to-end words per minute include prefill and batching and depend on answer length; decode-only words per minute come from the cost phase's fixed-length decode rate.",
+            "End-to-end words per minute include prefill and batching and depend on answer length; "
+            "decode-only words per minute come from the cost phase's fixed-length decode rate.",
             "",
         ]
         out += md_table(table.GENERATION_COLUMNS, gen) + [""]
@@ -151,7 +152,8 @@ def render_markdown(
     if data.is_text:
         out += [
             "",
-            "_Full report: `report.html` in the run folder; raw numbers: `metrics.csv`; per-token records: `models/<model>/corpus.jsonl`._",
+            "_Full report: `report.html` in the run folder; raw numbers: `metrics.csv`; "
+            "per-token records: `models/<model>/corpus.jsonl`._",
             "",
         ]
     else:

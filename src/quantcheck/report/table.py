@@ -389,7 +389,10 @@ def corpus_wording(results: Results) -> CorpusWording:
         size = f"{fmt.integer(n)} prompt{'' if n == 1 else 's'}"
     else:
         unit, title, how, along = "window", "Text corpus", "the second half of each scored", "along the text"
-        size = f"{fmt.integer(n)} window{'' if n == 1 else 's'} of {fmt.integer(ds.context if ds is not None else None)} tokens"
+        size = (
+            f"{fmt.integer(n)} window{'' if n == 1 else 's'} "
+            f"of {fmt.integer(ds.context if ds is not None else None)} tokens"
+        )
     return CorpusWording(unit, title, size, f"{title}: {size}, {how}: {fmt.integer(tokens)} scored tokens", along)
 
 
@@ -425,8 +428,8 @@ def corpus_notes(results: Results) -> list[str]:
     notes = [
         f"Intervals are 95% and resample whole {w.units} (a {w.unit}'s tokens share their context, so they are not "
         "independent); a statistic without one had no spread to resample",
-        "KLD is KL(reference \u2016 variant) per scored token in nats; \u0394p is p(variant) \u2212 p(reference) of the "
-        "actual next token, in percent of probability; PPL(base) is the reference's",
+        "KLD is KL(reference \u2016 variant) per scored token in nats; \u0394p is p(variant) \u2212 p(reference) of "
+        "the actual next token, in percent of probability; PPL(base) is the reference's",
     ]
     if w.unit == "prompt":
         notes.append(
@@ -507,7 +510,8 @@ def _estimated_nats(
     upper: float | None = None,
     bounded: bool = False,
 ) -> str:
-    """An estimated KL with its standard error, and its certain bounds where given: "0.0123 ± 0.0010 [0.0101, 0.812]"."""
+    """An estimated KL with its standard error, and its certain bounds where given:
+    "0.0123 ± 0.0010 [0.0101, 0.812]"."""
     if not estimated:
         return fmt.nats(value)
     text = f"{fmt.nats(value)} ± {fmt.nats(se)}"
@@ -517,7 +521,8 @@ def _estimated_nats(
 
 
 def worst_rows(results: Results) -> list[WorstRow]:
-    """Each variant's sequences with the highest mean KL; one with KL 0 at every token departs nowhere, so it is left out."""
+    """Each variant's sequences with the highest mean KL; one with KL 0 at every token departs nowhere, so it is left
+    out."""
     rows, estimated = [], worst_estimated(results)
     for m in corpus_variants(results):
         for span in m.corpus.worst:
@@ -589,9 +594,10 @@ def floor_rows(results: Results) -> list[list[str]]:
                 [
                     f"numeric (batching): {model.name}",
                     f"{fmt.integer(numeric.n)} scored {numeric.batch_size} at a time and again one at a time",
-                    f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, top-1 {fmt.percent(numeric.top1_agreement)}",
-                    "its mean KL and top-1 agreement (unclear where the noisier of its and the reference's floor reaches a quarter "
-                    "of the KL limit)"
+                    f"mean KL {fmt.nats(numeric.kl_mean)}, max {fmt.nats(numeric.kl_max)}, "
+                    f"top-1 {fmt.percent(numeric.top1_agreement)}",
+                    "its mean KL and top-1 agreement (unclear where the noisier of its and the reference's floor "
+                    "reaches a quarter of the KL limit)"
                     if model.role != "reference"
                     else "every variant's mean KL and top-1 agreement",
                 ]
@@ -610,8 +616,9 @@ def floor_rows(results: Results) -> list[list[str]]:
                     f"reference's cost measured {reference.cost.rounds} times, in turn with the variants",
                     "between undisturbed rounds its forward latency moved by "
                     + ", ".join(f"{fmt.ratio(spread)} at batch {size}" for size, spread in sorted(spreads.items())),
-                    f"each variant's latency ratio and its 95% CI (batch sizes that moved by more than {fmt.ratio(DRIFT_TOLERANCE)} are not "
-                    f"called faster or slower; elsewhere a claim needs the whole interval beyond this spread and beyond {fmt.ratio(DRIFT_TOLERANCE)})",
+                    "each variant's latency ratio and its 95% CI (batch sizes that moved by more than "
+                    f"{fmt.ratio(DRIFT_TOLERANCE)} are not called faster or slower; elsewhere a claim needs the whole "
+                    f"interval beyond this spread and beyond {fmt.ratio(DRIFT_TOLERANCE)})",
                 ]
             )
     if sampling := results.floors.sampling:
@@ -619,7 +626,8 @@ def floor_rows(results: Results) -> list[list[str]]:
             [
                 "sampling",
                 f"reference's answers generated again, seed {sampling.seed}",
-                f"{fmt.integer(sampling.disagreements)} of {fmt.integer(sampling.n)} answers differ ({fmt.percent(sampling.rate)})",
+                f"{fmt.integer(sampling.disagreements)} of {fmt.integer(sampling.n)} answers differ "
+                f"({fmt.percent(sampling.rate)})",
                 "each variant's generated-answer disagreement",
             ]
         )
@@ -630,8 +638,9 @@ def floor_rows(results: Results) -> list[list[str]]:
                     [
                         f"{m.name} vs sampling",
                         "variant's generated answers against the reference's",
-                        f"{fmt.integer(floor.variant_disagreements)} of {fmt.integer(floor.n)} differ (only the variant: {floor.variant_only}, "
-                        f"only the resample: {floor.floor_only}), one-sided p {fmt.pvalue(floor.p_above_floor)}",
+                        f"{fmt.integer(floor.variant_disagreements)} of {fmt.integer(floor.n)} differ "
+                        f"(only the variant: {floor.variant_only}, only the resample: {floor.floor_only}), "
+                        f"one-sided p {fmt.pvalue(floor.p_above_floor)}",
                         side,
                     ]
                 )
@@ -799,10 +808,11 @@ CSV_COLUMNS = [
     "right_to_wrong", "wrong_to_right", "answer_agreement", "min_detectable_difference",
     "delta_generative", "delta_generative_ci_low", "delta_generative_ci_high", "mcnemar_p_generative",
     "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
-    "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high", "rms_delta_p",
-    *[f"jaccard_{k}" for k in JACCARD_KS],
+    "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high",
+    "rms_delta_p", *[f"jaccard_{k}" for k in JACCARD_KS],
     "kl_bound", "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
-    "weight_memory_ratio", "memory_saving", "decode_tokens_per_s", "decode_speedup", "decode_speedup_ci_low", "decode_speedup_ci_high",
+    "weight_memory_ratio", "memory_saving",
+    "decode_tokens_per_s", "decode_speedup", "decode_speedup_ci_low", "decode_speedup_ci_high",
     "latency_bs1_ratio", "latency_bs1_ratio_ci_low", "latency_bs1_ratio_ci_high",
     "time_to_first_token_s", "load_time_s", "load_peak_memory_bytes",
     "latency_bs1_median_s", "peak_memory_bytes_max_ok_batch", "max_ok_batch", "oom_batches", "threads",

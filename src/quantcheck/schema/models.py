@@ -77,7 +77,8 @@ class ModelSpec(BaseModel):
         description="the backend's quantization method; 'none' is the reference's own weights and precision"
     )
     weights: str = Field(
-        description="local folder the weights load from; for an endpoint, the folder its tokenizer, chat template and stop tokens come from"
+        description="local folder the weights load from; "
+        "for an endpoint, the folder its tokenizer, chat template and stop tokens come from"
     )
     checkpoint: bool = Field(
         False, description="pre-quantized weights loaded as saved (they bring their own tokenizer)"

@@ -162,7 +162,8 @@ class CorpusStatistics(BaseModel):
 
 
 class WorstSpan(BaseModel):
-    """A sequence (window or prompt) where the variant departs most from the reference, with the text around its worst token."""
+    """A sequence (window or prompt) where the variant departs most from the reference, with the text around its worst
+    token."""
 
     sequence: int
     name: str = Field(description="the prompt's id, or 'window N'")
@@ -229,12 +230,14 @@ class GenerativeQuality(BaseModel):
     accuracy: Accuracy
     unparsable: int
     words_per_minute: float = Field(
-        description="end to end: all answer words over the wall time of every generation batch (prefill, batching and padding included)"
+        description="end to end: all answer words over the wall time of every generation batch "
+        "(prefill, batching and padding included)"
     )
     tokens_per_second: float = Field(description="end to end, as words_per_minute")
     decode_words_per_minute: float | None = Field(
         None,
-        description="decode only: the cost phase's measured decode rate (tokens/s) times this model's words per answer token; None without cost",
+        description="decode only: the cost phase's measured decode rate (tokens/s) times this model's words per answer "
+        "token; None without cost",
     )
     mean_output_tokens: float
     mean_output_words: float
@@ -297,8 +300,9 @@ class LatencyPoint(BaseModel):
     peak_memory_bytes: int | None = None
     other_cpu_load: float | None = Field(
         None,
-        description="cores' worth of CPU time other processes and the hypervisor (steal) took while this batch size was timed: "
-        "the CPU time of the CPUs this process may use (its affinity; the machine's where unknown) minus this process tree's, over the window",
+        description="cores' worth of CPU time other processes and the hypervisor (steal) took while this batch size "
+        "was timed: the CPU time of the CPUs this process may use (its affinity; the machine's where unknown) minus "
+        "this process tree's, over the window",
     )
     disturbed: bool = Field(
         False,
@@ -425,7 +429,8 @@ class ModelCost(BaseModel):
     )
     rounds: int = Field(
         1,
-        description="cost rounds merged: each point is the fastest undisturbed round's (load on the machine only slows)",
+        description="cost rounds merged: each point is the fastest undisturbed round's "
+        "(load on the machine only slows)",
     )
 
 
@@ -464,27 +469,30 @@ class CostComparison(BaseModel):
     )
     unstable_batch_sizes: list[int] = Field(
         default_factory=list,
-        description="batch sizes whose undisturbed medians moved by more than the drift tolerance between cost rounds, or that other "
-        "load disturbed in every round (either model): their ratios are reported but not called faster or slower",
+        description="batch sizes whose undisturbed medians moved by more than the drift tolerance between cost rounds, "
+        "or that other load disturbed in every round (either model): their ratios are reported but not called faster "
+        "or slower",
     )
     latency_ratio_ci: dict[int, Interval] = Field(
         default_factory=dict,
-        description="batch size -> 95% interval on latency_ratio: a percentile bootstrap that resamples the timed iterations inside "
-        "each undisturbed round of both models, widened to cover every ratio between one undisturbed round of each (the "
-        "between-round spread as a floor)",
+        description="batch size -> 95% interval on latency_ratio: a percentile bootstrap that resamples the timed "
+        "iterations inside each undisturbed round of both models, widened to cover every ratio between one undisturbed "
+        "round of each (the between-round spread as a floor)",
     )
     latency_round_spread: dict[int, float] = Field(
         default_factory=dict,
-        description="batch size -> the larger of the two models' slowest / fastest undisturbed round median (1.0 with one round); "
-        "a speed claim needs the whole interval beyond this and beyond the drift tolerance",
+        description="batch size -> the larger of the two models' slowest / fastest undisturbed round median "
+        "(1.0 with one round); a speed claim needs the whole interval beyond this and beyond the drift tolerance",
     )
     decode_speedup_ci: Interval | None = Field(
         None,
-        description="95% interval on decode_speedup, as latency_ratio_ci but resampling each round's timed prompt batches",
+        description="95% interval on decode_speedup, as latency_ratio_ci "
+        "but resampling each round's timed prompt batches",
     )
     decode_round_spread: float | None = Field(
         None,
-        description="the larger of the two models' fastest / slowest undisturbed round decode rate (1.0 with one round)",
+        description="the larger of the two models' fastest / slowest undisturbed round decode rate "
+        "(1.0 with one round)",
     )
 
 

@@ -32,7 +32,8 @@ from quantcheck.storage.store import CompactStore, ReferenceStore
 def _batches(
     todo: list[int], sequences: Sequence[Sequence[int]], firsts: Sequence[int], batch_size: int
 ) -> list[list[int]]:
-    """Consecutive sequences of one length and start, up to `batch_size` per forward (a text's windows all share them)."""
+    """Consecutive sequences of one length and start, up to `batch_size` per forward (a text's windows all share
+    them)."""
     batches: list[list[int]] = []
     for index in todo:
         shape = (len(sequences[index]), firsts[index])

@@ -51,7 +51,8 @@ def encode_items(tokenizer, items: tuple[Item, ...]) -> EncodedItems:
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             raise QuantcheckError(
-                f"the tokenizer splits {text!r} into {len(ids)} tokens; log-likelihood scoring needs one token per answer letter"
+                f"the tokenizer splits {text!r} into {len(ids)} tokens; "
+                "log-likelihood scoring needs one token per answer letter"
             )
         continuation_ids.append(ids[0])
     prompt_ids = [tokenizer.encode(loglik_prompt(item)) for item in items]
@@ -118,7 +119,8 @@ def compare_with_reference(
 
 
 def reference_top(store: ReferenceStore) -> int | None:
-    """How many of each reference row's entries are known exactly: the compact store's K, a server's K, None for full rows."""
+    """How many of each reference row's entries are known exactly: the compact store's K, a server's K, None for full
+    rows."""
     return store.top_k if isinstance(store, CompactStore) else store.top_logprobs
 
 
@@ -131,7 +133,10 @@ def kl_lower_bound_method(store: ReferenceStore, top_logprobs: int | None) -> st
         for side, top in (("reference", reference_top(store)), ("variant", top_logprobs))
         if top is not None
     ]
-    return f"lower bound from {' and '.join(sides)} log-probabilities (exact shared terms + log-sum inequality on the rest)"
+    return (
+        f"lower bound from {' and '.join(sides)} log-probabilities "
+        "(exact shared terms + log-sum inequality on the rest)"
+    )
 
 
 def score_items(

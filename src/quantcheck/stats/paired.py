@@ -172,7 +172,8 @@ def _differs(reference: str | None, other: str | None) -> bool:
 
 
 def _one_sided_excess(mine: Sequence[bool], theirs: Sequence[bool]) -> tuple[int, int, float]:
-    """Items where only `mine` holds, where only `theirs` does, and the exact one-sided p that `mine` holds more often."""
+    """Items where only `mine` holds, where only `theirs` does, and the exact one-sided p that `mine` holds more
+    often."""
     only_mine = sum(m and not t for m, t in zip(mine, theirs))
     only_theirs = sum(t and not m for m, t in zip(mine, theirs))
     discordant = only_mine + only_theirs
@@ -187,7 +188,8 @@ def compare_with_floor(
     alpha: float = 0.05,
 ) -> SamplingComparison:
     """Does the variant change the reference's generated answers more often than sampling the reference again does, or
-    is it right less often than that resample? Each argument holds (answer, correct) per item, the same items in the same order.
+    is it right less often than that resample? Each argument holds (answer, correct) per item, the same items in the
+    same order.
 
     Paired on the items: only items where exactly one of the two differs from the reference carry
     information, and a one-sided exact binomial test asks whether the variant's side is larger. The

@@ -96,7 +96,8 @@ class RunFolder:
                     if previous.get(key) != value
                 )
                 raise ResultsFolderError(
-                    f"{self.root} holds a different run ({changed}): choose another --out, or pass --force to overwrite it"
+                    f"{self.root} holds a different run ({changed}): "
+                    "choose another --out, or pass --force to overwrite it"
                 )
             self.clear()
         elif any(self.root.iterdir()) and not force:
@@ -166,7 +167,8 @@ class RunFolder:
         return read_prompt_lines(self.prompts_file.read_text(encoding="utf-8"), str(self.prompts_file))
 
     def cost_texts(self, count: int = 64, characters: int = 1000) -> list[str]:
-        """The texts the cost phase times: the questions, the prompts' last user turns, or the corpus cut into `count` pieces."""
+        """The texts the cost phase times: the questions, the prompts' last user turns, or the corpus cut into
+        `count` pieces."""
         if self.prompts_file.exists():
             return [last_user_message(chat) for chat in self.read_prompts()[1][:count]]
         if not self.corpus_file.exists():
@@ -186,7 +188,8 @@ class RunFolder:
         return (self.reference_dir / "tokens.json").exists()
 
     def write_scored_spans(self, firsts: list[int], token_texts: list[list[str]]) -> None:
-        """Where scoring starts in each sequence of tokens.json, and the text of each scored token (for the report's worst spans)."""
+        """Where scoring starts in each sequence of tokens.json, and the text of each scored token (for the report's
+        worst spans)."""
         write_text_atomic(
             self.reference_dir / "scored.json",
             json.dumps({"first": firsts, "token_texts": token_texts}, ensure_ascii=False),

@@ -10,7 +10,8 @@ Layout:
     corpus.txt                ... or the text corpus (--dataset text:FILE), as read
     reference/key.json        what determines the reference's stored outputs (the store's kind and size too)
     reference/tokens.json     the token ids every model is scored on (prompts, or a corpus's windows)
-    reference/compact.npy     the reference's next-token rows at the answer position (a corpus: every scored token): top K + tail (default)
+    reference/compact.npy     the reference's next-token rows at the answer position (a corpus: every scored token):
+                              top K + tail (default)
     reference/logprobs.npy    ... or every log-probability (--store full)
     models/<name>/quality.jsonl     per-item records (log-likelihood pass, token agreement)
     models/<name>/generation.jsonl  per-item generated answers
@@ -297,7 +298,8 @@ class CompactStore(ReferenceStore):
             raise QuantcheckError(refuse_top_k_reference(top_logprobs))
         if self.top_k >= vocab_size:
             raise QuantcheckError(
-                f"--store-top-k {self.top_k} leaves no tail in a vocabulary of {vocab_size}: choose a smaller one, or --store full"
+                f"--store-top-k {self.top_k} leaves no tail in a vocabulary of {vocab_size}: "
+                "choose a smaller one, or --store full"
             )
         return super().create(n_items, vocab_size)
 
@@ -305,8 +307,9 @@ class CompactStore(ReferenceStore):
 def refuse_top_k_reference(top_logprobs: int) -> str:
     """Why a reference known only on its top K cannot fill the compact store (it needs the tail), and what to do."""
     return (
-        f"the reference's server returns only its top {top_logprobs} log-probabilities, and the compact reference store needs "
-        "full rows: serve the reference with all of them (vLLM: --max-logprobs -1), or run with --store full"
+        f"the reference's server returns only its top {top_logprobs} log-probabilities, and the compact reference "
+        "store needs full rows: serve the reference with all of them (vLLM: --max-logprobs -1), "
+        "or run with --store full"
     )
 
 

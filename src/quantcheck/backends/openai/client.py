@@ -23,7 +23,8 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 300.0
 """A full-vocabulary row is ~2 MB of JSON (1-3 s on 2 CPU cores); queued behind others it takes longer."""
 MAX_CONCURRENCY = 8
-"""Single-prompt requests in flight at once (generation, cost): enough to fill a server's batch, bounded for shared servers."""
+"""Single-prompt requests in flight at once (generation, cost): enough to fill a server's batch, bounded for shared
+servers."""
 
 
 class EndpointError(QuantcheckError):
@@ -127,13 +128,15 @@ class Client:
                 return response.json()
             except ValueError:
                 raise EndpointError(
-                    f"{self.url}/{path} did not answer JSON: is {self.url} the base URL of an OpenAI-compatible API (usually ending in /v1)?"
+                    f"{self.url}/{path} did not answer JSON: is {self.url} the base URL of an OpenAI-compatible API "
+                    "(usually ending in /v1)?"
                 ) from None
         tries = f"{self.retries + 1} tries over {time.monotonic() - start:.0f} s"
         raise EndpointError(f"{self.url}: {reason} ({tries}); {self.advice}")
 
     def completions(self, payload: dict[str, object], count: int = 1) -> list[dict]:
-        """The `count` choices of `POST /completions` (one per prompt), in prompt order; one line when they are not there."""
+        """The `count` choices of `POST /completions` (one per prompt), in prompt order; one line when they are not
+        there."""
         answer = self.request("POST", "completions", payload)
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != count:
