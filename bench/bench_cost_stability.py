@@ -23,22 +23,31 @@ LOW, HIGH = 0.8, 1.25
 
 def child(method: str, device: str, threads: int | None) -> None:
     """Measure one model in this (fresh) process and print its ModelCost as JSON on the last line."""
-    import torch
-
+    from quantcheck.backends.hf import HFBackend
     from quantcheck.cost.scenario import CostSettings, measure_cost
     from quantcheck.data.load import load_dataset
     from quantcheck.models.builtin import builtin_model_dir
-    from quantcheck.models.loading import default_dtype, load_model, load_tokenizer
-    from quantcheck.models.quant_methods import LoadRequest, get_method
+    from quantcheck.models.loading import default_dtype
+    from quantcheck.schema.jobs import JobSpec
+    from quantcheck.schema.models import ModelSpec
 
-    path = str(builtin_model_dir())
     texts = [item.question for item in load_dataset().items]
     settings = CostSettings.for_device(device)
     if threads is not None:
         settings = settings.model_copy(update={"threads": threads})
-    request = LoadRequest(path, device, getattr(torch, default_dtype(device)))
+    spec = ModelSpec(name=method, role="variant", backend="hf", method=method, weights=str(builtin_model_dir()))
+    job = JobSpec(
+        kind="cost",
+        run_dir="unused",
+        model=spec,
+        device=device,
+        dtype=default_dtype(device),
+        threads=settings.threads,
+        seed=0,
+        batch_size=1,
+    )
     begin = time.perf_counter()
-    cost = measure_cost(lambda: load_model(get_method(method), request), load_tokenizer(path), texts, settings, device)
+    cost = measure_cost(HFBackend(job), texts, settings)
     print(json.dumps({"seconds": time.perf_counter() - begin, "cost": cost.model_dump()}))
 
 

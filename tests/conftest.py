@@ -103,7 +103,23 @@ def small_run(tmp_path_factory) -> Path:
     return out
 
 
-HAS_VLLM = Path(os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")).exists()
+def _vllm_python() -> str | None:
+    """The Python that has vLLM, found as `make test` makes it: QUANTCHECK_VLLM_PYTHON where set, else this checkout's
+    .venv-vllm (so a plain `pytest` after `make test` runs the vLLM tests too)."""
+    named = os.environ.get("QUANTCHECK_VLLM_PYTHON")
+    if named:
+        return named if Path(named).exists() else None
+    built = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    return str(built) if built.exists() else None
+
+
+VLLM_PYTHON = _vllm_python()
+HAS_VLLM = VLLM_PYTHON is not None
+if HAS_VLLM:  # the CLI runs the tests start find it as the user's would
+    os.environ["QUANTCHECK_VLLM_PYTHON"] = VLLM_PYTHON
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="no vLLM environment: make test builds .venv-vllm (or set QUANTCHECK_VLLM_PYTHON)"
+)
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 GGUF_VARIANTS = ["gguf:F32", "gguf:Q8_0", "gguf:Q4_K_M"]
 

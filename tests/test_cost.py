@@ -7,7 +7,7 @@ import psutil
 import pytest
 import torch
 
-from quantcheck.cost.latency import latency_sweep
+from quantcheck.backends.hf import HFBackend
 from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
 from quantcheck.cost.scenario import CostSettings, measure_cost
 from quantcheck.cost.throughput import (
@@ -19,6 +19,8 @@ from quantcheck.cost.throughput import (
 from quantcheck.models.builtin import builtin_model_dir
 from quantcheck.models.loading import load_model, load_tokenizer
 from quantcheck.models.quant_methods import LoadRequest, get_method
+from quantcheck.schema.jobs import JobSpec
+from quantcheck.schema.models import ModelSpec
 
 TEXTS = [
     "Which of the following viruses causes the common cold? A. rhinovirus B. prion C. rabies D. measles Answer:",
@@ -131,18 +133,24 @@ def test_peak_tracker_sees_an_allocation_and_resets_between_phases():
     assert after.peak_bytes < allocate.peak_bytes - 0.5 * size
 
 
-def test_latency_sweep_returns_ordered_positive_statistics(fp32_model, tokenizer):
-    points = latency_sweep(
-        fp32_model,
-        tokenizer,
-        TEXTS,
-        batch_sizes=(1, 2),
-        seq_len=8,
-        warmup=1,
-        min_iterations=3,
-        max_iterations=6,
-        time_budget_s=2.0,
+def hf_cost(settings: CostSettings, method: str = "none"):
+    """The cost scenario on the transformers backend, as a cost job runs it (a fresh load every call)."""
+    spec = ModelSpec(name=method, role="variant", backend="hf", method=method, weights=str(builtin_model_dir()))
+    job = JobSpec(
+        kind="cost", run_dir="unused", model=spec, device="cpu", dtype="float32", threads=1, seed=0, batch_size=1
     )
+    return measure_cost(HFBackend(job), TEXTS, settings)
+
+
+def small_settings(**fields) -> CostSettings:
+    return CostSettings(generation_prompts=1, generation_new_tokens=2, threads=1, **fields)
+
+
+def test_latency_sweep_returns_ordered_positive_statistics():
+    settings = small_settings(
+        batch_sizes=(1, 2), seq_len=8, warmup=1, min_iterations=3, max_iterations=6, time_budget_s=2.0
+    )
+    points = hf_cost(settings).latency
     assert [p.batch_size for p in points] == [1, 2]
     for point in points:
         assert point.status == "ok" and point.seq_len == 8
@@ -156,14 +164,14 @@ def test_latency_sweep_returns_ordered_positive_statistics(fp32_model, tokenizer
         )
 
 
-def test_memory_cap_turns_a_large_batch_into_oom_and_skips_larger_ones(fp32_model, tokenizer):
+def test_memory_cap_turns_a_large_batch_into_oom_and_skips_larger_ones():
     fast = {"seq_len": 32, "warmup": 0, "min_iterations": 1, "max_iterations": 1}
-    uncapped = latency_sweep(fp32_model, tokenizer, TEXTS, batch_sizes=(1, 32), **fast)
+    uncapped = hf_cost(small_settings(batch_sizes=(1, 32), **fast)).latency
     small, large = (p.peak_memory_bytes for p in uncapped)
     # logits alone are 32 x 32 x 49152 floats = 192 MiB at batch 32
     assert large - small > 100 * 2**20
     cap = (small + large) // 2
-    capped = latency_sweep(fp32_model, tokenizer, TEXTS, batch_sizes=(1, 32, 64), max_memory_bytes=cap, **fast)
+    capped = hf_cost(small_settings(batch_sizes=(1, 32, 64), max_memory_bytes=cap, **fast)).latency
     assert [p.status for p in capped] == ["ok", "oom", "skipped"]
     assert capped[0].median_s > 0
     assert "exceeded the memory cap" in capped[1].error
@@ -206,22 +214,15 @@ def test_model_generation_defaults_do_not_leak_into_greedy_generation(fp32_model
     assert fp32_model.generation_config is saved
 
 
-def test_measure_cost_tracks_every_phase(tokenizer):
+def test_measure_cost_tracks_every_phase():
     rss_before = psutil.Process().memory_info().rss
-    settings = CostSettings(
-        batch_sizes=(1, 2),
-        seq_len=8,
-        warmup=0,
-        min_iterations=2,
-        max_iterations=2,
-        generation_prompts=1,
-        generation_new_tokens=3,
-        threads=1,
-    )
+    settings = small_settings(batch_sizes=(1, 2), seq_len=8, warmup=0, min_iterations=2, max_iterations=2)
+    settings = settings.model_copy(update={"generation_new_tokens": 3})
     torch.set_num_threads(2)
-    cost = measure_cost(lambda: _load("none"), tokenizer, TEXTS, settings, "cpu")
+    cost = hf_cost(settings)
     assert torch.get_num_threads() == 1
     assert cost.memory_method == "rss-sampled-5ms" and cost.threads == 1
+    assert cost.engine == "transformers" and cost.latency_method == HFBackend.latency_method
     assert cost.load_time_s > 0
     # read after a forward touched every memory-mapped weight: the weights became resident
     assert cost.load_peak_memory_bytes - rss_before > 0.9 * cost.weights.counted_bytes

@@ -21,16 +21,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_COST, lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
+from conftest import (
+    SMALL_COST,
+    VLLM_PYTHON,
+    lowercase_tokenizer_copy,
+    needs_vllm,
+    quantcheck,
+    read_items,
+    read_results,
+    write_questions,
+)
 from quantcheck.models.loading import resolve_model
 from test_cli_errors import assert_one_line_error
 from test_resume import start, wait_for_lines
 
-VLLM_PYTHON = os.environ.get("QUANTCHECK_VLLM_PYTHON", "/nonexistent")
-pytestmark = pytest.mark.skipif(
-    not Path(VLLM_PYTHON).exists(),
-    reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)",
-)
+pytestmark = needs_vllm  # every test here talks to a real vLLM server
 
 SERVED_NAME = "smollm2"
 START_TIMEOUT_S = 300

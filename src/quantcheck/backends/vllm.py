@@ -34,9 +34,12 @@ from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
 
 if TYPE_CHECKING:
+    from quantcheck.cost.memory import PeakMemoryTracker
+    from quantcheck.cost.scenario import CostSettings, MemoryScope
+    from quantcheck.cost.timing import Clock
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
-    from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
+    from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
 
 INTERPRETER_VARIABLE = "QUANTCHECK_VLLM_PYTHON"
 INSTALL_HINT = (
@@ -150,9 +153,9 @@ class VllmBackend(Backend):
         self.method = METHODS.get(self.spec.method) if not self.spec.checkpoint else METHODS["none"]
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.llm = None
-        self.packed_weights: list[
-            tuple[int, int]
-        ] = []  # (elements, bytes) of linear weights vLLM's CPU kernels moved out of the module tree
+        self.packed_weights: list[tuple[int, int]] = []
+        """(elements, bytes) of the linear weights vLLM's CPU kernels moved out of the module tree."""
+        self._cost_prompts: list[list[int]] = []
         _configure_environment(job.device, job.threads, job.engine)
         self.captures_rows = job.kind == "quality" and _engine_in_this_process(job.engine)
 
@@ -298,55 +301,54 @@ class VllmBackend(Backend):
         stops = set(settings.stop_token_ids)
         return [[token for token in output.outputs[0].token_ids if token not in stops] for output in outputs]
 
-    def measure_cost(self, texts: Sequence[str], settings: object, on_step: Callable[[str], None]) -> ModelCost:
-        return _measure_cost(self, texts, settings, on_step)
+    # --- cost primitives (cost/scenario.py) ----------------------------------------------------------------
+    # vLLM's cost as a user of the engine feels it: load is constructing `LLM` (weights, profiling, KV-cache
+    # allocation, engine start-up included); the weights are counted tensor by tensor inside the engine
+    # (`apply_model`); peak memory is the RSS of the whole process tree on CPU (engine subprocesses too) and the CUDA
+    # allocator's peak on one GPU (with several GPUs not measured); latency is one `generate` of one token (vLLM has no
+    # bare forward call); generation is fixed-length greedy decoding (min_tokens == max_tokens, eos ignored).
+    cost_engine = "vllm"
+    latency_method = "one vLLM generate of a single token over the batch (prefill + one step, scheduler included)"
 
+    @property
+    def _single_device(self) -> bool:
+        return self.job.engine.tensor_parallel_size * self.job.engine.pipeline_parallel_size == 1
 
-def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step: Callable[[str], None]) -> ModelCost:
-    """vLLM's cost as a user of the engine feels it, with the same statistics as every backend.
+    def memory_scope(self) -> MemoryScope:
+        from quantcheck.cost.scenario import MemoryScope
 
-    - load: constructing `LLM` (weights, profiling, KV-cache allocation): engine start-up included;
-    - weights: counted tensor by tensor inside the engine (`apply_model`), as for transformers;
-    - peak memory: RSS of the whole process tree on CPU (engine subprocesses too), CUDA allocator
-      peaks on one GPU; with several GPUs the CUDA figure is not measured;
-    - latency: one `generate` of one token over `batch_size` prompts of exactly `seq_len` tokens
-      (prefill plus one step, scheduler included: vLLM has no bare forward call);
-    - generation: fixed-length greedy decoding (min_tokens == max_tokens, eos ignored).
-    """
-    from vllm import SamplingParams
+        single, device = self._single_device, self.job.device
+        return MemoryScope(
+            device=device if (device == "cpu" or single) else "cpu",
+            clock_device=device if single else "cpu",
+            process_tree=True,
+            memory_method=None
+            if single or device == "cpu"
+            else "rss-process-tree (GPU memory of several GPUs not measured)",
+        )
 
-    from quantcheck.cost.contention import other_load
-    from quantcheck.cost.latency import Repeats, repeat_timed, sweep_batch_sizes
-    from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
-    from quantcheck.cost.scenario import CostSettings
-    from quantcheck.cost.timing import Clock
-    from quantcheck.data.batching import fixed_length_prompts
-    from quantcheck.schema.results import GenerationCost, ModelCost
+    def prepare_cost(self, texts: Sequence[str], settings: CostSettings) -> None:
+        from quantcheck.data.batching import fixed_length_prompts
 
-    settings = CostSettings(**settings) if isinstance(settings, dict) else settings
-    job = backend.job
-    single = job.engine.tensor_parallel_size * job.engine.pipeline_parallel_size == 1
-    tracker_device = job.device if (job.device == "cpu" or single) else "cpu"
-    clock = Clock(job.device if single else "cpu")
-    prompt_ids = fixed_length_prompts(
-        backend.tokenizer, texts, settings.seq_len, max(settings.batch_sizes + (settings.generation_prompts,))
-    )
-    with PeakMemoryTracker(tracker_device, process_tree=True) as tracker:
-        with tracker.phase("load") as load_phase:
-            begin = clock.now()
-            backend.load()
-            load_time = clock.since(begin)
-        on_step("load")
-        visible = backend.llm.apply_model(count_weight_bytes)[0]
-        packed = sum(size for _, size in backend.packed_weights)
-        parameters = visible.parameters + sum(elements for elements, _ in backend.packed_weights)
+        count = max(settings.batch_sizes + (settings.generation_prompts,))
+        self._cost_prompts = fixed_length_prompts(self.tokenizer, texts, settings.seq_len, count)
+
+    def load_for_cost(self, texts: Sequence[str]) -> None:
+        self.load()
+
+    def weight_memory(self) -> WeightMemory:
+        from quantcheck.cost.memory import count_weight_bytes
+
+        visible = self.llm.apply_model(count_weight_bytes)[0]
+        packed = sum(size for _, size in self.packed_weights)
+        parameters = visible.parameters + sum(elements for elements, _ in self.packed_weights)
         note = "counted inside the vLLM engine (apply_model); vLLM has no get_memory_footprint"
         if packed:
             note += (
-                f"; {len(backend.packed_weights)} linear weights that vLLM's CPU kernels packed into their own storage "
+                f"; {len(self.packed_weights)} linear weights that vLLM's CPU kernels packed into their own storage "
                 "are counted at their size just before packing"
             )
-        weights = visible.model_copy(
+        return visible.model_copy(
             update={
                 "counted_bytes": visible.counted_bytes + packed,
                 "footprint_bytes": None,
@@ -356,70 +358,54 @@ def _measure_cost(backend: VllmBackend, texts: Sequence[str], settings, on_step:
                 "bits_per_parameter": 8 * (visible.counted_bytes + packed) / parameters if parameters else 0.0,
             }
         )
-        repeats = Repeats.of(settings)
+
+    def latency_call(self, batch_size: int, seq_len: int, texts: Sequence[str]) -> Callable[[], object]:
+        from vllm import SamplingParams
+
         one_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        prompts = self._token_prompts(self._cost_prompts[:batch_size])
+        return lambda: self.llm.generate(prompts, one_token, use_tqdm=False)
 
-        def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
-            prompts = backend._token_prompts(prompt_ids[:batch_size])
-            return repeat_timed(lambda: backend.llm.generate(prompts, one_token, use_tqdm=False), clock, repeats)
+    def generation_cost(
+        self, texts: Sequence[str], settings: CostSettings, tracker: PeakMemoryTracker, clock: Clock
+    ) -> GenerationCost:
+        from vllm import SamplingParams
 
-        latency = sweep_batch_sizes(
-            time_batch,
-            settings.batch_sizes,
-            settings.seq_len,
-            tracker_device,
-            tracker,
-            on_point=lambda point: on_step(f"batch {point.batch_size}"),
-        )
+        from quantcheck.cost.contention import other_load
+        from quantcheck.schema.results import GenerationCost
+
+        new_tokens = settings.generation_new_tokens
         with tracker.phase("generation") as phase, other_load() as others:
-            prompts = backend._token_prompts(prompt_ids[: settings.generation_prompts])
+            prompts = self._token_prompts(self._cost_prompts[: settings.generation_prompts])
             first = SamplingParams(max_tokens=1, min_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
             full = SamplingParams(
-                max_tokens=settings.generation_new_tokens,
-                min_tokens=settings.generation_new_tokens,
-                ignore_eos=True,
-                temperature=0.0,
-                detokenize=False,
+                max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0, detokenize=False
             )
-            backend.llm.generate(prompts, full, use_tqdm=False)  # warm-up
+            self.llm.generate(prompts, full, use_tqdm=False)  # warm-up
             begin = clock.now()
-            backend.llm.generate(prompts, first, use_tqdm=False)
+            self.llm.generate(prompts, first, use_tqdm=False)
             first_token = clock.since(begin)
             begin = clock.now()
-            outputs = backend.llm.generate(prompts, full, use_tqdm=False)
+            outputs = self.llm.generate(prompts, full, use_tqdm=False)
             total = clock.since(begin)
         produced = {len(output.outputs[0].token_ids) for output in outputs}
-        if produced != {settings.generation_new_tokens}:
-            raise RuntimeError(f"vLLM produced {produced} new tokens instead of {settings.generation_new_tokens}")
-        on_step("generation")
-    sequences, new_tokens = len(prompts), settings.generation_new_tokens
-    if total <= first_token:
-        raise RuntimeError("decoding took no measurable time (full generate was not slower than one token)")
-    generation = GenerationCost(
-        prompts=sequences,
-        new_tokens=new_tokens,
-        prefill_s=first_token,
-        time_to_first_token_s=first_token,
-        decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token),
-        tokens_per_s=sequences * new_tokens / total,
-        peak_memory_bytes=phase.peak_bytes,
-        decode_times_s=[total - first_token],
-        decode_tokens=[sequences * (new_tokens - 1)],
-        **others.fields(job.device),
-    )
-    return ModelCost(
-        memory_method=tracker.method
-        if single or job.device == "cpu"
-        else "rss-process-tree (GPU memory of several GPUs not measured)",
-        threads=job.threads,
-        engine="vllm",
-        load_time_s=load_time,
-        load_peak_memory_bytes=load_phase.peak_bytes,
-        weights=weights,
-        latency_method="one vLLM generate of a single token over the batch (prefill + one step, scheduler included)",
-        latency=latency,
-        generation=generation,
-    )
+        if produced != {new_tokens}:
+            raise RuntimeError(f"vLLM produced {produced} new tokens instead of {new_tokens}")
+        if total <= first_token:
+            raise RuntimeError("decoding took no measurable time (full generate was not slower than one token)")
+        sequences = len(prompts)
+        return GenerationCost(
+            prompts=sequences,
+            new_tokens=new_tokens,
+            prefill_s=first_token,
+            time_to_first_token_s=first_token,
+            decode_tokens_per_s=sequences * (new_tokens - 1) / (total - first_token),
+            tokens_per_s=sequences * new_tokens / total,
+            peak_memory_bytes=phase.peak_bytes,
+            decode_times_s=[total - first_token],
+            decode_tokens=[sequences * (new_tokens - 1)],
+            **others.fields(self.job.device),
+        )
 
 
 @contextmanager

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from quantcheck.cost.contention import other_load
-from quantcheck.cost.memory import PeakMemoryTracker, tracking
+from quantcheck.cost.memory import PeakMemoryTracker
 from quantcheck.cost.timing import Clock
 from quantcheck.schema.results import LatencyPoint
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 NOISY_CV = 0.10
@@ -78,40 +78,6 @@ class Repeats:
             settings.time_budget_s,
             settings.target_rse,
         )
-
-
-def latency_sweep(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    seq_len: int = 512,
-    warmup: int = 2,
-    min_iterations: int = 3,
-    max_iterations: int = 20,
-    time_budget_s: float = 30.0,
-    target_rse: float = 0.02,
-    max_memory_bytes: int | None = None,
-    tracker: PeakMemoryTracker | None = None,
-    on_point: Callable[[LatencyPoint], None] | None = None,
-) -> list[LatencyPoint]:
-    """Time one forward pass (full logits, no KV cache) at each batch size; one point per batch size.
-
-    `max_memory_bytes` caps the whole process: on CUDA through the allocator (a real OOM), on CPU by
-    checking the phase's peak RSS after every pass. Pass the caller's running `tracker` to share it;
-    `on_point` hears of each finished batch size (progress display).
-    """
-    repeats = Repeats(warmup, min_iterations, max_iterations, time_budget_s, target_rse)
-    device = model.device
-
-    def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
-        inputs = batch_inputs(tokenizer, texts, batch_size, seq_len, device)
-        check = lambda: check_cpu_cap(device, max_memory_bytes, tracker)  # noqa: E731 (while the logits are alive)
-        return repeat_timed(lambda: model(**inputs, use_cache=False), Clock(device), repeats, check)
-
-    with tracking(device, tracker) as tracker, _cuda_memory_cap(device, max_memory_bytes), torch.no_grad():
-        return sweep_batch_sizes(time_batch, batch_sizes, seq_len, device, tracker, on_point)
 
 
 def sweep_batch_sizes(
@@ -242,7 +208,7 @@ def check_cpu_cap(device: torch.device, cap: int | None, tracker: PeakMemoryTrac
 
 
 @contextmanager
-def _cuda_memory_cap(device: torch.device, cap: int | None) -> Iterator[None]:
+def cuda_memory_cap(device: torch.device, cap: int | None) -> Iterator[None]:
     """Limit the CUDA caching allocator so that going over the cap raises a real OutOfMemoryError."""
     if cap is None or device.type != "cuda":
         yield

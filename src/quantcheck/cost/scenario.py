@@ -1,4 +1,5 @@
-"""Consideration 1 for one model: load time and memory, weight bytes, latency sweep, generation.
+"""Consideration 1 for one model, as one scenario for every engine: load time and memory, weight bytes, the
+latency sweep, generation (`measure_cost`); an engine offers the few primitives of `CostTarget`.
 
 Meant to run once per model in a fresh process, so one model's memory never inflates another's.
 Every phase (load, each batch size, generation) gets its own peak.
@@ -6,25 +7,26 @@ Every phase (load, each batch size, generation) gets its own peak.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 import psutil
 import torch
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
-from quantcheck.cost.latency import DEFAULT_BATCH_SIZES, batch_inputs, is_out_of_memory, latency_sweep
-from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
-from quantcheck.cost.throughput import measure_generation
+from quantcheck.cost.latency import (
+    DEFAULT_BATCH_SIZES,
+    Repeats,
+    check_cpu_cap,
+    cuda_memory_cap,
+    repeat_timed,
+    sweep_batch_sizes,
+)
+from quantcheck.cost.memory import PeakMemoryTracker
 from quantcheck.cost.timing import Clock
-from quantcheck.schema.results import GenerationCost, ModelCost
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-logger = logging.getLogger(__name__)
+from quantcheck.schema.results import GenerationCost, ModelCost, WeightMemory
 
 
 def default_threads() -> int:
@@ -82,88 +84,99 @@ class CostSettings(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class MemoryScope:
+    """Where one engine's cost is read: the device whose memory and clock count, whether the engine's own
+    subprocesses count too, and what the tracker cannot see (several GPUs)."""
+
+    device: str
+    clock_device: str
+    process_tree: bool = False
+    memory_method: str | None = None
+    """Replaces the tracker's own method name where the figure leaves something out."""
+    caps_torch_allocator: bool = False
+    """`max_memory_bytes` also caps torch's CUDA allocator (an engine that runs its model through torch in this
+    process); elsewhere the cap is the CPU's resident memory only."""
+
+
+class CostTarget(Protocol):
+    """The few primitives the cost scenario asks of an engine (optimum-benchmark's backend/scenario split): the
+    scenario owns the order, the memory phases, the repeats and the statistics; the engine only loads, counts its
+    weights, makes one latency call ready and decodes."""
+
+    cost_engine: str
+    latency_method: str
+
+    def memory_scope(self) -> MemoryScope: ...
+
+    def prepare_cost(self, texts: Sequence[str], settings: CostSettings) -> None:
+        """Work before any timing or memory phase: a GGUF built, prompt ids made, threads set."""
+
+    def load_for_cost(self, texts: Sequence[str]) -> None:
+        """Load until the model answers, with its weights resident: this is the load time and the load peak."""
+
+    def weight_memory(self) -> WeightMemory: ...
+
+    def latency_call(self, batch_size: int, seq_len: int, texts: Sequence[str]) -> Callable[[], object]:
+        """One timed latency iteration at `batch_size`, its inputs made outside the timing."""
+
+    def generation_cost(
+        self, texts: Sequence[str], settings: CostSettings, tracker: PeakMemoryTracker, clock: Clock
+    ) -> GenerationCost | None:
+        """Fixed-length decoding, in the tracker's memory phases; None where it ran out of memory."""
+
+
 def measure_cost(
-    load: Callable[[], PreTrainedModel],
-    tokenizer: PreTrainedTokenizerBase,
+    target: CostTarget,
     texts: Sequence[str],
-    settings: CostSettings,
-    device: str,
+    settings: CostSettings | dict[str, object],
     on_step: Callable[[str], None] | None = None,
 ) -> ModelCost:
-    """Load the model with `load()` and measure everything consideration 1 reports about it.
+    """One model's cost, the same way for every engine: load (timed, with its own peak), the weights counted, the
+    latency sweep (repeats until the median is stable, a memory phase and the CPU others took for each batch size,
+    an out-of-memory a result), then fixed-length generation.
 
     `on_step` hears of each finished step (load, each batch size, generation) for progress display.
-
-    On CPU, safetensors weights are memory-mapped and only become resident when read, so the load
-    phase ends with one tiny forward pass that reads the weights (of an untied embedding, only the
-    looked-up rows) before its peak is taken.
     """
+    settings = CostSettings.model_validate(settings)
     step = on_step or (lambda name: None)
-    torch.set_num_threads(settings.threads)
-    if torch.device(device).type == "cpu" and settings.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
-        logger.warning("OMP_WAIT_POLICY is not set: CPU timings collapse if anything else runs (the launcher sets it)")
-    clock = Clock(device)
-    with PeakMemoryTracker(device) as tracker:
+    scope = target.memory_scope()
+    target.prepare_cost(texts, settings)
+    clock, device = Clock(scope.clock_device), torch.device(scope.device)
+    with PeakMemoryTracker(scope.device, process_tree=scope.process_tree) as tracker:
         with tracker.phase("load") as load_phase:
             begin = clock.now()
-            model = load()
+            target.load_for_cost(texts)
             load_time = clock.since(begin)
-            if torch.device(device).type == "cpu":
-                with torch.no_grad():
-                    model(**batch_inputs(tokenizer, texts, 1, 8, model.device), use_cache=False)
         step("load")
-        weights = count_weight_bytes(model)
-        latency = latency_sweep(
-            model,
-            tokenizer,
-            texts,
-            batch_sizes=settings.batch_sizes,
-            seq_len=settings.seq_len,
-            warmup=settings.warmup,
-            min_iterations=settings.min_iterations,
-            max_iterations=settings.max_iterations,
-            time_budget_s=settings.time_budget_s,
-            target_rse=settings.target_rse,
-            max_memory_bytes=settings.max_memory_bytes,
-            tracker=tracker,
-            on_point=lambda point: step(f"batch {point.batch_size}"),
-        )
-        generation = _generation_or_none(model, tokenizer, texts, settings, tracker)
+        weights = target.weight_memory()
+        repeats = Repeats.of(settings)
+
+        def time_batch(batch_size: int, tracker: PeakMemoryTracker) -> list[float]:
+            call = target.latency_call(batch_size, settings.seq_len, texts)
+            within_cap = lambda: check_cpu_cap(device, settings.max_memory_bytes, tracker)  # while the output lives
+            return repeat_timed(call, clock, repeats, within_cap)
+
+        cap = settings.max_memory_bytes if scope.caps_torch_allocator else None
+        with cuda_memory_cap(device, cap), torch.no_grad():
+            latency = sweep_batch_sizes(
+                time_batch,
+                settings.batch_sizes,
+                settings.seq_len,
+                scope.device,
+                tracker,
+                on_point=lambda point: step(f"batch {point.batch_size}"),
+            )
+            generation = target.generation_cost(texts, settings, tracker, clock)
         step("generation")
     return ModelCost(
-        memory_method=tracker.method,
+        memory_method=scope.memory_method or tracker.method,
         threads=settings.threads,
+        engine=target.cost_engine,
+        latency_method=target.latency_method,
         load_time_s=load_time,
         load_peak_memory_bytes=load_phase.peak_bytes,
         weights=weights,
         latency=latency,
         generation=generation,
     )
-
-
-def _generation_or_none(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    settings: CostSettings,
-    tracker: PeakMemoryTracker,
-) -> GenerationCost | None:
-    """Running out of memory while generating leaves the generation figures empty, not the whole cost."""
-    try:
-        return measure_generation(
-            model,
-            tokenizer,
-            texts,
-            prompts=settings.generation_prompts,
-            new_tokens=settings.generation_new_tokens,
-            batch_size=settings.generation_batch_size,
-            max_prompt_tokens=settings.seq_len,
-            tracker=tracker,
-        )
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        logger.warning("generation ran out of memory: %s", str(error).splitlines()[0] if str(error) else error)
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return None
