@@ -182,3 +182,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return MODULE_GROUP.get(Path(module).stem, module)
 
     return SharedFixtureScheduling(config, log)
+
+
+def assert_inconclusive_on_few_questions(model: dict, questions: int, memory: str = "pass") -> None:
+    """A variant judged on fewer questions than a check needs (MIN_UNITS, 10): INCONCLUSIVE whatever its numbers, every
+    quality check unclear and saying why; the memory check as given."""
+    verdict = model["verdict"]
+    assert verdict["decision"] == "INCONCLUSIVE", verdict
+    quality = {name: state for name, state in verdict["checks"].items() if name != "memory"}
+    assert quality and set(quality.values()) == {"unclear"}, verdict["checks"]
+    assert verdict["checks"]["memory"] == memory, verdict["checks"]
+    why = f"only {questions} question{'s' if questions > 1 else ''}, fewer than the 10"
+    assert sum(why in reason for reason in verdict["reasons"]) == len(quality), verdict["reasons"]

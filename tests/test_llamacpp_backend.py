@@ -12,14 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GGUF_VARIANTS, HAS_LLAMA_CPP, SMALL_COST, quantcheck, read_items, read_results, write_questions
+from conftest import (
+    GGUF_VARIANTS,
+    HAS_LLAMA_CPP,
+    SMALL_COST,
+    assert_inconclusive_on_few_questions,
+    quantcheck,
+    read_items,
+    read_results,
+    write_questions,
+)
 from quantcheck.backends.variants import variant_spec
 from test_cli_errors import assert_one_line_error
 
 needs_llama_cpp = pytest.mark.skipif(
     not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: `make llama-cpp` builds it"
 )
-DECISIONS = ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")
 
 
 def model(results: dict, name: str) -> dict:
@@ -74,9 +82,16 @@ def test_gguf_variants_end_with_verdicts_and_report(virology_engines_run):
     for name in GGUF_VARIANTS:
         variant = model(results, name)
         assert variant["paired_loglik"]["n"] == QUESTIONS and variant["agreement"]["n"] == QUESTIONS
-        assert variant["verdict"]["decision"] in DECISIONS
+        assert variant["verdict"]["checks"]["memory"] == "unclear"  # --skip-cost: the saving is not known
+        assert "fail" not in variant["verdict"]["checks"].values() or name == "gguf:Q4_K_M", variant["verdict"]
         assert variant["engine"]["engine"] == "llama.cpp" and variant["engine"]["compute_dtype"] == "float32"
         assert variant["engine"]["parallel"]["gguf_type"] == name.removeprefix("gguf:")
+    # On 166 questions the 4-bit type's KL is beyond the limit (0.05 nats) with its whole 98.75% interval; F32 and
+    # Q8_0 fail nothing and wait for their memory saving.
+    q4_verdict = model(results, "gguf:Q4_K_M")["verdict"]
+    assert q4_verdict["decision"] == "DON'T QUANTIZE" and q4_verdict["checks"]["mean KL"] == "fail", q4_verdict
+    for name in ("gguf:F32", "gguf:Q8_0"):
+        assert model(results, name)["verdict"]["decision"] == "INCONCLUSIVE"
     # What the files hold, tensor type by tensor type: Q8_0 is all 8-bit but for the norms; Q4_K_M mixes types.
     q8_types = model(results, "gguf:Q8_0")["engine"]["precision"]["parameter_dtypes"]
     assert set(q8_types) == {"Q8_0", "F32"} and q8_types["Q8_0"] > 100 * q8_types["F32"]
@@ -180,7 +195,7 @@ def test_gguf_reference_against_gguf_variants_with_generation_and_cost(gguf_refe
     assert reference["engine"]["engine"] == "llama.cpp" and reference["engine"]["parallel"]["gguf_type"] == "F32"
     assert user_file["engine"]["parallel"]["gguf_type"] == "Q4_1"
     for variant in (q4, user_file):
-        assert variant["verdict"]["decision"] in DECISIONS
+        assert_inconclusive_on_few_questions(variant, 8)  # 8 questions: no quality check judged, memory passes
         assert variant["agreement"]["kl"]["mean"]["value"] > 0  # real 4-bit rounding, on identical token ids
         assert variant["generative"]["accuracy"]["n"] == 8
         assert variant["cost_vs_reference"]["memory_saving"] > 0.6  # 4-5 bits against 32

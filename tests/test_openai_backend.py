@@ -128,12 +128,24 @@ class VLLMServer:
 class FaultyProxy:
     """A pass-through proxy on 127.0.0.1 in front of the real vLLM server, which changes one thing about it:
     `no_tokenize` answers POST /tokenize with 404 (as OpenAI, TGI and llama-server do), `no_echo` also refuses
-    completions that echo their prompt with 400 (as OpenAI's chat-era models do), `row_entries` keeps only the
-    top N log-probabilities of each row in requests for several prompts (a server that returns fewer under
-    load than when probed alone). Every other byte is the server's own answer."""
+    completions that echo their prompt with 400 (as OpenAI's chat-era models do), `row_entries` keeps only the top N
+    log-probabilities of each row in requests for several prompts (a server that returns fewer under load than when
+    probed alone), `faults` answers the first requests for a batch of rows with these HTTP statuses (a transient
+    fault that clears, after the probe), `max_logprobs` refuses any completion that asks for more log-probabilities
+    than that (-1 included) with 400, as OpenAI does past its limits, and `text_keys` keys each row's entries by the
+    token's text instead of `token_id:N`. It records every request's headers, path and body. Every other byte is the
+    server's own answer."""
 
     def __init__(
-        self, upstream: str, *, no_tokenize: bool = False, no_echo: bool = False, row_entries: int | None = None
+        self,
+        upstream: str,
+        *,
+        no_tokenize: bool = False,
+        no_echo: bool = False,
+        row_entries: int | None = None,
+        faults: tuple[int, ...] = (),
+        max_logprobs: int | None = None,
+        text_keys: bool = False,
     ) -> None:
         import httpx
 
@@ -155,6 +167,18 @@ class FaultyProxy:
             def _forward(self, method: str) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 request = json.loads(body) if body else {}
+                with settings.lock:
+                    settings.seen.append((dict(self.headers), self.path, body))
+                    batch = isinstance(request.get("prompt"), list) and len(request["prompt"]) > 1
+                    injects = settings.faults and batch and self.path.endswith("/completions")
+                    fault = settings.faults.pop(0) if injects else None
+                if fault is not None:
+                    return self._answer(fault, b'{"error": {"message": "injected fault"}}')
+                asked = request.get("logprobs")
+                if settings.max_logprobs is not None and isinstance(asked, int):
+                    if asked == -1 or asked > settings.max_logprobs:
+                        message = f"logprobs must be at most {settings.max_logprobs}"
+                        return self._answer(400, json.dumps({"error": {"message": message}}).encode())
                 if settings.no_tokenize and self.path == "/tokenize":
                     return self._answer(404, b'{"detail": "Not Found"}')
                 if settings.no_echo and self.path.endswith("/completions") and request.get("echo"):
@@ -179,6 +203,15 @@ class FaultyProxy:
                             sorted(row.items(), key=lambda entry: -entry[1])[: settings.row_entries]
                         )
                     content = json.dumps(data).encode()
+                if settings.text_keys and self.path.endswith("/completions") and answer.status_code == 200:
+                    data = json.loads(content)
+                    for choice in data.get("choices", []):
+                        rows = (choice.get("logprobs") or {}).get("top_logprobs") or []
+                        choice["logprobs"]["top_logprobs"] = [
+                            {key.replace("token_id:", "text "): value for key, value in row.items()} if row else row
+                            for row in rows
+                        ]
+                    content = json.dumps(data).encode()
                 self._answer(answer.status_code, content)
 
             def do_GET(self) -> None:
@@ -188,6 +221,9 @@ class FaultyProxy:
                 self._forward("POST")
 
         self.no_tokenize, self.no_echo, self.row_entries = no_tokenize or no_echo, no_echo, row_entries
+        self.faults, self.max_logprobs, self.text_keys = list(faults), max_logprobs, text_keys
+        self.seen: list[tuple[dict[str, str], str, bytes]] = []
+        self.lock = threading.Lock()
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
@@ -530,6 +566,73 @@ def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrup
             and item["topk_ids"] == uninterrupted[item_id]["topk_ids"]
         )
         assert item["kl"] == pytest.approx(uninterrupted[item_id]["kl"], abs=1e-9)
+
+
+SECRET = "sk-quantcheck-test-8f3a91c2"
+
+
+def test_the_api_key_goes_only_in_a_header_and_nowhere_in_the_run(tmp_path, server, proxies):
+    proxy = proxies()
+    out = tmp_path / "run"
+    result = quantcheck(
+        "run",
+        "--limit",
+        "4",
+        "--quant",
+        f"url:{proxy.url}",
+        "--out",
+        str(out),
+        *QUALITY_ONLY,
+        env={"QUANTCHECK_API_KEY": SECRET},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.seen and all(headers.get("Authorization") == f"Bearer {SECRET}" for headers, _, _ in proxy.seen)
+    assert not [path for _, path, body in proxy.seen if SECRET in path or SECRET.encode() in body]
+    assert SECRET not in result.stdout + result.stderr
+    leaked = [path for path in out.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    assert not leaked, leaked
+
+
+def test_transient_faults_that_clear_are_retried_and_change_nothing(tmp_path, server, proxies):
+    """429, 503 and 408 once each, then the server answers: the run finishes with the same rows as through a proxy
+    without faults."""
+    clean, faulty = proxies(), proxies(faults=(429, 503, 408))
+    runs = {}
+    for name, proxy in (("clean", clean), ("faulty", faulty)):
+        out = tmp_path / name
+        result = quantcheck("run", "--limit", "4", "--quant", f"url:{proxy.url}", "--out", str(out), *QUALITY_ONLY)
+        assert result.returncode == 0 and "failed" not in result.stderr, result.stderr[-3000:]
+        runs[name] = by_item(out, f"url:{proxy.url}")
+    assert not faulty.faults  # every fault was served, and retried past
+    completions = [path for _, path, _ in faulty.seen if path.endswith("/completions")]
+    assert len(completions) == len([path for _, path, _ in clean.seen if path.endswith("/completions")]) + 3
+    assert set(runs["clean"]) == set(runs["faulty"]) and len(runs["clean"]) == 4
+    for item_id, item in runs["faulty"].items():
+        assert item["loglik"] == runs["clean"][item_id]["loglik"] and item["kl"] == runs["clean"][item_id]["kl"]
+
+
+def test_a_server_capped_at_5_log_probabilities_is_asked_for_20_then_5_and_judged_on_a_bound(tmp_path, server, proxies):
+    capped = proxies(max_logprobs=5)
+    out = tmp_path / "run"
+    result = quantcheck("run", "--limit", "4", "--quant", f"url:{capped.url}", "--out", str(out), *QUALITY_ONLY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    requests = [json.loads(body) for _, path, body in capped.seen if path.endswith("/completions")]
+    asked = [request.get("logprobs") for request in requests]
+    assert asked[:3] == [-1, 20, 5], asked  # the probe falls back from the full row to the top 20 to the top 5
+    batches = [request["logprobs"] for request in requests if len(request["prompt"]) > 1]
+    assert batches and set(batches) == {5}, asked  # every batch of rows asks for what the probe found
+    variant = next(m for m in read_results(out)["models"] if m["role"] == "variant")
+    assert variant["agreement"]["kl"]["is_lower_bound"] is True
+    assert variant["verdict"]["checks"]["mean KL"] != "pass"
+    assert set(variant["agreement"]["jaccard"]) == {"1", "2", "3", "5"}  # exact only where k <= 5
+
+
+def test_entries_keyed_by_token_text_are_refused_in_one_line_before_any_work(tmp_path, server, proxies):
+    texted = proxies(text_keys=True)
+    out = tmp_path / "run"
+    refused = quantcheck("run", "--limit", "2", "--quant", f"url:{texted.url}", "--out", str(out), timeout=120)
+    assert_one_line_error(refused, "keys log-probabilities by token text")
+    assert not out.exists()
 
 
 def test_a_server_without_log_probabilities_is_one_line_before_any_work(tmp_path, server):

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_vllm, quantcheck, read_items, read_results, write_questions
+from conftest import (
+    assert_inconclusive_on_few_questions,
+    needs_vllm,
+    quantcheck,
+    read_items,
+    read_results,
+    write_questions,
+)
 from test_cli_errors import assert_one_line_error
 from test_resume import deterministic, start, strip_seconds, wait_for_lines
 
@@ -138,7 +145,7 @@ def test_vllm_reference_against_a_vllm_variant_ends_with_verdicts_floors_and_rep
     assert results["finished"], results["missing"]
     assert [entry["backend"] for entry in results["models"]] == ["vllm", "vllm"]
     bf16 = model(results, "vllm:bf16")
-    assert bf16["verdict"]["decision"] in ("QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE")
+    assert_inconclusive_on_few_questions(bf16, 8)  # bf16 halves the weights; 8 questions judge no quality check
     assert bf16["agreement"]["kl"]["mean"]["value"] > 0  # a real precision change is visible
     assert bf16["engine"]["compute_dtype"] == "bfloat16"
     reference = model(results, "reference")
@@ -200,7 +207,7 @@ def test_vllm_fp8_per_channel_quantizes_at_load(tmp_path):
         fp8["engine"]["parallel"]["quantization"] == "fp8_per_channel" and fp8["engine"]["compute_dtype"] == "bfloat16"
     )
     assert fp8["agreement"]["n"] == 1 and fp8["agreement"]["kl"]["mean"]["value"] > 1e-4
-    assert fp8["verdict"]["decision"] in ("DON'T QUANTIZE", "INCONCLUSIVE")
+    assert_inconclusive_on_few_questions(fp8, 1, memory="unclear")  # one question, no cost measured
 
 
 @needs_vllm

@@ -343,7 +343,8 @@ def _interval_check(
         return Check(
             name,
             "unclear",
-            f"{head}{tail}: only {count} {unit}, fewer than the {MIN_UNITS} an interval needs to be "
+            f"{head}{tail}: only {count} {unit.removesuffix('s') if count == 1 else unit}, fewer than the {MIN_UNITS} "
+            "an interval needs to be "
             "trusted (its simulated coverage falls short below that), so it is not judged",
             advice,
         )
