@@ -169,3 +169,32 @@ def test_each_model_measures_its_engines_numeric_floor(small_run):
     assert results["floors"]["numeric"] == floors["reference"]
     assert floors["reference"]["kl_mean"] < 1e-6 and floors["reference"]["top1_agreement"] == 1.0
     assert 0 <= floors["bnb-nf4"]["kl_mean"] <= floors["bnb-nf4"]["kl_max"]
+
+
+def test_unparsable_answers_are_counted_warned_and_listed(small_run):
+    """The 8-question run's generated answers include some no parser reads (deterministic on CPU): each model's count
+    equals its items without a parsed answer, and a model with any gets a warning that the report shows."""
+    results, items = read_results(small_run), read_items(small_run)
+    warned = {
+        warning["model"]: warning["message"]
+        for warning in results["warnings"]
+        if warning["code"] == "unparsable-answers"
+    }
+    counts = {model["name"]: model["generative"]["unparsable"] for model in results["models"]}
+    assert sum(counts.values()) > 0, counts  # the condition happened
+    report = (small_run / "report.md").read_text()
+    for name, count in counts.items():
+        unread = [item for item in by_model(items, name) if item["generative"]["pred"] is None]
+        assert len(unread) == count
+        if count:
+            assert warned[name].startswith(f"{name}: {count} generated answers could not be parsed")
+            assert warned[name] in report
+        else:
+            assert name not in warned
+
+
+def test_decode_only_words_per_minute_is_the_measured_decode_rate_times_the_models_words_per_token(small_run):
+    for model in read_results(small_run)["models"]:
+        generative, decode = model["generative"], model["cost"]["generation"]["decode_tokens_per_s"]
+        words_per_token = generative["mean_output_words"] / generative["mean_output_tokens"]
+        assert generative["decode_words_per_minute"] == pytest.approx(60 * decode * words_per_token, rel=1e-12)
