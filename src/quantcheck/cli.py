@@ -370,12 +370,24 @@ def quants() -> None:
                 status = f"no: pip install {method.install}"
             else:
                 status = "yes (" + ", ".join(devices_here) + ")" if devices_here else "no: needs CUDA"
-            table.add_row(prefix + method.name, method.description, ", ".join(sorted(method.devices)), status)
+            table.add_row(
+                escape(prefix + method.name),
+                escape(method.description),
+                ", ".join(sorted(method.devices)),
+                escape(status),
+            )
         syntax, description = backend.checkpoint_row()
         devices = sorted(set().union(*(method.devices for method in backend.methods().values())))
-        table.add_row(
-            prefix + syntax, description, ", ".join(devices), "yes" if not engine_missing else f"no: {engine_missing}"
+        status = "yes" if not engine_missing else f"no: {engine_missing}"
+        table.add_row(escape(prefix + syntax), escape(description), ", ".join(devices), escape(status))
+    table.caption = escape(
+        "every --quant is [backend:]method[?key=value&...]; options: "
+        + "; ".join(
+            f"{quant_prefix(name) or name + ':'} {', '.join(get_backend(name).variant_options)}"
+            for name in BACKEND_NAMES
+            if get_backend(name).variant_options
         )
+    )
     Console().print(table)
 
 
