@@ -85,6 +85,9 @@ def _side_state_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
             if isinstance(value, torch.Tensor):
                 yield value
     for module in model.modules():
+        state = getattr(module, "state", None)  # bnb Linear8bitLt: its first forward moves SCB off the weight to here
+        if type(state).__name__ == "MatmulLtState":
+            yield from (value for value in (state.CB, state.SCB) if isinstance(value, torch.Tensor))
         if _is_hqq(module):  # HQQLinear: scales/zeros (possibly quantized themselves) and a plain bias
             yield from _tensors_in(module.meta)
             if isinstance(module.__dict__.get("bias"), torch.Tensor):
