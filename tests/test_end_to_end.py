@@ -198,3 +198,25 @@ def test_decode_only_words_per_minute_is_the_measured_decode_rate_times_the_mode
         generative, decode = model["generative"], model["cost"]["generation"]["decode_tokens_per_s"]
         words_per_token = generative["mean_output_words"] / generative["mean_output_tokens"]
         assert generative["decode_words_per_minute"] == pytest.approx(60 * decode * words_per_token, rel=1e-12)
+
+
+def test_noisy_timing_is_warned_exactly_where_a_points_spread_exceeds_ten_percent(small_run):
+    """Spread is whatever this machine gave the run (two test workers on two cores make some); the contract is that
+    every point over 10 % is flagged and warned, in results.json and the report, and no other point is."""
+    results = read_results(small_run)
+    warned = {
+        (warning["model"], int(warning["message"].split(" at batch ")[1].split()[0]))
+        for warning in results["warnings"]
+        if warning["code"] == "noisy-timing"
+    }
+    report = (small_run / "report.md").read_text()
+    for model in results["models"]:
+        for point in model["cost"]["latency"]:
+            times = point["times_s"]
+            mean = sum(times) / len(times)
+            cv = (sum((t - mean) ** 2 for t in times) / (len(times) - 1)) ** 0.5 / mean
+            assert point["cv"] == pytest.approx(cv, rel=1e-9)
+            assert point["noisy"] == (cv > 0.10)
+            assert ((model["name"], point["batch_size"]) in warned) == point["noisy"]
+            if point["noisy"]:
+                assert f"{model['name']} latency at batch {point['batch_size']} varies by" in report
