@@ -144,6 +144,7 @@ class FaultyProxy:
         no_echo: bool = False,
         row_entries: int | None = None,
         faults: tuple[int, ...] = (),
+        fail_after: int | None = None,
         max_logprobs: int | None = None,
         text_keys: bool = False,
     ) -> None:
@@ -172,6 +173,9 @@ class FaultyProxy:
                     batch = isinstance(request.get("prompt"), list) and len(request["prompt"]) > 1
                     injects = settings.faults and batch and self.path.endswith("/completions")
                     fault = settings.faults.pop(0) if injects else None
+                    if batch and self.path.endswith("/completions") and settings.fail_after is not None:
+                        fault = fault or (503 if settings.answered >= settings.fail_after else None)
+                        settings.answered += fault is None
                 if fault is not None:
                     return self._answer(fault, b'{"error": {"message": "injected fault"}}')
                 asked = request.get("logprobs")
@@ -222,6 +226,7 @@ class FaultyProxy:
 
         self.no_tokenize, self.no_echo, self.row_entries = no_tokenize or no_echo, no_echo, row_entries
         self.faults, self.max_logprobs, self.text_keys = list(faults), max_logprobs, text_keys
+        self.fail_after, self.answered = fail_after, 0
         self.seen: list[tuple[dict[str, str], str, bytes]] = []
         self.lock = threading.Lock()
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -609,6 +614,47 @@ def test_transient_faults_that_clear_are_retried_and_change_nothing(tmp_path, se
     assert set(runs["clean"]) == set(runs["faulty"]) and len(runs["clean"]) == 4
     for item_id, item in runs["faulty"].items():
         assert item["loglik"] == runs["clean"][item_id]["loglik"] and item["kl"] == runs["clean"][item_id]["kl"]
+
+
+def test_a_fault_that_never_clears_fails_the_phase_in_one_line_and_the_same_command_resumes(
+    tmp_path, server, questions, proxies
+):
+    """After one batch of rows the server answers 503 to everything: the variant's phase stops in one line once the
+    retries are spent, the finished batch is kept, and the same command, once the server is back, scores only the
+    rest, leaving the kept records as they were."""
+    proxy = proxies(fail_after=1)
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--dataset",
+        str(questions),
+        "--limit",
+        "6",
+        "--batch-size",
+        "2",
+        "--quant",
+        f"url:{proxy.url}",
+        "--out",
+        str(out),
+        *QUALITY_ONLY,
+    ]
+    first = quantcheck(*args)
+    assert first.returncode == 0, first.stderr[-3000:]  # the run goes on and ends with what it has
+    failures = [line for line in first.stderr.splitlines() if f"url:{proxy.url} (quality) failed" in line]
+    assert len(failures) == 1 and "HTTP 503" in failures[0] and "5 tries" in failures[0], first.stderr[-2000:]
+    assert "run the same command again once the server is back" in failures[0] and "Traceback" not in first.stderr
+    assert read_results(out)["finished"] is False
+    kept = by_item(out, f"url:{proxy.url}")
+    assert len(kept) == 2  # the one batch the server answered
+    proxy.fail_after = None
+    rerun = quantcheck(*args)
+    assert rerun.returncode == 0 and "failed" not in rerun.stderr, rerun.stderr[-3000:]
+    resumed = by_item(out, f"url:{proxy.url}")
+    assert len(resumed) == 6 and read_results(out)["finished"] is True
+    assert all(resumed[item_id] == record for item_id, record in kept.items())
+    quality = out / "models" / "".join(c if c.isalnum() or c in "-_." else "-" for c in f"url:{proxy.url}")
+    lines = (quality / "quality.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # nothing scored twice
 
 
 def test_a_server_capped_at_5_log_probabilities_is_asked_for_20_then_5_and_judged_on_a_bound(tmp_path, server, proxies):
