@@ -107,7 +107,7 @@ def _bare_call(backend_name: str, backend):
     if backend_name == "hf":
         import torch
 
-        from quantcheck.backends.hf import _keeps_last_logits_only
+        from quantcheck.backends.hf.backend import _keeps_last_logits_only
         from quantcheck.data.batching import left_padded
 
         extra = _keeps_last_logits_only(backend.model)

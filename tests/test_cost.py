@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from quantcheck.backends.hf import HFBackend
-from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
-from quantcheck.cost.scenario import CostSettings, measure_cost
-from quantcheck.cost.throughput import (
+from quantcheck.backends.hf.generation import (
     fixed_length_config,
     measure_generation,
     neutral_generation_defaults,
     prompt_batches,
 )
+from quantcheck.cost.memory import PeakMemoryTracker, count_weight_bytes
+from quantcheck.cost.scenario import CostSettings, measure_cost
 from quantcheck.models.builtin import builtin_model_dir
 from quantcheck.models.loading import load_model, load_tokenizer
 from quantcheck.models.quant_methods import LoadRequest, get_method

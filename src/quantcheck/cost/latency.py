@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,9 +21,6 @@ from quantcheck.cost.contention import other_load
 from quantcheck.cost.memory import PeakMemoryTracker
 from quantcheck.cost.timing import Clock
 from quantcheck.schema.results import LatencyPoint
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 NOISY_CV = 0.10
@@ -39,19 +35,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def batch_inputs(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int, seq_len: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """`batch_size` texts (reused cyclically), each padded or truncated to exactly `seq_len` tokens."""
-    if not texts:
-        raise ValueError("latency needs at least one text")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_tokenizer does)")
-    batch = [texts[i % len(texts)] for i in range(batch_size)]
-    encoded = tokenizer(batch, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
 @dataclass(frozen=True)

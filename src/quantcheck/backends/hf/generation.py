@@ -1,4 +1,5 @@
-"""Generation throughput at a fixed output length, so that every model produces the same work.
+"""transformers' side of the cost scenario: latency inputs (`batch_inputs`) and generation throughput at a fixed
+output length, so that every model produces the same work.
 
 Greedy, `min_new_tokens == max_new_tokens`, identical prompts for every model, and an explicit
 GenerationConfig: a model's own generation_config.json (temperature, repetition penalty, ...) is
@@ -20,6 +21,19 @@ from quantcheck.schema.results import GenerationCost
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def batch_inputs(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int, seq_len: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """`batch_size` texts (reused cyclically), each padded or truncated to exactly `seq_len` tokens."""
+    if not texts:
+        raise ValueError("latency needs at least one text")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_tokenizer does)")
+    batch = [texts[i % len(texts)] for i in range(batch_size)]
+    encoded = tokenizer(batch, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
 
 
 def explicit_generation_config(

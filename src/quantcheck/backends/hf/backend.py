@@ -133,7 +133,7 @@ class HFBackend(Backend):
         """One batch through `generate`, seeded per batch with `seeds[0]`; new ids cut at the first stop token."""
         import torch
 
-        from quantcheck.cost.throughput import explicit_generation_config, neutral_generation_defaults
+        from quantcheck.backends.hf.generation import explicit_generation_config, neutral_generation_defaults
         from quantcheck.cost.timing import Clock
         from quantcheck.data.batching import left_padded
 
@@ -181,7 +181,7 @@ class HFBackend(Backend):
         tiny forward pass that reads them (of an untied embedding, only the looked-up rows)."""
         import torch
 
-        from quantcheck.cost.latency import batch_inputs
+        from quantcheck.backends.hf.generation import batch_inputs
 
         self.load()
         if self.model.device.type == "cpu":
@@ -194,7 +194,7 @@ class HFBackend(Backend):
         return count_weight_bytes(self.model)
 
     def latency_call(self, batch_size: int, seq_len: int, texts: Sequence[str]) -> Callable[[], object]:
-        from quantcheck.cost.latency import batch_inputs
+        from quantcheck.backends.hf.generation import batch_inputs
 
         inputs = batch_inputs(self.tokenizer, texts, batch_size, seq_len, self.model.device)
         return lambda: self.model(**inputs, use_cache=False)
@@ -205,8 +205,8 @@ class HFBackend(Backend):
         """Running out of memory while generating leaves the generation figures empty, not the whole cost."""
         import torch
 
+        from quantcheck.backends.hf.generation import measure_generation
         from quantcheck.cost.latency import is_out_of_memory
-        from quantcheck.cost.throughput import measure_generation
 
         try:
             return measure_generation(
