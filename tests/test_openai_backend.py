@@ -32,6 +32,7 @@ from conftest import (
     write_questions,
 )
 from quantcheck.models.loading import resolve_model
+from quantcheck.schema.models import ModelSpec
 from test_cli_errors import assert_one_line_error
 from test_resume import start, wait_for_lines
 
@@ -265,6 +266,11 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def questions(tmp_path_factory) -> Path:
     return write_questions(tmp_path_factory.mktemp("questions") / "q.jsonl", N_QUESTIONS)
+
+
+def model_folder(name: str) -> str:
+    """The folder under models/ that the run gives a model of this name (`ModelSpec.folder`)."""
+    return ModelSpec(name=name, role="variant", backend="openai", method="served", weights="").folder
 
 
 def by_item(out: Path, name: str) -> dict[str, dict]:
@@ -548,7 +554,7 @@ def test_server_killed_mid_variant_is_one_line_and_a_rerun_equals_the_uninterrup
     out = tmp_path / "run"
     args = ["run", "--dataset", str(questions), "--quant", f"url:{server.url}", "--out", str(out), *QUALITY_ONLY]
     process = start(args)
-    folder = "".join(char if char.isalnum() or char in "-_." else "-" for char in f"url:{server.url}")
+    folder = model_folder(f"url:{server.url}")
     wait_for_lines(process, out / "models" / folder / "quality.jsonl", 1)
     server.stop(signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
@@ -652,7 +658,7 @@ def test_a_fault_that_never_clears_fails_the_phase_in_one_line_and_the_same_comm
     resumed = by_item(out, f"url:{proxy.url}")
     assert len(resumed) == 6 and read_results(out)["finished"] is True
     assert all(resumed[item_id] == record for item_id, record in kept.items())
-    quality = out / "models" / "".join(c if c.isalnum() or c in "-_." else "-" for c in f"url:{proxy.url}")
+    quality = out / "models" / model_folder(f"url:{proxy.url}")
     lines = (quality / "quality.jsonl").read_text().splitlines()
     assert len(lines) == 6  # nothing scored twice
 
