@@ -17,6 +17,7 @@ import math
 import random
 from pathlib import Path
 
+from quantcheck.analysis.recommend import recommend
 from quantcheck.schema.results import (
     Accuracy,
     CostComparison,
@@ -533,6 +534,7 @@ def build_results() -> tuple[Results, list[ItemRecord]]:
                 rec.jaccard = jac[i]
                 rec.top1_agree = top1[i]
             items.append(rec)
+    results.recommendation = recommend(results)  # as summarize does, last
     return results, items
 
 
@@ -560,6 +562,7 @@ def build_partial_run_folder(path: Path) -> Path:
             "models": [ref, *pending],
             "warnings": [],
             "missing": ["accuracy", "agreement", "cost:int8-wo", "cost:nf4", "cost:hqq-2bit", "verdicts"],
+            "recommendation": None,  # made by summarize at the end of a run: the report makes it from the verdicts
         }
     )
     (path / "results.json").write_text(results.model_dump_json(indent=2), encoding="utf-8")

@@ -59,7 +59,7 @@ def test_render_writes_every_file(run_dir: Path, rendered: ReportFiles) -> None:
     assert rendered.html == run_dir / "report.html" and rendered.html.is_file()
     assert rendered.markdown == run_dir / "report.md" and rendered.markdown.is_file()
     assert rendered.csv == run_dir / "metrics.csv" and rendered.csv.is_file()
-    assert set(rendered.figures) == {"cost", "jaccard", "kl", "accuracy", "tradeoff"}
+    assert set(rendered.figures) == {"serve", "cost", "jaccard", "kl", "accuracy", "tradeoff"}
     assert rendered.missing_figures == {}
     for path in rendered.figures.values():
         assert path.parent == run_dir / "figures"
@@ -90,7 +90,14 @@ def test_untrusted_text_is_escaped(rendered: ReportFiles) -> None:
 def test_markdown_verdict_table_matches_results(run_dir: Path, rendered: ReportFiles) -> None:
     results = _results(run_dir)
     md = rendered.markdown.read_text(encoding="utf-8")
-    assert "To quantize or not:" in md
+    assert f"**Recommendation: {results.recommendation.reason}**" in md
+    standings = {row[0]: row for row in parse_md_table(md, "Candidate")}
+    assert set(standings) == {s.name for s in results.recommendation.standings}
+    for s in results.recommendation.standings:
+        assert standings[s.name][1] == (s.decision or "no verdict")
+        assert standings[s.name][-1].startswith("on the front" if s.on_front else f"beaten by {s.beaten_by}") or (
+            s.name == results.recommendation.serve and standings[s.name][-1].startswith("recommended")
+        )
     rows = {row[0]: row for row in parse_md_table(md, "Variant")}
     variants = [m for m in results.models if m.name != "reference"]
     assert set(rows) == {m.name for m in variants}
@@ -178,7 +185,8 @@ def test_partial_folder_renders_and_says_what_is_missing(partial_dir: Path) -> N
     assert "cost" in files.figures
     assert {"kl", "jaccard", "accuracy", "tradeoff"} <= set(files.missing_figures)
     assert "Figure not drawn" in page
-    assert "no verdict yet" in page and "no verdict yet" in md
+    assert "no variant passes yet (int8-wo, nf4, hqq-2bit have no verdict yet)" in md
+    assert "no variant passes yet (int8-wo, nf4, hqq-2bit have no verdict yet)" in page
     assert not (partial_dir / "figures" / "kl.png").exists()
 
 

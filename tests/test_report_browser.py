@@ -103,12 +103,14 @@ def test_report_in_chromium(browser, tmp_path: Path) -> None:
     # the verdict is on top and visible
     verdict = page.locator("#verdict")
     assert verdict.is_visible()
-    assert "To quantize or not" in page.locator("#verdict .headline").inner_text()
+    assert page.locator("#verdict .headline").inner_text().startswith("Recommendation: ")
+    assert page.locator("#verdict table.standings tbody tr").count() == 3
     assert page.locator("#verdict .card").count() == 3
 
-    # every figure is there and decoded
-    images = page.locator("#figures figure img")
-    assert images.count() == len(files.figures) == 5
+    # every figure is there and decoded: the serve chart beside the recommendation, the others under Figures
+    assert page.locator("#verdict #fig-serve img").count() == 1
+    images = page.locator("#fig-serve img, #figures figure img")
+    assert images.count() == len(files.figures) == 6
     for i in range(images.count()):
         img = images.nth(i)
         img.scroll_into_view_if_needed()

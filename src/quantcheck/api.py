@@ -40,7 +40,7 @@ from quantcheck.config import CONFIG_FILE, RunConfig, key_path, parse_config, re
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.report import HTML_FILE, MARKDOWN_FILE
 from quantcheck.report.data import DATASET_FILE, ITEMS_FILE, load_dataset, load_items, load_results
-from quantcheck.schema.results import LatencyPoint, Results
+from quantcheck.schema.results import LatencyPoint, Recommendation, Results
 
 if TYPE_CHECKING:
     import pandas
@@ -80,6 +80,13 @@ class Comparison:
     def verdicts(self) -> dict[str, VerdictSummary]:
         """Variant name -> decision and its one-sentence reason (`results.models[i].verdict` has the rest)."""
         return {m.name: VerdictSummary(m.verdict.decision, m.verdict.summary) for m in self.results.models if m.verdict}
+
+    @property
+    def recommendation(self) -> Recommendation:
+        """Which variant to serve, across the run (a results.json from before schema 7 gets one made now)."""
+        from quantcheck.report.table import recommendation
+
+        return recommendation(self.results)
 
     @cached_property
     def models(self) -> pandas.DataFrame:

@@ -156,6 +156,20 @@ def run(
     max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,
     min_top1: Annotated[float, typer.Option(help="smallest acceptable top-1 agreement, 0-1")] = 0.90,
     min_memory_saving: Annotated[float, typer.Option(help="weight memory a variant must save, 0-1")] = 0.20,
+    prefer: Annotated[
+        str, typer.Option(help="which passing variant to recommend: memory (the smallest), speed or quality")
+    ] = "memory",
+    fit_gb: Annotated[
+        float | None,
+        typer.Option(help="recommend only a variant whose weights, as measured, fit in this many GiB"),
+    ] = None,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            help="for CI: exit 1 (after every file is written) when the recommendation is dont (no variant passes) "
+            "or inconclusive (no variant passes yet, or none does)"
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
     trust_remote_code: Annotated[
         bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")
@@ -177,6 +191,7 @@ def run(
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Compare MODEL with each --quant variant and write results.json, items.jsonl, config.toml and the report."""
+    from quantcheck.analysis.recommend import gate_failure
     from quantcheck.api import run_config
 
     try:
@@ -189,6 +204,9 @@ def run(
             _print_files(comparison.run_dir)
     except QuantcheckError as error:
         _fail(error, debug)
+    if settings.fail_on and (gate := gate_failure(comparison.results.recommendation, settings.fail_on)):
+        console.print(f"[red]--fail-on {settings.fail_on}:[/red] {escape(gate)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 # Each `run` option's key in a config file: its own name at the top level unless listed here.
@@ -271,6 +289,8 @@ def _print_summary(results, quiet: bool) -> None:
             console.print(f"[bold]{result.name}[/bold]: {result.verdict.summary}", highlight=False)
     for warning in results.warnings:
         console.print(f"[yellow]warning[/yellow] {warning.message}", highlight=False)
+    if results.recommendation:
+        console.print(f"[bold]Recommendation:[/bold] {escape(results.recommendation.reason)}", highlight=False)
 
 
 def _question_summary(results) -> Table:

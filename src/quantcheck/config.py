@@ -20,6 +20,9 @@ guesses `max_kl`); options that belong together sit in a table:
     [engine]       tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
                    gpu_memory_utilization, max_model_len, enforce_eager, cpu_kv_cache_gb
     [thresholds]   max_accuracy_drop (points), max_kl, min_top1, min_memory_saving
+    prefer = "memory"                       # which passing variant to recommend: memory, speed or quality
+    fit_gb = 4.0                            # only variants whose measured weights fit in 4 GiB are recommended
+    fail_on = "dont"                        # `quantcheck run` exits 1 when the recommendation is this (or worse)
 
 Validated once, here: an unknown key or a wrong type is one line naming where it came from.
 Relative paths are relative to the current folder, as on the command line. A run writes what it
@@ -43,7 +46,7 @@ from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
 from quantcheck.schema.jobs import EngineSettings
 from quantcheck.schema.models import MIN_CONTEXT, GenerationOptions
-from quantcheck.schema.results import Thresholds
+from quantcheck.schema.results import Preference, Thresholds
 from quantcheck.storage.store import StoreSettings
 
 if TYPE_CHECKING:
@@ -153,6 +156,9 @@ class RunConfig(_Table):
     store: StoreSettings = StoreSettings()
     engine: EngineConfig = EngineConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
+    prefer: Preference = "memory"
+    fit_gb: PositiveFloat | None = None
+    fail_on: Literal["dont", "inconclusive"] | None = None
 
     def options(self) -> RunOptions:
         """The runner's input: fractions, bytes and the phases to run (the runner loads only when a run starts)."""
@@ -183,6 +189,8 @@ class RunConfig(_Table):
             floors=self.floors,
             cost_rounds=self.cost.rounds,
             thresholds=self.thresholds.thresholds(),
+            prefer=self.prefer,
+            fit_gb=self.fit_gb,
             force=self.force,
             trust_remote_code=self.trust_remote_code,
             allow_offload=self.allow_offload,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from quantcheck.analysis.corpus import SpanText, corpus_statistics
 from quantcheck.analysis.divergence import divergence_summary
-from quantcheck.analysis.verdict import decide, fail_level, quality_check_count
+from quantcheck.analysis.recommend import recommend
+from quantcheck.analysis.verdict import decide, fail_level, noisier_floor, quality_check_count
 from quantcheck.schema.models import ModelSpec
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
@@ -36,6 +37,7 @@ from quantcheck.schema.results import (
     NumericFloor,
     PairedComparison,
     Phase,
+    Preference,
     Results,
     RunWarning,
     SamplingComparison,
@@ -189,14 +191,9 @@ def _decode_unstable(*costs: ModelCost) -> bool:
     )
 
 
-def weight_bytes(cost: ModelCost) -> int | None:
-    """Counted weight bytes, else (a served model) what the user stated, else None."""
-    return cost.weights.counted_bytes if cost.weights is not None else cost.stated_weight_bytes
-
-
 def cost_comparison(reference: ModelCost, variant: ModelCost) -> CostComparison | None:
     """Ratios of what both models measured; None when a served model's weight memory is unknown."""
-    reference_bytes, variant_bytes = weight_bytes(reference), weight_bytes(variant)
+    reference_bytes, variant_bytes = reference.weight_bytes, variant.weight_bytes
     if reference_bytes is None or variant_bytes is None:
         return None
     ratio = variant_bytes / reference_bytes
@@ -433,13 +430,6 @@ def _floors(
     return result, resampled, missing
 
 
-def noisier_floor(*floors: NumericFloor | None) -> NumericFloor | None:
-    """Of the reference's and a variant's engine floors, the one with the larger mean KL: the noise under their
-    comparison."""
-    measured = [floor for floor in floors if floor is not None]
-    return max(measured, key=lambda floor: floor.kl_mean) if measured else None
-
-
 def _floor_gap(folder: RunFolder, spec: ModelSpec) -> str:
     """`NAME: noise floor`, with the job's error when it failed."""
     error = _errors(folder, spec.folder).get("quality")
@@ -617,6 +607,8 @@ def summarize(
     floors: list[ModelSpec] = (),
     cost_rounds: int = 1,
     thresholds: Thresholds,
+    prefer: Preference = "memory",
+    fit_gb: float | None = None,
     seed: int,
     extra_warnings: list[RunWarning],
     expected: dict[str, bool],
@@ -673,7 +665,7 @@ def summarize(
                 per_model[reference.name][1], per_model[result.name][1], floor_answers
             )
         unmeasured = [
-            model.name for model in (reference, result) if model.cost is not None and weight_bytes(model.cost) is None
+            model.name for model in (reference, result) if model.cost is not None and model.cost.weight_bytes is None
         ]
         unverified = [
             model.name for model in (reference, result) if model.engine and model.engine.tokenizer_verified is False
@@ -689,6 +681,7 @@ def summarize(
     results.warnings = extra_warnings + _warnings(
         results, dataset.n_items, folder, {spec.name: spec.folder for spec in models}
     )
+    results.recommendation = recommend(results, prefer, fit_gb)
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
     return results

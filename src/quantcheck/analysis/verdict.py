@@ -424,6 +424,13 @@ def _sampling_floor(check: Check, floor: SamplingComparison | None) -> Check:
     )
 
 
+def noisier_floor(*floors: NumericFloor | None) -> NumericFloor | None:
+    """Of the reference's and a variant's engine floors, the one with the larger mean KL: the noise under their
+    comparison."""
+    measured = [floor for floor in floors if floor is not None]
+    return max(measured, key=lambda floor: floor.kl_mean) if measured else None
+
+
 NUMERIC_FLOOR_SHARE = 0.25
 """A passing KL or top-1 check is unclear where the engines' own numeric noise (the reference or the variant scored
 twice by its engine with two batch plans, the noisier) reaches this share of the KL limit: the instrument is too
@@ -680,4 +687,5 @@ def decide(
         familywise_level=FAMILYWISE_LEVEL,
         fail_level=level if measured else None,
         checks={check.name: check.outcome for check in [memory, *checks]},
+        advice=advice,
     )

@@ -25,9 +25,10 @@ from quantcheck.schema.jobs import EngineSettings, JobSpec
 from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
 from quantcheck.schema.results import (
     QUANTCHECK_VERSION,
-    SCHEMA_VERSION,
+    SCORES_VERSION,
     DatasetInfo,
     ItemRecord,
+    Preference,
     Results,
     RunWarning,
     Thresholds,
@@ -68,6 +69,8 @@ class RunOptions(BaseModel):
     floors: bool = True
     cost_rounds: int = 2
     thresholds: Thresholds = Thresholds()
+    prefer: Preference = "memory"
+    fit_gb: float | None = None
     force: bool = False
     trust_remote_code: bool = False
     allow_offload: bool = False
@@ -161,15 +164,15 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
             )
         )
     # Everything that changes the stored numbers: a change recomputes them (and says why) instead of mixing.
-    # The results schema too: a version that scores differently (schema 6: windows cut as llama.cpp cuts them, a base
-    # file decoded as llama.cpp decodes it, a seed per model and item) recomputes what an older one stored.
+    # The scoring version too: one that scores differently (6: windows cut as llama.cpp cuts them, a base file
+    # decoded as llama.cpp decodes it, a seed per model and item) recomputes what an older one stored.
     reference_key = {
         **identity,
         "dtype": dtype,
         "device": device,
         "prompt_format": LOGLIK_FORMAT,
         "tool_version": QUANTCHECK_VERSION,
-        "results_schema": SCHEMA_VERSION,
+        "results_schema": SCORES_VERSION,
         "reference_backend": options.backend,
         "batch_size": options.batch_size,
         "reference_store": options.store.key(),
@@ -185,7 +188,7 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
     elif folder.reference_tokens_exist():  # the row count is known once the reference has made its sequences
         folder.reference_store().check(scored_count(folder.read_reference_tokens(), folder.read_scored_spans()[0]))
     generation_key = (
-        options.generation.model_dump() | {"results_schema": SCHEMA_VERSION} if options.generation else None
+        options.generation.model_dump() | {"results_schema": SCORES_VERSION} if options.generation else None
     )
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
@@ -279,6 +282,8 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
         floors=floors,
         cost_rounds=options.cost_rounds if options.cost else 0,
         thresholds=options.thresholds,
+        prefer=options.prefer,
+        fit_gb=options.fit_gb,
         seed=options.seed,
         extra_warnings=warnings,
         expected={

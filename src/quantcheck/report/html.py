@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 
 from quantcheck.report import table
 from quantcheck.report.data import RunData
-from quantcheck.report.plots import FigureSpec
+from quantcheck.report.plots import SERVE_FIGURE, FigureSpec
 from quantcheck.report.sections import config_rows, environment_rows, missing_notes, run_title, warning_rows
 from quantcheck.schema.results import ItemRecord
 
@@ -198,6 +198,10 @@ def render_html(
     return template.render(
         title=run_title(r),
         headline=table.headline(r),
+        standing_columns=table.standing_columns(r),
+        standing_rows=table.standing_rows(r),
+        standing_rule=table.STANDING_RULE,
+        settle=table.recommendation(r).settle,
         results=r,
         finished=r.finished,
         missing_sections=r.missing,
@@ -207,7 +211,8 @@ def render_html(
         thresholds=table.thresholds_text(r),
         familywise=table.familywise_text(r),
         colors=colors,
-        figures=fig_ctx,
+        serve_figure=next((f for f in fig_ctx if f["key"] == SERVE_FIGURE), None),
+        figures=[f for f in fig_ctx if f["key"] != SERVE_FIGURE],
         skipped_figures=skipped_figures,
         accuracy_columns=table.ACCURACY_COLUMNS,
         accuracy_rows=table.accuracy_rows(r),

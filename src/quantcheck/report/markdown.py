@@ -10,7 +10,7 @@ import re
 
 from quantcheck.report import table
 from quantcheck.report.data import RunData
-from quantcheck.report.plots import FIGURES_DIR, FigureSpec
+from quantcheck.report.plots import FIGURES_DIR, SERVE_FIGURE, FigureSpec
 from quantcheck.report.sections import environment_rows, missing_notes, run_title, warning_rows
 
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
@@ -72,6 +72,14 @@ def render_markdown(
         state = "not finished" if not r.finished else "partial"
         extra = f"; missing: {', '.join(r.missing)}" if r.missing else ""
         out += [f"> \u26a0\ufe0f This run is {state}{md_text(extra)}. See *What is missing* below.", ""]
+    if standings := table.standing_rows(r):
+        out += ["## Which variant to serve", ""]
+        out += md_table(table.standing_columns(r), standings)
+        out += ["", md_text(table.STANDING_RULE), ""]
+        out += [f"- To settle: {md_text(advice)}." for advice in table.recommendation(r).settle]
+        if SERVE_FIGURE in figures:
+            out += ["", f"![Quality lost vs weight memory]({FIGURES_DIR}/{figures[SERVE_FIGURE]})"]
+        out.append("")
 
     out += ["## Verdict", ""]
     rows = table.verdict_rows(r)

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from quantcheck.analysis import format as fmt  # noqa: E402
 from quantcheck.report.data import RunData, reference_model  # noqa: E402
-from quantcheck.report.table import corpus_wording  # noqa: E402
+from quantcheck.report.table import corpus_wording, recommendation  # noqa: E402
 from quantcheck.schema.results import ItemRecord, ModelResult, Results, WindowRecord  # noqa: E402
 from quantcheck.storage.store import write_bytes_atomic  # noqa: E402
 
@@ -55,6 +55,7 @@ _STYLE = {
     "figure.titleweight": "bold",
 }
 _GIB = 1024**3
+_MIB = 1024**2
 # `vert` is deprecated since matplotlib 3.10 in favour of `orientation`
 _MPL_VERSION = tuple(int(p) for p in matplotlib.__version__.split(".")[:2] if p.isdigit())
 _HORIZONTAL = {"orientation": "horizontal"} if _MPL_VERSION >= (3, 10) else {"vert": False}
@@ -655,6 +656,64 @@ def plot_tradeoff(results: Results, out_dir: Path, colors: dict[str, str]) -> Pa
     return None if fig is None else _save(fig, out_dir, "tradeoff.png")
 
 
+# ------------------------------------------------------------------------------- (6) which to serve
+
+SERVE_FIGURE = "serve"
+"""The figure the report draws beside the recommendation, at the top, instead of among the others."""
+VERDICT_COLORS = {"QUANTIZE": "#2e7d32", "DON'T QUANTIZE": "#c62828", "INCONCLUSIVE": "#e0a100"}
+"""The serve chart colours each variant by its verdict (no verdict: gray)."""
+
+
+def serve_figure(results: Results) -> Figure | None:
+    """Mean KL (y, log, 95% interval) against weight memory (x) for every variant with both, coloured by verdict; the
+    recommendation's front dotted, the recommended variant ringed, the reference's memory a vertical line."""
+    rec = recommendation(results)
+    points = [s for s in rec.standings if s.mean_kl is not None and s.weight_bytes is not None]
+    if not points:
+        return None
+    fig, (ax,) = _new_figure(8.0, 4.8)
+    for i, s in enumerate(points):
+        x, y, ci = s.weight_bytes / _MIB, max(s.mean_kl.value, KL_FLOOR), s.mean_kl.ci
+        color = VERDICT_COLORS.get(s.decision or "", "gray")
+        yerr = [[max(y - max(ci.low, KL_FLOOR), 0)], [max(ci.high - y, 0)]] if ci else None
+        marker = "^" if s.kl_is_lower_bound else "o"
+        ax.errorbar([x], [y], yerr=yerr, color=color, marker=marker, ms=9, capsize=5, lw=2, zorder=4, gid=s.name)
+        label = s.name + (" (≥)" if s.kl_is_lower_bound else "") + (" (stated)" if s.weight_stated else "")
+        ax.annotate(label, (x, y), xytext=(9, 6 if i % 2 == 0 else -14), textcoords="offset points", fontsize=9.5,
+                    color=color, fontweight="bold")
+    front = sorted((s.weight_bytes / _MIB, max(s.mean_kl.value, KL_FLOOR)) for s in points if s.on_front)
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="#555555", ls=":", lw=1.3, zorder=2)
+    chosen = next((s for s in points if rec.outcome == "variant" and s.name == rec.serve), None)
+    if chosen is not None:
+        ax.scatter([chosen.weight_bytes / _MIB], [max(chosen.mean_kl.value, KL_FLOOR)], s=480, facecolors="none",
+                   edgecolors="#2e7d32", linewidths=2.2, zorder=5)
+    reference = results.models[0]
+    if reference.cost is not None and reference.cost.weight_bytes:
+        ax.axvline(reference.cost.weight_bytes / _MIB, color=REFERENCE_COLOR, lw=1.1, ls="--")
+        ax.annotate("reference", (reference.cost.weight_bytes / _MIB, 1), xycoords=("data", "axes fraction"),
+                    xytext=(-4, -14), textcoords="offset points", ha="right", fontsize=9, color=REFERENCE_COLOR)
+    ax.axhline(results.thresholds.max_mean_kl, color="#2e7d32", ls="--", lw=1.1)
+    if rec.fit_gb is not None:
+        ax.axvline(rec.fit_gb * _GIB / _MIB, color="#0b5cad", lw=1.1, ls="-.")
+    ax.set_yscale("log")
+    ax.set_xlim(left=0)
+    decisions = [d for d in VERDICT_COLORS if any(s.decision == d for s in points)]
+    handles = [Line2D([], [], color=VERDICT_COLORS[d], marker="o", ls="none", ms=8) for d in decisions]
+    ax.legend(handles, decisions, loc="best", frameon=False, title="verdict")
+    ax.set_xlabel("weight memory (MiB, measured)  ← cheaper")
+    ax.set_ylabel("mean KL from reference (nats, 95% CI)  ↑ worse")
+    ax.set_title("Which variant to serve: quality lost vs weight memory")
+    return fig
+
+
+@_styled
+def plot_serve(results: Results, out_dir: Path, colors: dict[str, str]) -> Path | None:
+    """The recommendation's chart (`serve_figure`) as serve.png."""
+    fig = serve_figure(results)
+    return None if fig is None else _save(fig, out_dir, "serve.png")
+
+
 # ---------------------------------------------------------------------------------- registry
 
 
@@ -674,6 +733,16 @@ class FigureSpec:
 
 
 FIGURES: list[FigureSpec] = [
+    FigureSpec(
+        "serve",
+        "serve.png",
+        "Which variant to serve: quality lost vs weight memory",
+        "Each variant with both measured: its weight memory (x) against its mean KL from the reference (y, log scale, "
+        "95% interval; a triangle is only a lower bound), coloured by its verdict. The dotted line joins the front "
+        "(the variants no other beats beyond the measured noise), the ring marks the recommended variant, the dashed "
+        "lines are the reference's memory and the mean-KL limit, a dash-dotted one the --fit-gb budget.",
+        "needs a variant with mean KL and weight memory",
+    ),
     FigureSpec(
         "tradeoff",
         "tradeoff.png",
@@ -753,4 +822,6 @@ def draw(spec: FigureSpec, data: RunData, out_dir: Path, colors: dict[str, str])
         return plot_accuracy(r, out_dir, colors, n_choices(data))
     if spec.key == "tradeoff":
         return plot_tradeoff(r, out_dir, colors)
+    if spec.key == "serve":
+        return plot_serve(r, out_dir, colors)
     raise KeyError(spec.key)

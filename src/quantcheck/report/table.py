@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from quantcheck.analysis import format as fmt
 from quantcheck.analysis.corpus import DELTA_P_PERCENTILES, KL_PERCENTILES
+from quantcheck.analysis.recommend import recommend
 from quantcheck.report.data import is_text_run, reference_model, variant_models
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
@@ -20,6 +21,7 @@ from quantcheck.schema.results import (
     Interval,
     LatencyPoint,
     ModelResult,
+    Recommendation,
     Results,
     undisturbed_rounds,
 )
@@ -157,62 +159,58 @@ def familywise_text(results: Results) -> str:
     )
 
 
+def recommendation(results: Results) -> Recommendation:
+    """The run's recommendation; a results.json from before schema 7 gets one made now, by the default preference."""
+    return results.recommendation or recommend(results)
+
+
 def headline(results: Results) -> str:
-    """The one-line answer to "to quantize or not", from the per-variant verdicts."""
-    variants = variant_models(results)
-    by_decision: dict[str, list[ModelResult]] = {"QUANTIZE": [], "DON'T QUANTIZE": [], "INCONCLUSIVE": []}
-    for v in variants:
-        if v.verdict is not None:
-            by_decision[v.verdict.decision].append(v)
-    no_verdict = [v for v in variants if v.verdict is None]
-    unfinished = "" if results.finished else " (the run is not finished)"
+    """The one-line answer to "which do I serve?": the recommendation's sentence."""
+    return f"Recommendation: {recommendation(results).reason}"
 
-    if by_decision["QUANTIZE"]:
-        good = sorted(
-            by_decision["QUANTIZE"],
-            key=lambda v: v.cost_vs_reference.memory_saving if v.cost_vs_reference else -1.0,
-            reverse=True,
+
+STANDING_RULE = (
+    "A variant beats another only where it is better beyond the measured intervals and noise floors on mean KL, "
+    "accuracy or perplexity, weight memory (by more than 1 %) or speed, and worse beyond them on none; the front is "
+    "the variants no other beats. Of the variants that pass every check, the one best on the preferred quantity is "
+    "recommended, and a tie goes to the smaller weight memory."
+)
+
+
+def standing_columns(results: Results) -> list[str]:
+    quality = "PPL ratio [95% CI]" if is_text_run(results) else "Accuracy drop (loglik) [95% CI]"
+    budget = recommendation(results).fit_gb
+    fits = [f"Fits {budget:g} GiB"] if budget is not None else []
+    return ["Candidate", "Verdict", "Mean KL (nats) [95% CI]", quality, "Weights", "Speed vs ref", *fits, "Standing"]
+
+
+def standing_rows(results: Results) -> list[list[str]]:
+    """One row per variant: what the recommendation compared, and whether another variant beats it."""
+    rec = recommendation(results)
+    text = is_text_run(results)
+    rows = []
+    for s in rec.standings:
+        kl = fmt.nats_ci(s.mean_kl.value, s.mean_kl.ci) if s.mean_kl else fmt.NA
+        if s.mean_kl and s.kl_is_lower_bound:
+            kl = "≥ " + kl
+        quality = s.perplexity_ratio if text else s.accuracy_drop
+        quality_text = (
+            fmt.number_ci(quality.value, quality.ci)
+            if text and quality
+            else fmt.points_ci(quality.value, quality.ci)
+            if quality
+            else fmt.NA
         )
-        best = good[0]
-        details = []
-        if best.cost_vs_reference is not None:
-            details.append(f"saves {fmt.percent(best.cost_vs_reference.memory_saving)} of weight memory")
-        if best.paired_loglik is not None:
-            details.append(
-                f"\u0394 accuracy {fmt.points_ci(best.paired_loglik.difference, best.paired_loglik.difference_ci)}"
-            )
-        text = f"To quantize or not: quantize \u2014 serve {best.name}"
-        if details:
-            text += f" ({', '.join(details)})"
-        if len(good) > 1:
-            text += f"; also acceptable: {', '.join(v.name for v in good[1:])}"
-        return text + "." + unfinished
-
-    if by_decision["INCONCLUSIVE"]:
-        names = ", ".join(v.name for v in by_decision["INCONCLUSIVE"])
-        text = (
-            f"To quantize or not: undecided \u2014 the evidence is inconclusive for {names}; "
-            "keep the reference until a larger run settles it"
-        )
-        rejected = ", ".join(v.name for v in by_decision["DON'T QUANTIZE"])
-        if rejected:
-            text += f" ({rejected} rejected)"
-        return text + "." + unfinished
-
-    if by_decision["DON'T QUANTIZE"]:
-        return (
-            "To quantize or not: don't \u2014 no variant meets the thresholds; keep serving the reference." + unfinished
-        )
-
-    if not variants:
-        return "To quantize or not: no verdict \u2014 the run has no quantized variant." + unfinished
-    why = (
-        f"missing: {', '.join(results.missing)}"
-        if results.missing
-        else f"{len(no_verdict)} variant(s) without a verdict"
-    )
-    state = "partial" if (results.missing or not results.finished) else "incomplete"
-    return f"To quantize or not: no verdict yet \u2014 the run is {state} ({why})."
+        weights = fmt.nbytes(s.weight_bytes) + (" (stated)" if s.weight_stated else "")
+        speed = f"{fmt.number_ci(s.speed.value, s.speed.ci)}×" if s.speed else fmt.NA
+        fits = [] if rec.fit_gb is None else ["yes" if s.fits else "no" if s.fits is False else "not measured"]
+        place = "recommended" if rec.outcome == "variant" and s.name == rec.serve else "on the front"
+        if not s.on_front:
+            place = f"beaten by {s.beaten_by}"
+        if s.note:
+            place += f" ({s.note})"
+        rows.append([s.name, s.decision or "no verdict", kl, quality_text, weights, speed, *fits, place])
+    return rows
 
 
 # ------------------------------------------------------------------------------- accuracy & flips

@@ -12,7 +12,12 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
+"""The document's version: it moves when results.json gains or changes a field (docs/results.md lists each)."""
+
+SCORES_VERSION = 6
+"""How the stored numbers are computed: a run folder scored under another version is scored again on resume
+(schema 7 only added the recommendation, computed from the stored numbers, so stored scores stay valid)."""
 
 try:
     QUANTCHECK_VERSION = importlib.metadata.version("quantcheck")
@@ -23,6 +28,7 @@ except importlib.metadata.PackageNotFoundError:  # the source tree on sys.path w
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost", "corpus"]
 Outcome = Literal["pass", "fail", "unclear"]
+Preference = Literal["memory", "speed", "quality"]
 
 
 MIN_UNITS = 10
@@ -433,6 +439,11 @@ class ModelCost(BaseModel):
         "(load on the machine only slows)",
     )
 
+    @property
+    def weight_bytes(self) -> int | None:
+        """Counted weight bytes, else (a served model) what the user stated, else None."""
+        return self.weights.counted_bytes if self.weights is not None else self.stated_weight_bytes
+
 
 RoundValue = TypeVar("RoundValue")
 
@@ -513,6 +524,9 @@ class Verdict(BaseModel):
     checks: dict[str, Outcome] = Field(
         default={},
         description="outcome of each judged check: memory, accuracy per scoring mode, mean KL, top-1 agreement",
+    )
+    advice: list[str] = Field(
+        default=[], description="what would settle an unclear check (a larger --limit, a rerun), first the most useful"
     )
 
 
@@ -651,6 +665,52 @@ class Thresholds(BaseModel):
     min_memory_saving: float = Field(0.20, ge=0, le=1, description="weight memory the variant must save")
 
 
+class Standing(BaseModel):
+    """One variant's place among the run's variants: the quantities it is compared on, and whether another beats it.
+
+    A variant beats another only where it is better beyond the intervals and noise floors the run measured on at
+    least one of them and worse beyond them on none; a quantity that was not measured for either is not compared."""
+
+    name: str
+    decision: Decision | None
+    mean_kl: Estimate | None = Field(None, description="mean KL(reference || variant), nats, with its 95% interval")
+    kl_is_lower_bound: bool = Field(False, description="mean_kl is only a lower bound (a server's top-K cap)")
+    accuracy_drop: Estimate | None = Field(
+        None, description="question runs: reference minus variant log-likelihood accuracy (fraction), paired interval"
+    )
+    perplexity_ratio: Estimate | None = Field(None, description="text and prompts runs: PPL(variant) / PPL(reference)")
+    weight_bytes: int | None = Field(None, description="the weight memory the variant took, as measured")
+    weight_stated: bool = Field(False, description="weight_bytes was stated by the user (a server), not measured")
+    speed: Estimate | None = Field(
+        None,
+        description="variant / reference decode rate (higher is faster), or reference / variant latency at the "
+        "smallest batch when no decode rate was measured; the interval as the cost comparison measured it",
+    )
+    speed_spread: float = Field(
+        1.0, description="the timing noise a speed difference must clear: the larger of the drift tolerance and rounds"
+    )
+    kl_floor: float = Field(0.0, description="the noisier engine's numeric floor under this variant's KL (nats)")
+    fits: bool | None = Field(None, description="within --fit-gb; None when no budget was set or memory is unknown")
+    on_front: bool = Field(description="no other variant of the run beats it")
+    beaten_by: str | None = Field(None, description="a variant that beats it (the front's smallest)")
+    note: str | None = Field(None, description="why it stands where it does when a quantity is missing")
+
+
+class Recommendation(BaseModel):
+    """Which variant to serve, one answer for the whole run (`analysis/recommend.py`)."""
+
+    outcome: Literal["variant", "reference", "more evidence"] = Field(
+        description="variant: serve `serve`; reference: no variant passes; more evidence: none passes yet, "
+        "and `settle` says what would decide"
+    )
+    serve: str = Field(description="the variant to serve, or the reference's name")
+    reason: str = Field(description="one sentence")
+    settle: list[str] = Field([], description="what would settle the variants still inconclusive")
+    prefer: Preference = "memory"
+    fit_gb: float | None = Field(None, description="the weight budget in GiB (--fit-gb), if one was set")
+    standings: list[Standing] = []
+
+
 class Results(BaseModel):
     """The whole of `results.json`."""
 
@@ -669,6 +729,7 @@ class Results(BaseModel):
     )
     warnings: list[RunWarning] = []
     missing: list[str] = Field(default=[], description="sections not (yet) computed, for partial runs")
+    recommendation: Recommendation | None = Field(None, description="schema 7: which variant to serve")
 
 
 class LoglikAnswer(BaseModel):
