@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest import assert_inconclusive_on_few_questions, read_items, read_results
+from conftest import SMALL_COST, assert_inconclusive_on_few_questions, quantcheck, read_items, read_results
 from quantcheck.analysis.verdict import decide
 from quantcheck.data.items import LETTERS
 from quantcheck.models.builtin import builtin_model_dir
@@ -220,3 +221,34 @@ def test_noisy_timing_is_warned_exactly_where_a_points_spread_exceeds_ten_percen
             assert ((model["name"], point["batch_size"]) in warned) == point["noisy"]
             if point["noisy"]:
                 assert f"{model['name']} latency at batch {point['batch_size']} varies by" in report
+
+
+def test_one_recommendation_and_a_ci_gate_on_it(small_run, tmp_path):
+    """`none` (KL 0, no memory saved) and bnb-nf4 (smaller, KL above 0) each beat the other on one quantity, so both
+    are on the front; --fail-on turns the recommendation into the exit status after every file is written."""
+    results = read_results(small_run)
+    recommendation = results["recommendation"]
+    standings = {s["name"]: s for s in recommendation["standings"]}
+    assert list(standings) == ["none", "bnb-nf4"]
+    for model in results["models"][1:]:
+        standing = standings[model["name"]]
+        assert standing["weight_bytes"] == model["cost"]["weights"]["counted_bytes"]
+        assert standing["mean_kl"] == model["agreement"]["kl"]["mean"]
+        assert standing["decision"] == model["verdict"]["decision"]
+    assert standings["none"]["on_front"] and standings["bnb-nf4"]["on_front"]
+    assert recommendation["outcome"] != "variant"  # none fails memory, and 8 questions cannot pass bnb-nf4
+    failing = {"dont": recommendation["outcome"] == "reference", "inconclusive": True}
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    args = json.loads((small_run / "results.json").read_text())["config"]
+    for level, fails in failing.items():
+        result = quantcheck(
+            "run", "--quant", "none", "--quant", "bnb-nf4", "--dataset", args["dataset"], "--out", str(run),
+            "--batch-size", "3", "--max-new-tokens", "8", "--gen-batch-size", "4", "--cost-rounds", "1",
+            *SMALL_COST, "--fail-on", level,
+        )
+        assert result.returncode == (1 if fails else 0), result.stderr[-2000:]
+        assert (f"--fail-on {level}:" in result.stderr) == fails
+        assert f"Recommendation: {recommendation['reason'][:40]}" in " ".join(result.stdout.split())
+        assert (run / "report.html").is_file()

@@ -418,10 +418,19 @@ def report(
 ) -> None:
     """Re-render report.html, report.md and metrics.csv from a results folder (no model, no torch)."""
     from quantcheck.report import render_report
+    from quantcheck.storage.folder import RunFolder
+    from quantcheck.storage.lock import current_holder
 
     try:
         start = time.perf_counter()
         render_report(run_dir)
+        if writer := current_holder(RunFolder(run_dir).lock_file):
+            console.print(
+                f"[yellow]note:[/yellow] {escape(writer)} is still writing {run_dir}: the report shows what it "
+                "has finished so far (results.json is replaced whole, never half-written)",
+                highlight=False,
+                soft_wrap=True,
+            )
         _print_files(run_dir, f"  ({time.perf_counter() - start:.1f} s)")
     except QuantcheckError as error:
         _fail(error, debug)

@@ -7,6 +7,7 @@ recorded and the others go on; finished work on disk is never recomputed.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from quantcheck.schema.results import (
     WindowRecord,
 )
 from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.lock import RunLock
 from quantcheck.storage.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
 
 
@@ -92,11 +94,12 @@ def _validate(options: RunOptions) -> None:
 
 def run(options: RunOptions) -> tuple[Path, Results]:
     """Run (or resume) an experiment and return its folder and results."""
-    with Launcher(fork=options.loglik or options.generation is not None) as launcher:  # no server for a cost-only run
-        return _experiment(options, launcher)
+    with ExitStack() as held, Launcher(fork=options.loglik or options.generation is not None) as launcher:
+        return _experiment(options, launcher, held)  # the launcher starts no fork server for a cost-only run
 
 
-def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]:
+def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tuple[Path, Results]:
+    """The run; `held` keeps the run folder's lock until the run ends."""
     from quantcheck.backends.variants import (
         SAMPLING_FLOOR_SEED_OFFSET,
         check_specs,
@@ -150,8 +153,11 @@ def _experiment(options: RunOptions, launcher: Launcher) -> tuple[Path, Results]
         "dataset": dataset.spec,
         "dataset_hash": dataset.content_hash(),
     }
+    lock = held.enter_context(RunLock(folder.lock_file))  # before prepare, which may clear the folder
     resumed = folder.prepare(identity, options.force)
     view = ProgressView(options.quiet)
+    if lock.took_over:
+        view.line(f"[yellow]{escape(lock.took_over)}[/yellow]")
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))

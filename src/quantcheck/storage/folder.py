@@ -30,6 +30,11 @@ class RunFolder:
         return self.root / "run.json"
 
     @property
+    def lock_file(self) -> Path:
+        """Held by the run writing this folder (`storage.lock.RunLock`); never cleared with the folder."""
+        return self.root / "run.lock"
+
+    @property
     def dataset_file(self) -> Path:
         return self.root / "dataset.jsonl"
 
@@ -100,7 +105,7 @@ class RunFolder:
                     "choose another --out, or pass --force to overwrite it"
                 )
             self.clear()
-        elif any(self.root.iterdir()) and not force:
+        elif any(child != self.lock_file for child in self.root.iterdir()) and not force:
             raise ResultsFolderError(
                 f"{self.root} is not empty and is not a quantcheck run: choose another --out, or pass --force"
             )
@@ -109,7 +114,8 @@ class RunFolder:
 
     def clear(self) -> None:
         for child in self.root.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child != self.lock_file:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
     def check_reference_key(self, key: dict[str, object]) -> str | None:
         """Drop stored outputs computed under another key; return why, or None when they still hold."""
