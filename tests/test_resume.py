@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import lowercase_tokenizer_copy, quantcheck, read_items, read_results, write_questions
+from quantcheck.schema.results import ItemRecord
 from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import StoreSettings, append_records, open_reference_store, read_records
 
 N_QUESTIONS = 8
 COMMON = ["--batch-size", "2", "--max-new-tokens", "4", "--gen-batch-size", "4", "--skip-cost"]
@@ -208,10 +210,36 @@ def test_a_write_error_during_the_run_is_one_line_and_the_run_resumes(tmp_path, 
     assert (
         len(last) == 1 and "cannot write" in last[0] and "logprobs.npy" in last[0] and "Traceback" not in failed.stderr
     )
+    assert "it needs 1.5 MiB and no room for it" in last[0]  # 8 rows x 49152 x 4 bytes, said before any row is scored
     assert (out / "dataset.jsonl").exists() and (out / "run.json").exists()
     resumed = quantcheck(*run_args(questions, out, "none"), "--store", "full")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert line_count(out / "models" / "reference" / "quality.jsonl") == N_QUESTIONS
+
+
+def test_a_torn_last_line_is_cut_before_the_next_append(tmp_path):
+    """A full disk cuts an append short: the next append must not join onto the torn line (resume would then fail
+    to read it); the torn record is cut and its batch redone."""
+    path = tmp_path / "quality.jsonl"
+    records = [ItemRecord(item_id=f"q{i}", model="m", answer="A") for i in range(3)]
+    append_records(path, records[:2])
+    with path.open("ab") as handle:
+        handle.write(records[2].model_dump_json().encode()[:25])
+    assert [record.item_id for record in read_records(path, ItemRecord)] == ["q0", "q1"]
+    append_records(path, records[2:])
+    assert [record.item_id for record in read_records(path, ItemRecord)] == ["q0", "q1", "q2"]
+    assert path.read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("kind", ["full", "compact"])
+def test_the_reference_store_takes_its_disk_space_when_it_is_made(tmp_path, kind):
+    """A sparse store would take its blocks only when a row is written, and a full disk then kills the worker with
+    SIGBUS; its space is allocated when it is made, where a full disk is one line."""
+    store = open_reference_store(tmp_path, StoreSettings(kind=kind))
+    assert store.create(16, 49152)
+    size = store.path.stat().st_size
+    assert size >= 16 * store.bytes_per_row(49152)
+    assert store.path.stat().st_blocks * 512 >= size
 
 
 def test_a_variant_with_another_tokenizer_keeps_accuracy_but_refuses_token_metrics(tmp_path, questions):

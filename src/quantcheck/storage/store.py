@@ -48,11 +48,42 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _write_error(path: Path, error: OSError) -> ResultsFolderError:
-    what = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""A full disk, a file larger than the process may write (ulimit -f), or a full quota: the same advice for each."""
+
+
+def _write_error(path: Path, error: OSError, needed: int | None = None) -> ResultsFolderError:
+    if error.errno in NO_SPACE:
+        what = "the disk is full" if error.errno == errno.ENOSPC else f"no room for it ({os.strerror(error.errno)})"
+        if needed is not None:
+            what = f"it needs {needed / 2**20:.1f} MiB and {what}"
+    else:
+        what = error.strerror or str(error)
     return ResultsFolderError(
         f"cannot write {path}: {what}; finished work is kept, free space and run the same command to resume"
     )
+
+
+def _cut_torn_line(path: Path) -> None:
+    """A write cut short (a full disk, a killed run) leaves a last line without its newline; the next append would
+    join onto it and make one unreadable line, so it is cut first (its batch is redone)."""
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            handle.seek(start)
+            newline = handle.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(start + newline + 1)
+                return
+            end = start
+        handle.truncate(0)
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> Path:
@@ -90,6 +121,8 @@ def append_records(path: Path, records: Iterable[BaseModel]) -> None:
     payload = "".join(record.model_dump_json() + "\n" for record in records)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            _cut_torn_line(path)
         with path.open("a", encoding="utf-8") as handle:
             handle.write(payload)
             handle.flush()
@@ -205,6 +238,9 @@ class ReferenceStore(ABC):
                 np.lib.format.open_memmap(
                     temporary, mode="w+", dtype=self.row_dtype(), shape=(n_items, *self.row_shape(vocab_size))
                 ).flush()
+                needed = Path(temporary).stat().st_size
+                with open(temporary, "rb+") as handle:  # a sparse file would die of SIGBUS on a full disk later
+                    os.posix_fallocate(handle.fileno(), 0, needed)
                 os.chmod(temporary, 0o644)
                 os.replace(temporary, self.path)
             except BaseException:
@@ -212,7 +248,7 @@ class ReferenceStore(ABC):
                 raise
             _fsync_directory(self.path.parent)
         except OSError as error:
-            raise _write_error(self.path, error) from None
+            raise _write_error(self.path, error, self.bytes_per_row(vocab_size) * n_items) from None
         return True
 
     def write_rows(self, rows: list[int], values: np.ndarray) -> None:
