@@ -100,6 +100,7 @@ def small_run(tmp_path_factory) -> Path:
         *SMALL_COST,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "run.log").write_text(result.stderr)  # progress and findings, in the order printed
     return out
 
 

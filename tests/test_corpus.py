@@ -105,6 +105,67 @@ def test_variant_statistics_are_those_of_its_tokens(runs):
     assert interval["low"] <= corpus["kl"]["mean"]["value"] <= interval["high"]
 
 
+def test_kl_along_the_context_is_that_of_each_share_of_the_scored_tokens(runs):
+    """results.json's eight shares recomputed from the per-token records: tokens, mean KL, top-1 and delta-p; the
+    growth is the last share's mean KL minus the first's, window by window."""
+    run = runs["full"]
+    results = by_name(read_results(run))
+    reference = np.array([record["nll"] for record in windows(run, "reference")])
+    records = windows(run, "bf16")
+    kl, nll = np.array([r["kl"] for r in records]), np.array([r["nll"] for r in records])
+    top1 = np.array([r["top1_agree"] for r in records], dtype=float)
+    delta_p = np.exp(-nll) - np.exp(-reference)
+    buckets = results["bf16"]["corpus"]["by_position"]
+    scored = kl.shape[1]
+    edges = [round(i * scored / 8) for i in range(9)]
+    assert [(b["start"], b["end"]) for b in buckets] == list(zip(edges[:-1], edges[1:]))
+    for bucket, start, end in zip(buckets, edges[:-1], edges[1:]):
+        assert bucket["tokens"] == WINDOWS * (end - start)
+        assert bucket["kl"]["value"] == pytest.approx(kl[:, start:end].mean(), rel=1e-9)
+        assert bucket["top1"]["value"] == pytest.approx(top1[:, start:end].mean(), rel=1e-9)
+        assert bucket["delta_p"]["value"] == pytest.approx(delta_p[:, start:end].mean(), rel=1e-9, abs=1e-12)
+    growth = kl[:, edges[-2] :].mean(axis=1) - kl[:, : edges[1]].mean(axis=1)
+    assert results["bf16"]["corpus"]["kl_growth"]["value"] == pytest.approx(growth.mean(), rel=1e-9)
+    assert all(b["kl"]["value"] == 0.0 for b in results["none"]["corpus"]["by_position"])
+
+
+def test_damage_that_grows_along_the_context_is_named_and_flat_damage_is_not():
+    """Constructed windows: the same mean KL, spread evenly in one variant and rising along each window in the other."""
+    from quantcheck.analysis.summarize import variant_corpus_statistics
+    from quantcheck.analysis.verdict import decide
+    from quantcheck.schema.results import ModelResult, Thresholds, WindowRecord
+
+    rng = np.random.default_rng(3)
+    scored = 64
+    reference = [WindowRecord(window=w, model="reference", nll=[2.0] * scored) for w in range(12)]
+
+    def variant(name: str, profile: np.ndarray) -> ModelResult:
+        records = [
+            WindowRecord(
+                window=w,
+                model=name,
+                nll=[2.01] * scored,
+                kl=(profile * rng.lognormal(0, 0.3, scored)).tolist(),
+                top1_agree=[True] * scored,
+                jaccard={1: 1.0},
+            )
+            for w in range(12)
+        ]
+        corpus, agreement = variant_corpus_statistics(reference, records, 128, 0, None)
+        result = ModelResult(name=name, description=name, status="ok", corpus=corpus, agreement=agreement)
+        result.verdict = decide(result, Thresholds(), unit="windows")
+        return result
+
+    rising = variant("kv-fp8", np.linspace(0.001, 0.04, scored))
+    flat = variant("int8", np.full(scored, 0.02))
+    growth = rising.corpus.kl_growth
+    assert growth.ci.low > 0 and len(rising.corpus.by_position) == 8
+    assert [b.kl.value for b in rising.corpus.by_position] == sorted(b.kl.value for b in rising.corpus.by_position)
+    assert any("mean KL grows along the context" in reason for reason in rising.verdict.reasons)
+    assert flat.corpus.kl_growth.ci.low <= 0
+    assert not any("grows along the context" in reason for reason in flat.verdict.reasons)
+
+
 def test_compact_store_kl_within_one_percent_of_the_full_store(runs):
     """The compact store's estimate against the exact KL, on the same tokens; the bounds hold at every token."""
     for variant in ("bf16", "torchao-int8wo"):

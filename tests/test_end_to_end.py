@@ -252,3 +252,17 @@ def test_one_recommendation_and_a_ci_gate_on_it(small_run, tmp_path):
         assert (f"--fail-on {level}:" in result.stderr) == fails
         assert f"Recommendation: {recommendation['reason'][:40]}" in " ".join(result.stdout.split())
         assert (run / "report.html").is_file()
+
+
+def test_quality_findings_are_printed_before_the_cost_phase_and_match_the_verdict(small_run):
+    """Before minutes of cost, each variant's quality checks as the verdict later judges them."""
+    log = (small_run.parent / "run.log").read_text().splitlines()
+    first_cost = next(i for i, line in enumerate(log) if "(cost)" in line)
+    results = read_results(small_run)
+    for model in results["models"][1:]:
+        checks = {name: outcome for name, outcome in model["verdict"]["checks"].items() if name != "memory"}
+        expected = f"{model['name']}, quality before cost: " + ", ".join(f"{n} {o}" for n, o in checks.items())
+        assert expected in log, [line for line in log if "before cost" in line]
+        assert log.index(expected) < first_cost
+        for name in checks:
+            assert any(line.startswith(f"  {name}: ") for line in log[log.index(expected) :])

@@ -119,6 +119,23 @@ def test_fewer_bits_diverge_more(virology_engines_run):
     assert f32 < q8 < q4, (f32, q8, q4)
 
 
+def test_variants_of_several_engines_are_compared_on_quality_alone_when_no_cost_was_measured(virology_engines_run):
+    """The run measured no cost: each variant's memory is unknown, so the recommendation compares them on KL and
+    accuracy alone, labels those on the front as such, and cannot recommend one (the verdict cannot pass memory)."""
+    results = read_results(virology_engines_run)
+    recommendation = results["recommendation"]
+    standings = {s["name"]: s for s in recommendation["standings"]}
+    assert list(standings) == [m["name"] for m in results["models"][1:]]
+    assert recommendation["outcome"] == "more evidence" and recommendation["serve"] == "reference"
+    assert all(s["weight_bytes"] is None for s in standings.values())
+    q4 = standings["gguf:Q4_K_M"]
+    assert not q4["on_front"] and q4["beaten_by"] != "gguf:Q4_K_M"
+    beater = standings[q4["beaten_by"]]
+    assert beater["mean_kl"]["ci"]["high"] < q4["mean_kl"]["ci"]["low"]  # beyond both intervals, as measured
+    front = [s for s in standings.values() if s["on_front"]]
+    assert front and all("on the front for quality only" in s["note"] for s in front)
+
+
 @needs_llama_cpp
 def test_a_text_corpus_in_llama_cpp_against_the_transformers_reference(tmp_path):
     """Every token of 4 windows through llama.cpp's own kernels: F32 is the engine floor, fewer bits diverge more."""

@@ -16,7 +16,15 @@ import numpy as np
 from scipy import stats
 
 from quantcheck.analysis.divergence import divergence_summary
-from quantcheck.schema.results import CorpusStatistics, Estimate, Interval, TokenAgreement, WindowRecord, WorstSpan
+from quantcheck.schema.results import (
+    CorpusStatistics,
+    Estimate,
+    Interval,
+    PositionBucket,
+    TokenAgreement,
+    WindowRecord,
+    WorstSpan,
+)
 from quantcheck.stats.intervals import bootstrap_mean
 
 KL_PERCENTILES = {
@@ -175,9 +183,56 @@ def corpus_statistics(
         **_estimates(kl, lambda x: np.percentile(x, list(KL_PERCENTILES.values())), list(KL_PERCENTILES), seed),
     }
     result.same_top1 = agreement.top1_agreement
+    result.by_position, result.kl_growth = along_the_context(own, delta_p, seed)
     if spans is not None:
         result.worst = worst_spans(own, spans)
     return result, agreement
+
+
+POSITION_BUCKETS = 8
+"""Equal shares of each sequence's scored span in which KL, top-1 and delta-p are averaged along the context."""
+
+
+def _shares(length: int, buckets: int) -> list[slice]:
+    edges = [round(i * length / buckets) for i in range(buckets + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(buckets)]
+
+
+def along_the_context(
+    records: list[WindowRecord], delta_p: list[np.ndarray], seed: int, buckets: int = POSITION_BUCKETS
+) -> tuple[list[PositionBucket], Estimate | None]:
+    """KL, top-1 agreement and delta-p in `buckets` equal shares of each sequence's scored tokens, and the last share's
+    mean KL minus the first's, paired over the sequences long enough to have both (a bootstrap over sequences)."""
+    usable = [(record, dp) for record, dp in zip(records, delta_p) if record.kl and len(record.kl) >= buckets]
+    if len(usable) < 2:
+        return [], None
+    lengths = {len(record.kl) for record, _ in usable}
+    equal = len(lengths) == 1
+    per_share: list[dict[str, list[np.ndarray]]] = [{"kl": [], "top1": [], "delta_p": []} for _ in range(buckets)]
+    for record, dp in usable:
+        kl = np.asarray(record.kl, dtype=float)
+        top1 = np.asarray(record.top1_agree, dtype=float) if record.top1_agree else None
+        for share, cut in zip(per_share, _shares(kl.size, buckets)):
+            share["kl"].append(kl[cut])
+            share["delta_p"].append(np.asarray(dp)[cut])
+            if top1 is not None:
+                share["top1"].append(top1[cut])
+    length = lengths.pop() if equal else buckets
+    result = []
+    for index, (share, cut) in enumerate(zip(per_share, _shares(length, buckets))):
+        mean = lambda x: [x.mean()]  # noqa: E731
+        result.append(
+            PositionBucket(
+                start=cut.start if equal else index,
+                end=cut.stop if equal else index + 1,
+                tokens=int(sum(values.size for values in share["kl"])),
+                kl=_estimates(share["kl"], mean, ["mean"], seed)["mean"],
+                top1=_estimates(share["top1"], mean, ["mean"], seed)["mean"] if share["top1"] else None,
+                delta_p=_estimates(share["delta_p"], mean, ["mean"], seed)["mean"],
+            )
+        )
+    growth = np.array([last.mean() - first.mean() for first, last in zip(per_share[0]["kl"], per_share[-1]["kl"])])
+    return result, bootstrap_mean(growth, seed=seed)
 
 
 class SpanText(NamedTuple):

@@ -16,7 +16,7 @@ from pathlib import Path
 from quantcheck.analysis.corpus import SpanText, corpus_statistics
 from quantcheck.analysis.divergence import divergence_summary
 from quantcheck.analysis.recommend import recommend
-from quantcheck.analysis.verdict import decide, fail_level, noisier_floor, quality_check_count
+from quantcheck.analysis.verdict import decide, fail_level, noisier_floor, quality_check_count, quality_checks
 from quantcheck.schema.models import ModelSpec
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
@@ -279,6 +279,9 @@ def _gaps(
     if expected.get("cost") and cost is None:
         gaps["cost"] = "cost was not measured" + (f" (cost job: {errors['cost']})" if "cost" in errors else "")
     return gaps
+
+
+COST_PENDING = "cost is being measured now: the verdict waits for it"
 
 
 def read_windows(folder: RunFolder, spec: ModelSpec) -> list[WindowRecord]:
@@ -612,9 +615,12 @@ def summarize(
     seed: int,
     extra_warnings: list[RunWarning],
     expected: dict[str, bool],
+    cost_pending: bool = False,
 ) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now. `descriptions`: each
-    model's name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine."""
+    model's name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine.
+    `cost_pending`: written between the quality and the cost phase; no verdict yet (the memory check needs cost), and
+    `early_findings` says what quality alone shows."""
     folder = RunFolder(root)
     corpus = dataset.kind in ("text", "prompts")
     item_ids = [] if corpus else [item.item_id for item in folder.read_items()]
@@ -646,6 +652,10 @@ def summarize(
     reference = results.models[0]
     results.floors, floor_answers, missing_floors = _floors(folder, floors, per_model[reference.name], item_ids)
     results.floors.numeric = reference.engine_floor
+    if cost_pending:
+        for result in results.models:
+            if "cost" in result.incomplete:
+                result.incomplete["cost"] = COST_PENDING
     results.missing = [
         f"{result.name}: {PHASE_LABELS[phase]}" for result in results.models for phase in result.incomplete
     ] + missing_floors
@@ -670,7 +680,7 @@ def summarize(
         unverified = [
             model.name for model in (reference, result) if model.engine and model.engine.tokenizer_verified is False
         ]
-        result.verdict = decide(
+        result.verdict = None if cost_pending else decide(
             result,
             thresholds,
             unmeasured_memory=unmeasured,
@@ -685,3 +695,23 @@ def summarize(
     write_text_atomic(root / "items.jsonl", "".join(record.model_dump_json() + "\n" for record in merged))
     write_json_atomic(root / "results.json", results)
     return results
+
+
+def early_findings(results: Results) -> list[str]:
+    """Each variant's quality checks, judged as the verdict will judge them, for the lines a run prints before its
+    cost phase: the quality findings minutes early, the verdict itself only once cost is in."""
+    reference = results.models[0]
+    unit = UNITS[results.dataset.kind] if results.dataset else "questions"
+    lines = []
+    for variant in results.models[1:]:
+        checks = quality_checks(
+            variant,
+            results.thresholds,
+            unit=unit,
+            numeric_floor=noisier_floor(reference.engine_floor, variant.engine_floor),
+        )
+        if not checks:
+            continue
+        lines.append(f"{variant.name}, quality before cost: " + ", ".join(f"{c.name} {c.outcome}" for c in checks))
+        lines += [f"  {c.name}: {c.reason}" for c in checks]
+    return lines

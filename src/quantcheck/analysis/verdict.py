@@ -595,6 +595,30 @@ def _quality_checks(
     return checks, missing
 
 
+def quality_checks(
+    variant: ModelResult, thresholds: Thresholds, *, unit: str = "questions", numeric_floor: NumericFloor | None = None
+) -> list[Check]:
+    """The quality checks alone, at the levels `decide` judges them: what a run can say before its cost phase."""
+    measured = quality_check_count(
+        variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
+    )
+    return _quality_checks(variant, thresholds, fail_level(measured), unit, numeric_floor)[0]
+
+
+def _growth_note(variant: ModelResult) -> list[str]:
+    """Damage that grows along the context, named where its interval is above zero; it informs and does not decide
+    (a short text's windows say little of long contexts, and the mean KL check already weighs every position)."""
+    growth = variant.corpus.kl_growth if variant.corpus else None
+    if growth is None or growth.ci is None or growth.ci.low <= 0:
+        return []
+    shares = len(variant.corpus.by_position)
+    return [
+        f"mean KL grows along the context: the last 1/{shares} of each sequence's scored tokens is "
+        f"{fmt.nats_ci(growth.value, growth.ci)} nats above the first (paired over {growth.units} sequences); "
+        "this informs and does not decide"
+    ]
+
+
 def _incomplete_reasons(variant: ModelResult) -> list[str]:
     """One reason per phase that was asked for but failed or stopped part-way."""
     return [
@@ -670,7 +694,7 @@ def decide(
         decision = "INCONCLUSIVE"
 
     reasons = [memory.reason, *_speed_notes(variant.cost_vs_reference)]
-    reasons += _incomplete_reasons(variant) + [c.reason for c in checks] + missing
+    reasons += _incomplete_reasons(variant) + [c.reason for c in checks] + missing + _growth_note(variant)
     if checks:
         reasons.append(_familywise_note(measured, level))
     elif not variant.incomplete:

@@ -95,7 +95,7 @@ class ProgressView:
             self.progress.update(self._task, completed=task.total)
 
     def line(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, soft_wrap=True)  # one line in a log: a terminal wraps it itself
 
     def skipped(self, label: str, why: str) -> None:
         self.line(f"[dim]{escape(label)}: skipped ({escape(why)})[/dim]")

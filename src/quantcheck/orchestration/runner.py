@@ -143,7 +143,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
     # Imported once the input is known good (scipy takes seconds), while the fork server still imports torch.
-    from quantcheck.analysis.summarize import summarize
+    from quantcheck.analysis.summarize import early_findings, summarize
 
     out = options.out or default_out_dir()
     folder = RunFolder(out)
@@ -219,6 +219,33 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         allow_offload=options.allow_offload,
         allow_pickle=options.allow_pickle,
     )
+    def summary(cost_pending: bool = False) -> Results:
+        """results.json and items.jsonl from what the folder holds now."""
+        recorded = {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
+        return summarize(
+            out,
+            config=options.model_dump(mode="json") | recorded,
+            model=model.info(dtype, device),
+            dataset=_dataset_info(dataset, folder, corpus_job),
+            environment=describe_environment(device, threads),
+            models=models,
+            descriptions={spec.name: describe(spec) for spec in models},
+            floors=floors,
+            cost_rounds=options.cost_rounds if options.cost else 0,
+            thresholds=options.thresholds,
+            prefer=options.prefer,
+            fit_gb=options.fit_gb,
+            seed=options.seed,
+            extra_warnings=warnings,
+            expected={
+                "loglik": options.loglik and not corpus,
+                "generation": options.generation is not None,
+                "cost": options.cost,
+                "corpus": options.loglik and corpus,
+            },
+            cost_pending=cost_pending,
+        )
+
     n_items = 0 if corpus else len(dataset.items)
     failed_reference = None
     with view:
@@ -256,6 +283,14 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
                 outcome = _run(launcher, job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
+        cost_todo = not all(
+            folder.cost_file(spec.folder, cost_round).exists()
+            for cost_round in range(1, options.cost_rounds + 1)
+            for spec in models
+        )
+        if options.cost and not failed_reference and cost_todo and (options.loglik or options.generation):
+            for line in early_findings(summary(cost_pending=True)):  # the quality findings before minutes of cost
+                view.line(escape(line))
         if options.cost and not failed_reference:
             # Rounds repeat the same order (ABAB), so every other model runs between a model's two rounds: load that
             # spans both of them slows another model's round too, and the drift check sees it. ABBA put a variant's
@@ -275,30 +310,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
                         folder,
                     )
 
-    dataset_info = _dataset_info(dataset, folder, corpus_job)
-    config = options.model_dump(mode="json") | {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
-    results = summarize(
-        out,
-        config=config,
-        model=model.info(dtype, device),
-        dataset=dataset_info,
-        environment=describe_environment(device, threads),
-        models=models,
-        descriptions={spec.name: describe(spec) for spec in models},
-        floors=floors,
-        cost_rounds=options.cost_rounds if options.cost else 0,
-        thresholds=options.thresholds,
-        prefer=options.prefer,
-        fit_gb=options.fit_gb,
-        seed=options.seed,
-        extra_warnings=warnings,
-        expected={
-            "loglik": options.loglik and not corpus,
-            "generation": options.generation is not None,
-            "cost": options.cost,
-            "corpus": options.loglik and corpus,
-        },
-    )
+    results = summary()
     if failed_reference:
         raise QuantcheckError(
             f"the reference model failed: {failed_reference}; nothing can be compared (results so far are in {out})"

@@ -405,6 +405,34 @@ def plot_corpus_kl(
     return _save(fig, out_dir, "corpus_kl.png")
 
 
+@_styled
+def plot_position(results: Results, out_dir: Path, colors: dict[str, str]) -> Path | None:
+    """Mean KL in equal shares of each sequence's scored tokens, in order: damage that grows with the context."""
+    variants = [m for m in results.models[1:] if m.corpus is not None and m.corpus.by_position]
+    if not variants:
+        return None
+    fig, (ax,) = _new_figure(8.0, 4.4)
+    for m in variants:
+        buckets = m.corpus.by_position
+        x = [(b.start + b.end) / 2 for b in buckets]
+        y = [max(b.kl.value, KL_FLOOR) for b in buckets]
+        low = [max(b.kl.ci.low, KL_FLOOR) if b.kl.ci else v for b, v in zip(buckets, y)]
+        high = [b.kl.ci.high if b.kl.ci else v for b, v in zip(buckets, y)]
+        color = colors.get(m.name, "C0")
+        growth = m.corpus.kl_growth
+        grows = growth is not None and growth.ci is not None and growth.ci.low > 0
+        ax.plot(x, y, marker="o", color=color, lw=2, label=m.name + (" (grows)" if grows else ""))
+        ax.fill_between(x, low, high, color=color, alpha=0.15, lw=0)
+    ax.axhline(results.thresholds.max_mean_kl, color="#2e7d32", ls="--", lw=1.1)
+    ax.set_yscale("log")
+    equal = all(b.end - b.start > 1 for b in variants[0].corpus.by_position)
+    ax.set_xlabel("scored token of the sequence (0 = its first scored token)" if equal else "share of the answer")
+    ax.set_ylabel("mean KL (nats, 95% CI over sequences)")
+    ax.set_title("KL along the context")
+    ax.legend(frameon=False)
+    return _save(fig, out_dir, "position.png")
+
+
 def corpus_kl_caption(results: Results) -> str:
     """The caption names the run's own sequences: a text's windows or the answers to users' prompts."""
     wording = corpus_wording(results)
@@ -763,6 +791,17 @@ FIGURES: list[FigureSpec] = [
         kinds=("text",),
     ),
     FigureSpec(
+        "position",
+        "position.png",
+        "KL along the context",
+        "Mean KL in eight equal shares of each sequence's scored tokens, in order (a text window's scored half, or a "
+        "prompt's answer), with 95% intervals over sequences; the dashed line is the mean-KL limit. \"(grows)\" "
+        "marks a variant whose last share is above its first beyond a paired interval over sequences: that informs "
+        "and does not decide.",
+        "needs a text or prompts run with per-token KL for at least one variant",
+        kinds=("text",),
+    ),
+    FigureSpec(
         "cost",
         "cost.png",
         "Peak memory and forward latency vs batch size",
@@ -822,6 +861,8 @@ def draw(spec: FigureSpec, data: RunData, out_dir: Path, colors: dict[str, str])
         return plot_accuracy(r, out_dir, colors, n_choices(data))
     if spec.key == "tradeoff":
         return plot_tradeoff(r, out_dir, colors)
+    if spec.key == "position":
+        return plot_position(r, out_dir, colors)
     if spec.key == "serve":
         return plot_serve(r, out_dir, colors)
     raise KeyError(spec.key)

@@ -807,7 +807,7 @@ CSV_COLUMNS = [
     "delta_generative", "delta_generative_ci_low", "delta_generative_ci_high", "mcnemar_p_generative",
     "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
     "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high",
-    "rms_delta_p", *[f"jaccard_{k}" for k in JACCARD_KS],
+    "rms_delta_p", "kl_growth", "kl_growth_ci_low", *[f"jaccard_{k}" for k in JACCARD_KS],
     "kl_bound", "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
     "weight_memory_ratio", "memory_saving",
     "decode_tokens_per_s", "decode_speedup", "decode_speedup_ci_low", "decode_speedup_ci_high",
@@ -904,6 +904,8 @@ def _corpus_columns(m: ModelResult) -> dict[str, object]:
         "perplexity_ratio_ci_low": ratio.ci.low if ratio and ratio.ci else None,
         "perplexity_ratio_ci_high": ratio.ci.high if ratio and ratio.ci else None,
         "rms_delta_p": corpus.delta_p["rms"].value if corpus and "rms" in corpus.delta_p else None,
+        "kl_growth": corpus.kl_growth.value if corpus and corpus.kl_growth else None,
+        "kl_growth_ci_low": corpus.kl_growth.ci.low if corpus and corpus.kl_growth and corpus.kl_growth.ci else None,
     }
 
 

@@ -134,6 +134,17 @@ class TokenAgreement(BaseModel):
     kl: DivergenceSummary
 
 
+class PositionBucket(BaseModel):
+    """The scored tokens in one equal share of each sequence's scored span: where along the context damage sits."""
+
+    start: int = Field(description="first scored token of the share (0 = a sequence's first scored token)")
+    end: int = Field(description="one past its last (for a text window of equal spans; prompts: relative shares)")
+    tokens: int
+    kl: Estimate | None = Field(None, description="mean KL over the share's tokens, interval over sequences")
+    top1: Estimate | None = Field(None, description="share of its tokens whose top-1 agrees with the reference")
+    delta_p: Estimate | None = Field(None, description="mean p(variant) - p(reference) of the actual next token")
+
+
 class CorpusStatistics(BaseModel):
     """`llama-perplexity --kl-divergence`'s statistics on every scored token, for one model against the reference:
     a text corpus's windows (the second half of each scored), or users' prompts (the reference's answer scored).
@@ -165,6 +176,14 @@ class CorpusStatistics(BaseModel):
         {}, description="p_variant - p_reference of the actual next token: 'mean', 'rms' and percentiles"
     )
     worst: list[WorstSpan] = Field([], description="the sequences with the highest mean KL, highest first")
+    by_position: list[PositionBucket] = Field(
+        [], description="schema 7: KL, top-1 and delta-p in equal shares of each sequence's scored span, in order"
+    )
+    kl_growth: Estimate | None = Field(
+        None,
+        description="schema 7: the last share's mean KL minus the first's, paired over sequences (bootstrap): above "
+        "zero beyond its interval, the damage grows along the context",
+    )
 
 
 class WorstSpan(BaseModel):
