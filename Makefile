@@ -109,6 +109,7 @@ bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_corpus_pass.py
 	$(BIN)/python bench/bench_vs_lmeval.py
+	$(BIN)/python bench/bench_sensitivity.py
 	$(BIN)/python bench/bench_vs_llama_perplexity.py --llama-perplexity $(LLAMA_PERPLEXITY)
 
 # The CUDA paths of the hf and vLLM backends, at most 8 minutes; without a GPU it says so and exits 0.

@@ -181,7 +181,8 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
     )
     # Install hints keep their extras (rich markup once ate "[vllm]"), and the grammar and its options are shown.
     assert "quantcheck[vllm]" in result.stdout or "yes (cpu)" in result.stdout.split("vllm:none")[1].splitlines()[0]
-    assert "every --quant is [backend:]method[?key=value&...]; options: url: top_logprobs, weight_gb" in result.stdout
+    grammar = "every --quant is [backend:]method[?key=value&...]; options: hf: keep; url: top_logprobs, weight_gb"
+    assert grammar in result.stdout
 
 
 def test_chat_forced_on_for_a_model_without_a_chat_template(tmp_path):

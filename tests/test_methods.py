@@ -104,6 +104,15 @@ def test_counted_weight_bytes_match_the_methods_definition(methods_run, method):
     assert model["cost"]["weights"]["parameters"] == parameters
 
 
+@pytest.mark.parametrize("method", ("reference", *METHODS))
+def test_the_weights_planned_before_loading_are_within_ten_percent_of_those_measured(methods_run, method):
+    """results.json keeps the plan made from config.json beside the measured weights (tests/test_plan.py holds the
+    same plan to two published checkpoints)."""
+    model = next(model for model in read_results(methods_run)["models"] if model["name"] == method)
+    planned, counted = model["planned_weights"]["bytes"], model["cost"]["weights"]["counted_bytes"]
+    assert planned == pytest.approx(counted, rel=0.10), (method, planned, counted, model["planned_weights"]["basis"])
+
+
 def test_a_variant_computing_in_float16_is_warned_in_results_and_report(methods_run):
     results = read_results(methods_run)
     warnings = {

@@ -8,9 +8,10 @@ import zlib
 import numpy as np
 import pytest
 
-from quantcheck.analysis.recommend import GIB, QUALITY, beats, gate_failure, recommend
+from quantcheck.analysis.recommend import QUALITY, beats, gate_failure, recommend
 from quantcheck.analysis.verdict import decide, fail_level, quality_check_count
 from quantcheck.schema.results import (
+    GIB,
     CostComparison,
     Interval,
     ModelCost,

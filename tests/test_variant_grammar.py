@@ -18,6 +18,7 @@ URL = "http://127.0.0.1:9/v1"
     [
         ("bnb-nf4", "hf", "bnb-nf4", {}),
         ("hf:bnb-nf4", "hf", "bnb-nf4", {}),
+        ("bnb-nf4?keep=0,1,29", "hf", "bnb-nf4", {"keep": "0,1,29"}),
         ("vllm:fp8_per_channel", "vllm", "fp8_per_channel", {}),
         ("vllm:pretrained:/models/awq", "vllm", "pretrained:/models/awq", {}),
         ("gguf:Q4_K_M", "llamacpp", "Q4_K_M", {}),
@@ -40,13 +41,13 @@ def test_every_form_splits_into_backend_body_and_options(text, backend, body, op
 
 def test_options_are_the_backends_own_declaration():
     assert set(get_backend("openai").variant_options) == {"top_logprobs", "weight_gb"}
-    assert get_backend("hf").variant_options == {}
+    assert set(get_backend("hf").variant_options) == {"keep"}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("bnb-nf4?keep=0,1", "unknown option 'keep' in 'bnb-nf4?keep=0,1'; the hf backend's options: none"),
+        ("bnb-nf4?bits=3", "unknown option 'bits' in 'bnb-nf4?bits=3'; the hf backend's options: keep"),
         (
             "vllm:none?kv_cache=fp8",
             "unknown option 'kv_cache' in 'vllm:none?kv_cache=fp8'; the vllm backend's options: none",
@@ -66,9 +67,9 @@ def test_one_error_format_names_the_value_and_the_grammar(text, message):
 
 
 def test_the_command_line_refuses_an_unknown_option_in_one_line_before_loading(tmp_path):
-    result = quantcheck("run", "--quant", "bnb-nf4?keep=0", "--out", str(tmp_path / "run"), timeout=120)
+    result = quantcheck("run", "--quant", "bnb-nf4?bits=3", "--out", str(tmp_path / "run"), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"error: unknown option 'keep' in 'bnb-nf4?keep=0'; the hf backend's options: none ({GRAMMAR})"
+        f"error: unknown option 'bits' in 'bnb-nf4?bits=3'; the hf backend's options: keep ({GRAMMAR})"
     )
     assert not (tmp_path / "run").exists()

@@ -4,7 +4,7 @@ From Python: `quantcheck.compare(variants=[...])` runs what `quantcheck run` run
 `Comparison`; `quantcheck.load(run_dir)` reads a run folder back without torch (see `quantcheck.api`).
 """
 
-from quantcheck.api import Comparison, compare, load
+from quantcheck.api import Comparison, compare, load, sensitivity
 from quantcheck.schema.results import QUANTCHECK_VERSION as __version__
 
-__all__ = ["Comparison", "__version__", "compare", "load"]
+__all__ = ["Comparison", "__version__", "compare", "load", "sensitivity"]

@@ -248,3 +248,40 @@ def run_config(config: RunConfig) -> Comparison:
 def load(run_dir: str | os.PathLike) -> Comparison:
     """A run folder read back (results.json must exist; a partial run loads too), without torch."""
     return Comparison(Path(run_dir), load_results(Path(run_dir)))
+
+
+if TYPE_CHECKING:
+    from quantcheck.schema.sensitivity import SensitivityTable
+
+
+def sensitivity(
+    model: str | os.PathLike | None = None,
+    quant: str = "bnb-nf4",
+    dataset: str | os.PathLike = DEFAULT_DATASET,
+    out: str | os.PathLike | None = None,
+    **options: object,
+) -> SensitivityTable:
+    """Which decoder layers `quant` hurts, and a mixed-precision variant proposed from that and measured, as `quantcheck
+    sensitivity` does: `table.layers` ranked (highest mean KL first), `table.proposals` with predicted and measured KL.
+
+    `options` are the command's other options by name (`limit`, `keep`, `max_kl`, `skip_cost`, `skip_generation`,
+    `batch_size`, `device`, `quiet`, ...). The run folder (`table.run_dir`) holds sensitivity.json beside the measured
+    variants' results.json and report. Bad input raises `QuantcheckError` with one line naming the key.
+    """
+    from pydantic import ValidationError
+
+    from quantcheck.errors import QuantcheckError
+    from quantcheck.orchestration.sensitivity import SensitivityOptions, run_sensitivity
+    from quantcheck.report import render_report
+
+    paths = {"model": model, "dataset": dataset, "out": out}
+    settings = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in paths.items()}
+    try:
+        parsed = SensitivityOptions.model_validate({**settings, "quant": quant, **options})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        message = "unknown option" if problem["type"] == "extra_forbidden" else problem["msg"]
+        raise QuantcheckError(f"{key_path(tuple(problem['loc']))}: {message}") from None
+    table = run_sensitivity(parsed)
+    render_report(Path(table.run_dir))
+    return table

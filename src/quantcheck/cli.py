@@ -5,6 +5,7 @@ Errors the user can fix print one line and exit 2 (130 for Ctrl-C); `--debug` sh
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,27 @@ def run(
     if settings.fail_on and (gate := gate_failure(comparison.results.recommendation, settings.fail_on)):
         console.print(f"[red]--fail-on {settings.fail_on}:[/red] {escape(gate)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _plan(ctx: typer.Context, **params: object) -> None:
+    """Plan a run without loading any model: each model's weight memory and the reference store's size, estimated
+    from config.json; a model over --fit-gb or the free memory is refused (exit 2), as `run` would refuse it."""
+    from quantcheck.orchestration.environment import free_memory
+    from quantcheck.orchestration.runner import plan, plan_lines, prepare_run, refuse_over_budget
+
+    try:
+        settings = _settings(ctx, params["config"])
+        prepared = prepare_run(settings.options())
+        run_plan = plan(prepared)
+        _stdout().print("\n".join(plan_lines(run_plan)), highlight=False, markup=False)
+        refuse_over_budget(run_plan, settings.fit_gb, free_memory(prepared.device))
+    except QuantcheckError as error:
+        _fail(error, bool(params["debug"]))
+
+
+plan_command = functools.wraps(run)(_plan)  # the same options as `run`, read the same way
+plan_command.__doc__ = _plan.__doc__
+app.command("plan")(plan_command)
 
 
 # Each `run` option's key in a config file: its own name at the top level unless listed here.
@@ -510,6 +532,106 @@ def schema() -> None:
     document = Results.model_json_schema()
     document.setdefault("$defs", {})["ItemRecord"] = ItemRecord.model_json_schema()
     print(json.dumps(document, indent=2))
+
+
+@app.command()
+def sensitivity(
+    model: Annotated[
+        str | None, typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")
+    ] = None,
+    quant: Annotated[
+        str,
+        typer.Option("--quant", "-q", help="the method whose layers are ranked: bnb-*, torchao-*, quanto-* or hqq-*"),
+    ] = ...,
+    dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")] = (
+        "mmlu:virology"
+    ),
+    limit: Annotated[int | None, typer.Option(help="score a seeded random sample of N questions")] = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(help="keep the N most sensitive layers (default: as few as bring the KL within --max-kl)"),
+    ] = None,
+    max_kl: Annotated[
+        float, typer.Option(help="largest acceptable mean KL, in nats: what the proposal aims at")
+    ] = 0.05,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="reference precision: float32, bfloat16, float16")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="results folder; the same folder resumes the measured variants")
+    ] = None,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(help="items per forward pass")] = 8,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: physical cores)")] = None,
+    skip_generation: Annotated[bool, typer.Option(help="measured variants: skip generative scoring")] = False,
+    skip_cost: Annotated[bool, typer.Option(help="measured variants: skip memory/latency/throughput")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own Python code")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Rank the decoder layers by how far quantizing each one alone moves the model (exact KL, top-1, answer flips),
+    then propose which to keep at the reference's precision and measure that mixed variant in an ordinary run."""
+    from quantcheck.analysis.format import nats, nats_ci, percent
+    from quantcheck.api import sensitivity as rank_layers
+
+    try:
+        if trust_remote_code:
+            console.print("[yellow]warning:[/yellow] trust_remote_code runs Python code from the model repository")
+        table = rank_layers(
+            model,
+            quant,
+            dataset,
+            out,
+            limit=limit,
+            keep=keep,
+            max_kl=max_kl,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            batch_size=batch_size,
+            threads=threads,
+            skip_generation=skip_generation,
+            skip_cost=skip_cost,
+            force=force,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            quiet=quiet,
+        )
+    except QuantcheckError as error:
+        _fail(error, debug)
+    stdout = _stdout()
+    ranking = Table(title=f"{table.method}: one decoder layer quantized at a time ({table.items} questions, exact KL)")
+    for column in ("rank", "layer", "mean KL (95% CI)", "top-1 agree", "answer flips"):
+        ranking.add_column(column)
+    for rank, layer in enumerate(table.layers, 1):
+        ranking.add_row(
+            str(rank),
+            escape(layer.name),
+            nats_ci(layer.kl.value, layer.kl.ci),
+            percent(layer.top1_agreement),
+            str(layer.answer_flips),
+        )
+    stdout.print(ranking)
+    whole = table.measured_variant_kl
+    stdout.print(
+        f"{table.method} whole: predicted mean KL {nats(table.predicted_variant_kl)} (the layers' sum), measured "
+        f"{nats_ci(whole.value, whole.ci) if whole else 'not measured'}",
+        highlight=False,
+    )
+    for proposal in table.proposals:
+        measured = nats_ci(proposal.measured_kl.value, proposal.measured_kl.ci) if proposal.measured_kl else "not run"
+        stdout.print(
+            f"[bold]{escape(proposal.variant)}[/bold] ({escape(proposal.rule)}): predicted mean KL "
+            f"{nats(proposal.predicted_kl)}, measured {measured}; "
+            f"KL check {proposal.kl_check or '-'}, verdict {proposal.decision or '-'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        stdout.print(f"  serve it with: {escape(proposal.serve)}", highlight=False, soft_wrap=True)
+    stdout.print(f"sensitivity: {Path(table.run_dir) / 'sensitivity.json'}", highlight=False)
+    if not quiet:
+        _print_files(Path(table.run_dir))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from quantcheck.analysis import format as fmt
 from quantcheck.analysis.verdict import RERUN_ADVICE, noisier_floor
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
+    GIB,
     Estimate,
     Interval,
     ModelResult,
@@ -25,9 +26,6 @@ from quantcheck.schema.results import (
     Results,
     Standing,
 )
-
-GIB = 2**30
-"""--fit-gb is in GiB, as every other memory size the tool takes (`weight_gb`, `--max-memory-gb`)."""
 
 MEMORY_TIE = 0.01
 """Weight memory is counted exactly, but two variants within 1 % of each other save the same memory in practice."""

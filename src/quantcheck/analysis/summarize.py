@@ -44,6 +44,7 @@ from quantcheck.schema.results import (
     SamplingFloor,
     Thresholds,
     TokenAgreement,
+    WeightPlan,
     WindowRecord,
     undisturbed_rounds,
 )
@@ -616,6 +617,7 @@ def summarize(
     extra_warnings: list[RunWarning],
     expected: dict[str, bool],
     cost_pending: bool = False,
+    planned: dict[str, WeightPlan] | None = None,
 ) -> Results:
     """Build `results.json` and the merged `items.jsonl` from whatever the folder holds now. `descriptions`: each
     model's name to what its engine says it is (`backends.variants.describe`), so that reading a run needs no engine.
@@ -646,6 +648,7 @@ def summarize(
             cost_rounds,
             (len(windows[spec.name]) if expected.get("corpus") else 0, dataset.n_items),
         )
+        result.planned_weights = (planned or {}).get(spec.name)
         results.models.append(result)
         per_model[spec.name] = (quality, generated)
         merged.extend(_merge_records(quality, generated, item_ids))

@@ -26,9 +26,12 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from quantcheck.errors import QuantMethodError
+from quantcheck.models.plan import Footprint, ModelShape, checkpoint_footprint, read_config
+from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,6 +50,8 @@ class MethodInfo:
     devices: frozenset[str]
     requires: tuple[str, ...] = ()  # importable module names, in the interpreter the backend runs under
     install: str = ""
+    footprint: Footprint | None = None
+    """How it stores the weights, for the plan made before loading (`models.plan`); None: not planned."""
 
     def check_runnable(self, device: str, backend: str) -> None:
         """Refuse before any model loads: a method that does not run on this device."""
@@ -110,6 +115,22 @@ class Backend(ABC):
                 f"the {cls.name} backend needs {cls.engine_package}, which is not installed: {cls.install_hint}"
             )
         return sys.executable
+
+    @classmethod
+    def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
+        """The model's weight bytes planned from its config.json (an estimate), or why there is no plan: a
+        pre-quantized checkpoint by its `quantization_config`, a method by its footprint."""
+        if spec.checkpoint:
+            config = read_config(Path(spec.weights))
+            footprint = checkpoint_footprint(config) if config else None
+            if footprint is None:
+                return WeightPlan(bytes=None, basis="a checkpoint whose quantization_config this plan does not know")
+            planned = ModelShape.from_config(config).weight_bytes(footprint, dtype_bytes)
+            return WeightPlan(bytes=planned, basis=f"its {config['quantization_config']['quant_method']} config")
+        footprint = cls.method_info(spec.method).footprint
+        if footprint is None:
+            return WeightPlan(bytes=None, basis=f"{cls.name}:{spec.method} has no weight plan")
+        return WeightPlan(bytes=shape.weight_bytes(footprint, dtype_bytes), basis=footprint.describe())
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:

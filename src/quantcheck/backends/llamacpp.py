@@ -37,11 +37,13 @@ from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
+from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
     from quantcheck.cost.memory import PeakMemoryTracker
     from quantcheck.cost.scenario import CostSettings, MemoryScope
     from quantcheck.cost.timing import Clock
+    from quantcheck.models.plan import ModelShape
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
@@ -356,6 +358,12 @@ class LlamaCppBackend(Backend):
             checkpoint=True,
             tokenizer=reference_weights,
         )
+
+    @classmethod
+    def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
+        """Not planned: llama-quantize picks each tensor's type by its row width (the built-in model's 576-wide rows
+        take Q5_0 or Q8_0 under Q4_K_M), so a bits-per-weight figure would mislead; the measured size is exact."""
+        return WeightPlan(bytes=None, basis="llama.cpp picks each tensor's type by its shape: measured, not planned")
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:

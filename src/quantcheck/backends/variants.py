@@ -2,6 +2,7 @@
 
 Syntax (shown by `quantcheck quants`):
     --quant METHOD                  a transformers recipe (`hf:METHOD` says the same)
+    --quant METHOD?keep=0,1,29      ... with those decoder layers at the reference's precision (mixed precision)
     --quant pretrained:PATH         a checkpoint someone else quantized, loaded by transformers
     --quant vllm:METHOD             the reference's weights quantized by vLLM at load (`vllm:none`: unquantized)
     --quant vllm:pretrained:PATH    a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, fp8) in vLLM
@@ -23,6 +24,7 @@ from urllib.parse import parse_qsl
 
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
+from quantcheck.models.quant_methods import split_mixed
 from quantcheck.schema.jobs import EngineSettings
 from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
 
@@ -171,5 +173,7 @@ def describe(spec: ModelSpec) -> str:
         return f"the reference model at its recorded precision ({spec.backend})"
     if spec.checkpoint:
         return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
-    method = get_backend(spec.backend).methods()[spec.method]
-    return method.description if spec.backend == "hf" else f"{method.description} [{spec.backend}]"
+    name, keep = split_mixed(spec.method)
+    method = get_backend(spec.backend).methods()[name]
+    kept = f", decoder layers {', '.join(map(str, keep))} kept at the reference's precision" if keep else ""
+    return method.description + kept if spec.backend == "hf" else f"{method.description} [{spec.backend}]"

@@ -32,6 +32,7 @@ import numpy as np
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
+from quantcheck.models.plan import CAST_16, Footprint
 
 if TYPE_CHECKING:
     from quantcheck.cost.memory import PeakMemoryTracker
@@ -61,13 +62,19 @@ _CUDA = frozenset({"cuda"})
 METHODS: dict[str, VllmMethod] = {
     method.name: method
     for method in (
-        VllmMethod("none", "the reference's weights and precision in vLLM (the engine-difference floor)", _CPU_CUDA),
-        VllmMethod("bf16", "cast to bfloat16 in vLLM", _CPU_CUDA, dtype="bfloat16"),
-        VllmMethod("fp16", "cast to float16 in vLLM", _CUDA, dtype="float16"),
+        VllmMethod(
+            "none",
+            "the reference's weights and precision in vLLM (the engine-difference floor)",
+            _CPU_CUDA,
+            footprint=Footprint(bits=0),
+        ),
+        VllmMethod("bf16", "cast to bfloat16 in vLLM", _CPU_CUDA, footprint=CAST_16, dtype="bfloat16"),
+        VllmMethod("fp16", "cast to float16 in vLLM", _CUDA, footprint=CAST_16, dtype="float16"),
         VllmMethod(
             "fp8_per_channel",
             "vLLM's CPU fp8 weights, per-channel scales, bf16 compute",
             frozenset({"cpu"}),
+            footprint=Footprint(bits=8, row_bytes=4),
             quantization="fp8_per_channel",
             dtype="bfloat16",
         ),
@@ -75,6 +82,7 @@ METHODS: dict[str, VllmMethod] = {
             "fp8",
             "vLLM dynamic fp8 (weights quantized at load, fp8 GEMMs)",
             _CUDA,
+            footprint=Footprint(bits=8),
             quantization="fp8",
             dtype="bfloat16",
         ),
@@ -82,6 +90,7 @@ METHODS: dict[str, VllmMethod] = {
             "bitsandbytes",
             "bitsandbytes 4-bit quantized by vLLM at load",
             _CUDA,
+            footprint=Footprint(bits=4, group=64, group_bytes=4),
             quantization="bitsandbytes",
             dtype="bfloat16",
         ),

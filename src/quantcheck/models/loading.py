@@ -8,6 +8,7 @@ a model with offloaded or meta parameters is refused unless the user asked for o
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from quantcheck.models.quant_methods import LoadRequest, QuantMethod
 from quantcheck.schema.results import ModelInfo, PrecisionInfo
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -169,3 +171,55 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@dataclass(frozen=True)
+class DecoderStack:
+    """A causal LM's decoder layers, final norm and output head, with the name the model gives its layers' list."""
+
+    prefix: str  # "model.layers": layer i is the module `f"{prefix}.{i}"`
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    head: torch.nn.Module
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}.{index}"
+
+
+def decoder_stack(model: PreTrainedModel) -> DecoderStack:
+    """Where the decoder layers are: `get_decoder().layers` and `.norm`, as in Llama, Mistral, Qwen, Gemma and
+    SmolLM; another layout is refused in one line."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    head = model.get_output_embeddings()
+    if layers is None or norm is None or head is None:
+        raise QuantcheckError(
+            f"{type(model).__name__} keeps its decoder layers elsewhere than get_decoder().layers and .norm: "
+            "per-layer sensitivity and keep= need a Llama-style layout"
+        )
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return DecoderStack(prefix, layers, norm, head)
+
+
+def decoder_layer_count(folder: Path) -> int:
+    """The number of decoder layers, read from config.json (no torch): what keep= indices are checked against."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    count = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+    if not isinstance(count, int):
+        raise QuantcheckError(f"{folder}/config.json gives no num_hidden_layers: its decoder layers cannot be named")
+    return count
+
+
+def kept_modules(path: str, keep: tuple[int, ...], trust_remote_code: bool = False) -> tuple[str, ...]:
+    """The modules a mixed-precision variant leaves at the reference's precision, by the model's own names: the output
+    head (naming any module replaces transformers' default skip of it) and the kept decoder layers. Read from the
+    architecture built on the meta device, so nothing is loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    stack = decoder_stack(model)
+    head = next(name for name, module in model.named_modules() if module is stack.head)
+    return (head, *(stack.name(index) for index in sorted(keep)))

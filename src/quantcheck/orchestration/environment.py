@@ -63,3 +63,14 @@ def _nvidia_driver() -> str | None:
         return version.decode() if isinstance(version, bytes) else version
     except Exception:  # NVML missing or unusable: the driver is then unknown, not an error
         return None
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free for a model's weights now: the GPU's free memory, or the machine's available memory on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available

@@ -8,31 +8,38 @@ recorded and the others go on; finished work on disk is never recomputed.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
+from quantcheck.analysis import format as fmt
 from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
 from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, is_corpus, load_corpus, scored_count
 from quantcheck.data.items import Dataset
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
 from quantcheck.errors import QuantcheckError
+from quantcheck.models.loading import ResolvedModel
+from quantcheck.models.plan import DTYPE_BYTES, ModelShape, read_config
 from quantcheck.orchestration.launcher import Launcher
 from quantcheck.orchestration.progress import ProgressView
 from quantcheck.schema.jobs import EngineSettings, JobSpec
 from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
 from quantcheck.schema.results import (
+    GIB,
     QUANTCHECK_VERSION,
     SCORES_VERSION,
     DatasetInfo,
     ItemRecord,
     Preference,
     Results,
+    RunPlan,
     RunWarning,
     Thresholds,
+    WeightPlan,
     WindowRecord,
 )
 from quantcheck.storage.folder import RunFolder
@@ -98,18 +105,27 @@ def run(options: RunOptions) -> tuple[Path, Results]:
         return _experiment(options, launcher, held)  # the launcher starts no fork server for a cost-only run
 
 
-def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tuple[Path, Results]:
-    """The run; `held` keeps the run folder's lock until the run ends."""
-    from quantcheck.backends.variants import (
-        SAMPLING_FLOOR_SEED_OFFSET,
-        check_specs,
-        describe,
-        floor_specs,
-        reference_spec,
-        variant_spec,
-    )
+@dataclass
+class Prepared:
+    """A run checked and resolved before any model loads: everything `plan` and the run itself start from."""
+
+    options: RunOptions
+    model: ResolvedModel
+    models: list[ModelSpec]
+    corpus_job: CorpusJob | None
+    dataset: Dataset | TextCorpus | PromptSet
+    device: str
+    dtype: str
+    floors: list[ModelSpec]
+    threads: int
+    cost_settings: dict[str, object] | None
+    unmeasured_cost: bool
+
+
+def prepare_run(options: RunOptions) -> Prepared:
+    """Every check that can fail on the user's input, and what the run will load, without loading any model."""
+    from quantcheck.backends.variants import check_specs, floor_specs, reference_spec, variant_spec
     from quantcheck.models.loading import DTYPES, default_dtype, pick_device, resolve_model
-    from quantcheck.orchestration.environment import describe_environment
 
     _validate(options)
     model = resolve_model(options.model, options.allow_pickle)
@@ -142,6 +158,92 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
+    return Prepared(
+        options, model, models, corpus_job, dataset, device, dtype, floors, threads, cost_settings, unmeasured_cost
+    )
+
+
+PLAN_TOLERANCE = 0.10
+"""How far a plan may be off the measured weights (tests/test_plan.py holds it): a variant is refused before loading
+only when even its plan less this much exceeds the budget."""
+
+
+def plan(prepared: Prepared) -> RunPlan:
+    """The weight memory of every model and the reference store's size, planned from config.json alone: estimates."""
+    from quantcheck.backends import get_backend
+    from quantcheck.storage.store import open_reference_store
+
+    config = read_config(prepared.model.path)
+    shape = ModelShape.from_config(config) if config else None
+    dtype_bytes = DTYPE_BYTES[prepared.dtype]
+    weights = {
+        spec.name: get_backend(spec.backend).plan_weights(spec, shape, dtype_bytes)
+        if shape
+        else WeightPlan(bytes=None, basis="the model folder has no config.json to plan from")
+        for spec in prepared.models
+    }
+    store, store_basis = None, "a text or prompts run: its rows are known once the text is tokenized"
+    if isinstance(prepared.dataset, Dataset) and shape is not None:
+        rows = len(prepared.dataset.items)
+        store = open_reference_store(Path("."), prepared.options.store).bytes_per_row(shape.vocab) * rows
+        store_basis = f"{rows} questions, {prepared.options.store.kind} store, the config's {shape.vocab} tokens"
+    return RunPlan(
+        weights=weights, store_bytes=store, store_basis=store_basis, device=prepared.device, dtype=prepared.dtype
+    )
+
+
+def refuse_over_budget(run_plan: RunPlan, fit_gb: float | None, free_bytes: int | None) -> None:
+    """Refuse, before any load, a model whose planned weights exceed --fit-gb or the device's free memory."""
+    for name, planned in run_plan.weights.items():
+        if planned.bytes is None:
+            continue
+        floor = planned.bytes * (1 - PLAN_TOLERANCE)
+        if fit_gb is not None and name != "reference" and floor > fit_gb * GIB:
+            raise QuantcheckError(
+                f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate, {planned.basis}), above "
+                f"--fit-gb {fit_gb:g}: leave it out, or raise --fit-gb"
+            )
+        if free_bytes is not None and floor > free_bytes:
+            raise QuantcheckError(
+                f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate), more than the "
+                f"{fmt.nbytes(free_bytes)} free on {run_plan.device}: free memory, or use a smaller variant"
+            )
+
+
+def plan_lines(run_plan: RunPlan) -> list[str]:
+    """The plan as the first lines of a run (and all of `quantcheck plan`), each number named an estimate."""
+    lines = [f"plan (estimates from config.json, before loading; {run_plan.dtype} on {run_plan.device}):"]
+    for name, planned in run_plan.weights.items():
+        size = fmt.nbytes(planned.bytes) if planned.bytes is not None else "not planned"
+        lines.append(f"  {name}: weights {size} ({planned.basis})")
+    store = fmt.nbytes(run_plan.store_bytes) if run_plan.store_bytes is not None else "not planned"
+    lines.append(f"  reference store on disk: {store} ({run_plan.store_basis})")
+    return lines
+
+
+def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tuple[Path, Results]:
+    """The run; `held` keeps the run folder's lock until the run ends."""
+    from quantcheck.backends.variants import SAMPLING_FLOOR_SEED_OFFSET, describe
+    from quantcheck.orchestration.environment import describe_environment, free_memory
+
+    prepared = prepare_run(options)
+    options, model, models, corpus_job, dataset = (
+        prepared.options,
+        prepared.model,
+        prepared.models,
+        prepared.corpus_job,
+        prepared.dataset,
+    )
+    device, dtype, floors, threads, cost_settings = (
+        prepared.device,
+        prepared.dtype,
+        prepared.floors,
+        prepared.threads,
+        prepared.cost_settings,
+    )
+    unmeasured_cost, corpus = prepared.unmeasured_cost, prepared.corpus_job is not None
+    run_plan = plan(prepared)
+    refuse_over_budget(run_plan, options.fit_gb, free_memory(device))
     # Imported once the input is known good (scipy takes seconds), while the fork server still imports torch.
     from quantcheck.analysis.summarize import early_findings, summarize
 
@@ -158,6 +260,8 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     view = ProgressView(options.quiet)
     if lock.took_over:
         view.line(f"[yellow]{escape(lock.took_over)}[/yellow]")
+    for line in plan_lines(run_plan):
+        view.line(escape(line))
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
@@ -244,6 +348,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
                 "corpus": options.loglik and corpus,
             },
             cost_pending=cost_pending,
+            planned=run_plan.weights,
         )
 
     n_items = 0 if corpus else len(dataset.items)

@@ -25,6 +25,9 @@ try:
 except importlib.metadata.PackageNotFoundError:  # the source tree on sys.path without an install
     QUANTCHECK_VERSION = "unknown"
 
+GIB = 2**30
+"""Every memory size the tool takes is in GiB (--fit-gb, weight_gb, --max-memory-gb)."""
+
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
 Phase = Literal["loglik", "generation", "cost", "corpus"]
 Outcome = Literal["pass", "fail", "unclear"]
@@ -603,6 +606,24 @@ class SamplingComparison(BaseModel):
     )
 
 
+class WeightPlan(BaseModel):
+    """A model's weight memory planned before loading, from its config.json and its method's storage alone: an estimate,
+    shown beside the measured `cost.weights` once the run has measured them."""
+
+    bytes: int | None = Field(description="the estimate; None: no plan for this engine or format (`basis` says why)")
+    basis: str = Field(description="how it was planned, or why it was not")
+
+
+class RunPlan(BaseModel):
+    """What a run will take, planned before any model loads (`quantcheck plan`, and a run's first lines)."""
+
+    weights: dict[str, WeightPlan]
+    store_bytes: int | None = Field(description="the reference store's size on disk (an estimate)")
+    store_basis: str
+    device: str
+    dtype: str
+
+
 class ModelResult(BaseModel):
     """Everything measured for one model: the reference or one quantized variant."""
 
@@ -638,6 +659,7 @@ class ModelResult(BaseModel):
     )
     cost: ModelCost | None = None
     cost_vs_reference: CostComparison | None = None
+    planned_weights: WeightPlan | None = Field(None, description="schema 7: the weight memory planned before loading")
     verdict: Verdict | None = None
 
 

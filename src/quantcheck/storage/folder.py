@@ -47,6 +47,16 @@ class RunFolder:
         return self.root / "prompts.jsonl"
 
     @property
+    def sensitivity_file(self) -> Path:
+        """`quantcheck sensitivity`'s per-layer table and its measured mixed-precision proposals."""
+        return self.root / "sensitivity.json"
+
+    @property
+    def sensitivity_log(self) -> Path:
+        """What the libraries printed while `quantcheck sensitivity` loaded its two models in its own process."""
+        return self.root / "sensitivity.log"
+
+    @property
     def reference_dir(self) -> Path:
         return self.root / "reference"
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from quantcheck.backends.base import Backend, MethodInfo
-from quantcheck.models.quant_methods import REGISTRY, LoadRequest, QuantMethod
-from quantcheck.schema.results import EngineInfo
+from quantcheck.errors import QuantcheckError
+from quantcheck.models.quant_methods import MIXED_OPTION, REGISTRY, LoadRequest, QuantMethod, mixed_method, split_mixed
+from quantcheck.schema.results import EngineInfo, WeightPlan
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from quantcheck.cost.memory import PeakMemoryTracker
     from quantcheck.cost.scenario import CostSettings, MemoryScope
     from quantcheck.cost.timing import Clock
+    from quantcheck.models.plan import ModelShape
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
     from quantcheck.schema.results import GenerationCost, GenerationSettings, WeightMemory
@@ -54,12 +56,46 @@ class HFBackend(Backend):
     engine_package = "transformers"
     install_hint = "pip install transformers"
     scores_text = True
+    variant_options = {
+        MIXED_OPTION: "decoder layers left at the reference's precision, by index (keep=0,1,29): "
+        "a mixed-precision variant, as `quantcheck sensitivity` proposes"
+    }
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
         return {
-            name: MethodInfo(m.name, m.description, m.devices, m.requires, m.install) for name, m in REGISTRY.items()
+            name: MethodInfo(m.name, m.description, m.devices, m.requires, m.install, m.footprint)
+            for name, m in REGISTRY.items()
         }
+
+    @classmethod
+    def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+        """`METHOD?keep=0,1,29`: the method with those decoder layers left out, checked against the model's layer
+        count; its name (and method) is that spelling with the indices sorted."""
+        if MIXED_OPTION not in options:
+            return None
+        from quantcheck.models.loading import decoder_layer_count
+        from quantcheck.schema.models import ModelSpec
+
+        if body.startswith("pretrained:"):
+            raise QuantcheckError(
+                f"{body} was quantized elsewhere and cannot keep layers: {MIXED_OPTION}= takes a method of "
+                "`quantcheck quants`"
+            )
+        REGISTRY[cls.method_info(body).name].check_keeps()  # an unknown method lists the valid ones
+        keep = parse_keep(options[MIXED_OPTION], decoder_layer_count(reference_weights))
+        name = mixed_method(body, keep)
+        return ModelSpec(name=name, role="variant", backend=cls.name, method=name, weights=reference_weights)
+
+    @classmethod
+    def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
+        """A mixed-precision variant: its method's plan with the kept layers at the reference's precision."""
+        method, keep = split_mixed(spec.method)
+        if spec.checkpoint or not keep:
+            return super().plan_weights(spec, shape, dtype_bytes)
+        footprint = REGISTRY[method].footprint
+        planned = shape.weight_bytes(footprint, dtype_bytes, kept_layers=len(keep)) if footprint else None
+        return WeightPlan(bytes=planned, basis=f"{footprint.describe() if footprint else method}, {len(keep)} kept")
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
@@ -69,9 +105,10 @@ class HFBackend(Backend):
         super().__init__(job)
         import torch
 
-        from quantcheck.models.loading import load_tokenizer
+        from quantcheck.models.loading import kept_modules, load_tokenizer
 
         self.method = _recipe(self.spec)
+        keep = () if self.spec.checkpoint else split_mixed(self.spec.method)[1]
         self.request = LoadRequest(
             path=self.spec.weights,
             device=job.device,
@@ -79,6 +116,7 @@ class HFBackend(Backend):
             trust_remote_code=job.trust_remote_code,
             allow_offload=job.allow_offload,
             allow_pickle=job.allow_pickle,
+            keep=kept_modules(self.spec.weights, keep, job.trust_remote_code) if keep else (),
         )
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.model = None
@@ -229,13 +267,30 @@ class HFBackend(Backend):
 
 
 def _recipe(spec: ModelSpec) -> QuantMethod:
-    """The registry's recipe; a pre-quantized checkpoint loads as saved (the `none` recipe on its own folder)."""
+    """The registry's recipe (of a mixed variant: its method's); a pre-quantized checkpoint loads as saved (the `none`
+    recipe on its own folder)."""
     if spec.checkpoint:
         return REGISTRY["none"]
-    if spec.method not in REGISTRY:
-        HFBackend.method_info(spec.method)  # raises with the valid names
-    return REGISTRY[spec.method]
+    method = split_mixed(spec.method)[0]
+    if method not in REGISTRY:
+        HFBackend.method_info(method)  # raises with the valid names
+    return REGISTRY[method]
+
+
+def parse_keep(text: str, layers: int) -> tuple[int, ...]:
+    """keep=0,1,29 as sorted distinct indices, each an integer below the model's `layers`; anything else is one line."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise QuantcheckError(
+            f"{MIXED_OPTION}={text}: give decoder layer indices as whole numbers joined by ',' (keep=0,1,29)"
+        )
+    keep = tuple(sorted({int(part) for part in parts}))
+    if keep[-1] >= layers:
+        raise QuantcheckError(
+            f"{MIXED_OPTION}={text}: layer {keep[-1]} does not exist; the model's decoder layers are 0..{layers - 1}"
+        )
+    return keep
 
 
 BACKEND = HFBackend
-__all__ = ["BACKEND", "HFBackend", "answer_position_logprobs"]
+__all__ = ["BACKEND", "HFBackend", "answer_position_logprobs", "parse_keep"]

@@ -49,8 +49,10 @@ from quantcheck.backends.openai.client import (
 )
 from quantcheck.errors import QuantcheckError
 from quantcheck.schema.models import Endpoint
+from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
+    from quantcheck.models.plan import ModelShape
     from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
@@ -282,6 +284,14 @@ class OpenAIBackend(Backend):
         """`url:URL[#MODEL][?top_logprobs=K]`: the reference's folder gives the tokenizer, the chat template and the
         stop tokens."""
         return endpoint_spec(rest, options, "variant", reference_weights)
+
+    @classmethod
+    def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
+        """A server's memory is its own: only what the user stated (weight_gb) stands for it."""
+        stated = spec.endpoint.stated_weight_bytes if spec.endpoint else None
+        if stated is None:
+            return WeightPlan(bytes=None, basis="a server's weights: not visible from a client (state weight_gb)")
+        return WeightPlan(bytes=stated, basis="as stated (weight_gb), not planned")
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:

@@ -1,0 +1,275 @@
+"""`quantcheck sensitivity`: which decoder layers a method hurts, then a mixed-precision variant proposed from that
+ranking and measured like any other variant.
+
+1. Every check that needs no model: the method can leave layers out, --keep fits the model, the data set is questions.
+2. The per-layer scoring (`scoring.sensitivity`) in this process: the reference and the quantized model loaded once,
+   each layer quantized alone, ranked on exact KL over the reference's full rows.
+3. The proposal (`propose_keep`) and the plain method run through the ordinary runner into one run folder, with the
+   full reference store so that their KL is exact like the ranking's: accuracy, KL, flips, cost and verdict beside the
+   prediction are all measured. A proposal whose measured mean KL is above --max-kl is followed by the next one (one
+   more layer kept), up to `MAX_TRIES` in all; --keep N is measured as asked.
+4. sensitivity.json in the run folder after every measurement.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from quantcheck.data.chats import is_prompts
+from quantcheck.data.corpus import is_corpus
+from quantcheck.data.items import Item
+from quantcheck.data.load import DEFAULT_DATASET, load_dataset
+from quantcheck.errors import QuantcheckError, QuantMethodError, ResultsFolderError
+from quantcheck.models.quant_methods import REGISTRY, LoadRequest, QuantMethod, mixed_method
+from quantcheck.orchestration.progress import ProgressView
+from quantcheck.orchestration.runner import RunOptions, default_out_dir, run
+from quantcheck.schema.models import GenerationOptions
+from quantcheck.schema.results import ModelResult, Thresholds
+from quantcheck.schema.sensitivity import LayerSensitivity, Proposal, SensitivityTable
+from quantcheck.storage.folder import RunFolder
+from quantcheck.storage.store import StoreSettings, write_json_atomic, write_text_atomic
+
+MAX_TRIES = 3
+"""Proposals measured at most: the first, and up to two more that each keep one more layer."""
+
+
+class SensitivityOptions(BaseModel):
+    """What `quantcheck sensitivity` and `quantcheck.sensitivity()` take."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    quant: str = Field(description="a transformers method that can leave layers out: bnb-*, torchao-*, quanto-*, hqq-*")
+    dataset: str = DEFAULT_DATASET
+    limit: PositiveInt | None = None
+    keep: PositiveInt | None = Field(None, description="keep the N most sensitive layers (default: by --max-kl)")
+    max_kl: float = Field(0.05, ge=0)
+    device: str = "auto"
+    dtype: str | None = None
+    out: Path | None = None
+    seed: int = 0
+    batch_size: PositiveInt = 8
+    threads: PositiveInt | None = None
+    skip_generation: bool = False
+    skip_cost: bool = False
+    force: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    quiet: bool = False
+
+    def run_options(self, quants: list[str], out: Path) -> RunOptions:
+        """The ordinary run of the plain method and the proposals, with the reference's full rows stored."""
+        return RunOptions(
+            model=self.model,
+            quants=quants,
+            dataset=self.dataset,
+            limit=self.limit,
+            device=self.device,
+            dtype=self.dtype,
+            out=out,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            store=StoreSettings(kind="full"),
+            threads=self.threads,
+            generation=None if self.skip_generation else GenerationOptions(),
+            cost=not self.skip_cost,
+            thresholds=Thresholds(max_mean_kl=self.max_kl),
+            force=self.force,
+            trust_remote_code=self.trust_remote_code,
+            allow_pickle=self.allow_pickle,
+            quiet=self.quiet,
+        )
+
+
+def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
+    """Rank the layers, then propose and measure mixed-precision variants; the table is RUN_DIR/sensitivity.json."""
+    from quantcheck.models.loading import DTYPES, decoder_layer_count, pick_device, resolve_model
+
+    method = _method(options.quant)
+    model = resolve_model(options.model, options.allow_pickle)
+    layer_count = decoder_layer_count(model.path)
+    if options.keep is not None and options.keep > layer_count:
+        raise QuantcheckError(
+            f"--keep {options.keep} is more than the model's {layer_count} decoder layers: give 1..{layer_count}"
+        )
+    if is_corpus(options.dataset) or is_prompts(options.dataset):
+        raise QuantcheckError(
+            "sensitivity scores questions (mmlu:..., a .csv or .jsonl file), not text: or prompts: data sets"
+        )
+    dataset = load_dataset(options.dataset, options.limit, options.seed)
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    out = options.out or default_out_dir()
+    _check_out(out, options.force)
+    device = pick_device(options.device)
+    method.check_runnable(device)
+    view = ProgressView(options.quiet)
+    request = _request(options, str(model.path), device)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "sensitivity.log"
+        layers, seconds = _score(options, method, request, dataset.items, log, view)
+        view.line(f"{method.name}: {len(layers)} decoder layers scored one at a time in {seconds:.0f} s")
+        table = SensitivityTable(
+            model=model.name,
+            method=method.name,
+            dataset=dataset.spec,
+            items=len(dataset.items),
+            run_dir=str(out),
+            max_kl=options.max_kl,
+            seconds=seconds,
+            layers=layers,
+            predicted_variant_kl=sum(layer.kl.value for layer in layers),
+        )
+        _measure(options, method, request, table, layer_count, out, view)
+        write_text_atomic(RunFolder(out).sensitivity_log, log.read_text(errors="replace"))
+    return table
+
+
+def _request(options: SensitivityOptions, path: str, device: str) -> LoadRequest:
+    import torch
+
+    from quantcheck.models.loading import default_dtype
+
+    return LoadRequest(
+        path=path,
+        device=device,
+        dtype=getattr(torch, options.dtype or default_dtype(device)),
+        trust_remote_code=options.trust_remote_code,
+        allow_pickle=options.allow_pickle,
+    )
+
+
+def _method(text: str) -> QuantMethod:
+    """The transformers method named by --quant, refused in one line when it cannot leave a layer out."""
+    from quantcheck.backends.variants import parse_variant_text
+
+    variant = parse_variant_text(text)
+    if variant.backend != "hf" or variant.options or variant.body not in REGISTRY:
+        if variant.backend == "llamacpp":
+            raise QuantMethodError(
+                f"{text}: a GGUF has no in-place layer swap, so per-layer sensitivity is not measured for llama.cpp "
+                "yet: give a transformers method (bnb-*, torchao-*, quanto-*, hqq-*)"
+            )
+        if variant.backend == "hf" and not variant.options:
+            from quantcheck.backends import get_backend
+
+            get_backend("hf").method_info(variant.body)  # an unknown method lists the valid ones
+        raise QuantMethodError(
+            f"{text}: sensitivity takes one transformers method without options (bnb-*, torchao-*, quanto-*, hqq-*)"
+        )
+    method = REGISTRY[variant.body]
+    method.check_keeps()
+    return method
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Before minutes of scoring: a folder that is neither empty nor a run is refused as the runner would refuse it."""
+    if out.is_dir() and any(out.iterdir()) and not RunFolder(out).run_file.exists() and not force:
+        raise ResultsFolderError(
+            f"{out} is not empty and is not a quantcheck run: choose another --out, or pass --force"
+        )
+
+
+def _score(
+    options: SensitivityOptions,
+    method: QuantMethod,
+    request: LoadRequest,
+    items: tuple[Item, ...],
+    log: Path,
+    view: ProgressView,
+) -> tuple[list[LayerSensitivity], float]:
+    """Load the two models once (their libraries' output to `log`), then score every layer; the scoring's seconds."""
+    import torch
+
+    from quantcheck.cost.scenario import default_threads
+    from quantcheck.models.builtin import output_to
+    from quantcheck.models.loading import load_tokenizer
+    from quantcheck.scoring.loglik import encode_items, model_batches
+    from quantcheck.scoring.sensitivity import load_pair, score_layers
+
+    torch.set_num_threads(options.threads or default_threads())
+    tokenizer = load_tokenizer(request.path, options.trust_remote_code)
+    encoded = encode_items(tokenizer, items)
+    view.line(f"loading the reference and {method.name}, once each")
+    with output_to(log):
+        reference, quantized = load_pair(method, request)
+    steps = sum(1 for _ in model_batches(encoded, options.batch_size)) * len(reference.get_decoder().layers)
+    started = time.perf_counter()
+    with view, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bnb int8 warns on every forward that it casts its inputs
+        view.start_job(method.name)
+        view.handle({"event": "phase", "phase": "one layer at a time", "total": steps})
+        ranked = score_layers(
+            reference,
+            quantized,
+            items,
+            encoded,
+            batch_size=options.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            seed=options.seed,
+            on_step=lambda: view.handle({"event": "advance"}),
+        )
+    return ranked, time.perf_counter() - started
+
+
+def _measure(
+    options: SensitivityOptions,
+    method: QuantMethod,
+    request: LoadRequest,
+    table: SensitivityTable,
+    layer_count: int,
+    out: Path,
+    view: ProgressView,
+) -> None:
+    """Propose, run the plain method and the proposals so far through the runner (resuming what is finished), and go
+    on while the measured mean KL is above --max-kl (the greedy rule only, up to MAX_TRIES proposals)."""
+    from quantcheck.models.loading import kept_modules
+    from quantcheck.scoring.sensitivity import propose_keep
+
+    count = options.keep
+    for _ in range(MAX_TRIES):
+        keep, predicted = propose_keep(table.layers, options.max_kl, count)
+        variant = mixed_method(method.name, tuple(keep))
+        if options.keep is not None:
+            rule = f"--keep {count}: the {count} layers of highest mean KL"
+        elif not table.proposals:
+            rule = f"greedy: the highest-KL layers kept until the others' mean KL sums to at most {options.max_kl}"
+        else:
+            rule = "the previous proposal measured above --max-kl: one more layer kept"
+        kept = kept_modules(request.path, tuple(keep), request.trust_remote_code) if keep else ()
+        proposal = Proposal(
+            keep=keep,
+            variant=variant,
+            rule=rule,
+            predicted_kl=predicted,
+            serve=method.serve(replace(request, keep=kept)),
+        )
+        table.proposals.append(proposal)
+        view.line(f"proposal: {variant}, predicted mean KL {predicted:.4g} nats: measuring it")
+        quants = list(dict.fromkeys([method.name, *(measured.variant for measured in table.proposals)]))
+        _, results = run(options.run_options(quants, out))
+        by_name = {result.name: result for result in results.models}
+        _record(proposal, by_name.get(variant), options.max_kl)
+        plain = by_name.get(method.name)
+        table.measured_variant_kl = plain.agreement.kl.mean if plain and plain.agreement else None
+        write_json_atomic(RunFolder(out).sensitivity_file, table)
+        if options.keep is not None or proposal.within_max_kl is not False or len(keep) == layer_count:
+            return
+        count = len(keep) + 1
+
+
+def _record(proposal: Proposal, result: ModelResult | None, max_kl: float) -> None:
+    """The measured numbers beside the prediction (none where the variant failed to run)."""
+    if result is None or result.agreement is None:
+        return
+    proposal.measured_kl = result.agreement.kl.mean
+    proposal.within_max_kl = proposal.measured_kl.value <= max_kl
+    if result.verdict is not None:
+        proposal.decision = result.verdict.decision
+        proposal.kl_check = result.verdict.checks.get("mean KL")

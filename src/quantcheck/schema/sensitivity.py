@@ -1,0 +1,54 @@
+"""sensitivity.json: which decoder layers make a quantized variant diverge, and the mixed-precision variants proposed
+from that ranking and then measured as ordinary variants of the same run (`quantcheck sensitivity`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from quantcheck.schema.results import Estimate
+
+SENSITIVITY_VERSION = 1
+
+
+class LayerSensitivity(BaseModel):
+    """The model with only this layer quantized, against the reference on the same token ids (exact full rows)."""
+
+    index: int
+    name: str = Field(description="the module's name in the model, e.g. model.layers.7")
+    kl: Estimate = Field(description="mean KL(reference || only this layer quantized) per item, nats, with interval")
+    top1_agreement: float = Field(description="fraction of items whose most likely next token is the reference's")
+    answer_flips: int = Field(description="items whose log-likelihood answer differs from the reference's")
+
+
+class Proposal(BaseModel):
+    """A set of layers to keep at the reference's precision, predicted from the ranking, then measured."""
+
+    keep: list[int] = Field(description="decoder layer indices kept at the reference's precision")
+    variant: str = Field(description="its spelling in the variant grammar, e.g. bnb-nf4?keep=0,1,29")
+    rule: str = Field(description="how the set was chosen")
+    predicted_kl: float = Field(description="sum of the per-layer mean KL of the layers still quantized, nats")
+    serve: str = Field(description="the quantization config that loads it, as code")
+    measured_kl: Estimate | None = Field(None, description="its mean KL measured as an ordinary variant of the run")
+    kl_check: str | None = Field(None, description="the verdict's mean-KL check: pass, fail or unclear")
+    decision: str | None = Field(None, description="the variant's verdict")
+    within_max_kl: bool | None = Field(None, description="measured mean KL <= max_kl: no further layer is kept")
+
+
+class SensitivityTable(BaseModel):
+    """Per-layer sensitivity of one method on one model and data set, ranked, with the proposals."""
+
+    kind: Literal["quantcheck-sensitivity"] = "quantcheck-sensitivity"
+    version: int = SENSITIVITY_VERSION
+    model: str
+    method: str
+    dataset: str
+    items: int
+    run_dir: str = Field(description="the run folder whose results.json holds the measured variants")
+    max_kl: float
+    seconds: float = Field(description="wall time of the per-layer scoring, model loads excluded")
+    layers: list[LayerSensitivity] = Field(description="every decoder layer, highest mean KL first")
+    predicted_variant_kl: float = Field(description="sum of every layer's mean KL: the whole variant, if additive")
+    measured_variant_kl: Estimate | None = Field(None, description="the whole variant's mean KL, measured in the run")
+    proposals: list[Proposal] = Field(default=[], description="in the order measured; each keeps one layer more")
