@@ -21,6 +21,7 @@ from quantcheck.data.load import load_dataset
 from quantcheck.models.builtin import builtin_model_dir
 from quantcheck.models.loading import decoder_stack, kept_modules, load_model, load_tokenizer
 from quantcheck.models.quant_methods import REGISTRY, LoadRequest
+from quantcheck.report.markdown import parse_md_table
 from quantcheck.schema.results import Estimate
 from quantcheck.schema.sensitivity import LayerSensitivity, SensitivityTable
 from quantcheck.scoring.loglik import encode_items
@@ -169,6 +170,22 @@ def test_the_proposal_is_measured_as_an_ordinary_variant_of_the_run(sensitivity_
         assert proposal.within_max_kl == (proposal.measured_kl.value <= 0.5)
     assert all(not earlier.within_max_kl for earlier in table.proposals[:-1])
     assert table.measured_variant_kl.value == pytest.approx(results["bnb-nf4"]["agreement"]["kl"]["mean"]["value"])
+
+
+def test_the_report_shows_the_ranking_the_proposals_and_the_per_layer_chart(sensitivity_run):
+    """The command renders the run's report with the sensitivity section: the top layers as ranked, each proposal's
+    predicted beside measured KL and its verdict, and the bar chart of every layer."""
+    table = SensitivityTable.model_validate_json((sensitivity_run / "sensitivity.json").read_text())
+    markdown = (sensitivity_run / "report.md").read_text()
+    assert "## Per-layer sensitivity: bnb-nf4" in markdown
+    layers = parse_md_table(markdown, "Layer (the only one quantized)")
+    assert [row[0] for row in layers] == [f"{layer.name} ({layer.index})" for layer in table.layers[:5]]
+    proposals = {row[0]: row for row in parse_md_table(markdown, "Variant", with_column="Layers kept")}
+    for proposal in table.proposals:
+        row = proposals[proposal.variant]
+        assert row[1] == str(len(proposal.keep)) and row[4] == proposal.decision
+    assert (sensitivity_run / "figures" / "sensitivity.png").is_file()
+    assert 'id="sensitivity"' in (sensitivity_run / "report.html").read_text()
 
 
 def _cli(*args: str):

@@ -68,7 +68,7 @@ def render_report(run_dir: Path) -> ReportFiles:
         missing: dict[str, str] = {}
         for spec in plots.FIGURES:
             path = None
-            if data.kind in spec.kinds:  # another kind of run's figure is neither drawn nor reported missing
+            if data.kinds & set(spec.kinds):  # another kind of run's figure is neither drawn nor reported missing
                 try:
                     path = plots.draw(spec, data, fig_dir, colors)
                 except OSError:

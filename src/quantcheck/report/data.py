@@ -17,6 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from quantcheck.errors import ResultsFolderError
 from quantcheck.schema.results import ItemRecord, ModelResult, Results, WindowRecord
+from quantcheck.schema.sensitivity import SensitivityTable
+from quantcheck.storage.folder import RunFolder
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
@@ -54,6 +56,8 @@ class RunData:
     has_dataset_file: bool = False
     windows: dict[str, list[WindowRecord]] = field(default_factory=dict)
     """A text corpus: each model's per-window records (by display name), in window order."""
+    sensitivity: SensitivityTable | None = None
+    """`quantcheck sensitivity`'s ranking and proposals, where this run folder is one."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -64,6 +68,11 @@ class RunData:
     def kind(self) -> str:
         """Which figures belong to the run: "text" (every token scored: a text or prompts) or "questions"."""
         return "text" if self.is_text else "questions"
+
+    @property
+    def kinds(self) -> set[str]:
+        """The figure kinds this run draws: its own, and "sensitivity" where sensitivity.json is there."""
+        return {self.kind} | ({"sensitivity"} if self.sensitivity else set())
 
     @property
     def reference(self) -> ModelResult | None:
@@ -204,4 +213,10 @@ def load_run(run_dir: Path) -> RunData:
         data.dataset = load_dataset(dataset_path, data.problems)
     if data.is_text:
         data.windows = load_windows(run_dir / MODELS_DIR, data.problems)
+    sensitivity = RunFolder(run_dir).sensitivity_file
+    if sensitivity.is_file():
+        try:
+            data.sensitivity = SensitivityTable.model_validate_json(sensitivity.read_bytes())
+        except ValueError as exc:
+            data.problems.append(f"{sensitivity.name} cannot be read: {_one_line(str(exc))}")
     return data

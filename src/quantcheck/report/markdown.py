@@ -81,6 +81,8 @@ def render_markdown(
             out += ["", f"![Quality lost vs weight memory]({FIGURES_DIR}/{figures[SERVE_FIGURE]})"]
         out.append("")
 
+    if data.sensitivity is not None:
+        out += _sensitivity_section(data, figures)
     out += ["## Verdict", ""]
     rows = table.verdict_rows(r)
     if rows:
@@ -204,3 +206,16 @@ def _md_snippet(row: table.WorstRow) -> str:
     left = " " if row.before.endswith(" ") and before else ""
     right = " " if row.after.startswith(" ") and after else ""
     return f"{before}{left}**{token}**{right}{after}"
+
+
+def _sensitivity_section(data: RunData, figures: dict[str, str]) -> list[str]:
+    """`quantcheck sensitivity`'s ranking and its measured proposals."""
+    sensitivity = data.sensitivity
+    out = [f"## Per-layer sensitivity: {md_text(sensitivity.method)}", ""]
+    out += md_table(table.LAYER_COLUMNS, table.layer_rows(sensitivity))
+    scored = f"{len(sensitivity.layers)} decoder layers scored one at a time in {sensitivity.seconds:.0f} s."
+    out += ["", md_text(scored), ""]
+    out += md_table(table.PROPOSAL_COLUMNS, table.proposal_rows(sensitivity, data.results))
+    if "sensitivity" in figures:
+        out += ["", f"![Per-layer sensitivity]({FIGURES_DIR}/{figures['sensitivity']})"]
+    return [*out, ""]

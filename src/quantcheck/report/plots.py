@@ -28,6 +28,7 @@ from quantcheck.analysis import format as fmt  # noqa: E402
 from quantcheck.report.data import RunData, reference_model  # noqa: E402
 from quantcheck.report.table import corpus_wording, recommendation  # noqa: E402
 from quantcheck.schema.results import ItemRecord, ModelResult, Results, WindowRecord  # noqa: E402
+from quantcheck.schema.sensitivity import SensitivityTable  # noqa: E402
 from quantcheck.storage.store import write_bytes_atomic  # noqa: E402
 
 DPI = 110
@@ -742,6 +743,37 @@ def plot_serve(results: Results, out_dir: Path, colors: dict[str, str]) -> Path 
     return None if fig is None else _save(fig, out_dir, "serve.png")
 
 
+# ------------------------------------------------------------------------------- (7) per-layer sensitivity
+
+
+@_styled
+def plot_sensitivity(table: SensitivityTable | None, out_dir: Path) -> Path | None:
+    """Mean KL with only each decoder layer quantized, in layer order; the layers the last measured proposal keeps at
+    the reference's precision are hatched."""
+    if table is None or not table.layers:
+        return None
+    layers = sorted(table.layers, key=lambda layer: layer.index)
+    kept = set(table.proposals[-1].keep) if table.proposals else set()
+    fig, (ax,) = _new_figure(9.0, 4.2)
+    x = [layer.index for layer in layers]
+    y = [max(layer.kl.value, KL_FLOOR) for layer in layers]
+    low = [max(y_i - (layer.kl.ci.low if layer.kl.ci else y_i), 0) for layer, y_i in zip(layers, y)]
+    high = [max((layer.kl.ci.high if layer.kl.ci else y_i) - y_i, 0) for layer, y_i in zip(layers, y)]
+    colors = ["#9e9e9e" if layer.index in kept else "#c62828" for layer in layers]
+    bars = ax.bar(x, y, color=colors, yerr=[low, high], capsize=2, error_kw={"lw": 0.8})
+    for bar, layer in zip(bars, layers):
+        if layer.index in kept:
+            bar.set_hatch("//")
+    ax.axhline(table.max_kl, color="#2e7d32", ls="--", lw=1.1)
+    ax.set_xlabel("decoder layer (the only one quantized)")
+    ax.set_ylabel("mean KL from reference (nats, 95% CI)")
+    ax.set_title(f"Per-layer sensitivity: {table.method}, {table.items} questions")
+    handles = [Line2D([], [], color="#c62828", lw=8), Line2D([], [], color="#9e9e9e", lw=8)]
+    labels = ["quantized in the last proposal", "kept at the reference's precision"]
+    ax.legend(handles, labels if kept else labels[:1], frameon=False)
+    return _save(fig, out_dir, "sensitivity.png")
+
+
 # ---------------------------------------------------------------------------------- registry
 
 
@@ -835,6 +867,16 @@ FIGURES: list[FigureSpec] = [
         "needs per-item kl values in items.jsonl",
         kinds=("questions",),
     ),
+    FigureSpec(
+        "sensitivity",
+        "sensitivity.png",
+        "Per-layer sensitivity",
+        "Mean KL from the reference with only that decoder layer quantized (exact full rows, 95% interval), in layer "
+        "order; hatched gray bars are the layers the last measured proposal keeps at the reference's precision, the "
+        "dashed line is --max-kl. Per-layer KL need not add up: the proposals below are measured, not predicted.",
+        "needs sensitivity.json (quantcheck sensitivity)",
+        kinds=("sensitivity",),
+    ),
 ]
 
 
@@ -863,6 +905,8 @@ def draw(spec: FigureSpec, data: RunData, out_dir: Path, colors: dict[str, str])
         return plot_tradeoff(r, out_dir, colors)
     if spec.key == "position":
         return plot_position(r, out_dir, colors)
+    if spec.key == "sensitivity":
+        return plot_sensitivity(data.sensitivity, out_dir)
     if spec.key == "serve":
         return plot_serve(r, out_dir, colors)
     raise KeyError(spec.key)

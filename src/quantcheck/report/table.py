@@ -25,6 +25,7 @@ from quantcheck.schema.results import (
     Results,
     undisturbed_rounds,
 )
+from quantcheck.schema.sensitivity import SensitivityTable
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
 
@@ -919,3 +920,67 @@ def metrics_csv(results: Results) -> str:
         row = metrics_row(m, ref)
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------- per-layer sensitivity
+
+LAYER_COLUMNS = ["Layer (the only one quantized)", "Mean KL (nats) [95% CI]", "Top-1 agreement", "Answer flips"]
+PROPOSAL_COLUMNS = [
+    "Variant",
+    "Layers kept",
+    "Predicted mean KL",
+    "Measured mean KL [95% CI]",
+    "Verdict",
+    "Weights",
+    "Serve with",
+]
+SHOWN_LAYERS = 5
+
+
+def layer_rows(table: SensitivityTable) -> list[list[str]]:
+    """The most sensitive layers, highest mean KL first (the figure has them all)."""
+    return [
+        [
+            f"{layer.name} ({layer.index})",
+            fmt.nats_ci(layer.kl.value, layer.kl.ci),
+            fmt.percent(layer.top1_agreement),
+            str(layer.answer_flips),
+        ]
+        for layer in table.layers[:SHOWN_LAYERS]
+    ]
+
+
+def proposal_rows(table: SensitivityTable, results: Results) -> list[list[str]]:
+    """The plain method, then each proposal in the order measured: predicted beside measured, with its verdict."""
+    models = {m.name: m for m in results.models}
+
+    def measured(name: str) -> tuple[str, str]:
+        model = models.get(name)
+        weights = model.cost.weight_bytes if model and model.cost else None
+        return (model.verdict.decision if model and model.verdict else "not measured", fmt.nbytes(weights))
+
+    rows = [
+        [
+            table.method,
+            "0",
+            f"{fmt.nats(table.predicted_variant_kl)} (layers summed)",
+            fmt.nats_ci(table.measured_variant_kl.value, table.measured_variant_kl.ci)
+            if table.measured_variant_kl
+            else fmt.NA,
+            *measured(table.method),
+            "",
+        ]
+    ]
+    for proposal in table.proposals:
+        kl = proposal.measured_kl
+        rows.append(
+            [
+                proposal.variant,
+                str(len(proposal.keep)),
+                fmt.nats(proposal.predicted_kl),
+                fmt.nats_ci(kl.value, kl.ci) if kl else fmt.NA,
+                *measured(proposal.variant),
+                proposal.serve,
+            ]
+        )
+    return rows
