@@ -4,10 +4,11 @@ ranking and measured like any other variant.
 1. Every check that needs no model: the method can leave layers out, --keep fits the model, the data set is questions.
 2. The per-layer scoring (`scoring.sensitivity`) in this process: the reference and the quantized model loaded once,
    each layer quantized alone, ranked on exact KL over the reference's full rows.
-3. The proposal (`propose_keep`) and the plain method run through the ordinary runner into one run folder, with the
-   full reference store so that their KL is exact like the ranking's: accuracy, KL, flips, cost and verdict beside the
-   prediction are all measured. A proposal whose measured mean KL is above --max-kl is followed by the next one (one
-   more layer kept), up to `MAX_TRIES` in all; --keep N is measured as asked.
+3. The plain method (where it measures within --max-kl there is nothing to keep), then the proposal (`propose_keep`),
+   run through the ordinary runner into one run folder, with the full reference store so that their KL is exact like
+   the ranking's: accuracy, KL, flips, cost and verdict beside the prediction are all measured. A
+   proposal whose measured mean KL is above --max-kl is followed by the next one (one more layer kept), up to
+   `MAX_TRIES` in all; --keep N is measured as asked.
 4. sensitivity.json in the run folder after every measurement.
 """
 
@@ -232,9 +233,19 @@ def _measure(
     from quantcheck.models.loading import kept_modules
     from quantcheck.scoring.sensitivity import propose_keep
 
+    # The plain method first: where it already measures within --max-kl, there is nothing to keep.
+    _, results = run(options.run_options([method.name], out))
+    plain = next((result for result in results.models if result.name == method.name), None)
+    table.measured_variant_kl = plain.agreement.kl.mean if plain and plain.agreement else None
+    write_json_atomic(RunFolder(out).sensitivity_file, table)
+    if options.keep is None and table.measured_variant_kl and table.measured_variant_kl.value <= options.max_kl:
+        view.line(f"{method.name} measures within --max-kl {options.max_kl} as it is: no layer needs keeping")
+        return
     count = options.keep
     for _ in range(MAX_TRIES):
         keep, predicted = propose_keep(table.layers, options.max_kl, count)
+        if not keep:  # the layers' sum is within --max-kl but the plain method measured above it: keep one at least
+            keep, predicted = propose_keep(table.layers, options.max_kl, 1)
         variant = mixed_method(method.name, tuple(keep))
         if options.keep is not None:
             rule = f"--keep {count}: the {count} layers of highest mean KL"

@@ -171,8 +171,11 @@ def propose_keep(layers: list[LayerSensitivity], max_kl: float, count: int | Non
     """The decoder layers to keep at the reference's precision, and the predicted mean KL of the variant keeping them.
 
     The rule, greedy on the measured per-layer KL: keep the highest-KL layers until the sum of the remaining layers'
-    mean KL is within `max_kl` (with `count`: keep the `count` highest). It treats per-layer KL as additive (the layers'
-    errors neither cancel nor compound: first order for small perturbations); the proposal is then measured as an
+    mean KL is within `max_kl` (with `count`: keep the `count` highest). It treats per-layer KL as additive. With many
+    layers quantized the errors partly cancel (on the built-in model with bnb-nf4 the layers sum to 1.38 nats, the
+    whole variant measures 0.60), but with few left they add up nearly as they are: scaling the sum by the whole
+    variant's 0.44 predicted 0.049 for 22 kept layers, which measured 0.102, while the plain sum predicted 0.046 for 26
+    kept, which measured 0.036. So the sum stands, conservative where it matters; the proposal is then measured as an
     ordinary variant, which checks the interactions.
     """
     ranked = sorted(layers, key=lambda layer: (-layer.kl.value, layer.index))
