@@ -53,3 +53,14 @@ def test_plan_prints_every_model_and_refuses_a_variant_over_the_budget(tmp_path)
     errors = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "bnb-nf4's weights are planned at 161.9 MiB (estimate" in errors[0], errors
     assert "above --fit-gb 0.1" in errors[0] and "Traceback" not in refused.stderr
+
+
+def test_plan_takes_runs_options_and_says_what_it_does():
+    from typer.testing import CliRunner
+
+    from quantcheck.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "Plan a run without loading any model" in result.output
+    assert "--fit-gb" in result.output and "--quant" in result.output and "--store" in result.output

@@ -226,9 +226,7 @@ def _plan(ctx: typer.Context, **params: object) -> None:
         _fail(error, bool(params["debug"]))
 
 
-plan_command = functools.wraps(run)(_plan)  # the same options as `run`, read the same way
-plan_command.__doc__ = _plan.__doc__
-app.command("plan")(plan_command)
+app.command("plan", help=_plan.__doc__)(functools.wraps(run)(_plan))  # the same options as `run`, read the same way
 
 
 # Each `run` option's key in a config file: its own name at the top level unless listed here.
