@@ -259,3 +259,12 @@ def test_progress_in_a_log_is_a_line_every_tenth_of_a_phase_with_elapsed_time_an
     assert done == list(range(1, 11)), lines
     assert all(re.search(r"done, \d+ s, (eta \d+ s|eta not known yet|finished)$", line) for line in lines[1:]), lines
     assert lines[-1].endswith("finished")
+
+
+@pytest.mark.parametrize("command", ["run", "sensitivity"])
+def test_a_folder_of_other_files_is_refused_before_any_work(tmp_path, command):
+    """One check (RunFolder.refuse_foreign) for both commands: sensitivity refuses before minutes of scoring."""
+    (tmp_path / "notes.txt").write_text("mine")
+    result = quantcheck(command, "--quant", "bnb-nf4", "--limit", "4", "--out", str(tmp_path))
+    assert_one_line_error(result, "is not empty and is not a quantcheck run", "--force")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]

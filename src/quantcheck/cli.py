@@ -221,7 +221,7 @@ def _plan(ctx: typer.Context, **params: object) -> None:
         prepared = prepare_run(settings.options())
         run_plan = plan(prepared)
         _stdout().print("\n".join(plan_lines(run_plan)), highlight=False, markup=False)
-        refuse_over_budget(run_plan, settings.fit_gb, free_memory(prepared.device))
+        refuse_over_budget(prepared, run_plan, free_memory(prepared.device))
     except QuantcheckError as error:
         _fail(error, bool(params["debug"]))
 

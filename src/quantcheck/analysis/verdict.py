@@ -113,6 +113,12 @@ def quality_check_count(loglik: bool, generative: bool, agreement: bool) -> int:
     return int(loglik) + int(generative) + 2 * int(agreement)
 
 
+def _measured_checks(variant: ModelResult) -> int:
+    return quality_check_count(
+        variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
+    )
+
+
 def fail_level(checks: int) -> float:
     """The level of each 'fail' interval when `checks` quality checks are judged together."""
     return 1 - (1 - FAMILYWISE_LEVEL) / max(checks, 1)
@@ -599,10 +605,7 @@ def quality_checks(
     variant: ModelResult, thresholds: Thresholds, *, unit: str = "questions", numeric_floor: NumericFloor | None = None
 ) -> list[Check]:
     """The quality checks alone, at the levels `decide` judges them: what a run can say before its cost phase."""
-    measured = quality_check_count(
-        variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
-    )
-    return _quality_checks(variant, thresholds, fail_level(measured), unit, numeric_floor)[0]
+    return _quality_checks(variant, thresholds, fail_level(_measured_checks(variant)), unit, numeric_floor)[0]
 
 
 def _growth_note(variant: ModelResult) -> list[str]:
@@ -667,9 +670,7 @@ def decide(
     `unverified_tokenizers` names the served models whose tokenizer could not be checked against the
     local one: every comparison then may rest on other token ids, so it cannot pass.
     """
-    measured = quality_check_count(
-        variant.paired_loglik is not None, variant.paired_generative is not None, variant.agreement is not None
-    )
+    measured = _measured_checks(variant)
     level = fail_level(measured)
     memory = _memory_check(variant.cost_vs_reference, thresholds, variant.incomplete.get("cost"), unmeasured_memory)
     checks, missing = _quality_checks(variant, thresholds, level, unit, numeric_floor)

@@ -192,13 +192,16 @@ def plan(prepared: Prepared) -> RunPlan:
     )
 
 
-def refuse_over_budget(run_plan: RunPlan, fit_gb: float | None, free_bytes: int | None) -> None:
-    """Refuse, before any load, a model whose planned weights exceed --fit-gb or the device's free memory."""
+def refuse_over_budget(prepared: Prepared, run_plan: RunPlan, free_bytes: int | None) -> None:
+    """Refuse, before any load, a model whose planned weights exceed the device's free memory, or a variant whose
+    planned weights exceed --fit-gb (the budget is the variants': the reference is what they are judged against)."""
+    fit_gb = prepared.options.fit_gb
+    roles = {spec.name: spec.role for spec in prepared.models}
     for name, planned in run_plan.weights.items():
         if planned.bytes is None:
             continue
         floor = planned.bytes * (1 - PLAN_TOLERANCE)
-        if fit_gb is not None and name != "reference" and floor > fit_gb * GIB:
+        if fit_gb is not None and roles[name] == "variant" and floor > fit_gb * GIB:
             raise QuantcheckError(
                 f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate, {planned.basis}), above "
                 f"--fit-gb {fit_gb:g}: leave it out, or raise --fit-gb"
@@ -243,7 +246,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     )
     unmeasured_cost, corpus = prepared.unmeasured_cost, prepared.corpus_job is not None
     run_plan = plan(prepared)
-    refuse_over_budget(run_plan, options.fit_gb, free_memory(device))
+    refuse_over_budget(prepared, run_plan, free_memory(device))
     # Imported once the input is known good (scipy takes seconds), while the fork server still imports torch.
     from quantcheck.analysis.summarize import early_findings, summarize
 
@@ -255,6 +258,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         "dataset": dataset.spec,
         "dataset_hash": dataset.content_hash(),
     }
+    folder.refuse_foreign(options.force)  # before the lock, which would leave its file in someone else's folder
     lock = held.enter_context(RunLock(folder.lock_file))  # before prepare, which may clear the folder
     resumed = folder.prepare(identity, options.force)
     view = ProgressView(options.quiet)

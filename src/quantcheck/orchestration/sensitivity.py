@@ -26,7 +26,7 @@ from quantcheck.data.chats import is_prompts
 from quantcheck.data.corpus import is_corpus
 from quantcheck.data.items import Item
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
-from quantcheck.errors import QuantcheckError, QuantMethodError, ResultsFolderError
+from quantcheck.errors import QuantcheckError, QuantMethodError
 from quantcheck.models.quant_methods import REGISTRY, LoadRequest, QuantMethod, mixed_method
 from quantcheck.orchestration.progress import ProgressView
 from quantcheck.orchestration.runner import RunOptions, default_out_dir, run
@@ -106,7 +106,7 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
     if options.dtype is not None and options.dtype not in DTYPES:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     out = options.out or default_out_dir()
-    _check_out(out, options.force)
+    RunFolder(out).refuse_foreign(options.force)  # before minutes of scoring, as the runner would refuse it
     device = pick_device(options.device)
     method.check_runnable(device)
     view = ProgressView(options.quiet)
@@ -167,14 +167,6 @@ def _method(text: str) -> QuantMethod:
     method = REGISTRY[variant.body]
     method.check_keeps()
     return method
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """Before minutes of scoring: a folder that is neither empty nor a run is refused as the runner would refuse it."""
-    if out.is_dir() and any(out.iterdir()) and not RunFolder(out).run_file.exists() and not force:
-        raise ResultsFolderError(
-            f"{out} is not empty and is not a quantcheck run: choose another --out, or pass --force"
-        )
 
 
 def _score(

@@ -19,6 +19,14 @@ from quantcheck.storage.store import (
 )
 
 
+def make_folder(root: Path) -> None:
+    """Create --out (and its parents), or say in one line why it cannot be."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ResultsFolderError(f"cannot create --out {root}: {error.strerror}; choose a writable folder") from None
+
+
 class RunFolder:
     """A run's folder: one per experiment (model + data set), resumable with the same --out."""
 
@@ -94,12 +102,7 @@ class RunFolder:
         A folder from another experiment (other model or data set) is refused unless --force,
         which starts it afresh: results of two experiments are never mixed.
         """
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ResultsFolderError(
-                f"cannot create --out {self.root}: {error.strerror}; choose a writable folder"
-            ) from None
+        make_folder(self.root)
         if self.run_file.exists():
             previous = json.loads(self.run_file.read_text())
             if previous == identity:
@@ -115,12 +118,20 @@ class RunFolder:
                     "choose another --out, or pass --force to overwrite it"
                 )
             self.clear()
-        elif any(child != self.lock_file for child in self.root.iterdir()) and not force:
+        else:
+            self.refuse_foreign(force)
+        write_json_atomic(self.run_file, identity)
+        return False
+
+    def refuse_foreign(self, force: bool) -> None:
+        """A folder that holds files (its lock aside) but no run is refused unless --force: quantcheck never writes
+        into someone else's folder."""
+        if self.run_file.exists() or force or not self.root.is_dir():
+            return
+        if any(child != self.lock_file for child in self.root.iterdir()):
             raise ResultsFolderError(
                 f"{self.root} is not empty and is not a quantcheck run: choose another --out, or pass --force"
             )
-        write_json_atomic(self.run_file, identity)
-        return False
 
     def clear(self) -> None:
         for child in self.root.iterdir():

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantcheck.errors import ResultsFolderError
+from quantcheck.storage.folder import make_folder
 
 
 def _read(fd: int) -> dict[str, object] | None:
@@ -43,13 +44,11 @@ class RunLock:
         self.took_over: str | None = None
 
     def __enter__(self) -> RunLock:
+        make_folder(self.path.parent)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise ResultsFolderError(
-                f"cannot create --out {self.path.parent}: {error.strerror}; choose a writable folder"
-            ) from None
+            raise ResultsFolderError(f"cannot write {self.path}: {error.strerror}; choose a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
