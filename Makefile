@@ -112,9 +112,14 @@ bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_sensitivity.py
 	$(BIN)/python bench/bench_vs_llama_perplexity.py --llama-perplexity $(LLAMA_PERPLEXITY)
 
-# The CUDA paths of the hf and vLLM backends, at most 8 minutes; without a GPU it says so and exits 0.
+# The CUDA check for an offline GPU host (docs/gpu-check.md): the bundle (at most 64 MiB) made here, then the check
+# itself, on CUDA where torch sees a GPU, else its dry run on CPU from that bundle in a simulated image.
+GPU_BUNDLE ?= build/gpu-bundle
+GPU_OUT ?= runs/gpu-check
 gpu-check: $(STAMP)
-	$(BIN)/python bench/gpu_check.py
+	rm -rf $(GPU_BUNDLE) && $(BIN)/python bench/gpu_check.py bundle $(GPU_BUNDLE)
+	$(BIN)/python bench/gpu_check.py --bundle $(GPU_BUNDLE) --out $(GPU_OUT) \
+		$$($(BIN)/python -c "import torch; print('' if torch.cuda.is_available() else '--dry-run')")
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .venv-editable.lock

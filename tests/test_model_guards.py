@@ -91,3 +91,12 @@ def test_a_variant_names_its_backend_and_method():
         "fp8_per_channel",
         "vllm-fp8_per_channel",
     )
+
+
+def test_a_method_whose_library_has_no_parent_package_reads_as_not_installed():
+    """find_spec("optimum.quanto") raises without optimum; `quantcheck quants` crashed on it where quanto is absent
+    (found by the GPU check's dry run, whose simulated image lacks optimum)."""
+    from quantcheck.models.quant_methods import importable
+
+    assert importable("torch.nn") and importable("torch")
+    assert not importable("no_such_package.quanto") and not importable("no_such_package")

@@ -402,7 +402,7 @@ def quants() -> None:
             engine_missing = backend.install_hint
         prefix = quant_prefix(backend_name)
         for method in backend.methods().values():
-            missing = [module for module in method.requires if importlib.util.find_spec(module) is None]
+            missing = method.missing_requirements()
             devices_here = [device for device in sorted(method.devices) if device == "cpu" or cuda]
             if engine_missing:
                 status = f"no: {engine_missing}"

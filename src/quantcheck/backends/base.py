@@ -21,7 +21,6 @@ registry in `quantcheck.backends` names it.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from quantcheck.errors import QuantMethodError
 from quantcheck.models.plan import Footprint, ModelShape, checkpoint_footprint, read_config
+from quantcheck.models.quant_methods import importable
 from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ class MethodInfo:
     install: str = ""
     footprint: Footprint | None = None
     """How it stores the weights, for the plan made before loading (`models.plan`); None: not planned."""
+
+    def missing_requirements(self) -> list[str]:
+        return [module for module in self.requires if not importable(module)]
 
     def check_runnable(self, device: str, backend: str) -> None:
         """Refuse before any model loads: a method that does not run on this device."""
@@ -110,7 +113,7 @@ class Backend(ABC):
     @classmethod
     def interpreter(cls) -> str:
         """The Python that runs this backend's workers: this one, when the engine is importable here."""
-        if importlib.util.find_spec(cls.engine_package) is None:
+        if not importable(cls.engine_package):
             raise QuantMethodError(
                 f"the {cls.name} backend needs {cls.engine_package}, which is not installed: {cls.install_hint}"
             )

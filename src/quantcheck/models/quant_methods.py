@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+
+def importable(module: str) -> bool:
+    """Whether `module` can be imported here, without importing it.
+
+    find_spec of a dotted name imports its parent: `optimum.quanto` without `optimum` raises rather than
+    answering None, which is "not installed" all the same.
+    """
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
 @dataclass(frozen=True)
 class LoadRequest:
     """What a recipe needs to build one model: where the weights are and how to place them."""
@@ -85,7 +97,7 @@ class QuantMethod:
             )
 
     def missing_requirements(self) -> list[str]:
-        return [module for module in self.requires if importlib.util.find_spec(module) is None]
+        return [module for module in self.requires if not importable(module)]
 
     def check_runnable(self, device: str) -> None:
         """Refuse before any model loads: wrong device or library not installed."""
