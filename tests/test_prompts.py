@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import lowercase_tokenizer_copy, quantcheck, read_results
+from quantcheck.analysis.free_answers import first_divergence
 
 CHATS = [
     {
@@ -34,6 +35,7 @@ CHATS = [
     },
 ]
 MAX_NEW_TOKENS = 24
+QUANTS = ("none", "bf16", "quanto-int4")  # quanto-int4: a variant known to answer differently on its own
 
 
 def write_prompts(path: Path, chats: list) -> Path:
@@ -59,7 +61,7 @@ def prompts_run(out: Path, prompts: Path, *quants: str) -> object:
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prompts")
     out = root / "run"
-    result = prompts_run(out, write_prompts(root / "prompts.jsonl", CHATS), "none", "bf16")
+    result = prompts_run(out, write_prompts(root / "prompts.jsonl", CHATS), *QUANTS)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -112,9 +114,52 @@ def test_a_rerun_keeps_the_answers_and_every_record(run, tmp_path):
 
     copy = shutil.copytree(run, tmp_path / "run")
     answers = (copy / "reference" / "answers.json").read_text()
-    again = prompts_run(copy, Path(read_results(run)["dataset"]["spec"].removeprefix("prompts:")), "none", "bf16")
+    own = copy / "models" / "quanto-int4" / "answers.jsonl"
+    kept = own.read_text()
+    own.write_text(kept.splitlines(keepends=True)[0])  # as if stopped after its first answer
+    again = prompts_run(copy, Path(read_results(run)["dataset"]["spec"].removeprefix("prompts:")), *QUANTS)
     assert again.returncode == 0 and (again.stdout + again.stderr).count("already finished") == 3
     assert (copy / "reference" / "answers.json").read_text() == answers
+    latest = {json.loads(line)["prompt"]: line for line in own.read_text().splitlines()}  # a batch is redone whole
+    assert sorted(latest.values()) == sorted(kept.splitlines())  # answered again, the same
+    assert read_results(copy)["models"][3]["free_answers"] == read_results(run)["models"][3]["free_answers"]
+
+
+def test_each_variant_answers_on_its_own_the_identity_exactly_and_int4_apart(run):
+    """The identity variant answers every prompt token for token as the reference; quanto-int4's own answers part
+    from the reference's, measured against the answers both wrote."""
+    results = read_results(run)
+    reference = json.loads((run / "reference" / "answers.json").read_text())["answers"]
+    identity = model(results, "none")["free_answers"]
+    assert identity["diverged"] == 0 and identity["identical"]["value"] == 1.0 and identity["first_divergence"] == {}
+    assert identity["length_ratio"] == 1.0 and identity["no_stop"] == identity["reference_no_stop"]
+    own = [json.loads(line) for line in (run / "models" / "quanto-int4" / "answers.jsonl").read_text().splitlines()]
+    own = [record["ids"] for record in sorted(own, key=lambda record: record["prompt"])]
+    parts = [first_divergence(ours, theirs) for ours, theirs in zip(reference, own)]
+    bad = model(results, "quanto-int4")["free_answers"]
+    assert bad["diverged"] == sum(point is not None for point in parts) >= 3
+    assert bad["first_divergence"]["median"] == np.median([point for point in parts if point is not None])
+    assert bad["length_ratio"] == pytest.approx(sum(map(len, own)) / sum(map(len, reference)))
+    assert bad["no_stop"] == sum(len(answer) >= MAX_NEW_TOKENS for answer in own)
+    earliest = bad["most_divergent"][0]
+    assert earliest["diverges_at"] == min(point for point in parts if point is not None)
+    assert any(
+        "own greedy answers equal the reference's on" in reason
+        for reason in model(results, "none")["verdict"]["reasons"]
+    )
+    report = (run / "report.md").read_text()
+    assert (
+        "What each variant answers on its own" in report
+        and f"{earliest['name']}, parts at answer token {earliest['diverges_at']}:" in report
+    )
+    assert "What each variant answers on its own" in (run / "report.html").read_text()
+
+
+def test_first_divergence_counts_a_longer_answer_as_parting_where_the_shorter_ends():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 7]) == 2 and first_divergence([1, 2, 7], [1, 2]) == 2
+    assert first_divergence([], [4]) == 0
 
 
 def test_a_variant_with_another_tokenizer_fails_alone_in_one_line(run, tmp_path):

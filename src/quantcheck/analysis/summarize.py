@@ -15,12 +15,14 @@ from pathlib import Path
 
 from quantcheck.analysis.corpus import SpanText, corpus_statistics
 from quantcheck.analysis.divergence import divergence_summary
+from quantcheck.analysis.free_answers import free_answers
 from quantcheck.analysis.recommend import recommend
 from quantcheck.analysis.verdict import decide, fail_level, noisier_floor, quality_check_count, quality_checks
 from quantcheck.schema.models import ModelSpec
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
     QUANTCHECK_VERSION,
+    AnswerRecord,
     CorpusStatistics,
     CostComparison,
     DatasetInfo,
@@ -67,6 +69,7 @@ PHASE_LABELS = {
     "generation": "generative scoring",
     "cost": "cost",
     "corpus": "token scoring (text or prompts)",
+    "answers": "the variant's own answers (prompts)",
 }
 
 
@@ -254,19 +257,21 @@ def _gaps(
     cost: ModelCost | None,
     errors: dict[str, str],
     windows: tuple[int, int] = (0, 0),
+    answers: tuple[int, int] | None = None,
 ) -> dict[Phase, str]:
     """The phases that were asked for but failed or stopped part-way, each with what happened.
 
-    `windows`: a text corpus's windows scored by this model, and its windows (0 when the reference never cut them)."""
+    `windows`: a text corpus's windows scored by this model, and its windows (0 when the reference never cut them);
+    `answers`: in a prompts run, the prompts a variant answered itself, and the prompts."""
     gaps: dict[Phase, str] = {}
     quality_error = f" (quality job: {errors['quality']})" if "quality" in errors else ""
-    scored, total = windows
-    if expected.get("corpus") and (scored < total or not total):
-        gaps["corpus"] = (
-            f"{PHASE_LABELS['corpus']} stopped after {scored} of {total} sequences{quality_error}"
-            if scored
-            else f"{PHASE_LABELS['corpus']} has no results{quality_error}"
-        )
+    for phase, (scored, total) in [("corpus", windows), *([("answers", answers)] if answers else [])]:
+        if expected.get(phase) and (scored < total or not total):
+            gaps[phase] = (
+                f"{PHASE_LABELS[phase]} stopped after {scored} of {total} sequences{quality_error}"
+                if scored
+                else f"{PHASE_LABELS[phase]} has no results{quality_error}"
+            )
     for phase, records in (("loglik", quality), ("generation", generated)):
         if not expected.get(phase) or len(records) >= n_items:
             continue
@@ -291,6 +296,12 @@ def read_windows(folder: RunFolder, spec: ModelSpec) -> list[WindowRecord]:
     return [records[window] for window in sorted(records)]
 
 
+def read_own_answers(folder: RunFolder, spec: ModelSpec) -> list[AnswerRecord]:
+    """A variant's own answers to a prompts run's prompts, in prompt order."""
+    records = read_latest_by_id(folder.model_file(spec.folder, "answers.jsonl"), AnswerRecord, key="prompt")
+    return [records[prompt] for prompt in sorted(records)]
+
+
 def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
     """Each sequence's name and the text of its scored tokens, as the reference's worker wrote them."""
     if not (folder.reference_dir / "scored.json").exists():
@@ -308,8 +319,10 @@ def _model_result(
     expected: dict[str, bool],
     cost_rounds: int,
     windows: tuple[int, int] = (0, 0),
+    answers: tuple[int, int] | None = None,
 ) -> tuple[ModelResult, list[ItemRecord], list[ItemRecord]]:
-    """One model's own numbers; `windows`: the sequences it scored of a text or prompts run, and the run's sequences."""
+    """One model's own numbers; `windows`: the sequences it scored of a text or prompts run, and the run's sequences;
+    `answers`: the prompts a variant answered itself, and the prompts."""
     name = spec.folder
     quality = _ordered(read_latest_by_id(folder.model_file(name, "quality.jsonl"), ItemRecord), item_ids)
     generated = _ordered(read_latest_by_id(folder.model_file(name, "generation.jsonl"), ItemRecord), item_ids)
@@ -339,7 +352,7 @@ def _model_result(
     if result.generative and result.cost and result.cost.generation and result.generative.mean_output_tokens:
         words_per_token = result.generative.mean_output_words / result.generative.mean_output_tokens
         result.generative.decode_words_per_minute = 60 * result.cost.generation.decode_tokens_per_s * words_per_token
-    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors, windows)
+    result.incomplete = _gaps(expected, len(item_ids), quality, generated, result.cost, errors, windows, answers)
     measured = quality or generated or windows[0] or result.cost
     result.status = "failed" if errors and not measured else "partial" if errors or result.incomplete else "ok"
     return result, quality, generated
@@ -638,6 +651,7 @@ def summarize(
     merged: list[ItemRecord] = []
     per_model: dict[str, tuple[list[ItemRecord], list[ItemRecord]]] = {}
     windows = {spec.name: read_windows(folder, spec) for spec in models} if corpus else {}
+    own = {spec.name: read_own_answers(folder, spec) for spec in models[1:]} if expected.get("answers") else {}
     for spec in models:
         result, quality, generated = _model_result(
             folder,
@@ -647,6 +661,7 @@ def summarize(
             expected,
             cost_rounds,
             (len(windows[spec.name]) if expected.get("corpus") else 0, dataset.n_items),
+            (len(own[spec.name]), dataset.n_items) if spec.name in own else None,
         )
         result.planned_weights = (planned or {}).get(spec.name)
         results.models.append(result)
@@ -672,6 +687,15 @@ def summarize(
         if reference_windows and (variant_windows := windows[spec.name]):
             result.corpus, result.agreement = variant_corpus_statistics(
                 reference_windows, variant_windows, dataset.context, seed, spans
+            )
+        if spans and len(own.get(spec.name, [])) == dataset.n_items:
+            reference_answers = json.loads((folder.reference_dir / "answers.json").read_text())
+            result.free_answers = free_answers(
+                reference_answers["answers"],
+                spans.token_texts,
+                own[spec.name],
+                reference_answers["settings"]["max_new_tokens"],
+                spans.names,
             )
         if floor_answers and per_model[result.name][1]:
             result.generative_vs_floor = _against_floor(

@@ -622,12 +622,26 @@ def _growth_note(variant: ModelResult) -> list[str]:
     ]
 
 
+def _free_answers_note(variant: ModelResult) -> list[str]:
+    """A prompts run: how often the variant's own greedy answer is the reference's, and where the others part; it
+    informs and does not decide (an answer that parts at token 20 can be as good as the reference's)."""
+    answers = variant.free_answers
+    if answers is None:
+        return []
+    note = f"its own greedy answers equal the reference's on {answers.n - answers.diverged} of {answers.n} prompts"
+    if answers.diverged:
+        note += f"; the others part at answer token {answers.first_divergence['median']:g} (median)"
+    if answers.no_stop > answers.reference_no_stop:
+        note += f"; {answers.no_stop} never stop within {answers.max_new_tokens} tokens"
+    return [note + "; this informs and does not decide"]
+
+
 def _incomplete_reasons(variant: ModelResult) -> list[str]:
     """One reason per phase that was asked for but failed or stopped part-way."""
     return [
-        f"{gap}: not judged ({', '.join(PHASE_CHECKS[phase])})"
+        f"{gap}: not judged ({', '.join(PHASE_CHECKS[phase])})" if phase in PHASE_CHECKS else gap
         for phase, gap in variant.incomplete.items()
-        if phase in PHASE_CHECKS
+        if phase != "cost"  # the memory check says it
     ]
 
 
@@ -696,6 +710,7 @@ def decide(
 
     reasons = [memory.reason, *_speed_notes(variant.cost_vs_reference)]
     reasons += _incomplete_reasons(variant) + [c.reason for c in checks] + missing + _growth_note(variant)
+    reasons += _free_answers_note(variant)
     if checks:
         reasons.append(_familywise_note(measured, level))
     elif not variant.incomplete:

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-
 def importable(module: str) -> bool:
     """Whether `module` can be imported here, without importing it.
 
@@ -34,6 +33,7 @@ def importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
 
 @dataclass(frozen=True)
 class LoadRequest:

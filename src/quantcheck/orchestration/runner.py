@@ -32,6 +32,7 @@ from quantcheck.schema.results import (
     GIB,
     QUANTCHECK_VERSION,
     SCORES_VERSION,
+    AnswerRecord,
     DatasetInfo,
     ItemRecord,
     Preference,
@@ -120,6 +121,8 @@ class Prepared:
     threads: int
     cost_settings: dict[str, object] | None
     unmeasured_cost: bool
+    own_answers: bool
+    """A prompts run whose variants also answer every prompt themselves (unless --skip-generation)."""
 
 
 def prepare_run(options: RunOptions) -> Prepared:
@@ -135,6 +138,7 @@ def prepare_run(options: RunOptions) -> Prepared:
         options = _recorded_text(options).model_copy(update={"cost": False})
     models = [reference_spec(options.backend, str(model.path), options.reference_url, options.reference_kld)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
+    own_answers = is_prompts(options.dataset) and options.generation is not None
     options, corpus_job = _token_job(options)
     corpus = corpus_job is not None
     if corpus:
@@ -159,7 +163,18 @@ def prepare_run(options: RunOptions) -> Prepared:
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
     return Prepared(
-        options, model, models, corpus_job, dataset, device, dtype, floors, threads, cost_settings, unmeasured_cost
+        options,
+        model,
+        models,
+        corpus_job,
+        dataset,
+        device,
+        dtype,
+        floors,
+        threads,
+        cost_settings,
+        unmeasured_cost,
+        own_answers,
     )
 
 
@@ -350,6 +365,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
                 "generation": options.generation is not None,
                 "cost": options.cost,
                 "corpus": options.loglik and corpus,
+                "answers": options.loglik and prepared.own_answers,
             },
             cost_pending=cost_pending,
             planned=run_plan.weights,
@@ -359,7 +375,9 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     failed_reference = None
     with view:
         if corpus_job is not None and options.loglik:
-            failed_reference = _score_corpus(launcher, models, corpus_job, base, view, out, folder, options.floors)
+            failed_reference = _score_corpus(
+                launcher, models, corpus_job, base, view, out, folder, options.floors, prepared.own_answers
+            )
         elif options.loglik or options.generation:
             for spec in [models[0], *floors, *models[1:]]:
                 if failed_reference:
@@ -464,25 +482,29 @@ def _score_corpus(
     out: Path,
     folder: RunFolder,
     floors: bool,
+    own_answers: bool,
 ) -> str | None:
-    """Each model's pass over the corpus's windows (and its engine's numeric floor), the reference first; the
-    reference's failure message, if it failed."""
+    """Each model's pass over the corpus's windows (and its engine's numeric floor, and in a prompts run a variant's
+    own answers), the reference first; the reference's failure message, if it failed."""
     for spec in models:
         todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
-        if (
-            folder.reference_tokens_exist()
-            and not todo_floor
-            and _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= len(folder.read_reference_tokens())
-        ):
-            view.skipped(f"{spec.name} corpus", "already finished")
-            continue
-        outcome = _run(
-            launcher,
-            JobSpec(kind="quality", model=spec, loglik=False, corpus=corpus_job, engine_floor=todo_floor, **base),
-            view,
-            out,
-            folder,
+        answers = own_answers and not spec.is_reference
+        if folder.reference_tokens_exist() and not todo_floor:
+            sequences = len(folder.read_reference_tokens())
+            scored = _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= sequences
+            if scored and (not answers or _count(folder, spec, "answers.jsonl", AnswerRecord, "prompt") >= sequences):
+                view.skipped(f"{spec.name} corpus", "already finished")
+                continue
+        job = JobSpec(
+            kind="quality",
+            model=spec,
+            loglik=False,
+            corpus=corpus_job,
+            engine_floor=todo_floor,
+            own_answers=answers,
+            **base,
         )
+        outcome = _run(launcher, job, view, out, folder)
         if not outcome.ok and spec.is_reference:
             return outcome.message
     return None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from quantcheck.errors import QuantcheckError
 from quantcheck.schema.jobs import EVENT_PREFIX, JobSpec
+from quantcheck.schema.results import AnswerRecord, GenerationSettings
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import append_records, read_latest_by_id, write_json_atomic, write_text_atomic
 
@@ -251,6 +252,8 @@ def run_corpus(job: JobSpec, folder: RunFolder, backend) -> None:
         on_batch=keep,
         top_logprobs=backend.top_logprobs,
     )
+    if job.own_answers and not spec.is_reference:
+        run_own_answers(job, folder, backend)
     if job.engine_floor:
         from quantcheck.scoring.engine_floor import sequence_floor
 
@@ -273,13 +276,9 @@ def _text_windows(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[i
     return windows, [first_scored(options.context)] * len(windows)
 
 
-def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:
-    """Each prompt followed by the reference's greedy answer; scoring starts at the prompt's last token.
-
-    The reference generates the answers once (kept in reference/answers.json, so a resumed run and every
-    variant see the same ones); a variant encodes the prompts itself, so another tokenizer shows as a mismatch.
-    A prompt the reference answers with nothing at once has no token to score.
-    """
+def _prompt_setup(job: JobSpec, folder: RunFolder, backend) -> tuple[GenerationSettings, list[list[int]]]:
+    """Greedy answers through the chat template (--chat), the reference's settings for every model: the prompts'
+    ids as this model's tokenizer encodes them."""
     from quantcheck.scoring.generative import encode_chats, resolve_settings, stop_token_ids
 
     spec, options = job.model, job.corpus
@@ -293,20 +292,61 @@ def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[li
         job.seed,
         stop_token_ids(tokenizer, spec.tokenizer or spec.weights),
     )
-    prompt_ids = encode_chats(tokenizer, folder.read_prompts()[1], settings)
+    return settings, encode_chats(tokenizer, folder.read_prompts()[1], settings)
+
+
+def _answer_batches(count: int, batch_size: int) -> list[range]:
+    """The same consecutive batches for the reference's answers and each variant's own: with the same seeds, an
+    identical model answers identically."""
+    return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
+def _prompt_sequences(job: JobSpec, folder: RunFolder, backend) -> tuple[list[list[int]], list[int]]:
+    """Each prompt followed by the reference's greedy answer; scoring starts at the prompt's last token.
+
+    The reference generates the answers once (kept in reference/answers.json, so a resumed run and every
+    variant see the same ones); a variant encodes the prompts itself, so another tokenizer shows as a mismatch.
+    A prompt the reference answers with nothing at once has no token to score.
+    """
+    settings, prompt_ids = _prompt_setup(job, folder, backend)
     answers_file = folder.reference_dir / "answers.json"
-    if spec.is_reference and not answers_file.exists():
+    if job.model.is_reference and not answers_file.exists():
         emit("phase", phase="answers", total=len(prompt_ids), done=0)
         answers = []
-        for start in range(0, len(prompt_ids), job.batch_size):
-            batch = prompt_ids[start : start + job.batch_size]
+        for batch in _answer_batches(len(prompt_ids), job.batch_size):
             answers += backend.generate(
-                batch, settings, [settings.seed + start + offset for offset in range(len(batch))]
+                [prompt_ids[index] for index in batch], settings, [settings.seed + index for index in batch]
             )
             emit("advance", phase="answers", count=len(batch))
         write_json_atomic(answers_file, {"settings": settings.model_dump(), "answers": answers})
     answers = json.loads(answers_file.read_text())["answers"]
     return [ids + answer for ids, answer in zip(prompt_ids, answers)], [len(ids) - 1 for ids in prompt_ids]
+
+
+def run_own_answers(job: JobSpec, folder: RunFolder, backend) -> None:
+    """A variant answers every prompt greedily itself, as the reference did (`analysis.free_answers` compares
+    them); each batch is kept as it finishes, so a resumed run answers only the rest."""
+    settings, prompt_ids = _prompt_setup(job, folder, backend)
+    path = folder.model_file(job.model.folder, "answers.jsonl")
+    done = set(read_latest_by_id(path, AnswerRecord, key="prompt"))
+    keep = _phase_sink(path, "own answers", len(prompt_ids), len(done & set(range(len(prompt_ids)))))
+    for batch in _answer_batches(len(prompt_ids), job.batch_size):
+        if set(batch) <= done:
+            continue
+        answers = backend.generate(
+            [prompt_ids[index] for index in batch], settings, [settings.seed + index for index in batch]
+        )
+        keep(
+            [
+                AnswerRecord(
+                    prompt=index,
+                    model=job.model.name,
+                    ids=answer,
+                    pieces=[backend.tokenizer.decode([token]) for token in answer],
+                )
+                for index, answer in zip(batch, answers)
+            ]
+        )
 
 
 def _phase_sink(path: Path, phase: str, total: int, done: int) -> Callable[[list], None]:

@@ -193,6 +193,16 @@ def _corpus_section(data: RunData) -> list[str]:
             f"| {' | '.join(md_cell(c) for c in [w.variant, w.name, *w.cells])} | {_md_snippet(w)} |" for w in worst
         ] + [""]
         out += [f"- {md_text(note)}." for note in table.worst_notes(r)] + [""]
+    if free := table.free_answer_rows(r):
+        out += ["### What each variant answers on its own", ""]
+        out += md_table(table.FREE_ANSWER_COLUMNS, free) + [""]
+        for row in table.divergent_rows(r):
+            out += [
+                f"- **{md_text(row.variant)}**, {md_text(row.name)}, parts at answer token {row.at}: "
+                f"“{md_text(row.shared)}” then the reference “{md_text(row.reference)}”, "
+                f"{md_text(row.variant)} “{md_text(row.variant_text)}”"
+            ]
+        out += [""] + [f"- {md_text(note)}." for note in table.free_answer_notes(r)] + [""]
     return out
 
 

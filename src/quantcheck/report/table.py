@@ -584,6 +584,75 @@ def worst_notes(results: Results) -> list[str]:
 FLOOR_COLUMNS = ["Floor", "What changed", "Measured", "Compare with"]
 
 
+FREE_ANSWER_COLUMNS = [
+    "Variant",
+    "Same answer as the reference (95% CI)",
+    "First different token: median [p25, p75]",
+    "Length vs the reference",
+    "Never stop",
+    "Stop at under half",
+]
+
+
+def free_answer_rows(results: Results) -> list[list[str]]:
+    """A prompts run: each variant's own greedy answers against the reference's (`analysis.free_answers`)."""
+    rows = []
+    for m in results.models:
+        answers = m.free_answers
+        if answers is None:
+            continue
+        spread = answers.first_divergence
+        parted = (
+            f"{spread['median']:g} [{spread['p25']:g}, {spread['p75']:g}] of {answers.diverged}" if spread else "never"
+        )
+        rows.append(
+            [
+                m.name,
+                f"{answers.n - answers.diverged} of {answers.n}: "
+                + fmt.percent_ci(answers.identical.value, answers.identical.ci),
+                parted,
+                fmt.ratio(answers.length_ratio),
+                f"{answers.no_stop} (reference {answers.reference_no_stop})",
+                str(answers.early_stop),
+            ]
+        )
+    return rows
+
+
+@dataclass
+class DivergentRow:
+    """An answer where a variant parts from the reference: the shared start, then each one's own rest."""
+
+    variant: str
+    name: str
+    at: int
+    shared: str
+    reference: str
+    variant_text: str
+
+
+def divergent_rows(results: Results) -> list[DivergentRow]:
+    return [
+        DivergentRow(m.name, answer.name, answer.diverges_at, visible(answer.shared), visible(answer.reference_rest),
+                     visible(answer.variant_rest))  # fmt: skip
+        for m in results.models
+        if m.free_answers is not None
+        for answer in m.free_answers.most_divergent
+    ]
+
+
+def free_answer_notes(results: Results) -> list[str]:
+    if not any(m.free_answers for m in results.models):
+        return []
+    limit = next(m.free_answers.max_new_tokens for m in results.models if m.free_answers)
+    return [
+        "each variant answered every prompt greedily itself, with the reference's chat template and stop tokens; "
+        "token scoring above replays the reference's answers instead",
+        f"never stop: answers that reach --max-new-tokens ({limit}) without a stop token",
+        "these inform and do not decide the verdict",
+    ]
+
+
 def floor_rows(results: Results) -> list[list[str]]:
     """The reference's own noise, one row per floor, then each variant against the sampling floor."""
     rows = []

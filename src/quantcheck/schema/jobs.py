@@ -50,6 +50,7 @@ class JobSpec(BaseModel):
     loglik: bool = True
     generation: GenerationOptions | None = None
     corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
+    own_answers: bool = False  # prompts: a variant also answers every prompt greedily itself
     engine_floor: bool = False  # set: also score a bounded subset twice with two batch plans (scoring/engine_floor.py)
     cost: dict[str, object] | None = None  # CostSettings fields
     cost_round: int = 1

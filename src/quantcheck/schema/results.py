@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """The document's version: it moves when results.json gains or changes a field (docs/results.md lists each)."""
 
 SCORES_VERSION = 6
@@ -29,7 +29,7 @@ GIB = 2**30
 """Every memory size the tool takes is in GiB (--fit-gb, weight_gb, --max-memory-gb)."""
 
 Decision = Literal["QUANTIZE", "DON'T QUANTIZE", "INCONCLUSIVE"]
-Phase = Literal["loglik", "generation", "cost", "corpus"]
+Phase = Literal["loglik", "generation", "cost", "corpus", "answers"]
 Outcome = Literal["pass", "fail", "unclear"]
 Preference = Literal["memory", "speed", "quality"]
 
@@ -624,6 +624,49 @@ class RunPlan(BaseModel):
     dtype: str
 
 
+class AnswerRecord(BaseModel):
+    """One line of models/<name>/answers.jsonl: a variant's own greedy answer to one prompt (a prompts run)."""
+
+    prompt: int = Field(description="the prompt's index in prompts.jsonl")
+    model: str
+    ids: list[int] = Field(description="the new token ids, cut before the first stop token")
+    pieces: list[str] = Field(description="each id's text, for the report's side-by-side answers")
+
+
+class DivergentAnswer(BaseModel):
+    """A prompt where the variant's own answer leaves the reference's: the shared start, then each one's rest."""
+
+    prompt: int
+    name: str
+    diverges_at: int = Field(description="the first answer token where the two differ (0: the very first)")
+    shared: str
+    reference_rest: str
+    variant_rest: str
+
+
+class FreeAnswers(BaseModel):
+    """schema 8, a prompts run: the variant answering every prompt greedily itself, against the reference's own
+    greedy answers. Teacher forcing scores the variant on the reference's path; this shows where its own path
+    leaves it (users report perplexity that looks fine while free generation breaks). It informs the verdict's
+    reasons and does not decide."""
+
+    n: int
+    max_new_tokens: int
+    identical: Estimate = Field(description="share of prompts answered token for token as the reference (Wilson)")
+    diverged: int = Field(description="prompts whose answers differ somewhere")
+    first_divergence: dict[str, float] = Field(
+        description="over the diverged prompts: the answer token where they first differ, median, p25, p75, min, max"
+    )
+    divergence_by_token: list[int] = Field(
+        description="how many prompts first diverge at answer token 0, 1, 2, ...; its last entry counts the rest"
+    )
+    length_ratio: float | None = Field(description="the variant's answer tokens over the reference's, all prompts")
+    no_stop: int = Field(description="answers that reach --max-new-tokens without a stop token")
+    reference_no_stop: int
+    early_stop: int = Field(description="answers that stop at under half the reference's length")
+    most_divergent: list[DivergentAnswer] = Field(description="the earliest divergences, side by side")
+
+
 class ModelResult(BaseModel):
     """Everything measured for one model: the reference or one quantized variant."""
 
@@ -660,6 +703,7 @@ class ModelResult(BaseModel):
     cost: ModelCost | None = None
     cost_vs_reference: CostComparison | None = None
     planned_weights: WeightPlan | None = Field(None, description="schema 7: the weight memory planned before loading")
+    free_answers: FreeAnswers | None = Field(None, description="schema 8, prompts runs: the variant's own answers")
     verdict: Verdict | None = None
 
 
