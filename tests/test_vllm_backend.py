@@ -62,10 +62,16 @@ device="cpu", dtype="float32",
 backend = VllmBackend(job)
 backend.load()
 captured, flat = backend._captured_rows(prompts), backend._flat_rows(prompts)
+window = max(prompts, key=len)
+prompt_rows = backend._captured_prompt_rows(window), backend._flat_prompt_rows(window)
+scored = backend.window_logprobs([window], len(window) // 2)
 print(json.dumps({"captures": backend.captures_rows, "shape": list(captured.shape), \
 "equal": bool(np.array_equal(captured, flat)),
                   "sums": np.exp(captured.astype(np.float64)).sum(axis=1).tolist(), \
-"top": captured.argmax(axis=1).tolist()}))
+"top": captured.argmax(axis=1).tolist(), "prompt_shape": list(prompt_rows[0].shape), \
+"prompt_equal": bool(np.array_equal(*prompt_rows)), "scored_shape": list(scored.shape), \
+"scored_equal": bool(np.array_equal(scored[0], prompt_rows[0][len(window) // 2:])), \
+"last_diff": float(np.abs(prompt_rows[0][-1] - backend._captured_rows([window[:-1]])[0]).max())}))
 """
 
 
@@ -94,6 +100,13 @@ def test_rows_read_from_the_sampler_equal_vllms_own_logprobs_bit_for_bit(tmp_pat
     assert rows["equal"] is True
     assert all(abs(total - 1) < 1e-4 for total in rows["sums"])  # real distributions, not zeros or copies
     assert len(set(rows["top"])) > 1
+    # Text and prompts: every position's row, copied from the runner, equals vLLM's own prompt_logprobs=-1 output;
+    # the row at the last but one position is the next-token row the sampler gives for the window less its last token
+    # (bf16 logits of one row and of a whole prompt's matrix round differently, so not to the bit).
+    window = max(prompts, key=len)
+    assert rows["prompt_shape"] == [len(window) - 1, tokenizer.vocab_size] and rows["prompt_equal"] is True
+    assert rows["scored_shape"] == [1, len(window) - len(window) // 2 - 1, tokenizer.vocab_size]
+    assert rows["scored_equal"] is True and rows["last_diff"] < 0.05, rows["last_diff"]
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +303,39 @@ def test_missing_vllm_is_one_line_that_says_what_to_install(tmp_path):
         "run", "--quant", "vllm:none", "--out", str(tmp_path / "run"), env={"QUANTCHECK_VLLM_PYTHON": ""}, timeout=120
     )
     assert_one_line_error(result, "needs vLLM", "pip install 'quantcheck[vllm]'")
+
+
+@needs_vllm
+def test_text_through_vllm_in_process_matches_transformers_fp32(tmp_path):
+    """The engine floor on identical weights, every token of text: vLLM fp32 against the transformers fp32 reference."""
+    out = tmp_path / "run"
+    result = quantcheck(
+        "run", "--quant", "vllm:none", "--dataset", "text:builtin", "--limit", "2", "--skip-cost", "--out", str(out),
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    corpus = model(read_results(out), "vllm:none")["corpus"]
+    assert corpus["tokens"] == 2 * 255
+    assert 0 <= corpus["kl"]["mean"]["value"] <= 1e-5
+    assert abs(corpus["perplexity_ratio"]["value"] - 1) <= 1e-4
+    assert corpus["same_top1"]["value"] >= 0.99
+
+
+@needs_vllm
+def test_prompts_through_vllm_are_scored_and_answered_by_the_engine(tmp_path):
+    from test_prompts import CHATS, MAX_NEW_TOKENS, write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", CHATS)
+    out = tmp_path / "run"
+    result = quantcheck(
+        "run", "--quant", "vllm:none", "--dataset", f"prompts:{prompts}", "--max-new-tokens", str(MAX_NEW_TOKENS),
+        "--skip-cost", "--out", str(out), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    variant = model(read_results(out), "vllm:none")
+    reference_answers = json.loads((out / "reference" / "answers.json").read_text())["answers"]
+    assert variant["corpus"]["tokens"] == sum(map(len, reference_answers))
+    assert variant["corpus"]["kl"]["mean"]["value"] <= 1e-5
+    answers = variant["free_answers"]
+    assert answers["n"] == len(CHATS) and len((out / "models" / "vllm-none" / "answers.jsonl").read_text().splitlines())
+    assert answers["diverged"] <= 1  # fp32 in both engines: the same greedy answers, bar a near-tie

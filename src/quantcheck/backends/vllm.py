@@ -125,6 +125,7 @@ def _device_count(device: str) -> int:
 class VllmBackend(Backend):
     name = "vllm"
     engine_package = "vllm"
+    scores_text = True
     install_hint = INSTALL_HINT
 
     @classmethod
@@ -282,6 +283,54 @@ class VllmBackend(Backend):
             flat = output.outputs[0].logprobs
             start, end = flat.start_indices[0], flat.end_indices[0]
             rows[row, np.asarray(flat.token_ids[start:end])] = np.asarray(flat.logprobs[start:end], dtype=np.float32)
+        return rows
+
+    def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
+        """vLLM's prompt log-probabilities (its raw log-softmax) at positions first .. len-2 of each window: read whole
+        from its model runner where the engine runs in this process, else through its flat `prompt_logprobs=-1`."""
+        rows = [
+            self._captured_prompt_rows(window) if self.captures_rows else self._flat_prompt_rows(window)
+            for window in windows
+        ]
+        for window, row in zip(windows, rows):
+            if row.shape != (len(window) - 1, self.vocab_width):
+                raise QuantcheckError(
+                    f"vLLM gave {row.shape[0]} prompt rows of {row.shape[1]} for a {len(window)}-token window of "
+                    f"{self.spec.name}; expected {len(window) - 1} of {self.vocab_width}"
+                )
+        return np.stack([row[first:] for row in rows])
+
+    def _captured_prompt_rows(self, window: Sequence[int]) -> np.ndarray:
+        """One window per request, asking vLLM for a single prompt log-probability per position: the runner's full
+        rows are copied as vLLM computes them (`_capture_prompt_rows`), before it keeps only that one."""
+        from vllm import SamplingParams
+
+        if not _PROMPT_ROWS.installed:
+            self.llm.collective_rpc(_capture_prompt_rows)
+            _PROMPT_ROWS.installed = True
+        _PROMPT_ROWS.chunks.clear()
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        self.llm.generate(self._token_prompts([window]), params, use_tqdm=False)
+        if not _PROMPT_ROWS.chunks:
+            return np.zeros((0, self.vocab_width), dtype=np.float32)
+        import torch
+
+        return torch.cat(_PROMPT_ROWS.chunks).numpy()
+
+    def _flat_prompt_rows(self, window: Sequence[int]) -> np.ndarray:
+        """The same rows through vLLM's own output (every token, flat, not detokenized): any engine layout, slower."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=-1, flat_logprobs=True, detokenize=False
+        )
+        flat = self.llm.generate(self._token_prompts([window]), params, use_tqdm=False)[0].prompt_logprobs
+        rows = np.full((len(window) - 1, self.vocab_width), -np.inf, dtype=np.float32)
+        for position in range(1, len(window)):  # position 0 has no log-probabilities: nothing precedes it
+            start, end = flat.start_indices[position], flat.end_indices[position]
+            rows[position - 1, np.asarray(flat.token_ids[start:end])] = np.asarray(
+                flat.logprobs[start:end], dtype=np.float32
+            )
         return rows
 
     def _sampling(self, settings: GenerationSettings, seed: int | None):
@@ -452,6 +501,39 @@ def _engine_in_this_process(engine: EngineSettings) -> bool:
     return (
         single and not engine.distributed_executor_backend and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
     )
+
+
+class _PromptRows:
+    """What `_capture_prompt_rows` copies out of vLLM's runner, in this process: each prompt chunk's full rows."""
+
+    installed = False
+    chunks: list = []
+
+
+_PROMPT_ROWS = _PromptRows()
+
+
+def _capture_prompt_rows(worker) -> None:
+    """Run once inside vLLM's worker (this process, through `collective_rpc`): while the runner computes prompt
+    log-probabilities, keep a CPU copy of each chunk's `compute_logprobs` output, the full log-softmax rows
+    from which vLLM then gathers the K it was asked for. One request at a time, so every chunk is that request's,
+    in order."""
+    runner = worker.model_runner
+    original, sampler = runner._get_prompt_logprobs_dict, runner.sampler
+
+    def keep(logits):
+        scores = type(sampler).compute_logprobs(logits)
+        _PROMPT_ROWS.chunks.append(scores.cpu())
+        return scores
+
+    def capturing(*args, **kwargs):
+        sampler.compute_logprobs = keep
+        try:
+            return original(*args, **kwargs)
+        finally:
+            del sampler.compute_logprobs  # the class's own again
+
+    runner._get_prompt_logprobs_dict = capturing
 
 
 @cache

@@ -469,7 +469,7 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
                 f"{spec.name} runs in the {spec.backend} backend, "
                 "which cannot score every token of a text or of answers yet "
                 "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), "
-                "or use the hf or llamacpp backend"
+                "or use the hf, vllm or llamacpp backend"
             )
 
 
