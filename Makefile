@@ -108,6 +108,7 @@ bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_cost_stability.py
 	$(BIN)/python bench/bench_store.py
 	$(BIN)/python bench/bench_corpus_pass.py
+	$(VLLM_VENV)/bin/python bench/bench_corpus_pass.py --backend vllm
 	$(BIN)/python bench/bench_vs_lmeval.py
 	$(BIN)/python bench/bench_sensitivity.py
 	$(BIN)/python bench/bench_vs_llama_perplexity.py --llama-perplexity $(LLAMA_PERPLEXITY)

@@ -49,8 +49,8 @@ def test_options_are_the_backends_own_declaration():
     [
         ("bnb-nf4?bits=3", "unknown option 'bits' in 'bnb-nf4?bits=3'; the hf backend's options: keep"),
         (
-            "vllm:none?kv_cache=fp8",
-            "unknown option 'kv_cache' in 'vllm:none?kv_cache=fp8'; the vllm backend's options: none",
+            "vllm:none?group=64",
+            "unknown option 'group' in 'vllm:none?group=64'; the vllm backend's options: kv_cache",
         ),
         (f"url:{URL}?top_k=5", "the openai backend's options: top_logprobs, weight_gb"),
         (f"url:{URL}?top_logprobs", "options are key=value pairs joined by '&'"),

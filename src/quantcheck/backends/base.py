@@ -100,6 +100,11 @@ class Backend(ABC):
         )
 
     @classmethod
+    def describe_method(cls, method: str) -> str:
+        """A variant's method in words (results.json's `description`), its `?key=value` options included."""
+        return f"{cls.method_info(method).description} [{cls.name}]"
+
+    @classmethod
     def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
         """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and
         pretrained:PATH. `options` are known to be among `variant_options`."""

@@ -24,7 +24,6 @@ from urllib.parse import parse_qsl
 
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
-from quantcheck.models.quant_methods import split_mixed
 from quantcheck.schema.jobs import EngineSettings
 from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
 
@@ -173,7 +172,4 @@ def describe(spec: ModelSpec) -> str:
         return f"the reference model at its recorded precision ({spec.backend})"
     if spec.checkpoint:
         return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
-    name, keep = split_mixed(spec.method)
-    method = get_backend(spec.backend).methods()[name]
-    kept = f", decoder layers {', '.join(map(str, keep))} kept at the reference's precision" if keep else ""
-    return method.description + kept if spec.backend == "hf" else f"{method.description} [{spec.backend}]"
+    return get_backend(spec.backend).describe_method(spec.method)

@@ -101,6 +101,17 @@ METHODS: dict[str, VllmMethod] = {
 dense model, so they are not offered there."""
 
 
+KV_CACHE_OPTION = "kv_cache"
+KV_CACHE_TYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
+"""vLLM's `kv_cache_dtype` values for a quantized cache; on CPU its attention runs them only with AVX-512 or AMX."""
+
+
+def split_kv_cache(method: str) -> tuple[str, str | None]:
+    """`none?kv_cache=fp8` read back: the registered method and the KV cache's type (None: the model's dtype)."""
+    name, _, cache = method.partition(f"?{KV_CACHE_OPTION}=")
+    return name, cache or None
+
+
 def _interpreter() -> str:
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
@@ -126,6 +137,10 @@ class VllmBackend(Backend):
     name = "vllm"
     engine_package = "vllm"
     scores_text = True
+    variant_options = {
+        KV_CACHE_OPTION: f"the KV cache stored as {', '.join(KV_CACHE_TYPES)} (vLLM's kv_cache_dtype): the same "
+        "weights with a quantized cache, e.g. vllm:none?kv_cache=fp8"
+    }
     install_hint = INSTALL_HINT
 
     @classmethod
@@ -135,6 +150,35 @@ class VllmBackend(Backend):
     @classmethod
     def interpreter(cls) -> str:
         return _interpreter()
+
+    @classmethod
+    def method_info(cls, method: str) -> MethodInfo:
+        return super().method_info(split_kv_cache(method)[0])
+
+    @classmethod
+    def describe_method(cls, method: str) -> str:
+        cache = split_kv_cache(method)[1]
+        return super().describe_method(method) + (f" with the KV cache in {cache}" if cache else "")
+
+    @classmethod
+    def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+        """`METHOD?kv_cache=fp8`: the method's weights with vLLM's KV cache in that type."""
+        if KV_CACHE_OPTION not in options:
+            return None
+        from quantcheck.schema.models import ModelSpec
+
+        cache = options[KV_CACHE_OPTION]
+        if cache not in KV_CACHE_TYPES:
+            raise QuantcheckError(
+                f"kv_cache={cache!r} in vllm:{body}: vLLM's quantized KV cache types are {', '.join(KV_CACHE_TYPES)}"
+            )
+        if body.startswith("pretrained:"):
+            raise QuantcheckError(f"{KV_CACHE_OPTION}= takes a method of `quantcheck quants`, not {body}")
+        cls.method_info(body)  # an unknown method lists the valid ones
+        method = f"{body}?{KV_CACHE_OPTION}={cache}"
+        return ModelSpec(
+            name=f"vllm:{method}", role="variant", backend=cls.name, method=method, weights=reference_weights
+        )
 
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
@@ -160,7 +204,8 @@ class VllmBackend(Backend):
         super().__init__(job)
         from quantcheck.models.loading import load_tokenizer
 
-        self.method = METHODS.get(self.spec.method) if not self.spec.checkpoint else METHODS["none"]
+        method, self.kv_cache = split_kv_cache(self.spec.method)
+        self.method = METHODS.get(method) if not self.spec.checkpoint else METHODS["none"]
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.llm = None
         self.packed_weights: list[tuple[int, int]] = []
@@ -195,6 +240,8 @@ class VllmBackend(Backend):
             arguments["quantization"] = self.method.quantization
         if engine.distributed_executor_backend:
             arguments["distributed_executor_backend"] = engine.distributed_executor_backend
+        if self.kv_cache:
+            arguments["kv_cache_dtype"] = self.kv_cache
         if self.captures_rows:
             arguments["logits_processors"] = [_row_capture()]
         if self.job.device == "cpu":
@@ -231,6 +278,7 @@ class VllmBackend(Backend):
                 "pipeline_parallel_size": engine.pipeline_parallel_size,
                 "distributed_executor_backend": engine.distributed_executor_backend or "default",
                 "quantization": config.quantization,
+                "kv_cache_dtype": self.llm.llm_engine.vllm_config.cache_config.cache_dtype,
             },
         )
 

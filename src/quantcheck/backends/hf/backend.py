@@ -88,6 +88,12 @@ class HFBackend(Backend):
         return ModelSpec(name=name, role="variant", backend=cls.name, method=name, weights=reference_weights)
 
     @classmethod
+    def describe_method(cls, method: str) -> str:
+        name, keep = split_mixed(method)
+        kept = f", decoder layers {', '.join(map(str, keep))} kept at the reference's precision" if keep else ""
+        return cls.method_info(name).description + kept
+
+    @classmethod
     def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
         """A mixed-precision variant: its method's plan with the kept layers at the reference's precision."""
         method, keep = split_mixed(spec.method)
