@@ -134,7 +134,8 @@ class FaultyProxy:
     probed alone), `faults` answers the first requests for a batch of rows with these HTTP statuses (a transient
     fault that clears, after the probe), `max_logprobs` refuses any completion that asks for more log-probabilities
     than that (-1 included) with 400, as OpenAI does past its limits, and `text_keys` keys each row's entries by the
-    token's text instead of `token_id:N`. It records every request's headers, path and body. Every other byte is the
+    token's text instead of `token_id:N`, and `no_prompt_logprobs` drops every completion's prompt log-probabilities
+    (a server that ignores the field). It records every request's headers, path and body. Every other byte is the
     server's own answer."""
 
     def __init__(
@@ -148,6 +149,7 @@ class FaultyProxy:
         fail_after: int | None = None,
         max_logprobs: int | None = None,
         text_keys: bool = False,
+        no_prompt_logprobs: bool = False,
     ) -> None:
         import httpx
 
@@ -217,6 +219,11 @@ class FaultyProxy:
                             for row in rows
                         ]
                     content = json.dumps(data).encode()
+                if settings.no_prompt_logprobs and self.path.endswith("/completions") and answer.status_code == 200:
+                    data = json.loads(content)
+                    for choice in data.get("choices", []):
+                        choice.pop("prompt_logprobs", None)  # as llama-server and OpenAI answer: the field ignored
+                    content = json.dumps(data).encode()
                 self._answer(answer.status_code, content)
 
             def do_GET(self) -> None:
@@ -227,7 +234,7 @@ class FaultyProxy:
 
         self.no_tokenize, self.no_echo, self.row_entries = no_tokenize or no_echo, no_echo, row_entries
         self.faults, self.max_logprobs, self.text_keys = list(faults), max_logprobs, text_keys
-        self.fail_after, self.answered = fail_after, 0
+        self.fail_after, self.answered, self.no_prompt_logprobs = fail_after, 0, no_prompt_logprobs
         self.seen: list[tuple[dict[str, str], str, bytes]] = []
         self.lock = threading.Lock()
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -685,6 +692,48 @@ def test_entries_keyed_by_token_text_are_refused_in_one_line_before_any_work(tmp
     refused = quantcheck("run", "--limit", "2", "--quant", f"url:{texted.url}", "--out", str(out), timeout=120)
     assert_one_line_error(refused, "keys log-probabilities by token text")
     assert not out.exists()
+
+
+def test_text_through_a_server_rests_on_its_top_20_at_every_token(tmp_path, server):
+    """A served copy of the reference's fp32 weights, every token of a text window over HTTP: the NLL is exact (the
+    server adds the actual token's log-probability), KL is a lower bound from the top 20, and both are the engine
+    floor's size."""
+    out = tmp_path / "run"
+    result = quantcheck(
+        "run", "--quant", f"url:{server.url}", "--dataset", "text:builtin", "--limit", "1", "--skip-cost",
+        "--out", str(out), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    variant = next(entry for entry in read_results(out)["models"] if entry["role"] == "variant")
+    corpus = variant["corpus"]
+    assert corpus["tokens"] == 255 and abs(corpus["perplexity_ratio"]["value"] - 1) <= 1e-4
+    assert 0 <= corpus["kl"]["mean"]["value"] <= 1e-5 and corpus["same_top1"]["value"] >= 0.99
+    records = [json.loads(line) for line in (out / "models" / model_folder(variant["name"]) / "corpus.jsonl").open()]
+    assert records[0]["kl_bound"] and "20" in records[0]["kl_bound"]
+    assert variant["engine_floor"] is None  # top-K rows have no engine floor of their own
+
+
+def test_prompts_through_a_server_are_scored_and_answered_by_it(tmp_path, server):
+    from test_prompts import CHATS, MAX_NEW_TOKENS, write_prompts
+
+    out = tmp_path / "run"
+    result = quantcheck(
+        "run", "--quant", f"url:{server.url}", "--dataset", f"prompts:{write_prompts(tmp_path / 'p.jsonl', CHATS)}",
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--skip-cost", "--out", str(out), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    variant = next(entry for entry in read_results(out)["models"] if entry["role"] == "variant")
+    answers = json.loads((out / "reference" / "answers.json").read_text())["answers"]
+    assert variant["corpus"]["tokens"] == sum(map(len, answers)) and variant["corpus"]["kl"]["mean"]["value"] <= 1e-5
+    assert variant["free_answers"]["n"] == len(CHATS) and variant["free_answers"]["diverged"] <= 1
+
+
+def test_a_server_without_prompt_log_probabilities_is_one_line_before_any_work(tmp_path, server, proxies):
+    proxy = proxies(no_prompt_logprobs=True)
+    out = tmp_path / "run"
+    result = quantcheck("run", "--quant", f"url:{proxy.url}", "--dataset", "text:builtin", "--out", str(out))
+    assert_one_line_error(result, "returns no prompt log-probabilities", "compare it on questions")
+    assert not (out / "models").exists()
 
 
 def test_a_server_without_log_probabilities_is_one_line_before_any_work(tmp_path, server):

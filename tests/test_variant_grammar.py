@@ -40,8 +40,9 @@ def test_every_form_splits_into_backend_body_and_options(text, backend, body, op
 
 
 def test_options_are_the_backends_own_declaration():
-    assert set(get_backend("openai").variant_options) == {"top_logprobs", "weight_gb"}
+    assert set(get_backend("openai").variant_options) == {"top_logprobs", "weight_gb", "prompt_logprobs"}
     assert set(get_backend("hf").variant_options) == {"keep"}
+    assert set(get_backend("vllm").variant_options) == {"kv_cache"}
 
 
 @pytest.mark.parametrize(
@@ -52,7 +53,7 @@ def test_options_are_the_backends_own_declaration():
             "vllm:none?group=64",
             "unknown option 'group' in 'vllm:none?group=64'; the vllm backend's options: kv_cache",
         ),
-        (f"url:{URL}?top_k=5", "the openai backend's options: top_logprobs, weight_gb"),
+        (f"url:{URL}?top_k=5", "the openai backend's options: top_logprobs, weight_gb, prompt_logprobs"),
         (f"url:{URL}?top_logprobs", "options are key=value pairs joined by '&'"),
         ("bnb-nf4?", "nothing follows '?'"),
         (f"url:{URL}?top_logprobs=5&top_logprobs=6", "an option is given twice"),

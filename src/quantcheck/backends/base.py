@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from quantcheck.errors import QuantMethodError
+from quantcheck.errors import QuantcheckError, QuantMethodError
 from quantcheck.models.plan import Footprint, ModelShape, checkpoint_footprint, read_config
 from quantcheck.models.quant_methods import importable
 from quantcheck.schema.results import WeightPlan
@@ -98,6 +98,16 @@ class Backend(ABC):
         raise QuantMethodError(
             f"unknown {engine}quantization method {method!r}; valid: {valid}, or {prefix}pretrained:<folder>"
         )
+
+    @classmethod
+    def check_text(cls, spec: ModelSpec) -> None:
+        """Before any work in a text or prompts run: refuse in one line where this model cannot score every token."""
+        if not cls.scores_text:
+            raise QuantcheckError(
+                f"{spec.name} runs in the {cls.name} backend, which cannot score every token of a text or of answers "
+                "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), or use the hf, vllm or "
+                "llamacpp backend"
+            )
 
     @classmethod
     def describe_method(cls, method: str) -> str:

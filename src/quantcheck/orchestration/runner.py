@@ -152,10 +152,10 @@ def prepare_run(options: RunOptions) -> Prepared:
     check_specs(models, device, options.engine)
     if (
         (served := models[0].endpoint) is not None
-        and served.top_logprobs is not None
+        and served.rows_top(corpus) is not None
         and options.store.kind == "compact"
     ):
-        raise QuantcheckError(refuse_top_k_reference(served.top_logprobs))
+        raise QuantcheckError(refuse_top_k_reference(served.rows_top(corpus)))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
     threads = options.threads or _default_threads()
@@ -307,7 +307,9 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         "reference_store": options.store.key(),
     }
     if models[0].endpoint is not None:
-        reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude={"stated_weight_bytes"})
+        # prompt_logprobs shapes a text run's rows only: other runs keep the keys they had before it existed
+        unused = {"stated_weight_bytes"} | (set() if corpus else {"prompt_logprobs"})
+        reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude=unused)
     if corpus_job is not None:
         reference_key |= {"prompt_format": corpus_job.kind, "corpus": corpus_job.model_dump()}
     if reason := folder.check_reference_key(reference_key):
@@ -460,17 +462,11 @@ def _token_job(options: RunOptions) -> tuple[RunOptions, CorpusJob | None]:
 
 
 def _check_text_backends(models: list[ModelSpec]) -> None:
-    """Before any model loads: every engine in the run must score text windows."""
+    """Before any model loads: every engine in the run must score every token (a server: its prompt log-probs)."""
     from quantcheck.backends import get_backend
 
     for spec in models:
-        if not get_backend(spec.backend).scores_text:
-            raise QuantcheckError(
-                f"{spec.name} runs in the {spec.backend} backend, "
-                "which cannot score every token of a text or of answers yet "
-                "(--dataset text:... or prompts:...): compare it on questions (mmlu:...), "
-                "or use the hf, vllm or llamacpp backend"
-            )
+        get_backend(spec.backend).check_text(spec)
 
 
 def _score_corpus(
@@ -487,7 +483,9 @@ def _score_corpus(
     """Each model's pass over the corpus's windows (and its engine's numeric floor, and in a prompts run a variant's
     own answers), the reference first; the reference's failure message, if it failed."""
     for spec in models:
-        todo_floor = floors and spec.measures_engine_floor and not folder.engine_floor_settled(spec.folder)
+        full_rows = spec.endpoint is None or spec.endpoint.rows_top(True) is None  # top-K rows: no floor of their own
+        todo_floor = floors and spec.measures_engine_floor and full_rows
+        todo_floor = todo_floor and not folder.engine_floor_settled(spec.folder)
         answers = own_answers and not spec.is_reference
         if folder.reference_tokens_exist() and not todo_floor:
             sequences = len(folder.read_reference_tokens())

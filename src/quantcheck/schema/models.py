@@ -46,6 +46,11 @@ class CorpusJob(BaseModel):
     )
 
 
+TEXT_TOP_LOGPROBS = 20
+"""What a server is asked for at every token of a text by default: full rows over HTTP would be about 0.5 GB of JSON a
+window, so text and prompts through a server rest on the top 20, KL a lower bound, unless all are asked for."""
+
+
 class Endpoint(BaseModel):
     """A model behind an OpenAI-compatible server. Never holds a secret: the API key is read from the
     environment by the worker (QUANTCHECK_API_KEY or OPENAI_API_KEY), so it reaches no file or log."""
@@ -63,6 +68,18 @@ class Endpoint(BaseModel):
         description="the served model's weight memory as the user stated it "
         "(url:...&weight_gb=G): a server's memory is not visible to a client",
     )
+    prompt_logprobs: int | None = Field(
+        TEXT_TOP_LOGPROBS,
+        ge=1,
+        description="text and prompts runs: the top K log-probabilities asked at every position (a full row is about "
+        "1.9 MB of JSON); None: every one (url:...?prompt_logprobs=all)",
+    )
+
+    def rows_top(self, every_token: bool) -> int | None:
+        """The K of the rows this server gives (None: full rows): at answer positions the probed `top_logprobs`; at
+        every token of a text or answer `prompt_logprobs`, within that cap."""
+        caps = [k for k in (self.top_logprobs, self.prompt_logprobs if every_token else None) if k is not None]
+        return min(caps) if caps else None
 
 
 class ModelSpec(BaseModel):

@@ -48,7 +48,7 @@ from quantcheck.backends.openai.client import (
     transport_reason,
 )
 from quantcheck.errors import QuantcheckError
-from quantcheck.schema.models import Endpoint
+from quantcheck.schema.models import TEXT_TOP_LOGPROBS, Endpoint
 from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
@@ -58,10 +58,12 @@ if TYPE_CHECKING:
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 PREFIX = "url"
-SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K][&weight_gb=G]"
+SYNTAX = f"{PREFIX}:URL[#MODEL][?top_logprobs=K][&weight_gb=G][&prompt_logprobs=K|all]"
 OPTIONS = {
     "top_logprobs": "K: the server returns only the top K log-probabilities (KL is then a lower bound)",
     "weight_gb": "G: the served model's weight memory in GiB, as you know it (a server's memory is not visible here)",
+    "prompt_logprobs": "K or all: text and prompts runs ask for the top K at every token "
+    f"(default {TEXT_TOP_LOGPROBS}, KL a lower bound; all: full rows, about 1.9 MB of JSON each)",
 }
 FALLBACK_TOP_LOGPROBS = (20, 5)
 """Asked for in turn when a server refuses the full vocabulary: OpenAI's chat and legacy limits."""
@@ -101,6 +103,55 @@ def _top_logprobs(options: dict[str, str], text: str) -> int | None:
     if value is not None and (not value.isdigit() or int(value) < 1):
         raise QuantcheckError(f"top_logprobs must be a whole number >= 1, got {value!r} in {text!r}")
     return None if value is None else int(value)
+
+
+def _prompt_logprobs(options: dict[str, str], text: str) -> int | None:
+    value = options.get("prompt_logprobs", str(TEXT_TOP_LOGPROBS))
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise QuantcheckError(f"prompt_logprobs must be a whole number >= 1 or all, got {value!r} in {text!r}")
+    return int(value)
+
+
+def _prompt_rows_request(model: str, prompts: Sequence[Sequence[int]], logprobs: int) -> dict[str, object]:
+    """Every position's log-probabilities of each prompt (vLLM's `prompt_logprobs`), one request for the batch."""
+    return {
+        "model": model,
+        "prompt": [list(prompt) for prompt in prompts],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": logprobs,
+    }
+
+
+def _prompt_entries(choice: dict, url: str) -> list[dict[str, dict]]:
+    """Per prompt position, its log-probabilities keyed by token id (the first position has none)."""
+    positions = choice.get("prompt_logprobs")
+    if not isinstance(positions, list) or len(positions) < 2:
+        raise EndpointError(
+            f"the server at {url} returns no prompt log-probabilities (vLLM's prompt_logprobs on /completions): "
+            "a text or prompts run needs them at every token; compare it on questions (mmlu:...)"
+        )
+    return positions
+
+
+def check_prompt_logprobs(endpoint: Endpoint) -> None:
+    """Before any work in a text or prompts run: the server gives log-probabilities at every prompt position."""
+    client = Client(endpoint.url, retries=PROBE_RETRIES, advice=PROBE_ADVICE)
+    try:
+        asked = endpoint.rows_top(True) or -1
+        choice = client.completions(_prompt_rows_request(endpoint.model, [PROBE_PROMPT], asked))[0]
+    except EndpointError as error:
+        if error.status not in (400, 422):
+            raise
+        raise EndpointError(
+            f"the server at {endpoint.url} refuses prompt log-probabilities ({str(error).split(': ', 1)[-1]}): a "
+            "text or prompts run needs them at every token; vLLM: --max-logprobs -1, or compare it on questions"
+        ) from None
+    finally:
+        client.close()
+    _prompt_entries(choice, endpoint.url)
 
 
 def _weight_bytes(options: dict[str, str], text: str) -> int | None:
@@ -230,13 +281,16 @@ def connect(text: str, options: dict[str, str], folder: str) -> Endpoint:
     reachable, serving the model, returning log-probabilities keyed by token id (full rows, else the top K)."""
     url, model = parse_endpoint(text)
     top_logprobs, weight_bytes = _top_logprobs(options, text), _weight_bytes(options, text)
+    prompt_logprobs = _prompt_logprobs(options, text)
     client = Client(url, retries=PROBE_RETRIES, advice=PROBE_ADVICE)
     try:
         served = _served_model(client, model)
         top, _ = _row_width(client, served, top_logprobs, folder)
     finally:
         client.close()
-    return Endpoint(url=url, model=served, top_logprobs=top, stated_weight_bytes=weight_bytes)
+    return Endpoint(
+        url=url, model=served, top_logprobs=top, stated_weight_bytes=weight_bytes, prompt_logprobs=prompt_logprobs
+    )
 
 
 def endpoint_spec(text: str, options: dict[str, str], role: str, tokenizer_folder: str) -> ModelSpec:
@@ -254,6 +308,7 @@ def endpoint_spec(text: str, options: dict[str, str], role: str, tokenizer_folde
             f"{PREFIX}:{url}"
             + (f"#{model}" if model else "")
             + (f"?top_logprobs={endpoint.top_logprobs}" if "top_logprobs" in options else "")
+            + (f"?prompt_logprobs={options['prompt_logprobs']}" if "prompt_logprobs" in options else "")
         )
     )
     return ModelSpec(
@@ -274,6 +329,7 @@ class OpenAIBackend(Backend):
     install_hint = "pip install httpx"
     quant_syntax = SYNTAX
     variant_options = OPTIONS
+    scores_text = True
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
@@ -296,6 +352,10 @@ class OpenAIBackend(Backend):
     @classmethod
     def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
         """Nothing left: `connect` probed the server when the spec was made."""
+
+    @classmethod
+    def check_text(cls, spec: ModelSpec) -> None:
+        check_prompt_logprobs(spec.endpoint)
 
     def __init__(self, job) -> None:
         super().__init__(job)
@@ -432,7 +492,21 @@ class OpenAIBackend(Backend):
 
     @property
     def top_logprobs(self) -> int | None:
-        return self.endpoint.top_logprobs
+        return self.endpoint.rows_top(self.job.corpus is not None)
+
+    def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
+        """The server's prompt log-probabilities at positions first .. len-2 of each window, one request for the
+        batch; -inf outside the top K (with the actual next token's, which the server adds)."""
+        asked = -1 if self.top_logprobs is None else self.top_logprobs
+        request = _prompt_rows_request(self.endpoint.model, windows, asked)
+        choices = self.client.completions(request, len(windows))
+        rows = np.full((len(windows), len(windows[0]) - first - 1, self.width), -np.inf, dtype=np.float32)
+        for window_rows, choice in zip(rows, choices):
+            for row, entries in zip(window_rows, _prompt_entries(choice, self.endpoint.url)[first + 1 :]):
+                ids = np.fromiter((int(key.removeprefix(TOKEN_ID_PREFIX)) for key in entries), np.int64, len(entries))
+                _check_row(ids, self.top_logprobs, self.width, self.endpoint.url)
+                row[ids] = np.fromiter((entry["logprob"] for entry in entries.values()), np.float32, len(entries))
+        return rows
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """One request for the batch; -inf outside the top K when the server returns only those."""
