@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import quantcheck, read_results
+from test_cli_errors import assert_one_line_error
 
 WINDOWS, CONTEXT = 6, 256
 VARIANTS = ["none", "bf16", "torchao-int8wo"]
@@ -281,6 +282,20 @@ def test_bad_corpus_files_are_one_line_errors(tmp_path, content, suffix, message
     result = quantcheck("run", "--dataset", f"text:{path}", "--quant", "none", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--context", "9000", "--quant", "none"], "--context 9000 is above smollm2-135m's limit of 8192 tokens"),
+        (["--context", "4096", "--quant", "gguf:Q8_0"], "longer than llama.cpp's context holds (--max-model-len 2048)"),
+    ],
+)
+def test_a_context_past_the_model_or_the_engine_is_one_line_before_any_model_loads(tmp_path, arguments, message):
+    out = tmp_path / "out"
+    result = quantcheck("run", "--dataset", "text:builtin", *arguments, "--skip-cost", "--out", str(out))
+    assert_one_line_error(result, message)
+    assert not (out / "models").exists()
 
 
 def test_a_text_shorter_than_one_window_says_so(tmp_path):

@@ -143,6 +143,8 @@ def prepare_run(options: RunOptions) -> Prepared:
     corpus = corpus_job is not None
     if corpus:
         _check_text_backends(models)
+        if corpus_job.kind == "text":
+            _check_context(corpus_job.context, model, models, options.engine)
     dataset = _load(options, model.path)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
@@ -467,6 +469,25 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
 
     for spec in models:
         get_backend(spec.backend).check_text(spec)
+
+
+def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engine: EngineSettings) -> None:
+    """Before any model loads: a window longer than the model was trained for (or than vLLM plans for) is refused;
+    positions past the model's limit would be scored on extrapolated position encodings."""
+    config = read_config(model.path) or {}
+    limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if limit and context > limit:
+        raise QuantcheckError(
+            f"--context {context} is above {model.name}'s limit of {limit} tokens (max_position_embeddings in its "
+            f"config.json): choose --context {limit} or less"
+        )
+    planned = {"vllm": "vLLM plans for", "llamacpp": "llama.cpp's context holds"}
+    for spec in models:
+        if context > engine.max_model_len and spec.backend in planned:
+            raise QuantcheckError(
+                f"--context {context} is longer than {planned[spec.backend]} (--max-model-len "
+                f"{engine.max_model_len}): raise --max-model-len to {context} or more"
+            )
 
 
 def _score_corpus(
