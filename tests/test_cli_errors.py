@@ -181,8 +181,15 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
     )
     # Install hints keep their extras (rich markup once ate "[vllm]"), and the grammar and its options are shown.
     assert "quantcheck[vllm]" in result.stdout or "yes (cpu)" in result.stdout.split("vllm:none")[1].splitlines()[0]
-    grammar = "every --quant is [backend:]method[?key=value&...]; options: hf: keep; url: top_logprobs, weight_gb"
+    grammar = (
+        "every --quant is [backend:]method[?key=value&...]; options: hf: keep; vllm: kv_cache; "
+        "url: top_logprobs, weight_gb, prompt_logprobs"
+    )
     assert grammar in result.stdout
+    # llm-compressor's recipes, read by transformers and by vLLM, each saying whether it needs calibration.
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "llmc:" in line}
+    assert {"llmc:gptq-w4a16", "llmc:rtn-w4a16", "vllm:llmc:gptq-w4a16"} <= set(rows)
+    assert "calibrated" in rows["llmc:gptq-w4a16"] and "no calibration" in rows["llmc:rtn-w4a16"]
 
 
 def test_chat_forced_on_for_a_model_without_a_chat_template(tmp_path):
