@@ -165,7 +165,7 @@ def prepare_run(options: RunOptions) -> Prepared:
         and served.rows_top(corpus) is not None
         and options.store.kind == "compact"
     ):
-        raise QuantcheckError(refuse_top_k_reference(served.rows_top(corpus)))
+        raise QuantcheckError(refuse_top_k_reference(served.rows_top(corpus), every_token=corpus))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
     threads = options.threads or _default_threads()

@@ -340,12 +340,17 @@ class CompactStore(ReferenceStore):
         return super().create(n_items, vocab_size)
 
 
-def refuse_top_k_reference(top_logprobs: int) -> str:
-    """Why a reference known only on its top K cannot fill the compact store (it needs the tail), and what to do."""
+def refuse_top_k_reference(top_logprobs: int, every_token: bool = False) -> str:
+    """Why a reference known only on its top K cannot fill the compact store (it needs the tail), and what to do; at
+    every token of a text, K is what the run asks for (`prompt_logprobs`, 20 unless all)."""
+    ask = (
+        "ask for all of them (--reference-url URL?prompt_logprobs=all)"
+        if every_token
+        else ("serve the reference with all of them (vLLM: --max-logprobs -1)")
+    )
     return (
         f"the reference's server returns only its top {top_logprobs} log-probabilities, and the compact reference "
-        "store needs full rows: serve the reference with all of them (vLLM: --max-logprobs -1), "
-        "or run with --store full"
+        f"store needs full rows: {ask}, or run with --store full"
     )
 
 
