@@ -327,7 +327,8 @@ def describe(out: Path, torch, dry_run: bool, passed: dict[str, bool]) -> str:
         answers = {where: _reference_answers(out / f"floor-{where}") for where in ("cuda", "cpu")}
         same = sum(answers["cuda"][item] == answer for item, answer in answers["cpu"].items())
         lines.append(
-            f"device floor (fp32 reference, CUDA against CPU, {len(kl)} answer positions): mean KL {kl.mean():.3g} "
+            f"device floor (fp32 reference, {'CPU against CPU: a dry run' if dry_run else 'CPU against CUDA'}, "
+            f"{len(kl)} answer positions): mean KL {kl.mean():.3g} "
             f"(max {kl.max():.3g}), same top token {same_top:.3f}, same answer {same}/{len(answers['cpu'])}"
         )
     lines.extend(f"{name}: failed (see {name}.log)" for name, ok in passed.items() if not ok)

@@ -92,6 +92,7 @@ def test_the_dry_run_walks_every_step_from_the_bundle_alone(dry_run, bundle):
     rows = [(out / f"floor-{where}" / "reference" / "logprobs.npy").read_bytes() for where in ("cuda", "cpu")]
     assert rows[0] == rows[1]
     questions = gpu_check.DRY_SIZES.questions
+    assert "CPU against CPU: a dry run" in table
     assert f"mean KL 0 (max 0), same top token 1.000, same answer {questions}/{questions}" in table
 
 
