@@ -684,6 +684,7 @@ def summarize(
     spans = _span_text(folder, dataset.kind) if reference_windows else None
     if reference_windows:
         reference.corpus = corpus_statistics(reference_windows, None, dataset.context, seed)[0]
+    reference_answers = None  # a prompts run's reference answers, read once for every variant's own
     for spec, result in zip(models[1:], results.models[1:]):
         _compare(result, reference, per_model[result.name], per_model[reference.name], seed)
         if reference_windows and (variant_windows := windows[spec.name]):
@@ -691,7 +692,7 @@ def summarize(
                 reference_windows, variant_windows, dataset.context, seed, spans
             )
         if spans and len(own.get(spec.name, [])) == dataset.n_items:
-            reference_answers = json.loads((folder.reference_dir / "answers.json").read_text())
+            reference_answers = reference_answers or json.loads((folder.reference_dir / "answers.json").read_text())
             result.free_answers = free_answers(
                 reference_answers["answers"],
                 spans.token_texts,

@@ -404,7 +404,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
                 todo_floor = (
                     options.floors
                     and loglik
-                    and spec.measures_engine_floor
+                    and spec.measures_engine_floor()
                     and not folder.engine_floor_settled(spec.folder)
                 )
                 if not (todo_loglik or todo_generation or todo_floor):
@@ -562,8 +562,7 @@ def _score_corpus(
     """Each model's pass over the corpus's windows (and its engine's numeric floor, and in a prompts run a variant's
     own answers), the reference first; the reference's failure message, if it failed."""
     for spec in models:
-        full_rows = spec.endpoint is None or spec.endpoint.rows_top(True) is None  # top-K rows: no floor of their own
-        todo_floor = floors and spec.measures_engine_floor and full_rows
+        todo_floor = floors and spec.measures_engine_floor(every_token=True)
         todo_floor = todo_floor and not folder.engine_floor_settled(spec.folder)
         answers = own_answers and not spec.is_reference
         if folder.reference_tokens_exist() and not todo_floor:

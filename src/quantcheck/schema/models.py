@@ -133,10 +133,11 @@ class ModelSpec(BaseModel):
     def is_reference(self) -> bool:
         return self.role == "reference"
 
-    @property
-    def measures_engine_floor(self) -> bool:
-        """Its engine gives full rows of its own to score twice: not a server's top K, not a recorded file."""
-        return self.backend != RECORDED_BACKEND and (self.endpoint is None or self.endpoint.top_logprobs is None)
+    def measures_engine_floor(self, every_token: bool = False) -> bool:
+        """Its engine gives full rows of its own to score twice: not a server's top K (at answer positions, or at every
+        token of a text or answer), not a recorded file."""
+        served_top = self.endpoint.rows_top(every_token) if self.endpoint else None
+        return self.backend != RECORDED_BACKEND and served_top is None
 
     @property
     def runs_reference_weights(self) -> bool:
