@@ -90,9 +90,14 @@ $(LLAMA_STAMP): $(STAMP) $(LLAMA_WHEEL_BUILT) $(LLAMA_CONVERTER)
 
 llama-cpp: $(LLAMA_STAMP)
 
-# llama.cpp's own llama-perplexity, for bench/bench_vs_llama_perplexity.py only (about 5 min on 2 cores, once).
+# llama.cpp's own llama-perplexity and llama-imatrix, for bench/bench_vs_llama_perplexity.py and bench/bench_imatrix.py
+# only (about 7 min on 2 cores, once).
 LLAMA_TOOLS := $(QC_CACHE)/llama.cpp-tools/$(LLAMA_CPP_VERSION)
 LLAMA_PERPLEXITY := $(LLAMA_TOOLS)/build/bin/llama-perplexity
+LLAMA_IMATRIX := $(LLAMA_TOOLS)/build/bin/llama-imatrix
+$(LLAMA_IMATRIX): $(LLAMA_PERPLEXITY)
+	cmake --build $(LLAMA_TOOLS)/build --target llama-imatrix -j >/dev/null
+
 $(LLAMA_PERPLEXITY): $(LLAMA_SDIST)
 	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)
 	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_TOOLS) --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
@@ -117,7 +122,7 @@ test:
 
 test-environments: $(STAMP) $(VLLM_STAMP) $(LLMC_STAMP) $(LLAMA_STAMP) browser
 
-bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
+bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY) $(LLAMA_IMATRIX)
 	$(BIN)/python bench/bench_backend_pass.py
 	$(BIN)/python bench/bench_cost_stability.py
 	$(BIN)/python bench/bench_store.py
@@ -126,6 +131,7 @@ bench: $(STAMP) $(VLLM_STAMP) $(LLAMA_STAMP) $(LLAMA_PERPLEXITY)
 	$(BIN)/python bench/bench_vs_lmeval.py
 	$(BIN)/python bench/bench_sensitivity.py
 	$(BIN)/python bench/bench_vs_llama_perplexity.py --llama-perplexity $(LLAMA_PERPLEXITY)
+	$(BIN)/python bench/bench_imatrix.py --llama-imatrix $(LLAMA_IMATRIX)
 
 # The CUDA check for an offline GPU host (docs/gpu-check.md): the bundle (at most 64 MiB) made here, then the check
 # itself, on CUDA where torch sees a GPU, else its dry run on CPU from that bundle in a simulated image.

@@ -183,9 +183,10 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
     assert "quantcheck[vllm]" in result.stdout or "yes (cpu)" in result.stdout.split("vllm:none")[1].splitlines()[0]
     grammar = (
         "every --quant is [backend:]method[?key=value&...]; options: hf: keep; vllm: kv_cache; "
-        "url: top_logprobs, weight_gb, prompt_logprobs"
+        "gguf: imatrix, samples, seq_len; url: top_logprobs, weight_gb, prompt_logprobs"
     )
     assert grammar in result.stdout
+    assert "gguf:TYPE?imatrix=default|text:FILE" in result.stdout  # the GGUF made with an importance matrix
     # llm-compressor's recipes, read by transformers and by vLLM, each saying whether it needs calibration.
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "llmc:" in line}
     assert {"llmc:gptq-w4a16", "llmc:rtn-w4a16", "vllm:llmc:gptq-w4a16"} <= set(rows)

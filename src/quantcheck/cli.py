@@ -421,6 +421,8 @@ def quants() -> None:
         devices = sorted(set().union(*(method.devices for method in backend.methods().values())))
         status = "yes" if not engine_missing else f"no: {engine_missing}"
         table.add_row(escape(prefix + syntax), escape(description), ", ".join(devices), escape(status))
+        if made := backend.made_row():
+            table.add_row(escape(prefix + made[0]), escape(made[1]), ", ".join(devices), escape(status))
         if backend_name in ("hf", "vllm"):
             _llmc_rows(table, prefix, engine_missing)
     table.caption = escape(

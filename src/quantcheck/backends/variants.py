@@ -8,6 +8,8 @@ Syntax (shown by `quantcheck quants`):
     --quant vllm:pretrained:PATH    a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, fp8) in vLLM
     --quant gguf:TYPE               the reference converted to GGUF and quantized to TYPE, run by llama.cpp
     --quant gguf:FILE.gguf          a GGUF file made elsewhere (same vocabulary as the reference), run by llama.cpp
+    --quant gguf:TYPE?imatrix=default|text:FILE   ... TYPE weighed by an importance matrix of calibration text
+    --quant [vllm:]llmc:RECIPE      a checkpoint made with llm-compressor (GPTQ, AWQ, W8A8, ...), read by hf or vLLM
     --backend vllm                  the reference itself runs in vLLM (--backend llamacpp: as a GGUF in llama.cpp)
     --quant url:URL[#MODEL][?top_logprobs=K]   a model behind an OpenAI-compatible server
     --reference-url URL[#MODEL][?top_logprobs=K]   the reference itself is served there (MODEL: its tokenizer)
@@ -26,7 +28,7 @@ from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_ba
 from quantcheck.errors import QuantcheckError
 from quantcheck.models import calibrated
 from quantcheck.schema.jobs import EngineSettings
-from quantcheck.schema.models import RECORDED_BACKEND, MakeSpec, ModelSpec
+from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
 
 PRETRAINED = "pretrained"
 LLMC = calibrated.PREFIX
@@ -165,20 +167,11 @@ def _made_spec(variant: VariantText, reference_weights: str) -> ModelSpec:
     if variant.backend not in ("hf", "vllm"):
         raise QuantcheckError(f"{variant.text}: llm-compressor checkpoints are read by the hf and vllm backends")
     recipe = calibrated.recipe(variant.body.removeprefix(f"{LLMC}:")).name
-    options = variant.options
-    for key in ("samples", "seq_len"):
-        if key in options and not options[key].isdigit():
-            raise QuantcheckError(f"{key} must be a whole number in {variant.text!r}, got {options[key]!r}")
-    source = options.get("calibration", "default")
+    source = variant.options.get("calibration", "default")
+    make = calibrated.make_spec(recipe, source, variant.options, variant.text)
     text = calibrated.calibration_text(source)
-    make = MakeSpec(
-        recipe=recipe,
-        calibration=source,
-        samples=int(options.get("samples", calibrated.SAMPLES)),
-        seq_len=int(options.get("seq_len", calibrated.SEQ_LEN)),
-    )
     request = calibrated.MakeRequest(recipe, reference_weights, text, source, make.samples, make.seq_len)
-    suffix = "&".join(f"{key}={value}" for key, value in sorted(options.items()))
+    suffix = "&".join(f"{key}={value}" for key, value in sorted(variant.options.items()))
     name = f"{quant_prefix(variant.backend)}{LLMC}:{recipe}" + (f"?{suffix}" if suffix else "")
     return ModelSpec(
         name=name,
@@ -216,9 +209,7 @@ def describe(spec: ModelSpec) -> str:
     if spec.is_reference:
         return f"the reference model at its recorded precision ({spec.backend})"
     if spec.make is not None:
-        calibration = f", calibrated on {spec.make.calibration} ({spec.make.samples} x {spec.make.seq_len} tokens)"
-        made = calibrated.RECIPES[spec.make.recipe]
-        return f"{made.description}{calibration if made.calibrated else ''}, made here, read by {spec.backend}"
+        return get_backend(spec.backend).describe_made(spec)
     if spec.checkpoint:
         return f"pre-quantized checkpoint {spec.weights} ({spec.backend})"
     return get_backend(spec.backend).describe_method(spec.method)

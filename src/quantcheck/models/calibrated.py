@@ -24,6 +24,7 @@ from pathlib import Path
 from quantcheck.errors import QuantMethodError
 from quantcheck.models.builtin import cache_dir, cache_lock
 from quantcheck.models.plan import Footprint
+from quantcheck.schema.models import MIN_CONTEXT, MakeSpec
 
 PREFIX = "llmc"
 INTERPRETER_VARIABLE = "QUANTCHECK_LLMC_PYTHON"
@@ -63,6 +64,30 @@ RECIPES = {
 }
 
 
+IMATRIX = "imatrix"
+"""`MakeSpec.recipe` of a GGUF K-quant weighed by an importance matrix (`gguf:TYPE?imatrix=...`, made by the llamacpp
+backend): calibrated like the llm-compressor recipes, on the same data and options."""
+
+
+def uses_calibration(recipe_name: str) -> bool:
+    return recipe_name == IMATRIX or RECIPES[recipe_name].calibrated
+
+
+def make_spec(recipe_name: str, source: str, options: dict[str, str], written: str) -> MakeSpec:
+    """What a variant makes and on which data, from its options (`samples`, `seq_len`), each checked in one line."""
+    for key, least in {"samples": 1, "seq_len": MIN_CONTEXT}.items():
+        if key in options and not (options[key].isdigit() and int(options[key]) >= least):
+            given = options[key]
+            raise QuantMethodError(f"{key} must be a whole number of at least {least} in {written!r}, got {given!r}")
+    calibration_text(source)  # an unreadable source is refused now, not after the run has started
+    return MakeSpec(
+        recipe=recipe_name,
+        calibration=source,
+        samples=int(options.get("samples", SAMPLES)),
+        seq_len=int(options.get("seq_len", SEQ_LEN)),
+    )
+
+
 def recipe(name: str) -> LlmcRecipe:
     if name not in RECIPES:
         valid = ", ".join(f"{PREFIX}:{known}" for known in RECIPES)
@@ -89,7 +114,7 @@ def calibration_text(source: str) -> str:
     from quantcheck.data.corpus import TEXT_PREFIX, load_corpus
 
     if not source.startswith(TEXT_PREFIX):
-        raise QuantMethodError(f"calibration={source!r}: give text:FILE, or leave it out for the default")
+        raise QuantMethodError(f"calibration data {source!r}: give text:FILE, or default")
     return load_corpus(source).text
 
 

