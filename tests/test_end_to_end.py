@@ -272,3 +272,31 @@ def test_quality_findings_are_printed_before_the_cost_phase_and_match_the_verdic
         assert log.index(expected) < first_cost
         for name in checks:
             assert any(line.startswith(f"  {name}: ") for line in log[log.index(expected) :])
+
+
+def test_a_declared_item_metric_reaches_results_csv_and_report(small_run):
+    """`answer_delta_p`, declared once in metrics/item_metrics.py: recomputed here from items.jsonl's full-vocabulary
+    answer-letter log-probabilities, it is results.json's value, metrics.csv's column and the report's cell."""
+    import csv
+    import math
+
+    items = read_items(small_run)
+    reference = {item["item_id"]: item for item in by_model(items, "reference")}
+    results = read_results(small_run)
+    csv_rows = {row["model"]: row for row in csv.DictReader((small_run / "metrics.csv").open())}
+    markdown = (small_run / "report.md").read_text()
+    assert "\u0394p of the correct answer [95% CI]" in markdown
+    for name in ("none", "bnb-nf4"):
+        deltas = []
+        for item in by_model(items, name):
+            letter = LETTERS.index(item["answer"])
+            ref = reference[item["item_id"]]["loglik"]["choice_logprobs"][letter]
+            deltas.append(math.exp(item["loglik"]["choice_logprobs"][letter]) - math.exp(ref))
+        measured = next(m for m in results["models"] if m["name"] == name)["item_metrics"]["answer_delta_p"]
+        assert measured["value"] == pytest.approx(sum(deltas) / len(deltas), abs=1e-12) and measured["units"] == 8
+        assert float(csv_rows[name]["answer_delta_p"]) == pytest.approx(measured["value"])
+        if name == "none":
+            assert measured["value"] == 0.0  # the reference's own weights: the same probabilities
+        else:
+            assert measured["value"] != 0.0 and measured["ci"]["low"] <= measured["value"] <= measured["ci"]["high"]
+    assert next(m for m in results["models"] if m["name"] == "reference")["item_metrics"] == {}

@@ -114,6 +114,11 @@ def number_ci(x: float | None, ci: Interval | None) -> str:
     return f"{number(x, 3)} {interval(ci, 'plain')}" if ci is not None else number(x, 3)
 
 
+def in_unit(x: float | None, ci: Interval | None, unit: str) -> str:
+    """A value with its interval in a declared unit (`metrics.item_metrics`): points, nats or a plain number."""
+    return {"points": points_ci, "nats": nats_ci}.get(unit, number_ci)(x, ci)
+
+
 def fraction(x: float | None, digits: int = 3) -> str:
     """A plain number in [0, 1] (a Jaccard index): ``"0.975"``."""
     if _missing(x):

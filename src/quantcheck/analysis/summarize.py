@@ -18,6 +18,7 @@ from quantcheck.analysis.divergence import divergence_summary
 from quantcheck.analysis.free_answers import free_answers
 from quantcheck.analysis.recommend import recommend
 from quantcheck.analysis.verdict import decide, fail_level, noisier_floor, quality_check_count, quality_checks
+from quantcheck.metrics.item_metrics import ITEM_METRICS
 from quantcheck.schema.models import ModelSpec
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
@@ -27,6 +28,7 @@ from quantcheck.schema.results import (
     CostComparison,
     DatasetInfo,
     EngineInfo,
+    Estimate,
     Floors,
     GeneratedAnswer,
     GenerationSettings,
@@ -117,6 +119,16 @@ def token_agreement(compared: list[ItemRecord], seed: int, level: float) -> Toke
             level,
         ),
     )
+
+
+def item_metrics(pairs: list[tuple[ItemRecord, ItemRecord]], seed: int) -> dict[str, Estimate]:
+    """Each declared per-question metric (`metrics.item_metrics`): its mean over the questions where it is known."""
+    found = {}
+    for metric in ITEM_METRICS:
+        values = [value for reference, variant in pairs if (value := metric.compute(reference, variant)) is not None]
+        if values:
+            found[metric.name] = bootstrap_mean(values, seed).model_copy(update={"units": len(values)})
+    return found
 
 
 def generative_quality(records: list[ItemRecord], settings: GenerationSettings) -> GenerativeQuality:
@@ -413,6 +425,7 @@ def _compare(
     result.paired_generative = _paired(generative_pairs, lambda record: record.generative, level)
     if compared:
         result.agreement = token_agreement(compared, seed, level)
+    result.item_metrics = item_metrics(loglik_pairs, seed)
     for phase, gap in reference.incomplete.items():
         result.incomplete[phase] = "; ".join(filter(None, [result.incomplete.get(phase), f"the reference's {gap}"]))
     if reference.cost and result.cost:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from quantcheck.analysis import format as fmt
 from quantcheck.analysis.corpus import DELTA_P_PERCENTILES, KL_PERCENTILES
 from quantcheck.analysis.recommend import recommend
+from quantcheck.metrics.item_metrics import ITEM_METRICS, ItemMetric
 from quantcheck.report.data import is_text_run, reference_model, variant_models
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
@@ -228,6 +229,7 @@ ACCURACY_COLUMNS = [
     "Same answer as ref",
     "Detectable \u0394 (80% power)",
     "\u0394 generative [95% CI]",
+    *[metric.column for metric in ITEM_METRICS],
 ]
 
 
@@ -245,7 +247,13 @@ def accuracy_row(m: ModelResult) -> list[str]:
         fmt.percent(pl.answer_agreement) if pl else fmt.NA,
         f"\u00b1{pl.min_detectable_difference * 100:.1f} pts" if pl else fmt.NA,
         fmt.points_ci(pg.difference, pg.difference_ci) if pg else fmt.NA,
+        *[_item_metric_cell(m, metric) for metric in ITEM_METRICS],
     ]
+
+
+def _item_metric_cell(m: ModelResult, metric: ItemMetric) -> str:
+    estimate = m.item_metrics.get(metric.name)
+    return fmt.in_unit(estimate.value, estimate.ci, metric.unit) if estimate else fmt.NA
 
 
 def accuracy_rows(results: Results) -> list[list[str]]:
@@ -875,6 +883,7 @@ CSV_COLUMNS = [
     "delta_loglik", "delta_loglik_ci_low", "delta_loglik_ci_high", "mcnemar_p_loglik",
     "right_to_wrong", "wrong_to_right", "answer_agreement", "min_detectable_difference",
     "delta_generative", "delta_generative_ci_low", "delta_generative_ci_high", "mcnemar_p_generative",
+    *[f"{metric.name}{part}" for metric in ITEM_METRICS for part in ("", "_ci_low", "_ci_high")],
     "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
     "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high",
     "rms_delta_p", "kl_growth", "kl_growth_ci_low", *[f"jaccard_{k}" for k in JACCARD_KS],
@@ -932,6 +941,7 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "p90_kl": ag.kl.p90 if ag else None,
         "max_kl": ag.kl.max if ag else None,
         **_corpus_columns(m),
+        **_item_metric_columns(m),
         **{f"jaccard_{k}": jaccard_value(m, k) for k in JACCARD_KS},
         "weight_bytes": c.weights.counted_bytes if c and c.weights else None,
         "footprint_bytes": c.weights.footprint_bytes if c and c.weights else None,
@@ -961,6 +971,16 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "offloaded": m.precision.offloaded if m.precision else None,
     }
     return row
+
+
+def _item_metric_columns(m: ModelResult) -> dict[str, object]:
+    columns: dict[str, object] = {}
+    for metric in ITEM_METRICS:
+        estimate = m.item_metrics.get(metric.name)
+        ci = estimate.ci if estimate else None
+        columns[metric.name] = estimate.value if estimate else None
+        columns[f"{metric.name}_ci_low"], columns[f"{metric.name}_ci_high"] = (ci.low, ci.high) if ci else (None, None)
+    return columns
 
 
 def _corpus_columns(m: ModelResult) -> dict[str, object]:
