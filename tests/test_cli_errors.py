@@ -183,7 +183,7 @@ def test_quants_lists_every_method_and_whether_it_runs_here():
     assert "quantcheck[vllm]" in result.stdout or "yes (cpu)" in result.stdout.split("vllm:none")[1].splitlines()[0]
     grammar = (
         "every --quant is [backend:]method[?key=value&...]; options: hf: keep; vllm: kv_cache; "
-        "gguf: imatrix, samples, seq_len; url: top_logprobs, weight_gb, prompt_logprobs"
+        "gguf: keep, imatrix, samples, seq_len; url: top_logprobs, weight_gb, prompt_logprobs"
     )
     assert grammar in result.stdout
     assert "gguf:TYPE?imatrix=default|text:FILE" in result.stdout  # the GGUF made with an importance matrix

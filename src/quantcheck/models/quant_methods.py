@@ -385,3 +385,18 @@ def split_mixed(method: str) -> tuple[str, tuple[int, ...]]:
     """`mixed_method` read back: the registered method and the kept decoder layers' indices."""
     name, _, kept = method.partition(f"?{MIXED_OPTION}=")
     return name, tuple(int(index) for index in kept.split(",")) if kept else ()
+
+
+def parse_keep(text: str, layers: int) -> tuple[int, ...]:
+    """keep=0,1,29 as sorted distinct indices, each an integer below the model's `layers`; anything else is one line."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise QuantMethodError(
+            f"{MIXED_OPTION}={text}: give decoder layer indices as whole numbers joined by ',' (keep=0,1,29)"
+        )
+    keep = tuple(sorted({int(part) for part in parts}))
+    if keep[-1] >= layers:
+        raise QuantMethodError(
+            f"{MIXED_OPTION}={text}: layer {keep[-1]} does not exist; the model's decoder layers are 0..{layers - 1}"
+        )
+    return keep

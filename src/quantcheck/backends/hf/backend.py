@@ -16,7 +16,15 @@ import numpy as np
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError
 from quantcheck.models.plan import Footprint
-from quantcheck.models.quant_methods import MIXED_OPTION, REGISTRY, LoadRequest, QuantMethod, mixed_method, split_mixed
+from quantcheck.models.quant_methods import (
+    MIXED_OPTION,
+    REGISTRY,
+    LoadRequest,
+    QuantMethod,
+    mixed_method,
+    parse_keep,
+    split_mixed,
+)
 from quantcheck.schema.results import EngineInfo, WeightPlan
 
 if TYPE_CHECKING:
@@ -292,20 +300,5 @@ def _recipe(spec: ModelSpec) -> QuantMethod:
     return REGISTRY[method]
 
 
-def parse_keep(text: str, layers: int) -> tuple[int, ...]:
-    """keep=0,1,29 as sorted distinct indices, each an integer below the model's `layers`; anything else is one line."""
-    parts = text.split(",")
-    if not all(part.strip().isdigit() for part in parts):
-        raise QuantcheckError(
-            f"{MIXED_OPTION}={text}: give decoder layer indices as whole numbers joined by ',' (keep=0,1,29)"
-        )
-    keep = tuple(sorted({int(part) for part in parts}))
-    if keep[-1] >= layers:
-        raise QuantcheckError(
-            f"{MIXED_OPTION}={text}: layer {keep[-1]} does not exist; the model's decoder layers are 0..{layers - 1}"
-        )
-    return keep
-
-
 BACKEND = HFBackend
-__all__ = ["BACKEND", "HFBackend", "answer_position_logprobs", "parse_keep"]
+__all__ = ["BACKEND", "HFBackend", "answer_position_logprobs"]
