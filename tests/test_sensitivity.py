@@ -206,7 +206,8 @@ def _cli(*args: str):
         (["run", "--quant", "fp16?keep=1"], "fp16 cannot leave layers out"),
         (["sensitivity", "--quant", "bf16"], "bf16 cannot leave layers out"),
         (["sensitivity", "--quant", "bnb-nf4", "--keep", "31"], "--keep 31 is more than the model's 30 decoder layers"),
-        (["sensitivity", "--quant", "gguf:Q4_K_M"], "a GGUF has no in-place layer swap"),
+        (["sensitivity", "--quant", "gguf:F16"], "gguf:F16 is not quantized"),
+        (["sensitivity", "--quant", "gguf:Q2_K?keep=1"], "without options"),
         (["sensitivity", "--quant", "bnb-nf5"], "unknown quantization method 'bnb-nf5'"),
     ],
 )
@@ -217,3 +218,44 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
     assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def gguf_sensitivity_run(tmp_path_factory) -> Path:
+    """`quantcheck sensitivity --quant gguf:Q2_K` on 4 questions: one file and one load per block, 2 blocks kept."""
+    out = tmp_path_factory.mktemp("gguf-sensitivity") / "run"
+    result = quantcheck(
+        "sensitivity", "--quant", "gguf:Q2_K", "--limit", "4", "--keep", "2", "--skip-cost", "--skip-generation",
+        "--out", str(out), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_a_gguf_type_ranks_every_block_and_its_kept_blocks_are_measured(gguf_sensitivity_run):
+    table = SensitivityTable.model_validate_json((gguf_sensitivity_run / "sensitivity.json").read_text())
+    assert (table.method, table.items) == ("gguf:Q2_K", 4)
+    assert sorted(layer.index for layer in table.layers) == list(range(LAYERS))
+    assert all(layer.name == f"blk.{layer.index}" and layer.kl.value > 0 for layer in table.layers)
+    (proposal,) = table.proposals  # --keep 2: measured as asked, once
+    assert proposal.keep == sorted(layer.index for layer in table.layers[:2])
+    assert proposal.variant == "gguf:Q2_K?keep=" + ",".join(map(str, proposal.keep))
+    pattern = "blk\\.(" + "|".join(map(str, proposal.keep)) + ")\\."
+    assert f"llama-quantize --tensor-type '{pattern}=F32'" in proposal.serve and proposal.serve.endswith(" Q2_K")
+    models = json.loads((gguf_sensitivity_run / "results.json").read_text())["models"]
+    measured = next(model for model in models if model["name"] == proposal.variant)
+    assert proposal.measured_kl.value == pytest.approx(measured["agreement"]["kl"]["mean"]["value"])
+    assert measured["engine"]["engine"] == "llama.cpp"
+
+
+def test_a_gguf_with_one_block_quantized_differs_from_f32_in_that_block_alone(tmp_path):
+    from quantcheck.backends.llamacpp import quantize_only_block, read_gguf_header
+    from quantcheck.models.plan import read_config
+
+    config = read_config(builtin_model_dir())
+    width, inner = config["hidden_size"], config["intermediate_size"]
+    kv = width // config["num_attention_heads"] * config["num_key_value_heads"]
+    block = 2 * width * width + 2 * width * kv + 3 * width * inner
+    path = quantize_only_block(builtin_model_dir(), "Q2_K", 7, tmp_path / "block-7.gguf", 2)
+    types = read_gguf_header(path).tensor_types
+    assert sum(count for name, count in types.items() if name != "F32") == block, types

@@ -566,7 +566,9 @@ def sensitivity(
     ] = None,
     quant: Annotated[
         str,
-        typer.Option("--quant", "-q", help="the method whose layers are ranked: bnb-*, torchao-*, quanto-* or hqq-*"),
+        typer.Option(
+            "--quant", "-q", help="the method whose layers are ranked: bnb-*, torchao-*, quanto-*, hqq-* or gguf:TYPE"
+        ),
     ] = ...,
     dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")] = (
         "mmlu:virology"

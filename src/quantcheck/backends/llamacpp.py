@@ -299,10 +299,17 @@ def _convert(reference: Path, target: Path) -> None:
 
 
 def _quantize(
-    source: Path, target: Path, method: str, threads: int, reference: Path, importance: dict | None = None
+    source: Path,
+    target: Path,
+    method: str,
+    threads: int,
+    reference: Path,
+    importance: dict | None = None,
+    only_block: int | None = None,
 ) -> None:
     """`llama_model_quantize` to TYPE (`method`: TYPE, or TYPE?keep=... with those decoder blocks kept), weighing each
-    tensor's rounding by `importance` (GGUF tensor name -> mean squares of its input columns) when given."""
+    tensor's rounding by `importance` (GGUF tensor name -> mean squares of its input columns) when given; with
+    `only_block`, that decoder block alone is quantized (per-layer sensitivity)."""
     import llama_cpp
 
     gguf_type, keep = split_mixed(method)
@@ -311,9 +318,13 @@ def _quantize(
         llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}"
     )
     params.nthread = threads
-    if keep:  # the kept blocks' tensors at the reference's precision, as llama-quantize --tensor-type sets them
-        overrides = (llama_cpp.llama_model_tensor_override * 2)()
-        overrides[0].pattern, overrides[0].type = kept_pattern(keep).encode(), _kept_ggml_type(reference)
+    patterns = [kept_pattern(keep)] if keep else []
+    if only_block is not None:  # every tensor but block `only_block`'s stays at the reference's precision
+        patterns.append(rf"^(?!blk\.{only_block}\.)")
+    if patterns:  # as llama-quantize --tensor-type PATTERN=TYPE sets them; the last entry, all null, ends the list
+        overrides = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()
+        for override, pattern in zip(overrides, patterns):
+            override.pattern, override.type = pattern.encode(), _kept_ggml_type(reference)
         params.tt_overrides = overrides
     if importance:
         columns = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in importance.items()}
@@ -328,6 +339,43 @@ def _quantize(
         partial.unlink(missing_ok=True)
         raise QuantcheckError(f"llama.cpp could not quantize {source} to {method}")
     os.replace(partial, target)
+
+
+def quantize_only_block(reference: Path, gguf_type: str, index: int, target: Path, threads: int) -> Path:
+    """The reference's GGUF with decoder block `index` alone quantized to TYPE (as TYPE's mix would quantize it), every
+    other tensor at the reference's precision: one file per layer, for `quantcheck sensitivity --quant gguf:TYPE`."""
+    _quantize(prepare_gguf(reference, "F32", threads), target, gguf_type, threads, reference, only_block=index)
+    return target
+
+
+def answer_rows(path: Path, prompts: Sequence[Sequence[int]], threads: int) -> np.ndarray:
+    """Each prompt's next-token log-probabilities (float32 rows over the vocabulary) from the GGUF at `path`, one
+    prompt at a time from an empty cache, as the backend scores questions."""
+    from llama_cpp import Llama
+
+    longest = max(len(ids) for ids in prompts)
+    llm = Llama(model_path=str(path), n_ctx=longest, n_batch=longest, n_threads=threads, verbose=False)
+    try:
+        return np.stack([_logprobs(_prefill(llm, ids)) for ids in prompts])
+    finally:
+        llm.close()
+
+
+def _prefill(llm, ids: Sequence[int]) -> np.ndarray:
+    """Evaluate one prompt from an empty cache; the logits after its last token (a copy)."""
+    llm.reset()
+    llm.eval(list(ids))
+    return _last_logits(llm)
+
+
+def _last_logits(llm) -> np.ndarray:
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def _logprobs(logits: np.ndarray) -> np.ndarray:
+    return log_softmax(logits.astype(np.float64)).astype(np.float32)
 
 
 def kept_pattern(keep: tuple[int, ...]) -> str:
@@ -678,22 +726,15 @@ class LlamaCppBackend(Backend):
 
     def _prefill(self, ids: Sequence[int], room: int = 0) -> np.ndarray:
         """Evaluate one prompt from an empty cache; the logits after its last token (a copy)."""
-        import llama_cpp
-
         if len(ids) + room > self.llm.n_ctx():
             raise QuantcheckError(
                 f"a prompt of {len(ids)} tokens (+{room} to generate) does not fit llama.cpp's context of "
                 f"{self.llm.n_ctx()} tokens: raise --max-model-len"
             )
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return self._last_logits(llama_cpp)
-
-    def _last_logits(self, llama_cpp) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab_width,)).copy()
+        return _prefill(self.llm, ids)
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.stack([log_softmax(self._prefill(ids).astype(np.float64)).astype(np.float32) for ids in prompts])
+        return np.stack([_logprobs(self._prefill(ids)) for ids in prompts])
 
     def window_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> np.ndarray:
         """Each window evaluated from an empty cache in one batch of its own (as llama-perplexity does), every
@@ -800,7 +841,6 @@ class LlamaCppBackend(Backend):
         Per prompt: prefill (the prompt's evaluation), time to first token (prefill + the first pick),
         then the remaining tokens one evaluation each; one untimed warm-up prompt first.
         """
-        import llama_cpp
 
         from quantcheck.cost.contention import other_load
         from quantcheck.schema.results import GenerationCost
@@ -820,7 +860,7 @@ class LlamaCppBackend(Backend):
                 first_token = clock.since(begin)
                 for _ in range(new_tokens - 1):
                     self.llm.eval([token])
-                    token = int(np.argmax(self._last_logits(llama_cpp)))
+                    token = int(np.argmax(_last_logits(self.llm)))
                 if index:  # the first pass is the warm-up
                     prefill.append(prefilled)
                     first.append(first_token)

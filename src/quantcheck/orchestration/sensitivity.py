@@ -3,7 +3,8 @@ ranking and measured like any other variant.
 
 1. Every check that needs no model: the method can leave layers out, --keep fits the model, the data set is questions.
 2. The per-layer scoring (`scoring.sensitivity`) in this process: the reference and the quantized model loaded once,
-   each layer quantized alone, ranked on exact KL over the reference's full rows.
+   each layer quantized alone, ranked on exact KL over the reference's full rows. A GGUF type has no in-place swap:
+   one file per block with that block alone quantized, each loaded once and scored against the F32 GGUF.
 3. The plain method (where it measures within --max-kl there is nothing to keep), then the proposal (`propose_keep`),
    run through the ordinary runner into one run folder, with the full reference store so that their KL is exact like
    the ranking's: accuracy, KL, flips, cost and verdict beside the prediction are all measured. A
@@ -17,9 +18,10 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from quantcheck.data.chats import is_prompts
@@ -45,7 +47,9 @@ class SensitivityOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    quant: str = Field(description="a transformers method that can leave layers out: bnb-*, torchao-*, quanto-*, hqq-*")
+    quant: str = Field(
+        description="a transformers method that can leave layers out (bnb-*, torchao-*, quanto-*, hqq-*) or gguf:TYPE"
+    )
     dataset: str = DEFAULT_DATASET
     limit: PositiveInt | None = None
     keep: PositiveInt | None = Field(None, description="keep the N most sensitive layers (default: by --max-kl)")
@@ -91,7 +95,7 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
     """Rank the layers, then propose and measure mixed-precision variants; the table is RUN_DIR/sensitivity.json."""
     from quantcheck.models.loading import DTYPES, decoder_layer_count, pick_device, resolve_model
 
-    method = _method(options.quant)
+    subject = _subject(options.quant)
     model = resolve_model(options.model, options.allow_pickle)
     layer_count = decoder_layer_count(model.path)
     if options.keep is not None and options.keep > layer_count:
@@ -108,17 +112,23 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
     out = options.out or default_out_dir()
     RunFolder(out).refuse_foreign(options.force)  # before minutes of scoring, as the runner would refuse it
     device = pick_device(options.device)
-    method.check_runnable(device)
+    if subject.method is not None:
+        subject.method.check_runnable(device)
+    elif device != "cpu":
+        raise QuantMethodError(f"{subject.variant} runs on cpu only (llama-cpp-python built for CPU): use --device cpu")
     view = ProgressView(options.quiet)
     request = _request(options, str(model.path), device)
 
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "sensitivity.log"
-        layers, seconds = _score(options, method, request, dataset.items, log, view)
-        view.line(f"{method.name}: {len(layers)} decoder layers scored one at a time in {seconds:.0f} s")
+        if subject.method is not None:
+            layers, seconds = _score(options, subject.method, request, dataset.items, log, view)
+        else:
+            layers, seconds = _score_gguf(options, subject.gguf_type, request, dataset.items, log, view)
+        view.line(f"{subject.variant}: {len(layers)} decoder layers scored one at a time in {seconds:.0f} s")
         table = SensitivityTable(
             model=model.name,
-            method=method.name,
+            method=subject.variant,
             dataset=dataset.spec,
             items=len(dataset.items),
             run_dir=str(out),
@@ -127,7 +137,7 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
             layers=layers,
             predicted_variant_kl=sum(layer.kl.value for layer in layers),
         )
-        _measure(options, method, request, table, layer_count, out, view)
+        _measure(options, subject, request, table, layer_count, out, view)
         write_text_atomic(RunFolder(out).sensitivity_log, log.read_text(errors="replace"))
     return table
 
@@ -146,27 +156,54 @@ def _request(options: SensitivityOptions, path: str, device: str) -> LoadRequest
     )
 
 
-def _method(text: str) -> QuantMethod:
-    """The transformers method named by --quant, refused in one line when it cannot leave a layer out."""
+@dataclass(frozen=True)
+class Subject:
+    """What is ranked: a transformers method (each layer swapped into one loaded model) or a GGUF type (one file with
+    one block quantized per layer: a GGUF has no in-place swap)."""
+
+    variant: str  # the plain variant's --quant spelling: bnb-nf4, gguf:Q2_K
+    method: QuantMethod | None = None
+    gguf_type: str | None = None
+
+    def mixed(self, keep: tuple[int, ...]) -> str:
+        return mixed_method(self.variant, keep)
+
+    def serve(self, request: LoadRequest, keep: tuple[int, ...]) -> str:
+        """How a user makes the mixed variant: the quantization config as code, or llama-quantize's arguments."""
+        if self.method is not None:
+            from quantcheck.models.loading import kept_modules
+
+            kept = kept_modules(request.path, keep, request.trust_remote_code) if keep else ()
+            return self.method.serve(replace(request, keep=kept))
+        from quantcheck.backends.llamacpp import kept_pattern
+
+        overrides = f"--tensor-type '{kept_pattern(keep)}=F32' " if keep else ""
+        return f"llama-quantize {overrides}model-F32.gguf model-{self.gguf_type}-mixed.gguf {self.gguf_type}"
+
+
+def _subject(text: str) -> Subject:
+    """The method named by --quant: a transformers method that can leave a layer out, or a GGUF type; anything else is
+    refused in one line."""
+    from quantcheck.backends import get_backend
+    from quantcheck.backends.llamacpp import GGUF_TYPES, PREFIX
     from quantcheck.backends.variants import parse_variant_text
 
     variant = parse_variant_text(text)
+    if variant.backend == "llamacpp" and not variant.options:
+        get_backend("llamacpp").method_info(variant.body)  # an unknown type lists the valid ones
+        if variant.body in ("F32", "F16", "BF16"):
+            raise QuantMethodError(f"{text} is not quantized: give a quantized GGUF type ({', '.join(GGUF_TYPES)})")
+        return Subject(variant=f"{PREFIX}:{variant.body}", gguf_type=variant.body)
     if variant.backend != "hf" or variant.options or variant.body not in REGISTRY:
-        if variant.backend == "llamacpp":
-            raise QuantMethodError(
-                f"{text}: a GGUF has no in-place layer swap, so per-layer sensitivity is not measured for llama.cpp "
-                "yet: give a transformers method (bnb-*, torchao-*, quanto-*, hqq-*)"
-            )
         if variant.backend == "hf" and not variant.options:
-            from quantcheck.backends import get_backend
-
             get_backend("hf").method_info(variant.body)  # an unknown method lists the valid ones
         raise QuantMethodError(
-            f"{text}: sensitivity takes one transformers method without options (bnb-*, torchao-*, quanto-*, hqq-*)"
+            f"{text}: sensitivity takes one transformers method (bnb-*, torchao-*, quanto-*, hqq-*) or one GGUF type "
+            "(gguf:Q4_K_M, ...), without options"
         )
     method = REGISTRY[variant.body]
     method.check_keeps()
-    return method
+    return Subject(variant=method.name, method=method)
 
 
 def _score(
@@ -211,9 +248,54 @@ def _score(
     return ranked, time.perf_counter() - started
 
 
+def _score_gguf(
+    options: SensitivityOptions,
+    gguf_type: str,
+    request: LoadRequest,
+    items: tuple[Item, ...],
+    log: Path,
+    view: ProgressView,
+) -> tuple[list[LayerSensitivity], float]:
+    """Every decoder block quantized alone to TYPE, one file and one load per block (llama.cpp's output to `log`), each
+    against the reference's F32 GGUF in the same engine, so the engine floor cancels; the scoring's seconds, files
+    included."""
+    import torch
+
+    from quantcheck.backends.llamacpp import answer_rows, prepare_gguf, quantize_only_block
+    from quantcheck.cost.scenario import default_threads
+    from quantcheck.models.builtin import output_to
+    from quantcheck.models.loading import decoder_layer_count, load_tokenizer
+    from quantcheck.scoring.loglik import encode_items
+    from quantcheck.scoring.sensitivity import compare_rows, ranked_layers
+
+    threads = options.threads or default_threads()
+    reference_path = Path(request.path)
+    encoded = encode_items(load_tokenizer(request.path, options.trust_remote_code), items)
+    rows = list(range(len(items)))
+    count = decoder_layer_count(reference_path)
+    view.line(f"the reference as an F32 GGUF, then {count} files with one block at {gguf_type} each")
+    started = time.perf_counter()
+    with output_to(log):
+        full = prepare_gguf(reference_path, "F32", threads)
+        reference = torch.from_numpy(answer_rows(full, encoded.prompt_ids, threads))
+    kl, same_top1, same_answer = (np.zeros((count, len(items)), dtype=kind) for kind in (float, bool, bool))
+    with view:
+        view.start_job(gguf_type)
+        view.handle({"event": "phase", "phase": "one block at a time", "total": count})
+        for index in range(count):
+            with output_to(log):
+                path = quantize_only_block(reference_path, gguf_type, index, log.with_name("block.gguf"), threads)
+                logprobs = torch.from_numpy(answer_rows(path, encoded.prompt_ids, threads))
+            path.unlink()
+            kl[index], same_top1[index], same_answer[index] = compare_rows(reference, logprobs, rows, items, encoded)
+            view.handle({"event": "advance"})
+    names = [f"blk.{index}" for index in range(count)]
+    return ranked_layers(names, kl, same_top1, same_answer, options.seed), time.perf_counter() - started
+
+
 def _measure(
     options: SensitivityOptions,
-    method: QuantMethod,
+    subject: Subject,
     request: LoadRequest,
     table: SensitivityTable,
     layer_count: int,
@@ -222,44 +304,42 @@ def _measure(
 ) -> None:
     """Propose, run the plain method and the proposals so far through the runner (resuming what is finished), and go
     on while the measured mean KL is above --max-kl (the greedy rule only, up to MAX_TRIES proposals)."""
-    from quantcheck.models.loading import kept_modules
     from quantcheck.scoring.sensitivity import propose_keep
 
     # The plain method first: where it already measures within --max-kl, there is nothing to keep.
-    _, results = run(options.run_options([method.name], out))
-    plain = next((result for result in results.models if result.name == method.name), None)
+    _, results = run(options.run_options([subject.variant], out))
+    plain = next((result for result in results.models if result.name == subject.variant), None)
     table.measured_variant_kl = plain.agreement.kl.mean if plain and plain.agreement else None
     write_json_atomic(RunFolder(out).sensitivity_file, table)
     if options.keep is None and table.measured_variant_kl and table.measured_variant_kl.value <= options.max_kl:
-        view.line(f"{method.name} measures within --max-kl {options.max_kl} as it is: no layer needs keeping")
+        view.line(f"{subject.variant} measures within --max-kl {options.max_kl} as it is: no layer needs keeping")
         return
     count = options.keep
     for _ in range(MAX_TRIES):
         keep, predicted = propose_keep(table.layers, options.max_kl, count)
         if not keep:  # the layers' sum is within --max-kl but the plain method measured above it: keep one at least
             keep, predicted = propose_keep(table.layers, options.max_kl, 1)
-        variant = mixed_method(method.name, tuple(keep))
+        variant = subject.mixed(tuple(keep))
         if options.keep is not None:
             rule = f"--keep {count}: the {count} layers of highest mean KL"
         elif not table.proposals:
             rule = f"greedy: the highest-KL layers kept until the others' mean KL sums to at most {options.max_kl}"
         else:
             rule = "the previous proposal measured above --max-kl: one more layer kept"
-        kept = kept_modules(request.path, tuple(keep), request.trust_remote_code) if keep else ()
         proposal = Proposal(
             keep=keep,
             variant=variant,
             rule=rule,
             predicted_kl=predicted,
-            serve=method.serve(replace(request, keep=kept)),
+            serve=subject.serve(request, tuple(keep)),
         )
         table.proposals.append(proposal)
         view.line(f"proposal: {variant}, predicted mean KL {predicted:.4g} nats: measuring it")
-        quants = list(dict.fromkeys([method.name, *(measured.variant for measured in table.proposals)]))
+        quants = list(dict.fromkeys([subject.variant, *(measured.variant for measured in table.proposals)]))
         _, results = run(options.run_options(quants, out))
         by_name = {result.name: result for result in results.models}
         _record(proposal, by_name.get(variant), options.max_kl)
-        plain = by_name.get(method.name)
+        plain = by_name.get(subject.variant)
         table.measured_variant_kl = plain.agreement.kl.mean if plain and plain.agreement else None
         write_json_atomic(RunFolder(out).sensitivity_file, table)
         if options.keep is not None or proposal.within_max_kl is not False or len(keep) == layer_count:

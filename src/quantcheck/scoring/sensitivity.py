@@ -125,26 +125,42 @@ def score_layers(
     for rows, prompts in model_batches(encoded, batch_size):
         inputs = capture(reference, stack, left_padded(prompts, pad_id, device.type))
         _check_replay(stack, inputs, type(reference).__name__)
-        reference_top1 = top_k_ids(inputs.reference, 1)[:, 0]
-        reference_answers = _answers(inputs.reference, rows, items, encoded)
         for index in range(count):
             with swapped(stack, index, quantized_layers[index]):
                 logprobs = replay(stack, inputs, index)
-            kl[index, rows] = kl_divergence(inputs.reference, logprobs).numpy()
-            same_top1[index, rows] = (top_k_ids(logprobs, 1)[:, 0] == reference_top1).numpy()
-            same_answer[index, rows] = _answers(logprobs, rows, items, encoded) == reference_answers
+            kl[index, rows], same_top1[index, rows], same_answer[index, rows] = compare_rows(
+                inputs.reference, logprobs, rows, items, encoded
+            )
             on_step()
+    return ranked_layers([stack.name(index) for index in range(count)], kl, same_top1, same_answer, seed)
+
+
+def ranked_layers(
+    names: list[str], kl: np.ndarray, same_top1: np.ndarray, same_answer: np.ndarray, seed: int
+) -> list[LayerSensitivity]:
+    """Each layer's row ([layers, items] arrays: KL, top-1 agreement, same answer) summarized; highest mean KL first."""
     layers = [
         LayerSensitivity(
             index=index,
-            name=stack.name(index),
+            name=name,
             kl=heavy_tailed_mean(kl[index].tolist(), seed),
             top1_agreement=float(same_top1[index].mean()),
             answer_flips=int((~same_answer[index]).sum()),
         )
-        for index in range(count)
+        for index, name in enumerate(names)
     ]
     return sorted(layers, key=lambda layer: (-layer.kl.value, layer.index))
+
+
+def compare_rows(
+    reference: torch.Tensor, logprobs: torch.Tensor, rows: list[int], items: tuple[Item, ...], encoded: EncodedItems
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KL, same top-1 and same log-likelihood answer of `logprobs` against the reference's rows, per row."""
+    return (
+        kl_divergence(reference, logprobs).numpy(),
+        (top_k_ids(logprobs, 1)[:, 0] == top_k_ids(reference, 1)[:, 0]).numpy(),
+        _answers(logprobs, rows, items, encoded) == _answers(reference, rows, items, encoded),
+    )
 
 
 def _answers(logprobs: torch.Tensor, rows: list[int], items: tuple[Item, ...], encoded: EncodedItems) -> np.ndarray:
