@@ -64,14 +64,13 @@ def test_the_importance_matrix_lowers_the_k_quants_text_kl(imatrix_run):
 def test_the_matrix_is_kept_in_llama_imatrix_format_and_feeds_the_quantizer(imatrix_run):
     """The cache keeps the matrix as llama-imatrix writes it (`llama-quantize --imatrix` reads it too): one row of
     mean squares per decoder-block matrix, the width of that matrix's input."""
-    from quantcheck.backends.llamacpp import gguf_cache_folder, read_gguf_header, read_imatrix
+    from quantcheck.backends.llamacpp import imatrix_path, read_gguf_header, read_imatrix
     from quantcheck.models.builtin import builtin_model_dir
 
     weighed = variant_spec(WEIGHED, str(builtin_model_dir()), str)
     made = Path(weighed.weights)
-    matrices = [path for path in gguf_cache_folder(builtin_model_dir()).glob("imatrix-*.gguf")]
-    assert made.exists() and matrices
-    matrix = read_imatrix(max(matrices, key=lambda path: path.stat().st_mtime))
+    assert made.exists()
+    matrix = read_imatrix(imatrix_path(builtin_model_dir(), weighed.make))
     assert len(matrix) == 30 * 7  # q, k, v, o, gate, up, down in each of the 30 blocks; no LM head
     assert matrix["blk.0.attn_q.weight"].size == 576 and matrix["blk.0.ffn_down.weight"].size == 1536
     assert all(np.all(values >= 0) and values.mean() > 0 for values in matrix.values())
@@ -100,7 +99,7 @@ def test_a_second_making_is_found_in_the_cache(imatrix_run, tmp_path):
         ("gguf:F32?imatrix=default", "F32 is not quantized"),
         ("gguf:F16?keep=1", "F16 is not quantized"),
         ("gguf:Q2_K?samples=8", "add imatrix=default"),
-        ("gguf:Q2_K?imatrix=speeches", "calibration data 'speeches': give text:FILE, or default"),
+        ("gguf:Q2_K?imatrix=speeches", "calibration data 'speeches': give text:FILE, prompts:FILE.jsonl or default"),
         ("gguf:Q2_K?imatrix=default&seq_len=4", "seq_len must be a whole number of at least 16"),
         ("gguf:Q9_K?imatrix=default", "unknown GGUF type 'Q9_K'"),
         ("gguf:Q2_K?imatrix=default&calibration=x", "unknown option 'calibration'"),
@@ -150,3 +149,29 @@ def test_a_making_that_fails_is_one_line_and_leaves_nothing_half_made(tmp_path):
     assert not list(gguf_cache_folder(builtin_model_dir()).glob("*.partial"))
     refused = quantcheck("run", "--quant", "gguf:Q2_K?imatrix=text:/no/such/file.txt", "--out", str(tmp_path / "b"))
     assert_one_line_error(refused, "no/such/file.txt")
+
+
+def test_a_users_prompts_are_calibration_data_and_calibrating_on_the_judged_prompts_is_said(tmp_path):
+    """`imatrix=prompts:FILE.jsonl` (and llmc's `calibration=`): every message's content, chat after chat; a prompts
+    run judged on the very prompts it was calibrated on gets the warning."""
+    import json
+
+    from quantcheck.backends.llamacpp import imatrix_path, make_imatrix_gguf, read_imatrix
+    from quantcheck.data.chats import load_prompts
+    from quantcheck.models.builtin import builtin_model_dir
+    from quantcheck.models.calibrated import calibration_text
+    from quantcheck.orchestration.runner import _calibrated_on_evaluation
+
+    prompts = tmp_path / "traffic.jsonl"
+    asked = [f"Summarize the annual report of department {n} in three sentences, naming its budget." for n in range(12)]
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": a}]}) + "\n" for a in asked))
+    source = f"prompts:{prompts}"
+    text = calibration_text(source)
+    assert all(question in text for question in asked)
+    spec = variant_spec(f"gguf:Q2_K?imatrix={source}&samples=2&seq_len=64", str(builtin_model_dir()), str)
+    assert spec.make.calibration == source
+    made, _ = make_imatrix_gguf(builtin_model_dir(), "Q2_K", spec.make, tmp_path / "make.log")
+    assert made["seconds"] > 0 and Path(spec.weights).exists()
+    assert len(read_imatrix(imatrix_path(builtin_model_dir(), spec.make))) == 30 * 7
+    warned = _calibrated_on_evaluation([spec], load_prompts(source))
+    assert [(warning.code, warning.model) for warning in warned] == [("calibrated-on-evaluation", spec.name)]

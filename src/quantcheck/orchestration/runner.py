@@ -485,7 +485,7 @@ def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCo
     """A variant calibrated on the text it is then judged on (the same text, or one holding it): flattered."""
     from quantcheck.models import calibrated
 
-    if not isinstance(dataset, TextCorpus):
+    if not isinstance(dataset, (TextCorpus, PromptSet)):
         return []
     flattered = []
     for spec in models:

