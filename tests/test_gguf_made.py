@@ -125,7 +125,27 @@ def test_kept_blocks_hold_the_references_precision_and_lower_the_kl(imatrix_run)
     f32 = [m["engine"]["precision"]["parameter_dtypes"]["F32"] for m in (plain, mixed)]
     assert f32[1] - f32[0] == 4 * block
     assert mixed["corpus"]["kl"]["mean"]["value"] < plain["corpus"]["kl"]["mean"]["value"]
-    assert "--tensor-type 'blk\\.(26|27|28|29)\\.=F32'" in mixed["description"]
+    assert "llama-quantize --tensor-type-file" in mixed["description"]
+    # Every other tensor keeps the type the plain Q3_K_M gave it (Q3_K_M's mix depends on the layer: a pattern for the
+    # kept blocks alone would shift it), and the list that made the file is kept beside it for llama-quantize.
+    import gguf
+
+    from quantcheck.backends.llamacpp import gguf_cache_folder
+
+    folder = gguf_cache_folder(builtin_model_dir())
+    types = {
+        path.stem: {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+        for path in (folder / "Q3_K_M.gguf", folder / "Q3_K_M-keep-26-27-28-29.gguf")
+    }
+    plain_types, mixed_types = types["Q3_K_M"], types["Q3_K_M-keep-26-27-28-29"]
+    kept = {name for name in mixed_types if name.startswith(("blk.26.", "blk.27.", "blk.28.", "blk.29."))}
+    assert {mixed_types[name] for name in kept} == {"F32"}
+    assert {name: kind for name, kind in mixed_types.items() if name not in kept} == {
+        name: kind for name, kind in plain_types.items() if name not in kept
+    }
+    listed = (folder / "Q3_K_M-keep-26-27-28-29.tensor-types.txt").read_text().split()
+    quantized = [name for name, kind in plain_types.items() if kind not in ("F32", "F16", "BF16")]
+    assert "^blk\\.26\\.attn_q\\.weight$=F32" in listed and len(listed) == len(quantized) == 30 * 7 + 1
 
 
 def test_a_wrong_keep_is_refused_in_one_line(tmp_path):

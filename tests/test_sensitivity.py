@@ -240,8 +240,8 @@ def test_a_gguf_type_ranks_every_block_and_its_kept_blocks_are_measured(gguf_sen
     (proposal,) = table.proposals  # --keep 2: measured as asked, once
     assert proposal.keep == sorted(layer.index for layer in table.layers[:2])
     assert proposal.variant == "gguf:Q2_K?keep=" + ",".join(map(str, proposal.keep))
-    pattern = "blk\\.(" + "|".join(map(str, proposal.keep)) + ")\\."
-    assert f"llama-quantize --tensor-type '{pattern}=F32'" in proposal.serve and proposal.serve.endswith(" Q2_K")
+    assert proposal.serve.startswith("llama-quantize --tensor-type-file TYPES.txt model-F32.gguf")
+    assert f"blocks {', '.join(map(str, proposal.keep))} at F32" in proposal.serve
     models = json.loads((gguf_sensitivity_run / "results.json").read_text())["models"]
     measured = next(model for model in models if model["name"] == proposal.variant)
     assert proposal.measured_kl.value == pytest.approx(measured["agreement"]["kl"]["mean"]["value"])
@@ -256,6 +256,16 @@ def test_a_gguf_with_one_block_quantized_differs_from_f32_in_that_block_alone(tm
     width, inner = config["hidden_size"], config["intermediate_size"]
     kv = width // config["num_attention_heads"] * config["num_key_value_heads"]
     block = 2 * width * width + 2 * width * kv + 3 * width * inner
-    path = quantize_only_block(builtin_model_dir(), "Q2_K", 7, tmp_path / "block-7.gguf", 2)
+    path = quantize_only_block(builtin_model_dir(), "Q4_K_M", 7, tmp_path / "block-7.gguf", 2)
     types = read_gguf_header(path).tensor_types
     assert sum(count for name, count in types.items() if name != "F32") == block, types
+    # block 7's tensors at the types the plain Q4_K_M gives block 7 (its mix depends on the layer), not block 0's
+    import gguf
+
+    from quantcheck.backends.llamacpp import prepare_gguf
+
+    def block_types(gguf_path: Path) -> dict[str, str]:
+        tensors = gguf.GGUFReader(gguf_path).tensors
+        return {tensor.name: tensor.tensor_type.name for tensor in tensors if tensor.name.startswith("blk.7.")}
+
+    assert block_types(path) == block_types(prepare_gguf(builtin_model_dir(), "Q4_K_M", 2))

@@ -127,7 +127,7 @@ def item_metrics(pairs: list[tuple[ItemRecord, ItemRecord]], seed: int) -> dict[
     for metric in ITEM_METRICS:
         values = [value for reference, variant in pairs if (value := metric.compute(reference, variant)) is not None]
         if values:
-            found[metric.name] = bootstrap_mean(values, seed).model_copy(update={"units": len(values)})
+            found[metric.name] = bootstrap_mean(values, seed)
     return found
 
 

@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from quantcheck.models.importance import TOKENS
 from quantcheck.models.quant_methods import MIXED_OPTION, mixed_method, parse_keep, split_mixed
 from quantcheck.schema.models import MakeSpec, ModelSpec
 from quantcheck.schema.results import WeightPlan
-from quantcheck.storage.store import write_json_atomic
+from quantcheck.storage.store import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from quantcheck.cost.memory import PeakMemoryTracker
@@ -74,6 +75,8 @@ GGUF_TYPES = {
     "Q3_K_M": "3-bit k-quant, some tensors 4-5 bit (3.9 bits/weight)",
     "Q2_K": "2-bit k-quant (2.6 bits/weight, more on small models)",
 }
+UNWEIGHED_TYPES = ("Q8_0",)
+"""Quantized types whose llama.cpp quantizer takes no importance matrix (`quantize_q8_0` has none)."""
 _REFERENCE_TYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --backend llamacpp: the run's dtype
 
 
@@ -265,22 +268,35 @@ def gguf_cache_folder(reference: Path) -> Path:
     return cache_dir() / "gguf" / f"{fingerprint(reference)}-llama-cpp-python-{installed_version()}"
 
 
-def prepare_gguf(reference: Path, gguf_type: str, threads: int) -> Path:
-    """The cached `<TYPE>.gguf` of the reference, converting and quantizing on first use (atomically)."""
+def prepare_gguf(reference: Path, method: str, threads: int) -> Path:
+    """The cached `<TYPE>.gguf` of the reference (`method`: TYPE, or TYPE?keep=... with those decoder blocks at the
+    reference's precision and every other tensor as the plain TYPE file has it), converting and quantizing on first
+    use (atomically)."""
     folder = gguf_cache_folder(reference)
-    target = folder / f"{file_stem(gguf_type)}.gguf"
+    target = folder / f"{file_stem(method)}.gguf"
     if target.exists():
         return target
     from quantcheck.models.builtin import cache_lock
 
+    gguf_type, keep = split_mixed(method)
+    plain = prepare_gguf(reference, gguf_type, threads) if keep else None  # before the lock: it takes it too
     folder.mkdir(parents=True, exist_ok=True)
     with cache_lock(folder / ".lock"):
         full = folder / "F32.gguf"
         if not full.exists():
             _convert(reference, full)
         if not target.exists():
-            _quantize(full, target, gguf_type, threads, reference)
+            pinned = mixed_pins(plain, keep, kept_type(reference)[1]) if plain else None
+            _quantize(full, target, gguf_type, threads, pinned=pinned)
     return target
+
+
+def _keep_tensor_types(target: Path, pinned: list[tuple[str, int]]) -> None:
+    """Beside a mixed GGUF, the `PATTERN=TYPE` list that made it, as `llama-quantize --tensor-type-file` reads it."""
+    import gguf
+
+    lines = [f"{pattern}={gguf.GGMLQuantizationType(kind).name}" for pattern, kind in pinned]
+    write_text_atomic(target.with_suffix(".tensor-types.txt"), "\n".join(lines) + "\n")
 
 
 def _convert(reference: Path, target: Path) -> None:
@@ -301,30 +317,26 @@ def _convert(reference: Path, target: Path) -> None:
 def _quantize(
     source: Path,
     target: Path,
-    method: str,
+    gguf_type: str,
     threads: int,
-    reference: Path,
     importance: dict | None = None,
-    only_block: int | None = None,
+    pinned: list[tuple[str, int]] | None = None,
 ) -> None:
-    """`llama_model_quantize` to TYPE (`method`: TYPE, or TYPE?keep=... with those decoder blocks kept), weighing each
-    tensor's rounding by `importance` (GGUF tensor name -> mean squares of its input columns) when given; with
-    `only_block`, that decoder block alone is quantized (per-layer sensitivity)."""
+    """`llama_model_quantize` to TYPE, weighing each tensor's rounding by `importance` (GGUF tensor name -> mean
+    squares of its input columns) when given; `pinned`: (regex, ggml type) overrides, the first match deciding, as
+    `llama-quantize --tensor-type PATTERN=TYPE` sets them."""
     import llama_cpp
 
-    gguf_type, keep = split_mixed(method)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(
         llama_cpp, "LLAMA_FTYPE_ALL_F32" if gguf_type == "F32" else f"LLAMA_FTYPE_MOSTLY_{gguf_type}"
     )
     params.nthread = threads
-    patterns = [kept_pattern(keep)] if keep else []
-    if only_block is not None:  # every tensor but block `only_block`'s stays at the reference's precision
-        patterns.append(rf"^(?!blk\.{only_block}\.)")
-    if patterns:  # as llama-quantize --tensor-type PATTERN=TYPE sets them; the last entry, all null, ends the list
-        overrides = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()
-        for override, pattern in zip(overrides, patterns):
-            override.pattern, override.type = pattern.encode(), _kept_ggml_type(reference)
+    if pinned:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(pinned) + 1))()  # the last, all null, ends the list
+        patterns = [pattern.encode() for pattern, _ in pinned]  # alive until the call returns
+        for override, pattern, (_, kind) in zip(overrides, patterns, pinned):
+            override.pattern, override.type = pattern, kind
         params.tt_overrides = overrides
     if importance:
         columns = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in importance.items()}
@@ -337,14 +349,47 @@ def _quantize(
     partial = target.with_suffix(".partial")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         partial.unlink(missing_ok=True)
-        raise QuantcheckError(f"llama.cpp could not quantize {source} to {method}")
+        raise QuantcheckError(f"llama.cpp could not quantize {source} to {gguf_type}")
+    if pinned:
+        _keep_tensor_types(target, pinned)
     os.replace(partial, target)
 
 
+_UNQUANTIZED = {0: "F32", 1: "F16", 30: "BF16"}  # ggml_type ids of the float types
+UNQUANTIZED_TYPES = tuple(_UNQUANTIZED.values())
+
+
+def _mix(path: Path) -> dict[str, int]:
+    """Each quantized tensor's ggml type in a GGUF file: what TYPE's mix chose for it, layer by layer."""
+    import gguf
+
+    return {
+        tensor.name: int(tensor.tensor_type)
+        for tensor in gguf.GGUFReader(path).tensors
+        if int(tensor.tensor_type) not in _UNQUANTIZED
+    }
+
+
+def _exact(name: str) -> str:
+    return f"^{re.escape(name)}$"
+
+
+def mixed_pins(plain: Path, keep: tuple[int, ...], kept_type: int) -> list[tuple[str, int]]:
+    """Every tensor at the type the plain TYPE file gave it, the kept blocks' at `kept_type`. Each is named exactly:
+    an override that matches skips llama.cpp's own choice, whose per-layer counters (which blocks of attn_v and
+    ffn_down get more bits) would then shift, so a pattern for the kept blocks alone would change the others' mix."""
+    kept = re.compile(kept_pattern(keep))
+    return [(_exact(name), kept_type if kept.search(name) else kind) for name, kind in _mix(plain).items()]
+
+
 def quantize_only_block(reference: Path, gguf_type: str, index: int, target: Path, threads: int) -> Path:
-    """The reference's GGUF with decoder block `index` alone quantized to TYPE (as TYPE's mix would quantize it), every
-    other tensor at the reference's precision: one file per layer, for `quantcheck sensitivity --quant gguf:TYPE`."""
-    _quantize(prepare_gguf(reference, "F32", threads), target, gguf_type, threads, reference, only_block=index)
+    """The reference's GGUF with decoder block `index` alone quantized, each of its tensors to the type the plain TYPE
+    file gave it, every other tensor at F32 (the F32 GGUF it is compared with): one file per block, for `quantcheck
+    sensitivity --quant gguf:TYPE`."""
+    plain = prepare_gguf(reference, gguf_type, threads)
+    block = re.compile(rf"^blk\.{index}\.")
+    pinned = [(_exact(name), kind) for name, kind in _mix(plain).items() if block.search(name)] + [(".*", 0)]
+    _quantize(prepare_gguf(reference, "F32", threads), target, gguf_type, threads, pinned=pinned)
     return target
 
 
@@ -383,15 +428,16 @@ def kept_pattern(keep: tuple[int, ...]) -> str:
     return rf"blk\.({'|'.join(map(str, keep))})\."
 
 
-_KEPT_GGML_TYPES = {"float16": 1, "bfloat16": 30}  # ggml_type: F16, BF16; otherwise F32 (0)
+_KEPT_TYPES = {"float16": ("F16", 1), "bfloat16": ("BF16", 30)}
 
 
-def _kept_ggml_type(reference: Path) -> int:
-    """The reference's own precision, from its config.json (F32 where it says none)."""
+def kept_type(reference: Path) -> tuple[str, int]:
+    """The reference's own precision, from its config.json, as a GGUF type name and ggml type id (F32 where it says
+    none): what kept blocks are stored in."""
     from quantcheck.models.plan import read_config
 
     config = read_config(reference) or {}
-    return _KEPT_GGML_TYPES.get(config.get("torch_dtype") or config.get("dtype"), 0)
+    return _KEPT_TYPES.get(config.get("torch_dtype") or config.get("dtype"), ("F32", 0))
 
 
 def file_stem(method: str) -> str:
@@ -400,7 +446,7 @@ def file_stem(method: str) -> str:
     return f"{gguf_type}-keep-{'-'.join(map(str, keep))}" if keep else gguf_type
 
 
-# --- K-quants made with an importance matrix (`gguf:TYPE?imatrix=default|text:FILE`) --------------------------
+# --- K-quants made with an importance matrix (`gguf:TYPE?imatrix=default|text:FILE|prompts:FILE.jsonl`) -------
 
 
 MADE_WITH = ("llama_cpp_python", "transformers", "torch")
@@ -436,6 +482,10 @@ def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -
     record = target.with_suffix(".made.json")
     if target.exists() and record.exists():
         return json.loads(record.read_text()), True
+    gguf_type, keep = split_mixed(method)
+    if keep:  # the kept blocks aside, every tensor as the plain weighed TYPE has it; made before the lock it takes
+        make_imatrix_gguf(reference, gguf_type, make, log)
+    plain = imatrix_gguf_path(reference, gguf_type, make) if keep else None
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     with cache_lock(folder / ".lock"):
@@ -448,7 +498,8 @@ def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -
         matrix = imatrix_path(reference, make)
         if not matrix.exists():
             _collect_importance(reference, full, calibration_text(make.calibration), make, matrix, log)
-        _quantize(full, target, method, os.cpu_count() or 1, reference, read_imatrix(matrix))
+        pinned = mixed_pins(plain, keep, kept_type(reference)[1]) if plain else None
+        _quantize(full, target, gguf_type, os.cpu_count() or 1, read_imatrix(matrix), pinned)
         made = {
             "seconds": time.perf_counter() - start,
             "versions": {name: importlib.metadata.version(name) for name in MADE_WITH},
@@ -470,28 +521,36 @@ def _collect_importance(reference: Path, full: Path, text: str, make: MakeSpec, 
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as output:
             done = subprocess.run(
-                [*command, str(make.samples), str(make.seq_len), str(columns)], stdout=output, stderr=subprocess.PIPE
+                [*command, str(make.samples), str(make.seq_len), str(columns)], stdout=output, stderr=subprocess.STDOUT
             )
         if done.returncode != 0:
-            reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            reason = (log.read_text(errors="replace").strip().splitlines() or ["no message"])[-1]
             raise QuantMethodError(f"the importance matrix could not be collected: {reason} (log: {log})")
         collected = dict(np.load(columns))
     header = gguf.GGUFReader(full)
     architecture = bytes(header.fields["general.architecture"].parts[-1]).decode()
     blocks = int(header.fields[f"{architecture}.block_count"].parts[-1][0])
-    names = gguf.get_tensor_name_map(_arch(gguf, architecture), blocks)
+    arch = next((arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture), None)
+    if arch is None:
+        raise QuantMethodError(f"gguf-py does not know the architecture {architecture!r}: its tensors cannot be named")
+    names = gguf.get_tensor_name_map(arch, blocks)
     tensors = {tensor.name: int(tensor.shape[0]) for tensor in header.tensors}
     tokens = int(collected.pop(TOKENS))
+    matched = {}  # as llama-imatrix without --process-output: the decoder blocks' matrices only
+    for module, mean_squares in sorted(collected.items()):
+        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if name is not None and name.startswith("blk.") and tensors.get(name) == mean_squares.size:
+            matched[name] = mean_squares
+    if not matched:
+        raise QuantMethodError(
+            f"no linear layer of {reference} matched a {architecture} GGUF tensor: the importance matrix would be empty"
+        )
     writer = gguf.GGUFWriter(matrix.with_suffix(".partial"), arch="imatrix")
     writer.add_string("general.type", "imatrix")
     writer.add_array("imatrix.datasets", [make.calibration])
     writer.add_uint32("imatrix.chunk_count", make.samples)
     writer.add_uint32("imatrix.chunk_size", make.seq_len)
-    for module, mean_squares in sorted(collected.items()):
-        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
-        # as llama-imatrix without --process-output: the decoder blocks' matrices only
-        if name is None or not name.startswith("blk.") or tensors.get(name) != mean_squares.size:
-            continue
+    for name, mean_squares in matched.items():
         writer.add_tensor(f"{name}.in_sum2", (mean_squares * tokens).astype(np.float32).reshape(1, -1))
         writer.add_tensor(f"{name}.counts", np.array([[tokens]], dtype=np.float32))
     writer.write_header_to_file()
@@ -499,10 +558,6 @@ def _collect_importance(reference: Path, full: Path, text: str, make: MakeSpec, 
     writer.write_tensors_to_file()
     writer.close()
     os.replace(matrix.with_suffix(".partial"), matrix)
-
-
-def _arch(gguf, architecture: str):
-    return next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
 
 
 def read_imatrix(path: Path) -> dict[str, np.ndarray]:
@@ -583,16 +638,18 @@ class LlamaCppBackend(Backend):
     @classmethod
     def _optioned_spec(cls, gguf_type: str, options: dict[str, str], reference_weights: str) -> ModelSpec:
         """`gguf:TYPE?keep=0,1,29` (those decoder blocks left at the reference's precision, a mixed-precision variant
-        as `quantcheck sensitivity` proposes), `gguf:TYPE?imatrix=default|text:FILE[&samples=N&seq_len=L]` (weighed by
-        an importance matrix, made before the run into the cache), or both."""
+        as `quantcheck sensitivity` proposes), `gguf:TYPE?imatrix=default|text:FILE|prompts:FILE.jsonl` with
+        `samples=N` and `seq_len=L` (weighed by an importance matrix, made before the run into the cache), or both."""
         from quantcheck.models.loading import decoder_layer_count
 
         written = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in options.items())
         if {"samples", "seq_len"} & set(options) and "imatrix" not in options:
             raise QuantMethodError(f"{written}: samples and seq_len size the importance matrix; add imatrix=default")
         cls.method_info(gguf_type)
-        if gguf_type in _REFERENCE_TYPE.values():
+        if gguf_type in UNQUANTIZED_TYPES:
             raise QuantMethodError(f"{written}: {gguf_type} is not quantized, so its options have no use")
+        if "imatrix" in options and gguf_type in UNWEIGHED_TYPES:
+            raise QuantMethodError(f"{written}: llama.cpp's {gguf_type} quantizer ignores an importance matrix")
         kept = options.get(MIXED_OPTION)
         keep = parse_keep(kept, decoder_layer_count(reference_weights)) if kept is not None else ()
         method = mixed_method(gguf_type, keep)
@@ -615,7 +672,7 @@ class LlamaCppBackend(Backend):
     @classmethod
     def made_row(cls) -> tuple[str, str]:
         return (
-            "TYPE?imatrix=default|text:FILE",
+            "TYPE?imatrix=default|text:FILE|prompts:FILE.jsonl",
             "a K-quant weighed by an importance matrix of calibration text (as llama-imatrix collects it); calibrated",
         )
 
@@ -639,8 +696,9 @@ class LlamaCppBackend(Backend):
         blocks = ", ".join(map(str, keep))
         return (
             f"{cls.method_info(gguf_type).description}, decoder blocks {blocks} kept at the reference's precision "
-            f"(llama-quantize --tensor-type '{kept_pattern(keep)}=F32', or F16/BF16 as the reference's weights are) "
-            f"[{cls.name}]"
+            f"and every other tensor at the type plain {gguf_type} gives it (llama-quantize --tensor-type-file with "
+            f"the .tensor-types.txt beside the cached file makes it: every tensor named, since a pattern for the kept "
+            f"blocks alone would shift llama.cpp's per-layer choices) [{cls.name}]"
         )
 
     @classmethod

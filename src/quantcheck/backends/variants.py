@@ -8,7 +8,8 @@ Syntax (shown by `quantcheck quants`):
     --quant vllm:pretrained:PATH    a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, fp8) in vLLM
     --quant gguf:TYPE               the reference converted to GGUF and quantized to TYPE, run by llama.cpp
     --quant gguf:FILE.gguf          a GGUF file made elsewhere (same vocabulary as the reference), run by llama.cpp
-    --quant gguf:TYPE?imatrix=default|text:FILE   ... TYPE weighed by an importance matrix of calibration text
+    --quant gguf:TYPE?imatrix=default|text:FILE|prompts:FILE.jsonl   ... TYPE weighed by an importance matrix
+    --quant gguf:TYPE?keep=0,1,29   ... with those decoder blocks at the reference's precision (mixed precision)
     --quant [vllm:]llmc:RECIPE      a checkpoint made with llm-compressor (GPTQ, AWQ, W8A8, ...), read by hf or vLLM
     --backend vllm                  the reference itself runs in vLLM (--backend llamacpp: as a GGUF in llama.cpp)
     --quant url:URL[#MODEL][?top_logprobs=K]   a model behind an OpenAI-compatible server

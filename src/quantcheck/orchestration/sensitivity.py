@@ -175,24 +175,33 @@ class Subject:
 
             kept = kept_modules(request.path, keep, request.trust_remote_code) if keep else ()
             return self.method.serve(replace(request, keep=kept))
-        from quantcheck.backends.llamacpp import kept_pattern
+        from quantcheck.backends.llamacpp import kept_type
 
-        overrides = f"--tensor-type '{kept_pattern(keep)}=F32' " if keep else ""
-        return f"llama-quantize {overrides}model-F32.gguf model-{self.gguf_type}-mixed.gguf {self.gguf_type}"
+        command = f"llama-quantize {{}}model-F32.gguf model-{self.gguf_type}-mixed.gguf {self.gguf_type}"
+        if not keep:
+            return command.format("")
+        kept = kept_type(Path(request.path))[0]
+        return command.format("--tensor-type-file TYPES.txt ") + (
+            f" (TYPES.txt: blocks {', '.join(map(str, keep))} at {kept} and every other tensor at the type plain "
+            f"{self.gguf_type} gives it, one ^NAME$=TYPE each; quantcheck keeps it beside the measured GGUF in its "
+            "cache as *.tensor-types.txt)"
+        )
 
 
 def _subject(text: str) -> Subject:
     """The method named by --quant: a transformers method that can leave a layer out, or a GGUF type; anything else is
     refused in one line."""
     from quantcheck.backends import get_backend
-    from quantcheck.backends.llamacpp import GGUF_TYPES, PREFIX
+    from quantcheck.backends.llamacpp import GGUF_TYPES, PREFIX, UNQUANTIZED_TYPES
     from quantcheck.backends.variants import parse_variant_text
 
     variant = parse_variant_text(text)
     if variant.backend == "llamacpp" and not variant.options:
-        get_backend("llamacpp").method_info(variant.body)  # an unknown type lists the valid ones
-        if variant.body in ("F32", "F16", "BF16"):
+        llamacpp = get_backend("llamacpp")
+        llamacpp.method_info(variant.body)  # an unknown type lists the valid ones
+        if variant.body in UNQUANTIZED_TYPES:
             raise QuantMethodError(f"{text} is not quantized: give a quantized GGUF type ({', '.join(GGUF_TYPES)})")
+        llamacpp.interpreter()  # llama-cpp-python installed, or one line saying how
         return Subject(variant=f"{PREFIX}:{variant.body}", gguf_type=variant.body)
     if variant.backend != "hf" or variant.options or variant.body not in REGISTRY:
         if variant.backend == "hf" and not variant.options:

@@ -221,6 +221,7 @@ def render_html(
         skipped_figures=skipped_figures,
         accuracy_columns=table.ACCURACY_COLUMNS,
         accuracy_rows=table.accuracy_rows(r),
+        item_metric_notes=table.item_metric_notes(),
         corpus=table.corpus_wording(r) if data.is_text else None,
         corpus_columns=table.corpus_columns(r),
         corpus_rows=table.corpus_rows(r),

@@ -110,6 +110,7 @@ def render_markdown(
     if not data.is_text:
         out += ["### Accuracy and flips (same items, paired)", ""]
         out += md_table(table.ACCURACY_COLUMNS, table.accuracy_rows(r)) + [""]
+        out += [f"_{note}_" for note in table.item_metric_notes()] + [""]
     agreement = table.agreement_rows(r)
     if agreement:
         out += ["### Next-token agreement with the reference", ""]

@@ -251,6 +251,15 @@ def accuracy_row(m: ModelResult) -> list[str]:
     ]
 
 
+def item_metric_notes() -> list[str]:
+    """What each declared per-question column means, from its declaration."""
+    return [
+        f"{metric.column.partition(' [')[0]}: {metric.description}; "
+        f"{'higher' if metric.higher_is_better else 'lower'} is better (informs, not judged)."
+        for metric in ITEM_METRICS
+    ]
+
+
 def _item_metric_cell(m: ModelResult, metric: ItemMetric) -> str:
     estimate = m.item_metrics.get(metric.name)
     return fmt.in_unit(estimate.value, estimate.ci, metric.unit) if estimate else fmt.NA

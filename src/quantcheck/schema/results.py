@@ -723,7 +723,9 @@ class ModelResult(BaseModel):
     cost_vs_reference: CostComparison | None = None
     planned_weights: WeightPlan | None = Field(None, description="schema 7: the weight memory planned before loading")
     free_answers: FreeAnswers | None = Field(None, description="schema 8, prompts runs: the variant's own answers")
-    made: MadeCheckpoint | None = Field(None, description="schema 8: the checkpoint quantcheck made (llmc:RECIPE)")
+    made: MadeCheckpoint | None = Field(
+        None, description="schema 8: the checkpoint quantcheck made (llmc:RECIPE; schema 9: gguf:TYPE?imatrix=...)"
+    )
     item_metrics: dict[str, Estimate] = Field(
         default={},
         description="schema 9, question runs: each per-question metric of metrics/item_metrics.py (answer_delta_p, "
