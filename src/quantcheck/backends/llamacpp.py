@@ -77,7 +77,10 @@ GGUF_TYPES = {
 }
 UNWEIGHED_TYPES = ("Q8_0",)
 """Quantized types whose llama.cpp quantizer takes no importance matrix (`quantize_q8_0` has none)."""
-_REFERENCE_TYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # --backend llamacpp: the run's dtype
+FLOAT_TYPES = {"float32": ("F32", 0), "float16": ("F16", 1), "bfloat16": ("BF16", 30)}
+"""A torch dtype's GGUF type and ggml_type id: the run's dtype for `--backend llamacpp`, the precision kept blocks stay
+in, and the types that are not quantized."""
+UNQUANTIZED_TYPES = tuple(name for name, _ in FLOAT_TYPES.values())
 
 
 class GgufFileError(QuantcheckError):
@@ -355,8 +358,6 @@ def _quantize(
     os.replace(partial, target)
 
 
-_UNQUANTIZED = {0: "F32", 1: "F16", 30: "BF16"}  # ggml_type ids of the float types
-UNQUANTIZED_TYPES = tuple(_UNQUANTIZED.values())
 
 
 def _mix(path: Path) -> dict[str, int]:
@@ -366,7 +367,7 @@ def _mix(path: Path) -> dict[str, int]:
     return {
         tensor.name: int(tensor.tensor_type)
         for tensor in gguf.GGUFReader(path).tensors
-        if int(tensor.tensor_type) not in _UNQUANTIZED
+        if int(tensor.tensor_type) not in {kind for _, kind in FLOAT_TYPES.values()}
     }
 
 
@@ -428,16 +429,13 @@ def kept_pattern(keep: tuple[int, ...]) -> str:
     return rf"blk\.({'|'.join(map(str, keep))})\."
 
 
-_KEPT_TYPES = {"float16": ("F16", 1), "bfloat16": ("BF16", 30)}
-
-
 def kept_type(reference: Path) -> tuple[str, int]:
     """The reference's own precision, from its config.json, as a GGUF type name and ggml type id (F32 where it says
     none): what kept blocks are stored in."""
     from quantcheck.models.plan import read_config
 
     config = read_config(reference) or {}
-    return _KEPT_TYPES.get(config.get("torch_dtype") or config.get("dtype"), ("F32", 0))
+    return FLOAT_TYPES.get(config.get("torch_dtype") or config.get("dtype"), FLOAT_TYPES["float32"])
 
 
 def file_stem(method: str) -> str:
@@ -729,7 +727,7 @@ class LlamaCppBackend(Backend):
         from quantcheck.models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.spec.tokenizer or self.spec.weights, job.trust_remote_code)
-        self.gguf_type = _REFERENCE_TYPE[job.dtype] if self.spec.runs_reference_weights else self.spec.method
+        self.gguf_type = FLOAT_TYPES[job.dtype][0] if self.spec.runs_reference_weights else self.spec.method
         self.path: Path | None = None
         self.llm = None
         self.scorer = None  # a second context with every position's logits, for text windows

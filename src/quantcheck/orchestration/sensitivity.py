@@ -275,7 +275,7 @@ def _score_gguf(
     from quantcheck.models.builtin import output_to
     from quantcheck.models.loading import decoder_layer_count, load_tokenizer
     from quantcheck.scoring.loglik import encode_items
-    from quantcheck.scoring.sensitivity import compare_rows, ranked_layers
+    from quantcheck.scoring.sensitivity import ReferenceRows, compare_rows, ranked_layers
 
     threads = options.threads or default_threads()
     reference_path = Path(request.path)
@@ -286,7 +286,8 @@ def _score_gguf(
     started = time.perf_counter()
     with output_to(log):
         full = prepare_gguf(reference_path, "F32", threads)
-        reference = torch.from_numpy(answer_rows(full, encoded.prompt_ids, threads))
+        logprobs = torch.from_numpy(answer_rows(full, encoded.prompt_ids, threads))
+    reference = ReferenceRows.of(logprobs, rows, items, encoded)
     kl, same_top1, same_answer = (np.zeros((count, len(items)), dtype=kind) for kind in (float, bool, bool))
     with view:
         view.start_job(gguf_type)

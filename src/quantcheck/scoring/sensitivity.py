@@ -125,11 +125,12 @@ def score_layers(
     for rows, prompts in model_batches(encoded, batch_size):
         inputs = capture(reference, stack, left_padded(prompts, pad_id, device.type))
         _check_replay(stack, inputs, type(reference).__name__)
+        reference_rows = ReferenceRows.of(inputs.reference, rows, items, encoded)
         for index in range(count):
             with swapped(stack, index, quantized_layers[index]):
                 logprobs = replay(stack, inputs, index)
             kl[index, rows], same_top1[index, rows], same_answer[index, rows] = compare_rows(
-                inputs.reference, logprobs, rows, items, encoded
+                reference_rows, logprobs, rows, items, encoded
             )
             on_step()
     return ranked_layers([stack.name(index) for index in range(count)], kl, same_top1, same_answer, seed)
@@ -152,14 +153,29 @@ def ranked_layers(
     return sorted(layers, key=lambda layer: (-layer.kl.value, layer.index))
 
 
+@dataclass(frozen=True)
+class ReferenceRows:
+    """The reference's rows of one batch with what every layer's rows are compared on, computed once per batch."""
+
+    logprobs: torch.Tensor
+    top1: torch.Tensor
+    answers: np.ndarray
+
+    @classmethod
+    def of(
+        cls, logprobs: torch.Tensor, rows: list[int], items: tuple[Item, ...], encoded: EncodedItems
+    ) -> ReferenceRows:
+        return cls(logprobs, top_k_ids(logprobs, 1)[:, 0], _answers(logprobs, rows, items, encoded))
+
+
 def compare_rows(
-    reference: torch.Tensor, logprobs: torch.Tensor, rows: list[int], items: tuple[Item, ...], encoded: EncodedItems
+    reference: ReferenceRows, logprobs: torch.Tensor, rows: list[int], items: tuple[Item, ...], encoded: EncodedItems
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """KL, same top-1 and same log-likelihood answer of `logprobs` against the reference's rows, per row."""
     return (
-        kl_divergence(reference, logprobs).numpy(),
-        (top_k_ids(logprobs, 1)[:, 0] == top_k_ids(reference, 1)[:, 0]).numpy(),
-        _answers(logprobs, rows, items, encoded) == _answers(reference, rows, items, encoded),
+        kl_divergence(reference.logprobs, logprobs).numpy(),
+        (top_k_ids(logprobs, 1)[:, 0] == reference.top1).numpy(),
+        _answers(logprobs, rows, items, encoded) == reference.answers,
     )
 
 
