@@ -3,8 +3,9 @@
     python bench/compare_run_folders.py RUN_BEFORE RUN_AFTER
 
 Compares, exactly (CPU runs are bit-reproducible): results.json (every model's answers, accuracies, log-likelihoods,
-KL, Jaccard, top-1, intervals, paired statistics, floors, engine floors, verdict decisions and checks), every model's
-quality.jsonl, generation.jsonl and corpus.jsonl record by record, items.jsonl, and the reference store's files.
+KL, Jaccard, top-1, item metrics, intervals, paired statistics, floors, engine floors, verdict decisions and checks),
+every model's quality.jsonl, generation.jsonl and corpus.jsonl record by record, items.jsonl, and the reference
+store's files.
 What moves from run to run is listed in VOLATILE and left out; the script prints what it left out and every
 difference it found, and exits 1 when there is one.
 """

@@ -14,6 +14,7 @@ import pytest
 from conftest import HAS_LLAMA_CPP, quantcheck, read_results
 from quantcheck.backends.variants import variant_spec
 from quantcheck.errors import QuantcheckError
+from quantcheck.schema.models import Calibration, MakeSettings
 from test_cli_errors import assert_one_line_error
 
 pytestmark = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed: `make llama-cpp`")
@@ -30,6 +31,9 @@ IMATRIX_GAIN = 0.8
 (context 256) with the default 32 x 256 calibration: Q3_K_M 0.125 against 0.072 (0.58), Q2_K 0.341 against 0.226
 (0.66); on 4 windows with 8 x 256 calibration, as here: 0.130 against 0.076 (0.59), and 0.074 calibrated on the
 judged text itself (flattered, and said so)."""
+
+
+MAKING = MakeSettings(threads=2)
 
 
 def model(results: dict, name: str) -> dict:
@@ -89,7 +93,7 @@ def test_a_second_making_is_found_in_the_cache(imatrix_run, tmp_path):
     from quantcheck.models.builtin import builtin_model_dir
 
     spec = variant_spec(WEIGHED, str(builtin_model_dir()), str)
-    made, cached = make_imatrix_gguf(builtin_model_dir(), "Q3_K_M", spec.make, tmp_path / "make.log")
+    made, cached = make_imatrix_gguf(builtin_model_dir(), "Q3_K_M", spec.make, tmp_path / "make.log", MAKING)
     assert cached and made["seconds"] > 0
 
 
@@ -190,8 +194,47 @@ def test_a_users_prompts_are_calibration_data_and_calibrating_on_the_judged_prom
     assert all(question in text for question in asked)
     spec = variant_spec(f"gguf:Q2_K?imatrix={source}&samples=2&seq_len=64", str(builtin_model_dir()), str)
     assert spec.make.calibration == source
-    made, _ = make_imatrix_gguf(builtin_model_dir(), "Q2_K", spec.make, tmp_path / "make.log")
+    made, _ = make_imatrix_gguf(builtin_model_dir(), "Q2_K", spec.make, tmp_path / "make.log", MAKING)
     assert made["seconds"] > 0 and Path(spec.weights).exists()
     assert len(read_imatrix(imatrix_path(builtin_model_dir(), spec.make))) == 30 * 7
     warned = _calibrated_on_evaluation([spec], load_prompts(source))
     assert [(warning.code, warning.model) for warning in warned] == [("calibrated-on-evaluation", spec.name)]
+
+
+def test_the_runs_calibration_is_each_variants_default_and_a_changed_file_is_measured_again(tmp_path):
+    """--calibration, --calibration-samples and --calibration-seq-len are what `imatrix=default` (and llmc recipes
+    naming no data) calibrate on; a variant's own option wins. A resumed run whose calibration file was edited makes
+    the new checkpoint and scores the variant again on it, never half on each."""
+    from quantcheck.models.builtin import builtin_model_dir
+
+    calibration = tmp_path / "speech.txt"
+    calibration.write_text(" ".join(f"Paragraph {n} of the address on roads, schools and harbours." for n in range(80)))
+    run_wide = Calibration(source=f"text:{calibration}", samples=2, seq_len=64)
+    spec = variant_spec("gguf:Q2_K?imatrix=default", str(builtin_model_dir()), str, run_wide)
+    assert (spec.make.calibration, spec.make.samples, spec.make.seq_len) == (f"text:{calibration}", 2, 64)
+    own = variant_spec("gguf:Q2_K?imatrix=text:builtin&samples=3", str(builtin_model_dir()), str, run_wide)
+    assert (own.make.calibration, own.make.samples, own.make.seq_len) == ("text:builtin", 3, 64)
+    gptq = variant_spec("llmc:gptq-w4a16", str(builtin_model_dir()), str, run_wide)
+    assert gptq.make.calibration == f"text:{calibration}" and gptq.name == "llmc:gptq-w4a16"
+
+    out = tmp_path / "run"
+    command = (
+        "run", "--quant", "gguf:Q2_K?imatrix=default", "--calibration", f"text:{calibration}",
+        "--calibration-samples", "2", "--calibration-seq-len", "64", "--dataset", "text:builtin", "--limit", "2",
+        "--context", "64", "--skip-cost", "--no-floors", "--out", str(out),
+    )  # fmt: skip
+    first = quantcheck(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = model(read_results(out), "gguf:Q2_K?imatrix=default")
+    assert before["made"]["calibration"] == f"text:{calibration}" and before["made"]["samples"] == 2
+    assert 'source = "text:' in (out / "config.toml").read_text()  # the replayable config keeps it
+    calibration.write_text(calibration.read_text().replace("harbours", "railways"))
+    second = quantcheck(*command)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "its calibration data changed since it was scored" in second.stdout + second.stderr
+    after = model(read_results(out), "gguf:Q2_K?imatrix=default")
+    assert not after["made"]["cached"]  # a new checkpoint, made for the edited text
+    records = (out / "models" / "gguf-Q2_K-imatrix-default" / "corpus.jsonl").read_text().splitlines()
+    assert len(records) == 2  # each window scored once, on the new checkpoint alone
+    # Kept records of the old checkpoint would have left the KL exactly as it was.
+    assert after["corpus"]["kl"]["mean"]["value"] != before["corpus"]["kl"]["mean"]["value"]

@@ -220,6 +220,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     assert "Traceback" not in result.output
 
 
+def test_a_runs_config_file_gives_sensitivity_its_model_and_data_unless_typed(tmp_path):
+    """`sensitivity --config RUN_DIR/config.toml` ranks layers on the run's own model, data and settings; an option
+    typed on the command line wins, and a bad file is one line naming it."""
+    config = tmp_path / "config.toml"
+    config.write_text('dataset = "mmlu:virologyy"\nlimit = 4\nvariants = ["bnb-nf4"]\n')
+
+    def refused(*args: str) -> str:
+        result = _cli("sensitivity", "--quant", "bnb-nf4", "--config", str(config), *args, "--out", str(tmp_path / "r"))
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "r").exists()
+        return result.stderr.strip()
+
+    assert "unknown MMLU subject 'virologyy'" in refused()  # the file's data set reached the command
+    assert "unknown MMLU subject 'anatomyy'" in refused("--dataset", "mmlu:anatomyy")  # the typed one wins
+    config.write_text("[thresholds]\nmax_kl = -1\n")
+    assert refused() == f"error: {config}: thresholds.max_kl: Input should be greater than or equal to 0"
+
+
 @pytest.fixture(scope="module")
 def gguf_sensitivity_run(tmp_path_factory) -> Path:
     """`quantcheck sensitivity --quant gguf:Q2_K` on 4 questions: one file and one load per block, 2 blocks kept."""
@@ -237,6 +255,11 @@ def test_a_gguf_type_ranks_every_block_and_its_kept_blocks_are_measured(gguf_sen
     assert (table.method, table.items) == ("gguf:Q2_K", 4)
     assert sorted(layer.index for layer in table.layers) == list(range(LAYERS))
     assert all(layer.name == f"blk.{layer.index}" and layer.kl.value > 0 for layer in table.layers)
+    # Q2_K also quantizes the token embeddings, which the built-in model (tied) reads as its output head too: ranked
+    # on its own, beside the blocks, never kept by a proposal.
+    (embeddings,) = table.outside
+    assert (embeddings.name, embeddings.index) == ("token_embd", -1) and embeddings.kl.value > 0
+    assert "token_embd" in (gguf_sensitivity_run / "report.md").read_text()
     (proposal,) = table.proposals  # --keep 2: measured as asked, once
     assert proposal.keep == sorted(layer.index for layer in table.layers[:2])
     assert proposal.variant == "gguf:Q2_K?keep=" + ",".join(map(str, proposal.keep))
@@ -249,14 +272,14 @@ def test_a_gguf_type_ranks_every_block_and_its_kept_blocks_are_measured(gguf_sen
 
 
 def test_a_gguf_with_one_block_quantized_differs_from_f32_in_that_block_alone(tmp_path):
-    from quantcheck.backends.llamacpp import quantize_only_block, read_gguf_header
+    from quantcheck.backends.llamacpp import quantize_only, read_gguf_header
     from quantcheck.models.plan import read_config
 
     config = read_config(builtin_model_dir())
     width, inner = config["hidden_size"], config["intermediate_size"]
     kv = width // config["num_attention_heads"] * config["num_key_value_heads"]
     block = 2 * width * width + 2 * width * kv + 3 * width * inner
-    path = quantize_only_block(builtin_model_dir(), "Q4_K_M", 7, tmp_path / "block-7.gguf", 2)
+    path = quantize_only(builtin_model_dir(), "Q4_K_M", "blk.7", tmp_path / "block-7.gguf", 2)
     types = read_gguf_header(path).tensor_types
     assert sum(count for name, count in types.items() if name != "F32") == block, types
     # block 7's tensors at the types the plain Q4_K_M gives block 7 (its mix depends on the layer), not block 0's

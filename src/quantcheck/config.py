@@ -15,6 +15,8 @@ guesses `max_kl`); options that belong together sit in a table:
     limit = 200
     context = 512                           # a text corpus's window length
     [generation]   chat, temperature, greedy, max_new_tokens, batch_size (--gen-batch-size)
+    [calibration]  source (--calibration), samples, seq_len: what calibrated variants calibrate on unless they
+                   name their own data (llmc:RECIPE?calibration=..., gguf:TYPE?imatrix=...)
     [cost]         rounds (--cost-rounds), batch_sizes = [1, 8, 32], seq_len, iterations, time_budget, max_memory_gb
     [store]        kind (--store: compact or full), top_k (--store-top-k), tail_samples (--store-tail-samples)
     [engine]       tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
@@ -56,7 +58,7 @@ from quantcheck.data.corpus import TEXT_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
 from quantcheck.schema.jobs import EngineSettings
-from quantcheck.schema.models import MIN_CONTEXT, GenerationOptions
+from quantcheck.schema.models import MIN_CONTEXT, Calibration, GenerationOptions
 from quantcheck.schema.results import Preference, Thresholds
 from quantcheck.storage.store import StoreSettings
 
@@ -163,6 +165,7 @@ class RunConfig(_Table):
     allow_pickle: bool = False
     quiet: bool = False
     generation: GenerationOptions = GenerationOptions()
+    calibration: Calibration = Calibration()
     cost: CostConfig = CostConfig()
     store: StoreSettings = StoreSettings()
     engine: EngineConfig = EngineConfig()
@@ -194,6 +197,7 @@ class RunConfig(_Table):
             reference_url=self.reference_url,
             reference_kld=self.reference_kld,
             quants=self.variants,
+            calibration=self.calibration,
             engine=self.engine.settings(),
             dataset=self.dataset,
             limit=self.limit,

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from quantcheck.schema.jobs import EngineSettings, JobSpec
-    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.models import Calibration, MakeSettings, ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 
@@ -115,7 +115,9 @@ class Backend(ABC):
         return f"{cls.method_info(method).description} [{cls.name}]"
 
     @classmethod
-    def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+    def parse_variant(
+        cls, body: str, options: dict[str, str], reference_weights: str, calibration: Calibration
+    ) -> ModelSpec | None:
         """A variant written in this engine's own syntax (llama.cpp: `gguf:FILE.gguf`); None for METHOD and
         pretrained:PATH. `options` are known to be among `variant_options`."""
         return None
@@ -140,17 +142,12 @@ class Backend(ABC):
         return sys.executable
 
     @classmethod
-    def make_checkpoint(cls, spec: ModelSpec, log: Path) -> tuple[dict, bool]:
+    def make_checkpoint(cls, spec: ModelSpec, log: Path, making: MakeSettings) -> tuple[dict, bool]:
         """Make the checkpoint `spec.make` asks for into `spec.weights` (llm-compressor's, read by hf and vllm): what
         its making recorded (seconds, versions) and whether the cache held it already."""
         from quantcheck.models import calibrated
 
-        make = spec.make
-        text = calibrated.calibration_text(make.calibration)
-        request = calibrated.MakeRequest(
-            make.recipe, spec.tokenizer, text, make.calibration, make.samples, make.seq_len
-        )
-        _, made, cached = calibrated.make(request, log)
+        _, made, cached = calibrated.make(calibrated.MakeRequest.of(spec.make, spec.tokenizer), log, making)
         return made, cached
 
     @classmethod

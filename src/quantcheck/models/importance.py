@@ -7,7 +7,7 @@ which `make test` would have to compile (6.5 min on 2 cores): on the same text a
 two differ by 0.012 % of a tensor's norm at most, one column by 7.7 % of its tensor's mean, with a correlation of
 0.99999998 or more (`bench/bench_imatrix.py`, against llama-imatrix built from the same llama.cpp).
 
-    python -m quantcheck.models.importance REFERENCE TEXT_FILE SAMPLES SEQ_LEN OUT.npz
+    python -m quantcheck.models.importance REFERENCE TEXT_FILE SAMPLES SEQ_LEN OUT.npz [--trust-remote-code]
 
 runs in a process of its own (the parent never holds a model): OUT.npz maps each linear module's name to its mean
 squares, and `tokens` to how many tokens were seen.
@@ -34,13 +34,17 @@ def windows(ids: list[int], samples: int, seq_len: int) -> list[list[int]]:
     return [ids[start * seq_len : (start + 1) * seq_len] for start in range(samples)]
 
 
-def collect(reference: Path, text: str, samples: int, seq_len: int) -> dict[str, np.ndarray]:
+def collect(
+    reference: Path, text: str, samples: int, seq_len: int, trust_remote_code: bool = False
+) -> dict[str, np.ndarray]:
     """Each linear module's mean square input column over the windows, in float64; `TOKENS`: the token count."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(reference)
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        reference, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).eval()
     chosen = windows(tokenizer(text, add_special_tokens=False)["input_ids"], samples, seq_len)
     sums: dict[str, torch.Tensor] = {}
 
@@ -61,10 +65,10 @@ def collect(reference: Path, text: str, samples: int, seq_len: int) -> dict[str,
     return {name: (total / tokens).numpy() for name, total in sums.items()} | {TOKENS: np.array(tokens)}
 
 
-def main(reference: str, text_file: str, samples: str, seq_len: str, out: str) -> None:
+def main(reference: str, text_file: str, samples: str, seq_len: str, out: str, *flags: str) -> None:
     text = Path(text_file).read_text(encoding="utf-8")
     try:
-        collected = collect(Path(reference), text, int(samples), int(seq_len))
+        collected = collect(Path(reference), text, int(samples), int(seq_len), "--trust-remote-code" in flags)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     with open(out, "wb") as handle:

@@ -3,7 +3,7 @@
     python llmc_maker.py REQUEST.json
 
 REQUEST: {"recipe", "reference", "calibrated", "calibration" (a text file), "samples", "seq_len", "group_size",
-"seed", "out"}.
+"iters", "seed", "out", "trust_remote_code"}; torch's threads come from OMP_NUM_THREADS, as the parent sets it.
 It imports nothing of quantcheck's (that environment has llmcompressor's pins, not quantcheck's), writes the
 compressed-tensors checkpoint and `made.json` (seconds, versions) into `out`, and exits non-zero with one line on
 stderr when the recipe cannot be made.
@@ -26,7 +26,9 @@ def _scheme(group_size: int):
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
-def _recipe(name: str, group_size: int):
+def _recipe(name: str, group_size: int, iters: int | None):
+    import torch
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
 
@@ -35,6 +37,10 @@ def _recipe(name: str, group_size: int):
         "rtn-w4a16": lambda: QuantizationModifier(config_groups=w4a16, ignore=["lm_head"]),
         "gptq-w4a16": lambda: GPTQModifier(config_groups=w4a16, ignore=["lm_head"]),
         "awq-w4a16": lambda: [AWQModifier(), QuantizationModifier(config_groups=w4a16, ignore=["lm_head"])],
+        # torch.compile of the tuning loop only pays off on a GPU; on CPU its compile time dominates a short tuning
+        "autoround-w4a16": lambda: AutoRoundModifier(
+            config_groups=w4a16, ignore=["lm_head"], iters=iters, enable_torch_compile=torch.cuda.is_available()
+        ),
         "w8a8": lambda: [
             SmoothQuantModifier(smoothing_strength=0.8),
             GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"]),
@@ -68,8 +74,9 @@ def main(request_file: str) -> None:
     from llmcompressor import oneshot
 
     torch.manual_seed(request["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(request["reference"])
-    model = AutoModelForCausalLM.from_pretrained(request["reference"], dtype=torch.float32)
+    trust = request["trust_remote_code"]
+    tokenizer = AutoTokenizer.from_pretrained(request["reference"], trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(request["reference"], dtype=torch.float32, trust_remote_code=trust)
     calibration = {}
     if request["calibrated"]:  # round-to-nearest and FP8 need no data (llm-compressor's data-free pipeline)
         dataset = _calibration(
@@ -79,13 +86,13 @@ def main(request_file: str) -> None:
             dataset=dataset, num_calibration_samples=request["samples"], max_seq_length=request["seq_len"]
         )
     start = time.perf_counter()
-    oneshot(model=model, recipe=_recipe(request["recipe"], request["group_size"]), **calibration)
+    oneshot(model=model, recipe=_recipe(request["recipe"], request["group_size"], request["iters"]), **calibration)
     seconds = time.perf_counter() - start
     model.save_pretrained(request["out"], save_compressed=True)
     tokenizer.save_pretrained(request["out"])
     packages = ("llmcompressor", "compressed-tensors", "transformers", "torch")
     versions = {name: metadata.version(name) for name in packages}
-    made = {"recipe": request["recipe"], "seconds": seconds, "versions": versions}
+    made = {"recipe": request["recipe"], "iters": request["iters"], "seconds": seconds, "versions": versions}
     with open(f"{request['out']}/made.json", "w") as handle:
         json.dump(made, handle)
 

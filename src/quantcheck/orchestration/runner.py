@@ -7,6 +7,7 @@ recorded and the others go on; finished work on disk is never recomputed.
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +28,7 @@ from quantcheck.models.plan import DTYPE_BYTES, ModelShape, read_config
 from quantcheck.orchestration.launcher import Launcher
 from quantcheck.orchestration.progress import ProgressView
 from quantcheck.schema.jobs import EngineSettings, JobSpec
-from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
+from quantcheck.schema.models import Calibration, CorpusJob, GenerationOptions, MakeSettings, ModelSpec
 from quantcheck.schema.results import (
     GIB,
     QUANTCHECK_VERSION,
@@ -61,6 +62,7 @@ class RunOptions(BaseModel):
     reference_url: str | None = None
     reference_kld: str | None = None
     quants: list[str] = Field(default_factory=list)
+    calibration: Calibration = Calibration()
     engine: EngineSettings = EngineSettings()
     dataset: str = DEFAULT_DATASET
     limit: int | None = None
@@ -139,7 +141,7 @@ def prepare_run(options: RunOptions) -> Prepared:
     if options.reference_kld is not None:  # a recorded reference has no memory or speed to compare with
         options = _recorded_text(options).model_copy(update={"cost": False})
     models = [reference_spec(options.backend, str(model.path), options.reference_url, options.reference_kld)]
-    models += [variant_spec(text, str(model.path), checkpoint) for text in options.quants]
+    models += [variant_spec(text, str(model.path), checkpoint, options.calibration) for text in options.quants]
     own_answers = is_prompts(options.dataset) and options.generation is not None
     variants = [spec.name for spec in models[1:]]
     if options.gate_variant is not None and options.gate_variant not in variants:
@@ -342,7 +344,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         folder.write_dataset(dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
-    _make_checkpoints(models, folder, view)
+    _make_checkpoints(models, folder, view, MakeSettings(threads=threads, trust_remote_code=options.trust_remote_code))
 
     base = dict(
         run_dir=str(out),
@@ -504,20 +506,31 @@ def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCo
     return flattered
 
 
-def _make_checkpoints(models: list[ModelSpec], folder: RunFolder, view: ProgressView) -> None:
+def _make_checkpoints(models: list[ModelSpec], folder: RunFolder, view: ProgressView, making: MakeSettings) -> None:
     """Before any scoring: each checkpoint the run makes (llmc:RECIPE, gguf:TYPE?imatrix=...) made by its backend or
-    found in the cache, its making kept in the run."""
+    found in the cache, its making kept in the run. A resumed variant whose checkpoint is now another one (its
+    calibration file was edited: the cache key holds the text's hash) is measured afresh, never half on each."""
     from quantcheck.backends import get_backend
 
     for spec in models:
         if spec.make is None:
             continue
         made_file = folder.model_file(spec.folder, "made.json")
-        if made_file.exists() and Path(spec.weights).exists():
+        recorded = json.loads(made_file.read_text()).get("weights", spec.weights) if made_file.exists() else None
+        if recorded not in (None, spec.weights):
+            folder.drop_model(spec.folder)
+            view.line(
+                f"[yellow]{escape(spec.name)}: its calibration data changed since it was scored "
+                f"({spec.make.calibration} reads differently now): measuring it again on the new checkpoint[/yellow]"
+            )
+        elif recorded is not None and Path(spec.weights).exists():
             continue
         view.line(f"{escape(spec.name)}: making it (once; kept in {Path(spec.weights).parent})")
-        made, cached = get_backend(spec.backend).make_checkpoint(spec, folder.model_file(spec.folder, "make.log"))
-        write_json_atomic(made_file, made | {"cached": cached} | spec.make.model_dump())
+        made, cached = get_backend(spec.backend).make_checkpoint(
+            spec, folder.model_file(spec.folder, "make.log"), making
+        )
+        made |= {"cached": cached, "weights": spec.weights}
+        write_json_atomic(made_file, made | spec.make.model_dump())
         took = "found in the cache" if cached else f"made in {fmt.seconds(made['seconds'])}"
         view.line(f"{escape(spec.name)}: {took} ({spec.weights})")
 

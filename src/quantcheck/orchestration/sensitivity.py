@@ -121,10 +121,11 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
 
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "sensitivity.log"
+        outside: list[LayerSensitivity] = []  # no transformers method here quantizes the embeddings or the head
         if subject.method is not None:
             layers, seconds = _score(options, subject.method, request, dataset.items, log, view)
         else:
-            layers, seconds = _score_gguf(options, subject.gguf_type, request, dataset.items, log, view)
+            layers, outside, seconds = _score_gguf(options, subject.gguf_type, request, dataset.items, log, view)
         view.line(f"{subject.variant}: {len(layers)} decoder layers scored one at a time in {seconds:.0f} s")
         table = SensitivityTable(
             model=model.name,
@@ -135,6 +136,7 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
             max_kl=options.max_kl,
             seconds=seconds,
             layers=layers,
+            outside=outside,
             predicted_variant_kl=sum(layer.kl.value for layer in layers),
         )
         _measure(options, subject, request, table, layer_count, out, view)
@@ -264,13 +266,14 @@ def _score_gguf(
     items: tuple[Item, ...],
     log: Path,
     view: ProgressView,
-) -> tuple[list[LayerSensitivity], float]:
+) -> tuple[list[LayerSensitivity], list[LayerSensitivity], float]:
     """Every decoder block quantized alone to TYPE, one file and one load per block (llama.cpp's output to `log`), each
-    against the reference's F32 GGUF in the same engine, so the engine floor cancels; the scoring's seconds, files
+    against the reference's F32 GGUF in the same engine, so the engine floor cancels; then each tensor outside the
+    blocks that TYPE quantizes (the token embeddings, the output head), alone; the scoring's seconds, files
     included."""
     import torch
 
-    from quantcheck.backends.llamacpp import answer_rows, prepare_gguf, quantize_only_block
+    from quantcheck.backends.llamacpp import answer_rows, prepare_gguf, quantize_only, quantized_outside_blocks
     from quantcheck.cost.scenario import default_threads
     from quantcheck.models.builtin import output_to
     from quantcheck.models.loading import decoder_layer_count, load_tokenizer
@@ -282,25 +285,33 @@ def _score_gguf(
     encoded = encode_items(load_tokenizer(request.path, options.trust_remote_code), items)
     rows = list(range(len(items)))
     count = decoder_layer_count(reference_path)
-    view.line(f"the reference as an F32 GGUF, then {count} files with one block at {gguf_type} each")
+    with output_to(log):
+        outside = quantized_outside_blocks(reference_path, gguf_type, threads)
+    parts = [f"blk.{index}" for index in range(count)] + outside
+    view.line(
+        f"the reference as an F32 GGUF, then {len(parts)} files with one part at {gguf_type} each: {count} decoder "
+        f"blocks{''.join(f', {name}' for name in outside)}"
+    )
     started = time.perf_counter()
     with output_to(log):
         full = prepare_gguf(reference_path, "F32", threads)
         logprobs = torch.from_numpy(answer_rows(full, encoded.prompt_ids, threads))
     reference = ReferenceRows.of(logprobs, rows, items, encoded)
-    kl, same_top1, same_answer = (np.zeros((count, len(items)), dtype=kind) for kind in (float, bool, bool))
+    kl, same_top1, same_answer = (np.zeros((len(parts), len(items)), dtype=kind) for kind in (float, bool, bool))
     with view:
         view.start_job(gguf_type)
-        view.handle({"event": "phase", "phase": "one block at a time", "total": count})
-        for index in range(count):
+        view.handle({"event": "phase", "phase": "one part at a time", "total": len(parts)})
+        for row, part in enumerate(parts):
             with output_to(log):
-                path = quantize_only_block(reference_path, gguf_type, index, log.with_name("block.gguf"), threads)
+                path = quantize_only(reference_path, gguf_type, part, log.with_name("part.gguf"), threads)
                 logprobs = torch.from_numpy(answer_rows(path, encoded.prompt_ids, threads))
             path.unlink()
-            kl[index], same_top1[index], same_answer[index] = compare_rows(reference, logprobs, rows, items, encoded)
+            kl[row], same_top1[row], same_answer[row] = compare_rows(reference, logprobs, rows, items, encoded)
             view.handle({"event": "advance"})
-    names = [f"blk.{index}" for index in range(count)]
-    return ranked_layers(names, kl, same_top1, same_answer, options.seed), time.perf_counter() - started
+    ranked = ranked_layers(parts, kl, same_top1, same_answer, options.seed)
+    blocks = [layer for layer in ranked if layer.index < count]
+    beyond = [layer.model_copy(update={"index": -1}) for layer in ranked if layer.index >= count]
+    return blocks, beyond, time.perf_counter() - started
 
 
 def _measure(

@@ -224,7 +224,8 @@ def _sensitivity_section(data: RunData, figures: dict[str, str]) -> list[str]:
     sensitivity = data.sensitivity
     out = [f"## Per-layer sensitivity: {md_text(sensitivity.method)}", ""]
     out += md_table(table.LAYER_COLUMNS, table.layer_rows(sensitivity))
-    scored = f"{len(sensitivity.layers)} decoder layers scored one at a time in {sensitivity.seconds:.0f} s."
+    beyond = f" and {len(sensitivity.outside)} tensors outside them" if sensitivity.outside else ""
+    scored = f"{len(sensitivity.layers)} decoder layers{beyond} scored one at a time in {sensitivity.seconds:.0f} s."
     out += ["", md_text(scored), ""]
     out += md_table(table.PROPOSAL_COLUMNS, table.proposal_rows(sensitivity, data.results))
     if "sensitivity" in figures:

@@ -1036,15 +1036,16 @@ SHOWN_LAYERS = 5
 
 
 def layer_rows(table: SensitivityTable) -> list[list[str]]:
-    """The most sensitive layers, highest mean KL first (the figure has them all)."""
+    """The most sensitive layers, highest mean KL first (the figure has them all), then each tensor outside the decoder
+    blocks that the method quantizes (never kept by a proposal)."""
     return [
         [
-            f"{layer.name} ({layer.index})",
+            f"{layer.name} ({layer.index})" if layer.index >= 0 else f"{layer.name} (outside the blocks)",
             fmt.nats_ci(layer.kl.value, layer.kl.ci),
             fmt.percent(layer.top1_agreement),
             str(layer.answer_flips),
         ]
-        for layer in table.layers[:SHOWN_LAYERS]
+        for layer in [*table.layers[:SHOWN_LAYERS], *table.outside]
     ]
 
 

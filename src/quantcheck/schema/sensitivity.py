@@ -9,14 +9,16 @@ from pydantic import BaseModel, Field
 
 from quantcheck.schema.results import Estimate
 
-SENSITIVITY_VERSION = 1
+SENSITIVITY_VERSION = 2
+"""2: `outside`, the tensors beyond the decoder blocks that the method quantizes (GGUF's token embeddings, its output
+head), each quantized alone; a version 1 table reads with it empty."""
 
 
 class LayerSensitivity(BaseModel):
     """The model with only this layer quantized, against the reference on the same token ids (exact full rows)."""
 
-    index: int
-    name: str = Field(description="the module's name in the model, e.g. model.layers.7")
+    index: int = Field(description="the decoder layer's index; -1 for a tensor outside the blocks (`outside`)")
+    name: str = Field(description="the module's name in the model, e.g. model.layers.7, or the GGUF tensor's")
     kl: Estimate = Field(description="mean KL(reference || only this layer quantized) per item, nats, with interval")
     top1_agreement: float = Field(description="fraction of items whose most likely next token is the reference's")
     answer_flips: int = Field(description="items whose log-likelihood answer differs from the reference's")
@@ -49,6 +51,12 @@ class SensitivityTable(BaseModel):
     max_kl: float
     seconds: float = Field(description="wall time of the per-layer scoring, model loads excluded")
     layers: list[LayerSensitivity] = Field(description="every decoder layer, highest mean KL first")
+    outside: list[LayerSensitivity] = Field(
+        default=[],
+        description="tensors outside the decoder blocks that the method quantizes (GGUF: token_embd, which a tied "
+        "model also reads as its output head; output), each quantized alone; informative, not kept by a proposal "
+        "(keep= names decoder blocks), and not in predicted_variant_kl",
+    )
     predicted_variant_kl: float = Field(description="sum of every layer's mean KL: the whole variant, if additive")
     measured_variant_kl: Estimate | None = Field(None, description="the whole variant's mean KL, measured in the run")
     proposals: list[Proposal] = Field(default=[], description="in the order measured; each keeps one layer more")

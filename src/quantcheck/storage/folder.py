@@ -80,6 +80,10 @@ class RunFolder:
     def model_file(self, model_name: str, name: str) -> Path:
         return self.models_dir / model_name / name
 
+    def drop_model(self, model_name: str) -> None:
+        """Forget everything one model recorded (its scores, answers, cost and making), to measure it afresh."""
+        shutil.rmtree(self.models_dir / model_name, ignore_errors=True)
+
     def cost_file(self, model_name: str, cost_round: int) -> Path:
         """Round 1 is cost.json (as before rounds existed); later rounds cost-round2.json, ..."""
         return self.model_file(model_name, "cost.json" if cost_round == 1 else f"cost-round{cost_round}.json")

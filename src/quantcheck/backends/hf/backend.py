@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from quantcheck.cost.timing import Clock
     from quantcheck.models.plan import ModelShape
     from quantcheck.schema.jobs import EngineSettings
-    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.models import Calibration, ModelSpec
     from quantcheck.schema.results import GenerationCost, GenerationSettings, WeightMemory
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ class HFBackend(Backend):
         }
 
     @classmethod
-    def parse_variant(cls, body: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+    def parse_variant(
+        cls, body: str, options: dict[str, str], reference_weights: str, calibration: Calibration
+    ) -> ModelSpec | None:
         """`METHOD?keep=0,1,29`: the method with those decoder layers left out, checked against the model's layer
         count; its name (and method) is that spelling with the indices sorted."""
         if MIXED_OPTION not in options:

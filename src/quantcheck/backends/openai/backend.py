@@ -54,7 +54,7 @@ from quantcheck.schema.results import WeightPlan
 if TYPE_CHECKING:
     from quantcheck.models.plan import ModelShape
     from quantcheck.schema.jobs import EngineSettings
-    from quantcheck.schema.models import ModelSpec
+    from quantcheck.schema.models import Calibration, ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
 PREFIX = "url"
@@ -336,7 +336,9 @@ class OpenAIBackend(Backend):
         return {}  # the server decides how its model is built; quantcheck only compares it
 
     @classmethod
-    def parse_variant(cls, rest: str, options: dict[str, str], reference_weights: str) -> ModelSpec | None:
+    def parse_variant(
+        cls, rest: str, options: dict[str, str], reference_weights: str, calibration: Calibration
+    ) -> ModelSpec | None:
         """`url:URL[#MODEL][?top_logprobs=K]`: the reference's folder gives the tokenizer, the chat template and the
         stop tokens."""
         return endpoint_spec(rest, options, "variant", reference_weights)
