@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from quantcheck.backends.llamacpp import _collect_importance, _convert, gguf_cache_folder, read_imatrix
+from quantcheck.cost.scenario import default_threads
 from quantcheck.models.builtin import builtin_model_dir
 from quantcheck.models.calibrated import IMATRIX, calibration_text, make_spec
+from quantcheck.schema.models import Calibration, MakeSettings
 
 TARGET = 0.01
 
@@ -41,8 +43,7 @@ def main() -> None:
     if not full.exists():
         full.parent.mkdir(parents=True, exist_ok=True)
         _convert(reference, full)
-    options = {"samples": str(args.samples), "seq_len": str(args.seq_len)}
-    make = make_spec(IMATRIX, "default", options, "bench")
+    make = make_spec(IMATRIX, "default", {}, "bench", Calibration(samples=args.samples, seq_len=args.seq_len))
     with tempfile.TemporaryDirectory() as scratch:
         text = Path(scratch, "calibration.txt")
         text.write_text(calibration_text("default"), encoding="utf-8")
@@ -55,7 +56,8 @@ def main() -> None:
             sys.exit(f"llama-imatrix failed ({done.returncode}): {done.stderr[-2000:]}")
         llama_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        _collect_importance(reference, full, text.read_text(encoding="utf-8"), make, ours, Path(scratch, "log"))
+        making = MakeSettings(threads=default_threads())
+        _collect_importance(reference, full, text.read_text(encoding="utf-8"), make, ours, Path(scratch, "log"), making)
         our_seconds = time.perf_counter() - start
         expected, collected = read_imatrix(theirs), read_imatrix(ours)
     shared = sorted(set(expected) & set(collected))

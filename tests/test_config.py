@@ -17,6 +17,7 @@ from conftest import quantcheck
 from quantcheck.cli import CONFIG_KEYS, NOT_IN_CONFIG, app
 from quantcheck.config import RunConfig, key_path, parse_config, resolved_toml, tomllib
 from quantcheck.errors import QuantcheckError
+from quantcheck.schema.models import Calibration
 from test_cli_errors import assert_one_line_error
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -129,9 +130,11 @@ def test_every_run_option_is_a_config_key_with_the_same_default():
             assert default == expected, key
 
 
-def test_resolved_toml_reads_back_as_the_same_config(tmp_path):
+def test_resolved_toml_reads_back_as_the_same_config(tmp_path, monkeypatch):
     odd = tmp_path / 'qu"est\\ions ü 🙂\x7f.jsonl'
     odd.write_text("")
+    (tmp_path / "speech.txt").write_text("")
+    monkeypatch.chdir(tmp_path)  # a relative calibration file is replayed from any folder
     config = RunConfig(
         variants=["bnb-nf4", "vllm:pretrained:./nowhere"],
         dataset=odd,
@@ -142,6 +145,7 @@ def test_resolved_toml_reads_back_as_the_same_config(tmp_path):
         cost={"batch_sizes": [1, 8]},
         engine={"distributed_executor_backend": "ray", "cpu_kv_cache_gb": 0.5},
         thresholds={"max_kl": math.inf},
+        calibration={"source": "text:speech.txt", "samples": 4},
     )
     used = {"out": str(tmp_path / "run"), "device": "cpu", "dtype": "float32", "threads": 2}
     text = resolved_toml(config, used)
@@ -150,6 +154,7 @@ def test_resolved_toml_reads_back_as_the_same_config(tmp_path):
         update={
             "out": (tmp_path / "run").resolve(),
             "dataset": str(odd.resolve()),
+            "calibration": Calibration(source=f"text:{(tmp_path / 'speech.txt').resolve()}", samples=4),
             "device": "cpu",
             "dtype": "float32",
             "threads": 2,

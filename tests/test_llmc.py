@@ -10,7 +10,6 @@ import pytest
 from conftest import HAS_VLLM, quantcheck, read_results
 from quantcheck.errors import QuantcheckError
 from quantcheck.models import calibrated
-from quantcheck.schema.models import Calibration
 from test_cli_errors import assert_one_line_error
 
 try:
@@ -75,11 +74,6 @@ def test_autoround_is_made_read_and_scored_with_its_tuning_steps_recorded(made_r
     assert made["versions"]["llmcompressor"] and made["seconds"] > 0 and rtn["made"]["iters"] is None
     assert "AutoRound W4A16" in tuned["description"] and "calibrated on default (4 x 64 tokens)" in tuned["description"]
     assert tuned["corpus"]["kl"]["mean"]["value"] > 0  # a quantized model, read back and scored
-
-
-def test_iters_belongs_to_a_tuned_recipe():
-    with pytest.raises(QuantcheckError, match="tuning steps of autoround-w4a16; gptq-w4a16 is not tuned"):
-        calibrated.make_spec("gptq-w4a16", "default", {"iters": "5"}, "llmc:gptq-w4a16?iters=5", Calibration())
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="no vLLM environment: make test builds .venv-vllm")

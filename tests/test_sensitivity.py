@@ -114,6 +114,9 @@ def test_the_greedy_rule_keeps_the_fewest_highest_kl_layers_that_bring_the_rest_
     assert propose_keep(layers, 1.0) == ([], pytest.approx(0.46))
     assert propose_keep(layers, 0.0) == ([0, 1, 2, 3, 4], 0.0)
     assert propose_keep(layers, 0.05, count=1) == ([1], pytest.approx(0.16))
+    # Tensors beyond the blocks stay quantized in every proposal: their KL counts, and above max_kl alone keeps all.
+    assert propose_keep(layers, 0.061, outside=0.02) == ([1, 3, 4], pytest.approx(0.05))
+    assert propose_keep(layers, 0.05, outside=0.08) == ([0, 1, 2, 3, 4], pytest.approx(0.08))
 
 
 @pytest.fixture(scope="module")

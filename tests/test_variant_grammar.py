@@ -74,3 +74,23 @@ def test_the_command_line_refuses_an_unknown_option_in_one_line_before_loading(t
         f"error: unknown option 'bits' in 'bnb-nf4?bits=3'; the hf backend's options: keep ({GRAMMAR})"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_iters_belongs_to_a_tuned_recipe():
+    from quantcheck.models import calibrated
+    from quantcheck.schema.models import Calibration
+
+    with pytest.raises(QuantcheckError, match="tuning steps of autoround-w4a16; gptq-w4a16 is not tuned: leave"):
+        calibrated.make_spec("gptq-w4a16", "default", {"iters": "5"}, "llmc:gptq-w4a16?iters=5", Calibration())
+    tuned = calibrated.make_spec("autoround-w4a16", "default", {}, "llmc:autoround-w4a16", Calibration())
+    assert tuned.iters == 200  # AutoRound's own default
+
+
+def test_a_recipe_that_calibrates_on_nothing_ignores_the_runs_calibration():
+    """rtn-w4a16 is the same checkpoint whatever --calibration-samples says: one cache entry, no re-making."""
+    from quantcheck.models import calibrated
+    from quantcheck.schema.models import Calibration
+
+    run = Calibration(source="text:/no/such/file.txt", samples=8, seq_len=64)
+    made = calibrated.make_spec("rtn-w4a16", "default", {}, "llmc:rtn-w4a16", run)
+    assert (made.calibration, made.samples, made.seq_len) == ("default", 32, 256)

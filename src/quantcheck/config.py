@@ -54,6 +54,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from quantcheck.backends import DEFAULT_BACKEND
+from quantcheck.data.chats import PROMPTS_PREFIX
 from quantcheck.data.corpus import TEXT_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
@@ -274,6 +275,9 @@ def resolved_toml(config: RunConfig, used: Mapping[str, object]) -> str:
         update={
             "model": _absolute(config.model),
             "dataset": _absolute_dataset(config.dataset),
+            "calibration": config.calibration.model_copy(
+                update={"source": _absolute_dataset(config.calibration.source)}
+            ),
             "reference_kld": _absolute(config.reference_kld),
             "out": Path(str(used["out"])).resolve(),
             "variants": [_absolute_checkpoint(variant) for variant in config.variants],
@@ -303,9 +307,11 @@ def _absolute(text: str | None) -> str | None:
 
 
 def _absolute_dataset(dataset: str) -> str:
-    """'text:./corpus.txt' -> 'text:/abs/corpus.txt'; other data sets as `_absolute`."""
-    if dataset.startswith(TEXT_PREFIX):
-        return TEXT_PREFIX + _absolute(dataset.removeprefix(TEXT_PREFIX))
+    """'text:./corpus.txt' -> 'text:/abs/corpus.txt', 'prompts:./p.jsonl' likewise (a data set or calibration data);
+    other data sets as `_absolute`."""
+    for prefix in (TEXT_PREFIX, PROMPTS_PREFIX):
+        if dataset.startswith(prefix):
+            return prefix + _absolute(dataset.removeprefix(prefix))
     return _absolute(dataset)
 
 

@@ -86,14 +86,20 @@ def make_spec(
     recipe_name: str, source: str, options: dict[str, str], written: str, run: Calibration
 ) -> MakeSpec:
     """What a variant makes and on which data: its own options (`samples`, `seq_len`, a source other than `default`),
-    else the run's calibration; each option checked in one line, the source read once to refuse an unreadable one."""
+    else the run's calibration; each option checked in one line, the source read once to refuse an unreadable one. A
+    recipe that calibrates on nothing (rtn-w4a16, fp8-dynamic) ignores the run's calibration: its checkpoint, cache key
+    and record stay the same whatever the run names."""
     for key, least in {"samples": 1, "seq_len": MIN_CONTEXT, "iters": 1}.items():
         if key in options and not (options[key].isdigit() and int(options[key]) >= least):
             given = options[key]
             raise QuantMethodError(f"{key} must be a whole number of at least {least} in {written!r}, got {given!r}")
     if "iters" in options and recipe_name not in TUNED:
         tuned = ", ".join(TUNED)
-        raise QuantMethodError(f"{written}: iters sets the tuning steps of {tuned}; {recipe_name} is not tuned")
+        raise QuantMethodError(
+            f"{written}: iters sets the tuning steps of {tuned}; {recipe_name} is not tuned: leave iters out"
+        )
+    if not uses_calibration(recipe_name):
+        run = Calibration()
     source = run.source if source == DEFAULT_CALIBRATION else source
     calibration_text(source)  # an unreadable source is refused now, not after the run has started
     return MakeSpec(

@@ -27,8 +27,6 @@ def _scheme(group_size: int):
 
 
 def _recipe(name: str, group_size: int, iters: int | None):
-    import torch
-    from llmcompressor.modifiers.autoround import AutoRoundModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
 
@@ -37,10 +35,7 @@ def _recipe(name: str, group_size: int, iters: int | None):
         "rtn-w4a16": lambda: QuantizationModifier(config_groups=w4a16, ignore=["lm_head"]),
         "gptq-w4a16": lambda: GPTQModifier(config_groups=w4a16, ignore=["lm_head"]),
         "awq-w4a16": lambda: [AWQModifier(), QuantizationModifier(config_groups=w4a16, ignore=["lm_head"])],
-        # torch.compile of the tuning loop only pays off on a GPU; on CPU its compile time dominates a short tuning
-        "autoround-w4a16": lambda: AutoRoundModifier(
-            config_groups=w4a16, ignore=["lm_head"], iters=iters, enable_torch_compile=torch.cuda.is_available()
-        ),
+        "autoround-w4a16": lambda: _autoround(w4a16, iters),
         "w8a8": lambda: [
             SmoothQuantModifier(smoothing_strength=0.8),
             GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"]),
@@ -48,6 +43,17 @@ def _recipe(name: str, group_size: int, iters: int | None):
         "fp8-dynamic": lambda: QuantizationModifier(scheme="FP8_DYNAMIC", targets="Linear", ignore=["lm_head"]),
     }
     return recipes[name]()
+
+
+def _autoround(w4a16, iters: int):
+    """AutoRound, imported only when asked for (an older llmcompressor may lack it); torch.compile of the tuning loop
+    only pays off on a GPU, on CPU its compile time dominates a short tuning."""
+    import torch
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    return AutoRoundModifier(
+        config_groups=w4a16, ignore=["lm_head"], iters=iters, enable_torch_compile=torch.cuda.is_available()
+    )
 
 
 def _calibration(tokenizer, path: str, samples: int, seq_len: int, seed: int):

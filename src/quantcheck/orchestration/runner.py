@@ -508,21 +508,20 @@ def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCo
 
 def _make_checkpoints(models: list[ModelSpec], folder: RunFolder, view: ProgressView, making: MakeSettings) -> None:
     """Before any scoring: each checkpoint the run makes (llmc:RECIPE, gguf:TYPE?imatrix=...) made by its backend or
-    found in the cache, its making kept in the run. A resumed variant whose checkpoint is now another one (its
-    calibration file was edited: the cache key holds the text's hash) is measured afresh, never half on each."""
+    found in the cache, its making kept in the run. A resumed variant whose checkpoint is now another one (an edited
+    calibration file: the checkpoint's name holds the text's hash; or other calibration settings) is measured afresh,
+    never half on each. The name is compared, not the path: a moved cache or a new engine version is the same
+    checkpoint."""
     from quantcheck.backends import get_backend
 
     for spec in models:
         if spec.make is None:
             continue
         made_file = folder.model_file(spec.folder, "made.json")
-        recorded = json.loads(made_file.read_text()).get("weights", spec.weights) if made_file.exists() else None
-        if recorded not in (None, spec.weights):
+        recorded = json.loads(made_file.read_text()) if made_file.exists() else None
+        if recorded is not None and (changed := _changed_checkpoint(recorded, spec)):
             folder.drop_model(spec.folder)
-            view.line(
-                f"[yellow]{escape(spec.name)}: its calibration data changed since it was scored "
-                f"({spec.make.calibration} reads differently now): measuring it again on the new checkpoint[/yellow]"
-            )
+            view.line(f"[yellow]{escape(f'{spec.name}: {changed}: measuring it again on the new one')}[/yellow]")
         elif recorded is not None and Path(spec.weights).exists():
             continue
         view.line(f"{escape(spec.name)}: making it (once; kept in {Path(spec.weights).parent})")
@@ -533,6 +532,18 @@ def _make_checkpoints(models: list[ModelSpec], folder: RunFolder, view: Progress
         write_json_atomic(made_file, made | spec.make.model_dump())
         took = "found in the cache" if cached else f"made in {fmt.seconds(made['seconds'])}"
         view.line(f"{escape(spec.name)}: {took} ({spec.weights})")
+
+
+def _changed_checkpoint(recorded: dict, spec: ModelSpec) -> str | None:
+    """Why the checkpoint a run folder's variant was scored on is not the one it would be made from now, or None."""
+    asked = spec.make.model_dump().items()
+    settings = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in asked if recorded.get(key, value) != value]
+    if settings:
+        return f"its checkpoint is made differently now ({', '.join(settings)})"
+    before, now = Path(recorded.get("weights", spec.weights)).name, Path(spec.weights).name
+    if before != now:
+        return f"its checkpoint is another one now ({spec.make.calibration} reads differently: {before} -> {now})"
+    return None
 
 
 def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engine: EngineSettings) -> None:

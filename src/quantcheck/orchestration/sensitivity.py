@@ -137,7 +137,7 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
             seconds=seconds,
             layers=layers,
             outside=outside,
-            predicted_variant_kl=sum(layer.kl.value for layer in layers),
+            predicted_variant_kl=sum(layer.kl.value for layer in [*layers, *outside]),
         )
         _measure(options, subject, request, table, layer_count, out, view)
         write_text_atomic(RunFolder(out).sensitivity_log, log.read_text(errors="replace"))
@@ -285,6 +285,7 @@ def _score_gguf(
     encoded = encode_items(load_tokenizer(request.path, options.trust_remote_code), items)
     rows = list(range(len(items)))
     count = decoder_layer_count(reference_path)
+    started = time.perf_counter()
     with output_to(log):
         outside = quantized_outside_blocks(reference_path, gguf_type, threads)
     parts = [f"blk.{index}" for index in range(count)] + outside
@@ -292,7 +293,6 @@ def _score_gguf(
         f"the reference as an F32 GGUF, then {len(parts)} files with one part at {gguf_type} each: {count} decoder "
         f"blocks{''.join(f', {name}' for name in outside)}"
     )
-    started = time.perf_counter()
     with output_to(log):
         full = prepare_gguf(reference_path, "F32", threads)
         logprobs = torch.from_numpy(answer_rows(full, encoded.prompt_ids, threads))
@@ -337,9 +337,10 @@ def _measure(
         return
     count = options.keep
     for _ in range(MAX_TRIES):
-        keep, predicted = propose_keep(table.layers, options.max_kl, count)
+        beyond = sum(layer.kl.value for layer in table.outside)  # quantized in every proposal
+        keep, predicted = propose_keep(table.layers, options.max_kl, count, beyond)
         if not keep:  # the layers' sum is within --max-kl but the plain method measured above it: keep one at least
-            keep, predicted = propose_keep(table.layers, options.max_kl, 1)
+            keep, predicted = propose_keep(table.layers, options.max_kl, 1, beyond)
         variant = subject.mixed(tuple(keep))
         if options.keep is not None:
             rule = f"--keep {count}: the {count} layers of highest mean KL"

@@ -30,7 +30,9 @@ class Proposal(BaseModel):
     keep: list[int] = Field(description="decoder layer indices kept at the reference's precision")
     variant: str = Field(description="its spelling in the variant grammar, e.g. bnb-nf4?keep=0,1,29")
     rule: str = Field(description="how the set was chosen")
-    predicted_kl: float = Field(description="sum of the per-layer mean KL of the layers still quantized, nats")
+    predicted_kl: float = Field(
+        description="sum of the per-layer mean KL of the layers still quantized (and of `outside`), nats"
+    )
     serve: str = Field(description="the quantization config that loads it, as code")
     measured_kl: Estimate | None = Field(None, description="its mean KL measured as an ordinary variant of the run")
     kl_check: str | None = Field(None, description="the verdict's mean-KL check: pass, fail or unclear")
@@ -55,8 +57,10 @@ class SensitivityTable(BaseModel):
         default=[],
         description="tensors outside the decoder blocks that the method quantizes (GGUF: token_embd, which a tied "
         "model also reads as its output head; output), each quantized alone; informative, not kept by a proposal "
-        "(keep= names decoder blocks), and not in predicted_variant_kl",
+        "(keep= names decoder blocks); their KL counts in predicted_variant_kl and in every proposal's prediction",
     )
-    predicted_variant_kl: float = Field(description="sum of every layer's mean KL: the whole variant, if additive")
+    predicted_variant_kl: float = Field(
+        description="sum of every layer's mean KL (and `outside`'s): the whole variant, if additive"
+    )
     measured_variant_kl: Estimate | None = Field(None, description="the whole variant's mean KL, measured in the run")
     proposals: list[Proposal] = Field(default=[], description="in the order measured; each keeps one layer more")

@@ -199,8 +199,13 @@ def _check_replay(stack: DecoderStack, inputs: LayerInputs, architecture: str) -
         )
 
 
-def propose_keep(layers: list[LayerSensitivity], max_kl: float, count: int | None = None) -> tuple[list[int], float]:
+def propose_keep(
+    layers: list[LayerSensitivity], max_kl: float, count: int | None = None, outside: float = 0.0
+) -> tuple[list[int], float]:
     """The decoder layers to keep at the reference's precision, and the predicted mean KL of the variant keeping them.
+
+    `outside` is the summed KL of the tensors beyond the blocks that every proposal leaves quantized (a GGUF type's
+    token embeddings): it counts in every prediction, and where it alone is above `max_kl` every layer is kept.
 
     The rule, greedy on the measured per-layer KL: keep the highest-KL layers until the sum of the remaining layers'
     mean KL is within `max_kl` (with `count`: keep the `count` highest). It treats per-layer KL as additive. With many
@@ -211,6 +216,7 @@ def propose_keep(layers: list[LayerSensitivity], max_kl: float, count: int | Non
     ordinary variant, which checks the interactions.
     """
     ranked = sorted(layers, key=lambda layer: (-layer.kl.value, layer.index))
-    remaining = [sum(layer.kl.value for layer in ranked[kept:]) for kept in range(len(ranked) + 1)]
-    kept = count if count is not None else next(n for n, total in enumerate(remaining) if total <= max_kl)
+    remaining = [outside + sum(layer.kl.value for layer in ranked[kept:]) for kept in range(len(ranked) + 1)]
+    within = (n for n, total in enumerate(remaining) if total <= max_kl)
+    kept = count if count is not None else next(within, len(ranked))
     return sorted(layer.index for layer in ranked[:kept]), remaining[kept]
