@@ -6,6 +6,7 @@ the plain type. Real collection, real quantization, real engine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +179,6 @@ def test_a_making_that_fails_is_one_line_and_leaves_nothing_half_made(tmp_path):
 def test_a_users_prompts_are_calibration_data_and_calibrating_on_the_judged_prompts_is_said(tmp_path):
     """`imatrix=prompts:FILE.jsonl` (and llmc's `calibration=`): every message's content, chat after chat; a prompts
     run judged on the very prompts it was calibrated on gets the warning."""
-    import json
 
     from quantcheck.backends.llamacpp import imatrix_path, make_imatrix_gguf, read_imatrix
     from quantcheck.data.chats import load_prompts
@@ -228,13 +228,15 @@ def test_the_runs_calibration_is_each_variants_default_and_a_changed_file_is_mea
     before = model(read_results(out), "gguf:Q2_K?imatrix=default")
     assert before["made"]["calibration"] == f"text:{calibration}" and before["made"]["samples"] == 2
     assert 'source = "text:' in (out / "config.toml").read_text()  # the replayable config keeps it
+    made_file = out / "models" / "gguf-Q2_K-imatrix-default" / "made.json"
+    first_checkpoint = json.loads(made_file.read_text())["weights"]
     calibration.write_text(calibration.read_text().replace("harbours", "railways"))
     second = quantcheck(*command)
     assert second.returncode == 0, second.stderr[-3000:]
     said = " ".join((second.stdout + second.stderr).split())  # however the terminal wrapped it
     assert f"its checkpoint is another one now (text:{calibration} reads differently" in said
     after = model(read_results(out), "gguf:Q2_K?imatrix=default")
-    assert not after["made"]["cached"]  # a new checkpoint, made for the edited text
+    assert json.loads(made_file.read_text())["weights"] != first_checkpoint  # another checkpoint, for the edited text
     records = (out / "models" / "gguf-Q2_K-imatrix-default" / "corpus.jsonl").read_text().splitlines()
     assert len(records) == 2  # each window scored once, on the new checkpoint alone
     # Kept records of the old checkpoint would have left the KL exactly as it was.
