@@ -88,9 +88,14 @@ def test_iters_belongs_to_a_tuned_recipe():
 
 def test_a_recipe_that_calibrates_on_nothing_ignores_the_runs_calibration():
     """rtn-w4a16 is the same checkpoint whatever --calibration-samples says: one cache entry, no re-making."""
+    from quantcheck.backends.variants import variant_spec
     from quantcheck.models import calibrated
+    from quantcheck.models.builtin import builtin_model_dir
     from quantcheck.schema.models import Calibration
 
     run = Calibration(source="text:/no/such/file.txt", samples=8, seq_len=64)
     made = calibrated.make_spec("rtn-w4a16", "default", {}, "llmc:rtn-w4a16", run)
     assert (made.calibration, made.samples, made.seq_len) == ("default", 32, 256)
+    # The same through the variant grammar, which hands make_spec the variant's own data or `default`.
+    spec = variant_spec("llmc:rtn-w4a16", str(builtin_model_dir()), str, run)
+    assert (spec.make.calibration, spec.make.samples, spec.make.seq_len) == ("default", 32, 256)

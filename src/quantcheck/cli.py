@@ -657,21 +657,11 @@ def sensitivity(
     ranking = Table(title=f"{table.method}: one decoder layer quantized at a time ({table.items} questions, exact KL)")
     for column in ("rank", "layer", "mean KL (95% CI)", "top-1 agree", "answer flips"):
         ranking.add_column(column)
-    for rank, layer in enumerate(table.layers, 1):
+    ranked = [(str(rank), escape(layer.name), layer) for rank, layer in enumerate(table.layers, 1)]
+    ranked += [("-", f"{escape(layer.name)} (outside the blocks)", layer) for layer in table.outside]
+    for rank, name, layer in ranked:
         ranking.add_row(
-            str(rank),
-            escape(layer.name),
-            nats_ci(layer.kl.value, layer.kl.ci),
-            percent(layer.top1_agreement),
-            str(layer.answer_flips),
-        )
-    for layer in table.outside:
-        ranking.add_row(
-            "-",
-            f"{escape(layer.name)} (outside the blocks)",
-            nats_ci(layer.kl.value, layer.kl.ci),
-            percent(layer.top1_agreement),
-            str(layer.answer_flips),
+            rank, name, nats_ci(layer.kl.value, layer.kl.ci), percent(layer.top1_agreement), str(layer.answer_flips)
         )
     stdout.print(ranking)
     whole = table.measured_variant_kl

@@ -29,7 +29,7 @@ from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_ba
 from quantcheck.errors import QuantcheckError
 from quantcheck.models import calibrated
 from quantcheck.schema.jobs import EngineSettings
-from quantcheck.schema.models import RECORDED_BACKEND, Calibration, ModelSpec
+from quantcheck.schema.models import DEFAULT_CALIBRATION, RECORDED_BACKEND, Calibration, ModelSpec
 
 PRETRAINED = "pretrained"
 LLMC = calibrated.PREFIX
@@ -174,7 +174,7 @@ def _made_spec(variant: VariantText, reference_weights: str, calibration: Calibr
     if variant.backend not in ("hf", "vllm"):
         raise QuantcheckError(f"{variant.text}: llm-compressor checkpoints are read by the hf and vllm backends")
     recipe = calibrated.recipe(variant.body.removeprefix(f"{LLMC}:")).name
-    source = variant.options.get("calibration", calibration.source)
+    source = variant.options.get("calibration", DEFAULT_CALIBRATION)  # make_spec reads `default` as the run's data
     make = calibrated.make_spec(recipe, source, variant.options, variant.text, calibration)
     request = calibrated.MakeRequest.of(make, reference_weights)
     suffix = "&".join(f"{key}={value}" for key, value in sorted(variant.options.items()))
