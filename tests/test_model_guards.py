@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import quantcheck
 from quantcheck.backends.variants import variant_spec
 from quantcheck.errors import QuantcheckError
 from quantcheck.models.loading import load_model, precision_info
@@ -100,3 +103,31 @@ def test_a_method_whose_library_has_no_parent_package_reads_as_not_installed():
 
     assert importable("torch.nn") and importable("torch")
     assert not importable("no_such_package.quanto") and not importable("no_such_package")
+
+
+def test_a_real_accelerate_offload_is_measured_and_warned_of(tmp_path):
+    """--allow-offload with --max-memory-gb 0.2 makes accelerate put most of the 0.5 GB model on disk: the run scores
+    it the same as on one device, and results.json, report.html and report.md warn of every offloaded model."""
+    common = ["--quant", "none", "--limit", "3", "--skip-generation", "--skip-cost", "--no-floors", "--quiet"]
+    offloaded, whole = tmp_path / "offloaded", tmp_path / "whole"
+    done = quantcheck("run", *common, "--allow-offload", "--max-memory-gb", "0.2", "--out", str(offloaded))
+    assert done.returncode == 0, done.stderr
+    assert quantcheck("run", *common, "--out", str(whole)).returncode == 0
+    results = json.loads((offloaded / "results.json").read_text())
+    for model in results["models"]:
+        assert model["precision"]["offloaded"] is True and "disk" in model["precision"]["devices"]
+    warned = {w["model"]: w["message"] for w in results["warnings"] if w["code"] == "offloaded"}
+    assert set(warned) == {"reference", "none"}
+    for report in ("report.html", "report.md"):
+        assert "none is partly offloaded (cpu, disk, meta)" in (offloaded / report).read_text()
+    assert not list((offloaded / "models").glob("*/offload-*")), "the offloaded weights outlive the worker"
+    assert not any(w["code"] == "offloaded" for w in json.loads((whole / "results.json").read_text())["warnings"])
+
+    def choice_logprobs(run):
+        records = (run / "models" / "reference" / "quality.jsonl").read_text().splitlines()
+        return {r["item_id"]: r["loglik"]["choice_logprobs"] for r in map(json.loads, records)}
+
+    on_disk, on_one_device = choice_logprobs(offloaded), choice_logprobs(whole)
+    assert on_disk.keys() == on_one_device.keys() and len(on_disk) == 3
+    for item, values in on_disk.items():
+        assert values == pytest.approx(on_one_device[item], abs=1e-4)

@@ -165,7 +165,11 @@ def run(
         ),
     ] = 2,
     max_memory_gb: Annotated[
-        float | None, typer.Option(help="memory cap for the cost sweep: above it a batch size counts as OOM")
+        float | None,
+        typer.Option(
+            help="memory cap for the cost sweep: above it a batch size counts as OOM; with --allow-offload, also what "
+            "a transformers model may hold on its device (accelerate offloads the rest)"
+        ),
     ] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
     max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,
@@ -191,7 +195,11 @@ def run(
         bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")
     ] = False,
     allow_offload: Annotated[
-        bool, typer.Option(help="allow device_map offload to CPU/disk; cost figures are then marked offloaded")
+        bool,
+        typer.Option(
+            help="allow device_map offload to CPU/disk (beyond --max-memory-gb, if set); an offloaded model is "
+            "warned of in results.json and the report"
+        ),
     ] = False,
     allow_pickle: Annotated[
         bool, typer.Option(help="allow pickle (.bin) checkpoints, which can run code when loaded")

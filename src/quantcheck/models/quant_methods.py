@@ -44,6 +44,10 @@ class LoadRequest:
     dtype: torch.dtype  # the reference precision (also the compute dtype unless a method says otherwise)
     trust_remote_code: bool = False
     allow_offload: bool = False
+    device_memory_bytes: int | None = None
+    """With `allow_offload`: what the device may hold (--max-memory-gb); accelerate offloads the rest, to CPU memory
+    from a GPU and to `offload_folder` on disk from the CPU, as a model larger than its device would be."""
+    offload_folder: str | None = None
     allow_pickle: bool = False
     keep: tuple[str, ...] = ()
     """Modules left at the reference's precision, by the model's own names (`loading.kept_modules`): the kept decoder
@@ -57,12 +61,26 @@ class LoadRequest:
             "trust_remote_code": self.trust_remote_code,
             "use_safetensors": None if self.allow_pickle else True,
         }
+        if self.allow_offload and self.device_memory_bytes is not None:
+            # accelerate's keys: a GPU by index, then the host; from the CPU the rest can only go to disk.
+            kwargs["max_memory"] = (
+                {"cpu": self.device_memory_bytes}
+                if self.device == "cpu"
+                else {0: self.device_memory_bytes, "cpu": _host_memory_bytes()}
+            )
+            kwargs["offload_folder"] = self.offload_folder
         if self.device == "cpu":
             # A memory-mapped file stays resident while any tensor views it (a quantized model's float
             # embeddings do), which would bill the whole fp32 file to the variant's memory.
             kwargs["disable_mmap"] = True
         kwargs.update(extra)
         return kwargs
+
+
+def _host_memory_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 Recipe = Callable[[LoadRequest], "PreTrainedModel"]

@@ -356,6 +356,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         batch_size=options.batch_size,
         trust_remote_code=options.trust_remote_code,
         allow_offload=options.allow_offload,
+        device_memory_bytes=options.cost_settings.get("max_memory_bytes") if options.allow_offload else None,
         allow_pickle=options.allow_pickle,
     )
     def summary(cost_pending: bool = False) -> Results:

@@ -46,6 +46,7 @@ class JobSpec(BaseModel):
     engine: EngineSettings = EngineSettings()
     trust_remote_code: bool = False
     allow_offload: bool = False
+    device_memory_bytes: int | None = None  # allow_offload: the device's share (--max-memory-gb); the rest offloads
     allow_pickle: bool = False
     loglik: bool = True
     generation: GenerationOptions | None = None

@@ -77,12 +77,15 @@ class RunFolder:
     def models_dir(self) -> Path:
         return self.root / "models"
 
+    def model_dir(self, model_name: str) -> Path:
+        return self.models_dir / model_name
+
     def model_file(self, model_name: str, name: str) -> Path:
-        return self.models_dir / model_name / name
+        return self.model_dir(model_name) / name
 
     def drop_model(self, model_name: str) -> None:
         """Forget everything one model recorded (its scores, answers, cost and making), to measure it afresh."""
-        shutil.rmtree(self.models_dir / model_name, ignore_errors=True)
+        shutil.rmtree(self.model_dir(model_name), ignore_errors=True)
 
     def cost_file(self, model_name: str, cost_round: int) -> Path:
         """Round 1 is cost.json (as before rounds existed); later rounds cost-round2.json, ..."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -140,11 +141,27 @@ class HFBackend(Backend):
             dtype=getattr(torch, job.dtype),
             trust_remote_code=job.trust_remote_code,
             allow_offload=job.allow_offload,
+            device_memory_bytes=job.device_memory_bytes,
+            offload_folder=self._offload_folder(job),
             allow_pickle=job.allow_pickle,
             keep=kept_modules(self.spec.weights, keep, job.trust_remote_code) if keep else (),
         )
         self.tokenizer = load_tokenizer(self.spec.weights, job.trust_remote_code)
         self.model = None
+
+    def _offload_folder(self, job) -> str | None:
+        """Where accelerate writes what the device cannot hold: beside the model's records (the run's disk, which the
+        user chose), removed when this worker ends."""
+        if not (job.allow_offload and job.device_memory_bytes):
+            return None
+        import tempfile
+
+        from quantcheck.storage.folder import RunFolder
+
+        model_dir = RunFolder(Path(job.run_dir)).model_dir(self.spec.folder)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self._offload = tempfile.TemporaryDirectory(prefix="offload-", dir=model_dir)
+        return self._offload.name
 
     def _build(self):
         from quantcheck.models.loading import load_model
