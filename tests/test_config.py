@@ -14,8 +14,9 @@ import typer
 from pydantic import BaseModel
 
 from conftest import quantcheck
+from quantcheck.backends.vllm import VllmSettings
 from quantcheck.cli import CONFIG_KEYS, NOT_IN_CONFIG, app
-from quantcheck.config import RunConfig, key_path, parse_config, resolved_toml, tomllib
+from quantcheck.config import RunConfig, key_path, parse_config, read_config, resolved_toml, tomllib
 from quantcheck.errors import QuantcheckError
 from quantcheck.schema.models import Calibration
 from test_cli_errors import assert_one_line_error
@@ -100,12 +101,9 @@ def test_an_option_typed_over_the_file_wins_and_is_named_in_errors(tmp_path):
 
 def _leaf_keys(table: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
-    for name, field in table.model_fields.items():  # a table's default is its model with defaults
-        keys |= (
-            _leaf_keys(type(field.default), f"{prefix}{name}.")
-            if isinstance(field.default, BaseModel)
-            else {prefix + name}
-        )
+    for name, field in table.model_fields.items():  # a table is a model (its default: the model with defaults)
+        is_table = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        keys |= _leaf_keys(field.annotation, f"{prefix}{name}.") if is_table else {prefix + name}
     return keys
 
 
@@ -143,7 +141,7 @@ def test_resolved_toml_reads_back_as_the_same_config(tmp_path, monkeypatch):
         force=True,
         generation={"max_new_tokens": 4, "chat": "off"},
         cost={"batch_sizes": [1, 8]},
-        engine={"distributed_executor_backend": "ray", "cpu_kv_cache_gb": 0.5},
+        engine={"vllm": {"distributed_executor_backend": "ray", "cpu_kv_cache_gb": 0.5}, "llamacpp": {"n_ctx": 4096}},
         thresholds={"max_kl": math.inf},
         calibration={"source": "text:speech.txt", "samples": 4},
     )
@@ -162,8 +160,29 @@ def test_resolved_toml_reads_back_as_the_same_config(tmp_path, monkeypatch):
         }
     )
     assert again == expected
-    assert again.thresholds.max_kl == math.inf and again.engine.distributed_executor_backend == "ray"
+    assert again.thresholds.max_kl == math.inf and again.engine.vllm.distributed_executor_backend == "ray"
+    assert again.engine.llamacpp.n_ctx == 4096 and "[engine.llamacpp]\nn_ctx = 4096" in text
     assert not {"force", "quiet"} & set(tomllib.loads(text))  # how to treat a folder and the terminal is not the run
+
+
+def test_each_engine_has_its_own_table_and_a_saved_flat_engine_table_still_runs(tmp_path, capsys):
+    """[engine.vllm] and [engine.llamacpp] come from the backends' own settings; the flat [engine] of vLLM keys that
+    earlier versions saved is read under the new names (max_model_len, which llama.cpp read too, as both), with one
+    line saying so."""
+    assert set(RunConfig.model_fields["engine"].annotation.model_fields) == {"vllm", "llamacpp"}
+    saved = tmp_path / "config.toml"
+    saved.write_text('variants = ["none"]\n\n[engine]\nmax_model_len = 4096\ncpu_kv_cache_gb = 0.5\n')
+    config = read_config(saved)
+    assert (config.engine.vllm.max_model_len, config.engine.vllm.cpu_kv_cache_gb) == (4096, 0.5)
+    assert config.engine.llamacpp.n_ctx == 4096
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and f"{saved}: engine.max_model_len is now engine.vllm.max_model_len and" in note[0]
+    assert config.options().engine == {
+        "vllm": VllmSettings(max_model_len=4096, cpu_kv_cache_gb=0.5).model_dump(),
+        "llamacpp": {"n_ctx": 4096},
+    }
+    with pytest.raises(QuantcheckError, match=r"engine\.vllm\.n_ctx: unknown key; known keys here: tensor_parallel"):
+        parse_config({"engine": {"vllm": {"n_ctx": 1}}}, key_path)
 
 
 def test_relative_paths_are_written_absolute(tmp_path, monkeypatch):

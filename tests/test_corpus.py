@@ -288,7 +288,10 @@ def test_bad_corpus_files_are_one_line_errors(tmp_path, content, suffix, message
     ("arguments", "message"),
     [
         (["--context", "9000", "--quant", "none"], "--context 9000 is above smollm2-135m's limit of 8192 tokens"),
-        (["--context", "4096", "--quant", "gguf:Q8_0"], "longer than llama.cpp's context holds (--max-model-len 2048)"),
+        (
+            ["--context", "4096", "--quant", "gguf:Q8_0"],
+            "longer than llama.cpp's context holds (--n-ctx 2048): raise --n-ctx to 4096",
+        ),
     ],
 )
 def test_a_context_past_the_model_or_the_engine_is_one_line_before_any_model_loads(tmp_path, arguments, message):

@@ -85,6 +85,7 @@ def run(
     max_model_len: Annotated[int, typer.Option(help="vLLM: longest sequence the engine plans for")] = 2048,
     enforce_eager: Annotated[bool, typer.Option(help="vLLM: no CUDA graphs (faster start, slower decode)")] = True,
     cpu_kv_cache_gb: Annotated[float, typer.Option(help="vLLM on CPU: KV cache size in GiB")] = 1.0,
+    n_ctx: Annotated[int, typer.Option(help="llama.cpp: tokens its context holds (its -c)")] = 2048,
     dataset: Annotated[
         str,
         typer.Option(
@@ -265,8 +266,9 @@ CONFIG_KEYS = {
     "store_tail_samples": "store.tail_samples",
     **{name: f"generation.{name}" for name in ("chat", "temperature", "greedy", "max_new_tokens")},
     **{name: f"cost.{name}" for name in ("batch_sizes", "seq_len", "iterations", "time_budget", "max_memory_gb")},
+    "n_ctx": "engine.llamacpp.n_ctx",
     **{
-        name: f"engine.{name}"
+        name: f"engine.vllm.{name}"
         for name in (
             "tensor_parallel_size",
             "pipeline_parallel_size",
@@ -292,10 +294,11 @@ def _settings(ctx: typer.Context, config_file: Path | None) -> RunConfig:
         if name in NOT_IN_CONFIG or not _typed(ctx, name):
             continue
         path = CONFIG_KEYS.get(name, name)
-        table, _, key = path.rpartition(".")
-        (settings.setdefault(table, {}) if table else settings)[key] = (
-            _batch_sizes(value) if name == "batch_sizes" else value
-        )
+        *tables, key = path.split(".")
+        table = settings
+        for inner in tables:
+            table = table.setdefault(inner, {})
+        table[key] = _batch_sizes(value) if name == "batch_sizes" else value
         typed[path] = "MODEL" if name == "model" else "--" + name.replace("_", "-")
 
     def where(location: tuple[str | int, ...]) -> str:

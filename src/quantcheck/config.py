@@ -19,8 +19,10 @@ guesses `max_kl`); options that belong together sit in a table:
                    name their own data (llmc:RECIPE?calibration=..., gguf:TYPE?imatrix=...)
     [cost]         rounds (--cost-rounds), batch_sizes = [1, 8, 32], seq_len, iterations, time_budget, max_memory_gb
     [store]        kind (--store: compact or full), top_k (--store-top-k), tail_samples (--store-tail-samples)
-    [engine]       tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
-                   gpu_memory_utilization, max_model_len, enforce_eager, cpu_kv_cache_gb
+    [engine.vllm]  tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
+                   gpu_memory_utilization, max_model_len, enforce_eager, cpu_kv_cache_gb (each engine's own
+                   table: `Backend.settings_model`; a saved flat [engine] of vLLM keys is still read)
+    [engine.llamacpp] n_ctx
     [thresholds]   max_accuracy_drop (points), max_kl, min_top1, min_memory_saving
     prefer = "memory"                       # which passing variant to recommend: memory, speed or quality
     fit_gb = 4.0                            # only variants whose measured weights fit in 4 GiB are recommended
@@ -49,6 +51,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    create_model,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -58,7 +61,6 @@ from quantcheck.data.chats import PROMPTS_PREFIX
 from quantcheck.data.corpus import TEXT_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.errors import QuantcheckError
-from quantcheck.schema.jobs import EngineSettings
 from quantcheck.schema.models import MIN_CONTEXT, Calibration, GenerationOptions
 from quantcheck.schema.results import Preference, Thresholds
 from quantcheck.storage.store import StoreSettings
@@ -105,21 +107,23 @@ class CostConfig(_Table):
         return {name: value for name, value in values.items() if value is not None}
 
 
-class EngineConfig(_Table):
-    """`EngineSettings` with the KV cache in GiB, as `--cpu-kv-cache-gb`."""
+def _engine_config() -> type[_Table]:
+    """`[engine.NAME]`: a table for each registered backend that declares settings (`Backend.settings_model`), its keys
+    that backend's own."""
+    from quantcheck.backends import BACKEND_NAMES, get_backend
 
-    tensor_parallel_size: PositiveInt = 1
-    pipeline_parallel_size: PositiveInt = 1
-    distributed_executor_backend: Literal["mp", "ray"] | None = None
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int = Field(2048, ge=16)
-    enforce_eager: bool = True
-    cpu_kv_cache_gb: PositiveFloat = 1.0
+    tables = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
+    fields = {name: (model, Field(default_factory=model)) for name, model in tables.items() if model}
+    return create_model("EngineConfig", __base__=_Table, **fields)
 
-    def settings(self) -> EngineSettings:
-        return EngineSettings(
-            **self.model_dump(exclude={"cpu_kv_cache_gb"}), cpu_kv_cache_bytes=int(self.cpu_kv_cache_gb * GIB)
-        )
+
+EngineConfig = _engine_config()
+RENAMED_ENGINE_KEYS = {
+    **{f"engine.{key}": (f"engine.vllm.{key}",) for key in EngineConfig.model_fields["vllm"].annotation.model_fields},
+    "engine.max_model_len": ("engine.vllm.max_model_len", "engine.llamacpp.n_ctx"),
+}
+"""Before each engine had its table, `[engine]` held vLLM's settings, and llama.cpp read max_model_len as its n_ctx:
+a saved config.toml of that layout still runs."""
 
 
 class ThresholdConfig(_Table):
@@ -199,7 +203,7 @@ class RunConfig(_Table):
             reference_kld=self.reference_kld,
             quants=self.variants,
             calibration=self.calibration,
-            engine=self.engine.settings(),
+            engine=self.engine.model_dump(),
             dataset=self.dataset,
             limit=self.limit,
             context=self.context,
@@ -229,7 +233,9 @@ class RunConfig(_Table):
 
 
 def parse_config(data: Mapping[str, object], where: Callable[[Location], str]) -> RunConfig:
-    """Validate `data`; the first problem becomes one line, `where(location)` naming its source."""
+    """Validate `data`; the first problem becomes one line, `where(location)` naming its source. A key renamed since
+    a config could be saved is read under its new name, with one line on stderr saying so."""
+    data = _renamed(data, where)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
@@ -238,6 +244,23 @@ def parse_config(data: Mapping[str, object], where: Callable[[Location], str]) -
         message = _unknown_key(location) if problem["type"] == "extra_forbidden" else problem["msg"]
         more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
         raise QuantcheckError(f"{where(location)}: {message}{more}") from None
+
+
+def _renamed(data: Mapping[str, object], where: Callable[[Location], str]) -> Mapping[str, object]:
+    engine = data.get("engine")
+    if not isinstance(engine, Mapping):
+        return data
+    engine, moved = dict(engine), []
+    for old in [key for key in engine if f"engine.{key}" in RENAMED_ENGINE_KEYS]:
+        value = engine.pop(old)
+        new_paths = RENAMED_ENGINE_KEYS[f"engine.{old}"]
+        for path in new_paths:
+            _, table, key = path.split(".")
+            engine.setdefault(table, {}).setdefault(key, value)  # the new key, where also given, wins
+        moved.append(f"{where(('engine', old))} is now {' and '.join(new_paths)}")
+    if moved:
+        print(f"note: {'; '.join(moved)} (read as before)", file=sys.stderr)
+    return {**data, "engine": engine}
 
 
 def key_path(location: Location) -> str:
@@ -291,11 +314,17 @@ def resolved_toml(config: RunConfig, used: Mapping[str, object]) -> str:
         "# The settings of this run, as resolved. Run it again into another folder:",
         f"#   quantcheck run --config {CONFIG_FILE} --out NEW_FOLDER",
     ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict)]
-    for table, values in data.items():
-        if isinstance(values, dict):
-            lines += ["", f"[{table}]", *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _toml_table(data)) + "\n"
+
+
+def _toml_table(values: Mapping[str, object], name: str = "") -> list[str]:
+    """A table's own keys, then each table inside it as [name.inner] (a table of tables only as its tables)."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    for key, inner in values.items():
+        if isinstance(inner, dict):
+            own = any(not isinstance(value, dict) for value in inner.values())
+            lines += [*(["", f"[{name}{key}]"] if own else []), *_toml_table(inner, f"{name}{key}.")]
+    return lines
 
 
 def _absolute(text: str | None) -> str | None:

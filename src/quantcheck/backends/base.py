@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -35,8 +35,9 @@ from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
     import numpy as np
+    from pydantic import BaseModel
 
-    from quantcheck.schema.jobs import EngineSettings, JobSpec
+    from quantcheck.schema.jobs import JobSpec
     from quantcheck.schema.models import Calibration, MakeSettings, ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
@@ -76,10 +77,25 @@ class Backend(ABC):
     scores_text: ClassVar[bool] = False  # answers `window_logprobs` (text corpora)
     variant_options: ClassVar[dict[str, str]] = {}
     """The `?key=value` options this engine's variants take (`backends.variants.GRAMMAR`), each with what it means."""
+    settings_model: ClassVar[type[BaseModel] | None] = None
+    """The engine's own settings: the `[engine.NAME]` table of a config file, its `run` options, `self.settings`."""
 
     def __init__(self, job: JobSpec) -> None:
         self.job = job
         self.spec: ModelSpec = job.model
+        self.settings = self.engine_settings(job.engine)
+
+    @classmethod
+    def engine_settings(cls, engines: Mapping[str, Mapping[str, object]]) -> BaseModel | None:
+        """This engine's table of `engines` (validated by the run's config already), defaults for what it leaves
+        out; None for an engine without settings."""
+        return cls.settings_model.model_validate(engines.get(cls.name, {})) if cls.settings_model else None
+
+    @classmethod
+    def context_limit(cls, settings: BaseModel | None) -> tuple[int, str, str] | None:
+        """The longest sequence the engine is set up for, what holds it and the option that sets it (2048, "vLLM plans
+        for", "--max-model-len"); None where only the model's own limit applies."""
+        return None
 
     # --- checks in the parent, before anything loads ---------------------------------------
     @classmethod
@@ -187,8 +203,8 @@ class Backend(ABC):
         return WeightPlan(bytes=shape.weight_bytes(footprint, dtype_bytes), basis=footprint.describe())
 
     @classmethod
-    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
-        """Everything about `spec` that can be refused before a model loads."""
+    def check(cls, spec: ModelSpec, device: str, settings: BaseModel | None) -> None:
+        """Everything about `spec` that can be refused before a model loads (`settings`: `engine_settings`)."""
         if not spec.checkpoint:
             cls.method_info(spec.method).check_runnable(device, cls.name)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
     from quantcheck.cost.scenario import CostSettings, MemoryScope
     from quantcheck.cost.timing import Clock
     from quantcheck.models.plan import ModelShape
-    from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
 
 PREFIX = "gguf"
@@ -358,8 +358,6 @@ def _quantize(
     os.replace(partial, target)
 
 
-
-
 def _mix(path: Path) -> dict[str, int]:
     """Each quantized tensor's ggml type in a GGUF file: what TYPE's mix chose for it, layer by layer."""
     import gguf
@@ -591,8 +589,17 @@ def _missing_converter(script: Path) -> str:
     )
 
 
+class LlamaCppSettings(BaseModel):
+    """llama.cpp's context settings: `[engine.llamacpp]` in a config file, `run`'s --n-ctx."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_ctx: int = Field(2048, ge=16, description="tokens llama.cpp's context holds (its -c)")
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    settings_model = LlamaCppSettings
     engine_package = "llama_cpp"
     install_hint = INSTALL_HINT
     scores_text = True
@@ -721,7 +728,11 @@ class LlamaCppBackend(Backend):
         return WeightPlan(bytes=None, basis="llama.cpp picks each tensor's type by its shape: measured, not planned")
 
     @classmethod
-    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+    def context_limit(cls, settings: LlamaCppSettings) -> tuple[int, str, str]:
+        return settings.n_ctx, "llama.cpp's context holds", "--n-ctx"
+
+    @classmethod
+    def check(cls, spec: ModelSpec, device: str, settings: LlamaCppSettings) -> None:
         """In the parent: CPU only, the engine importable, a readable file with the reference's vocabulary or a
         converter."""
         label = spec.name if not spec.runs_reference_weights else "--backend llamacpp"
@@ -758,7 +769,7 @@ class LlamaCppBackend(Backend):
         """`use_mmap=False`: the weights are read into memory, so resident memory is the real cost."""
         from llama_cpp import Llama
 
-        n_ctx = self.job.engine.max_model_len
+        n_ctx = self.settings.n_ctx
         try:
             return Llama(
                 model_path=str(path),

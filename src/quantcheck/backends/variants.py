@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 from quantcheck.backends import BACKEND_NAMES, DEFAULT_BACKEND, PREFIXES, get_backend, quant_prefix
 from quantcheck.errors import QuantcheckError
 from quantcheck.models import calibrated
-from quantcheck.schema.jobs import EngineSettings
+from quantcheck.schema.jobs import EngineTables
 from quantcheck.schema.models import DEFAULT_CALIBRATION, RECORDED_BACKEND, Calibration, ModelSpec
 
 PRETRAINED = "pretrained"
@@ -191,13 +191,14 @@ def _made_spec(variant: VariantText, reference_weights: str, calibration: Calibr
     )
 
 
-def check_specs(specs: list[ModelSpec], device: str, engine: EngineSettings) -> None:
+def check_specs(specs: list[ModelSpec], device: str, engines: EngineTables) -> None:
     """Every refusal that needs no model: unknown or duplicated names, methods off this device, missing engines."""
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names) or len({spec.folder for spec in specs}) != len(specs):
         raise QuantcheckError("each --quant may be named once")
     for spec in specs:
-        get_backend(spec.backend).check(spec, device, engine)
+        backend = get_backend(spec.backend)
+        backend.check(spec, device, backend.engine_settings(engines))
 
 
 def describe(spec: ModelSpec) -> str:

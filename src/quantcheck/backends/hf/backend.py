@@ -30,12 +30,12 @@ from quantcheck.schema.results import EngineInfo, WeightPlan
 
 if TYPE_CHECKING:
     import torch
+    from pydantic import BaseModel
 
     from quantcheck.cost.memory import PeakMemoryTracker
     from quantcheck.cost.scenario import CostSettings, MemoryScope
     from quantcheck.cost.timing import Clock
     from quantcheck.models.plan import ModelShape
-    from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import Calibration, ModelSpec
     from quantcheck.schema.results import GenerationCost, GenerationSettings, WeightMemory
 
@@ -124,7 +124,7 @@ class HFBackend(Backend):
         return WeightPlan(bytes=planned, basis=f"{footprint.describe() if footprint else method}, {len(keep)} kept")
 
     @classmethod
-    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+    def check(cls, spec: ModelSpec, device: str, settings: BaseModel | None) -> None:
         _recipe(spec).check_runnable(device)
 
     def __init__(self, job) -> None:

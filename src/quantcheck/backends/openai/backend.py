@@ -52,8 +52,9 @@ from quantcheck.schema.models import TEXT_TOP_LOGPROBS, Endpoint
 from quantcheck.schema.results import WeightPlan
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from quantcheck.models.plan import ModelShape
-    from quantcheck.schema.jobs import EngineSettings
     from quantcheck.schema.models import Calibration, ModelSpec
     from quantcheck.schema.results import EngineInfo, GenerationSettings, ModelCost
 
@@ -352,7 +353,7 @@ class OpenAIBackend(Backend):
         return WeightPlan(bytes=stated, basis="as stated (weight_gb), not planned")
 
     @classmethod
-    def check(cls, spec: ModelSpec, device: str, engine: EngineSettings) -> None:
+    def check(cls, spec: ModelSpec, device: str, settings: BaseModel | None) -> None:
         """Nothing left: `connect` probed the server when the spec was made."""
 
     @classmethod
