@@ -107,20 +107,24 @@ def test_a_method_whose_library_has_no_parent_package_reads_as_not_installed():
 
 def test_a_real_accelerate_offload_is_measured_and_warned_of(tmp_path):
     """--allow-offload with --max-memory-gb 0.2 makes accelerate put most of the 0.5 GB model on disk: the run scores
-    it the same as on one device, and results.json, report.html and report.md warn of every offloaded model."""
-    common = ["--quant", "none", "--limit", "3", "--skip-generation", "--skip-cost", "--no-floors", "--quiet"]
+    it the same as on one device, measures its cost, and results.json, report.html and report.md warn of every
+    offloaded model; the offloaded weights go with the worker."""
+    common = ["--quant", "none", "--limit", "3", "--skip-generation", "--no-floors", "--quiet"]
     offloaded, whole = tmp_path / "offloaded", tmp_path / "whole"
-    done = quantcheck("run", *common, "--allow-offload", "--max-memory-gb", "0.2", "--out", str(offloaded))
+    cost = ["--cost-rounds", "1", "--batch-sizes", "1", "--seq-len", "16", "--time-budget", "0.5", "--iterations", "3"]
+    done = quantcheck("run", *common, *cost, "--allow-offload", "--max-memory-gb", "0.2", "--out", str(offloaded))
     assert done.returncode == 0, done.stderr
-    assert quantcheck("run", *common, "--out", str(whole)).returncode == 0
+    assert quantcheck("run", *common, "--skip-cost", "--out", str(whole)).returncode == 0
     results = json.loads((offloaded / "results.json").read_text())
     for model in results["models"]:
         assert model["precision"]["offloaded"] is True and "disk" in model["precision"]["devices"]
+        # --max-memory-gb is the device's share here, not the sweep's cap (which the model alone would exceed)
+        assert [(point["batch_size"], point["status"]) for point in model["cost"]["latency"]] == [(1, "ok")]
     warned = {w["model"]: w["message"] for w in results["warnings"] if w["code"] == "offloaded"}
     assert set(warned) == {"reference", "none"}
     for report in ("report.html", "report.md"):
         assert "none is partly offloaded (cpu, disk, meta)" in (offloaded / report).read_text()
-    assert not list((offloaded / "models").glob("*/offload-*")), "the offloaded weights outlive the worker"
+    assert not list((offloaded / "models").glob("*/offload")), "the offloaded weights outlive the worker"
     assert not any(w["code"] == "offloaded" for w in json.loads((whole / "results.json").read_text())["warnings"])
 
     def choice_logprobs(run):

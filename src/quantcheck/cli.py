@@ -6,12 +6,15 @@ Errors the user can fix print one line and exit 2 (130 for Ctrl-C); `--debug` sh
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -72,20 +75,6 @@ def run(
             "(MODEL gives its tokenizer): variants are scored on its windows, nothing of the reference runs"
         ),
     ] = None,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM: GPUs per model (tensor parallel)")] = 1,
-    pipeline_parallel_size: Annotated[
-        int, typer.Option(help="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)")
-    ] = 1,
-    distributed_executor_backend: Annotated[
-        str | None, typer.Option(help="vLLM: mp (one node) or ray (several nodes)")
-    ] = None,
-    gpu_memory_utilization: Annotated[
-        float, typer.Option(help="vLLM: fraction of GPU memory the engine may take")
-    ] = 0.85,
-    max_model_len: Annotated[int, typer.Option(help="vLLM: longest sequence the engine plans for")] = 2048,
-    enforce_eager: Annotated[bool, typer.Option(help="vLLM: no CUDA graphs (faster start, slower decode)")] = True,
-    cpu_kv_cache_gb: Annotated[float, typer.Option(help="vLLM on CPU: KV cache size in GiB")] = 1.0,
-    n_ctx: Annotated[int, typer.Option(help="llama.cpp: tokens its context holds (its -c)")] = 2048,
     dataset: Annotated[
         str,
         typer.Option(
@@ -168,8 +157,8 @@ def run(
     max_memory_gb: Annotated[
         float | None,
         typer.Option(
-            help="memory cap for the cost sweep: above it a batch size counts as OOM; with --allow-offload, also what "
-            "a transformers model may hold on its device (accelerate offloads the rest)"
+            help="memory cap for the cost sweep: above it a batch size counts as OOM; with --allow-offload, instead "
+            "what a transformers model may hold on its device (accelerate offloads the rest)"
         ),
     ] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
@@ -214,6 +203,7 @@ def run(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+    **engine_options: object,  # each engine's settings, declared by its backend (`_with_engine_options`)
 ) -> None:
     """Compare MODEL with each --quant variant and write results.json, items.jsonl, config.toml and the report."""
     from quantcheck.analysis.recommend import gate_failure
@@ -232,6 +222,33 @@ def run(
     if settings.fail_on and (gate := gate_failure(comparison.results, settings.fail_on)):
         console.print(f"[red]--fail-on {settings.fail_on}:[/red] {escape(gate)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _engine_settings() -> dict[str, tuple[str, FieldInfo]]:
+    """Each engine setting's option name -> (its backend, its declaration in `Backend.settings_model`)."""
+    from quantcheck.backends import BACKEND_NAMES, get_backend
+
+    models = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
+    return {key: (name, info) for name, model in models.items() if model for key, info in model.model_fields.items()}
+
+
+def _with_engine_options(command: Callable[..., None], after: str) -> None:
+    """Give `command` an option for every engine setting, placed after its option `after`: a setting is declared once,
+    by its backend, with its default and help."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())
+    own = [param for param in own if param.kind is not inspect.Parameter.VAR_KEYWORD]
+    added = []
+    for key, (_, info) in _engine_settings().items():
+        kind = info.annotation if info.annotation in (int, float, bool) else str | None  # a choice: checked by pydantic
+        annotation = Annotated[kind, typer.Option(help=info.description)]
+        added.append(inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=info.default))
+        added[-1] = added[-1].replace(annotation=annotation)
+        command.__annotations__[key] = annotation
+    at = [param.name for param in own].index(after) + 1
+    command.__signature__ = inspect.Signature([*own[:at], *added, *own[at:]])
+
+
+_with_engine_options(run, after="reference_kld")
 
 
 def _plan(ctx: typer.Context, **params: object) -> None:
@@ -266,19 +283,7 @@ CONFIG_KEYS = {
     "store_tail_samples": "store.tail_samples",
     **{name: f"generation.{name}" for name in ("chat", "temperature", "greedy", "max_new_tokens")},
     **{name: f"cost.{name}" for name in ("batch_sizes", "seq_len", "iterations", "time_budget", "max_memory_gb")},
-    "n_ctx": "engine.llamacpp.n_ctx",
-    **{
-        name: f"engine.vllm.{name}"
-        for name in (
-            "tensor_parallel_size",
-            "pipeline_parallel_size",
-            "distributed_executor_backend",
-            "gpu_memory_utilization",
-            "max_model_len",
-            "enforce_eager",
-            "cpu_kv_cache_gb",
-        )
-    },
+    **{key: f"engine.{backend}.{key}" for key, (backend, _) in _engine_settings().items()},
     **{name: f"thresholds.{name}" for name in ("max_accuracy_drop", "max_kl", "min_top1", "min_memory_saving")},
 }
 NOT_IN_CONFIG = ("config", "debug")

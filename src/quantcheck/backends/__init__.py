@@ -33,6 +33,12 @@ def quant_prefix(backend: str) -> str:
     return next((prefix for prefix, name in PREFIXES.items() if name == backend), backend) + ":"
 
 
+def engine_defaults() -> dict[str, dict[str, object]]:
+    """Every engine's settings at their defaults, by backend name (a run that sets none records these)."""
+    models = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
+    return {name: model().model_dump() for name, model in models.items() if model}
+
+
 def get_backend(name: str) -> type[Backend]:
     """The backend class registered as `name`; an unknown name lists the valid ones."""
     if name not in _MODULES:
@@ -40,4 +46,13 @@ def get_backend(name: str) -> type[Backend]:
     return importlib.import_module(_MODULES[name]).BACKEND
 
 
-__all__ = ["BACKEND_NAMES", "DEFAULT_BACKEND", "PREFIXES", "Backend", "MethodInfo", "get_backend", "quant_prefix"]
+__all__ = [
+    "BACKEND_NAMES",
+    "DEFAULT_BACKEND",
+    "PREFIXES",
+    "Backend",
+    "MethodInfo",
+    "engine_defaults",
+    "get_backend",
+    "quant_prefix",
+]

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, added_bos
@@ -83,6 +82,8 @@ def decode_rows(scale: np.ndarray, minimum: np.ndarray, levels: np.ndarray, targ
     target_values = decoded[rows, targets].copy()
     decoded = np.where(decoded > np.float32(EXCLUDED_LOG_PROB), decoded, np.float32(-np.inf))
     decoded[rows, targets] = target_values
+    from scipy.special import log_softmax  # imported where used: the parent reads the backends for their settings
+
     return log_softmax(decoded.astype(np.float64), axis=-1).astype(np.float32)
 
 

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.special import log_softmax
 
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantcheckError, QuantMethodError
@@ -426,6 +425,8 @@ def _last_logits(llm) -> np.ndarray:
 
 
 def _logprobs(logits: np.ndarray) -> np.ndarray:
+    from scipy.special import log_softmax  # imported where used: the parent reads this module for its settings
+
     return log_softmax(logits.astype(np.float64)).astype(np.float32)
 
 
@@ -594,7 +595,7 @@ class LlamaCppSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_ctx: int = Field(2048, ge=16, description="tokens llama.cpp's context holds (its -c)")
+    n_ctx: int = Field(2048, ge=16, description="llama.cpp: tokens its context holds (its -c)")
 
 
 class LlamaCppBackend(Backend):
@@ -816,7 +817,7 @@ class LlamaCppBackend(Backend):
         if len(ids) + room > self.llm.n_ctx():
             raise QuantcheckError(
                 f"a prompt of {len(ids)} tokens (+{room} to generate) does not fit llama.cpp's context of "
-                f"{self.llm.n_ctx()} tokens: raise --max-model-len"
+                f"{self.llm.n_ctx()} tokens: raise --n-ctx"
             )
         return _prefill(self.llm, ids)
 
@@ -827,6 +828,7 @@ class LlamaCppBackend(Backend):
         """Each window evaluated from an empty cache in one batch of its own (as llama-perplexity does), every
         position's logits read back (`logits_all`, opened on first use)."""
         import llama_cpp
+        from scipy.special import log_softmax
 
         if self.scorer is None:
             self.scorer = self._open(self.path, logits_all=True)
@@ -835,7 +837,7 @@ class LlamaCppBackend(Backend):
             if len(window) > self.scorer.n_ctx():
                 raise QuantcheckError(
                     f"a window of {len(window)} tokens does not fit llama.cpp's context of {self.scorer.n_ctx()} "
-                    "tokens: raise --max-model-len or lower --context"
+                    "tokens: raise --n-ctx or lower --context"
                 )
             self.scorer.reset()
             self.scorer.eval(list(window))

@@ -139,16 +139,22 @@ class VllmSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (tensor parallel)")
-    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (nodes, with ray)")
-    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
-        None, description="mp (one node) or ray (several nodes)"
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per model (tensor parallel)")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="vLLM: pipeline stages (nodes, with --distributed-executor-backend ray)"
     )
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of GPU memory the engine may take")
-    max_model_len: int = Field(2048, ge=16, description="longest sequence the engine plans for")
-    enforce_eager: bool = Field(True, description="no CUDA graphs (faster start, slower decode)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM: mp (one node) or ray (several nodes)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vLLM: fraction of GPU memory the engine may take"
+    )
+    max_model_len: int = Field(2048, ge=16, description="vLLM: longest sequence the engine plans for")
+    enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs (faster start, slower decode)")
     cpu_kv_cache_gb: float = Field(
-        1.0, gt=0, description="on CPU: KV cache size in GiB (vLLM's own default asks for more than most machines have)"
+        1.0,
+        gt=0,
+        description="vLLM on CPU: KV cache size in GiB (vLLM's own default asks for more than most machines have)",
     )
 
     @property
@@ -211,8 +217,9 @@ class VllmBackend(Backend):
         return settings.max_model_len, "vLLM plans for", "--max-model-len"
 
     @classmethod
-    def check(cls, spec: ModelSpec, device: str, engine: VllmSettings) -> None:
-        super().check(spec, device, engine)
+    def check(cls, spec: ModelSpec, device: str, settings: VllmSettings) -> None:
+        super().check(spec, device, settings)
+        engine = settings
         cls.interpreter()
         if device == "cpu" and engine.workers > 1:
             raise QuantcheckError(

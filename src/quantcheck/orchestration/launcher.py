@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,7 @@ class Launcher:
                 returncode, interrupted = self._forked(spec_path, log_path, log, view)
             else:
                 returncode, interrupted = _spawned(interpreter, spec_path, log, view)
+        shutil.rmtree(folder.offload_dir(spec.model.folder), ignore_errors=True)  # an offloaded model's weights
         if interrupted or returncode == 130:
             return JobOutcome(ok=False, interrupted=True, message="interrupted")
         if returncode == 0:

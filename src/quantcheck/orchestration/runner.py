@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
 from quantcheck.analysis import format as fmt
+from quantcheck.backends import engine_defaults
 from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
 from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, is_corpus, load_corpus, scored_count
 from quantcheck.data.items import Dataset
@@ -63,7 +64,7 @@ class RunOptions(BaseModel):
     reference_kld: str | None = None
     quants: list[str] = Field(default_factory=list)
     calibration: Calibration = Calibration()
-    engine: EngineTables = Field(default_factory=dict)
+    engine: EngineTables = Field(default_factory=engine_defaults)
     dataset: str = DEFAULT_DATASET
     limit: int | None = None
     context: int = 512
@@ -171,7 +172,13 @@ def prepare_run(options: RunOptions) -> Prepared:
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
     threads = options.threads or _default_threads()
-    cost_settings = _cost_settings(device, options.cost_settings, threads) if options.cost else None
+    # Offloading, --max-memory-gb is the device's share of the model (accelerate keeps to it), not a cap on the sweep.
+    sweep = {key: value for key, value in options.cost_settings.items() if key != "max_memory_bytes"}
+    cost_settings = (
+        _cost_settings(device, sweep if options.allow_offload else options.cost_settings, threads)
+        if options.cost
+        else None
+    )
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
     return Prepared(
@@ -233,7 +240,7 @@ def refuse_over_budget(prepared: Prepared, run_plan: RunPlan, free_bytes: int | 
                 f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate, {planned.basis}), above "
                 f"--fit-gb {fit_gb:g}: leave it out, or raise --fit-gb"
             )
-        if free_bytes is not None and floor > free_bytes:
+        if free_bytes is not None and floor > free_bytes and not prepared.options.allow_offload:
             raise QuantcheckError(
                 f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate), more than the "
                 f"{fmt.nbytes(free_bytes)} free on {run_plan.device}: free memory, or use a smaller variant"

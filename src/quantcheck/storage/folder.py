@@ -83,6 +83,11 @@ class RunFolder:
     def model_file(self, model_name: str, name: str) -> Path:
         return self.model_dir(model_name) / name
 
+    def offload_dir(self, model_name: str) -> Path:
+        """Where accelerate writes the weights an offloaded model's device cannot hold: emptied when its worker starts
+        and removed when it exits, however it exits."""
+        return self.model_dir(model_name) / "offload"
+
     def drop_model(self, model_name: str) -> None:
         """Forget everything one model recorded (its scores, answers, cost and making), to measure it afresh."""
         shutil.rmtree(self.model_dir(model_name), ignore_errors=True)

@@ -150,18 +150,18 @@ class HFBackend(Backend):
         self.model = None
 
     def _offload_folder(self, job) -> str | None:
-        """Where accelerate writes what the device cannot hold: beside the model's records (the run's disk, which the
-        user chose), removed when this worker ends."""
+        """Where accelerate writes what neither the device nor the host can hold: beside the model's records (on the
+        run's disk, which the user chose); what a killed worker left there is dropped first."""
         if not (job.allow_offload and job.device_memory_bytes):
             return None
-        import tempfile
+        import shutil
 
         from quantcheck.storage.folder import RunFolder
 
-        model_dir = RunFolder(Path(job.run_dir)).model_dir(self.spec.folder)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self._offload = tempfile.TemporaryDirectory(prefix="offload-", dir=model_dir)
-        return self._offload.name
+        folder = RunFolder(Path(job.run_dir)).offload_dir(self.spec.folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return str(folder)
 
     def _build(self):
         from quantcheck.models.loading import load_model
