@@ -427,6 +427,8 @@ def _compare(
         result.agreement = token_agreement(compared, seed, level)
     result.item_metrics = item_metrics(loglik_pairs, seed)
     for phase, gap in reference.incomplete.items():
+        if gap == COST_PENDING:
+            continue  # the run's cost phase is still to come for every model: not a gap of the reference's
         result.incomplete[phase] = "; ".join(filter(None, [result.incomplete.get(phase), f"the reference's {gap}"]))
     if reference.cost and result.cost:
         result.cost_vs_reference = cost_comparison(reference.cost, result.cost)
