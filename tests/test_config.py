@@ -115,8 +115,12 @@ def _default(path: str) -> object:
 
 
 def test_every_run_option_is_a_config_key_with_the_same_default():
-    """The file holds what the command line holds, and --help shows the defaults a file or compare() gets."""
+    """The file holds what the command line holds, and --help shows the defaults a file or compare() gets; `run` and
+    `plan` take the same options, each with the help its key declares."""
     command = typer.main.get_command(app).commands["run"]
+    planned = typer.main.get_command(app).commands["plan"]
+    assert [param.name for param in planned.params] == [param.name for param in command.params]
+    assert all(param.help for param in command.params), "a run option without help"
     options = {param.name: param.default for param in command.params if param.name not in NOT_IN_CONFIG}
     keys = {CONFIG_KEYS.get(name, name): default for name, default in options.items()}
     assert set(keys) == _leaf_keys(RunConfig)

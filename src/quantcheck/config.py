@@ -40,6 +40,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -54,6 +55,7 @@ from pydantic import (
     create_model,
     field_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from quantcheck.backends import DEFAULT_BACKEND
@@ -88,12 +90,22 @@ class _Table(BaseModel):
 class CostConfig(_Table):
     """The cost sweep; what is left out takes the device's defaults (see `CostSettings.for_device`)."""
 
-    rounds: PositiveInt = 2
-    batch_sizes: list[PositiveInt] | None = Field(None, min_length=1)
-    seq_len: PositiveInt | None = None
-    iterations: PositiveInt | None = None
-    time_budget: PositiveFloat | None = None
-    max_memory_gb: PositiveFloat | None = None
+    rounds: PositiveInt = Field(
+        2,
+        description="cost measured this many times per model, the models in turn (ABAB); each point keeps its fastest "
+        "round",
+    )
+    batch_sizes: list[PositiveInt] | None = Field(
+        None, min_length=1, description="latency sweep batch sizes, e.g. 1,2,4,8,16,32"
+    )
+    seq_len: PositiveInt | None = Field(None, description="latency sweep sequence length")
+    iterations: PositiveInt | None = Field(None, description="most timed iterations per batch size")
+    time_budget: PositiveFloat | None = Field(None, description="seconds of timing per batch size at most")
+    max_memory_gb: PositiveFloat | None = Field(
+        None,
+        description="memory cap for the cost sweep: above it a batch size counts as OOM; with --allow-offload, instead "
+        "what a transformers model may hold on its device (accelerate offloads the rest)",
+    )
 
     def overrides(self) -> dict[str, object]:
         """The `CostSettings` fields the user set, in its names and units."""
@@ -129,10 +141,10 @@ a saved config.toml of that layout still runs."""
 class ThresholdConfig(_Table):
     """The verdict's limits as the command line takes them: the accuracy drop in points."""
 
-    max_accuracy_drop: float = Field(2.0, ge=0, le=100)
-    max_kl: float = Field(0.05, ge=0)
-    min_top1: float = Field(0.90, ge=0, le=1)
-    min_memory_saving: float = Field(0.20, ge=0, le=1)
+    max_accuracy_drop: float = Field(2.0, ge=0, le=100, description="largest acceptable accuracy loss, in points")
+    max_kl: float = Field(0.05, ge=0, description="largest acceptable mean KL, in nats")
+    min_top1: float = Field(0.90, ge=0, le=1, description="smallest acceptable top-1 agreement, 0-1")
+    min_memory_saving: float = Field(0.20, ge=0, le=1, description="weight memory a variant must save, 0-1")
 
     def thresholds(self) -> Thresholds:
         return Thresholds(
@@ -146,39 +158,85 @@ class ThresholdConfig(_Table):
 class RunConfig(_Table):
     """Everything `quantcheck run` takes, in the layout of a config file (see the module docstring)."""
 
-    model: PathText | None = None
-    backend: str = DEFAULT_BACKEND
-    variants: list[str] = []
-    reference_url: str | None = None
-    reference_kld: PathText | None = None
-    dataset: PathText = DEFAULT_DATASET
-    limit: PositiveInt | None = None
-    context: int = Field(512, ge=MIN_CONTEXT)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: str | None = None
-    out: Path | None = None
-    seed: int = 0
-    batch_size: PositiveInt = 8
-    threads: PositiveInt | None = None
-    skip_quality: bool = False
-    skip_generation: bool = False
-    skip_cost: bool = False
-    floors: bool = True
-    force: bool = False
-    trust_remote_code: bool = False
-    allow_offload: bool = False
-    allow_pickle: bool = False
-    quiet: bool = False
+    model: PathText | None = Field(None, description="hub id or local folder; default: the built-in smollm2-135m")
+    backend: str = Field(
+        DEFAULT_BACKEND, description="engine that runs the reference: hf (transformers), vllm or llamacpp"
+    )
+    variants: list[str] = Field(
+        default_factory=list,
+        description="variant to compare (repeat): METHOD, vllm:METHOD, gguf:TYPE, gguf:FILE.gguf, pretrained:PATH, "
+        "url:URL[#MODEL]; see `quantcheck quants`",
+    )
+    reference_url: str | None = Field(
+        None,
+        description="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL "
+        "(the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY",
+    )
+    reference_kld: PathText | None = Field(
+        None,
+        description="the reference as a llama-perplexity --kl-divergence-base file recorded it (MODEL gives its "
+        "tokenizer): variants are scored on its windows, nothing of the reference runs",
+    )
+    dataset: PathText = Field(
+        DEFAULT_DATASET,
+        description="mmlu:<subject>[,<subject>], mmlu:all, a .csv/.jsonl file of questions, text:FILE (a text corpus "
+        "scored at every token; text:builtin is the one shipped), or prompts:FILE.jsonl (your chats, scored on the "
+        "reference's answers)",
+    )
+    limit: PositiveInt | None = Field(
+        None, description="score a seeded random sample of N questions (a text corpus: its first N windows)"
+    )
+    context: int = Field(
+        512,
+        ge=MIN_CONTEXT,
+        description="text corpus: tokens per window; the second half of each is scored (llama-perplexity's -c)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cpu, cuda or auto")
+    dtype: str | None = Field(
+        None, description="reference precision: float32, bfloat16, float16 (default fp32 on CPU, bf16 on CUDA)"
+    )
+    out: Path | None = Field(None, description="results folder; the same folder resumes a run")
+    seed: int = Field(0, description="seeds the question sample, sampling and the bootstrap intervals")
+    batch_size: PositiveInt = Field(8, description="items per forward pass in quality scoring")
+    threads: PositiveInt | None = Field(
+        None, description="torch threads, the same for every model (default: physical cores)"
+    )
+    skip_quality: bool = Field(False, description="skip log-likelihood and generative scoring")
+    skip_generation: bool = Field(False, description="skip generative scoring only")
+    skip_cost: bool = Field(False, description="skip memory/latency/throughput measurement")
+    floors: bool = Field(
+        True,
+        description="measure the noise under the comparison: each model scored twice by its engine with two batch "
+        "plans, and the reference sampled again",
+    )
+    force: bool = Field(False, description="overwrite an --out folder that holds a different run")
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only if you trust it)"
+    )
+    allow_offload: bool = Field(
+        False,
+        description="allow device_map offload to CPU/disk (beyond --max-memory-gb, if set); an offloaded model is "
+        "warned of in results.json and the report",
+    )
+    allow_pickle: bool = Field(False, description="allow pickle (.bin) checkpoints, which can run code when loaded")
+    quiet: bool = Field(False, description="no progress output")
     generation: GenerationOptions = GenerationOptions()
     calibration: Calibration = Calibration()
     cost: CostConfig = CostConfig()
     store: StoreSettings = StoreSettings()
     engine: EngineConfig = EngineConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
-    prefer: Preference = "memory"
-    fit_gb: PositiveFloat | None = None
+    prefer: Preference = Field(
+        "memory", description="which passing variant to recommend: memory (the smallest), speed or quality"
+    )
+    fit_gb: PositiveFloat | None = Field(
+        None, description="recommend only a variant whose weights, as measured, fit in this many GiB"
+    )
     fail_on: str | None = Field(
-        None, description="dont or inconclusive, of the recommendation or, as LEVEL:VARIANT, of that variant's verdict"
+        None,
+        description="for CI: exit 1 (after every file is written) when the recommendation is dont (no variant passes) "
+        "or inconclusive (no variant passes yet, or none does); dont:VARIANT or inconclusive:VARIANT judge that "
+        "variant's own verdict (the one you ship)",
     )
 
     @field_validator("fail_on")
@@ -230,6 +288,40 @@ class RunConfig(_Table):
             allow_pickle=self.allow_pickle,
             quiet=self.quiet,
         )
+
+
+OPTION_NAMES = {
+    "variants": "quant",
+    "generation.batch_size": "gen_batch_size",
+    "calibration.source": "calibration",
+    "calibration.samples": "calibration_samples",
+    "calibration.seq_len": "calibration_seq_len",
+    "cost.rounds": "cost_rounds",
+    "store.kind": "store",
+    "store.top_k": "store_top_k",
+    "store.tail_samples": "store_tail_samples",
+}
+"""The keys whose `run` option is not named after the key's last part."""
+
+
+@dataclass(frozen=True)
+class RunOption:
+    """One key of a config file as `run` and `plan` take it (`cli._with_run_options` makes the option from `field`)."""
+
+    name: str  # the option's name, with _ for - ("gen_batch_size": --gen-batch-size)
+    key: str  # its place in a config file ("generation.batch_size")
+    field: FieldInfo
+
+
+def run_options(table: type[BaseModel] = RunConfig, prefix: str = "") -> list[RunOption]:
+    """Every key of `table` and of the tables in it, in their order."""
+    options = []
+    for name, field in table.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            options += run_options(field.annotation, f"{prefix}{name}.")
+        else:
+            options.append(RunOption(OPTION_NAMES.get(prefix + name, name), prefix + name, field))
+    return options
 
 
 def parse_config(data: Mapping[str, object], where: Callable[[Location], str]) -> RunConfig:

