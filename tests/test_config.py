@@ -132,6 +132,26 @@ def test_every_run_option_is_a_config_key_with_the_same_default():
             assert default == expected, key
 
 
+PUBLIC_FLAGS = """--allow-offload --allow-pickle --backend --batch-size --batch-sizes --calibration
+--calibration-samples
+--calibration-seq-len --chat --config --context --cost-rounds --cpu-kv-cache-gb --dataset --debug --device
+--distributed-executor-backend --dtype --enforce-eager --fail-on --fit-gb --floors --force --gen-batch-size
+--gpu-memory-utilization --greedy --iterations --limit --max-accuracy-drop --max-kl --max-memory-gb --max-model-len
+--max-new-tokens --min-memory-saving --min-top1 --n-ctx --no-allow-offload --no-allow-pickle --no-debug
+--no-enforce-eager --no-floors --no-force --no-greedy --no-quiet --no-skip-cost --no-skip-generation --no-skip-quality
+--no-trust-remote-code --out --pipeline-parallel-size --prefer --quant --quiet --reference-kld --reference-url --seed
+--seq-len --skip-cost --skip-generation --skip-quality --store --store-tail-samples --store-top-k --temperature
+--tensor-parallel-size --threads --time-budget --trust-remote-code -q""".split()
+
+
+def test_the_command_lines_flags_are_the_published_ones():
+    """The options are made from the config's keys: renaming a key (or a slip in OPTION_NAMES) would rename a flag
+    that scripts and CI jobs type; the list here is what users have, changed only on purpose."""
+    command = typer.main.get_command(app).commands["run"]
+    flags = [flag for param in command.params if param.name != "model" for flag in param.opts + param.secondary_opts]
+    assert sorted(flags) == sorted(PUBLIC_FLAGS)
+
+
 def test_resolved_toml_reads_back_as_the_same_config(tmp_path, monkeypatch):
     odd = tmp_path / 'qu"est\\ions ü 🙂\x7f.jsonl'
     odd.write_text("")

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from quantcheck.config import RunOption, run_options
+from quantcheck.config import CLI_PATH, RunOption, run_options
 from quantcheck.errors import QuantcheckError
 
 if TYPE_CHECKING:
@@ -75,6 +75,10 @@ def run(
         raise typer.Exit(1)
 
 
+LIST_KEYS = ("cost.batch_sizes",)
+"""The list-valued keys `run` reads as comma-separated numbers (`_batch_sizes`); --quant is repeated instead."""
+
+
 def _with_run_options(command: Callable[..., None]) -> None:
     """Give `command` an option for every key of a config file (`config.run_options`), after its context and before
     its own options: each is declared once, with its type, default and help, in `RunConfig` and its tables."""
@@ -106,10 +110,16 @@ def _cli_type(option: RunOption) -> object:
     annotation, optional = option.field.annotation, False
     if get_origin(annotation) in (Union, UnionType):
         inner = [arm for arm in get_args(annotation) if arm is not type(None)]
+        if len(inner) > 1:
+            raise TypeError(f"{option.key}: no command-line type for {annotation}")
         annotation, optional = inner[0], len(inner) < len(get_args(annotation))
+    marks = []
     while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    plain = annotation if annotation in (bool, int, float, Path) else str
+        annotation, *more = get_args(annotation)
+        marks += more
+    if get_origin(annotation) is list and option.key not in LIST_KEYS:
+        raise TypeError(f"{option.key}: a list on the command line needs its own parsing (LIST_KEYS)")
+    plain = Path if CLI_PATH in marks else annotation if annotation in (bool, int, float, Path) else str
     return plain | None if optional else plain
 
 
@@ -154,7 +164,7 @@ def _settings(ctx: typer.Context, config_file: Path | None) -> RunConfig:
         table = settings
         for inner in tables:
             table = table.setdefault(inner, {})
-        table[key] = _batch_sizes(value) if name == "batch_sizes" else value
+        table[key] = _batch_sizes(value) if path in LIST_KEYS else value
         typed[path] = "MODEL" if name == "model" else "--" + name.replace("_", "-")
 
     def where(location: tuple[str | int, ...]) -> str:

@@ -81,6 +81,9 @@ Location = tuple[str | int, ...]
 
 # A notebook passes Path objects where the command line passes text.
 PathText = Annotated[str, BeforeValidator(lambda value: os.fspath(value) if isinstance(value, os.PathLike) else value)]
+CLI_PATH = "read as a path on the command line"
+FileText = Annotated[PathText, CLI_PATH]
+"""A file's path (`run` reads it as a path); a model or data set is text: a hub id or a name."""
 
 
 class _Table(BaseModel):
@@ -172,7 +175,7 @@ class RunConfig(_Table):
         description="the reference is served there: URL[#MODEL][?top_logprobs=K] of an OpenAI-compatible API; MODEL "
         "(the argument) gives its tokenizer. API key: QUANTCHECK_API_KEY or OPENAI_API_KEY",
     )
-    reference_kld: PathText | None = Field(
+    reference_kld: FileText | None = Field(
         None,
         description="the reference as a llama-perplexity --kl-divergence-base file recorded it (MODEL gives its "
         "tokenizer): variants are scored on its windows, nothing of the reference runs",

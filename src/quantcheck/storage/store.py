@@ -156,7 +156,7 @@ class StoreSettings(BaseModel):
         description="what the reference keeps per question: compact (top K + tail sample, KL estimated with bounds) or "
         "full (every log-probability, exact KL)",
     )
-    top_k: int = Field(
+    top_k: int = Field(  # Jaccard@20 needs the reference's top 20
         64, ge=20, description="compact store: the reference's most likely tokens kept exactly (at least 20)"
     )
     tail_samples: int = Field(
