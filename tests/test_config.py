@@ -144,12 +144,19 @@ PUBLIC_FLAGS = """--allow-offload --allow-pickle --backend --batch-size --batch-
 --tensor-parallel-size --threads --time-budget --trust-remote-code -q""".split()
 
 
-def test_the_command_lines_flags_are_the_published_ones():
-    """The options are made from the config's keys: renaming a key (or a slip in OPTION_NAMES) would rename a flag
-    that scripts and CI jobs type; the list here is what users have, changed only on purpose."""
-    command = typer.main.get_command(app).commands["run"]
+SENSITIVITY_FLAGS = """--allow-pickle --batch-size --config --dataset --debug --device --dtype --force --keep --limit
+--max-kl --no-allow-pickle --no-debug --no-force --no-quiet --no-skip-cost --no-skip-generation --no-trust-remote-code
+--out --quant --quiet --seed --skip-cost --skip-generation --threads --trust-remote-code -q""".split()
+
+
+@pytest.mark.parametrize(("name", "published"), [("run", PUBLIC_FLAGS), ("sensitivity", SENSITIVITY_FLAGS)])
+def test_the_command_lines_flags_are_the_published_ones(name, published):
+    """The options are made from the settings' keys (RunConfig, SensitivityOptions): renaming a key (or a slip in
+    OPTION_NAMES) would rename a flag that scripts and CI jobs type; the list here is what users have, changed only on
+    purpose."""
+    command = typer.main.get_command(app).commands[name]
     flags = [flag for param in command.params if param.name != "model" for flag in param.opts + param.secondary_opts]
-    assert sorted(flags) == sorted(PUBLIC_FLAGS)
+    assert sorted(flags) == sorted(published)
 
 
 def test_resolved_toml_reads_back_as_the_same_config(tmp_path, monkeypatch):

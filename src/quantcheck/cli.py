@@ -21,6 +21,7 @@ from rich.table import Table
 
 from quantcheck.config import CLI_PATH, RunOption, run_options
 from quantcheck.errors import QuantcheckError
+from quantcheck.orchestration.sensitivity import SensitivityOptions
 
 if TYPE_CHECKING:
     from quantcheck.config import RunConfig
@@ -54,7 +55,7 @@ def run(
         ),
     ] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
-    **options: object,  # every key of a config file, as `_with_run_options` declares them from `RunConfig`
+    **options: object,  # every key of a config file, as `_with_options` declares them from `RunConfig`
 ) -> None:
     """Compare MODEL with each --quant variant and write results.json, items.jsonl, config.toml and the report."""
     from quantcheck.analysis.recommend import gate_failure
@@ -79,23 +80,29 @@ LIST_KEYS = ("cost.batch_sizes",)
 """The list-valued keys `run` reads as comma-separated numbers (`_batch_sizes`); --quant is repeated instead."""
 
 
-def _with_run_options(command: Callable[..., None]) -> None:
-    """Give `command` an option for every key of a config file (`config.run_options`), after its context and before
-    its own options: each is declared once, with its type, default and help, in `RunConfig` and its tables."""
+def _with_options(command: Callable[..., None], options: list[RunOption]) -> None:
+    """Give `command` an option for each of `options` (`config.run_options` of a settings model), after its context
+    and before its own options: each is declared once, with its type, default and help, in that model."""
     own = [
         param
         for param in inspect.signature(command, eval_str=True).parameters.values()
         if param.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     added = []
-    for option in run_options():
-        flags = ["--quant", "-q"] if option.key == "variants" else []  # the others: named after the key, as typer does
+    for option in options:
+        flags = ["--quant", "-q"] if option.name == "quant" else []  # the others: named after the key, as typer does
         if option.key == "model":
             info = typer.Argument(help=option.field.description)
         else:
             info = typer.Option(*flags, help=option.field.description)
         annotation = Annotated[_cli_type(option), info]
-        default = None if option.key == "variants" else option.field.get_default(call_default_factory=True)
+        default = (
+            None
+            if option.key == "variants"
+            else ...
+            if option.field.is_required()
+            else option.field.get_default(call_default_factory=True)
+        )
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         added.append(inspect.Parameter(option.name, kind, default=default, annotation=annotation))
         command.__annotations__[option.name] = annotation
@@ -123,7 +130,7 @@ def _cli_type(option: RunOption) -> object:
     return plain | None if optional else plain
 
 
-_with_run_options(run)
+_with_options(run, run_options())
 
 
 def _plan(ctx: typer.Context, **params: object) -> None:
@@ -469,40 +476,6 @@ shared settings; never its --out (the run's own folder) nor its variants (--quan
 @app.command()
 def sensitivity(
     ctx: typer.Context,
-    model: Annotated[
-        str | None, typer.Argument(help="hub id or local folder; default: the built-in smollm2-135m")
-    ] = None,
-    quant: Annotated[
-        str,
-        typer.Option(
-            "--quant", "-q", help="the method whose layers are ranked: bnb-*, torchao-*, quanto-*, hqq-* or gguf:TYPE"
-        ),
-    ] = ...,
-    dataset: Annotated[str, typer.Option(help="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")] = (
-        "mmlu:virology"
-    ),
-    limit: Annotated[int | None, typer.Option(help="score a seeded random sample of N questions")] = None,
-    keep: Annotated[
-        int | None,
-        typer.Option(help="keep the N most sensitive layers (default: as few as bring the KL within --max-kl)"),
-    ] = None,
-    max_kl: Annotated[
-        float, typer.Option(help="largest acceptable mean KL, in nats: what the proposal aims at")
-    ] = 0.05,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="reference precision: float32, bfloat16, float16")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="results folder; the same folder resumes the measured variants")
-    ] = None,
-    seed: int = 0,
-    batch_size: Annotated[int, typer.Option(help="items per forward pass")] = 8,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: physical cores)")] = None,
-    skip_generation: Annotated[bool, typer.Option(help="measured variants: skip generative scoring")] = False,
-    skip_cost: Annotated[bool, typer.Option(help="measured variants: skip memory/latency/throughput")] = False,
-    force: Annotated[bool, typer.Option(help="overwrite an --out folder that holds a different run")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own Python code")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="allow pickle (.bin) checkpoints")] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -511,6 +484,7 @@ def sensitivity(
         ),
     ] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+    **options: object,  # SensitivityOptions' fields, as `_with_options` declares them
 ) -> None:
     """Rank the decoder layers by how far quantizing each one alone moves the model (exact KL, top-1, answer flips),
     then propose which to keep at the reference's precision and measure that mixed variant in an ordinary run."""
@@ -558,8 +532,11 @@ def sensitivity(
         )
         stdout.print(f"  serve it with: {escape(proposal.serve)}", highlight=False, soft_wrap=True)
     stdout.print(f"sensitivity: {Path(table.run_dir) / 'sensitivity.json'}", highlight=False)
-    if not quiet:
+    if not values["quiet"]:
         _print_files(Path(table.run_dir))
+
+
+_with_options(sensitivity, run_options(SensitivityOptions))
 
 
 def main() -> None:

@@ -46,26 +46,26 @@ class SensitivityOptions(BaseModel):
     """What `quantcheck sensitivity` and `quantcheck.sensitivity()` take."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    quant: str = Field(
-        description="a transformers method that can leave layers out (bnb-*, torchao-*, quanto-*, hqq-*) or gguf:TYPE"
+    model: str | None = Field(None, description="hub id or local folder; default: the built-in smollm2-135m")
+    quant: str = Field(description="the method whose layers are ranked: bnb-*, torchao-*, quanto-*, hqq-* or gguf:TYPE")
+    dataset: str = Field(DEFAULT_DATASET, description="mmlu:<subject>[,<subject>], mmlu:all, or a .csv/.jsonl file")
+    limit: PositiveInt | None = Field(None, description="score a seeded random sample of N questions")
+    keep: PositiveInt | None = Field(
+        None, description="keep the N most sensitive layers (default: as few as bring the KL within --max-kl)"
     )
-    dataset: str = DEFAULT_DATASET
-    limit: PositiveInt | None = None
-    keep: PositiveInt | None = Field(None, description="keep the N most sensitive layers (default: by --max-kl)")
-    max_kl: float = Field(0.05, ge=0)
-    device: str = "auto"
-    dtype: str | None = None
-    out: Path | None = None
-    seed: int = 0
-    batch_size: PositiveInt = 8
-    threads: PositiveInt | None = None
-    skip_generation: bool = False
-    skip_cost: bool = False
-    force: bool = False
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    quiet: bool = False
+    max_kl: float = Field(0.05, ge=0, description="largest acceptable mean KL, in nats: what the proposal aims at")
+    device: str = Field("auto", description="cpu, cuda or auto")
+    dtype: str | None = Field(None, description="reference precision: float32, bfloat16, float16")
+    out: Path | None = Field(None, description="results folder; the same folder resumes the measured variants")
+    seed: int = Field(0, description="seeds the question sample, sampling and the bootstrap intervals")
+    batch_size: PositiveInt = Field(8, description="items per forward pass")
+    threads: PositiveInt | None = Field(None, description="torch threads (default: physical cores)")
+    skip_generation: bool = Field(False, description="measured variants: skip generative scoring")
+    skip_cost: bool = Field(False, description="measured variants: skip memory/latency/throughput")
+    force: bool = Field(False, description="overwrite an --out folder that holds a different run")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
+    allow_pickle: bool = Field(False, description="allow pickle (.bin) checkpoints")
+    quiet: bool = Field(False, description="no progress output")
 
     def run_options(self, quants: list[str], out: Path) -> RunOptions:
         """The ordinary run of the plain method and the proposals, with the reference's full rows stored."""
