@@ -92,9 +92,9 @@ def _with_options(command: Callable[..., None], options: list[RunOption]) -> Non
     for option in options:
         flags = ["--quant", "-q"] if option.name == "quant" else []  # the others: named after the key, as typer does
         if option.key == "model":
-            info = typer.Argument(help=option.field.description)
+            info = typer.Argument(help=escape(option.field.description))
         else:
-            info = typer.Option(*flags, help=option.field.description)
+            info = typer.Option(*flags, help=escape(option.field.description))  # "[#MODEL]" is text
         annotation = Annotated[_cli_type(option), info]
         default = (
             None

@@ -309,7 +309,8 @@ OPTION_NAMES = {
 
 @dataclass(frozen=True)
 class RunOption:
-    """One key of a config file as `run` and `plan` take it (`cli._with_options` makes the option from `field`)."""
+    """One setting as a command takes it: a key of a config file for `run` and `plan`, a field of
+    `SensitivityOptions` for `sensitivity` (`cli._with_options` makes the option from `field`)."""
 
     name: str  # the option's name, with _ for - ("gen_batch_size": --gen-batch-size)
     key: str  # its place in a config file ("generation.batch_size")

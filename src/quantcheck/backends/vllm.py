@@ -219,20 +219,19 @@ class VllmBackend(Backend):
     @classmethod
     def check(cls, spec: ModelSpec, device: str, settings: VllmSettings) -> None:
         super().check(spec, device, settings)
-        engine = settings
         cls.interpreter()
-        if device == "cpu" and engine.workers > 1:
+        if device == "cpu" and settings.workers > 1:
             raise QuantcheckError(
                 "--tensor-parallel-size and --pipeline-parallel-size above 1 need GPUs: vLLM on CPU runs one worker; "
                 "use --device cuda"
             )
-        if engine.distributed_executor_backend == "ray":
+        if settings.distributed_executor_backend == "ray":
             return  # a Ray cluster's GPUs are not visible from here: vLLM checks the placement when it starts
-        needed, available = engine.workers, _device_count(device)
+        needed, available = settings.workers, _device_count(device)
         if needed > available:
             raise QuantcheckError(
-                f"--tensor-parallel-size {engine.tensor_parallel_size} x "
-                f"--pipeline-parallel-size {engine.pipeline_parallel_size} "
+                f"--tensor-parallel-size {settings.tensor_parallel_size} x "
+                f"--pipeline-parallel-size {settings.pipeline_parallel_size} "
                 f"needs {needed} GPUs but {available} are visible: lower the sizes, "
                 "or use --distributed-executor-backend ray across nodes"
             )

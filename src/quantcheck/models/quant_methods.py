@@ -68,7 +68,8 @@ class LoadRequest:
                 if self.device == "cpu"
                 else {0: self.device_memory_bytes, "cpu": _host_memory_bytes()}
             )
-            kwargs["offload_folder"] = self.offload_folder
+        if self.allow_offload and self.offload_folder:
+            kwargs["offload_folder"] = self.offload_folder  # what neither the device nor the host holds
         if self.device == "cpu":
             # A memory-mapped file stays resident while any tensor views it (a quantized model's float
             # embeddings do), which would bill the whole fp32 file to the variant's memory.

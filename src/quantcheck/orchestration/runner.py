@@ -231,6 +231,8 @@ def refuse_over_budget(prepared: Prepared, run_plan: RunPlan, free_bytes: int | 
     planned weights exceed --fit-gb (the budget is the variants': the reference is what they are judged against)."""
     fit_gb = prepared.options.fit_gb
     roles = {spec.name: spec.role for spec in prepared.models}
+    # accelerate offloads what a transformers model's device cannot hold; the other engines need it all on the device
+    offloads = {spec.name for spec in prepared.models if spec.backend == "hf" and prepared.options.allow_offload}
     for name, planned in run_plan.weights.items():
         if planned.bytes is None:
             continue
@@ -240,7 +242,7 @@ def refuse_over_budget(prepared: Prepared, run_plan: RunPlan, free_bytes: int | 
                 f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate, {planned.basis}), above "
                 f"--fit-gb {fit_gb:g}: leave it out, or raise --fit-gb"
             )
-        if free_bytes is not None and floor > free_bytes and not prepared.options.allow_offload:
+        if free_bytes is not None and floor > free_bytes and name not in offloads:
             raise QuantcheckError(
                 f"{name}'s weights are planned at {fmt.nbytes(planned.bytes)} (estimate), more than the "
                 f"{fmt.nbytes(free_bytes)} free on {run_plan.device}: free memory, or use a smaller variant"

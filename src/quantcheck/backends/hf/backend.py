@@ -152,7 +152,7 @@ class HFBackend(Backend):
     def _offload_folder(self, job) -> str | None:
         """Where accelerate writes what neither the device nor the host can hold: beside the model's records (on the
         run's disk, which the user chose); what a killed worker left there is dropped first."""
-        if not (job.allow_offload and job.device_memory_bytes):
+        if not job.allow_offload:
             return None
         import shutil
 
