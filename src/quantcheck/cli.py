@@ -130,7 +130,8 @@ def _cli_type(option: RunOption) -> object:
     return plain | None if optional else plain
 
 
-_with_options(run, run_options())
+RUN_OPTIONS = run_options()
+_with_options(run, RUN_OPTIONS)
 
 
 def _plan(ctx: typer.Context, **params: object) -> None:
@@ -152,7 +153,7 @@ def _plan(ctx: typer.Context, **params: object) -> None:
 app.command("plan", help=_plan.__doc__)(functools.wraps(run)(_plan))  # the same options as `run`, read the same way
 
 
-CONFIG_KEYS = {option.name: option.key for option in run_options()}
+CONFIG_KEYS = {option.name: option.key for option in RUN_OPTIONS}
 """Each `run` option's key in a config file."""
 NOT_IN_CONFIG = ("config", "debug")
 

@@ -58,7 +58,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from quantcheck.backends import DEFAULT_BACKEND
+from quantcheck.backends import DEFAULT_BACKEND, settings_models
 from quantcheck.data.chats import PROMPTS_PREFIX
 from quantcheck.data.corpus import TEXT_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
@@ -125,17 +125,14 @@ class CostConfig(_Table):
 def _engine_config() -> type[_Table]:
     """`[engine.NAME]`: a table for each registered backend that declares settings (`Backend.settings_model`), its keys
     that backend's own."""
-    from quantcheck.backends import BACKEND_NAMES, get_backend
-
-    tables = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
-    fields = {name: (model, Field(default_factory=model)) for name, model in tables.items() if model}
+    fields = {name: (model, Field(default_factory=model)) for name, model in settings_models().items()}
     return create_model("EngineConfig", __base__=_Table, **fields)
 
 
 EngineConfig = _engine_config()
 RENAMED_ENGINE_KEYS = {
-    **{f"engine.{key}": (f"engine.vllm.{key}",) for key in EngineConfig.model_fields["vllm"].annotation.model_fields},
-    "engine.max_model_len": ("engine.vllm.max_model_len", "engine.llamacpp.n_ctx"),
+    **{key: (("vllm", key),) for key in EngineConfig.model_fields["vllm"].annotation.model_fields},
+    "max_model_len": (("vllm", "max_model_len"), ("llamacpp", "n_ctx")),
 }
 """Before each engine had its table, `[engine]` held vLLM's settings, and llama.cpp read max_model_len as its n_ctx:
 a saved config.toml of that layout still runs."""
@@ -347,13 +344,12 @@ def _renamed(data: Mapping[str, object], where: Callable[[Location], str]) -> Ma
     if not isinstance(engine, Mapping):
         return data
     engine, moved = dict(engine), []
-    for old in [key for key in engine if f"engine.{key}" in RENAMED_ENGINE_KEYS]:
+    for old in [key for key in engine if key in RENAMED_ENGINE_KEYS]:
         value = engine.pop(old)
-        new_paths = RENAMED_ENGINE_KEYS[f"engine.{old}"]
-        for path in new_paths:
-            _, table, key = path.split(".")
+        for table, key in RENAMED_ENGINE_KEYS[old]:
             engine.setdefault(table, {}).setdefault(key, value)  # the new key, where also given, wins
-        moved.append(f"{where(('engine', old))} is now {' and '.join(new_paths)}")
+        new_keys = " and ".join(f"engine.{table}.{key}" for table, key in RENAMED_ENGINE_KEYS[old])
+        moved.append(f"{where(('engine', old))} is now {new_keys}")
     if moved:
         print(f"note: {'; '.join(moved)} (read as before)", file=sys.stderr)
     return {**data, "engine": engine}

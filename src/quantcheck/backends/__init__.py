@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from pydantic import BaseModel
+
 from quantcheck.backends.base import Backend, MethodInfo
 from quantcheck.errors import QuantMethodError
 
@@ -33,10 +35,15 @@ def quant_prefix(backend: str) -> str:
     return next((prefix for prefix, name in PREFIXES.items() if name == backend), backend) + ":"
 
 
+def settings_models() -> dict[str, type[BaseModel]]:
+    """Each engine's settings model (`Backend.settings_model`) by backend name, for the engines that have one."""
+    models = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
+    return {name: model for name, model in models.items() if model}
+
+
 def engine_defaults() -> dict[str, dict[str, object]]:
     """Every engine's settings at their defaults, by backend name (a run that sets none records these)."""
-    models = {name: get_backend(name).settings_model for name in BACKEND_NAMES}
-    return {name: model().model_dump() for name, model in models.items() if model}
+    return {name: model().model_dump() for name, model in settings_models().items()}
 
 
 def get_backend(name: str) -> type[Backend]:
@@ -55,4 +62,5 @@ __all__ = [
     "engine_defaults",
     "get_backend",
     "quant_prefix",
+    "settings_models",
 ]

@@ -425,9 +425,10 @@ def _last_logits(llm) -> np.ndarray:
 
 
 def _logprobs(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis, in float64 (a row or every position's rows)."""
     from scipy.special import log_softmax  # imported where used: the parent reads this module for its settings
 
-    return log_softmax(logits.astype(np.float64)).astype(np.float32)
+    return log_softmax(logits.astype(np.float64), axis=-1).astype(np.float32)
 
 
 def kept_pattern(keep: tuple[int, ...]) -> str:
@@ -828,7 +829,6 @@ class LlamaCppBackend(Backend):
         """Each window evaluated from an empty cache in one batch of its own (as llama-perplexity does), every
         position's logits read back (`logits_all`, opened on first use)."""
         import llama_cpp
-        from scipy.special import log_softmax
 
         if self.scorer is None:
             self.scorer = self._open(self.path, logits_all=True)
@@ -844,7 +844,7 @@ class LlamaCppBackend(Backend):
             logits = np.ctypeslib.as_array(
                 llama_cpp.llama_get_logits(self.scorer.ctx), shape=(len(window), self.vocab_width)
             )
-            rows.append(log_softmax(logits[first:-1].astype(np.float64), axis=-1).astype(np.float32))
+            rows.append(_logprobs(logits[first:-1]))
         return np.stack(rows)
 
     def generate(

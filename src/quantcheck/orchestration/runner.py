@@ -172,13 +172,10 @@ def prepare_run(options: RunOptions) -> Prepared:
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
     floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
     threads = options.threads or _default_threads()
-    # Offloading, --max-memory-gb is the device's share of the model (accelerate keeps to it), not a cap on the sweep.
-    sweep = {key: value for key, value in options.cost_settings.items() if key != "max_memory_bytes"}
-    cost_settings = (
-        _cost_settings(device, sweep if options.allow_offload else options.cost_settings, threads)
-        if options.cost
-        else None
-    )
+    sweep = options.cost_settings
+    if options.allow_offload:  # --max-memory-gb is then the device's share of the model (accelerate keeps to it)
+        sweep = {key: value for key, value in sweep.items() if key != "max_memory_bytes"}
+    cost_settings = _cost_settings(device, sweep, threads) if options.cost else None
     if options.generation is not None and options.generation.chat == "on":
         _require_chat_template(model.path, options.trust_remote_code)
     return Prepared(
