@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("cost", "scoring"),
     ("backends",),
+    ("tasks",),
     ("analysis",),
     ("report",),
     ("interop",),

@@ -197,7 +197,7 @@ def test_a_users_prompts_are_calibration_data_and_calibrating_on_the_judged_prom
     made, _ = make_imatrix_gguf(builtin_model_dir(), "Q2_K", spec.make, tmp_path / "make.log", MAKING)
     assert made["seconds"] > 0 and Path(spec.weights).exists()
     assert len(read_imatrix(imatrix_path(builtin_model_dir(), spec.make))) == 30 * 7
-    warned = _calibrated_on_evaluation([spec], load_prompts(source))
+    warned = _calibrated_on_evaluation([spec], load_prompts(source).text)
     assert [(warning.code, warning.model) for warning in warned] == [("calibrated-on-evaluation", spec.name)]
 
 

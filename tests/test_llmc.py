@@ -113,7 +113,7 @@ def test_calibrating_on_the_evaluation_text_is_said(tmp_path):
             name=f"llmc:{recipe}", role="variant", backend="hf", method="pretrained", weights="x", make=make
         )
 
-    judged = load_corpus(f"text:{text}")
+    judged = load_corpus(f"text:{text}").text
     warnings = _calibrated_on_evaluation([spec("gptq-w4a16", text), spec("awq-w4a16", other)], judged)
     assert [(w.code, w.model) for w in warnings] == [("calibrated-on-evaluation", "llmc:gptq-w4a16")]
     assert "flatters it" in warnings[0].message

@@ -24,6 +24,8 @@ from quantcheck.schema.models import ModelSpec
 from quantcheck.schema.results import ItemRecord
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import StoreSettings
+from quantcheck.tasks.multiple_choice import finished
+from quantcheck.tasks.prompts import answer_batches
 
 N_QUESTIONS = 4
 BATCH_SIZE = 2
@@ -219,7 +221,7 @@ def test_reference_records_without_their_stored_rows_are_scored_again(reference_
 @pytest.mark.parametrize(("count", "batch_size"), [(0, 3), (1, 3), (6, 3), (7, 3), (5, 1), (4, 8)])
 def test_answer_batches_are_consecutive_and_cover_every_prompt_once(count, batch_size):
     """The reference's answers and each variant's own are made in the same consecutive batches of at most batch_size."""
-    batches = worker._answer_batches(count, batch_size)
+    batches = answer_batches(count, batch_size)
     assert [index for batch in batches for index in batch] == list(range(count))
     assert all(0 < len(batch) <= batch_size for batch in batches)
     assert [len(batch) for batch in batches[:-1]] == [batch_size] * (len(batches) - 1)
@@ -228,9 +230,9 @@ def test_answer_batches_are_consecutive_and_cover_every_prompt_once(count, batch
 def test_finished_counts_only_recorded_items_of_this_data_set():
     """The progress 'done' count ignores recorded ids that are not among the items being scored."""
     done = {ITEMS[0].item_id, ITEMS[2].item_id, "mmlu-virology-from-another-run"}
-    assert worker._finished(ITEMS, done) == 2
-    assert worker._finished(ITEMS[:1], done) == 1
-    assert worker._finished(ITEMS, set()) == 0
+    assert finished(ITEMS, done) == 2
+    assert finished(ITEMS[:1], done) == 1
+    assert finished(ITEMS, set()) == 0
 
 
 def run_main(folder: RunFolder, job: JobSpec, tmp_path: Path) -> tuple[int, Path]:

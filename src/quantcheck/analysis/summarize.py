@@ -64,6 +64,7 @@ from quantcheck.stats.speed import (
 )
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import read_latest_by_id, write_json_atomic, write_text_atomic
+from quantcheck.tasks import task_named
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
@@ -320,8 +321,7 @@ def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
     if not (folder.reference_dir / "scored.json").exists():
         return None
     _, token_texts = folder.read_scored_spans()
-    names = folder.read_prompts()[0] if kind == "prompts" else [f"window {index}" for index in range(len(token_texts))]
-    return SpanText(names, token_texts)
+    return SpanText(task_named(kind).sequence_names(folder, len(token_texts)), token_texts)
 
 
 def _model_result(
@@ -500,15 +500,13 @@ def variant_corpus_statistics(
 
 
 FEW_WINDOWS = 30
-UNITS = {"questions": "questions", "text": "windows", "prompts": "prompts"}
-"""What a run's intervals resample, by data set kind, in the verdict's words."""
 
 
 def _warnings(results: Results, n_items: int, folder: RunFolder, spec_folders: dict[str, str]) -> list[RunWarning]:
     warnings: list[RunWarning] = []
     reference = results.models[0]
-    if results.dataset.kind != "questions":
-        unit = UNITS[results.dataset.kind]
+    if (task := task_named(results.dataset.kind)).every_token:
+        unit = task.unit
         if n_items < FEW_WINDOWS:
             warnings.append(
                 RunWarning(
@@ -654,7 +652,8 @@ def summarize(
     `cost_pending`: written between the quality and the cost phase; no verdict yet (the memory check needs cost), and
     `early_findings` says what quality alone shows."""
     folder = RunFolder(root)
-    corpus = dataset.kind in ("text", "prompts")
+    task = task_named(dataset.kind)
+    corpus = task.every_token
     item_ids = [] if corpus else [item.item_id for item in folder.read_items()]
     results = Results(
         tool_version=QUANTCHECK_VERSION,
@@ -729,7 +728,7 @@ def summarize(
             result,
             thresholds,
             unmeasured_memory=unmeasured,
-            unit=UNITS[dataset.kind],
+            unit=task.unit,
             numeric_floor=noisier_floor(reference.engine_floor, result.engine_floor),
             unverified_tokenizers=unverified,
         )
@@ -746,7 +745,7 @@ def early_findings(results: Results) -> list[str]:
     """Each variant's quality checks, judged as the verdict will judge them, for the lines a run prints before its
     cost phase: the quality findings minutes early, the verdict itself only once cost is in."""
     reference = results.models[0]
-    unit = UNITS[results.dataset.kind] if results.dataset else "questions"
+    unit = task_named(results.dataset.kind if results.dataset else "questions").unit
     lines = []
     for variant in results.models[1:]:
         checks = quality_checks(

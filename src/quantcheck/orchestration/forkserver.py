@@ -22,7 +22,8 @@ import os
 import signal
 import sys
 
-from quantcheck.orchestration.worker import emit, exit_now
+from quantcheck.orchestration.worker import exit_now
+from quantcheck.schema.jobs import emit
 
 PRELOAD = (
     "torch",
@@ -30,6 +31,7 @@ PRELOAD = (
     "transformers.modeling_utils",
     "quantcheck.backends.hf",
     "quantcheck.orchestration.worker",
+    "quantcheck.tasks",
 )
 
 

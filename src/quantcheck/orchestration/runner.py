@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -18,11 +18,11 @@ from rich.markup import escape
 
 from quantcheck.analysis import format as fmt
 from quantcheck.backends import engine_defaults
-from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
-from quantcheck.data.corpus import KLD_PREFIX, TextCorpus, is_corpus, load_corpus, scored_count
+from quantcheck.data.chats import PromptSet
+from quantcheck.data.corpus import KLD_PREFIX, TextCorpus
 from quantcheck.data.items import Dataset
-from quantcheck.data.load import DEFAULT_DATASET, load_dataset
-from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
+from quantcheck.data.load import DEFAULT_DATASET
+from quantcheck.data.prompts import LOGLIK_FORMAT
 from quantcheck.errors import QuantcheckError
 from quantcheck.models.loading import ResolvedModel
 from quantcheck.models.plan import DTYPE_BYTES, ModelShape, read_config
@@ -34,20 +34,17 @@ from quantcheck.schema.results import (
     GIB,
     QUANTCHECK_VERSION,
     SCORES_VERSION,
-    AnswerRecord,
-    DatasetInfo,
-    ItemRecord,
     Preference,
     Results,
     RunPlan,
     RunWarning,
     Thresholds,
     WeightPlan,
-    WindowRecord,
 )
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.lock import RunLock
-from quantcheck.storage.store import StoreSettings, read_latest_by_id, refuse_top_k_reference, write_json_atomic
+from quantcheck.storage.store import StoreSettings, refuse_top_k_reference, write_json_atomic
+from quantcheck.tasks import DataRequest, QualityRequest, Task, task_for
 
 
 class Interrupted(QuantcheckError):
@@ -118,6 +115,7 @@ class Prepared:
     options: RunOptions
     model: ResolvedModel
     models: list[ModelSpec]
+    task: Task
     corpus_job: CorpusJob | None
     dataset: Dataset | TextCorpus | PromptSet
     device: str
@@ -143,20 +141,21 @@ def prepare_run(options: RunOptions) -> Prepared:
         options = _recorded_text(options).model_copy(update={"cost": False})
     models = [reference_spec(options.backend, str(model.path), options.reference_url, options.reference_kld)]
     models += [variant_spec(text, str(model.path), checkpoint, options.calibration) for text in options.quants]
-    own_answers = is_prompts(options.dataset) and options.generation is not None
+    task = task_for(options.dataset)
+    own_answers = task.own_answers and options.generation is not None
     variants = [spec.name for spec in models[1:]]
     if options.gate_variant is not None and options.gate_variant not in variants:
         raise QuantcheckError(
             f"--fail-on names {options.gate_variant!r}, which is not a variant of this run: "
             f"name one of {', '.join(variants) or 'the --quant variants'}"
         )
-    options, corpus_job = _token_job(options)
-    corpus = corpus_job is not None
-    if corpus:
-        _check_text_backends(models)
-        if corpus_job.kind == "text":
-            _check_context(corpus_job.context, model, models, options.engine)
-    dataset = _load(options, model.path)
+    request = _data_request(options)
+    corpus_job = task.corpus_job(request)
+    if task.every_token:  # no questions, so no generation phase: for prompts the options say how the reference answers
+        options = options.model_copy(update={"generation": None})
+    corpus = task.every_token
+    task.check_models(corpus_job, model, models, options.engine)
+    dataset = task.load(request, model.path)
     if options.dtype is not None and options.dtype not in DTYPES:
         raise QuantcheckError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     # Input that needs no torch is checked above, in about a second; the device needs torch (seconds to import).
@@ -170,7 +169,7 @@ def prepare_run(options: RunOptions) -> Prepared:
     ):
         raise QuantcheckError(refuse_top_k_reference(served.rows_top(corpus), every_token=corpus))
     sampled = options.generation is not None and not (options.generation.greedy or options.generation.temperature == 0)
-    floors = floor_specs(models[0], sampled) if options.floors and not corpus else []
+    floors = floor_specs(models[0], sampled) if options.floors and task.sampling_floor else []
     threads = options.threads or _default_threads()
     sweep = options.cost_settings
     if options.allow_offload:  # --max-memory-gb is then the device's share of the model (accelerate keeps to it)
@@ -182,6 +181,7 @@ def prepare_run(options: RunOptions) -> Prepared:
         options,
         model,
         models,
+        task,
         corpus_job,
         dataset,
         device,
@@ -214,8 +214,8 @@ def plan(prepared: Prepared) -> RunPlan:
         for spec in prepared.models
     }
     store, store_basis = None, "a text or prompts run: its rows are known once the text is tokenized"
-    if isinstance(prepared.dataset, Dataset) and shape is not None:
-        rows = len(prepared.dataset.items)
+    rows = prepared.task.planned_rows(prepared.dataset)
+    if rows is not None and shape is not None:
         store = open_reference_store(Path("."), prepared.options.store).bytes_per_row(shape.vocab) * rows
         store_basis = f"{rows} questions, {prepared.options.store.kind} store, the config's {shape.vocab} tokens"
     return RunPlan(
@@ -259,7 +259,7 @@ def plan_lines(run_plan: RunPlan) -> list[str]:
 
 def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tuple[Path, Results]:
     """The run; `held` keeps the run folder's lock until the run ends."""
-    from quantcheck.backends.variants import SAMPLING_FLOOR_SEED_OFFSET, describe
+    from quantcheck.backends.variants import describe
     from quantcheck.orchestration.environment import describe_environment, free_memory
 
     prepared = prepare_run(options)
@@ -277,7 +277,8 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         prepared.threads,
         prepared.cost_settings,
     )
-    unmeasured_cost, corpus = prepared.unmeasured_cost, prepared.corpus_job is not None
+    unmeasured_cost, task = prepared.unmeasured_cost, prepared.task
+    corpus = task.every_token
     run_plan = plan(prepared)
     refuse_over_budget(prepared, run_plan, free_memory(device))
     # Imported once the input is known good (scipy takes seconds), while the fork server still imports torch.
@@ -302,7 +303,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     warnings: list[RunWarning] = []
     if model.source == "builtin":
         warnings.append(RunWarning(code="builtin-model", message=model.notes[0]))
-    warnings += _calibrated_on_evaluation(models, dataset)
+    warnings += _calibrated_on_evaluation(models, task.evaluated_text(dataset))
     if unmeasured_cost:
         warnings.append(
             RunWarning(
@@ -329,25 +330,17 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         # prompt_logprobs shapes a text run's rows only: other runs keep the keys they had before it existed
         unused = {"stated_weight_bytes"} | (set() if corpus else {"prompt_logprobs"})
         reference_key["reference_endpoint"] = models[0].endpoint.model_dump(exclude=unused)
-    if corpus_job is not None:
-        reference_key |= {"prompt_format": corpus_job.kind, "corpus": corpus_job.model_dump()}
+    reference_key |= task.reference_key(corpus_job)
     if reason := folder.check_reference_key(reference_key):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
-    if not corpus:
-        folder.reference_store().check(len(dataset.items))
-    elif folder.reference_tokens_exist():  # the row count is known once the reference has made its sequences
-        folder.reference_store().check(scored_count(folder.read_reference_tokens(), folder.read_scored_spans()[0]))
+    if (rows := task.stored_rows(folder, dataset)) is not None:
+        folder.reference_store().check(rows)
     generation_key = (
         options.generation.model_dump() | {"results_schema": SCORES_VERSION} if options.generation else None
     )
     if generation_key and (reason := folder.check_generation_key(generation_key)):
         view.line(f"[yellow]{escape(reason)}[/yellow]")
-    if isinstance(dataset, TextCorpus):
-        folder.write_corpus(dataset)
-    elif isinstance(dataset, PromptSet):
-        folder.write_prompts(dataset)
-    else:
-        folder.write_dataset(dataset)
+    task.record(folder, dataset)
     if resumed:
         view.line(f"resuming {out}: finished items and phases are kept")
     _make_checkpoints(models, folder, view, MakeSettings(threads=threads, trust_remote_code=options.trust_remote_code))
@@ -373,7 +366,7 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
             out,
             config=options.model_dump(mode="json") | recorded,
             model=model.info(dtype, device),
-            dataset=_dataset_info(dataset, folder, corpus_job),
+            dataset=task.dataset_info(dataset, folder, corpus_job),
             environment=describe_environment(device, threads),
             models=models,
             descriptions={spec.name: describe(spec) for spec in models},
@@ -395,45 +388,27 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
             planned=run_plan.weights,
         )
 
-    n_items = 0 if corpus else len(dataset.items)
+    request = QualityRequest(
+        loglik=options.loglik,
+        generation=options.generation,
+        floors=options.floors,
+        seed=options.seed,
+        corpus=corpus_job,
+        own_answers=prepared.own_answers,
+        shared=base,
+    )
     failed_reference = None
     with view:
-        if corpus_job is not None and options.loglik:
-            failed_reference = _score_corpus(
-                launcher, models, corpus_job, base, view, out, folder, options.floors, prepared.own_answers
-            )
-        elif options.loglik or options.generation:
+        if options.loglik or options.generation:
             for spec in [models[0], *floors, *models[1:]]:
-                if failed_reference:
-                    break
-                # The sampling floor re-runs the reference with its seed changed; every other model also measures its
-                # engine's numeric floor (two batch plans on a few items) in the same job.
-                loglik = options.loglik and spec.floor is None
-                todo_loglik = loglik and _count(folder, spec, "quality.jsonl") < n_items
-                todo_generation = options.generation is not None and _count(folder, spec, "generation.jsonl") < n_items
-                todo_floor = (
-                    options.floors
-                    and loglik
-                    and spec.measures_engine_floor()
-                    and not folder.engine_floor_settled(spec.folder)
-                )
-                if not (todo_loglik or todo_generation or todo_floor):
-                    view.skipped(f"{spec.name} quality", "already finished")
+                job = task.quality_job(spec, folder, request)
+                if job is None:
+                    view.skipped(f"{spec.name} {task.phase}", "already finished")
                     continue
-                job = JobSpec(
-                    kind="quality",
-                    model=spec,
-                    loglik=todo_loglik,
-                    generation=options.generation if todo_generation else None,
-                    engine_floor=todo_floor,
-                    **{
-                        **base,
-                        "seed": options.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else options.seed,
-                    },
-                )
                 outcome = _run(launcher, job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
                     failed_reference = outcome.message
+                    break
         cost_todo = not all(
             folder.cost_file(spec.folder, cost_round).exists()
             for cost_round in range(1, options.cost_rounds + 1)
@@ -469,40 +444,23 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
     return out, results
 
 
-def _token_job(options: RunOptions) -> tuple[RunOptions, CorpusJob | None]:
-    """A text or prompts data set scores every token of sequences (one job kind for both); it has no questions, so no
-    generation phase: for prompts the generation options say how the reference answers."""
-    if not (is_corpus(options.dataset) or is_prompts(options.dataset)):
-        return options, None
-    answers = options.generation or GenerationOptions()
-    job = (
-        CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens)
-        if is_prompts(options.dataset)
-        else CorpusJob(context=options.context, max_windows=options.limit, recorded=options.reference_kld is not None)
-    )
-    return options.model_copy(update={"generation": None}), job
+def _data_request(options: RunOptions) -> DataRequest:
+    """The options the run's task reads its data set and job settings from (DataRequest's fields are RunOptions')."""
+    return DataRequest(**{field.name: getattr(options, field.name) for field in fields(DataRequest)})
 
 
-def _check_text_backends(models: list[ModelSpec]) -> None:
-    """Before any model loads: every engine in the run must score every token (a server: its prompt log-probs)."""
-    from quantcheck.backends import get_backend
-
-    for spec in models:
-        get_backend(spec.backend).check_text(spec)
-
-
-def _calibrated_on_evaluation(models: list[ModelSpec], dataset: Dataset | TextCorpus | PromptSet) -> list[RunWarning]:
+def _calibrated_on_evaluation(models: list[ModelSpec], judged_on: str | None) -> list[RunWarning]:
     """A variant calibrated on the text it is then judged on (the same text, or one holding it): flattered."""
     from quantcheck.models import calibrated
 
-    if not isinstance(dataset, (TextCorpus, PromptSet)):
+    if judged_on is None:
         return []
     flattered = []
     for spec in models:
         make = spec.make
         if make is not None and make.calibration != "default" and calibrated.uses_calibration(make.recipe):
             text = calibrated.calibration_text(make.calibration)
-            if dataset.text.strip() in text or text.strip() in dataset.text:
+            if judged_on.strip() in text or text.strip() in judged_on:
                 flattered.append(
                     RunWarning(
                         code="calibrated-on-evaluation",
@@ -554,66 +512,6 @@ def _changed_checkpoint(recorded: dict, spec: ModelSpec) -> str | None:
     return None
 
 
-def _check_context(context: int, model: ResolvedModel, models: list[ModelSpec], engines: EngineTables) -> None:
-    """Before any model loads: a window longer than the model was trained for (or than its engine is set up for) is
-    refused; positions past the model's limit would be scored on extrapolated position encodings."""
-    from quantcheck.backends import get_backend
-
-    config = read_config(model.path) or {}
-    limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
-    if limit and context > limit:
-        raise QuantcheckError(
-            f"--context {context} is above {model.name}'s limit of {limit} tokens (max_position_embeddings in its "
-            f"config.json): choose --context {limit} or less"
-        )
-    for spec in models:
-        backend = get_backend(spec.backend)
-        planned = backend.context_limit(backend.engine_settings(engines))
-        if planned and context > planned[0]:
-            limit, holder, option = planned
-            raise QuantcheckError(
-                f"--context {context} is longer than {holder} ({option} {limit}): raise {option} to {context} or more"
-            )
-
-
-def _score_corpus(
-    launcher: Launcher,
-    models: list[ModelSpec],
-    corpus_job: CorpusJob,
-    base: dict,
-    view: ProgressView,
-    out: Path,
-    folder: RunFolder,
-    floors: bool,
-    own_answers: bool,
-) -> str | None:
-    """Each model's pass over the corpus's windows (and its engine's numeric floor, and in a prompts run a variant's
-    own answers), the reference first; the reference's failure message, if it failed."""
-    for spec in models:
-        todo_floor = floors and spec.measures_engine_floor(every_token=True)
-        todo_floor = todo_floor and not folder.engine_floor_settled(spec.folder)
-        answers = own_answers and not spec.is_reference
-        if folder.reference_tokens_exist() and not todo_floor:
-            sequences = len(folder.read_reference_tokens())
-            scored = _count(folder, spec, "corpus.jsonl", WindowRecord, "window") >= sequences
-            if scored and (not answers or _count(folder, spec, "answers.jsonl", AnswerRecord, "prompt") >= sequences):
-                view.skipped(f"{spec.name} corpus", "already finished")
-                continue
-        job = JobSpec(
-            kind="quality",
-            model=spec,
-            loglik=False,
-            corpus=corpus_job,
-            engine_floor=todo_floor,
-            own_answers=answers,
-            **base,
-        )
-        outcome = _run(launcher, job, view, out, folder)
-        if not outcome.ok and spec.is_reference:
-            return outcome.message
-    return None
-
-
 def _recorded_text(options: RunOptions) -> RunOptions:
     """A llama-perplexity base file brings the text's windows and its context length: no other data set."""
     from quantcheck.backends.kldfile import read_kld_base
@@ -622,60 +520,6 @@ def _recorded_text(options: RunOptions) -> RunOptions:
         raise QuantcheckError("--reference-kld brings its own text (the base file's windows): leave --dataset out")
     base = read_kld_base(Path(options.reference_kld).expanduser())
     return options.model_copy(update={"dataset": KLD_PREFIX + str(base.path.resolve()), "context": base.n_ctx})
-
-
-def _load(options: RunOptions, model_path: Path) -> Dataset | TextCorpus | PromptSet:
-    if options.dataset.startswith(KLD_PREFIX):
-        from quantcheck.backends.kldfile import recorded_corpus
-
-        return recorded_corpus(options.dataset, model_path, options.trust_remote_code)
-    if is_corpus(options.dataset):
-        return load_corpus(options.dataset)
-    if is_prompts(options.dataset):
-        return load_prompts(options.dataset, options.limit)
-    return load_dataset(options.dataset, options.limit, options.seed)
-
-
-def _dataset_info(
-    dataset: Dataset | TextCorpus | PromptSet, folder: RunFolder, corpus_job: CorpusJob | None
-) -> DatasetInfo:
-    if corpus_job is None:
-        return DatasetInfo(
-            spec=dataset.spec,
-            n_items=len(dataset.items),
-            subjects=dataset.subjects,
-            source=dataset.source,
-            content_hash=dataset.content_hash(),
-            prompt_format=LOGLIK_FORMAT,
-            answer_continuations=answer_continuations(max(len(item.choices) for item in dataset.items)),
-        )
-    if corpus_job.kind == "prompts":
-        return DatasetInfo(
-            spec=dataset.spec,
-            kind="prompts",
-            n_items=len(dataset.chats),
-            subjects=[],
-            source=dataset.source,
-            content_hash=dataset.content_hash(),
-            answer_continuations=[],
-            prompt_format=f"each chat through the chat template (--chat {corpus_job.chat}), "
-            "answered greedily by the reference "
-            f"(at most {corpus_job.max_new_tokens} tokens); every model scored on the answer's tokens",
-        )
-    windows = len(folder.read_reference_tokens()) if folder.reference_tokens_exist() else 0
-    return DatasetInfo(
-        spec=dataset.spec,
-        kind="text",
-        n_items=windows,
-        subjects=[],
-        source=dataset.source,
-        content_hash=dataset.content_hash(),
-        prompt_format=f"windows of {corpus_job.context} tokens cut from the tokenized text, "
-        "the second half of each scored "
-        "(llama-perplexity)",
-        answer_continuations=[],
-        context=corpus_job.context,
-    )
 
 
 def _cost_settings(device: str, overrides: dict[str, object], threads: int) -> dict[str, object]:
@@ -706,10 +550,6 @@ def _default_threads() -> int:
     from quantcheck.cost.scenario import default_threads
 
     return default_threads()
-
-
-def _count(folder: RunFolder, spec: ModelSpec, file: str, record: type = ItemRecord, key: str = "item_id") -> int:
-    return len(read_latest_by_id(folder.model_file(spec.folder, file), record, key))
 
 
 def _run(launcher: Launcher, spec: JobSpec, view: ProgressView, out: Path, folder: RunFolder):

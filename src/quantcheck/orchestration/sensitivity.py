@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from quantcheck.data.chats import is_prompts
-from quantcheck.data.corpus import is_corpus
 from quantcheck.data.items import Item
 from quantcheck.data.load import DEFAULT_DATASET, load_dataset
 from quantcheck.errors import QuantcheckError, QuantMethodError
@@ -37,6 +35,7 @@ from quantcheck.schema.results import ModelResult, Thresholds
 from quantcheck.schema.sensitivity import LayerSensitivity, Proposal, SensitivityTable
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import StoreSettings, write_json_atomic, write_text_atomic
+from quantcheck.tasks import task_for
 
 MAX_TRIES = 3
 """Proposals measured at most: the first, and up to two more that each keep one more layer."""
@@ -102,7 +101,7 @@ def run_sensitivity(options: SensitivityOptions) -> SensitivityTable:
         raise QuantcheckError(
             f"--keep {options.keep} is more than the model's {layer_count} decoder layers: give 1..{layer_count}"
         )
-    if is_corpus(options.dataset) or is_prompts(options.dataset):
+    if task_for(options.dataset).every_token:
         raise QuantcheckError(
             "sensitivity scores questions (mmlu:..., a .csv or .jsonl file), not text: or prompts: data sets"
         )

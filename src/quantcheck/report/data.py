@@ -19,6 +19,7 @@ from quantcheck.errors import ResultsFolderError
 from quantcheck.schema.results import ItemRecord, ModelResult, Results, WindowRecord
 from quantcheck.schema.sensitivity import SensitivityTable
 from quantcheck.storage.folder import RunFolder
+from quantcheck.tasks import task_named
 
 RESULTS_FILE = "results.json"
 ITEMS_FILE = "items.jsonl"
@@ -86,7 +87,7 @@ class RunData:
 def is_text_run(results: Results) -> bool:
     """Every token scored (a text corpus's windows, or the reference's answers to users' prompts): no questions,
     so no accuracy, items or choices to show."""
-    return results.dataset is not None and results.dataset.kind != "questions"
+    return results.dataset is not None and task_named(results.dataset.kind).every_token
 
 
 def reference_model(results: Results) -> ModelResult | None:

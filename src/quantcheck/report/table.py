@@ -27,6 +27,7 @@ from quantcheck.schema.results import (
     undisturbed_rounds,
 )
 from quantcheck.schema.sensitivity import SensitivityTable
+from quantcheck.tasks import task_named
 
 JACCARD_KS = (1, 2, 3, 5, 10, 20)
 
@@ -395,20 +396,14 @@ def corpus_wording(results: Results) -> CorpusWording:
     reference = reference_model(results)
     tokens = reference.corpus.tokens if reference is not None and reference.corpus is not None else None
     n = ds.n_items if ds is not None else None
-    if ds is not None and ds.kind == "prompts":
-        unit, title, how, along = (
-            "prompt",
-            "Your prompts",
-            "the reference's greedy answers scored",
-            "along the reference's answers",
-        )
-        size = f"{fmt.integer(n)} prompt{'' if n == 1 else 's'}"
-    else:
-        unit, title, how, along = "window", "Text corpus", "the second half of each scored", "along the text"
-        size = (
-            f"{fmt.integer(n)} window{'' if n == 1 else 's'} "
-            f"of {fmt.integer(ds.context if ds is not None else None)} tokens"
-        )
+    task = task_named(ds.kind) if ds is not None else None
+    if task is None or not task.every_token:  # a text's words where no token-level kind is recorded
+        task = task_named("text")
+    unit = task.unit.removesuffix("s")
+    size = f"{fmt.integer(n)} {unit}{'' if n == 1 else 's'}"
+    if ds is None or ds.context is not None:  # windows share a length
+        size += f" of {fmt.integer(ds.context if ds is not None else None)} tokens"
+    title, how, along = task.title, task.how_scored, task.along
     return CorpusWording(unit, title, size, f"{title}: {size}, {how}: {fmt.integer(tokens)} scored tokens", along)
 
 

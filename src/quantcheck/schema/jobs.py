@@ -8,6 +8,7 @@ recorded for that model while the run goes on.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -16,6 +17,11 @@ from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
 
 EVENT_PREFIX = "@@quantcheck "
 """Starts each line a worker prints for the parent (one JSON event); every other line is the engine's own output."""
+
+
+def emit(event: str, **fields: object) -> None:
+    """One event for the parent, on the worker's stdout."""
+    print(EVENT_PREFIX + json.dumps({"event": event, **fields}), flush=True)
 
 
 EngineTables = dict[str, dict[str, object]]
@@ -37,6 +43,7 @@ class JobSpec(BaseModel):
     allow_offload: bool = False
     device_memory_bytes: int | None = None  # allow_offload: the device's share (--max-memory-gb); the rest offloads
     allow_pickle: bool = False
+    task: str = "questions"  # the data set kind whose job this is (quantcheck.tasks)
     loglik: bool = True
     generation: GenerationOptions | None = None
     corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
