@@ -29,6 +29,7 @@ VOLATILE = (
     "models.*.generative.tokens_per_second",
     "models.*.generative.decode_words_per_minute",
     "models.*.verdict.summary",
+    "recommendation.standings.*.speed",
     "*.seconds",
 )
 """Paths (dots, `*` for any one key or index) whose values are timings, memory peaks, disturbance flags, or sentences
