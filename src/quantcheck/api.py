@@ -106,7 +106,7 @@ class Comparison:
         reference store kl is an estimate: kl_se is its standard error, kl_lower and kl_upper its certain bounds."""
         import pandas
 
-        from quantcheck.report.table import JACCARD_KS
+        from quantcheck.schema.results import TOP_K
 
         problems: list[str] = []
         records = load_items(self.run_dir / ITEMS_FILE, problems) if (self.run_dir / ITEMS_FILE).is_file() else []
@@ -131,7 +131,7 @@ class Comparison:
                     "kl_lower": record.kl_lower,
                     "kl_upper": record.kl_upper,
                     "top1_agree": record.top1_agree,
-                    **{f"jaccard_{k}": (record.jaccard or {}).get(k) for k in JACCARD_KS},
+                    **{f"jaccard_{k}": (record.jaccard or {}).get(k) for k in TOP_K},
                     "generated_text": generated.text if generated else None,
                     "generated_pred": generated.pred if generated else None,
                     "generated_correct": generated.correct if generated else None,
@@ -150,7 +150,7 @@ class Comparison:
             "kl_lower",
             "kl_upper",
             "top1_agree",
-            *(f"jaccard_{k}" for k in JACCARD_KS),
+            *(f"jaccard_{k}" for k in TOP_K),
             "generated_text",
             "generated_pred",
             "generated_correct",

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-TOP_K = (1, 2, 3, 5, 10, 20)
+from quantcheck.schema.results import TOP_K
 
 
 def kl_divergence(reference_logprobs: torch.Tensor, variant_logprobs: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from quantcheck.metrics.item_metrics import ITEM_METRICS, ItemMetric
 from quantcheck.report.data import is_text_run, reference_model, variant_models
 from quantcheck.schema.results import (
     DRIFT_TOLERANCE,
+    TOP_K,
     Estimate,
     Interval,
     LatencyPoint,
@@ -28,9 +29,6 @@ from quantcheck.schema.results import (
 )
 from quantcheck.schema.sensitivity import SensitivityTable
 from quantcheck.tasks import task_named
-
-JACCARD_KS = (1, 2, 3, 5, 10, 20)
-
 
 # ---------------------------------------------------------------------------------------- verdicts
 
@@ -281,7 +279,7 @@ def agreement_columns(text_run: bool = False) -> list[str]:
         "Top-1 agreement [95% CI]",
         "Mean KL [95% CI]",
         "Median / p90 / max KL",
-        *[f"J@{k}" for k in JACCARD_KS],
+        *[f"J@{k}" for k in TOP_K],
     ]
 
 
@@ -290,7 +288,7 @@ def agreement_rows(results: Results) -> list[list[str]]:
     for m in variant_models(results):
         ag = m.agreement
         if ag is None:
-            rows.append([m.name, fmt.NA, fmt.NA, fmt.NA, fmt.NA, *[fmt.NA for _ in JACCARD_KS]])
+            rows.append([m.name, fmt.NA, fmt.NA, fmt.NA, fmt.NA, *[fmt.NA for _ in TOP_K]])
             continue
         top1 = ag.top1_agreement
         rows.append(
@@ -300,7 +298,7 @@ def agreement_rows(results: Results) -> list[list[str]]:
                 fmt.percent_ci(top1.value, top1.ci),
                 _bound_mark(ag, fmt.nats_ci(ag.kl.mean.value, ag.kl.mean.ci)),
                 _bound_mark(ag, f"{fmt.nats(ag.kl.median)} / {fmt.nats(ag.kl.p90)} / {fmt.nats(ag.kl.max)}"),
-                *[fmt.fraction(jaccard_value(m, k)) for k in JACCARD_KS],
+                *[fmt.fraction(jaccard_value(m, k)) for k in TOP_K],
             ]
         )
     return rows
@@ -890,7 +888,7 @@ CSV_COLUMNS = [
     *[f"{metric.name}{part}" for metric in ITEM_METRICS for part in ("", "_ci_low", "_ci_high")],
     "top1_agreement", "mean_kl", "mean_kl_ci_low", "mean_kl_ci_high", "median_kl", "p90_kl", "max_kl",
     "scored_tokens", "perplexity", "perplexity_ratio", "perplexity_ratio_ci_low", "perplexity_ratio_ci_high",
-    "rms_delta_p", "kl_growth", "kl_growth_ci_low", *[f"jaccard_{k}" for k in JACCARD_KS],
+    "rms_delta_p", "kl_growth", "kl_growth_ci_low", *[f"jaccard_{k}" for k in TOP_K],
     "kl_bound", "weight_bytes", "footprint_bytes", "parameters", "bits_per_parameter",
     "weight_memory_ratio", "memory_saving",
     "decode_tokens_per_s", "decode_speedup", "decode_speedup_ci_low", "decode_speedup_ci_high",
@@ -946,7 +944,7 @@ def metrics_row(m: ModelResult, ref: ModelResult | None) -> dict[str, object]:
         "max_kl": ag.kl.max if ag else None,
         **_corpus_columns(m),
         **_item_metric_columns(m),
-        **{f"jaccard_{k}": jaccard_value(m, k) for k in JACCARD_KS},
+        **{f"jaccard_{k}": jaccard_value(m, k) for k in TOP_K},
         "weight_bytes": c.weights.counted_bytes if c and c.weights else None,
         "footprint_bytes": c.weights.footprint_bytes if c and c.weights else None,
         "parameters": c.weights.parameters if c and c.weights else None,

@@ -34,6 +34,9 @@ Outcome = Literal["pass", "fail", "unclear"]
 Preference = Literal["memory", "speed", "quality"]
 
 
+TOP_K = (1, 2, 3, 5, 10, 20)
+"""The k of every Jaccard@k the tool measures and results.json records (`NextTokenAgreement.jaccard`)."""
+
 MIN_UNITS = 10
 """Fewest independent units (questions, windows, prompts) on which a verdict check is judged at all: below it the
 check is unclear whatever its interval says. From the coverage simulation in tests/test_stats.py: on lognormal
