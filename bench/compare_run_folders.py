@@ -4,8 +4,8 @@
 
 Compares, exactly (CPU runs are bit-reproducible): results.json (every model's answers, accuracies, log-likelihoods,
 KL, Jaccard, top-1, item metrics, intervals, paired statistics, floors, engine floors, verdict decisions and checks),
-every model's quality.jsonl, generation.jsonl and corpus.jsonl record by record, items.jsonl, and the reference
-store's files.
+every model's quality.jsonl, generation.jsonl, corpus.jsonl and answers.jsonl (a prompts run's own answers) record
+by record, items.jsonl, and every file of the reference folder (its store, token ids, scored spans and answers).
 What moves from run to run is listed in VOLATILE and left out; the script prints what it left out and every
 difference it found, and exits 1 when there is one.
 """
@@ -37,7 +37,7 @@ made from them."""
 TIMING_WORDS = re.compile(r"latenc|timing|speed|faster|slower|tok/s|words/min|decode|disturb|busy|CPU load|peak", re.I)
 """A verdict reason or a warning that says one of these is made from a timing or a memory peak (a peak, unlike the
 weight bytes, moves with the allocator)."""
-RECORD_FILES = ("quality.jsonl", "generation.jsonl", "corpus.jsonl")
+RECORD_FILES = ("quality.jsonl", "generation.jsonl", "corpus.jsonl", "answers.jsonl")
 
 
 def _volatile(path: str) -> bool:

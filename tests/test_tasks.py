@@ -40,3 +40,31 @@ def test_each_kind_says_what_its_intervals_resample_and_whether_it_scores_every_
     assert [name for name, task in TASKS.items() if task.own_answers] == ["prompts"]
     with pytest.raises(KeyError):
         task_named("gsm8k")
+
+
+def test_a_job_carries_only_its_own_kinds_settings():
+    from pydantic import ValidationError
+
+    from quantcheck.schema.jobs import JobSpec
+    from quantcheck.schema.models import CorpusJob, ModelSpec
+
+    model = ModelSpec(name="reference", role="reference", backend="hf", method="none", weights="x")
+    shared = dict(
+        kind="quality", run_dir="r", model=model, device="cpu", dtype="float32", threads=1, seed=0, batch_size=1
+    )
+    assert JobSpec(**shared, task="text", corpus=CorpusJob(kind="text")).task == "text"
+    with pytest.raises(ValidationError, match="a questions job cannot carry text settings"):
+        JobSpec(**shared, corpus=CorpusJob(kind="text"))
+
+
+def test_reading_a_run_asks_the_tasks_without_loading_torch():
+    """The summary and the report ask the registry for a kind's facts; that must not import an engine's torch (the
+    tasks import backends, scoring and models only inside the functions a run calls)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, quantcheck.tasks, quantcheck.analysis.summarize, quantcheck.report.html, "
+        "quantcheck.report.markdown; print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -24,7 +24,7 @@ from quantcheck.schema.models import ModelSpec
 from quantcheck.schema.results import ItemRecord
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import StoreSettings
-from quantcheck.tasks.multiple_choice import finished
+from quantcheck.tasks.multiple_choice import finished_count
 from quantcheck.tasks.prompts import answer_batches
 
 N_QUESTIONS = 4
@@ -230,9 +230,9 @@ def test_answer_batches_are_consecutive_and_cover_every_prompt_once(count, batch
 def test_finished_counts_only_recorded_items_of_this_data_set():
     """The progress 'done' count ignores recorded ids that are not among the items being scored."""
     done = {ITEMS[0].item_id, ITEMS[2].item_id, "mmlu-virology-from-another-run"}
-    assert finished(ITEMS, done) == 2
-    assert finished(ITEMS[:1], done) == 1
-    assert finished(ITEMS, set()) == 0
+    assert finished_count(ITEMS, done) == 2
+    assert finished_count(ITEMS[:1], done) == 1
+    assert finished_count(ITEMS, set()) == 0
 
 
 def run_main(folder: RunFolder, job: JobSpec, tmp_path: Path) -> tuple[int, Path]:

@@ -18,9 +18,7 @@ from rich.markup import escape
 
 from quantcheck.analysis import format as fmt
 from quantcheck.backends import engine_defaults
-from quantcheck.data.chats import PromptSet
-from quantcheck.data.corpus import KLD_PREFIX, TextCorpus
-from quantcheck.data.items import Dataset
+from quantcheck.data.corpus import KLD_PREFIX
 from quantcheck.data.load import DEFAULT_DATASET
 from quantcheck.data.prompts import LOGLIK_FORMAT
 from quantcheck.errors import QuantcheckError
@@ -45,6 +43,7 @@ from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.lock import RunLock
 from quantcheck.storage.store import StoreSettings, refuse_top_k_reference, write_json_atomic
 from quantcheck.tasks import DataRequest, QualityRequest, Task, task_for
+from quantcheck.tasks.base import Data
 
 
 class Interrupted(QuantcheckError):
@@ -117,7 +116,7 @@ class Prepared:
     models: list[ModelSpec]
     task: Task
     corpus_job: CorpusJob | None
-    dataset: Dataset | TextCorpus | PromptSet
+    dataset: Data
     device: str
     dtype: str
     floors: list[ModelSpec]
@@ -217,7 +216,9 @@ def plan(prepared: Prepared) -> RunPlan:
     rows = prepared.task.planned_rows(prepared.dataset)
     if rows is not None and shape is not None:
         store = open_reference_store(Path("."), prepared.options.store).bytes_per_row(shape.vocab) * rows
-        store_basis = f"{rows} questions, {prepared.options.store.kind} store, the config's {shape.vocab} tokens"
+        store_basis = (
+            f"{rows} {prepared.task.unit}, {prepared.options.store.kind} store, the config's {shape.vocab} tokens"
+        )
     return RunPlan(
         weights=weights, store_bytes=store, store_basis=store_basis, device=prepared.device, dtype=prepared.dtype
     )
@@ -392,18 +393,18 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
         loglik=options.loglik,
         generation=options.generation,
         floors=options.floors,
-        seed=options.seed,
+        items=task.planned_rows(dataset) or 0,
         corpus=corpus_job,
         own_answers=prepared.own_answers,
         shared=base,
     )
     failed_reference = None
     with view:
-        if options.loglik or options.generation:
+        if options.loglik or options.generation:  # an every-token kind has no generation phase: loglik alone asks
             for spec in [models[0], *floors, *models[1:]]:
                 job = task.quality_job(spec, folder, request)
                 if job is None:
-                    view.skipped(f"{spec.name} {task.phase}", "already finished")
+                    view.skipped(f"{spec.name} {task.job_label}", "already finished")
                     continue
                 outcome = _run(launcher, job, view, out, folder)
                 if not outcome.ok and spec.is_reference:
@@ -429,7 +430,13 @@ def _experiment(options: RunOptions, launcher: Launcher, held: ExitStack) -> tup
                     _run(
                         launcher,
                         JobSpec(
-                            kind="cost", model=spec, loglik=False, cost=cost_settings, cost_round=cost_round, **base
+                            kind="cost",
+                            task=task.name,
+                            model=spec,
+                            loglik=False,
+                            cost=cost_settings,
+                            cost_round=cost_round,
+                            **base,
                         ),
                         view,
                         out,

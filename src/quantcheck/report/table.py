@@ -399,7 +399,7 @@ def corpus_wording(results: Results) -> CorpusWording:
         task = task_named("text")
     unit = task.unit.removesuffix("s")
     size = f"{fmt.integer(n)} {unit}{'' if n == 1 else 's'}"
-    if ds is None or ds.context is not None:  # windows share a length
+    if task.fixed_length:
         size += f" of {fmt.integer(ds.context if ds is not None else None)} tokens"
     title, how, along = task.title, task.how_scored, task.along
     return CorpusWording(unit, title, size, f"{title}: {size}, {how}: {fmt.integer(tokens)} scored tokens", along)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
+from quantcheck.schema.results import DatasetKind
 
 EVENT_PREFIX = "@@quantcheck "
 """Starts each line a worker prints for the parent (one JSON event); every other line is the engine's own output."""
@@ -43,11 +44,18 @@ class JobSpec(BaseModel):
     allow_offload: bool = False
     device_memory_bytes: int | None = None  # allow_offload: the device's share (--max-memory-gb); the rest offloads
     allow_pickle: bool = False
-    task: str = "questions"  # the data set kind whose job this is (quantcheck.tasks)
+    task: DatasetKind = "questions"  # the data set kind whose job this is (quantcheck.tasks)
     loglik: bool = True
     generation: GenerationOptions | None = None
-    corpus: CorpusJob | None = None  # set: score the run's text corpus instead of questions
+    corpus: CorpusJob | None = None  # an every-token kind's settings (a text's windows, the prompts' answers)
     own_answers: bool = False  # prompts: a variant also answers every prompt greedily itself
     engine_floor: bool = False  # set: also score a bounded subset twice with two batch plans (scoring/engine_floor.py)
     cost: dict[str, object] | None = None  # CostSettings fields
     cost_round: int = 1
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> JobSpec:
+        """An every-token kind's settings go with that kind's job only."""
+        if self.corpus is not None and self.corpus.kind != self.task:
+            raise ValueError(f"a {self.task} job cannot carry {self.corpus.kind} settings")
+        return self

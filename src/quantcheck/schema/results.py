@@ -34,6 +34,9 @@ Outcome = Literal["pass", "fail", "unclear"]
 Preference = Literal["memory", "speed", "quality"]
 
 
+DatasetKind = Literal["questions", "text", "prompts"]
+"""The registered data set kinds (`quantcheck.tasks.TASKS`; tests/test_tasks.py holds the two lists equal)."""
+
 TOP_K = (1, 2, 3, 5, 10, 20)
 """The k of every Jaccard@k the tool measures and results.json records (`NextTokenAgreement.jaccard`)."""
 
@@ -758,7 +761,7 @@ class ModelInfo(BaseModel):
 
 class DatasetInfo(BaseModel):
     spec: str
-    kind: Literal["questions", "text", "prompts"] = Field(
+    kind: DatasetKind = Field(
         "questions",
         description="multiple-choice questions, a text corpus scored at every "
         "token, or users' prompts scored on the reference's answers",

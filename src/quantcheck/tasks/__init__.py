@@ -1,6 +1,6 @@
 """The data set kinds, registered by name (lm-eval's task registry): `--dataset` picks one, results.json records its
-name as `dataset.kind`, and every layer above asks it instead of testing the kind. A new kind is one module here and
-one entry in `TASKS`."""
+name as `dataset.kind`, and every layer above asks it instead of testing the kind. A new kind is one module here, one
+entry in `TASKS` and its name in `schema.results.DatasetKind` (tests/test_tasks.py holds the two equal)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from quantcheck.tasks.prompts import Prompts
 from quantcheck.tasks.text import Text
 
 TASKS: dict[str, Task] = {task.name: task for task in (Text(), Prompts(), MultipleChoice())}
-"""In the order `--dataset` is matched: the first kind whose prefix it has; questions take the rest."""
+"""In the order `--dataset` is matched: the first kind whose prefix it has; questions, which match anything, last."""
 
 __all__ = ["TASKS", "DataRequest", "QualityRequest", "Task", "task_for", "task_named"]
 

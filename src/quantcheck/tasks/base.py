@@ -1,7 +1,8 @@
 """What a data set kind is (lm-eval's Task, cut to what quantcheck compares): how it is named and loaded, what the run
 checks and records before any model loads, what each model's quality job holds, what that job does in the worker, and
 the words its results are read in. The runner, the worker, the summary and the report ask the run's task instead of
-testing the kind themselves, so a new kind (GSM8K-style generated answers, say) is one module and one registry line.
+testing the kind themselves, so a new kind (GSM8K-style generated answers, say) is one module, one registry line and its
+name in `schema.results.DatasetKind`.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from quantcheck.schema.jobs import EngineTables, JobSpec, emit
 from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
-from quantcheck.schema.results import DatasetInfo
+from quantcheck.schema.results import DatasetInfo, DatasetKind
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import append_records, read_latest_by_id, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
-    from quantcheck.data.chats import PromptSet
-    from quantcheck.data.corpus import TextCorpus
-    from quantcheck.data.items import Dataset
     from quantcheck.models.loading import ResolvedModel
 
-    Data = Dataset | TextCorpus | PromptSet
+
+class Data(Protocol):
+    """A loaded data set, as the run sees it: the kind's own type (questions, a text, prompts) behind it."""
+
+    spec: str
+
+    def content_hash(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -42,48 +46,50 @@ class DataRequest:
 
 @dataclass(frozen=True)
 class QualityRequest:
-    """What the run asks of every model's quality job, whatever the kind; `shared` holds the JobSpec fields every job
-    of the run has (folder, device, dtype, threads, engines...)."""
+    """What the run asks of every model's quality job, whatever the kind."""
 
     loglik: bool
     generation: GenerationOptions | None
     floors: bool
-    seed: int
+    items: int
+    """Questions in the data set (0 for the every-token kinds, whose sequences the reference makes)."""
     corpus: CorpusJob | None
     own_answers: bool
     shared: dict = field(default_factory=dict)
+    """The JobSpec fields every job of the run shares (run_dir, device, dtype, threads, seed, engine, batch_size...)."""
 
 
 class Task(ABC):
     """One data set kind. Class attributes are the facts a results.json of this kind is read with."""
 
-    name: ClassVar[str]
+    name: ClassVar[DatasetKind]
     """`DatasetInfo.kind` in results.json."""
     unit: ClassVar[str]
     """What the run's intervals resample, in the verdict's words (questions, windows, prompts)."""
     every_token: ClassVar[bool]
     """Scores every token of sequences (a text, the reference's answers) instead of the answer position of questions:
     no accuracy, items or choices; a server's rows are its prompt log-probabilities."""
-    phase: ClassVar[str]
-    """The quality job's name in progress lines."""
+    job_label: ClassVar[str]
+    """The quality job's name in the line that says a model's job is already finished."""
     sampling_floor: ClassVar[bool] = False
     """The reference run again with another seed, to see what sampling alone changes (generated answers only)."""
     own_answers: ClassVar[bool] = False
-    """Each variant also answers on its own (with generation asked for)."""
+    """The kind can have each variant also answer on its own (done when the run asks for generation)."""
 
     @abstractmethod
     def matches(self, spec: str) -> bool:
         """Whether `--dataset spec` names a data set of this kind."""
 
     @abstractmethod
-    def load(self, request: DataRequest, model_path: Path) -> Data: ...
+    def load(self, request: DataRequest, model_path: Path) -> Data:
+        """The data set, read and checked (`model_path` gives a recorded text its tokenizer)."""
 
     def corpus_job(self, request: DataRequest) -> CorpusJob | None:
         """The job settings of a kind that scores every token; None for questions."""
         return None
 
     def check_models(
-        self, job: CorpusJob | None, model: ResolvedModel, models: list[ModelSpec], engines: EngineTables
+        self, job: CorpusJob | None, checkpoint: ResolvedModel, models: list[ModelSpec], engines: EngineTables
     ) -> None:
         """Before any model loads: refuse engines or settings this kind cannot run on (questions run on all)."""
         return None
@@ -109,7 +115,8 @@ class Task(ABC):
         """Keep the data set in the run folder, where the workers read it."""
 
     @abstractmethod
-    def dataset_info(self, data: Data, folder: RunFolder, job: CorpusJob | None) -> DatasetInfo: ...
+    def dataset_info(self, data: Data, folder: RunFolder, job: CorpusJob | None) -> DatasetInfo:
+        """What results.json says of the data set."""
 
     @abstractmethod
     def quality_job(self, spec: ModelSpec, folder: RunFolder, request: QualityRequest) -> JobSpec | None:

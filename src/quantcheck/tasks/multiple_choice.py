@@ -8,7 +8,7 @@ from pathlib import Path
 from quantcheck.data.items import Dataset
 from quantcheck.data.load import load_dataset
 from quantcheck.data.prompts import LOGLIK_FORMAT, answer_continuations
-from quantcheck.schema.jobs import JobSpec
+from quantcheck.schema.jobs import JobSpec, emit
 from quantcheck.schema.models import CorpusJob, ModelSpec
 from quantcheck.schema.results import DatasetInfo, ItemRecord
 from quantcheck.storage.folder import RunFolder
@@ -18,7 +18,6 @@ from quantcheck.tasks.base import (
     QualityRequest,
     Task,
     count_records,
-    emit,
     measure_engine_floor,
     phase_sink,
 )
@@ -28,7 +27,7 @@ class MultipleChoice(Task):
     name = "questions"
     unit = "questions"
     every_token = False
-    phase = "quality"
+    job_label = "quality"
     sampling_floor = True
 
     def matches(self, spec: str) -> bool:
@@ -59,7 +58,7 @@ class MultipleChoice(Task):
         engine's numeric floor (two batch plans on a few items) in the same job."""
         from quantcheck.backends.variants import SAMPLING_FLOOR_SEED_OFFSET
 
-        items = len(folder.read_items())
+        items = request.items
         loglik = request.loglik and spec.floor is None
         todo_loglik = loglik and count_records(folder, spec, "quality.jsonl", ItemRecord, "item_id") < items
         generation = request.generation is not None
@@ -69,7 +68,7 @@ class MultipleChoice(Task):
         )
         if not (todo_loglik or todo_generation or todo_floor):
             return None
-        seed = request.seed + SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else request.seed
+        seed = request.shared["seed"] + (SAMPLING_FLOOR_SEED_OFFSET if spec.floor == "sampling" else 0)
         return JobSpec(
             kind="quality",
             task=self.name,
@@ -150,7 +149,7 @@ def _score_loglik(job: JobSpec, folder: RunFolder, backend, items, encoded) -> N
         is_reference=spec.is_reference,
         compare_tokens=compare_tokens,
         done=done,
-        on_batch=phase_sink(path, "loglik", len(items), finished(items, done)),
+        on_batch=phase_sink(path, "loglik", len(items), finished_count(items, done)),
         top_logprobs=backend.top_logprobs,
     )
 
@@ -186,10 +185,10 @@ def _generate(job: JobSpec, folder: RunFolder, backend, items) -> None:
         settings,
         batch_size=options.batch_size,
         done=done,
-        on_batch=phase_sink(path, "generation", len(items), finished(items, done)),
+        on_batch=phase_sink(path, "generation", len(items), finished_count(items, done)),
     )
 
 
-def finished(items, done: set[str]) -> int:
+def finished_count(items, done: set[str]) -> int:
     """How many of `items` are already recorded."""
     return len(done & {item.item_id for item in items})

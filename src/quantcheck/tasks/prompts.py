@@ -8,12 +8,12 @@ from pathlib import Path
 
 from quantcheck.data.chats import PromptSet, is_prompts, load_prompts
 from quantcheck.errors import QuantcheckError
-from quantcheck.schema.jobs import JobSpec
+from quantcheck.schema.jobs import JobSpec, emit
 from quantcheck.schema.models import CorpusJob, GenerationOptions, ModelSpec
 from quantcheck.schema.results import AnswerRecord, DatasetInfo, GenerationSettings
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import read_latest_by_id, write_json_atomic
-from quantcheck.tasks.base import DataRequest, emit, phase_sink
+from quantcheck.tasks.base import DataRequest, phase_sink
 from quantcheck.tasks.tokens import EveryToken
 
 
@@ -23,6 +23,7 @@ class Prompts(EveryToken):
     title = "Your prompts"
     how_scored = "the reference's greedy answers scored"
     along = "along the reference's answers"
+    fixed_length = False
     own_answers = True
 
     def matches(self, spec: str) -> bool:
@@ -34,7 +35,7 @@ class Prompts(EveryToken):
     def corpus_job(self, request: DataRequest) -> CorpusJob:
         """The generation options say how the reference answers."""
         answers = request.generation or GenerationOptions()
-        return CorpusJob(kind="prompts", chat=answers.chat, max_new_tokens=answers.max_new_tokens)
+        return CorpusJob(kind=self.name, chat=answers.chat, max_new_tokens=answers.max_new_tokens)
 
     def record(self, folder: RunFolder, data: PromptSet) -> None:
         folder.write_prompts(data)
@@ -42,7 +43,7 @@ class Prompts(EveryToken):
     def dataset_info(self, data: PromptSet, folder: RunFolder, job: CorpusJob) -> DatasetInfo:
         return DatasetInfo(
             spec=data.spec,
-            kind="prompts",
+            kind=self.name,
             n_items=len(data.chats),
             subjects=[],
             source=data.source,

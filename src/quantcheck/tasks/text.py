@@ -21,6 +21,7 @@ class Text(EveryToken):
     title = "Text corpus"
     how_scored = "the second half of each scored"
     along = "along the text"
+    fixed_length = True
 
     def matches(self, spec: str) -> bool:
         return is_corpus(spec)
@@ -33,24 +34,29 @@ class Text(EveryToken):
         return load_corpus(request.dataset)
 
     def corpus_job(self, request: DataRequest) -> CorpusJob:
-        return CorpusJob(context=request.context, max_windows=request.limit, recorded=request.reference_kld is not None)
+        return CorpusJob(
+            kind=self.name,
+            context=request.context,
+            max_windows=request.limit,
+            recorded=request.reference_kld is not None,
+        )
 
-    def check_models(self, job: CorpusJob, model, models: list[ModelSpec], engines: EngineTables) -> None:
+    def check_models(self, job: CorpusJob, checkpoint, models: list[ModelSpec], engines: EngineTables) -> None:
         """Also: a window longer than the model was trained for (or than its engine is set up for) is refused;
         positions past the model's limit would be scored on extrapolated position encodings."""
         from quantcheck.backends import get_backend
         from quantcheck.models.plan import read_config
 
-        super().check_models(job, model, models, engines)
+        super().check_models(job, checkpoint, models, engines)
         context = job.context
-        config = read_config(model.path) or {}
+        config = read_config(checkpoint.path) or {}
         limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
             "max_position_embeddings"
         )
         if limit and context > limit:
             raise QuantcheckError(
-                f"--context {context} is above {model.name}'s limit of {limit} tokens (max_position_embeddings in its "
-                f"config.json): choose --context {limit} or less"
+                f"--context {context} is above {checkpoint.name}'s limit of {limit} tokens (max_position_embeddings in "
+                f"its config.json): choose --context {limit} or less"
             )
         for spec in models:
             backend = get_backend(spec.backend)
@@ -69,7 +75,7 @@ class Text(EveryToken):
         windows = len(folder.read_reference_tokens()) if folder.reference_tokens_exist() else 0
         return DatasetInfo(
             spec=data.spec,
-            kind="text",
+            kind=self.name,
             n_items=windows,
             subjects=[],
             source=data.source,

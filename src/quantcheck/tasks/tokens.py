@@ -6,27 +6,29 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import ClassVar
 
-from quantcheck.schema.jobs import EngineTables, JobSpec
+from quantcheck.schema.jobs import EngineTables, JobSpec, emit
 from quantcheck.schema.models import CorpusJob, ModelSpec
 from quantcheck.schema.results import AnswerRecord, WindowRecord
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import read_latest_by_id
-from quantcheck.tasks.base import Task, count_records, emit, measure_engine_floor, phase_sink
+from quantcheck.tasks.base import QualityRequest, Task, count_records, measure_engine_floor, phase_sink
 
 
 class EveryToken(Task):
     """A kind whose sequences are scored token by token; `sequences` says where they come from."""
 
     every_token = True
-    phase = "corpus"
+    job_label = "corpus"
     title: ClassVar[str]
     """The report's name for what was scored."""
     how_scored: ClassVar[str]
     """Which of each sequence's tokens are scored, in the report's words."""
     along: ClassVar[str]
     """Where the scored tokens lie, in the report's words."""
+    fixed_length: ClassVar[bool]
+    """Every sequence has the same length (a text's windows), which the report then states."""
 
-    def check_models(self, job: CorpusJob | None, model, models: list[ModelSpec], engines: EngineTables) -> None:
+    def check_models(self, job: CorpusJob | None, checkpoint, models: list[ModelSpec], engines: EngineTables) -> None:
         """Every engine in the run must score every token (a server: its prompt log-probabilities)."""
         from quantcheck.backends import get_backend
 
@@ -47,7 +49,7 @@ class EveryToken(Task):
     def reference_key(self, job: CorpusJob | None) -> dict:
         return {"prompt_format": job.kind, "corpus": job.model_dump()}
 
-    def quality_job(self, spec: ModelSpec, folder: RunFolder, request) -> JobSpec | None:
+    def quality_job(self, spec: ModelSpec, folder: RunFolder, request: QualityRequest) -> JobSpec | None:
         """Each model's pass over the sequences (and its engine's numeric floor, and where the kind has them a variant's
         own answers)."""
         todo_floor = request.floors and spec.measures_engine_floor(every_token=True)
