@@ -64,7 +64,7 @@ from quantcheck.stats.speed import (
 )
 from quantcheck.storage.folder import RunFolder
 from quantcheck.storage.store import read_latest_by_id, write_json_atomic, write_text_atomic
-from quantcheck.tasks import task_named
+from quantcheck.tasks import Task, task_named
 
 SMALL_SAMPLE = 300
 NOISY_CV = 0.10
@@ -316,12 +316,12 @@ def read_own_answers(folder: RunFolder, spec: ModelSpec) -> list[AnswerRecord]:
     return [records[prompt] for prompt in sorted(records)]
 
 
-def _span_text(folder: RunFolder, kind: str) -> SpanText | None:
+def _span_text(folder: RunFolder, task: Task) -> SpanText | None:
     """Each sequence's name and the text of its scored tokens, as the reference's worker wrote them."""
     if not (folder.reference_dir / "scored.json").exists():
         return None
     _, token_texts = folder.read_scored_spans()
-    return SpanText(task_named(kind).sequence_names(folder, len(token_texts)), token_texts)
+    return SpanText(task.sequence_names(folder, len(token_texts)), token_texts)
 
 
 def _model_result(
@@ -695,7 +695,7 @@ def summarize(
     ] + missing_floors
     results.finished = not results.missing
     reference_windows = windows.get(models[0].name, [])
-    spans = _span_text(folder, dataset.kind) if reference_windows else None
+    spans = _span_text(folder, task) if reference_windows else None
     if reference_windows:
         reference.corpus = corpus_statistics(reference_windows, None, dataset.context, seed)[0]
     reference_answers = None  # a prompts run's reference answers, read once for every variant's own

@@ -138,6 +138,16 @@ def phase_sink(path: Path, phase: str, total: int, done: int) -> Callable[[list]
     return keep
 
 
+def recorded_ids(job: JobSpec, reference, path: Path, record: type, key: str, rows: int, backend) -> set:
+    """The ids `path` already holds. The reference first makes its store for `rows` rows; where the store is new, the
+    rows behind those records are gone, so the records go too and the reference scores every item again."""
+    done = set(read_latest_by_id(path, record, key=key))
+    if job.model.is_reference and reference.create(rows, backend.vocab_width, backend.top_logprobs) and done:
+        path.unlink()
+        return set()
+    return done
+
+
 def count_records(folder: RunFolder, spec: ModelSpec, file: str, record: type, key: str) -> int:
     return len(read_latest_by_id(folder.model_file(spec.folder, file), record, key))
 

@@ -20,6 +20,7 @@ from quantcheck.tasks.base import (
     count_records,
     measure_engine_floor,
     phase_sink,
+    recorded_ids,
 )
 
 
@@ -134,11 +135,7 @@ def _score_loglik(job: JobSpec, folder: RunFolder, backend, items, encoded) -> N
             emit("warning", code="tokenizer-unverified", message=backend.tokenizer_note)
         write_json_atomic(folder.model_file(spec.folder, "engine.json"), backend.describe())  # with what it found
     path = folder.model_file(spec.folder, "quality.jsonl")
-    done = set(read_latest_by_id(path, ItemRecord))
-    if spec.is_reference and reference.create(len(items), backend.vocab_width, backend.top_logprobs) and done:
-        # The stored rows behind these records are gone: score the reference again from scratch.
-        path.unlink()
-        done = set()
+    done = recorded_ids(job, reference, path, ItemRecord, "item_id", len(items), backend)
     score_items(
         backend.next_token_logprobs,
         spec.name,

@@ -10,8 +10,7 @@ from quantcheck.schema.jobs import EngineTables, JobSpec, emit
 from quantcheck.schema.models import CorpusJob, ModelSpec
 from quantcheck.schema.results import AnswerRecord, WindowRecord
 from quantcheck.storage.folder import RunFolder
-from quantcheck.storage.store import read_latest_by_id
-from quantcheck.tasks.base import QualityRequest, Task, count_records, measure_engine_floor, phase_sink
+from quantcheck.tasks.base import QualityRequest, Task, count_records, measure_engine_floor, phase_sink, recorded_ids
 
 
 class EveryToken(Task):
@@ -114,12 +113,9 @@ class EveryToken(Task):
             self.differently_tokenized(spec)
             compare_tokens = False
         path = folder.model_file(spec.folder, "corpus.jsonl")
-        done = set(read_latest_by_id(path, WindowRecord, key="window"))
         rows = scored_count(sequences, firsts)
-        if spec.is_reference and reference.create(rows, backend.vocab_width, backend.top_logprobs) and done:
-            path.unlink()  # the stored rows behind these records are gone: score the reference again from scratch
-            done = set()
-        elif not spec.is_reference:
+        done = recorded_ids(job, reference, path, WindowRecord, "window", rows, backend)
+        if not spec.is_reference:
             reference.check(rows, backend.vocab_width)
         score_windows(
             backend.window_logprobs,
